@@ -1,0 +1,69 @@
+//! `lmkit`: the command-line tool. Thin: one module per subcommand, the work is in the library.
+
+mod bench;
+mod chat;
+mod common;
+mod fetch;
+mod info;
+mod ppl;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "lmkit",
+    version,
+    about = "NeurIPS 2023 language-modeling research on real models: run, chat, perplexity, benchmarks",
+    after_help = "Examples:\n  lmkit run \"The capital of France is\"\n  lmkit chat\n  lmkit ppl wiki.test.raw --ctx 512\n  lmkit bench --threads 2\n  lmkit info --model model.gguf --json\n\nWithout --model, commands use the default model (SmolLM2-135M-Instruct, Q4_1), fetched on first use."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log more (repeat for debug logs); logs go to stderr.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed.
+    Run(run::Args),
+    /// Interactive multi-turn chat using the model's chat template.
+    Chat(chat::Args),
+    /// Perplexity of a text file over fixed windows (llama.cpp's scoring convention).
+    Ppl(ppl::Args),
+    /// Prompt-processing and generation speed, like llama-bench (pp512 / tg128).
+    Bench(bench::Args),
+    /// Architecture, parameter count, tensor types and sizes of a model.
+    Info(info::Args),
+    /// Download the default model into the cache (done automatically when needed).
+    Fetch(fetch::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LMKIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(a) => run::main(a),
+        Command::Chat(a) => chat::main(a),
+        Command::Ppl(a) => ppl::main(a),
+        Command::Bench(a) => bench::main(a),
+        Command::Info(a) => info::main(a),
+        Command::Fetch(a) => fetch::main(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

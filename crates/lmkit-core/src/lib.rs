@@ -1,0 +1,23 @@
+//! lmkit-core: what every other lmkit crate stands on.
+//!
+//! - [`candle`]: the tensor engine (re-exported so downstream crates use one version);
+//! - [`Error`]: the error type of the model-math crates;
+//! - [`Linear`]: one linear layer for every weight format (dense f32, quantized GGUF blocks, and
+//!   later LoRA, ternary, ...), so a model is written once and quantization lives in the layer;
+//! - [`RmsNorm`], [`Embedding`]: the small layers every Llama-family model needs;
+//! - [`testing`] (feature `testing`): tolerance helpers for tests.
+
+pub mod error;
+pub mod linear;
+pub mod norm;
+pub mod threads;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use candle_core as candle;
+pub use candle_core::quantized::{GgmlDType, QTensor};
+pub use candle_core::{DType, Device, Module, Tensor, D};
+pub use candle_nn;
+pub use error::{Error, Result};
+pub use linear::{Embedding, Linear};
+pub use norm::RmsNorm;

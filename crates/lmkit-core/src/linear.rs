@@ -1,0 +1,247 @@
+//! `Linear` and `Embedding`: one layer type for every weight format.
+//!
+//! Models hold `Linear`s and never see how a weight is stored. Today a weight is either a dense
+//! f32 tensor or a block-quantized GGUF tensor run through quantized matmul; more formats (LoRA,
+//! ternary, QuIP lattices, lmkit's own SIMD kernels) slot in as new variants without touching any
+//! model file.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+
+use crate::error::OpContext;
+use crate::{Error, Result};
+
+/// How a weight matrix is stored.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// Dense `(out, in)` tensor (f32 on CPU).
+    Dense(Tensor),
+    /// Block-quantized GGUF tensor, logical shape `(out, in)`.
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// `(out, in)`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            Weight::Dense(t) => t.dims2().op("weight dims"),
+            Weight::Quantized(q) => q.shape().dims2().op("weight dims"),
+        }
+    }
+
+    /// The storage type name, as GGUF spells it (`F32`, `Q4_1`, ...).
+    pub fn type_name(&self) -> String {
+        match self {
+            Weight::Dense(t) => format!("{:?}", t.dtype()).to_uppercase(),
+            Weight::Quantized(q) => ggml_type_name(q.dtype()).to_string(),
+        }
+    }
+
+    /// Bytes this weight occupies in memory.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// The weight as a dense f32 tensor (dequantized if needed).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => t.to_dtype(DType::F32).op("to f32"),
+            Weight::Quantized(q) => q.dequantize(&q.device()).op("dequantize"),
+        }
+    }
+}
+
+/// GGUF's name for a block type.
+pub fn ggml_type_name(t: GgmlDType) -> &'static str {
+    match t {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+    }
+}
+
+/// `y = x Wᵀ + b` for any weight format.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Weight,
+    matmul: Option<QMatMul>,
+    bias: Option<Tensor>,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl Linear {
+    /// A dense layer; `weight` is `(out, in)`, `bias` is `(out,)`.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2().op("linear weight")?;
+        check_bias(&bias, out_features)?;
+        Ok(Self {
+            weight: Weight::Dense(weight),
+            matmul: None,
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// A quantized layer; `weight` has logical shape `(out, in)`.
+    pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.shape().dims2().op("linear weight")?;
+        check_bias(&bias, out_features)?;
+        let weight = Arc::new(weight);
+        let matmul = QMatMul::from_arc(weight.clone()).op("quantized matmul")?;
+        Ok(Self {
+            weight: Weight::Quantized(weight),
+            matmul: Some(matmul),
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: `(.., in)` → `(.., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dim = x.dims().last().copied().unwrap_or(0);
+        if in_dim != self.in_features {
+            return Err(Error::Shape {
+                op: "linear".into(),
+                expected: format!("(.., {})", self.in_features),
+                got: format!("{:?}", x.dims()),
+            });
+        }
+        let y = match (&self.weight, &self.matmul) {
+            (_, Some(mm)) => mm.forward(x).op("quantized matmul")?,
+            (Weight::Dense(w), None) => {
+                let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+                let rows: usize = lead.iter().product();
+                let x2 = x.reshape((rows, self.in_features)).op("linear reshape")?;
+                let y = x2.matmul(&w.t().op("linear")?).op("linear matmul")?;
+                let mut out = lead;
+                out.push(self.out_features);
+                y.reshape(out).op("linear reshape")?
+            }
+            (Weight::Quantized(_), None) => {
+                return Err(Error::Unsupported("quantized weight without a kernel".into()))
+            }
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b).op("linear bias"),
+            None => Ok(y),
+        }
+    }
+
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// The same layer with an f32 dense weight.
+    pub fn dequantize(&self) -> Result<Self> {
+        Self::dense(self.weight.to_f32()?, self.bias.clone())
+    }
+}
+
+fn check_bias(bias: &Option<Tensor>, out: usize) -> Result<()> {
+    if let Some(b) = bias {
+        if b.dims() != [out] {
+            return Err(Error::Shape {
+                op: "linear bias".into(),
+                expected: format!("({out},)"),
+                got: format!("{:?}", b.dims()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Token embedding table `(v, c)`, dense or quantized (rows are dequantized on lookup).
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Weight,
+    vocab: usize,
+    hidden: usize,
+}
+
+impl Embedding {
+    pub fn new(table: Weight) -> Result<Self> {
+        let (vocab, hidden) = table.dims2()?;
+        Ok(Self {
+            table,
+            vocab,
+            hidden,
+        })
+    }
+
+    /// # Shapes
+    /// `ids`: `(b, t)` u32 → `(b, t, c)`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.table {
+            Weight::Dense(t) => {
+                let flat = ids.flatten_all().op("embedding ids")?;
+                let rows = t.index_select(&flat, 0).op("embedding")?;
+                let mut shape = ids.dims().to_vec();
+                shape.push(self.hidden);
+                rows.reshape(shape).op("embedding reshape")
+            }
+            Weight::Quantized(q) => q.embedding(ids).op("quantized embedding"),
+        }
+    }
+
+    pub fn weight(&self) -> &Weight {
+        &self.table
+    }
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// The same table dequantized to f32.
+    pub fn dequantize(&self) -> Result<Self> {
+        Self::new(Weight::Dense(self.table.to_f32()?))
+    }
+
+    /// A `Linear` sharing this table (tied input/output embeddings).
+    pub fn as_linear(&self) -> Result<Linear> {
+        match &self.table {
+            Weight::Dense(t) => Linear::dense(t.clone(), None),
+            Weight::Quantized(q) => {
+                let matmul = QMatMul::from_arc(q.clone()).op("quantized matmul")?;
+                Ok(Linear {
+                    weight: Weight::Quantized(q.clone()),
+                    matmul: Some(matmul),
+                    bias: None,
+                    out_features: self.vocab,
+                    in_features: self.hidden,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Errors of evaluation.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] lmkit_models::Error),
+    #[error("invalid option `{option}`: {why}")]
+    Option { option: String, why: String },
+    #[error("the text has {tokens} tokens, fewer than one window of {ctx}; use a longer text or a smaller --ctx")]
+    TooShort { tokens: usize, ctx: usize },
+}
+
+impl From<lmkit_core::candle::Error> for Error {
+    fn from(e: lmkit_core::candle::Error) -> Self {
+        Error::Model(e.into())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

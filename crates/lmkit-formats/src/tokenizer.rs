@@ -1,0 +1,253 @@
+//! Tokenizers: from GGUF metadata (BPE vocab, merges, pre-tokenizer, special tokens) or from an
+//! HF `tokenizer.json`.
+//!
+//! The GGUF path builds the tokenizer itself because the pre-tokenizer matters: SmolLM2's
+//! (`tokenizer.ggml.pre = "smollm"`) splits digits one by one and then applies byte-level BPE
+//! without a prefix space; a generic fallback that adds a prefix space encodes every chat turn
+//! wrongly.
+
+use std::path::Path;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::gguf::GgufFile;
+use crate::{Error, Result};
+
+/// Special ids a runtime needs.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Tokens that end a chat turn or a document (eos, `<|im_end|>`, `<|eot_id|>`, ...).
+    pub stop: Vec<u32>,
+    pub add_bos: bool,
+}
+
+/// A tokenizer plus the special ids and chat template found next to it.
+#[derive(Clone)]
+pub struct LoadedTokenizer {
+    pub tokenizer: Tokenizer,
+    pub special: SpecialTokens,
+    pub chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for LoadedTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedTokenizer")
+            .field("vocab", &self.tokenizer.get_vocab_size(true))
+            .field("special", &self.special)
+            .finish()
+    }
+}
+
+impl LoadedTokenizer {
+    /// Encodes text; special-token strings in `text` become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes text for scoring or generation: adds BOS when the model asks for it.
+    pub fn encode_with_bos(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if self.special.add_bos {
+            if let Some(b) = self.special.bos {
+                ids.insert(0, b);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes ids to text (special tokens are kept).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
+    }
+
+    pub fn token_to_id(&self, s: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(s)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Loads an HF `tokenizer.json`, with special ids from `tokenizer_config.json` when present.
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::Missing {
+                path: path.into(),
+                what: "tokenizer.json".into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut special = SpecialTokens::default();
+        let mut chat_template = None;
+        let cfg = path.with_file_name("tokenizer_config.json");
+        if let Ok(text) = std::fs::read_to_string(&cfg) {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: cfg.clone(),
+                source,
+            })?;
+            let tok = |k: &str| -> Option<u32> {
+                let s = match &v[k] {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Object(o) => o.get("content")?.as_str()?.to_string(),
+                    _ => return None,
+                };
+                tokenizer.token_to_id(&s)
+            };
+            special.bos = tok("bos_token");
+            special.eos = tok("eos_token");
+            special.add_bos = v["add_bos_token"].as_bool().unwrap_or(false);
+            chat_template = v["chat_template"].as_str().map(String::from);
+        }
+        finish_special(&tokenizer, &mut special);
+        Ok(Self {
+            tokenizer,
+            special,
+            chat_template,
+        })
+    }
+
+    /// Builds the tokenizer from GGUF metadata (`tokenizer.ggml.*`).
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let path = gguf.path();
+        let model = gguf.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(Error::Unsupported {
+                path: path.into(),
+                why: format!(
+                    "tokenizer model `{model}` (lmkit builds byte-level BPE `gpt2` tokenizers from GGUF; pass an HF folder with tokenizer.json for others)"
+                ),
+            });
+        }
+        let tokens = gguf.get_array("tokenizer.ggml.tokens")?;
+        let mut vocab: Vocab = Vocab::default();
+        let mut strings = Vec::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            let s = t.as_str().ok_or_else(|| Error::Field {
+                path: path.into(),
+                field: "tokenizer.ggml.tokens".into(),
+                why: format!("item {i} is not a string"),
+            })?;
+            vocab.insert(s.to_string(), i as u32);
+            strings.push(s.to_string());
+        }
+        let mut merges: Merges = Vec::new();
+        if let Some(m) = gguf.get("tokenizer.ggml.merges").and_then(|v| v.as_array()) {
+            for (i, item) in m.iter().enumerate() {
+                let pair = item.as_str().and_then(|s| s.split_once(' ')).ok_or_else(|| {
+                    Error::Field {
+                        path: path.into(),
+                        field: "tokenizer.ggml.merges".into(),
+                        why: format!("item {i} is not `left right`"),
+                    }
+                })?;
+                merges.push((pair.0.to_string(), pair.1.to_string()));
+            }
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(false)
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("{}: building BPE: {e}", path.display())))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let pre = gguf.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+
+        // Control (3) and user-defined (4) tokens are matched before BPE, as llama.cpp does.
+        let mut added = Vec::new();
+        if let Some(types) = gguf.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+            for (i, t) in types.iter().enumerate() {
+                if matches!(t.as_i64(), Some(3) | Some(4)) {
+                    if let Some(s) = strings.get(i) {
+                        added.push(AddedToken::from(s.clone(), true));
+                    }
+                }
+            }
+        }
+        tokenizer
+            .add_special_tokens(added)
+            .map_err(|e| Error::Tokenizer(format!("{}: special tokens: {e}", path.display())))?;
+
+        let id = |k: &str| gguf.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+        let mut special = SpecialTokens {
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            stop: Vec::new(),
+            add_bos: gguf
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        };
+        if let Some(e) = id("tokenizer.ggml.eot_token_id") {
+            special.stop.push(e);
+        }
+        finish_special(&tokenizer, &mut special);
+        let chat_template = gguf
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from);
+        Ok(Self {
+            tokenizer,
+            special,
+            chat_template,
+        })
+    }
+}
+
+/// Adds eos and the usual end-of-turn tokens to the stop set.
+fn finish_special(tokenizer: &Tokenizer, special: &mut SpecialTokens) {
+    if let Some(e) = special.eos {
+        special.stop.push(e);
+    }
+    for s in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>"] {
+        if let Some(id) = tokenizer.token_to_id(s) {
+            special.stop.push(id);
+        }
+    }
+    special.stop.sort_unstable();
+    special.stop.dedup();
+}
+
+/// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` name.
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let byte_level = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
+    let byte_level_no_regex = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false));
+    Ok(match pre {
+        // SmolLM / StarCoder: digits split one by one, then GPT-2 byte-level.
+        "smollm" | "starcoder" | "refact" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level(),
+        ])),
+        // Llama 3 / Qwen2 style regex, then byte-level without its own regex.
+        "llama3" | "llama-bpe" | "qwen2" | "smaug-bpe" | "dbrx" => {
+            let re = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+            let split = Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Split(split),
+                byte_level_no_regex(),
+            ]))
+        }
+        _ => byte_level(),
+    })
+}

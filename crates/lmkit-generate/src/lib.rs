@@ -1,0 +1,10 @@
+//! lmkit-generate: sampling, stop rules and streamed generation on any lmkit model.
+
+pub mod error;
+pub mod generate;
+pub mod sampler;
+pub mod stop;
+
+pub use error::{Error, Result};
+pub use generate::{generate, FinishReason, Generation, GenerateOptions};
+pub use sampler::{Sampler, SamplingParams};

@@ -1,0 +1,350 @@
+//! The Llama family in one file: Llama 1–3, SmolLM/SmolLM2, Mistral and Qwen2 (they differ only
+//! by [`LlamaConfig`]: GQA, RoPE theta and scaling, tied embeddings, q/k/v bias).
+//!
+//! Reference: Touvron et al., "LLaMA: Open and Efficient Foundation Language Models"
+//! (arXiv:2302.13971); HF transformers `modeling_llama.py`. Weights use HF's rotate-half RoPE
+//! layout; GGUF `llama` files are un-permuted at load (see `weights.rs`).
+//!
+//! Per block: `h = x + Attn(RMSNorm(x))`, `y = h + MLP(RMSNorm(h))`,
+//! `Attn = softmax(q kᵀ / √d + causal mask) v` with RoPE on q and k,
+//! `MLP(x) = W_down (silu(W_gate x) ⊙ W_up x)`.
+
+use lmkit_core::candle_nn::ops::softmax_last_dim;
+use lmkit_core::candle_nn::rotary_emb::rope;
+use lmkit_core::linear::Weight;
+use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor};
+
+use crate::cache::KvCache;
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::weights::{LoadOptions, WeightSource};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    device: Device,
+}
+
+/// RoPE inverse frequencies `θ^(-2i/d)`, with optional scaling.
+fn inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
+    let d = cfg.head_dim;
+    (0..d / 2)
+        .map(|i| {
+            let f = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64);
+            let f = match &cfg.rope_scaling {
+                None => f,
+                Some(RopeScaling::Linear { factor }) => f / factor,
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                }) => {
+                    let old = *original_max_position_embeddings as f64;
+                    let low_wavelen = old / low_freq_factor;
+                    let high_wavelen = old / high_freq_factor;
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth =
+                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                }
+            };
+            f as f32
+        })
+        .collect()
+}
+
+impl Llama {
+    /// Builds the model from a weight source.
+    pub fn load(
+        cfg: LlamaConfig,
+        src: &WeightSource,
+        opts: LoadOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = cfg.hidden_size;
+        let (h, kh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let ffn = cfg.intermediate_size;
+        // GGUF `llama` files store q/k rows permuted for interleaved RoPE.
+        let permuted = matches!(src, WeightSource::Gguf(_)) && cfg.arch == "llama";
+        let embed = src.embedding("model.embed_tokens.weight", (cfg.vocab_size, c), opts, device)?;
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(src.tensor_f32(name, &[c], device)?, cfg.rms_norm_eps))
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |name: &str, shape, bias, heads: Option<usize>| {
+                src.linear(
+                    &format!("{p}.{name}"),
+                    shape,
+                    bias,
+                    heads.filter(|_| permuted),
+                    opts,
+                    device,
+                )
+            };
+            let bias = cfg.attention_bias;
+            blocks.push(Block {
+                attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                attn: Attention {
+                    q: lin("self_attn.q_proj", (h * d, c), bias, Some(h))?,
+                    k: lin("self_attn.k_proj", (kh * d, c), bias, Some(kh))?,
+                    v: lin("self_attn.v_proj", (kh * d, c), bias, None)?,
+                    o: lin("self_attn.o_proj", (c, h * d), false, None)?,
+                },
+                mlp_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate: lin("mlp.gate_proj", (ffn, c), false, None)?,
+                    up: lin("mlp.up_proj", (ffn, c), false, None)?,
+                    down: lin("mlp.down_proj", (c, ffn), false, None)?,
+                },
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
+            embed.as_linear()?
+        } else {
+            src.linear("lm_head", (cfg.vocab_size, c), false, None, opts, device)?
+        };
+        Ok(Self {
+            norm: norm("model.norm.weight")?,
+            inv_freq: inv_freq(&cfg),
+            cfg,
+            embed,
+            blocks,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The output projection (hidden → vocabulary logits).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_layers)
+    }
+
+    /// Every weight with its HF name (for `info`, export and analysis).
+    pub fn named_weights(&self) -> Vec<(String, &Weight)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.weight())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (n, l) in [
+                ("self_attn.q_proj", &b.attn.q),
+                ("self_attn.k_proj", &b.attn.k),
+                ("self_attn.v_proj", &b.attn.v),
+                ("self_attn.o_proj", &b.attn.o),
+                ("mlp.gate_proj", &b.mlp.gate),
+                ("mlp.up_proj", &b.mlp.up),
+                ("mlp.down_proj", &b.mlp.down),
+            ] {
+                out.push((format!("{p}.{n}.weight"), l.weight()));
+            }
+        }
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), self.lm_head.weight()));
+        }
+        out
+    }
+
+    /// Parameters, counting tied embeddings once and including norms and biases.
+    pub fn num_parameters(&self) -> usize {
+        let c = self.cfg.hidden_size;
+        let mats: usize = self
+            .named_weights()
+            .iter()
+            .map(|(_, w)| w.dims2().map(|(a, b)| a * b).unwrap_or(0))
+            .sum();
+        let norms = c * (2 * self.cfg.num_layers + 1);
+        let d = self.cfg.head_dim;
+        let biases = if self.cfg.attention_bias {
+            self.cfg.num_layers * d * (self.cfg.num_heads + 2 * self.cfg.num_kv_heads)
+        } else {
+            0
+        };
+        mats + norms + biases
+    }
+
+    /// cos and sin tables for positions `offset..offset+t`, each `(t, d/2)`.
+    fn rope_tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in offset..offset + t {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), &self.device)?,
+            Tensor::from_vec(sin, (t, half), &self.device)?,
+        ))
+    }
+
+    fn check_ids(&self, ids: &Tensor, offset: usize) -> Result<(usize, usize)> {
+        let (b, t) = ids.dims2()?;
+        let needed = offset + t;
+        if needed > self.cfg.max_position_embeddings {
+            return Err(Error::ContextOverflow {
+                needed,
+                context: self.cfg.max_position_embeddings,
+            });
+        }
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        if let Some(&id) = flat.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(Error::TokenOutOfRange {
+                id,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        Ok((b, t))
+    }
+
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// `ids`: `(b, t)` u32 → `(b, t, c)`.
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let offset = cache.len();
+        let (b, t) = self.check_ids(ids, offset)?;
+        let (cos, sin) = self.rope_tables(offset, t)?;
+        let mask = causal_mask(t, offset, &self.device)?;
+        let mut x = self.embed.forward(ids)?; // (b, t, c)
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let h = blk.attn_norm.forward(&x)?;
+            let h = self.attention(i, &blk.attn, &h, (b, t), &cos, &sin, mask.as_ref(), cache)?;
+            x = (x + h)?;
+            let h = blk.mlp_norm.forward(&x)?;
+            let h = mlp(&blk.mlp, &h)?;
+            x = (x + h)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Logits at every position.
+    ///
+    /// # Shapes
+    /// `ids`: `(b, t)` u32 → `(b, t, v)` f32.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.forward_hidden(ids, cache)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// Logits at the last position only (generation).
+    ///
+    /// # Shapes
+    /// `ids`: `(b, t)` u32 → `(b, v)` f32.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.forward_hidden(ids, cache)?;
+        let t = x.dims()[1];
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (b, c)
+        Ok(self.lm_head.forward(&last)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        a: &Attention,
+        x: &Tensor,
+        (b, t): (usize, usize),
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (h, kh, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let g = h / kh;
+        let q = a.q.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (b, h, t, d)
+        let k = a.k.forward(x)?.reshape((b, t, kh, d))?.transpose(1, 2)?.contiguous()?; // (b, k, t, d)
+        let v = a.v.forward(x)?.reshape((b, t, kh, d))?.transpose(1, 2)?.contiguous()?; // (b, k, t, d)
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
+        let (k, v) = cache.append(layer, k, v)?; // (b, k, T, d)
+        let total = k.dims()[2];
+        // Grouped-query attention without copying kv: q heads j·g..j·g+g share kv head j.
+        let q = q.reshape((b, kh, g * t, d))?; // (b, k, g·t, d)
+        let scale = 1.0 / (d as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // (b, k, g·t, T)
+        let att = match mask {
+            Some(m) => att
+                .reshape((b, kh, g, t, total))?
+                .broadcast_add(m)?
+                .reshape((b, kh, g * t, total))?,
+            None => att,
+        };
+        let att = softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?; // (b, k, g·t, d)
+        let y = y.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?; // (b, t, c)
+        Ok(a.o.forward(&y)?)
+    }
+}
+
+fn mlp(m: &Mlp, x: &Tensor) -> Result<Tensor> {
+    let gate = m.gate.forward(x)?.silu()?;
+    let up = m.up.forward(x)?;
+    Ok(m.down.forward(&(gate * up)?)?)
+}
+
+/// Additive causal mask `(t, T)` for `t` new positions after `offset` cached ones; `None` for a
+/// single new position (it may see everything).
+fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if t <= 1 {
+        return Ok(None);
+    }
+    let total = offset + t;
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(m, (t, total), device)?))
+}

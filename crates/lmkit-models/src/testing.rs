@@ -1,0 +1,148 @@
+//! Tiny random models for tests: a deterministic GGUF file with a small byte-level BPE
+//! tokenizer, so tests exercise the same load path as real models without any download.
+
+use std::path::Path;
+
+use lmkit_core::{GgmlDType, QTensor, Tensor};
+use lmkit_formats::gguf::Value;
+use lmkit_formats::names::hf_to_gguf;
+use lmkit_formats::write::{write_gguf, GgufTensor};
+
+use crate::config::LlamaConfig;
+use crate::Result;
+
+/// SplitMix64: a tiny deterministic generator for test weights.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// The tiny test vocabulary: `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, the printable ASCII
+/// characters in GPT-2 byte-level form, and a few merges.
+pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut types = vec![3, 3, 3];
+    tokens.push("\u{0120}".into()); // space
+    tokens.push("\u{010A}".into()); // newline
+    types.extend([1, 1]);
+    for b in b'!'..=b'~' {
+        tokens.push((b as char).to_string());
+        types.push(1);
+    }
+    let merges = ["\u{0120} t", "h e", "\u{0120}t he", "i n", "e r", "a n", "o n", "r e"];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    (tokens, merges.iter().map(|s| s.to_string()).collect(), types)
+}
+
+/// HF-keyed random weights for `cfg` with the given seed (std ≈ 0.02·√3 uniform, norms ≈ 1).
+pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut rng = Rng::new(seed);
+    let c = cfg.hidden_size;
+    let (h, k, d, f) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
+    let mut out = Vec::new();
+    let mat = |name: String, r: usize, cols: usize, scale: f32, rng: &mut Rng| {
+        let v: Vec<f32> = (0..r * cols).map(|_| rng.uniform() * scale).collect();
+        (name, vec![r, cols], v)
+    };
+    out.push(mat("model.embed_tokens.weight".into(), cfg.vocab_size, c, 1.0, &mut rng));
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        let norm: Vec<f32> = (0..c).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
+        out.push((format!("{p}.input_layernorm.weight"), vec![c], norm));
+        out.push(mat(format!("{p}.self_attn.q_proj.weight"), h * d, c, 0.2, &mut rng));
+        out.push(mat(format!("{p}.self_attn.k_proj.weight"), k * d, c, 0.2, &mut rng));
+        out.push(mat(format!("{p}.self_attn.v_proj.weight"), k * d, c, 0.2, &mut rng));
+        out.push(mat(format!("{p}.self_attn.o_proj.weight"), c, h * d, 0.2, &mut rng));
+        let norm: Vec<f32> = (0..c).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![c], norm));
+        out.push(mat(format!("{p}.mlp.gate_proj.weight"), f, c, 0.2, &mut rng));
+        out.push(mat(format!("{p}.mlp.up_proj.weight"), f, c, 0.2, &mut rng));
+        out.push(mat(format!("{p}.mlp.down_proj.weight"), c, f, 0.2, &mut rng));
+    }
+    out.push(("model.norm.weight".into(), vec![c], vec![1.0; c]));
+    out
+}
+
+/// Permutes q/k rows from HF's rotate-half order to GGUF's interleaved order (what llama.cpp's
+/// converter does): `gguf[h·d + 2i + j] = hf[h·d + j·d/2 + i]`.
+pub fn permute_for_gguf(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let mut out = vec![0.0; v.len()];
+    for hh in 0..heads {
+        for j in 0..2 {
+            for i in 0..d / 2 {
+                let src = hh * d + j * (d / 2) + i;
+                let dst = hh * d + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Writes a tiny random Llama as GGUF; matrices stored as `wtype` (F32, Q8_0, Q4_1, ...).
+pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDType) -> Result<()> {
+    let dev = lmkit_core::Device::Cpu;
+    let (tokens, merges, types) = tiny_vocab();
+    let a = "llama";
+    let s = |v: &str| Value::String(v.into());
+    let u = |v: usize| Value::U32(v as u32);
+    let meta = vec![
+        ("general.architecture".to_string(), s(a)),
+        ("general.name".into(), s("tiny-random-llama")),
+        (format!("{a}.block_count"), u(cfg.num_layers)),
+        (format!("{a}.context_length"), u(cfg.max_position_embeddings)),
+        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
+        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
+        (format!("{a}.attention.head_count"), u(cfg.num_heads)),
+        (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
+        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (format!("{a}.vocab_size"), u(cfg.vocab_size)),
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        ("tokenizer.ggml.pre".into(), s("smollm")),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.bos_token_id".into(), u(1)),
+        ("tokenizer.ggml.eos_token_id".into(), u(2)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ];
+    let mut tensors = Vec::new();
+    for (name, shape, mut data) in random_weights(cfg, seed) {
+        let gname = hf_to_gguf(&name).unwrap_or(name.clone());
+        if name.ends_with("q_proj.weight") {
+            data = permute_for_gguf(&data, shape[0], shape[1], cfg.num_heads);
+        } else if name.ends_with("k_proj.weight") {
+            data = permute_for_gguf(&data, shape[0], shape[1], cfg.num_kv_heads);
+        }
+        let t = Tensor::from_vec(data, shape.clone(), &dev)?;
+        let dtype = if shape.len() == 2 { wtype } else { GgmlDType::F32 };
+        let q = QTensor::quantize(&t, dtype)?;
+        tensors.push(GgufTensor {
+            name: gname,
+            shape,
+            dtype,
+            data: std::borrow::Cow::Owned(q.data()?.into_owned()),
+        });
+    }
+    write_gguf(path, &meta, &tensors)?;
+    Ok(())
+}

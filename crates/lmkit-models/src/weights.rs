@@ -1,0 +1,207 @@
+//! Where a model's weights come from: a GGUF file, an HF folder, or an in-memory map (tests).
+//! Models ask for tensors by HF key; GGUF names come from the one table in
+//! `lmkit_formats::names`. Shapes are checked here, so a wrong file fails at load, by name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use lmkit_core::candle::quantized::ggml_file::qtensor_from_ggml;
+use lmkit_core::linear::Weight;
+use lmkit_core::{Device, Embedding, GgmlDType, Linear, Tensor};
+use lmkit_formats::gguf::GgufFile;
+use lmkit_formats::hf::HfCheckpoint;
+use lmkit_formats::names::hf_to_gguf;
+
+use crate::{Error, Result};
+
+pub enum WeightSource {
+    Gguf(GgufFile),
+    Hf(HfCheckpoint),
+    /// HF-keyed dense tensors (tiny random models in tests).
+    Map(HashMap<String, Tensor>),
+}
+
+/// Options that change how weights are materialized.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Dequantize every weight to dense f32 (the reference path).
+    pub dequantize: bool,
+}
+
+impl WeightSource {
+    pub fn path(&self) -> PathBuf {
+        match self {
+            WeightSource::Gguf(g) => g.path().into(),
+            WeightSource::Hf(h) => h.dir.clone(),
+            WeightSource::Map(_) => PathBuf::from("<memory>"),
+        }
+    }
+
+    fn gguf_name(g: &GgufFile, hf: &str) -> Result<String> {
+        hf_to_gguf(hf).ok_or_else(|| {
+            Error::Format(lmkit_formats::Error::Missing {
+                path: g.path().into(),
+                what: format!("a GGUF name for `{hf}`"),
+            })
+        })
+    }
+
+    pub fn contains(&self, hf: &str) -> bool {
+        match self {
+            WeightSource::Gguf(g) => hf_to_gguf(hf).is_some_and(|n| g.tensor_info(&n).is_some()),
+            WeightSource::Hf(h) => h.contains(hf),
+            WeightSource::Map(m) => m.contains_key(hf),
+        }
+    }
+
+    fn missing(&self, hf: &str) -> Error {
+        Error::Format(lmkit_formats::Error::Missing {
+            path: self.path(),
+            what: format!("tensor `{hf}`"),
+        })
+    }
+
+    fn check_shape(&self, hf: &str, got: &[usize], expected: &[usize]) -> Result<()> {
+        if got != expected {
+            return Err(Error::TensorShape {
+                path: self.path(),
+                tensor: hf.into(),
+                expected: expected.to_vec(),
+                got: got.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A dense f32 tensor of the given row-major shape.
+    pub fn tensor_f32(&self, hf: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = match self {
+            WeightSource::Gguf(g) => g.tensor_f32(&Self::gguf_name(g, hf)?, device)?,
+            WeightSource::Hf(h) => h.tensor_f32(hf, device)?,
+            WeightSource::Map(m) => m.get(hf).ok_or_else(|| self.missing(hf))?.clone(),
+        };
+        self.check_shape(hf, t.dims(), shape)?;
+        Ok(t)
+    }
+
+    /// A weight matrix `(out, in)`, quantized if stored so (unless `opts.dequantize`).
+    ///
+    /// `unpermute_heads`: for GGUF `llama` q/k, the rows were permuted at conversion for
+    /// interleaved RoPE; give the head count to restore HF's rotate-half row order.
+    pub fn weight(
+        &self,
+        hf: &str,
+        shape: (usize, usize),
+        unpermute_heads: Option<usize>,
+        opts: LoadOptions,
+        device: &Device,
+    ) -> Result<Weight> {
+        let g = match self {
+            WeightSource::Gguf(g) => g,
+            _ => return Ok(Weight::Dense(self.tensor_f32(hf, &[shape.0, shape.1], device)?)),
+        };
+        let name = Self::gguf_name(g, hf)?;
+        let info = g.tensor_info(&name).ok_or_else(|| self.missing(hf))?;
+        self.check_shape(hf, &info.shape(), &[shape.0, shape.1])?;
+        let bytes = g.tensor_bytes(info);
+        let bytes: std::borrow::Cow<[u8]> = match unpermute_heads {
+            Some(heads) => std::borrow::Cow::Owned(unpermute_rows(bytes, shape.0, heads)),
+            None => std::borrow::Cow::Borrowed(bytes),
+        };
+        let q = qtensor_from_ggml(info.dtype, &bytes, vec![shape.0, shape.1], device)
+            .map_err(|source| lmkit_formats::Error::Tensor {
+                path: g.path().into(),
+                tensor: name.clone(),
+                source,
+            })?;
+        let dense = opts.dequantize
+            || matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if dense {
+            Ok(Weight::Dense(q.dequantize(device)?))
+        } else {
+            Ok(Weight::Quantized(std::sync::Arc::new(q)))
+        }
+    }
+
+    pub fn linear(
+        &self,
+        prefix: &str,
+        shape: (usize, usize),
+        bias: bool,
+        unpermute_heads: Option<usize>,
+        opts: LoadOptions,
+        device: &Device,
+    ) -> Result<Linear> {
+        let w = self.weight(&format!("{prefix}.weight"), shape, unpermute_heads, opts, device)?;
+        let b = if bias {
+            let b = self.tensor_f32(&format!("{prefix}.bias"), &[shape.0], device)?;
+            Some(match unpermute_heads {
+                Some(h) if matches!(self, WeightSource::Gguf(_)) => unpermute_bias(&b, h)?,
+                _ => b,
+            })
+        } else {
+            None
+        };
+        Ok(match w {
+            Weight::Dense(t) => Linear::dense(t, b)?,
+            Weight::Quantized(q) => {
+                let q = std::sync::Arc::try_unwrap(q).map_err(|_| {
+                    Error::Core(lmkit_core::Error::Unsupported("shared quantized weight".into()))
+                })?;
+                Linear::quantized(q, b)?
+            }
+        })
+    }
+
+    pub fn embedding(
+        &self,
+        hf: &str,
+        shape: (usize, usize),
+        opts: LoadOptions,
+        device: &Device,
+    ) -> Result<Embedding> {
+        Ok(Embedding::new(self.weight(hf, shape, None, opts, device)?)?)
+    }
+}
+
+/// Inverse of llama.cpp's conversion permutation on whole rows (works for any block type, since
+/// blocks run along a row): `hf[h·d + j·d/2 + i] = gguf[h·d + 2i + j]`.
+fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    let row_bytes = bytes.len() / rows.max(1);
+    let d = rows / heads.max(1);
+    let half = d / 2;
+    let mut out = vec![0u8; bytes.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let dst = h * d + j * half + i;
+                let src = h * d + 2 * i + j;
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}
+
+fn unpermute_bias(b: &Tensor, heads: usize) -> Result<Tensor> {
+    let v = b.to_vec1::<f32>()?;
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let out = unpermute_rows(&bytes, v.len(), heads);
+    let vals: Vec<f32> = out
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(Tensor::from_vec(vals, v.len(), b.device())?)
+}
+
+/// Opens a model path: a `.gguf` file or an HF folder.
+pub fn open_source(path: &Path) -> Result<WeightSource> {
+    if !path.exists() {
+        return Err(Error::NotFound { path: path.into() });
+    }
+    if path.is_dir() {
+        return Ok(WeightSource::Hf(HfCheckpoint::open(path)?));
+    }
+    Ok(WeightSource::Gguf(GgufFile::open(path)?))
+}
