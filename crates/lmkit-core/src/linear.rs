@@ -10,6 +10,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
+use lmkit_kernels::{QFormat, QMatrix};
+
 use crate::error::OpContext;
 use crate::{Error, Result};
 
@@ -77,10 +79,56 @@ pub fn ggml_type_name(t: GgmlDType) -> &'static str {
     }
 }
 
+/// lmkit's own kernel format for a candle block type, when there is one (CPU only).
+fn native_format(t: GgmlDType, device: &candle_core::Device) -> Option<QFormat> {
+    if !device.is_cpu() {
+        return None;
+    }
+    match t {
+        GgmlDType::Q4_0 => Some(QFormat::Q4_0),
+        GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+        GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+        _ => None,
+    }
+}
+
+/// `y = x Wᵀ` through lmkit-kernels.
+///
+/// # Shapes
+/// `x`: `(.., in)` → `(.., out)`.
+fn native_matmul(q: &QTensor, format: QFormat, x: &Tensor, out: usize, inp: usize) -> Result<Tensor> {
+    let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+    let n: usize = lead.iter().product();
+    let xs = x
+        .to_dtype(DType::F32)
+        .op("qmatmul input")?
+        .flatten_all()
+        .op("qmatmul input")?
+        .to_vec1::<f32>()
+        .op("qmatmul input")?;
+    let data = q.data().op("qmatmul weights")?;
+    let w = QMatrix {
+        format,
+        rows: out,
+        cols: inp,
+        data: &data,
+    };
+    let mut y = vec![0f32; n * out];
+    lmkit_kernels::matmul(&w, &xs, n, &mut y).map_err(|e| Error::Shape {
+        op: "qmatmul".into(),
+        expected: format!("(.., {inp})"),
+        got: e.to_string(),
+    })?;
+    let mut shape = lead;
+    shape.push(out);
+    Tensor::from_vec(y, shape, x.device()).op("qmatmul output")
+}
+
 /// `y = x Wᵀ + b` for any weight format.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
+    native: Option<QFormat>,
     matmul: Option<QMatMul>,
     bias: Option<Tensor>,
     out_features: usize,
@@ -94,6 +142,7 @@ impl Linear {
         check_bias(&bias, out_features)?;
         Ok(Self {
             weight: Weight::Dense(weight),
+            native: None,
             matmul: None,
             bias,
             out_features,
@@ -105,11 +154,16 @@ impl Linear {
     pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2().op("linear weight")?;
         check_bias(&bias, out_features)?;
+        let native = native_format(weight.dtype(), &weight.device());
         let weight = Arc::new(weight);
-        let matmul = QMatMul::from_arc(weight.clone()).op("quantized matmul")?;
+        let matmul = match native {
+            Some(_) => None,
+            None => Some(QMatMul::from_arc(weight.clone()).op("quantized matmul")?),
+        };
         Ok(Self {
             weight: Weight::Quantized(weight),
-            matmul: Some(matmul),
+            native,
+            matmul,
             bias,
             out_features,
             in_features,
@@ -128,6 +182,10 @@ impl Linear {
             });
         }
         let y = match (&self.weight, &self.matmul) {
+            (Weight::Quantized(q), None) if self.native.is_some() => {
+                let f = self.native.ok_or_else(|| Error::Unsupported("kernel".into()))?;
+                native_matmul(q, f, x, self.out_features, self.in_features)?
+            }
             (_, Some(mm)) => mm.forward(x).op("quantized matmul")?,
             (Weight::Dense(w), None) => {
                 let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
@@ -233,10 +291,15 @@ impl Embedding {
         match &self.table {
             Weight::Dense(t) => Linear::dense(t.clone(), None),
             Weight::Quantized(q) => {
-                let matmul = QMatMul::from_arc(q.clone()).op("quantized matmul")?;
+                let native = native_format(q.dtype(), &q.device());
+                let matmul = match native {
+                    Some(_) => None,
+                    None => Some(QMatMul::from_arc(q.clone()).op("quantized matmul")?),
+                };
                 Ok(Linear {
                     weight: Weight::Quantized(q.clone()),
-                    matmul: Some(matmul),
+                    native,
+                    matmul,
                     bias: None,
                     out_features: self.vocab,
                     in_features: self.hidden,

@@ -1,0 +1,34 @@
+//! lmkit-kernels: lmkit's own CPU hot paths for block-quantized weights.
+//!
+//! Formats (GGUF block layouts, 32 weights per block):
+//! - `Q4_0`: `d: f16, qs: [u8; 16]`, `w = d·(q − 8)`;
+//! - `Q4_1`: `d: f16, m: f16, qs: [u8; 16]`, `w = d·q + m`;
+//! - `Q8_0`: `d: f16, qs: [i8; 32]`, `w = d·q`.
+//!
+//! In 4-bit blocks, byte `j` holds weight `j` in its low nibble and weight `j + 16` in its high
+//! nibble. Activations are quantized per 32-block to 8 bits ([`A8Block`]: `x ≈ d·q`), so every
+//! block dot product is an exact integer sum times float scales:
+//! - `Q4_0 · A8 = d_w·d_a·(Σ q_w q_a − 8 Σ q_a)`
+//! - `Q4_1 · A8 = d_w·d_a·Σ q_w q_a + m_w·d_a·Σ q_a`
+//! - `Q8_0 · A8 = d_w·d_a·Σ q_w q_a`
+//!
+//! Every kernel has a scalar reference; SIMD versions (AVX2 on x86-64) are chosen at run time
+//! and can be turned off with `LMKIT_FORCE_SCALAR=1`.
+
+pub mod act;
+pub mod dot;
+pub mod matmul;
+
+pub use act::{quantize_activations, A8Block};
+pub use matmul::{matmul, QFormat, QMatrix};
+
+/// Weights per block in every format here.
+pub const BLOCK: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op}: {why}")]
+    Shape { op: &'static str, why: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,234 @@
+//! `y = x Wᵀ` for a block-quantized `W (rows, cols)` and f32 `x (n, cols)`, multi-threaded over
+//! weight rows on rayon's pool; each weight row is decoded once per group of four activation rows.
+
+use rayon::prelude::*;
+
+use crate::act::{quantize_activations, A8Block};
+use crate::dot::{dot, isa, Isa};
+use crate::{Error, Result, BLOCK};
+
+/// Weight block formats with a native kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl QFormat {
+    /// Bytes per 32-weight block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QFormat::Q4_0 => 18,
+            QFormat::Q4_1 => 20,
+            QFormat::Q8_0 => 34,
+        }
+    }
+}
+
+/// A borrowed quantized matrix in GGUF row-major block layout.
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    pub format: QFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl QMatrix<'_> {
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+}
+
+/// Rows of W per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// `y (n, rows) = x (n, cols) · Wᵀ`.
+pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    matmul_with(isa(), w, x, n, y)
+}
+
+/// [`matmul`] with an explicit implementation (tests compare them).
+pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    let bad = |why: String| Err(Error::Shape { op: "qmatmul", why });
+    if w.cols % BLOCK != 0 {
+        return bad(format!("cols {} not a multiple of {BLOCK}", w.cols));
+    }
+    if w.data.len() != w.rows * w.row_bytes() {
+        return bad(format!(
+            "{} bytes of weights for {}x{} {:?}",
+            w.data.len(),
+            w.rows,
+            w.cols,
+            w.format
+        ));
+    }
+    if x.len() != n * w.cols || y.len() != n * w.rows {
+        return bad(format!(
+            "x has {} values, y {} for n={n}, W {}x{}",
+            x.len(),
+            y.len(),
+            w.rows,
+            w.cols
+        ));
+    }
+    let mut acts = Vec::new();
+    quantize_activations(x, &mut acts);
+    let bpr = w.cols / BLOCK; // blocks per row
+    let rb = w.row_bytes();
+    // Each task: a range of weight rows, all n activation rows; output (rows_in_task, n).
+    let tasks: Vec<Vec<f32>> = w
+        .data
+        .par_chunks(rb * ROWS_PER_TASK)
+        .map(|chunk| {
+            let rows = chunk.len() / rb;
+            let mut out = vec![0f32; rows * n];
+            for r in 0..rows {
+                let wr = &chunk[r * rb..(r + 1) * rb];
+                let o = &mut out[r * n..(r + 1) * n];
+                let act = |t: usize| -> &[A8Block] { &acts[t * bpr..(t + 1) * bpr] };
+                let mut t = 0;
+                while t + 8 <= n {
+                    let v = dot(
+                        isa,
+                        w.format,
+                        wr,
+                        [
+                            act(t),
+                            act(t + 1),
+                            act(t + 2),
+                            act(t + 3),
+                            act(t + 4),
+                            act(t + 5),
+                            act(t + 6),
+                            act(t + 7),
+                        ],
+                    );
+                    o[t..t + 8].copy_from_slice(&v);
+                    t += 8;
+                }
+                while t + 4 <= n {
+                    let v = dot(isa, w.format, wr, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                    o[t..t + 4].copy_from_slice(&v);
+                    t += 4;
+                }
+                while t < n {
+                    o[t] = dot(isa, w.format, wr, [act(t)])[0];
+                    t += 1;
+                }
+            }
+            out
+        })
+        .collect();
+    let mut r0 = 0;
+    for out in tasks {
+        let rows = out.len() / n.max(1);
+        for r in 0..rows {
+            for t in 0..n {
+                y[t * w.rows + r0 + r] = out[r * n + t];
+            }
+        }
+        r0 += rows;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f(&mut self) -> f32 {
+            (self.next() % 20001) as f32 / 10000.0 - 1.0
+        }
+    }
+
+    /// Random blocks of `format` plus their dequantized values.
+    fn random_matrix(format: QFormat, rows: usize, cols: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+        let mut bytes = vec![];
+        let mut vals = vec![];
+        for _ in 0..rows * cols / BLOCK {
+            let d = 0.01 + 0.05 * rng.f().abs();
+            bytes.extend(f16::from_f32(d).to_le_bytes());
+            let d = f16::from_f32(d).to_f32();
+            match format {
+                QFormat::Q8_0 => {
+                    for _ in 0..32 {
+                        let q = (rng.next() % 256) as u8 as i8;
+                        bytes.push(q as u8);
+                        vals.push(d * q as f32);
+                    }
+                }
+                QFormat::Q4_0 | QFormat::Q4_1 => {
+                    let m = f16::from_f32(rng.f() * 0.1);
+                    if format == QFormat::Q4_1 {
+                        bytes.extend(m.to_le_bytes());
+                    }
+                    let qs: Vec<u8> = (0..16).map(|_| (rng.next() % 256) as u8).collect();
+                    let mut block = [0f32; 32];
+                    for j in 0..16 {
+                        let (lo, hi) = ((qs[j] & 15) as f32, (qs[j] >> 4) as f32);
+                        let (a, b) = if format == QFormat::Q4_0 {
+                            (d * (lo - 8.0), d * (hi - 8.0))
+                        } else {
+                            (d * lo + m.to_f32(), d * hi + m.to_f32())
+                        };
+                        block[j] = a;
+                        block[j + 16] = b;
+                    }
+                    bytes.extend(qs);
+                    vals.extend(block);
+                }
+            }
+        }
+        (bytes, vals)
+    }
+
+    /// Relative tolerance for f32 accumulation-order differences between kernels.
+    const KERNEL_REL_TOL: f32 = 1e-5;
+    /// Error of 8-bit activation quantization against an f32 matmul, relative to Σ|w·x|.
+    const ACT_QUANT_REL_TOL: f32 = 2e-2;
+
+    #[test]
+    fn simd_equals_scalar_and_both_approximate_f32() {
+        let mut rng = Rng(0x1234_5678);
+        for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
+            for &(rows, cols, n) in &[(37, 64, 1), (64, 576, 5), (33, 96, 9)] {
+                let (bytes, wv) = random_matrix(format, rows, cols, &mut rng);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
+                let w = QMatrix { format, rows, cols, data: &bytes };
+                let mut ys = vec![0f32; n * rows];
+                matmul_with(Isa::Scalar, &w, &x, n, &mut ys).unwrap();
+                let mut yf = vec![0f32; n * rows];
+                matmul_with(isa(), &w, &x, n, &mut yf).unwrap();
+                for t in 0..n {
+                    for r in 0..rows {
+                        let exact: f32 = (0..cols).map(|c| wv[r * cols + c] * x[t * cols + c]).sum();
+                        let mag: f32 = (0..cols).map(|c| (wv[r * cols + c] * x[t * cols + c]).abs()).sum();
+                        let (s, f) = (ys[t * rows + r], yf[t * rows + r]);
+                        assert!((s - f).abs() <= KERNEL_REL_TOL * mag.max(1e-6), "{format:?} {s} vs {f}");
+                        assert!((s - exact).abs() <= ACT_QUANT_REL_TOL * mag.max(1e-6), "{format:?} {s} vs exact {exact}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let w = QMatrix { format: QFormat::Q8_0, rows: 2, cols: 32, data: &[0u8; 68] };
+        let mut y = vec![0f32; 2];
+        assert!(matmul(&w, &[0.0; 31], 1, &mut y).is_err());
+        let w = QMatrix { format: QFormat::Q8_0, rows: 2, cols: 32, data: &[0u8; 60] };
+        assert!(matmul(&w, &[0.0; 32], 1, &mut y).is_err());
+    }
+}
