@@ -12,7 +12,9 @@ use serde::Serialize;
 use crate::common::ModelArgs;
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  lmkit bench\n  lmkit bench --threads 2 -p 512 -n 128 --reps 5 --json\n  lmkit bench --model smollm2-q8_0.gguf -p 0")]
+#[command(
+    after_help = "Examples:\n  lmkit bench\n  lmkit bench --threads 2 -p 512 -n 128 --reps 5 --json\n  lmkit bench --model smollm2-q8_0.gguf -p 0"
+)]
 pub struct Args {
     /// Prompt tokens for the pp test (0 skips it).
     #[arg(short = 'p', long, default_value_t = 512)]
@@ -91,19 +93,27 @@ pub fn main(a: Args) -> Result<()> {
     let cfg = m.model.config();
     let ctx = cfg.max_position_embeddings;
     if a.n_prompt > ctx || a.n_gen > ctx {
-        anyhow::bail!("test sizes (-p {}, -n {}) exceed the model's context {ctx}", a.n_prompt, a.n_gen);
+        anyhow::bail!(
+            "test sizes (-p {}, -n {}) exceed the model's context {ctx}",
+            a.n_prompt,
+            a.n_gen
+        );
     }
     let mut rows = vec![];
     if a.n_prompt > 0 {
         let ids = tokens(a.n_prompt, cfg.vocab_size);
         pp(&m.model, &ids)?;
-        let xs = (0..a.reps).map(|_| pp(&m.model, &ids)).collect::<Result<Vec<_>>>()?;
+        let xs = (0..a.reps)
+            .map(|_| pp(&m.model, &ids))
+            .collect::<Result<Vec<_>>>()?;
         rows.push(stats(format!("pp{}", a.n_prompt), a.n_prompt, xs));
     }
     if a.n_gen > 0 {
         let ids = tokens(a.n_gen, cfg.vocab_size);
         tg(&m.model, &ids[..a.n_gen.min(8)])?;
-        let xs = (0..a.reps).map(|_| tg(&m.model, &ids)).collect::<Result<Vec<_>>>()?;
+        let xs = (0..a.reps)
+            .map(|_| tg(&m.model, &ids))
+            .collect::<Result<Vec<_>>>()?;
         rows.push(stats(format!("tg{}", a.n_gen), a.n_gen, xs));
     }
     let types: Vec<String> = m.file.tensor_types.iter().map(|t| t.0.clone()).collect();
@@ -121,7 +131,10 @@ pub fn main(a: Args) -> Result<()> {
         println!("threads: {threads}");
         println!("{:<8} {:>18}", "test", "tokens/s");
         for r in &rows {
-            println!("{:<8} {:>10.2} ± {:<6.2}", r.test, r.tokens_per_sec_mean, r.tokens_per_sec_sd);
+            println!(
+                "{:<8} {:>10.2} ± {:<6.2}",
+                r.test, r.tokens_per_sec_mean, r.tokens_per_sec_sd
+            );
         }
     }
     Ok(())

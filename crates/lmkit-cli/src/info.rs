@@ -5,7 +5,9 @@ use anyhow::Result;
 use crate::common::ModelArgs;
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  lmkit info\n  lmkit info --model model.gguf --json\n  lmkit info --model ./hf-folder")]
+#[command(
+    after_help = "Examples:\n  lmkit info\n  lmkit info --model model.gguf --json\n  lmkit info --model ./hf-folder"
+)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -55,19 +57,31 @@ pub fn main(a: Args) -> Result<()> {
     if let Some(n) = &m.file.name {
         println!("name:          {n}");
     }
-    println!("format:        {} ({:.1} MB)", m.file.format, m.file.file_bytes as f64 / 1e6);
+    println!(
+        "format:        {} ({:.1} MB)",
+        m.file.format,
+        m.file.file_bytes as f64 / 1e6
+    );
     println!("architecture:  {}", cfg.arch);
     println!("parameters:    {} ({:.1} M)", params, params as f64 / 1e6);
     println!(
         "layers:        {}  hidden {}  ffn {}  heads {} (kv {})  head dim {}",
-        cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim
     );
     println!("vocab:         {}", cfg.vocab_size);
     println!("context:       {}", cfg.max_position_embeddings);
     println!(
         "rope theta:    {}{}",
         cfg.rope_theta,
-        cfg.rope_scaling.as_ref().map(|s| format!(" scaling {s:?}")).unwrap_or_default()
+        cfg.rope_scaling
+            .as_ref()
+            .map(|s| format!(" scaling {s:?}"))
+            .unwrap_or_default()
     );
     println!("rms norm eps:  {:e}", cfg.rms_norm_eps);
     println!("tied embed:    {}", cfg.tie_word_embeddings);
@@ -81,7 +95,11 @@ pub fn main(a: Args) -> Result<()> {
         m.tokenizer.special.bos,
         m.tokenizer.special.eos,
         m.tokenizer.special.add_bos,
-        if m.tokenizer.chat_template.is_some() { "yes" } else { "ChatML (default)" }
+        if m.tokenizer.chat_template.is_some() {
+            "yes"
+        } else {
+            "ChatML (default)"
+        }
     );
     if a.tensors {
         for (n, w) in &weights {

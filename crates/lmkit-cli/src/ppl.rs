@@ -8,7 +8,9 @@ use lmkit::PplOptions;
 use crate::common::{bar, ModelArgs};
 
 #[derive(clap::Args)]
-#[command(after_help = "Scoring follows llama.cpp's llama-perplexity: the file is tokenized once, cut into\nwindows of --ctx tokens, and the second half of each window is scored (each scored token sees\nat least ctx/2 tokens of context). BOS replaces each window's first token only if the model adds BOS.\n\nExamples:\n  lmkit ppl wikitext-2/test.txt\n  lmkit ppl book.txt --ctx 1024 --max-windows 20 --json")]
+#[command(
+    after_help = "Scoring follows llama.cpp's llama-perplexity: the file is tokenized once, cut into\nwindows of --ctx tokens, and the second half of each window is scored (each scored token sees\nat least ctx/2 tokens of context). BOS replaces each window's first token only if the model adds BOS.\n\nExamples:\n  lmkit ppl wikitext-2/test.txt\n  lmkit ppl book.txt --ctx 1024 --max-windows 20 --json"
+)]
 pub struct Args {
     /// Text file to score.
     pub file: PathBuf,
@@ -37,8 +39,10 @@ pub struct Args {
 pub fn main(a: Args) -> Result<()> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("cannot read {}", a.file.display()))?;
+    // As llama.cpp reads `-f FILE`: exactly one trailing newline is dropped.
+    let text = text.strip_suffix('\n').unwrap_or(&text);
     let m = a.model.load()?;
-    let ids = m.tokenizer.encode_with_bos(&text)?;
+    let ids = m.tokenizer.encode_with_bos(text)?;
     let bos = if m.tokenizer.special.add_bos {
         m.tokenizer.special.bos
     } else {
@@ -67,7 +71,13 @@ pub fn main(a: Args) -> Result<()> {
     } else {
         println!(
             "perplexity: {:.4} ± {:.4}  ({} windows of {}, {} tokens scored of {}, {:.1} tokens/s)",
-            r.ppl, r.ppl_stderr, r.windows, r.ctx, r.scored_tokens, r.total_tokens, r.tokens_per_sec
+            r.ppl,
+            r.ppl_stderr,
+            r.windows,
+            r.ctx,
+            r.scored_tokens,
+            r.total_tokens,
+            r.tokens_per_sec
         );
     }
     Ok(())

@@ -68,7 +68,9 @@ impl SamplingArgs {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  lmkit run \"Once upon a time\" -n 64\n  lmkit run --chat \"What is the capital of France?\" --greedy\n  lmkit run --model qwen2.gguf \"def fib(n):\" --stop \"\\n\\n\"\n  lmkit run \"Hello\" --json")]
+#[command(
+    after_help = "Examples:\n  lmkit run \"Once upon a time\" -n 64\n  lmkit run --chat \"What is the capital of France?\" --greedy\n  lmkit run --model qwen2.gguf \"def fib(n):\" --stop \"\\n\\n\"\n  lmkit run \"Hello\" --json"
+)]
 pub struct Args {
     /// The prompt.
     pub prompt: String,
@@ -105,13 +107,20 @@ pub fn main(a: Args) -> Result<()> {
     let mut session = Session::new(&m.model);
     let mut stdout = std::io::stdout();
     let json = a.json;
-    let out = lmkit::generate(&m.model, &m.tokenizer, &mut session, &ids, &opts, &mut |piece| {
-        if !json {
-            print!("{piece}");
-            let _ = stdout.flush();
-        }
-        true
-    })
+    let out = lmkit::generate(
+        &m.model,
+        &m.tokenizer,
+        &mut session,
+        &ids,
+        &opts,
+        &mut |piece| {
+            if !json {
+                print!("{piece}");
+                let _ = stdout.flush();
+            }
+            true
+        },
+    )
     .context("generation failed")?;
     if json {
         let v = serde_json::json!({

@@ -10,9 +10,9 @@
 pub mod error;
 pub mod linear;
 pub mod norm;
-pub mod threads;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod threads;
 
 pub use candle_core as candle;
 pub use candle_core::quantized::{GgmlDType, QTensor};

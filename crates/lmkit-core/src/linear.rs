@@ -96,7 +96,13 @@ fn native_format(t: GgmlDType, device: &candle_core::Device) -> Option<QFormat> 
 ///
 /// # Shapes
 /// `x`: `(.., in)` → `(.., out)`.
-fn native_matmul(q: &QTensor, format: QFormat, x: &Tensor, out: usize, inp: usize) -> Result<Tensor> {
+fn native_matmul(
+    q: &QTensor,
+    format: QFormat,
+    x: &Tensor,
+    out: usize,
+    inp: usize,
+) -> Result<Tensor> {
     let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
     let n: usize = lead.iter().product();
     let xs = x
@@ -183,7 +189,9 @@ impl Linear {
         }
         let y = match (&self.weight, &self.matmul) {
             (Weight::Quantized(q), None) if self.native.is_some() => {
-                let f = self.native.ok_or_else(|| Error::Unsupported("kernel".into()))?;
+                let f = self
+                    .native
+                    .ok_or_else(|| Error::Unsupported("kernel".into()))?;
                 native_matmul(q, f, x, self.out_features, self.in_features)?
             }
             (_, Some(mm)) => mm.forward(x).op("quantized matmul")?,
@@ -197,7 +205,9 @@ impl Linear {
                 y.reshape(out).op("linear reshape")?
             }
             (Weight::Quantized(_), None) => {
-                return Err(Error::Unsupported("quantized weight without a kernel".into()))
+                return Err(Error::Unsupported(
+                    "quantized weight without a kernel".into(),
+                ))
             }
         };
         match &self.bias {

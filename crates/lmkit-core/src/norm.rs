@@ -33,7 +33,11 @@ impl RmsNorm {
     /// `x`: `(.., c)` → `(.., c)`.
     pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
         let x32 = x.to_dtype(DType::F32).op("rms_norm")?;
-        let ms = x32.sqr().op("rms_norm")?.mean_keepdim(D::Minus1).op("rms_norm")?;
+        let ms = x32
+            .sqr()
+            .op("rms_norm")?
+            .mean_keepdim(D::Minus1)
+            .op("rms_norm")?;
         let y = x32
             .broadcast_div(&(ms + self.eps).op("rms_norm")?.sqrt().op("rms_norm")?)
             .op("rms_norm")?;

@@ -7,7 +7,12 @@ use crate::{Error, Result};
 
 /// Max |a − b| over all elements.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a - b).op("diff")?.abs().op("diff")?.flatten_all().op("diff")?;
+    let d = (a - b)
+        .op("diff")?
+        .abs()
+        .op("diff")?
+        .flatten_all()
+        .op("diff")?;
     d.max(0).op("diff")?.to_scalar::<f32>().op("diff")
 }
 

@@ -17,7 +17,10 @@ pub fn set_threads(n: usize) -> Result<()> {
     }
     // SAFETY-free: edition 2021 `set_var`; called before worker threads start.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+    {
         tracing::debug!("rayon global pool already built: {e}");
     }
     Ok(())

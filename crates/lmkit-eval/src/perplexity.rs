@@ -83,7 +83,10 @@ pub fn perplexity(
     }
     let max_ctx = model.config().max_position_embeddings;
     if ctx > max_ctx {
-        return Err(bad("ctx", format!("{ctx} exceeds the model's context length {max_ctx}")));
+        return Err(bad(
+            "ctx",
+            format!("{ctx} exceeds the model's context length {max_ctx}"),
+        ));
     }
     let stride = opts.stride.unwrap_or(ctx);
     if stride == 0 {
@@ -91,7 +94,10 @@ pub fn perplexity(
     }
     let first = opts.score_from.unwrap_or(ctx / 2);
     if first >= ctx - 1 {
-        return Err(bad("score-from", format!("{first} leaves nothing to score in a window of {ctx}")));
+        return Err(bad(
+            "score-from",
+            format!("{first} leaves nothing to score in a window of {ctx}"),
+        ));
     }
     if opts.batch == 0 {
         return Err(bad("batch", "must be at least 1".into()));
@@ -123,7 +129,7 @@ pub fn perplexity(
         let x = Tensor::from_vec(ids.clone(), (b, ctx), model.device())?; // (b, t)
         let mut cache = model.new_cache();
         let hidden = model.forward_hidden(&x, &mut cache)?; // (b, t, c)
-        // Only the scored positions go through the output layer.
+                                                            // Only the scored positions go through the output layer.
         let hidden = hidden.narrow(1, first, ctx - 1 - first)?;
         let logits = model
             .lm_head()
@@ -146,7 +152,11 @@ pub fn perplexity(
     }
     let mean = sum / n as f64;
     let var = (sum2 / n as f64 - mean * mean).max(0.0);
-    let se = if n > 1 { (var / (n - 1) as f64).sqrt() } else { 0.0 };
+    let se = if n > 1 {
+        (var / (n - 1) as f64).sqrt()
+    } else {
+        0.0
+    };
     let ppl = mean.exp();
     let seconds = t0.elapsed().as_secs_f64();
     Ok(PplReport {

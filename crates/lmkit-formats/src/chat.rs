@@ -38,9 +38,12 @@ impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
         let mut env = Environment::new();
         env.set_fuel(Some(50_000_000));
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot compile: {e}")))?;
         Ok(Self {
@@ -85,9 +88,7 @@ mod tests {
     #[test]
     fn chatml_renders_turns_and_generation_prompt() {
         let t = ChatTemplate::chatml().unwrap();
-        let s = t
-            .render(&[Message::new("user", "Hi")], true)
-            .unwrap();
+        let s = t.render(&[Message::new("user", "Hi")], true).unwrap();
         assert_eq!(s, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 

@@ -253,7 +253,7 @@ impl<'a> Cursor<'a> {
             return Err(Error::corrupt(
                 self.path,
                 format!(
-                    "{what} is {n}, more than the {} bytes left at offset {} can hold",
+                    "{what} is {n}, more than the {} bytes left at offset {} can hold (truncated or corrupt file)",
                     self.remaining(),
                     self.pos
                 ),
@@ -265,7 +265,10 @@ impl<'a> Cursor<'a> {
         let n = self.count(what, 1)?;
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| {
-            Error::corrupt(self.path, format!("{what} at offset {} is not UTF-8", self.pos - n))
+            Error::corrupt(
+                self.path,
+                format!("{what} at offset {} is not UTF-8", self.pos - n),
+            )
         })
     }
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
@@ -420,7 +423,10 @@ impl GgufFile {
                 ));
             }
             if index.insert(name.clone(), tensors.len()).is_some() {
-                return Err(Error::corrupt(&path, format!("tensor `{name}` appears twice")));
+                return Err(Error::corrupt(
+                    &path,
+                    format!("tensor `{name}` appears twice"),
+                ));
             }
             tensors.push(TensorInfo {
                 name,
@@ -492,7 +498,8 @@ impl GgufFile {
     }
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.get(key).ok_or_else(|| self.missing(key))?;
-        v.as_u64().ok_or_else(|| self.bad(key, "expected a non-negative integer"))
+        v.as_u64()
+            .ok_or_else(|| self.bad(key, "expected a non-negative integer"))
     }
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         let v = self.get(key).ok_or_else(|| self.missing(key))?;
@@ -500,7 +507,8 @@ impl GgufFile {
     }
     pub fn get_array(&self, key: &str) -> Result<&[Value]> {
         let v = self.get(key).ok_or_else(|| self.missing(key))?;
-        v.as_array().ok_or_else(|| self.bad(key, "expected an array"))
+        v.as_array()
+            .ok_or_else(|| self.bad(key, "expected an array"))
     }
 
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {

@@ -98,9 +98,8 @@ impl HfCheckpoint {
             });
         }
         // SAFETY: read-only maps of files lmkit does not modify while they are open.
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
-            Error::corrupt(&dir, format!("cannot read safetensors: {e}"))
-        })?;
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::corrupt(&dir, format!("cannot read safetensors: {e}")))?;
         let names = tensors.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Self {
             dir,

@@ -97,10 +97,11 @@ impl LoadedTokenizer {
         let mut chat_template = None;
         let cfg = path.with_file_name("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg) {
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: cfg.clone(),
-                source,
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: cfg.clone(),
+                    source,
+                })?;
             let tok = |k: &str| -> Option<u32> {
                 let s = match &v[k] {
                     serde_json::Value::String(s) => s.clone(),
@@ -149,13 +150,14 @@ impl LoadedTokenizer {
         let mut merges: Merges = Vec::new();
         if let Some(m) = gguf.get("tokenizer.ggml.merges").and_then(|v| v.as_array()) {
             for (i, item) in m.iter().enumerate() {
-                let pair = item.as_str().and_then(|s| s.split_once(' ')).ok_or_else(|| {
-                    Error::Field {
+                let pair = item
+                    .as_str()
+                    .and_then(|s| s.split_once(' '))
+                    .ok_or_else(|| Error::Field {
                         path: path.into(),
                         field: "tokenizer.ggml.merges".into(),
                         why: format!("item {i} is not `left right`"),
-                    }
-                })?;
+                    })?;
                 merges.push((pair.0.to_string(), pair.1.to_string()));
             }
         }
@@ -165,13 +167,19 @@ impl LoadedTokenizer {
             .build()
             .map_err(|e| Error::Tokenizer(format!("{}: building BPE: {e}", path.display())))?;
         let mut tokenizer = Tokenizer::new(bpe);
-        let pre = gguf.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+        let pre = gguf
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
 
         // Control (3) and user-defined (4) tokens are matched before BPE, as llama.cpp does.
         let mut added = Vec::new();
-        if let Some(types) = gguf.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+        if let Some(types) = gguf
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
             for (i, t) in types.iter().enumerate() {
                 if matches!(t.as_i64(), Some(3) | Some(4)) {
                     if let Some(s) = strings.get(i) {

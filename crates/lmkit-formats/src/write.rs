@@ -96,7 +96,12 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[GgufTens
             return Err(Error::Field {
                 path: path.into(),
                 field: t.name.clone(),
-                why: format!("{} bytes of data, {:?} {:?} needs {want}", t.data.len(), t.dtype, t.shape),
+                why: format!(
+                    "{} bytes of data, {:?} {:?} needs {want}",
+                    t.data.len(),
+                    t.dtype,
+                    t.shape
+                ),
             });
         }
     }

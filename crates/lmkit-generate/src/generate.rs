@@ -49,7 +49,6 @@ pub enum FinishReason {
     Stop,
 }
 
-
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub tokens: Vec<u32>,
@@ -89,7 +88,12 @@ impl Session {
     /// Runs `ids` through the model, reusing the cached common prefix; returns the logits of the
     /// last position `(v,)` and how many tokens came from the cache.
     pub fn feed(&mut self, model: &Llama, ids: &[u32]) -> Result<(Vec<f32>, usize)> {
-        let common = self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        let common = self
+            .tokens
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
         // Always run at least the last token so there are logits to sample from.
         let keep = common.min(ids.len().saturating_sub(1));
         self.cache.truncate(keep)?;

@@ -6,5 +6,5 @@ pub mod sampler;
 pub mod stop;
 
 pub use error::{Error, Result};
-pub use generate::{generate, FinishReason, Generation, GenerateOptions};
+pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use sampler::{Sampler, SamplingParams};

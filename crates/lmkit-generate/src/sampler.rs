@@ -22,7 +22,6 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
-
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
@@ -263,7 +262,12 @@ mod tests {
             // p(0) ≈ 0.67, p(1) ≈ 0.24, p(2) ≈ 0.09: min-p 0.5 keeps only token 0.
             assert_eq!(s.sample(&mut vec![2.0, 1.0, 0.0], &[]), 0);
         }
-        let mut s = Sampler::new(SamplingParams { min_p: 0.0, top_p: 0.5, ..p }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.0,
+            top_p: 0.5,
+            ..p
+        })
+        .unwrap();
         for _ in 0..100 {
             assert_eq!(s.sample(&mut vec![2.0, 1.0, 0.0], &[]), 0);
         }
@@ -272,12 +276,30 @@ mod tests {
     #[test]
     fn bad_options_are_rejected() {
         for p in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { top_p: 1.5, ..Default::default() },
-            SamplingParams { min_p: 2.0, ..Default::default() },
-            SamplingParams { repeat_penalty: 0.0, ..Default::default() },
-            SamplingParams { temperature: f32::NAN, ..Default::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 2.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                repeat_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
         ] {
             assert!(Sampler::new(p).is_err());
         }

@@ -24,7 +24,12 @@ impl StopMatcher {
 
     /// Checks the full generated text.
     pub fn check(&self, text: &str) -> StopState {
-        if let Some(at) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
             return StopState::Stop { at };
         }
         // Hold back the longest suffix of `text` that is a proper prefix of some stop string.

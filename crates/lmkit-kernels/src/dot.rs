@@ -28,7 +28,11 @@ pub mod scalar {
                 let ab = &a[k][i];
                 let (isum, corr) = match format {
                     QFormat::Q4_0 | QFormat::Q4_1 => {
-                        let qs = if format == QFormat::Q4_0 { &blk[2..18] } else { &blk[4..20] };
+                        let qs = if format == QFormat::Q4_0 {
+                            &blk[2..18]
+                        } else {
+                            &blk[4..20]
+                        };
                         let mut s = 0i32;
                         for j in 0..16 {
                             s += (qs[j] & 0x0F) as i32 * ab.qs[j] as i32;
@@ -112,8 +116,11 @@ pub mod avx2 {
                         let ab = a[k].get_unchecked(i);
                         let av = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
-                        acc[k] =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ab.d), acc[k]);
+                        acc[k] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(p),
+                            _mm256_set1_ps(d * ab.d),
+                            acc[k],
+                        );
                         corr[k] += m * ab.s;
                     }
                 }
@@ -125,8 +132,11 @@ pub mod avx2 {
                         let av = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
                         let sa = _mm256_sign_epi8(av, wv);
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
-                        acc[k] =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ab.d), acc[k]);
+                        acc[k] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(p),
+                            _mm256_set1_ps(d * ab.d),
+                            acc[k],
+                        );
                     }
                 }
             }
@@ -157,7 +167,8 @@ pub fn isa() -> Isa {
         {
             if is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c") {
+                && is_x86_feature_detected!("f16c")
+            {
                 return Isa::Avx2;
             }
         }
@@ -167,7 +178,12 @@ pub fn isa() -> Isa {
 
 /// Dispatches to the best kernel. Callers guarantee `a[k].len() ≥ w.len() / block bytes`.
 #[inline]
-pub(crate) fn dot<const N: usize>(isa: Isa, format: QFormat, w: &[u8], a: [&[A8Block]; N]) -> [f32; N] {
+pub(crate) fn dot<const N: usize>(
+    isa: Isa,
+    format: QFormat,
+    w: &[u8],
+    a: [&[A8Block]; N],
+) -> [f32; N] {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2` is only selected when the CPU reports AVX2, FMA and F16C; lengths are

@@ -109,7 +109,12 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) ->
                     t += 8;
                 }
                 while t + 4 <= n {
-                    let v = dot(isa, w.format, wr, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                    let v = dot(
+                        isa,
+                        w.format,
+                        wr,
+                        [act(t), act(t + 1), act(t + 2), act(t + 3)],
+                    );
                     o[t..t + 4].copy_from_slice(&v);
                     t += 4;
                 }
@@ -153,7 +158,12 @@ mod tests {
     }
 
     /// Random blocks of `format` plus their dequantized values.
-    fn random_matrix(format: QFormat, rows: usize, cols: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    fn random_matrix(
+        format: QFormat,
+        rows: usize,
+        cols: usize,
+        rng: &mut Rng,
+    ) -> (Vec<u8>, Vec<f32>) {
         let mut bytes = vec![];
         let mut vals = vec![];
         for _ in 0..rows * cols / BLOCK {
@@ -205,18 +215,32 @@ mod tests {
             for &(rows, cols, n) in &[(37, 64, 1), (64, 576, 5), (33, 96, 9)] {
                 let (bytes, wv) = random_matrix(format, rows, cols, &mut rng);
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
-                let w = QMatrix { format, rows, cols, data: &bytes };
+                let w = QMatrix {
+                    format,
+                    rows,
+                    cols,
+                    data: &bytes,
+                };
                 let mut ys = vec![0f32; n * rows];
                 matmul_with(Isa::Scalar, &w, &x, n, &mut ys).unwrap();
                 let mut yf = vec![0f32; n * rows];
                 matmul_with(isa(), &w, &x, n, &mut yf).unwrap();
                 for t in 0..n {
                     for r in 0..rows {
-                        let exact: f32 = (0..cols).map(|c| wv[r * cols + c] * x[t * cols + c]).sum();
-                        let mag: f32 = (0..cols).map(|c| (wv[r * cols + c] * x[t * cols + c]).abs()).sum();
+                        let exact: f32 =
+                            (0..cols).map(|c| wv[r * cols + c] * x[t * cols + c]).sum();
+                        let mag: f32 = (0..cols)
+                            .map(|c| (wv[r * cols + c] * x[t * cols + c]).abs())
+                            .sum();
                         let (s, f) = (ys[t * rows + r], yf[t * rows + r]);
-                        assert!((s - f).abs() <= KERNEL_REL_TOL * mag.max(1e-6), "{format:?} {s} vs {f}");
-                        assert!((s - exact).abs() <= ACT_QUANT_REL_TOL * mag.max(1e-6), "{format:?} {s} vs exact {exact}");
+                        assert!(
+                            (s - f).abs() <= KERNEL_REL_TOL * mag.max(1e-6),
+                            "{format:?} {s} vs {f}"
+                        );
+                        assert!(
+                            (s - exact).abs() <= ACT_QUANT_REL_TOL * mag.max(1e-6),
+                            "{format:?} {s} vs exact {exact}"
+                        );
                     }
                 }
             }
@@ -225,10 +249,20 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors() {
-        let w = QMatrix { format: QFormat::Q8_0, rows: 2, cols: 32, data: &[0u8; 68] };
+        let w = QMatrix {
+            format: QFormat::Q8_0,
+            rows: 2,
+            cols: 32,
+            data: &[0u8; 68],
+        };
         let mut y = vec![0f32; 2];
         assert!(matmul(&w, &[0.0; 31], 1, &mut y).is_err());
-        let w = QMatrix { format: QFormat::Q8_0, rows: 2, cols: 32, data: &[0u8; 60] };
+        let w = QMatrix {
+            format: QFormat::Q8_0,
+            rows: 2,
+            cols: 32,
+            data: &[0u8; 60],
+        };
         assert!(matmul(&w, &[0.0; 32], 1, &mut y).is_err());
     }
 }

@@ -120,7 +120,10 @@ impl LlamaConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: g.get(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10_000.0),
+            rope_theta: g
+                .get(&k("rope.freq_base"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: u("context_length")?,
             tie_word_embeddings: g.tensor_info("output.weight").is_none(),
@@ -203,7 +206,7 @@ impl LlamaConfig {
             num_heads: 4,
             num_kv_heads: 2,
             head_dim: 16,
-            rms_norm_eps: 1e-5,
+            rms_norm_eps: 1.0 / 65536.0, // exact in f32, so GGUF round-trips it
             rope_theta: 10_000.0,
             rope_scaling: None,
             max_position_embeddings: 256,

@@ -69,7 +69,10 @@ pub fn load_on(path: &Path, opts: LoadOptions, device: &Device) -> Result<Loaded
                 format: format!("GGUF v{}", g.version),
                 file_bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
                 tensor_types,
-                name: g.get("general.name").and_then(|v| v.as_str()).map(String::from),
+                name: g
+                    .get("general.name")
+                    .and_then(|v| v.as_str())
+                    .map(String::from),
             };
             (cfg, tok, file)
         }

@@ -78,8 +78,8 @@ fn inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 }
@@ -102,9 +102,17 @@ impl Llama {
         let ffn = cfg.intermediate_size;
         // GGUF `llama` files store q/k rows permuted for interleaved RoPE.
         let permuted = matches!(src, WeightSource::Gguf(_)) && cfg.arch == "llama";
-        let embed = src.embedding("model.embed_tokens.weight", (cfg.vocab_size, c), opts, device)?;
+        let embed = src.embedding(
+            "model.embed_tokens.weight",
+            (cfg.vocab_size, c),
+            opts,
+            device,
+        )?;
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm::new(src.tensor_f32(name, &[c], device)?, cfg.rms_norm_eps))
+            Ok(RmsNorm::new(
+                src.tensor_f32(name, &[c], device)?,
+                cfg.rms_norm_eps,
+            ))
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -303,9 +311,21 @@ impl Llama {
     ) -> Result<Tensor> {
         let (h, kh, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = h / kh;
-        let q = a.q.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (b, h, t, d)
-        let k = a.k.forward(x)?.reshape((b, t, kh, d))?.transpose(1, 2)?.contiguous()?; // (b, k, t, d)
-        let v = a.v.forward(x)?.reshape((b, t, kh, d))?.transpose(1, 2)?.contiguous()?; // (b, k, t, d)
+        let q =
+            a.q.forward(x)?
+                .reshape((b, t, h, d))?
+                .transpose(1, 2)?
+                .contiguous()?; // (b, h, t, d)
+        let k =
+            a.k.forward(x)?
+                .reshape((b, t, kh, d))?
+                .transpose(1, 2)?
+                .contiguous()?; // (b, k, t, d)
+        let v =
+            a.v.forward(x)?
+                .reshape((b, t, kh, d))?
+                .transpose(1, 2)?
+                .contiguous()?; // (b, k, t, d)
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, k, v)?; // (b, k, T, d)
@@ -323,7 +343,10 @@ impl Llama {
         };
         let att = softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?; // (b, k, g·t, d)
-        let y = y.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?; // (b, t, c)
+        let y = y
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?; // (b, t, c)
         Ok(a.o.forward(&y)?)
     }
 }
@@ -343,7 +366,13 @@ fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor
     let total = offset + t;
     let m: Vec<f32> = (0..t)
         .flat_map(|i| {
-            (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
         })
         .collect();
     Ok(Some(Tensor::from_vec(m, (t, total), device)?))

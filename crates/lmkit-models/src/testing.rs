@@ -34,7 +34,11 @@ impl Rng {
 /// The tiny test vocabulary: `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, the printable ASCII
 /// characters in GPT-2 byte-level form, and a few merges.
 pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
-    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
     let mut types = vec![3, 3, 3];
     tokens.push("\u{0120}".into()); // space
     tokens.push("\u{010A}".into()); // newline
@@ -43,38 +47,102 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
         tokens.push((b as char).to_string());
         types.push(1);
     }
-    let merges = ["\u{0120} t", "h e", "\u{0120}t he", "i n", "e r", "a n", "o n", "r e"];
+    let merges = [
+        "\u{0120} t",
+        "h e",
+        "\u{0120}t he",
+        "i n",
+        "e r",
+        "a n",
+        "o n",
+        "r e",
+    ];
     for m in merges {
         tokens.push(m.replace(' ', ""));
         types.push(1);
     }
-    (tokens, merges.iter().map(|s| s.to_string()).collect(), types)
+    (
+        tokens,
+        merges.iter().map(|s| s.to_string()).collect(),
+        types,
+    )
 }
 
 /// HF-keyed random weights for `cfg` with the given seed (std ≈ 0.02·√3 uniform, norms ≈ 1).
 pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = Rng::new(seed);
     let c = cfg.hidden_size;
-    let (h, k, d, f) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
+    let (h, k, d, f) = (
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+    );
     let mut out = Vec::new();
     let mat = |name: String, r: usize, cols: usize, scale: f32, rng: &mut Rng| {
         let v: Vec<f32> = (0..r * cols).map(|_| rng.uniform() * scale).collect();
         (name, vec![r, cols], v)
     };
-    out.push(mat("model.embed_tokens.weight".into(), cfg.vocab_size, c, 1.0, &mut rng));
+    out.push(mat(
+        "model.embed_tokens.weight".into(),
+        cfg.vocab_size,
+        c,
+        1.0,
+        &mut rng,
+    ));
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
         let norm: Vec<f32> = (0..c).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
         out.push((format!("{p}.input_layernorm.weight"), vec![c], norm));
-        out.push(mat(format!("{p}.self_attn.q_proj.weight"), h * d, c, 0.2, &mut rng));
-        out.push(mat(format!("{p}.self_attn.k_proj.weight"), k * d, c, 0.2, &mut rng));
-        out.push(mat(format!("{p}.self_attn.v_proj.weight"), k * d, c, 0.2, &mut rng));
-        out.push(mat(format!("{p}.self_attn.o_proj.weight"), c, h * d, 0.2, &mut rng));
+        out.push(mat(
+            format!("{p}.self_attn.q_proj.weight"),
+            h * d,
+            c,
+            0.2,
+            &mut rng,
+        ));
+        out.push(mat(
+            format!("{p}.self_attn.k_proj.weight"),
+            k * d,
+            c,
+            0.2,
+            &mut rng,
+        ));
+        out.push(mat(
+            format!("{p}.self_attn.v_proj.weight"),
+            k * d,
+            c,
+            0.2,
+            &mut rng,
+        ));
+        out.push(mat(
+            format!("{p}.self_attn.o_proj.weight"),
+            c,
+            h * d,
+            0.2,
+            &mut rng,
+        ));
         let norm: Vec<f32> = (0..c).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![c], norm));
-        out.push(mat(format!("{p}.mlp.gate_proj.weight"), f, c, 0.2, &mut rng));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![c],
+            norm,
+        ));
+        out.push(mat(
+            format!("{p}.mlp.gate_proj.weight"),
+            f,
+            c,
+            0.2,
+            &mut rng,
+        ));
         out.push(mat(format!("{p}.mlp.up_proj.weight"), f, c, 0.2, &mut rng));
-        out.push(mat(format!("{p}.mlp.down_proj.weight"), c, f, 0.2, &mut rng));
+        out.push(mat(
+            format!("{p}.mlp.down_proj.weight"),
+            c,
+            f,
+            0.2,
+            &mut rng,
+        ));
     }
     out.push(("model.norm.weight".into(), vec![c], vec![1.0; c]));
     out
@@ -108,19 +176,37 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDTy
         ("general.architecture".to_string(), s(a)),
         ("general.name".into(), s("tiny-random-llama")),
         (format!("{a}.block_count"), u(cfg.num_layers)),
-        (format!("{a}.context_length"), u(cfg.max_position_embeddings)),
+        (
+            format!("{a}.context_length"),
+            u(cfg.max_position_embeddings),
+        ),
         (format!("{a}.embedding_length"), u(cfg.hidden_size)),
         (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
         (format!("{a}.attention.head_count"), u(cfg.num_heads)),
         (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
-        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
         (format!("{a}.vocab_size"), u(cfg.vocab_size)),
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s("smollm")),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges.into_iter().map(Value::String).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.into_iter().map(Value::String).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), u(1)),
         ("tokenizer.ggml.eos_token_id".into(), u(2)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
@@ -134,7 +220,11 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDTy
             data = permute_for_gguf(&data, shape[0], shape[1], cfg.num_kv_heads);
         }
         let t = Tensor::from_vec(data, shape.clone(), &dev)?;
-        let dtype = if shape.len() == 2 { wtype } else { GgmlDType::F32 };
+        let dtype = if shape.len() == 2 {
+            wtype
+        } else {
+            GgmlDType::F32
+        };
         let q = QTensor::quantize(&t, dtype)?;
         tensors.push(GgufTensor {
             name: gname,

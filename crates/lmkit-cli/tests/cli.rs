@@ -1,0 +1,191 @@
+//! The `lmkit` binary on a tiny random model: every subcommand works, and every bad input is a
+//! clear message with a non-zero exit, never a panic or a hang.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lmkit_core::GgmlDType;
+use lmkit_models::testing::write_tiny_gguf;
+use lmkit_models::LlamaConfig;
+
+fn lmkit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args(args)
+        .env(
+            "LMKIT_HOME",
+            std::env::temp_dir().join("lmkit-cli-test-home-unused"),
+        )
+        .output()
+        .unwrap()
+}
+
+fn tiny(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny.gguf");
+    write_tiny_gguf(&p, &LlamaConfig::tiny(), 11, GgmlDType::Q8_0).unwrap();
+    p
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failed command: non-zero exit, the message contains `want`, and nothing panicked.
+fn fails_with(o: &Output, want: &str) {
+    let e = stderr(o);
+    // 1: a runtime error; 2: a command-line usage error (clap).
+    assert!(
+        matches!(o.status.code(), Some(1) | Some(2)),
+        "{:?}: {e}",
+        o.status
+    );
+    assert!(e.contains(want), "expected `{want}` in: {e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn run_info_ppl_bench_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    let o = lmkit(&[
+        "run",
+        "--model",
+        m,
+        "the cat",
+        "-n",
+        "8",
+        "--greedy",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["completion_tokens"], 8);
+    // Greedy is deterministic.
+    let o2 = lmkit(&[
+        "run",
+        "--model",
+        m,
+        "the cat",
+        "-n",
+        "8",
+        "--greedy",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let v2: serde_json::Value = serde_json::from_slice(&o2.stdout).unwrap();
+    assert_eq!(v["tokens"], v2["tokens"]);
+
+    let o = lmkit(&["info", "--model", m, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["config"]["num_layers"], 2);
+    assert!(v["parameters"].as_u64().unwrap() > 50_000);
+
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the cat ran in the rain and then the cat sat. ".repeat(30),
+    )
+    .unwrap();
+    let o = lmkit(&[
+        "ppl",
+        text.to_str().unwrap(),
+        "--model",
+        m,
+        "--ctx",
+        "64",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ppl = v["ppl"].as_f64().unwrap();
+    // A random model over a 128-token vocabulary: finite, above 1.
+    assert!(ppl.is_finite() && ppl > 1.0, "{ppl}");
+    assert_eq!(v["scored_tokens"].as_u64().unwrap() % 31, 0); // 31 scored per window of 64
+
+    let o = lmkit(&[
+        "bench", "--model", m, "-p", "32", "-n", "4", "-r", "1", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let ms = m.to_str().unwrap();
+
+    fails_with(
+        &lmkit(&["run", "--model", "/no/such/model.gguf", "hi"]),
+        "/no/such/model.gguf",
+    );
+    fails_with(
+        &lmkit(&["run", "--model", ms, "hi", "--threads", "0"]),
+        "threads",
+    );
+
+    let bytes = std::fs::read(&m).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    fails_with(
+        &lmkit(&["info", "--model", cut.to_str().unwrap()]),
+        "truncated",
+    );
+
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model at all").unwrap();
+    fails_with(
+        &lmkit(&["info", "--model", junk.to_str().unwrap()]),
+        "not a GGUF file",
+    );
+
+    // The tiny model's context is 256 tokens.
+    let long = "a b ".repeat(300);
+    fails_with(&lmkit(&["run", "--model", ms, &long, "-n", "4"]), "context");
+    let o = lmkit(&[
+        "run",
+        "--model",
+        ms,
+        &long,
+        "-n",
+        "4",
+        "--truncate-prompt",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    fails_with(
+        &lmkit(&["run", "--model", ms, "hi", "--top-p", "0"]),
+        "top-p",
+    );
+    fails_with(
+        &lmkit(&["run", "--model", ms, "hi", "--temperature=-1"]),
+        "temperature",
+    );
+    fails_with(
+        &lmkit(&["ppl", "/no/such.txt", "--model", ms]),
+        "/no/such.txt",
+    );
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    fails_with(
+        &lmkit(&["ppl", short.to_str().unwrap(), "--model", ms, "--ctx", "64"]),
+        "fewer than one window",
+    );
+    fails_with(
+        &lmkit(&[
+            "ppl",
+            short.to_str().unwrap(),
+            "--model",
+            ms,
+            "--ctx",
+            "100000",
+        ]),
+        "context length",
+    );
+    fails_with(&lmkit(&["bench", "--model", ms, "-p", "100000"]), "context");
+}

@@ -1,0 +1,175 @@
+//! Tiny random models (2 layers, hidden 64, vocab 128): loading, caching and format paths.
+
+use std::collections::HashMap;
+
+use lmkit_core::testing::max_abs_diff;
+use lmkit_core::{Device, GgmlDType, Tensor};
+use lmkit_formats::gguf::{GgufFile, Value};
+use lmkit_models::testing::{random_weights, write_tiny_gguf};
+use lmkit_models::{load, LlamaConfig, LoadOptions};
+
+/// Incremental decoding with the KV cache vs one full forward pass (f32 weights).
+const CACHE_TOL: f32 = 1e-4;
+/// The same weights read from GGUF (permuted q/k) and from an HF folder.
+const FORMAT_TOL: f32 = 1e-4;
+/// Q8_0 weights vs F32 weights, relative to the logit range.
+const Q8_REL_TOL: f32 = 0.05;
+
+fn ids(t: usize) -> Vec<u32> {
+    (0..t as u32).map(|i| (i * 37 + 11) % 100).collect()
+}
+
+fn logits(m: &lmkit_models::Llama, ids: &[u32]) -> Tensor {
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.forward(&x, &mut m.new_cache())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+}
+
+#[test]
+fn gguf_round_trip_keeps_metadata_and_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    let cfg = LlamaConfig::tiny();
+    write_tiny_gguf(&p, &cfg, 1, GgmlDType::F32).unwrap();
+    let g = GgufFile::open(&p).unwrap();
+    assert_eq!(g.version, 3);
+    assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
+    assert_eq!(g.get("llama.block_count"), Some(&Value::U32(2)));
+    let norm = g.tensor_f32("output_norm.weight", &Device::Cpu).unwrap();
+    assert_eq!(norm.to_vec1::<f32>().unwrap(), vec![1.0; 64]);
+    let emb = g.tensor_info("token_embd.weight").unwrap();
+    assert_eq!(emb.shape(), vec![128, 64]);
+    assert_eq!(LlamaConfig::from_gguf(&g).unwrap(), cfg);
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, &LlamaConfig::tiny(), 2, GgmlDType::F32).unwrap();
+    let m = load(&p, LoadOptions::default()).unwrap().model;
+    let ids = ids(20);
+    let full = logits(&m, &ids);
+    let mut cache = m.new_cache();
+    // A 12-token prefill, then one token at a time.
+    let x = Tensor::new(&ids[..12], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut rows = vec![m.forward(&x, &mut cache).unwrap().squeeze(0).unwrap()];
+    for &id in &ids[12..] {
+        let x = Tensor::new(&[id], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        rows.push(m.forward(&x, &mut cache).unwrap().squeeze(0).unwrap());
+    }
+    assert_eq!(cache.len(), 20);
+    let inc = Tensor::cat(&rows, 0).unwrap();
+    let d = max_abs_diff(&full, &inc).unwrap();
+    assert!(d < CACHE_TOL, "incremental vs full: {d}");
+    // And the logits are not degenerate.
+    let spread = full
+        .max_keepdim(1)
+        .unwrap()
+        .sub(&full.min_keepdim(1).unwrap())
+        .unwrap();
+    assert!(spread.min(0).unwrap().to_vec1::<f32>().unwrap()[0] > 0.1);
+}
+
+#[test]
+fn hf_folder_and_gguf_give_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::tiny();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, &cfg, 3, GgmlDType::F32).unwrap();
+    let from_gguf = load(&p, LoadOptions::default()).unwrap();
+
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    let tensors: HashMap<String, Tensor> = random_weights(&cfg, 3)
+        .into_iter()
+        .map(|(n, s, v)| (n, Tensor::from_vec(v, s, &Device::Cpu).unwrap()))
+        .collect();
+    lmkit_core::candle::safetensors::save(&tensors, hf.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 160,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1.52587890625e-05, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": true
+    });
+    std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
+    from_gguf
+        .tokenizer
+        .tokenizer
+        .save(hf.join("tokenizer.json"), false)
+        .unwrap();
+    let from_hf = load(&hf, LoadOptions::default()).unwrap();
+    assert_eq!(from_hf.model.config(), from_gguf.model.config());
+    let text = "the cat ran in 2024";
+    let a = from_gguf.tokenizer.encode(text).unwrap();
+    assert_eq!(a, from_hf.tokenizer.encode(text).unwrap());
+    let d = max_abs_diff(&logits(&from_gguf.model, &a), &logits(&from_hf.model, &a)).unwrap();
+    assert!(d < FORMAT_TOL, "gguf vs hf: {d}");
+}
+
+#[test]
+fn quantized_weights_track_f32_and_dequantize_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::tiny();
+    let (pf, pq) = (dir.path().join("f32.gguf"), dir.path().join("q8.gguf"));
+    write_tiny_gguf(&pf, &cfg, 4, GgmlDType::F32).unwrap();
+    write_tiny_gguf(&pq, &cfg, 4, GgmlDType::Q8_0).unwrap();
+    let f = load(&pf, LoadOptions::default()).unwrap().model;
+    let q = load(&pq, LoadOptions::default()).unwrap().model;
+    let dq = load(&pq, LoadOptions { dequantize: true }).unwrap().model;
+    assert!(q
+        .named_weights()
+        .iter()
+        .any(|(_, w)| w.type_name() == "Q8_0"));
+    assert!(dq
+        .named_weights()
+        .iter()
+        .all(|(_, w)| w.type_name() == "F32"));
+    let ids = ids(16);
+    let (lf, lq, ld) = (logits(&f, &ids), logits(&q, &ids), logits(&dq, &ids));
+    let range = lf
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let dq_err = max_abs_diff(&lf, &lq).unwrap() / range;
+    assert!(dq_err < Q8_REL_TOL, "q8 vs f32 relative error {dq_err}");
+    let d2 = max_abs_diff(&lq, &ld).unwrap() / range;
+    assert!(d2 < Q8_REL_TOL, "q8 kernel vs dequantized: {d2}");
+}
+
+#[test]
+fn out_of_range_tokens_and_context_overflow_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, &LlamaConfig::tiny(), 5, GgmlDType::F32).unwrap();
+    let m = load(&p, LoadOptions::default()).unwrap().model;
+    let x = Tensor::new(&[1u32, 500], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let e = m.forward(&x, &mut m.new_cache()).unwrap_err().to_string();
+    assert!(e.contains("500") && e.contains("vocabulary"), "{e}");
+    let long: Vec<u32> = vec![3; 257];
+    let x = Tensor::new(long.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let e = m.forward(&x, &mut m.new_cache()).unwrap_err().to_string();
+    assert!(e.contains("257") && e.contains("context length 256"), "{e}");
+}
