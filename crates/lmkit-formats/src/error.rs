@@ -40,7 +40,7 @@ pub enum Error {
         path: PathBuf,
         tensor: String,
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 

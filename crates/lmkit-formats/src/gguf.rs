@@ -416,7 +416,7 @@ impl GgufFile {
                 ));
             }
             let size_in_bytes = elems / bs * dtype.type_size();
-            if offset as usize % alignment != 0 {
+            if !(offset as usize).is_multiple_of(alignment) {
                 return Err(Error::corrupt(
                     &path,
                     format!("tensor `{name}`: offset {offset} is not aligned to {alignment}"),
@@ -535,7 +535,7 @@ impl GgufFile {
             |source| Error::Tensor {
                 path: self.path.clone(),
                 tensor: name.into(),
-                source,
+                source: Box::new(source),
             },
         )
     }
@@ -546,7 +546,7 @@ impl GgufFile {
         q.dequantize(device).map_err(|source| Error::Tensor {
             path: self.path.clone(),
             tensor: name.into(),
-            source,
+            source: Box::new(source),
         })
     }
 

@@ -128,7 +128,7 @@ impl HfCheckpoint {
         let map = |source| Error::Tensor {
             path: self.dir.clone(),
             tensor: name.into(),
-            source,
+            source: Box::new(source),
         };
         self.tensors
             .load(name, device)

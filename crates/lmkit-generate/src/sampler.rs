@@ -236,7 +236,7 @@ mod tests {
         let draw = |seed| {
             let mut s = Sampler::new(SamplingParams { seed, ..p.clone() }).unwrap();
             (0..50)
-                .map(|_| s.sample(&mut vec![1.0, 1.0, 1.0, 1.0], &[]))
+                .map(|_| s.sample(&mut [1.0, 1.0, 1.0, 1.0], &[]))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
@@ -260,7 +260,7 @@ mod tests {
         let mut s = Sampler::new(p.clone()).unwrap();
         for _ in 0..100 {
             // p(0) ≈ 0.67, p(1) ≈ 0.24, p(2) ≈ 0.09: min-p 0.5 keeps only token 0.
-            assert_eq!(s.sample(&mut vec![2.0, 1.0, 0.0], &[]), 0);
+            assert_eq!(s.sample(&mut [2.0, 1.0, 0.0], &[]), 0);
         }
         let mut s = Sampler::new(SamplingParams {
             min_p: 0.0,
@@ -269,7 +269,7 @@ mod tests {
         })
         .unwrap();
         for _ in 0..100 {
-            assert_eq!(s.sample(&mut vec![2.0, 1.0, 0.0], &[]), 0);
+            assert_eq!(s.sample(&mut [2.0, 1.0, 0.0], &[]), 0);
         }
     }
 

@@ -34,9 +34,9 @@ pub mod scalar {
                             &blk[4..20]
                         };
                         let mut s = 0i32;
-                        for j in 0..16 {
-                            s += (qs[j] & 0x0F) as i32 * ab.qs[j] as i32;
-                            s += (qs[j] >> 4) as i32 * ab.qs[j + 16] as i32;
+                        for (j, &q) in qs.iter().enumerate() {
+                            s += (q & 0x0F) as i32 * ab.qs[j] as i32;
+                            s += (q >> 4) as i32 * ab.qs[j + 16] as i32;
                         }
                         let corr = if format == QFormat::Q4_0 {
                             -8.0 * d * ab.s

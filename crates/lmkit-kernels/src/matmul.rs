@@ -52,7 +52,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
 /// [`matmul`] with an explicit implementation (tests compare them).
 pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
     let bad = |why: String| Err(Error::Shape { op: "qmatmul", why });
-    if w.cols % BLOCK != 0 {
+    if !w.cols.is_multiple_of(BLOCK) {
         return bad(format!("cols {} not a multiple of {BLOCK}", w.cols));
     }
     if w.data.len() != w.rows * w.row_bytes() {

@@ -66,16 +66,17 @@ impl LlamaConfig {
                 return Err(bad(format!("{name} is 0")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(format!(
                 "{} heads are not a multiple of {} kv heads",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {} is odd", self.head_dim)));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.rope_theta) || !positive(self.rms_norm_eps) {
             return Err(bad("rope_theta and rms_norm_eps must be positive".into()));
         }
         Ok(())

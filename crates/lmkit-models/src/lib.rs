@@ -64,7 +64,7 @@ pub fn load_on(path: &Path, opts: LoadOptions, device: &Device) -> Result<Loaded
                 e.1 += t.size_in_bytes;
             }
             let mut tensor_types: Vec<_> = types.into_iter().map(|(k, (n, b))| (k, n, b)).collect();
-            tensor_types.sort_by(|a, b| b.2.cmp(&a.2));
+            tensor_types.sort_by_key(|t| std::cmp::Reverse(t.2));
             let file = FileSummary {
                 format: format!("GGUF v{}", g.version),
                 file_bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),

@@ -15,8 +15,8 @@ use lmkit_formats::names::hf_to_gguf;
 use crate::{Error, Result};
 
 pub enum WeightSource {
-    Gguf(GgufFile),
-    Hf(HfCheckpoint),
+    Gguf(Box<GgufFile>),
+    Hf(Box<HfCheckpoint>),
     /// HF-keyed dense tensors (tiny random models in tests).
     Map(HashMap<String, Tensor>),
 }
@@ -118,7 +118,7 @@ impl WeightSource {
             |source| lmkit_formats::Error::Tensor {
                 path: g.path().into(),
                 tensor: name.clone(),
-                source,
+                source: Box::new(source),
             },
         )?;
         let dense = opts.dequantize
@@ -219,7 +219,7 @@ pub fn open_source(path: &Path) -> Result<WeightSource> {
         return Err(Error::NotFound { path: path.into() });
     }
     if path.is_dir() {
-        return Ok(WeightSource::Hf(HfCheckpoint::open(path)?));
+        return Ok(WeightSource::Hf(Box::new(HfCheckpoint::open(path)?)));
     }
-    Ok(WeightSource::Gguf(GgufFile::open(path)?))
+    Ok(WeightSource::Gguf(Box::new(GgufFile::open(path)?)))
 }
