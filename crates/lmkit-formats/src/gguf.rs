@@ -521,6 +521,29 @@ impl GgufFile {
         &self.mmap[start..start + info.size_in_bytes]
     }
 
+    /// Tells the OS the mapped pages of a tensor are no longer needed (after its data has been
+    /// copied into a model), so loading does not hold the file and the model in memory at once.
+    pub fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let start = self.data_offset + info.offset;
+            let aligned = start / PAGE * PAGE;
+            let len = start + info.size_in_bytes - aligned;
+            // SAFETY: the map is a read-only file mapping; MADV_DONTNEED only drops resident
+            // pages, which the kernel re-reads from the file if they are touched again.
+            let r = unsafe {
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, len)
+            };
+            if let Err(e) = r {
+                tracing::debug!("madvise for `{}`: {e}", info.name);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
+
     fn info_or_missing(&self, name: &str) -> Result<&TensorInfo> {
         self.tensor_info(name).ok_or_else(|| Error::Missing {
             path: self.path.clone(),

@@ -164,9 +164,8 @@ pub fn generate(
         let settled = text.trim_end_matches('\u{FFFD}').len();
         match stops.check(&text[..settled]) {
             StopState::Stop { at } => {
-                if at > emitted && !on_text(&text[emitted..at]) {
-                    text.truncate(at);
-                    break;
+                if at > emitted {
+                    on_text(&text[emitted..at]);
                 }
                 text.truncate(at);
                 finish = FinishReason::Stop;

@@ -121,6 +121,7 @@ impl WeightSource {
                 source: Box::new(source),
             },
         )?;
+        g.release(info);
         let dense = opts.dequantize
             || matches!(
                 info.dtype,

@@ -6,7 +6,7 @@
 //!
 //! One dependency gives the main API:
 //!
-//! ```no_run
+//! ```
 //! use lmkit::{GenerateOptions, SamplingParams};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
