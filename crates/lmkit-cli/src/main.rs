@@ -54,14 +54,27 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
+    let threads = match &cli.command {
+        Command::Run(a) => a.model.threads,
+        Command::Chat(a) => a.model.threads,
+        Command::Ppl(a) => a.model.threads,
+        Command::Bench(a) => a.model.threads,
+        Command::Info(a) => a.model.threads,
+        Command::Fetch(_) => None,
+    }
+    .map(|t| t as usize)
+    .unwrap_or_else(lmkit::core::threads::default_threads);
+    // The whole command runs on the worker pool (see `lmkit::core::threads::install`).
+    let result = lmkit::core::threads::install(threads, move || match cli.command {
         Command::Run(a) => run::main(a),
         Command::Chat(a) => chat::main(a),
         Command::Ppl(a) => ppl::main(a),
         Command::Bench(a) => bench::main(a),
         Command::Info(a) => info::main(a),
         Command::Fetch(a) => fetch::main(a),
-    };
+    })
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

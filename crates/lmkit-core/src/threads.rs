@@ -6,6 +6,22 @@
 
 use crate::{Error, Result};
 
+/// Runs `f` on a pool of `n` worker threads (and sets [`set_threads`]). Work started from inside
+/// the pool runs its parallel loops without handing off to another thread and back, which
+/// matters for decoding: a token makes hundreds of small parallel calls, and from outside a pool
+/// each one costs two context switches.
+pub fn install<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    set_threads(n)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| Error::Invalid {
+            what: "threads".into(),
+            why: format!("cannot start {n} worker threads: {e}"),
+        })?;
+    Ok(pool.install(f))
+}
+
 /// Sets the number of CPU worker threads for this process. Call it once, early, before any
 /// tensor work (later calls keep the first pool and only update the environment).
 pub fn set_threads(n: usize) -> Result<()> {

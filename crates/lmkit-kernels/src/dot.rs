@@ -62,8 +62,10 @@ pub mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2 {
-    //! AVX2 + FMA: nibbles (or |w|) times signed activations with `maddubs`, pairs summed with
-    //! `madd`, scaled and accumulated in f32 lanes.
+    //! AVX2 + FMA (+ AVX-VNNI where present): nibbles (or |w|) times signed activations summed
+    //! into 32-bit lanes (`maddubs` + `madd`, or one `dpbusd`), scaled and accumulated in f32.
+    //! `dot` runs one weight row against up to 8 activation rows (prompts); `dot_rows` runs up to
+    //! 4 weight rows against one activation row (decoding), so 4 independent chains are in flight.
     use std::arch::x86_64::*;
 
     use super::*;
@@ -85,37 +87,57 @@ pub mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; every `a[k]` must hold at least `w.len() / block
-    /// bytes` blocks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot<const N: usize>(format: QFormat, w: &[u8], a: [&[A8Block]; N]) -> [f32; N] {
-        let bb = format.block_bytes();
-        let nb = w.len() / bb;
-        let mask = _mm_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut corr = [0f32; N];
-        let wp = w.as_ptr();
-        for i in 0..nb {
-            let blk = wp.add(i * bb);
-            let d = f16c(blk);
-            match format {
-                QFormat::Q4_0 | QFormat::Q4_1 => {
-                    let off = if format == QFormat::Q4_0 { 2 } else { 4 };
-                    let q = _mm_loadu_si128(blk.add(off) as *const __m128i);
-                    let lo = _mm_and_si128(q, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-                    let wv = _mm256_set_m128i(hi, lo);
-                    let m = if format == QFormat::Q4_1 {
-                        f16c(blk.add(2))
-                    } else {
-                        -8.0 * d
-                    };
+    /// A weight block as 32 unsigned bytes for `maddubs`/`dpbusd`, the sign to move onto the
+    /// activations (Q8_0 only), its scale, and the per-block offset term `m` (`w = d·q + m`).
+    #[inline(always)]
+    unsafe fn load_block(format: QFormat, blk: *const u8) -> (__m256i, __m256i, f32, f32) {
+        let d = f16c(blk);
+        match format {
+            QFormat::Q4_0 | QFormat::Q4_1 => {
+                let mask = _mm_set1_epi8(0x0F);
+                let off = if format == QFormat::Q4_0 { 2 } else { 4 };
+                let q = _mm_loadu_si128(blk.add(off) as *const __m128i);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let m = if format == QFormat::Q4_1 {
+                    f16c(blk.add(2))
+                } else {
+                    -8.0 * d
+                };
+                (_mm256_set_m128i(hi, lo), _mm256_set1_epi8(1), d, m)
+            }
+            QFormat::Q8_0 => {
+                let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                (_mm256_sign_epi8(wv, wv), wv, d, 0.0)
+            }
+        }
+    }
+
+    macro_rules! kernels {
+        ($dot:ident, $dot_rows:ident, $features:literal, |$w:ident, $a:ident| $mulsum:expr) => {
+            /// # Safety
+            /// The CPU must support the enabled features; every `a[k]` must hold at least
+            /// `w.len() / block bytes` blocks.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $dot<const N: usize>(
+                format: QFormat,
+                w: &[u8],
+                a: [&[A8Block]; N],
+            ) -> [f32; N] {
+                let bb = format.block_bytes();
+                let nb = w.len() / bb;
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut corr = [0f32; N];
+                let wp = w.as_ptr();
+                for i in 0..nb {
+                    let ($w, sign, d, m) = load_block(format, wp.add(i * bb));
                     for k in 0..N {
                         let ab = a[k].get_unchecked(i);
-                        let av = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
+                        let $a = _mm256_sign_epi8(
+                            _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i),
+                            sign,
+                        );
+                        let p = $mulsum;
                         acc[k] = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(p),
                             _mm256_set1_ps(d * ab.d),
@@ -124,29 +146,57 @@ pub mod avx2 {
                         corr[k] += m * ab.s;
                     }
                 }
-                QFormat::Q8_0 => {
-                    let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let aw = _mm256_sign_epi8(wv, wv);
-                    for k in 0..N {
-                        let ab = a[k].get_unchecked(i);
-                        let av = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                        let sa = _mm256_sign_epi8(av, wv);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
-                        acc[k] = _mm256_fmadd_ps(
+                let mut out = [0f32; N];
+                for k in 0..N {
+                    out[k] = hsum(acc[k]) + corr[k];
+                }
+                out
+            }
+
+            /// # Safety
+            /// As for the row-major kernel; every `w[r]` has the same length and `a` holds at
+            /// least `w[r].len() / block bytes` blocks.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $dot_rows<const R: usize>(
+                format: QFormat,
+                w: [&[u8]; R],
+                a: &[A8Block],
+            ) -> [f32; R] {
+                let bb = format.block_bytes();
+                let nb = w[0].len() / bb;
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut corr = [0f32; R];
+                for i in 0..nb {
+                    let ab = a.get_unchecked(i);
+                    let av = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                    for r in 0..R {
+                        let ($w, sign, d, m) = load_block(format, w[r].as_ptr().add(i * bb));
+                        let $a = _mm256_sign_epi8(av, sign);
+                        let p = $mulsum;
+                        acc[r] = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(p),
                             _mm256_set1_ps(d * ab.d),
-                            acc[k],
+                            acc[r],
                         );
+                        corr[r] += m * ab.s;
                     }
                 }
+                let mut out = [0f32; R];
+                for r in 0..R {
+                    out[r] = hsum(acc[r]) + corr[r];
+                }
+                out
             }
-        }
-        let mut out = [0f32; N];
-        for k in 0..N {
-            out[k] = hsum(acc[k]) + corr[k];
-        }
-        out
+        };
     }
+
+    kernels!(dot, dot_rows, "avx2,fma,f16c", |w, a| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(w, a),
+        _mm256_set1_epi16(1)
+    ));
+    kernels!(dot_vnni, dot_rows_vnni, "avx2,fma,f16c,avxvnni", |w, a| {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+    });
 }
 
 /// Which implementation runs.
@@ -154,6 +204,8 @@ pub mod avx2 {
 pub enum Isa {
     Scalar,
     Avx2,
+    /// AVX2 with AVX-VNNI's `vpdpbusd` for the integer dot products.
+    Avx2Vnni,
 }
 
 /// The best implementation this CPU supports (`LMKIT_FORCE_SCALAR=1` forces the reference).
@@ -169,11 +221,34 @@ pub fn isa() -> Isa {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
+                let no_vnni =
+                    std::env::var("LMKIT_NO_VNNI").is_ok_and(|v| !v.is_empty() && v != "0");
+                if is_x86_feature_detected!("avxvnni") && !no_vnni {
+                    return Isa::Avx2Vnni;
+                }
                 return Isa::Avx2;
             }
         }
         Isa::Scalar
     })
+}
+
+/// Every implementation this CPU can run, the scalar reference first (for tests and benches).
+pub fn available() -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            v.push(Isa::Avx2);
+            if is_x86_feature_detected!("avxvnni") {
+                v.push(Isa::Avx2Vnni);
+            }
+        }
+    }
+    v
 }
 
 /// Dispatches to the best kernel. Callers guarantee `a[k].len() ≥ w.len() / block bytes`.
@@ -189,6 +264,34 @@ pub(crate) fn dot<const N: usize>(
         // SAFETY: `Avx2` is only selected when the CPU reports AVX2, FMA and F16C; lengths are
         // checked by `matmul`.
         Isa::Avx2 => unsafe { avx2::dot(format, w, a) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, plus AVX-VNNI.
+        Isa::Avx2Vnni => unsafe { avx2::dot_vnni(format, w, a) },
         _ => scalar::dot(format, w, a),
+    }
+}
+
+/// Up to four weight rows (equal lengths) against one activation row.
+#[inline]
+pub(crate) fn dot_rows<const R: usize>(
+    isa: Isa,
+    format: QFormat,
+    w: [&[u8]; R],
+    a: &[A8Block],
+) -> [f32; R] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `dot`.
+        Isa::Avx2 => unsafe { avx2::dot_rows(format, w, a) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `dot`.
+        Isa::Avx2Vnni => unsafe { avx2::dot_rows_vnni(format, w, a) },
+        _ => {
+            let mut out = [0f32; R];
+            for (o, wr) in out.iter_mut().zip(w) {
+                *o = scalar::dot(format, wr, [a])[0];
+            }
+            out
+        }
     }
 }

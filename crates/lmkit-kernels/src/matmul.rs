@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::act::{quantize_activations, A8Block};
-use crate::dot::{dot, isa, Isa};
+use crate::dot::{dot, dot_rows, isa, Isa};
 use crate::{Error, Result, BLOCK};
 
 /// Weight block formats with a native kernel.
@@ -84,6 +84,27 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) ->
         .map(|chunk| {
             let rows = chunk.len() / rb;
             let mut out = vec![0f32; rows * n];
+            if n < 4 {
+                // Decoding: four weight rows per pass over each activation row.
+                for t in 0..n {
+                    let a = &acts[t * bpr..(t + 1) * bpr];
+                    let mut r = 0;
+                    while r + 4 <= rows {
+                        let wr = |k: usize| &chunk[(r + k) * rb..(r + k + 1) * rb];
+                        let v = dot_rows(isa, w.format, [wr(0), wr(1), wr(2), wr(3)], a);
+                        for (k, v) in v.into_iter().enumerate() {
+                            out[(r + k) * n + t] = v;
+                        }
+                        r += 4;
+                    }
+                    while r < rows {
+                        out[r * n + t] =
+                            dot_rows(isa, w.format, [&chunk[r * rb..(r + 1) * rb]], a)[0];
+                        r += 1;
+                    }
+                }
+                return out;
+            }
             for r in 0..rows {
                 let wr = &chunk[r * rb..(r + 1) * rb];
                 let o = &mut out[r * n..(r + 1) * n];
@@ -126,16 +147,17 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) ->
             out
         })
         .collect();
-    let mut r0 = 0;
-    for out in tasks {
-        let rows = out.len() / n.max(1);
-        for r in 0..rows {
-            for t in 0..n {
-                y[t * w.rows + r0 + r] = out[r * n + t];
+    // Scatter the (rows, n) task outputs into y (n, rows), one token row per parallel task.
+    y.par_chunks_mut(w.rows).enumerate().for_each(|(t, yrow)| {
+        let mut r0 = 0;
+        for out in &tasks {
+            let rows = out.len() / n;
+            for r in 0..rows {
+                yrow[r0 + r] = out[r * n + t];
             }
+            r0 += rows;
         }
-        r0 += rows;
-    }
+    });
     Ok(())
 }
 
@@ -212,7 +234,7 @@ mod tests {
     fn simd_equals_scalar_and_both_approximate_f32() {
         let mut rng = Rng(0x1234_5678);
         for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
-            for &(rows, cols, n) in &[(37, 64, 1), (64, 576, 5), (33, 96, 9)] {
+            for &(rows, cols, n) in &[(37, 64, 1), (37, 64, 3), (64, 576, 5), (33, 96, 9)] {
                 let (bytes, wv) = random_matrix(format, rows, cols, &mut rng);
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
                 let w = QMatrix {
@@ -223,24 +245,26 @@ mod tests {
                 };
                 let mut ys = vec![0f32; n * rows];
                 matmul_with(Isa::Scalar, &w, &x, n, &mut ys).unwrap();
-                let mut yf = vec![0f32; n * rows];
-                matmul_with(isa(), &w, &x, n, &mut yf).unwrap();
-                for t in 0..n {
-                    for r in 0..rows {
-                        let exact: f32 =
-                            (0..cols).map(|c| wv[r * cols + c] * x[t * cols + c]).sum();
-                        let mag: f32 = (0..cols)
-                            .map(|c| (wv[r * cols + c] * x[t * cols + c]).abs())
-                            .sum();
-                        let (s, f) = (ys[t * rows + r], yf[t * rows + r]);
-                        assert!(
-                            (s - f).abs() <= KERNEL_REL_TOL * mag.max(1e-6),
-                            "{format:?} {s} vs {f}"
-                        );
-                        assert!(
-                            (s - exact).abs() <= ACT_QUANT_REL_TOL * mag.max(1e-6),
-                            "{format:?} {s} vs exact {exact}"
-                        );
+                for which in crate::dot::available() {
+                    let mut yf = vec![0f32; n * rows];
+                    matmul_with(which, &w, &x, n, &mut yf).unwrap();
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let exact: f32 =
+                                (0..cols).map(|c| wv[r * cols + c] * x[t * cols + c]).sum();
+                            let mag: f32 = (0..cols)
+                                .map(|c| (wv[r * cols + c] * x[t * cols + c]).abs())
+                                .sum();
+                            let (s, f) = (ys[t * rows + r], yf[t * rows + r]);
+                            assert!(
+                                (s - f).abs() <= KERNEL_REL_TOL * mag.max(1e-6),
+                                "{format:?} {which:?} n={n}: {s} vs {f}"
+                            );
+                            assert!(
+                                (s - exact).abs() <= ACT_QUANT_REL_TOL * mag.max(1e-6),
+                                "{format:?} {s} vs exact {exact}"
+                            );
+                        }
                     }
                 }
             }
