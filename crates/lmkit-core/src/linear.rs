@@ -79,15 +79,29 @@ pub fn ggml_type_name(t: GgmlDType) -> &'static str {
     }
 }
 
-/// lmkit's own kernel format for a candle block type, when there is one (CPU only).
-fn native_format(t: GgmlDType, device: &candle_core::Device) -> Option<QFormat> {
+/// A weight format with one of lmkit's own CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Native {
+    /// Block-quantized, 8-bit activations.
+    Quant(QFormat),
+    /// f16 weights widened in registers, f32 activations.
+    F16,
+}
+
+/// Rows of `x` from which f16 weights run through a dequantized f32 GEMM instead of the f16
+/// kernel (which is a GEMV per row of `x`).
+const F16_GEMM_MIN_ROWS: usize = 16;
+
+/// lmkit's own kernel for a candle block type, when there is one (CPU only).
+fn native_format(t: GgmlDType, device: &candle_core::Device) -> Option<Native> {
     if !device.is_cpu() {
         return None;
     }
     match t {
-        GgmlDType::Q4_0 => Some(QFormat::Q4_0),
-        GgmlDType::Q4_1 => Some(QFormat::Q4_1),
-        GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+        GgmlDType::Q4_0 => Some(Native::Quant(QFormat::Q4_0)),
+        GgmlDType::Q4_1 => Some(Native::Quant(QFormat::Q4_1)),
+        GgmlDType::Q8_0 => Some(Native::Quant(QFormat::Q8_0)),
+        GgmlDType::F16 => Some(Native::F16),
         _ => None,
     }
 }
@@ -98,13 +112,22 @@ fn native_format(t: GgmlDType, device: &candle_core::Device) -> Option<QFormat> 
 /// `x`: `(.., in)` → `(.., out)`.
 fn native_matmul(
     q: &QTensor,
-    format: QFormat,
+    native: Native,
     x: &Tensor,
     out: usize,
     inp: usize,
 ) -> Result<Tensor> {
     let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
     let n: usize = lead.iter().product();
+    if native == Native::F16 && n >= F16_GEMM_MIN_ROWS {
+        // Prompts: widen W once and use the f32 GEMM (the temporary is one matrix).
+        let w = q.dequantize(&q.device()).op("f16 weights")?;
+        let x2 = x.reshape((n, inp)).op("linear reshape")?;
+        let y = x2.matmul(&w.t().op("linear")?).op("linear matmul")?;
+        let mut shape = lead;
+        shape.push(out);
+        return y.reshape(shape).op("linear reshape");
+    }
     let xs = x
         .to_dtype(DType::F32)
         .op("qmatmul input")?
@@ -113,14 +136,20 @@ fn native_matmul(
         .to_vec1::<f32>()
         .op("qmatmul input")?;
     let data = q.data().op("qmatmul weights")?;
-    let w = QMatrix {
-        format,
-        rows: out,
-        cols: inp,
-        data: &data,
-    };
     let mut y = vec![0f32; n * out];
-    lmkit_kernels::matmul(&w, &xs, n, &mut y).map_err(|e| Error::Shape {
+    let r = match native {
+        Native::Quant(format) => {
+            let w = QMatrix {
+                format,
+                rows: out,
+                cols: inp,
+                data: &data,
+            };
+            lmkit_kernels::matmul(&w, &xs, n, &mut y)
+        }
+        Native::F16 => lmkit_kernels::f16::matmul_f16(&data, out, inp, &xs, n, &mut y),
+    };
+    r.map_err(|e| Error::Shape {
         op: "qmatmul".into(),
         expected: format!("(.., {inp})"),
         got: e.to_string(),
@@ -134,7 +163,7 @@ fn native_matmul(
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
-    native: Option<QFormat>,
+    native: Option<Native>,
     matmul: Option<QMatMul>,
     bias: Option<Tensor>,
     out_features: usize,

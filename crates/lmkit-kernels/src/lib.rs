@@ -17,6 +17,7 @@
 
 pub mod act;
 pub mod dot;
+pub mod f16;
 pub mod matmul;
 
 pub use act::{quantize_activations, A8Block};

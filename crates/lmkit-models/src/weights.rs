@@ -122,11 +122,8 @@ impl WeightSource {
             },
         )?;
         g.release(info);
-        let dense = opts.dequantize
-            || matches!(
-                info.dtype,
-                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-            );
+        // F16 stays f16 (lmkit has an f16 kernel); F32 and BF16 run as dense f32.
+        let dense = opts.dequantize || matches!(info.dtype, GgmlDType::F32 | GgmlDType::BF16);
         if dense {
             Ok(Weight::Dense(q.dequantize(device)?))
         } else {

@@ -153,6 +153,44 @@ fn quantized_weights_track_f32_and_dequantize_matches() {
     assert!(d2 < Q8_REL_TOL, "q8 kernel vs dequantized: {d2}");
 }
 
+/// F16 weights (kept f16, lmkit's f16 kernel for short inputs, f32 GEMM for long ones) vs the
+/// same weights in F32, relative to the logit range.
+const F16_REL_TOL: f32 = 2e-3;
+
+#[test]
+fn f16_weights_stay_f16_and_track_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::tiny();
+    let (pf, ph) = (dir.path().join("f32.gguf"), dir.path().join("f16.gguf"));
+    write_tiny_gguf(&pf, &cfg, 6, GgmlDType::F32).unwrap();
+    write_tiny_gguf(&ph, &cfg, 6, GgmlDType::F16).unwrap();
+    let f = load(&pf, LoadOptions::default()).unwrap().model;
+    let h = load(&ph, LoadOptions::default()).unwrap().model;
+    assert!(h
+        .named_weights()
+        .iter()
+        .any(|(_, w)| w.type_name() == "F16"));
+    // 3 tokens take the f16 kernel, 24 the f32 GEMM path.
+    for t in [3, 24] {
+        let ids = ids(t);
+        let (lf, lh) = (logits(&f, &ids), logits(&h, &ids));
+        let range = lf
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = max_abs_diff(&lf, &lh).unwrap() / range;
+        assert!(
+            err < F16_REL_TOL,
+            "{t} tokens: f16 vs f32 relative error {err}"
+        );
+    }
+}
+
 #[test]
 fn out_of_range_tokens_and_context_overflow_are_errors() {
     let dir = tempfile::tempdir().unwrap();
