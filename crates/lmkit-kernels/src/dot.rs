@@ -126,6 +126,7 @@ pub mod avx2 {
             ) -> [f32; N] {
                 let bb = format.block_bytes();
                 let nb = w.len() / bb;
+                let q8 = format == QFormat::Q8_0;
                 let mut acc = [_mm256_setzero_ps(); N];
                 let mut corr = [0f32; N];
                 let wp = w.as_ptr();
@@ -133,10 +134,9 @@ pub mod avx2 {
                     let ($w, sign, d, m) = load_block(format, wp.add(i * bb));
                     for k in 0..N {
                         let ab = a[k].get_unchecked(i);
-                        let $a = _mm256_sign_epi8(
-                            _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i),
-                            sign,
-                        );
+                        let av = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                        // 4-bit weights are already unsigned; Q8_0 moves w's sign onto a.
+                        let $a = if q8 { _mm256_sign_epi8(av, sign) } else { av };
                         let p = $mulsum;
                         acc[k] = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(p),
@@ -164,6 +164,7 @@ pub mod avx2 {
             ) -> [f32; R] {
                 let bb = format.block_bytes();
                 let nb = w[0].len() / bb;
+                let q8 = format == QFormat::Q8_0;
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut corr = [0f32; R];
                 for i in 0..nb {
@@ -171,7 +172,7 @@ pub mod avx2 {
                     let av = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
                     for r in 0..R {
                         let ($w, sign, d, m) = load_block(format, w[r].as_ptr().add(i * bb));
-                        let $a = _mm256_sign_epi8(av, sign);
+                        let $a = if q8 { _mm256_sign_epi8(av, sign) } else { av };
                         let p = $mulsum;
                         acc[r] = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(p),
