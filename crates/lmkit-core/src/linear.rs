@@ -245,6 +245,86 @@ impl Linear {
         }
     }
 
+    /// Several layers applied to the same input, e.g. q/k/v or gate/up. Block-quantized layers
+    /// with lmkit kernels run as one parallel pass with the input quantized once; any other mix
+    /// runs layer by layer.
+    ///
+    /// # Shapes
+    /// `x`: `(.., in)` → one `(.., out_i)` per layer.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let fused = x.device().is_cpu()
+            && layers.len() > 1
+            && layers.iter().all(|l| {
+                matches!(l.native, Some(Native::Quant(_))) && l.in_features == layers[0].in_features
+            });
+        if !fused {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        }
+        let inp = layers[0].in_features;
+        let in_dim = x.dims().last().copied().unwrap_or(0);
+        if in_dim != inp {
+            return Err(Error::Shape {
+                op: "linear".into(),
+                expected: format!("(.., {inp})"),
+                got: format!("{:?}", x.dims()),
+            });
+        }
+        let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+        let n: usize = lead.iter().product();
+        let xs = x
+            .to_dtype(DType::F32)
+            .op("qmatmul input")?
+            .flatten_all()
+            .op("qmatmul input")?
+            .to_vec1::<f32>()
+            .op("qmatmul input")?;
+        let mut datas = Vec::with_capacity(layers.len());
+        for l in layers {
+            match &l.weight {
+                Weight::Quantized(q) => datas.push(q.data().op("qmatmul weights")?),
+                Weight::Dense(_) => return Err(Error::Unsupported("fused dense".into())),
+            }
+        }
+        let mut ws = Vec::with_capacity(layers.len());
+        for (l, d) in layers.iter().zip(&datas) {
+            let format = match l.native {
+                Some(Native::Quant(f)) => f,
+                _ => return Err(Error::Unsupported("fused non-quantized".into())),
+            };
+            ws.push(QMatrix {
+                format,
+                rows: l.out_features,
+                cols: inp,
+                data: d,
+            });
+        }
+        let mut ys: Vec<Vec<f32>> = layers
+            .iter()
+            .map(|l| vec![0f32; n * l.out_features])
+            .collect();
+        {
+            let mut views: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+            lmkit_kernels::matmul::matmul_many(&ws, &xs, n, &mut views).map_err(|e| {
+                Error::Shape {
+                    op: "qmatmul".into(),
+                    expected: format!("(.., {inp})"),
+                    got: e.to_string(),
+                }
+            })?;
+        }
+        let mut out = Vec::with_capacity(layers.len());
+        for (l, y) in layers.iter().zip(ys) {
+            let mut shape = lead.clone();
+            shape.push(l.out_features);
+            let t = Tensor::from_vec(y, shape, x.device()).op("qmatmul output")?;
+            out.push(match &l.bias {
+                Some(b) => t.broadcast_add(b).op("linear bias")?,
+                None => t,
+            });
+        }
+        Ok(out)
+    }
+
     pub fn weight(&self) -> &Weight {
         &self.weight
     }

@@ -51,114 +51,162 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
 
 /// [`matmul`] with an explicit implementation (tests compare them).
 pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    matmul_many_with(isa, &[*w], x, n, &mut [y])
+}
+
+/// Several matrices applied to the same input (q/k/v, gate/up) in one parallel pass: the
+/// activations are quantized once and all row ranges share one set of parallel tasks.
+/// `ys[i]` is `(n, ws[i].rows)`.
+pub fn matmul_many(ws: &[QMatrix], x: &[f32], n: usize, ys: &mut [&mut [f32]]) -> Result<()> {
+    matmul_many_with(isa(), ws, x, n, ys)
+}
+
+/// [`matmul_many`] with an explicit implementation.
+pub fn matmul_many_with(
+    isa: Isa,
+    ws: &[QMatrix],
+    x: &[f32],
+    n: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<()> {
     let bad = |why: String| Err(Error::Shape { op: "qmatmul", why });
-    if !w.cols.is_multiple_of(BLOCK) {
-        return bad(format!("cols {} not a multiple of {BLOCK}", w.cols));
+    if ws.len() != ys.len() || ws.is_empty() {
+        return bad(format!("{} matrices, {} outputs", ws.len(), ys.len()));
     }
-    if w.data.len() != w.rows * w.row_bytes() {
-        return bad(format!(
-            "{} bytes of weights for {}x{} {:?}",
-            w.data.len(),
-            w.rows,
-            w.cols,
-            w.format
-        ));
-    }
-    if x.len() != n * w.cols || y.len() != n * w.rows {
-        return bad(format!(
-            "x has {} values, y {} for n={n}, W {}x{}",
-            x.len(),
-            y.len(),
-            w.rows,
-            w.cols
-        ));
+    let cols = ws[0].cols;
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        if w.cols != cols {
+            return bad(format!(
+                "matrices with {} and {} columns share an input",
+                cols, w.cols
+            ));
+        }
+        if !w.cols.is_multiple_of(BLOCK) {
+            return bad(format!("cols {} not a multiple of {BLOCK}", w.cols));
+        }
+        if w.data.len() != w.rows * w.row_bytes() {
+            return bad(format!(
+                "{} bytes of weights for {}x{} {:?}",
+                w.data.len(),
+                w.rows,
+                w.cols,
+                w.format
+            ));
+        }
+        if x.len() != n * w.cols || y.len() != n * w.rows {
+            return bad(format!(
+                "x has {} values, y {} for n={n}, W {}x{}",
+                x.len(),
+                y.len(),
+                w.rows,
+                w.cols
+            ));
+        }
     }
     let mut acts = Vec::new();
     quantize_activations(x, &mut acts);
-    let bpr = w.cols / BLOCK; // blocks per row
-    let rb = w.row_bytes();
-    // Each task: a range of weight rows, all n activation rows; output (rows_in_task, n).
-    let tasks: Vec<Vec<f32>> = w
-        .data
-        .par_chunks(rb * ROWS_PER_TASK)
-        .map(|chunk| {
-            let rows = chunk.len() / rb;
-            let mut out = vec![0f32; rows * n];
-            if n < 4 {
-                // Decoding: four weight rows per pass over each activation row.
-                for t in 0..n {
-                    let a = &acts[t * bpr..(t + 1) * bpr];
-                    let mut r = 0;
-                    while r + 4 <= rows {
-                        let wr = |k: usize| &chunk[(r + k) * rb..(r + k + 1) * rb];
-                        let v = dot_rows(isa, w.format, [wr(0), wr(1), wr(2), wr(3)], a);
-                        for (k, v) in v.into_iter().enumerate() {
-                            out[(r + k) * n + t] = v;
-                        }
-                        r += 4;
-                    }
-                    while r < rows {
-                        out[r * n + t] =
-                            dot_rows(isa, w.format, [&chunk[r * rb..(r + 1) * rb]], a)[0];
-                        r += 1;
-                    }
-                }
-                return out;
-            }
-            for r in 0..rows {
-                let wr = &chunk[r * rb..(r + 1) * rb];
-                let o = &mut out[r * n..(r + 1) * n];
-                let act = |t: usize| -> &[A8Block] { &acts[t * bpr..(t + 1) * bpr] };
-                let mut t = 0;
-                while t + 8 <= n {
-                    let v = dot(
-                        isa,
-                        w.format,
-                        wr,
-                        [
-                            act(t),
-                            act(t + 1),
-                            act(t + 2),
-                            act(t + 3),
-                            act(t + 4),
-                            act(t + 5),
-                            act(t + 6),
-                            act(t + 7),
-                        ],
-                    );
-                    o[t..t + 8].copy_from_slice(&v);
-                    t += 8;
-                }
-                while t + 4 <= n {
-                    let v = dot(
-                        isa,
-                        w.format,
-                        wr,
-                        [act(t), act(t + 1), act(t + 2), act(t + 3)],
-                    );
-                    o[t..t + 4].copy_from_slice(&v);
-                    t += 4;
-                }
-                while t < n {
-                    o[t] = dot(isa, w.format, wr, [act(t)])[0];
-                    t += 1;
-                }
-            }
-            out
+    // One task per (matrix, range of ROWS_PER_TASK rows); output (rows_in_task, n).
+    let tasks: Vec<(usize, &[u8])> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| {
+            w.data
+                .chunks(w.row_bytes() * ROWS_PER_TASK)
+                .map(move |c| (i, c))
         })
         .collect();
-    // Scatter the (rows, n) task outputs into y (n, rows), one token row per parallel task.
-    y.par_chunks_mut(w.rows).enumerate().for_each(|(t, yrow)| {
-        let mut r0 = 0;
-        for out in &tasks {
-            let rows = out.len() / n;
-            for r in 0..rows {
-                yrow[r0 + r] = out[r * n + t];
+    let outs: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(i, chunk)| chunk_rows(isa, &ws[i], chunk, &acts, n))
+        .collect();
+    // Scatter each matrix's task outputs into its y (n, rows), one token row per parallel task.
+    for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+        let mine: Vec<&Vec<f32>> = tasks
+            .iter()
+            .zip(&outs)
+            .filter(|((j, _), _)| *j == i)
+            .map(|(_, o)| o)
+            .collect();
+        y.par_chunks_mut(w.rows).enumerate().for_each(|(t, yrow)| {
+            let mut r0 = 0;
+            for out in &mine {
+                let rows = out.len() / n;
+                for r in 0..rows {
+                    yrow[r0 + r] = out[r * n + t];
+                }
+                r0 += rows;
             }
-            r0 += rows;
-        }
-    });
+        });
+    }
     Ok(())
+}
+
+/// `W[chunk rows] · x` for all n activation rows; output `(rows, n)`.
+fn chunk_rows(isa: Isa, w: &QMatrix, chunk: &[u8], acts: &[A8Block], n: usize) -> Vec<f32> {
+    let bpr = w.cols / BLOCK; // blocks per row
+    let rb = w.row_bytes();
+    let rows = chunk.len() / rb;
+    let mut out = vec![0f32; rows * n];
+    if n < 4 {
+        // Decoding: four weight rows per pass over each activation row.
+        for t in 0..n {
+            let a = &acts[t * bpr..(t + 1) * bpr];
+            let mut r = 0;
+            while r + 4 <= rows {
+                let wr = |k: usize| &chunk[(r + k) * rb..(r + k + 1) * rb];
+                let v = dot_rows(isa, w.format, [wr(0), wr(1), wr(2), wr(3)], a);
+                for (k, v) in v.into_iter().enumerate() {
+                    out[(r + k) * n + t] = v;
+                }
+                r += 4;
+            }
+            while r < rows {
+                out[r * n + t] = dot_rows(isa, w.format, [&chunk[r * rb..(r + 1) * rb]], a)[0];
+                r += 1;
+            }
+        }
+        return out;
+    }
+    for r in 0..rows {
+        let wr = &chunk[r * rb..(r + 1) * rb];
+        let o = &mut out[r * n..(r + 1) * n];
+        let act = |t: usize| -> &[A8Block] { &acts[t * bpr..(t + 1) * bpr] };
+        let mut t = 0;
+        while t + 8 <= n {
+            let v = dot(
+                isa,
+                w.format,
+                wr,
+                [
+                    act(t),
+                    act(t + 1),
+                    act(t + 2),
+                    act(t + 3),
+                    act(t + 4),
+                    act(t + 5),
+                    act(t + 6),
+                    act(t + 7),
+                ],
+            );
+            o[t..t + 8].copy_from_slice(&v);
+            t += 8;
+        }
+        while t + 4 <= n {
+            let v = dot(
+                isa,
+                w.format,
+                wr,
+                [act(t), act(t + 1), act(t + 2), act(t + 3)],
+            );
+            o[t..t + 4].copy_from_slice(&v);
+            t += 4;
+        }
+        while t < n {
+            o[t] = dot(isa, w.format, wr, [act(t)])[0];
+            t += 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -269,6 +317,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn many_equals_one_at_a_time() {
+        let mut rng = Rng(0xABCD);
+        let (b1, _) = random_matrix(QFormat::Q4_1, 70, 64, &mut rng);
+        let (b2, _) = random_matrix(QFormat::Q8_0, 33, 64, &mut rng);
+        let ws = [
+            QMatrix {
+                format: QFormat::Q4_1,
+                rows: 70,
+                cols: 64,
+                data: &b1,
+            },
+            QMatrix {
+                format: QFormat::Q8_0,
+                rows: 33,
+                cols: 64,
+                data: &b2,
+            },
+        ];
+        for n in [1, 6] {
+            let x: Vec<f32> = (0..n * 64).map(|_| rng.f()).collect();
+            let (mut y1, mut y2) = (vec![0f32; n * 70], vec![0f32; n * 33]);
+            matmul_many(&ws, &x, n, &mut [&mut y1, &mut y2]).unwrap();
+            for (w, y) in ws.iter().zip([&y1, &y2]) {
+                let mut alone = vec![0f32; n * w.rows];
+                matmul(w, &x, n, &mut alone).unwrap();
+                assert_eq!(&alone, y);
+            }
+        }
+        let odd = QMatrix {
+            format: QFormat::Q8_0,
+            rows: 1,
+            cols: 32,
+            data: &b2[..34],
+        };
+        let mut y = vec![0f32; 1];
+        assert!(matmul_many(
+            &[ws[0], odd],
+            &[0.0; 64],
+            1,
+            &mut [&mut vec![0f32; 70], &mut y]
+        )
+        .is_err());
     }
 
     #[test]

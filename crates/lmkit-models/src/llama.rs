@@ -311,21 +311,20 @@ impl Llama {
     ) -> Result<Tensor> {
         let (h, kh, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = h / kh;
-        let q =
-            a.q.forward(x)?
-                .reshape((b, t, h, d))?
-                .transpose(1, 2)?
-                .contiguous()?; // (b, h, t, d)
-        let k =
-            a.k.forward(x)?
-                .reshape((b, t, kh, d))?
-                .transpose(1, 2)?
-                .contiguous()?; // (b, k, t, d)
-        let v =
-            a.v.forward(x)?
-                .reshape((b, t, kh, d))?
-                .transpose(1, 2)?
-                .contiguous()?; // (b, k, t, d)
+        // One pass for q, k and v (the input is quantized once): (b, t, h·d), (b, t, k·d) ×2.
+        let qkv = Linear::forward_many(&[&a.q, &a.k, &a.v], x)?;
+        let q = qkv[0]
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?; // (b, h, t, d)
+        let k = qkv[1]
+            .reshape((b, t, kh, d))?
+            .transpose(1, 2)?
+            .contiguous()?; // (b, k, t, d)
+        let v = qkv[2]
+            .reshape((b, t, kh, d))?
+            .transpose(1, 2)?
+            .contiguous()?; // (b, k, t, d)
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, k, v)?; // (b, k, T, d)
@@ -352,9 +351,10 @@ impl Llama {
 }
 
 fn mlp(m: &Mlp, x: &Tensor) -> Result<Tensor> {
-    let gate = m.gate.forward(x)?.silu()?;
-    let up = m.up.forward(x)?;
-    Ok(m.down.forward(&(gate * up)?)?)
+    // One pass for gate and up: (b, t, f) ×2.
+    let gu = Linear::forward_many(&[&m.gate, &m.up], x)?;
+    let gate = gu[0].silu()?;
+    Ok(m.down.forward(&(gate * &gu[1])?)?)
 }
 
 /// Additive causal mask `(t, T)` for `t` new positions after `offset` cached ones; `None` for a
