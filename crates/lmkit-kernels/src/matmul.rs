@@ -41,8 +41,19 @@ impl QMatrix<'_> {
     }
 }
 
-/// Rows of W per parallel task.
-const ROWS_PER_TASK: usize = 32;
+/// Fewest rows of W per parallel task.
+const MIN_ROWS_PER_TASK: usize = 32;
+/// Parallel tasks per worker thread: enough to balance load, few enough that per-task
+/// overhead (scheduling, buffers) stays small next to the work.
+const TASKS_PER_THREAD: usize = 8;
+
+/// Rows per task for a matrix of `rows` rows (a multiple of 4, for the decode kernel).
+fn rows_per_task(rows: usize) -> usize {
+    let tasks = rayon::current_num_threads().max(1) * TASKS_PER_THREAD;
+    rows.div_ceil(tasks)
+        .next_multiple_of(4)
+        .max(MIN_ROWS_PER_TASK)
+}
 
 /// `y (n, rows) = x (n, cols) · Wᵀ`.
 pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
@@ -105,13 +116,13 @@ pub fn matmul_many_with(
     }
     let mut acts = Vec::new();
     quantize_activations(x, &mut acts);
-    // One task per (matrix, range of ROWS_PER_TASK rows); output (rows_in_task, n).
+    // One task per (matrix, range of rows); output (rows_in_task, n).
     let tasks: Vec<(usize, &[u8])> = ws
         .iter()
         .enumerate()
         .flat_map(|(i, w)| {
             w.data
-                .chunks(w.row_bytes() * ROWS_PER_TASK)
+                .chunks(w.row_bytes() * rows_per_task(w.rows))
                 .map(move |c| (i, c))
         })
         .collect();
