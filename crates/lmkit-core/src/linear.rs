@@ -106,6 +106,27 @@ fn native_format(t: GgmlDType, device: &candle_core::Device) -> Option<Native> {
     }
 }
 
+/// The rows of `x (.., in)` as one f32 vector, for the kernels.
+fn input_rows(x: &Tensor) -> Result<Vec<f32>> {
+    x.to_dtype(DType::F32)
+        .and_then(|x| x.flatten_all())
+        .and_then(|x| x.to_vec1::<f32>())
+        .op("qmatmul input")
+}
+
+/// `y = x Wᵀ` with a dense `W (out, in)` through candle's GEMM.
+///
+/// # Shapes
+/// `x`: `(.., in)` → `(.., out)`.
+fn dense_matmul(x: &Tensor, w: &Tensor, inp: usize) -> Result<Tensor> {
+    let mut shape: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+    let rows: usize = shape.iter().product();
+    let x2 = x.reshape((rows, inp)).op("linear reshape")?;
+    let y = x2.matmul(&w.t().op("linear")?).op("linear matmul")?;
+    shape.push(w.dims()[0]);
+    y.reshape(shape).op("linear reshape")
+}
+
 /// `y = x Wᵀ` through lmkit-kernels.
 ///
 /// # Shapes
@@ -122,19 +143,9 @@ fn native_matmul(
     if native == Native::F16 && n >= F16_GEMM_MIN_ROWS {
         // Prompts: widen W once and use the f32 GEMM (the temporary is one matrix).
         let w = q.dequantize(&q.device()).op("f16 weights")?;
-        let x2 = x.reshape((n, inp)).op("linear reshape")?;
-        let y = x2.matmul(&w.t().op("linear")?).op("linear matmul")?;
-        let mut shape = lead;
-        shape.push(out);
-        return y.reshape(shape).op("linear reshape");
+        return dense_matmul(x, &w, inp);
     }
-    let xs = x
-        .to_dtype(DType::F32)
-        .op("qmatmul input")?
-        .flatten_all()
-        .op("qmatmul input")?
-        .to_vec1::<f32>()
-        .op("qmatmul input")?;
+    let xs = input_rows(x)?;
     let data = q.data().op("qmatmul weights")?;
     let mut y = vec![0f32; n * out];
     let r = match native {
@@ -224,15 +235,7 @@ impl Linear {
                 native_matmul(q, f, x, self.out_features, self.in_features)?
             }
             (_, Some(mm)) => mm.forward(x).op("quantized matmul")?,
-            (Weight::Dense(w), None) => {
-                let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
-                let rows: usize = lead.iter().product();
-                let x2 = x.reshape((rows, self.in_features)).op("linear reshape")?;
-                let y = x2.matmul(&w.t().op("linear")?).op("linear matmul")?;
-                let mut out = lead;
-                out.push(self.out_features);
-                y.reshape(out).op("linear reshape")?
-            }
+            (Weight::Dense(w), None) => dense_matmul(x, w, self.in_features)?,
             (Weight::Quantized(_), None) => {
                 return Err(Error::Unsupported(
                     "quantized weight without a kernel".into(),
@@ -271,13 +274,7 @@ impl Linear {
         }
         let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
         let n: usize = lead.iter().product();
-        let xs = x
-            .to_dtype(DType::F32)
-            .op("qmatmul input")?
-            .flatten_all()
-            .op("qmatmul input")?
-            .to_vec1::<f32>()
-            .op("qmatmul input")?;
+        let xs = input_rows(x)?;
         let mut datas = Vec::with_capacity(layers.len());
         for l in layers {
             match &l.weight {

@@ -6,6 +6,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::dot::Isa;
+use crate::matmul::scatter;
 use crate::{Error, Result};
 
 /// Rows of W per parallel task.
@@ -72,16 +73,7 @@ pub fn matmul_f16_with(
             out
         })
         .collect();
-    y.par_chunks_mut(rows).enumerate().for_each(|(t, yrow)| {
-        let mut r0 = 0;
-        for out in &tasks {
-            let nr = out.len() / n;
-            for r in 0..nr {
-                yrow[r0 + r] = out[r * n + t];
-            }
-            r0 += nr;
-        }
-    });
+    scatter(&tasks.iter().collect::<Vec<_>>(), n, rows, y);
     Ok(())
 }
 
@@ -118,13 +110,10 @@ mod avx2 {
             acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), acc[0]);
             i += 8;
         }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let lo = _mm256_castps256_ps128(s);
-        let hi = _mm256_extractf128_ps(s, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
+        crate::dot::avx2::hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
     }
 }
 

@@ -138,18 +138,24 @@ pub fn matmul_many_with(
             .filter(|((j, _), _)| *j == i)
             .map(|(_, o)| o)
             .collect();
-        y.par_chunks_mut(w.rows).enumerate().for_each(|(t, yrow)| {
-            let mut r0 = 0;
-            for out in &mine {
-                let rows = out.len() / n;
-                for r in 0..rows {
-                    yrow[r0 + r] = out[r * n + t];
-                }
-                r0 += rows;
-            }
-        });
+        scatter(&mine, n, w.rows, y);
     }
     Ok(())
+}
+
+/// Writes per-task outputs, each `(task rows, n)` in row order, into `y (n, rows)`; one token
+/// row per parallel task.
+pub(crate) fn scatter(outs: &[&Vec<f32>], n: usize, rows: usize, y: &mut [f32]) {
+    y.par_chunks_mut(rows).enumerate().for_each(|(t, yrow)| {
+        let mut r0 = 0;
+        for out in outs {
+            let task_rows = out.len() / n;
+            for r in 0..task_rows {
+                yrow[r0 + r] = out[r * n + t];
+            }
+            r0 += task_rows;
+        }
+    });
 }
 
 /// `W[chunk rows] · x` for all n activation rows; output `(rows, n)`.
