@@ -5,12 +5,13 @@
 //! ternary, QuIP lattices, lmkit's own SIMD kernels) slot in as new variants without touching any
 //! model file.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{CpuStorage, DType, Module, Storage, StorageRef, Tensor};
 
-use lmkit_kernels::{QFormat, QMatrix};
+use lmkit_kernels::{Dense, QFormat, QMatrix, WeightView};
 
 use crate::error::OpContext;
 use crate::{Error, Result};
@@ -81,7 +82,7 @@ pub fn ggml_type_name(t: GgmlDType) -> &'static str {
 
 /// A weight format with one of lmkit's own CPU kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Native {
+pub enum Native {
     /// Block-quantized, 8-bit activations.
     Quant(QFormat),
     /// f16 weights widened in registers, f32 activations.
@@ -335,9 +336,103 @@ impl Linear {
         self.out_features
     }
 
+    /// The weight's storage borrowed for lmkit's CPU kernels, or `None` when it has no kernel
+    /// (another block type, or not on the CPU).
+    pub fn kernel_data(&self) -> Result<Option<KernelData<'_>>> {
+        let (rows, cols) = (self.out_features, self.in_features);
+        match (&self.weight, self.native) {
+            (Weight::Quantized(q), Some(native)) => Ok(Some(KernelData::Bytes {
+                native,
+                data: q.data().op("kernel weights")?,
+                rows,
+                cols,
+            })),
+            (Weight::Dense(t), _) if t.device().is_cpu() && t.dtype() == DType::F32 => {
+                let (storage, layout) = t.storage_and_layout();
+                match layout.contiguous_offsets() {
+                    Some((start, end)) => Ok(Some(KernelData::F32 {
+                        storage,
+                        start,
+                        end,
+                        rows,
+                        cols,
+                    })),
+                    None => Ok(None),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The same layer with an f32 dense weight.
     pub fn dequantize(&self) -> Result<Self> {
         Self::dense(self.weight.to_f32()?, self.bias.clone())
+    }
+}
+
+/// A weight's storage held for the kernels (see [`Linear::kernel_data`]); [`KernelData::view`]
+/// borrows it as a [`WeightView`].
+pub enum KernelData<'a> {
+    Bytes {
+        native: Native,
+        data: Cow<'a, [u8]>,
+        rows: usize,
+        cols: usize,
+    },
+    F32 {
+        storage: StorageRef<'a>,
+        start: usize,
+        end: usize,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl KernelData<'_> {
+    pub fn view(&self) -> Result<WeightView<'_>> {
+        let v = match self {
+            KernelData::Bytes {
+                native: Native::Quant(format),
+                data,
+                rows,
+                cols,
+            } => WeightView::Quant(QMatrix {
+                format: *format,
+                rows: *rows,
+                cols: *cols,
+                data,
+            }),
+            KernelData::Bytes {
+                native: Native::F16,
+                data,
+                rows,
+                cols,
+            } => WeightView::Dense {
+                w: Dense::F16(data),
+                rows: *rows,
+                cols: *cols,
+            },
+            KernelData::F32 {
+                storage,
+                start,
+                end,
+                rows,
+                cols,
+            } => match &**storage {
+                Storage::Cpu(CpuStorage::F32(v)) => WeightView::Dense {
+                    w: Dense::F32(&v[*start..*end]),
+                    rows: *rows,
+                    cols: *cols,
+                },
+                _ => return Err(Error::Unsupported("kernel view of non-f32 storage".into())),
+            },
+        };
+        v.check().map_err(|e| Error::Shape {
+            op: "kernel weights".into(),
+            expected: format!("{}x{}", v.rows(), v.cols()),
+            got: e.to_string(),
+        })?;
+        Ok(v)
     }
 }
 

@@ -40,6 +40,11 @@ pub fn quantize_activations(x: &[f32], out: &mut Vec<A8Block>) {
     quantize_serial(x, out);
 }
 
+/// Quantizes `x` into `out` (`x.len() / 32` blocks) on the calling thread.
+pub fn quantize_into(x: &[f32], out: &mut [A8Block]) {
+    quantize_serial(x, out)
+}
+
 fn quantize_serial(x: &[f32], out: &mut [A8Block]) {
     for (chunk, slot) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));

@@ -2,9 +2,9 @@
 //! weights stay f16 in memory (half the bytes of f32) and are widened in registers (F16C), with
 //! f32 accumulation. Multi-threaded over weight rows like the quantized matmul.
 
-use half::f16;
 use rayon::prelude::*;
 
+use crate::dense::{self, Dense};
 use crate::dot::Isa;
 use crate::matmul::scatter;
 use crate::{Error, Result};
@@ -45,31 +45,15 @@ pub fn matmul_f16_with(
             ),
         });
     }
-    let rb = cols * 2;
-    let simd = isa != Isa::Scalar && cols.is_multiple_of(8);
-    let tasks: Vec<Vec<f32>> = w
-        .par_chunks(rb * ROWS_PER_TASK)
-        .map(|chunk| {
-            let nr = chunk.len() / rb;
-            let mut out = vec![0f32; nr * n];
-            for r in 0..nr {
-                let wr = &chunk[r * rb..(r + 1) * rb];
-                for t in 0..n {
-                    let xt = &x[t * cols..(t + 1) * cols];
-                    out[r * n + t] = if simd {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `isa` is not Scalar only when the CPU reports AVX2, FMA and
-                        // F16C; lengths are checked above and cols is a multiple of 8.
-                        unsafe {
-                            avx2::dot(wr, xt)
-                        }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        scalar_dot(wr, xt)
-                    } else {
-                        scalar_dot(wr, xt)
-                    };
-                }
-            }
+    let tasks: Vec<Vec<f32>> = (0..rows)
+        .into_par_iter()
+        .step_by(ROWS_PER_TASK)
+        .map(|r0| {
+            let range = r0..(r0 + ROWS_PER_TASK).min(rows);
+            let mut out = vec![0f32; range.len() * n];
+            dense::rows(isa, Dense::F16(w), cols, x, n, range, |t, r, v| {
+                out[(r - r0) * n + t] = v
+            });
             out
         })
         .collect();
@@ -79,47 +63,13 @@ pub fn matmul_f16_with(
 
 /// Scalar reference: f32 accumulation in element order.
 pub fn scalar_dot(w: &[u8], x: &[f32]) -> f32 {
-    w.chunks_exact(2)
-        .zip(x)
-        .map(|(b, &v)| f16::from_le_bytes([b[0], b[1]]).to_f32() * v)
-        .sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// # Safety
-    /// AVX2, FMA and F16C; `x.len() * 2 == w.len()` and a multiple of 8 elements.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(w: &[u8], x: &[f32]) -> f32 {
-        let n = x.len();
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (k, a) in acc.iter_mut().enumerate() {
-                let wv =
-                    _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * (i + 8 * k)) as *const __m128i));
-                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i + 8 * k)), *a);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i) as *const __m128i));
-            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), acc[0]);
-            i += 8;
-        }
-        crate::dot::avx2::hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ))
-    }
+    dense::scalar_dot(Dense::F16(w), 0, x)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     /// f32 accumulation-order differences, relative to Σ|w·x|.
     const F16_REL_TOL: f32 = 1e-5;

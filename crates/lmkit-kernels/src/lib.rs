@@ -12,16 +12,27 @@
 //! - `Q4_1 · A8 = d_w·d_a·Σ q_w q_a + m_w·d_a·Σ q_a`
 //! - `Q8_0 · A8 = d_w·d_a·Σ q_w q_a`
 //!
+//! Dense f32/f16 weights ([`dense`]), attention ([`attn`]), row ops ([`ops`]) and a spinning
+//! thread team for whole forward passes ([`team`]) complete the CPU path.
+//!
 //! Every kernel has a scalar reference; SIMD versions (AVX2 on x86-64) are chosen at run time
 //! and can be turned off with `LMKIT_FORCE_SCALAR=1`.
 
 pub mod act;
+pub mod attn;
+pub mod dense;
 pub mod dot;
 pub mod f16;
 pub mod matmul;
+pub mod ops;
+pub mod team;
+pub mod weight;
 
 pub use act::{quantize_activations, A8Block};
+pub use dense::Dense;
+pub use dot::{isa, Isa};
 pub use matmul::{matmul, QFormat, QMatrix};
+pub use weight::WeightView;
 
 /// Weights per block in every format here.
 pub const BLOCK: usize = 32;

@@ -1,6 +1,8 @@
 //! `y = x Wᵀ` for a block-quantized `W (rows, cols)` and f32 `x (n, cols)`, multi-threaded over
 //! weight rows on rayon's pool; each weight row is decoded once per group of four activation rows.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::act::{quantize_activations, A8Block};
@@ -36,7 +38,8 @@ pub struct QMatrix<'a> {
 }
 
 impl QMatrix<'_> {
-    fn row_bytes(&self) -> usize {
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
         self.cols / BLOCK * self.format.block_bytes()
     }
 }
@@ -117,18 +120,19 @@ pub fn matmul_many_with(
     let mut acts = Vec::new();
     quantize_activations(x, &mut acts);
     // One task per (matrix, range of rows); output (rows_in_task, n).
-    let tasks: Vec<(usize, &[u8])> = ws
+    let tasks: Vec<(usize, Range<usize>)> = ws
         .iter()
         .enumerate()
         .flat_map(|(i, w)| {
-            w.data
-                .chunks(w.row_bytes() * rows_per_task(w.rows))
-                .map(move |c| (i, c))
+            let step = rows_per_task(w.rows);
+            (0..w.rows)
+                .step_by(step)
+                .map(move |r| (i, r..(r + step).min(w.rows)))
         })
         .collect();
     let outs: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(i, chunk)| chunk_rows(isa, &ws[i], chunk, &acts, n))
+        .map(|(i, rows)| chunk_rows(isa, &ws[*i], rows.clone(), &acts, n))
         .collect();
     // Scatter each matrix's task outputs into its y (n, rows), one token row per parallel task.
     for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
@@ -158,36 +162,56 @@ pub(crate) fn scatter(outs: &[&Vec<f32>], n: usize, rows: usize, y: &mut [f32]) 
     });
 }
 
-/// `W[chunk rows] · x` for all n activation rows; output `(rows, n)`.
-fn chunk_rows(isa: Isa, w: &QMatrix, chunk: &[u8], acts: &[A8Block], n: usize) -> Vec<f32> {
+/// `W[rows] · x` for all n activation rows; output `(rows.len(), n)`.
+fn chunk_rows(isa: Isa, w: &QMatrix, rows: Range<usize>, acts: &[A8Block], n: usize) -> Vec<f32> {
+    let r0 = rows.start;
+    let mut out = vec![0f32; rows.len() * n];
+    qrows(isa, w, acts, n, rows, |t, r, v| out[(r - r0) * n + t] = v);
+    out
+}
+
+/// `W[r] · x_t` for every row `r` in `rows` and every activation row `t < n`, handed to
+/// `emit(t, r, value)` (single-threaded: the caller splits the rows).
+///
+/// `acts` holds `n` quantized rows of `w.cols` values each; `rows` must lie within `w.rows`.
+pub fn qrows(
+    isa: Isa,
+    w: &QMatrix,
+    acts: &[A8Block],
+    n: usize,
+    rows: Range<usize>,
+    mut emit: impl FnMut(usize, usize, f32),
+) {
     let bpr = w.cols / BLOCK; // blocks per row
     let rb = w.row_bytes();
-    let rows = chunk.len() / rb;
-    let mut out = vec![0f32; rows * n];
+    let row = |r: usize| &w.data[r * rb..(r + 1) * rb];
+    let act = |t: usize| -> &[A8Block] { &acts[t * bpr..(t + 1) * bpr] };
     if n < 4 {
         // Decoding: four weight rows per pass over each activation row.
         for t in 0..n {
-            let a = &acts[t * bpr..(t + 1) * bpr];
-            let mut r = 0;
-            while r + 4 <= rows {
-                let wr = |k: usize| &chunk[(r + k) * rb..(r + k + 1) * rb];
-                let v = dot_rows(isa, w.format, [wr(0), wr(1), wr(2), wr(3)], a);
+            let a = act(t);
+            let mut r = rows.start;
+            while r + 4 <= rows.end {
+                let v = dot_rows(
+                    isa,
+                    w.format,
+                    [row(r), row(r + 1), row(r + 2), row(r + 3)],
+                    a,
+                );
                 for (k, v) in v.into_iter().enumerate() {
-                    out[(r + k) * n + t] = v;
+                    emit(t, r + k, v);
                 }
                 r += 4;
             }
-            while r < rows {
-                out[r * n + t] = dot_rows(isa, w.format, [&chunk[r * rb..(r + 1) * rb]], a)[0];
+            while r < rows.end {
+                emit(t, r, dot_rows(isa, w.format, [row(r)], a)[0]);
                 r += 1;
             }
         }
-        return out;
+        return;
     }
-    for r in 0..rows {
-        let wr = &chunk[r * rb..(r + 1) * rb];
-        let o = &mut out[r * n..(r + 1) * n];
-        let act = |t: usize| -> &[A8Block] { &acts[t * bpr..(t + 1) * bpr] };
+    for r in rows {
+        let wr = row(r);
         let mut t = 0;
         while t + 8 <= n {
             let v = dot(
@@ -205,7 +229,9 @@ fn chunk_rows(isa: Isa, w: &QMatrix, chunk: &[u8], acts: &[A8Block], n: usize) -
                     act(t + 7),
                 ],
             );
-            o[t..t + 8].copy_from_slice(&v);
+            for (k, v) in v.into_iter().enumerate() {
+                emit(t + k, r, v);
+            }
             t += 8;
         }
         while t + 4 <= n {
@@ -215,15 +241,16 @@ fn chunk_rows(isa: Isa, w: &QMatrix, chunk: &[u8], acts: &[A8Block], n: usize) -
                 wr,
                 [act(t), act(t + 1), act(t + 2), act(t + 3)],
             );
-            o[t..t + 4].copy_from_slice(&v);
+            for (k, v) in v.into_iter().enumerate() {
+                emit(t + k, r, v);
+            }
             t += 4;
         }
         while t < n {
-            o[t] = dot(isa, w.format, wr, [act(t)])[0];
+            emit(t, r, dot(isa, w.format, wr, [act(t)])[0]);
             t += 1;
         }
     }
-    out
 }
 
 #[cfg(test)]

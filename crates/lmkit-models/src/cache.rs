@@ -1,52 +1,108 @@
 //! The key/value cache: per layer, keys and values of every position seen so far.
+//!
+//! Two layouts, chosen when the cache is made: [`Llama::new_cache`](crate::Llama::new_cache)
+//! gives the native CPU path's preallocated per-head buffers when the model runs on lmkit's
+//! kernels, and [`KvCache::new`] gives the candle tensors of the reference path (any device,
+//! batches). The cache kind decides which forward path a call takes.
 
 use lmkit_core::Tensor;
 
-use crate::Result;
+use crate::native::NativeCache;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+enum Inner {
+    /// Per layer: keys and values `(b, k, T, d)`.
+    Tensors(Vec<Option<(Tensor, Tensor)>>),
+    Native(Box<NativeCache>),
+}
 
 /// Full (unbounded) KV cache.
-///
-/// # Shapes
-/// Per layer: keys and values `(b, k, T, d)`, `T` the positions cached so far.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    inner: Inner,
     len: usize,
 }
 
+impl Default for KvCache {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
 impl KvCache {
+    /// A reference-path cache of candle tensors for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            inner: Inner::Tensors(vec![None; num_layers]),
             len: 0,
+        }
+    }
+
+    pub(crate) fn native(cache: NativeCache) -> Self {
+        Self {
+            inner: Inner::Native(Box::new(cache)),
+            len: 0,
+        }
+    }
+
+    /// Whether this cache drives the native CPU path.
+    pub fn is_native(&self) -> bool {
+        matches!(self.inner, Inner::Native(_))
+    }
+
+    pub(crate) fn native_mut(&mut self) -> Option<&mut NativeCache> {
+        match &mut self.inner {
+            Inner::Native(c) => Some(c),
+            Inner::Tensors(_) => None,
         }
     }
 
     /// Positions cached so far.
     pub fn len(&self) -> usize {
-        self.len
+        match &self.inner {
+            Inner::Native(c) => c.len(),
+            Inner::Tensors(_) => self.len,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        match &mut self.inner {
+            Inner::Tensors(layers) => layers.iter_mut().for_each(|l| *l = None),
+            Inner::Native(c) => c.clear(),
+        }
         self.len = 0;
     }
 
-    /// Appends `(b, k, t, d)` keys and values to `layer`; returns the whole `(b, k, T, d)` cache.
+    /// Reserves room for `positions` in total (native caches; a no-op for tensors).
+    pub fn reserve(&mut self, positions: usize) {
+        if let Inner::Native(c) = &mut self.inner {
+            c.reserve(positions);
+        }
+    }
+
+    /// Appends `(b, k, t, d)` keys and values to `layer` of a tensor cache; returns the whole
+    /// `(b, k, T, d)` cache.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let Inner::Tensors(layers) = &mut self.inner else {
+            return Err(Error::Unsupported(
+                "a native KV cache cannot take tensors; make one with KvCache::new".into(),
+            ));
+        };
         let t = k.dims()[2];
-        let (k, v) = match self.layers.get(layer).cloned().flatten() {
+        let (k, v) = match layers.get(layer).cloned().flatten() {
             None => (k, v),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         };
-        if let Some(slot) = self.layers.get_mut(layer) {
+        let n = layers.len();
+        if let Some(slot) = layers.get_mut(layer) {
             *slot = Some((k.clone(), v.clone()));
         }
-        if layer + 1 == self.layers.len() {
+        if layer + 1 == n {
             self.len += t;
         }
         Ok((k, v))
@@ -54,14 +110,19 @@ impl KvCache {
 
     /// Drops cached positions past `len` (to rewind generation).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.len {
-            return Ok(());
+        match &mut self.inner {
+            Inner::Native(c) => c.truncate(len),
+            Inner::Tensors(layers) => {
+                if len >= self.len {
+                    return Ok(());
+                }
+                for (k, v) in layers.iter_mut().flatten() {
+                    *k = k.narrow(2, 0, len)?;
+                    *v = v.narrow(2, 0, len)?;
+                }
+                self.len = len;
+            }
         }
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(2, 0, len)?;
-            *v = v.narrow(2, 0, len)?;
-        }
-        self.len = len;
         Ok(())
     }
 }

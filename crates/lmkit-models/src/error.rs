@@ -29,6 +29,8 @@ pub enum Error {
     NotFound { path: PathBuf },
     #[error("sequence of {needed} tokens exceeds the context length {context}")]
     ContextOverflow { needed: usize, context: usize },
+    #[error("{0}")]
+    Unsupported(String),
     #[error("token id {id} is out of range for vocabulary size {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
 }

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod llama;
+pub mod native;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod weights;

@@ -16,6 +16,7 @@ use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
+use crate::native::{self, Consts, Dims, NativeCache, Want};
 use crate::weights::{LoadOptions, WeightSource};
 use crate::{Error, Result};
 
@@ -52,6 +53,8 @@ pub struct Llama {
     lm_head: Linear,
     inv_freq: Vec<f32>,
     device: Device,
+    /// Set when every weight has an lmkit CPU kernel: the native path is available.
+    native: Option<Consts>,
 }
 
 /// RoPE inverse frequencies `θ^(-2i/d)`, with optional scaling.
@@ -149,7 +152,7 @@ impl Llama {
         } else {
             src.linear("lm_head", (cfg.vocab_size, c), false, None, opts, device)?
         };
-        Ok(Self {
+        let mut model = Self {
             norm: norm("model.norm.weight")?,
             inv_freq: inv_freq(&cfg),
             cfg,
@@ -157,7 +160,97 @@ impl Llama {
             blocks,
             lm_head,
             device: device.clone(),
-        })
+            native: None,
+        };
+        model.native = model.native_consts()?;
+        Ok(model)
+    }
+
+    /// The native path's constants, if every weight has a CPU kernel.
+    fn native_consts(&self) -> Result<Option<Consts>> {
+        if !self.device.is_cpu() || native::kernel_data(&self.kernel_linears())?.is_none() {
+            return Ok(None);
+        }
+        let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
+        let mut qkv_bias = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let parts = [&b.attn.q, &b.attn.k, &b.attn.v].map(|l| l.bias());
+            qkv_bias.push(match parts {
+                [Some(q), Some(k), Some(v)] => Some([vec(q)?, vec(k)?, vec(v)?].concat()),
+                [None, None, None] => None,
+                _ => return Ok(None),
+            });
+        }
+        Ok(Some(Consts {
+            attn_norm: self
+                .blocks
+                .iter()
+                .map(|b| vec(b.attn_norm.weight()))
+                .collect::<Result<_>>()?,
+            mlp_norm: self
+                .blocks
+                .iter()
+                .map(|b| vec(b.mlp_norm.weight()))
+                .collect::<Result<_>>()?,
+            norm: vec(self.norm.weight())?,
+            qkv_bias,
+            eps: self.cfg.rms_norm_eps as f32,
+            inv_freq: self.inv_freq.clone(),
+        }))
+    }
+
+    /// The linears in the native path's order: per layer q, k, v, o, gate, up, down; the head.
+    fn kernel_linears(&self) -> Vec<&Linear> {
+        let mut v = Vec::with_capacity(self.blocks.len() * 7 + 1);
+        for b in &self.blocks {
+            v.extend([
+                &b.attn.q,
+                &b.attn.k,
+                &b.attn.v,
+                &b.attn.o,
+                &b.mlp.gate,
+                &b.mlp.up,
+                &b.mlp.down,
+            ]);
+        }
+        v.push(&self.lm_head);
+        v
+    }
+
+    /// Whether this model runs on lmkit's native CPU path (all weights have kernels).
+    pub fn is_native(&self) -> bool {
+        self.native.is_some()
+    }
+
+    fn native_forward(&self, ids: &Tensor, cache: &mut KvCache, want: Want) -> Result<Vec<f32>> {
+        let consts = self
+            .native
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("this model has no native CPU path".into()))?;
+        let (b, _) = self.check_ids(ids, cache.len())?;
+        if b != 1 {
+            return Err(Error::Unsupported(format!(
+                "the native CPU path runs one sequence at a time, got a batch of {b} \
+                 (use KvCache::new for batches)"
+            )));
+        }
+        let emb = self.embed.forward(ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let linears = self.kernel_linears();
+        let data = native::kernel_data(&linears)?
+            .ok_or_else(|| Error::Unsupported("a weight lost its kernel".into()))?;
+        let nc = cache
+            .native_mut()
+            .ok_or_else(|| Error::Unsupported("not a native cache".into()))?;
+        let dims = Dims {
+            layers: self.cfg.num_layers,
+            hidden: self.cfg.hidden_size,
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            ffn: self.cfg.intermediate_size,
+            vocab: self.cfg.vocab_size,
+        };
+        native::forward(dims, consts, &data, &emb, nc, want)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -173,8 +266,23 @@ impl Llama {
         &self.lm_head
     }
 
-    /// A fresh KV cache for this model.
+    /// A fresh KV cache for this model: the native CPU path's when the model has one (see
+    /// [`Llama::is_native`]), else the reference path's.
     pub fn new_cache(&self) -> KvCache {
+        if self.native.is_some() {
+            KvCache::native(NativeCache::new(
+                self.cfg.num_layers,
+                self.cfg.num_kv_heads,
+                self.cfg.head_dim,
+            ))
+        } else {
+            self.new_reference_cache()
+        }
+    }
+
+    /// A KV cache that runs the reference path (candle ops; any device, batches; the path
+    /// training differentiates).
+    pub fn new_reference_cache(&self) -> KvCache {
         KvCache::new(self.cfg.num_layers)
     }
 
@@ -261,6 +369,15 @@ impl Llama {
     /// # Shapes
     /// `ids`: `(b, t)` u32 → `(b, t, c)`.
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.is_native() {
+            let t = ids.dims2()?.1;
+            let h = self.native_forward(ids, cache, Want::Hidden)?;
+            return Ok(Tensor::from_vec(
+                h,
+                (1, t, self.cfg.hidden_size),
+                &self.device,
+            )?);
+        }
         let offset = cache.len();
         let (b, t) = self.check_ids(ids, offset)?;
         let (cos, sin) = self.rope_tables(offset, t)?;
@@ -291,6 +408,14 @@ impl Llama {
     /// # Shapes
     /// `ids`: `(b, t)` u32 → `(b, v)` f32.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.is_native() {
+            let logits = self.native_forward(ids, cache, Want::LastLogits)?;
+            return Ok(Tensor::from_vec(
+                logits,
+                (1, self.cfg.vocab_size),
+                &self.device,
+            )?);
+        }
         let x = self.forward_hidden(ids, cache)?;
         let t = x.dims()[1];
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (b, c)

@@ -1,0 +1,79 @@
+//! One borrowed weight matrix in any format with a kernel, and its row-range product.
+
+use std::ops::Range;
+
+use crate::act::A8Block;
+use crate::dense::{self, Dense};
+use crate::dot::Isa;
+use crate::matmul::{qrows, QMatrix};
+use crate::{Error, Result, BLOCK};
+
+/// A borrowed `(rows, cols)` weight matrix.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightView<'a> {
+    /// Block-quantized; runs against 8-bit quantized activations.
+    Quant(QMatrix<'a>),
+    /// f32 or f16; runs against f32 activations.
+    Dense {
+        w: Dense<'a>,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl WeightView<'_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            WeightView::Quant(q) => q.rows,
+            WeightView::Dense { rows, .. } => *rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            WeightView::Quant(q) => q.cols,
+            WeightView::Dense { cols, .. } => *cols,
+        }
+    }
+
+    /// Whether the input must be quantized to [`A8Block`]s first.
+    pub fn wants_blocks(&self) -> bool {
+        matches!(self, WeightView::Quant(_))
+    }
+
+    /// Checks that the storage holds `rows × cols` values (and whole blocks).
+    pub fn check(&self) -> Result<()> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let ok = match self {
+            WeightView::Quant(q) => {
+                cols.is_multiple_of(BLOCK) && q.data.len() == rows * q.row_bytes()
+            }
+            WeightView::Dense { w, .. } => w.len() == rows * cols,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Shape {
+                op: "weight",
+                why: format!("storage does not hold a {rows}x{cols} matrix"),
+            })
+        }
+    }
+
+    /// `W[r] · x_t` for `r` in `rows`, `t < n`, handed to `emit(t, r, value)`. Quantized
+    /// weights read `acts` (`n` rows of `cols / 32` blocks), dense ones read `x` (`(n, cols)`).
+    pub fn rows_into(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        acts: &[A8Block],
+        n: usize,
+        rows: Range<usize>,
+        emit: impl FnMut(usize, usize, f32),
+    ) {
+        match self {
+            WeightView::Quant(q) => qrows(isa, q, acts, n, rows, emit),
+            WeightView::Dense { w, cols, .. } => dense::rows(isa, *w, *cols, x, n, rows, emit),
+        }
+    }
+}

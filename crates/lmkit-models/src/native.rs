@@ -1,0 +1,437 @@
+//! The Llama forward pass on lmkit-kernels, for the CPU: the same math as `llama.rs` (which
+//! stays the differentiable, any-device reference), run as one thread team per call.
+//!
+//! Every phase below is split across the team's members and ends at a spinning barrier, so a
+//! decoding step costs one thread hand-off, not hundreds. Per layer:
+//!
+//! | phase | work | split |
+//! |---|---|---|
+//! | A | `x̂ = RMSNorm(x)`, quantized to 8-bit blocks if a weight wants them | tokens |
+//! | B | `[q k v] = x̂ [W_q W_k W_v]ᵀ (+ bias)` | weight rows |
+//! | C | RoPE on q and k; k, v appended to the cache | (token, head) |
+//! | D | `a = softmax(q kᵀ/√d) v` per head, causal, GQA (`q` head `j` reads kv head `j/g`) | (token, head) |
+//! | E | `x += a W_oᵀ` | weight rows |
+//! | F | as A with the MLP norm | tokens |
+//! | G | `m = silu(x̂ W_gateᵀ) ⊙ (x̂ W_upᵀ)`, quantized per row chunk | weight rows |
+//! | H | `x += m W_downᵀ` | weight rows |
+//!
+//! The KV cache keeps each (layer, kv head) in its own `(positions, d)` f32 buffer, so attention
+//! streams keys and values in order; buffers grow by doubling and are reused across calls, as are
+//! all scratch buffers (no allocation per decoded token once warm).
+
+use lmkit_core::linear::KernelData;
+use lmkit_core::Linear;
+use lmkit_kernels::act::{quantize_into, A8Block};
+use lmkit_kernels::team::{self, SharedMut, Team};
+use lmkit_kernels::{attn, ops, WeightView, BLOCK};
+
+use crate::{Error, Result};
+
+/// Per-model constants the native path keeps as plain vectors.
+#[derive(Debug, Clone)]
+pub(crate) struct Consts {
+    pub attn_norm: Vec<Vec<f32>>,
+    pub mlp_norm: Vec<Vec<f32>>,
+    pub norm: Vec<f32>,
+    /// Concatenated q|k|v bias per layer, if the model has one.
+    pub qkv_bias: Vec<Option<Vec<f32>>>,
+    pub eps: f32,
+    pub inv_freq: Vec<f32>,
+}
+
+/// Shapes of the model.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+}
+
+/// The KV cache and scratch buffers of the native path (one sequence).
+#[derive(Debug, Clone, Default)]
+pub struct NativeCache {
+    head_dim: usize,
+    /// `[layer · kv_heads + head]` → `(positions, d)`.
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+    s: Scratch,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    acts: Vec<A8Block>,
+    /// The down projection's quantized input (written while `acts` is still being read).
+    acts_ffn: Vec<A8Block>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl NativeCache {
+    pub(crate) fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Self {
+            head_dim,
+            keys: vec![Vec::new(); layers * kv_heads],
+            values: vec![Vec::new(); layers * kv_heads],
+            len: 0,
+            s: Scratch::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops positions past `len`.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            self.len = len;
+            let n = len * self.head_dim;
+            self.keys.iter_mut().for_each(|k| k.truncate(n));
+            self.values.iter_mut().for_each(|v| v.truncate(n));
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Reserves room for `positions` in total, so a known context never reallocates.
+    pub fn reserve(&mut self, positions: usize) {
+        let n = positions * self.head_dim;
+        for b in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            b.reserve(n.saturating_sub(b.len()));
+        }
+    }
+
+    /// Bytes held by keys and values.
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|b| b.capacity() * 4)
+            .sum()
+    }
+}
+
+/// What a call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// Final-norm hidden states of every position, `(t, c)`.
+    Hidden,
+    /// Logits of the last position, `(v)`.
+    LastLogits,
+}
+
+/// The weights in the order the engine reads them: per layer q, k, v, o, gate, up, down; then
+/// the output head.
+pub(crate) fn kernel_data<'a>(linears: &[&'a Linear]) -> Result<Option<Vec<KernelData<'a>>>> {
+    let mut out = Vec::with_capacity(linears.len());
+    for l in linears {
+        match l.kernel_data()? {
+            Some(d) => out.push(d),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Rows per dynamically scheduled chunk: about eight chunks per member, in whole blocks.
+fn chunk_rows(rows: usize, members: usize) -> usize {
+    (rows / (members * 8)).next_multiple_of(BLOCK).max(BLOCK)
+}
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
+/// Runs `ids` (one sequence) after the cached positions and appends them to the cache.
+/// `embedded` is the `(t, c)` token embeddings.
+pub(crate) fn forward(
+    dims: Dims,
+    consts: &Consts,
+    weights: &[KernelData],
+    embedded: &[f32],
+    cache: &mut NativeCache,
+    want: Want,
+) -> Result<Vec<f32>> {
+    let Dims {
+        layers,
+        hidden: c,
+        heads: h,
+        kv_heads: kh,
+        head_dim: d,
+        ffn: f,
+        vocab,
+    } = dims;
+    let t = embedded.len() / c;
+    if t == 0 || embedded.len() != t * c || weights.len() != layers * 7 + 1 {
+        return Err(Error::Unsupported(format!(
+            "native forward: {} embedded values for hidden {c}, {} weights for {layers} layers",
+            embedded.len(),
+            weights.len()
+        )));
+    }
+    let views: Vec<WeightView> = weights
+        .iter()
+        .map(|w| w.view())
+        .collect::<std::result::Result<_, _>>()?;
+    let isa = lmkit_kernels::isa();
+    let (hd, kd) = (h * d, kh * d);
+    let g = h / kh;
+    let qkv_w = hd + 2 * kd;
+    let p0 = cache.len;
+    let total = p0 + t;
+    let members = rayon::current_num_threads().max(1);
+
+    // Buffers: sized once per shape, reused across calls.
+    for b in cache.keys.iter_mut().chain(cache.values.iter_mut()) {
+        b.resize(total * d, 0.0);
+    }
+    let s = &mut cache.s;
+    let wide = c.max(hd);
+    grow(&mut s.x, t * c);
+    s.x[..t * c].copy_from_slice(embedded);
+    grow(&mut s.xn, t * c.max(hd));
+    grow(&mut s.acts, t * wide.div_ceil(BLOCK));
+    grow(&mut s.acts_ffn, t * f.div_ceil(BLOCK));
+    grow(&mut s.qkv, t * qkv_w);
+    grow(&mut s.att, t * hd);
+    grow(&mut s.gate, t * f);
+    grow(&mut s.up, t * f);
+    grow(&mut s.scores, members * total);
+    let half = d / 2;
+    s.cos.clear();
+    s.sin.clear();
+    for p in p0..total {
+        for &fr in &consts.inv_freq {
+            let a = p as f32 * fr;
+            s.cos.push(a.cos());
+            s.sin.push(a.sin());
+        }
+    }
+    let out_len = match want {
+        Want::Hidden => t * c,
+        Want::LastLogits => vocab,
+    };
+    s.out.clear();
+    s.out.resize(out_len, 0.0);
+
+    let x = SharedMut::new(&mut s.x);
+    let xn = SharedMut::new(&mut s.xn);
+    let acts = SharedMut::new(&mut s.acts);
+    let acts_ffn = SharedMut::new(&mut s.acts_ffn);
+    let qkv = SharedMut::new(&mut s.qkv);
+    let att = SharedMut::new(&mut s.att);
+    let gate = SharedMut::new(&mut s.gate);
+    let up = SharedMut::new(&mut s.up);
+    let scores = SharedMut::new(&mut s.scores);
+    let out = SharedMut::new(&mut s.out);
+    let keys: Vec<SharedMut<f32>> = cache.keys.iter_mut().map(|b| SharedMut::new(b)).collect();
+    let values: Vec<SharedMut<f32>> = cache.values.iter_mut().map(|b| SharedMut::new(b)).collect();
+    let (cos, sin) = (&s.cos, &s.sin);
+    let scale = 1.0 / (d as f32).sqrt();
+
+    // SAFETY (all `unsafe` below): every phase writes disjoint ranges of the shared buffers
+    // (split by token, by weight row or by (token, head)), reads only what earlier phases wrote,
+    // and ends at a barrier before any other member reads it; ranges are bounds-checked.
+    let norm_phase = |tm: &Team, w: &[f32], blocks: bool| unsafe {
+        for i in tm.split(t, 1) {
+            let xo = xn.slice_mut(i * c, c);
+            ops::rmsnorm(x.slice(i * c, c), w, consts.eps, xo);
+            if blocks {
+                quantize_into(xo, acts.slice_mut(i * (c / BLOCK), c / BLOCK));
+            }
+        }
+        tm.barrier();
+    };
+    // `y += W x` into the residual stream (o and down projections).
+    let residual_phase =
+        |tm: &Team, w: &WeightView, input: SharedMut<f32>, blocks: SharedMut<A8Block>| unsafe {
+            let k = w.cols();
+            let xs = input.slice(0, t * k);
+            let a = blocks.slice(0, if w.wants_blocks() { t * k / BLOCK } else { 0 });
+            tm.for_chunks(c, chunk_rows(c, tm.n()), |rows| {
+                w.rows_into(isa, xs, a, t, rows, |ti, r, v| {
+                    x.set(ti * c + r, x.get(ti * c + r) + v)
+                });
+            });
+            tm.barrier();
+        };
+
+    team::run(layers * 5 + 1, |tm| unsafe {
+        for l in 0..layers {
+            let lw = &views[l * 7..l * 7 + 7];
+            let (wq, wk, wv, wo, wg, wu, wd) =
+                (&lw[0], &lw[1], &lw[2], &lw[3], &lw[4], &lw[5], &lw[6]);
+            // A
+            norm_phase(
+                tm,
+                &consts.attn_norm[l],
+                wq.wants_blocks() || wk.wants_blocks() || wv.wants_blocks(),
+            );
+            // B
+            {
+                let xs = xn.slice(0, t * c);
+                let a = acts.slice(0, t * c / BLOCK);
+                let bias = consts.qkv_bias[l].as_deref();
+                tm.for_chunks(qkv_w, chunk_rows(qkv_w, tm.n()), |rows| {
+                    for (w, off) in [(wq, 0), (wk, hd), (wv, hd + kd)] {
+                        let lo = rows.start.max(off);
+                        let hi = rows.end.min(off + w.rows());
+                        if lo >= hi {
+                            continue;
+                        }
+                        w.rows_into(isa, xs, a, t, lo - off..hi - off, |ti, r, v| {
+                            let j = off + r;
+                            qkv.set(ti * qkv_w + j, v + bias.map_or(0.0, |b| b[j]));
+                        });
+                    }
+                });
+                tm.barrier();
+            }
+            // C
+            for item in tm.split(t * (h + kh), 1) {
+                if item < t * h {
+                    let (i, hq) = (item / h, item % h);
+                    let q = qkv.slice_mut(i * qkv_w + hq * d, d);
+                    ops::rope(
+                        q,
+                        &cos[i * half..(i + 1) * half],
+                        &sin[i * half..(i + 1) * half],
+                    );
+                } else {
+                    let j = item - t * h;
+                    let (i, hk) = (j / kh, j % kh);
+                    let k = qkv.slice_mut(i * qkv_w + hd + hk * d, d);
+                    ops::rope(
+                        k,
+                        &cos[i * half..(i + 1) * half],
+                        &sin[i * half..(i + 1) * half],
+                    );
+                    let slot = l * kh + hk;
+                    keys[slot].slice_mut((p0 + i) * d, d).copy_from_slice(k);
+                    values[slot]
+                        .slice_mut((p0 + i) * d, d)
+                        .copy_from_slice(qkv.slice(i * qkv_w + hd + kd + hk * d, d));
+                }
+            }
+            tm.barrier();
+            // D
+            let items = t * h;
+            tm.for_chunks(items, (items / (tm.n() * 8)).max(1), |r| {
+                let sc = scores.slice_mut(tm.id() * total, total);
+                for item in r {
+                    let (i, hq) = (item / h, item % h);
+                    let slot = l * kh + hq / g;
+                    let n = p0 + i + 1;
+                    attn::attend(
+                        isa,
+                        qkv.slice(i * qkv_w + hq * d, d),
+                        keys[slot].slice(0, n * d),
+                        values[slot].slice(0, n * d),
+                        scale,
+                        sc,
+                        att.slice_mut(i * hd + hq * d, d),
+                    );
+                }
+            });
+            tm.barrier();
+            if wo.wants_blocks() {
+                for i in tm.split(t, 1) {
+                    quantize_into(
+                        att.slice(i * hd, hd),
+                        acts.slice_mut(i * (hd / BLOCK), hd / BLOCK),
+                    );
+                }
+                tm.barrier();
+            }
+            // E
+            residual_phase(tm, wo, att, acts);
+            // F
+            norm_phase(
+                tm,
+                &consts.mlp_norm[l],
+                wg.wants_blocks() || wu.wants_blocks(),
+            );
+            // G
+            {
+                let xs = xn.slice(0, t * c);
+                let a = acts.slice(0, t * c / BLOCK);
+                let down_blocks = wd.wants_blocks();
+                tm.for_chunks(f, chunk_rows(f, tm.n()), |rows| {
+                    let (r0, nr) = (rows.start, rows.len());
+                    wg.rows_into(isa, xs, a, t, rows.clone(), |ti, r, v| {
+                        gate.set(ti * f + r, v)
+                    });
+                    wu.rows_into(isa, xs, a, t, rows.clone(), |ti, r, v| {
+                        up.set(ti * f + r, v)
+                    });
+                    for ti in 0..t {
+                        let gr = gate.slice_mut(ti * f + r0, nr);
+                        ops::silu_mul(isa, gr, up.slice(ti * f + r0, nr));
+                        if down_blocks {
+                            let fb = f / BLOCK;
+                            quantize_into(gr, acts_ffn.slice_mut(ti * fb + r0 / BLOCK, nr / BLOCK));
+                        }
+                    }
+                });
+                tm.barrier();
+            }
+            // H
+            residual_phase(tm, wd, gate, acts_ffn);
+        }
+        // Final norm and head.
+        let head = &views[layers * 7];
+        match want {
+            Want::Hidden => {
+                for i in tm.split(t, 1) {
+                    ops::rmsnorm(
+                        x.slice(i * c, c),
+                        &consts.norm,
+                        consts.eps,
+                        out.slice_mut(i * c, c),
+                    );
+                }
+            }
+            Want::LastLogits => {
+                let i = t - 1;
+                if tm.id() == 0 {
+                    let xo = xn.slice_mut(0, c);
+                    ops::rmsnorm(x.slice(i * c, c), &consts.norm, consts.eps, xo);
+                    if head.wants_blocks() {
+                        quantize_into(xo, acts.slice_mut(0, c / BLOCK));
+                    }
+                }
+                tm.barrier();
+                let xs = xn.slice(0, c);
+                let a = acts.slice(0, if head.wants_blocks() { c / BLOCK } else { 0 });
+                tm.for_chunks(vocab, chunk_rows(vocab, tm.n()), |rows| {
+                    head.rows_into(isa, xs, a, 1, rows, |_, r, v| out.set(r, v));
+                });
+            }
+        }
+    });
+    drop(keys);
+    drop(values);
+    cache.len = total;
+    Ok(std::mem::take(&mut cache.s.out))
+}
