@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Module, Storage, StorageRef, Tensor};
 
-use lmkit_kernels::{Dense, QFormat, QMatrix, WeightView};
+use lmkit_kernels::{Dense, Packed, QFormat, QMatrix, WeightView};
 
 use crate::error::OpContext;
 use crate::{Error, Result};
@@ -23,14 +23,34 @@ pub enum Weight {
     Dense(Tensor),
     /// Block-quantized GGUF tensor, logical shape `(out, in)`.
     Quantized(Arc<QTensor>),
+    /// Block-quantized with rows interleaved for lmkit's CPU kernels (Q4_0, Q4_1, Q8_0 on the
+    /// CPU are stored this way; [`Packed::unpack`] gives back the GGUF bytes).
+    Packed(Arc<Packed>),
 }
 
 impl Weight {
+    /// A block-quantized tensor: repacked for lmkit's kernels when it runs on the CPU in a
+    /// format they support, else kept as candle's `QTensor`.
+    pub fn quantized(q: QTensor) -> Result<Self> {
+        if let Some(Native::Quant(format)) = native_format(q.dtype(), &q.device()) {
+            let (rows, cols) = q.shape().dims2().op("weight dims")?;
+            let data = q.data().op("weight bytes")?;
+            let p = Packed::pack(format, rows, cols, &data).map_err(|e| Error::Shape {
+                op: "pack weights".into(),
+                expected: format!("{rows}x{cols} {format:?}"),
+                got: e.to_string(),
+            })?;
+            return Ok(Weight::Packed(Arc::new(p)));
+        }
+        Ok(Weight::Quantized(Arc::new(q)))
+    }
+
     /// `(out, in)`.
     pub fn dims2(&self) -> Result<(usize, usize)> {
         match self {
             Weight::Dense(t) => t.dims2().op("weight dims"),
             Weight::Quantized(q) => q.shape().dims2().op("weight dims"),
+            Weight::Packed(p) => Ok((p.rows, p.cols)),
         }
     }
 
@@ -39,6 +59,7 @@ impl Weight {
         match self {
             Weight::Dense(t) => format!("{:?}", t.dtype()).to_uppercase(),
             Weight::Quantized(q) => ggml_type_name(q.dtype()).to_string(),
+            Weight::Packed(p) => format!("{:?}", p.format),
         }
     }
 
@@ -47,6 +68,7 @@ impl Weight {
         match self {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Quantized(q) => q.storage_size_in_bytes(),
+            Weight::Packed(p) => p.size_in_bytes(),
         }
     }
 
@@ -55,6 +77,13 @@ impl Weight {
         match self {
             Weight::Dense(t) => t.to_dtype(DType::F32).op("to f32"),
             Weight::Quantized(q) => q.dequantize(&q.device()).op("dequantize"),
+            Weight::Packed(p) => {
+                let mut v = vec![0f32; p.rows * p.cols];
+                for (r, row) in v.chunks_exact_mut(p.cols).enumerate() {
+                    p.dequantize_row(r, row);
+                }
+                Tensor::from_vec(v, (p.rows, p.cols), &candle_core::Device::Cpu).op("dequantize")
+            }
         }
     }
 }
@@ -199,6 +228,12 @@ impl Linear {
 
     /// A quantized layer; `weight` has logical shape `(out, in)`.
     pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = match Weight::quantized(weight)? {
+            Weight::Packed(p) => return Self::packed(p, bias),
+            Weight::Quantized(q) => Arc::try_unwrap(q)
+                .map_err(|_| Error::Unsupported("shared quantized weight".into()))?,
+            Weight::Dense(_) => return Err(Error::Unsupported("dense weight".into())),
+        };
         let (out_features, in_features) = weight.shape().dims2().op("linear weight")?;
         check_bias(&bias, out_features)?;
         let native = native_format(weight.dtype(), &weight.device());
@@ -217,6 +252,19 @@ impl Linear {
         })
     }
 
+    /// A layer on a packed block-quantized weight (see [`Weight::Packed`]).
+    pub fn packed(weight: Arc<Packed>, bias: Option<Tensor>) -> Result<Self> {
+        check_bias(&bias, weight.rows)?;
+        Ok(Self {
+            out_features: weight.rows,
+            in_features: weight.cols,
+            weight: Weight::Packed(weight),
+            native: None,
+            matmul: None,
+            bias,
+        })
+    }
+
     /// # Shapes
     /// `x`: `(.., in)` → `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -229,6 +277,9 @@ impl Linear {
             });
         }
         let y = match (&self.weight, &self.matmul) {
+            (Weight::Packed(_), _) => {
+                return Ok(Self::forward_many(&[self], x)?.swap_remove(0));
+            }
             (Weight::Quantized(q), None) if self.native.is_some() => {
                 let f = self
                     .native
@@ -256,11 +307,19 @@ impl Linear {
     /// # Shapes
     /// `x`: `(.., in)` → one `(.., out_i)` per layer.
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let fused = x.device().is_cpu()
-            && layers.len() > 1
-            && layers.iter().all(|l| {
-                matches!(l.native, Some(Native::Quant(_))) && l.in_features == layers[0].in_features
-            });
+        let packed: Vec<&Packed> = layers
+            .iter()
+            .filter_map(|l| match &l.weight {
+                Weight::Packed(p) => Some(p.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let fused = !layers.is_empty()
+            && x.device().is_cpu()
+            && packed.len() == layers.len()
+            && layers
+                .iter()
+                .all(|l| l.in_features == layers[0].in_features);
         if !fused {
             return layers.iter().map(|l| l.forward(x)).collect();
         }
@@ -276,33 +335,13 @@ impl Linear {
         let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
         let n: usize = lead.iter().product();
         let xs = input_rows(x)?;
-        let mut datas = Vec::with_capacity(layers.len());
-        for l in layers {
-            match &l.weight {
-                Weight::Quantized(q) => datas.push(q.data().op("qmatmul weights")?),
-                Weight::Dense(_) => return Err(Error::Unsupported("fused dense".into())),
-            }
-        }
-        let mut ws = Vec::with_capacity(layers.len());
-        for (l, d) in layers.iter().zip(&datas) {
-            let format = match l.native {
-                Some(Native::Quant(f)) => f,
-                _ => return Err(Error::Unsupported("fused non-quantized".into())),
-            };
-            ws.push(QMatrix {
-                format,
-                rows: l.out_features,
-                cols: inp,
-                data: d,
-            });
-        }
         let mut ys: Vec<Vec<f32>> = layers
             .iter()
             .map(|l| vec![0f32; n * l.out_features])
             .collect();
         {
             let mut views: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-            lmkit_kernels::matmul::matmul_many(&ws, &xs, n, &mut views).map_err(|e| {
+            lmkit_kernels::packed::matmul_many(&packed, &xs, n, &mut views).map_err(|e| {
                 Error::Shape {
                     op: "qmatmul".into(),
                     expected: format!("(.., {inp})"),
@@ -341,6 +380,7 @@ impl Linear {
     pub fn kernel_data(&self) -> Result<Option<KernelData<'_>>> {
         let (rows, cols) = (self.out_features, self.in_features);
         match (&self.weight, self.native) {
+            (Weight::Packed(p), _) => Ok(Some(KernelData::Packed(p))),
             (Weight::Quantized(q), Some(native)) => Ok(Some(KernelData::Bytes {
                 native,
                 data: q.data().op("kernel weights")?,
@@ -373,6 +413,7 @@ impl Linear {
 /// A weight's storage held for the kernels (see [`Linear::kernel_data`]); [`KernelData::view`]
 /// borrows it as a [`WeightView`].
 pub enum KernelData<'a> {
+    Packed(&'a Packed),
     Bytes {
         native: Native,
         data: Cow<'a, [u8]>,
@@ -391,6 +432,7 @@ pub enum KernelData<'a> {
 impl KernelData<'_> {
     pub fn view(&self) -> Result<WeightView<'_>> {
         let v = match self {
+            KernelData::Packed(p) => WeightView::Packed(p),
             KernelData::Bytes {
                 native: Native::Quant(format),
                 data,
@@ -479,6 +521,27 @@ impl Embedding {
                 rows.reshape(shape).op("embedding reshape")
             }
             Weight::Quantized(q) => q.embedding(ids).op("quantized embedding"),
+            Weight::Packed(p) => {
+                let flat = ids
+                    .flatten_all()
+                    .and_then(|t| t.to_dtype(DType::U32))
+                    .and_then(|t| t.to_vec1::<u32>())
+                    .op("embedding ids")?;
+                let mut v = vec![0f32; flat.len() * self.hidden];
+                for (&id, row) in flat.iter().zip(v.chunks_exact_mut(self.hidden)) {
+                    if id as usize >= self.vocab {
+                        return Err(Error::Shape {
+                            op: "embedding".into(),
+                            expected: format!("token ids below {}", self.vocab),
+                            got: id.to_string(),
+                        });
+                    }
+                    p.dequantize_row(id as usize, row);
+                }
+                let mut shape = ids.dims().to_vec();
+                shape.push(self.hidden);
+                Tensor::from_vec(v, shape, ids.device()).op("embedding")
+            }
         }
     }
 
@@ -501,6 +564,7 @@ impl Embedding {
     pub fn as_linear(&self) -> Result<Linear> {
         match &self.table {
             Weight::Dense(t) => Linear::dense(t.clone(), None),
+            Weight::Packed(p) => Linear::packed(p.clone(), None),
             Weight::Quantized(q) => {
                 let native = native_format(q.dtype(), &q.device());
                 let matmul = match native {

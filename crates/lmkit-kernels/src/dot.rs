@@ -199,6 +199,12 @@ pub mod avx2 {
     kernels!(dot_vnni, dot_rows_vnni, "avx2,fma,f16c,avxvnni", |w, a| {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
     });
+    kernels!(
+        dot_512,
+        dot_rows_512,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni",
+        |w, a| _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+    );
 }
 
 /// Which implementation runs.
@@ -208,30 +214,49 @@ pub enum Isa {
     Avx2,
     /// AVX2 with AVX-VNNI's `vpdpbusd` for the integer dot products.
     Avx2Vnni,
+    /// AVX-512 (F, VL, BW, VNNI): EVEX `vpdpbusd` and 32 vector registers.
+    Avx512,
 }
 
-/// The best implementation this CPU supports (`LMKIT_FORCE_SCALAR=1` forces the reference).
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// The best implementation this CPU supports. `LMKIT_FORCE_SCALAR=1` forces the reference;
+/// `LMKIT_NO_AVX512=1` and `LMKIT_NO_VNNI=1` step down to the narrower paths.
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("LMKIT_FORCE_SCALAR").is_ok_and(|v| !v.is_empty() && v != "0") {
+        if env_flag("LMKIT_FORCE_SCALAR") {
             return Isa::Scalar;
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                let no_vnni =
-                    std::env::var("LMKIT_NO_VNNI").is_ok_and(|v| !v.is_empty() && v != "0");
-                if is_x86_feature_detected!("avxvnni") && !no_vnni {
-                    return Isa::Avx2Vnni;
-                }
-                return Isa::Avx2;
-            }
+        let avail = available();
+        let pick = |i: Isa| avail.contains(&i);
+        if pick(Isa::Avx512) && !env_flag("LMKIT_NO_AVX512") && !env_flag("LMKIT_NO_VNNI") {
+            Isa::Avx512
+        } else if pick(Isa::Avx2Vnni) && !env_flag("LMKIT_NO_VNNI") {
+            Isa::Avx2Vnni
+        } else if pick(Isa::Avx2) {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
         }
-        Isa::Scalar
     })
 }
 
@@ -240,13 +265,13 @@ pub fn available() -> Vec<Isa> {
     let mut v = vec![Isa::Scalar];
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if has_avx2() {
             v.push(Isa::Avx2);
             if is_x86_feature_detected!("avxvnni") {
                 v.push(Isa::Avx2Vnni);
+            }
+            if has_avx512() {
+                v.push(Isa::Avx512);
             }
         }
     }
@@ -269,6 +294,9 @@ pub(crate) fn dot<const N: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, plus AVX-VNNI.
         Isa::Avx2Vnni => unsafe { avx2::dot_vnni(format, w, a) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, plus AVX-512 F/VL/BW/VNNI.
+        Isa::Avx512 => unsafe { avx2::dot_512(format, w, a) },
         _ => scalar::dot(format, w, a),
     }
 }
@@ -288,6 +316,9 @@ pub(crate) fn dot_rows<const R: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `dot`.
         Isa::Avx2Vnni => unsafe { avx2::dot_rows_vnni(format, w, a) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `dot`.
+        Isa::Avx512 => unsafe { avx2::dot_rows_512(format, w, a) },
         _ => {
             let mut out = [0f32; R];
             for (o, wr) in out.iter_mut().zip(w) {

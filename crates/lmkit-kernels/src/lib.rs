@@ -25,6 +25,7 @@ pub mod dot;
 pub mod f16;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 pub mod team;
 pub mod weight;
 
@@ -32,6 +33,7 @@ pub use act::{quantize_activations, A8Block};
 pub use dense::Dense;
 pub use dot::{isa, Isa};
 pub use matmul::{matmul, QFormat, QMatrix};
+pub use packed::Packed;
 pub use weight::WeightView;
 
 /// Weights per block in every format here.

@@ -254,25 +254,25 @@ pub fn qrows(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use half::f16;
 
-    struct Rng(u64);
+    pub(crate) struct Rng(pub(crate) u64);
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
-        fn f(&mut self) -> f32 {
+        pub(crate) fn f(&mut self) -> f32 {
             (self.next() % 20001) as f32 / 10000.0 - 1.0
         }
     }
 
     /// Random blocks of `format` plus their dequantized values.
-    fn random_matrix(
+    pub(crate) fn random_matrix(
         format: QFormat,
         rows: usize,
         cols: usize,

@@ -6,13 +6,16 @@ use crate::act::A8Block;
 use crate::dense::{self, Dense};
 use crate::dot::Isa;
 use crate::matmul::{qrows, QMatrix};
+use crate::packed::{packed_rows, Packed};
 use crate::{Error, Result, BLOCK};
 
 /// A borrowed `(rows, cols)` weight matrix.
 #[derive(Debug, Clone, Copy)]
 pub enum WeightView<'a> {
-    /// Block-quantized; runs against 8-bit quantized activations.
+    /// Block-quantized, GGUF row-major; runs against 8-bit quantized activations.
     Quant(QMatrix<'a>),
+    /// Block-quantized, rows interleaved (see [`crate::packed`]).
+    Packed(&'a Packed),
     /// f32 or f16; runs against f32 activations.
     Dense {
         w: Dense<'a>,
@@ -25,6 +28,7 @@ impl WeightView<'_> {
     pub fn rows(&self) -> usize {
         match self {
             WeightView::Quant(q) => q.rows,
+            WeightView::Packed(p) => p.rows,
             WeightView::Dense { rows, .. } => *rows,
         }
     }
@@ -32,13 +36,14 @@ impl WeightView<'_> {
     pub fn cols(&self) -> usize {
         match self {
             WeightView::Quant(q) => q.cols,
+            WeightView::Packed(p) => p.cols,
             WeightView::Dense { cols, .. } => *cols,
         }
     }
 
     /// Whether the input must be quantized to [`A8Block`]s first.
     pub fn wants_blocks(&self) -> bool {
-        matches!(self, WeightView::Quant(_))
+        matches!(self, WeightView::Quant(_) | WeightView::Packed(_))
     }
 
     /// Checks that the storage holds `rows × cols` values (and whole blocks).
@@ -48,6 +53,7 @@ impl WeightView<'_> {
             WeightView::Quant(q) => {
                 cols.is_multiple_of(BLOCK) && q.data.len() == rows * q.row_bytes()
             }
+            WeightView::Packed(_) => true, // checked by `Packed::pack`
             WeightView::Dense { w, .. } => w.len() == rows * cols,
         };
         if ok {
@@ -73,6 +79,7 @@ impl WeightView<'_> {
     ) {
         match self {
             WeightView::Quant(q) => qrows(isa, q, acts, n, rows, emit),
+            WeightView::Packed(p) => packed_rows(isa, p, acts, n, rows, emit),
             WeightView::Dense { w, cols, .. } => dense::rows(isa, *w, *cols, x, n, rows, emit),
         }
     }

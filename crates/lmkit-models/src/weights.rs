@@ -127,7 +127,7 @@ impl WeightSource {
         if dense {
             Ok(Weight::Dense(q.dequantize(device)?))
         } else {
-            Ok(Weight::Quantized(std::sync::Arc::new(q)))
+            Ok(Weight::quantized(q)?)
         }
     }
 
@@ -158,6 +158,7 @@ impl WeightSource {
         };
         Ok(match w {
             Weight::Dense(t) => Linear::dense(t, b)?,
+            Weight::Packed(p) => Linear::packed(p, b)?,
             Weight::Quantized(q) => {
                 let q = std::sync::Arc::try_unwrap(q).map_err(|_| {
                     Error::Core(lmkit_core::Error::Unsupported(

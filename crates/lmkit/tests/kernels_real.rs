@@ -3,8 +3,10 @@
 mod common;
 
 use lmkit::formats::gguf::GgufFile;
+use lmkit_kernels::act::quantize_activations;
 use lmkit_kernels::dot::{available, Isa};
 use lmkit_kernels::matmul::{matmul_with, QFormat, QMatrix};
+use lmkit_kernels::packed::{packed_rows, Packed};
 
 /// Relative to Σ|w·x| of the row: f32 accumulation-order differences only.
 const KERNEL_REL_TOL: f32 = 1e-5;
@@ -33,6 +35,7 @@ fn simd_matches_scalar_on_every_weight_of_the_default_model() {
             cols,
             data: g.tensor_bytes(info),
         };
+        let packed = Packed::pack(format, rows, cols, w.data).unwrap();
         for n in [1usize, 3, 8, 13] {
             // Activations with LLM-like outliers.
             let x: Vec<f32> = (0..n * cols)
@@ -48,9 +51,23 @@ fn simd_matches_scalar_on_every_weight_of_the_default_model() {
             let mut ys = vec![0f32; n * rows];
             matmul_with(Isa::Scalar, &w, &x, n, &mut ys).unwrap();
             let scale: f32 = ys.iter().map(|v| v.abs()).sum::<f32>() / ys.len() as f32;
+            let mut acts = Vec::new();
+            quantize_activations(&x, &mut acts);
             for which in available() {
                 let mut yf = vec![0f32; n * rows];
                 matmul_with(which, &w, &x, n, &mut yf).unwrap();
+                // The interleaved layout (what models run) gives the same products.
+                let mut yp = vec![f32::NAN; n * rows];
+                packed_rows(which, &packed, &acts, n, 0..rows, |t, r, v| {
+                    yp[t * rows + r] = v
+                });
+                for (i, (s, p)) in ys.iter().zip(&yp).enumerate() {
+                    assert!(
+                        (s - p).abs() <= KERNEL_REL_TOL * scale * cols as f32,
+                        "{} n={n} out {i}: scalar {s} vs packed {which:?} {p}",
+                        info.name
+                    );
+                }
                 for (i, (s, f)) in ys.iter().zip(&yf).enumerate() {
                     assert!(
                         (s - f).abs() <= KERNEL_REL_TOL * scale * cols as f32,
