@@ -13,7 +13,7 @@ use crate::common::ModelArgs;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit bench\n  lmkit bench --threads 2 -p 512 -n 128 --reps 5 --json\n  lmkit bench --model smollm2-q8_0.gguf -p 0"
+    after_help = "Examples:\n  lmkit bench\n  lmkit bench --threads 2 -p 512 -n 128 --reps 5 --json\n  lmkit bench --model smollm2-q8_0.gguf -p 0\n  lmkit bench --kernel-report --roofline"
 )]
 pub struct Args {
     /// Prompt tokens for the pp test (0 skips it).
@@ -27,9 +27,83 @@ pub struct Args {
     pub reps: u32,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Also time each kind of operation (norm, matmuls, attention, ...) for one prompt batch
+    /// and one decoding step, and show where the time goes.
+    #[arg(long)]
+    pub kernel_report: bool,
+    /// Also measure the machine's ceilings (copy bandwidth, FMA peak) to compare the achieved
+    /// weight-streaming GB/s and GFLOP/s against.
+    #[arg(long)]
+    pub roofline: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Per-token work of the model, for achieved-rate figures.
+#[derive(Serialize)]
+struct Work {
+    /// Bytes of weights one decoding step reads (every matrix once, the head included).
+    weight_bytes: usize,
+    /// FLOPs per token of a pp test from an empty cache (matmuls + attention; the head for the
+    /// last position only, spread over the batch).
+    pp_flops_per_token: f64,
+}
+
+fn work(model: &Llama, n_prompt: usize) -> Work {
+    let cfg = model.config();
+    let named = model.named_weights();
+    let weight_bytes = named.iter().map(|(_, w)| w.size_in_bytes()).sum();
+    let params = |keep: &dyn Fn(&str) -> bool| -> f64 {
+        named
+            .iter()
+            .filter(|(n, _)| keep(n))
+            .map(|(_, w)| w.dims2().map(|(a, b)| (a * b) as f64).unwrap_or(0.0))
+            .sum()
+    };
+    let body = params(&|n: &str| n.starts_with("model.layers."));
+    let head = (cfg.vocab_size * cfg.hidden_size) as f64;
+    let n = n_prompt.max(1) as f64;
+    let attn = 2.0 * (cfg.num_heads * cfg.head_dim * cfg.num_layers) as f64 * (n + 1.0);
+    Work {
+        weight_bytes,
+        pp_flops_per_token: 2.0 * body + attn + 2.0 * head / n,
+    }
+}
+
+#[derive(Serialize)]
+struct OpShare {
+    op: &'static str,
+    ms_per_call: f64,
+    share: f64,
+}
+
+/// Runs `f` once with the native path's per-operation clock on; the time outside the team
+/// (embedding, tensor conversion, ...) is the rest of the wall time.
+fn profiled(f: impl FnOnce() -> Result<f64>, calls: usize) -> Result<Vec<OpShare>> {
+    use lmkit::models::native::profile;
+    profile::enable(true);
+    let t = Instant::now();
+    f()?;
+    let wall = t.elapsed().as_secs_f64();
+    let ops = profile::totals();
+    profile::enable(false);
+    let inside: f64 = ops.iter().map(|(_, s)| s).sum();
+    let per = |s: f64| s * 1e3 / calls.max(1) as f64;
+    let mut rows: Vec<OpShare> = ops
+        .into_iter()
+        .map(|(op, s)| OpShare {
+            op: op.name(),
+            ms_per_call: per(s),
+            share: s / wall,
+        })
+        .collect();
+    rows.push(OpShare {
+        op: "outside the kernels (embedding, tensors, sync)",
+        ms_per_call: per((wall - inside).max(0.0)),
+        share: ((wall - inside) / wall).max(0.0),
+    });
+    Ok(rows)
 }
 
 #[derive(Serialize)]
@@ -116,14 +190,60 @@ pub fn main(a: Args) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         rows.push(stats(format!("tg{}", a.n_gen), a.n_gen, xs));
     }
-    let types: Vec<String> = m.file.tensor_types.iter().map(|t| t.0.clone()).collect();
+    let w = work(&m.model, a.n_prompt);
+    let rate = |test: &str| {
+        rows.iter()
+            .find(|r| r.test.starts_with(test))
+            .map(|r| r.tokens_per_sec_mean)
+    };
+    let achieved = serde_json::json!({
+        "tg_weight_gb_per_sec": rate("tg").map(|r| r * w.weight_bytes as f64 / 1e9),
+        "pp_gflop_per_sec": rate("pp").map(|r| r * w.pp_flops_per_token / 1e9),
+    });
+    let mut report = serde_json::Map::new();
+    if a.kernel_report {
+        if !m.model.is_native() {
+            anyhow::bail!(
+                "--kernel-report times lmkit's native CPU path, and this model has weights \
+                 without a native kernel ({})",
+                types_of(&m).join("/")
+            );
+        }
+        if a.n_prompt > 0 {
+            let ids = tokens(a.n_prompt, cfg.vocab_size);
+            let r = profiled(|| pp(&m.model, &ids), 1)?;
+            report.insert(format!("pp{}", a.n_prompt), serde_json::to_value(r)?);
+        }
+        if a.n_gen > 0 {
+            let ids = tokens(a.n_gen, cfg.vocab_size);
+            let r = profiled(|| tg(&m.model, &ids), a.n_gen)?;
+            report.insert("tg (per token)".into(), serde_json::to_value(r)?);
+        }
+    }
+    let ceilings = if a.roofline {
+        let isa = lmkit::kernels::isa();
+        Some(serde_json::json!({
+            "isa": format!("{isa:?}"),
+            "copy_gb_per_sec_64mib": lmkit::kernels::roofline::copy_bandwidth(64 << 20, 5),
+            "copy_gb_per_sec_1gib": lmkit::kernels::roofline::copy_bandwidth(1 << 30, 3),
+            "fma_peak_gflop_per_sec": lmkit::kernels::roofline::fma_peak(isa),
+        }))
+    } else {
+        None
+    };
+    let types = types_of(&m);
     if a.json {
         let v = serde_json::json!({
             "model": m.path.display().to_string(),
             "tensor_types": types,
             "dequantized": a.model.dequantize,
+            "native": m.model.is_native(),
             "threads": threads,
             "results": rows,
+            "work": w,
+            "achieved": achieved,
+            "kernel_report": report,
+            "ceilings": ceilings,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -136,6 +256,46 @@ pub fn main(a: Args) -> Result<()> {
                 r.test, r.tokens_per_sec_mean, r.tokens_per_sec_sd
             );
         }
+        if let Some(r) = rate("tg") {
+            println!(
+                "tg: {:.1} MB of weights per token, {:.1} GB/s streamed",
+                w.weight_bytes as f64 / 1e6,
+                r * w.weight_bytes as f64 / 1e9
+            );
+        }
+        if let Some(r) = rate("pp") {
+            println!(
+                "pp: {:.0} MFLOP per token, {:.1} GFLOP/s",
+                w.pp_flops_per_token / 1e6,
+                r * w.pp_flops_per_token / 1e9
+            );
+        }
+        if let Some(c) = &ceilings {
+            println!(
+                "ceilings ({}): copy {:.1} GB/s (64 MiB, cache-resident) / {:.1} GB/s (1 GiB), \
+                 FMA peak {:.0} GFLOP/s",
+                c["isa"].as_str().unwrap_or("?"),
+                c["copy_gb_per_sec_64mib"].as_f64().unwrap_or(0.0),
+                c["copy_gb_per_sec_1gib"].as_f64().unwrap_or(0.0),
+                c["fma_peak_gflop_per_sec"].as_f64().unwrap_or(0.0)
+            );
+        }
+        for (test, ops) in &report {
+            println!("\nkernel report, {test}:");
+            println!("{:<48} {:>10} {:>7}", "operation", "ms/call", "share");
+            for o in ops.as_array().into_iter().flatten() {
+                println!(
+                    "{:<48} {:>10.3} {:>6.1}%",
+                    o["op"].as_str().unwrap_or(""),
+                    o["ms_per_call"].as_f64().unwrap_or(0.0),
+                    100.0 * o["share"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
     }
     Ok(())
+}
+
+fn types_of(m: &lmkit::LoadedModel) -> Vec<String> {
+    m.file.tensor_types.iter().map(|t| t.0.clone()).collect()
 }

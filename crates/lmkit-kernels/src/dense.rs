@@ -67,6 +67,13 @@ pub fn rows(
     mut emit: impl FnMut(usize, usize, f32),
 ) {
     #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && cols.is_multiple_of(16) {
+        // SAFETY: `Avx512` is only selected when the CPU has AVX-512 F/VL/BW (and AVX2, FMA,
+        // F16C); `cols` is a multiple of 16 and the caller guarantees the lengths.
+        unsafe { avx512::rows(w, cols, x, n, rows, &mut emit) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar && cols.is_multiple_of(8) {
         // SAFETY: a non-scalar `Isa` is only selected when the CPU has AVX2, FMA and F16C;
         // `cols` is a multiple of 8 and the caller guarantees the lengths.
@@ -189,6 +196,112 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The same tiling with 16-lane registers: a 4-row × 4-token tile of accumulators.
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    #[inline(always)]
+    unsafe fn load(w: Dense, at: usize) -> __m512 {
+        match w {
+            Dense::F32(w) => _mm512_loadu_ps(w.as_ptr().add(at)),
+            Dense::F16(w) => {
+                _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(2 * at) as *const __m256i))
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const N: usize>(
+        w: Dense,
+        cols: usize,
+        x: &[f32],
+        r0: usize,
+        t0: usize,
+    ) -> [[f32; N]; R] {
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        let xp = x.as_ptr().add(t0 * cols);
+        let mut i = 0;
+        while i < cols {
+            let mut xv = [_mm512_setzero_ps(); N];
+            for (k, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(xp.add(k * cols + i));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let wv = load(w, (r0 + r) * cols + i);
+                for (a, xk) in row.iter_mut().zip(xv.iter()) {
+                    *a = _mm512_fmadd_ps(wv, *xk, *a);
+                }
+            }
+            i += 16;
+        }
+        let mut out = [[0f32; N]; R];
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
+            for (v, s) in o.iter_mut().zip(a.iter()) {
+                *v = _mm512_reduce_add_ps(*s);
+            }
+        }
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn rows_tokens<const N: usize>(
+        w: Dense,
+        cols: usize,
+        x: &[f32],
+        rows: Range<usize>,
+        t0: usize,
+        emit: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let mut r = rows.start;
+        while r + 4 <= rows.end {
+            let v = tile::<4, N>(w, cols, x, r, t0);
+            for (k, row) in v.iter().enumerate() {
+                for (j, &y) in row.iter().enumerate() {
+                    emit(t0 + j, r + k, y);
+                }
+            }
+            r += 4;
+        }
+        while r < rows.end {
+            let v = tile::<1, N>(w, cols, x, r, t0);
+            for (j, &y) in v[0].iter().enumerate() {
+                emit(t0 + j, r, y);
+            }
+            r += 1;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F/VL/BW, AVX2, FMA, F16C; `cols % 16 == 0`, `x.len() ≥ n·cols`, `w` holds
+    /// `rows.end` rows.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
+    pub unsafe fn rows(
+        w: Dense,
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        rows: Range<usize>,
+        emit: &mut impl FnMut(usize, usize, f32),
+    ) {
+        assert!(x.len() >= n * cols && w.len() >= rows.end * cols);
+        for tt in (0..n).step_by(TOKEN_TILE) {
+            let end = (tt + TOKEN_TILE).min(n);
+            let mut t = tt;
+            while t + 4 <= end {
+                rows_tokens::<4>(w, cols, x, rows.clone(), t, emit);
+                t += 4;
+            }
+            while t < end {
+                rows_tokens::<1>(w, cols, x, rows.clone(), t, emit);
+                t += 1;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +311,13 @@ mod tests {
 
     #[test]
     fn simd_equals_scalar_for_f32_and_f16() {
-        for &(nrows, cols, n) in &[(37, 64, 1), (33, 576, 5), (9, 96, 70), (5, 20, 2)] {
+        for &(nrows, cols, n) in &[
+            (37, 64, 1),
+            (33, 576, 5),
+            (9, 96, 70),
+            (5, 20, 2),
+            (6, 40, 9),
+        ] {
             let wf: Vec<f32> = (0..nrows * cols)
                 .map(|i| ((i * 7919 % 2001) as f32 - 1000.0) / 997.0)
                 .collect();

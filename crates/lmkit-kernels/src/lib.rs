@@ -26,6 +26,7 @@ pub mod f16;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
+pub mod roofline;
 pub mod team;
 pub mod weight;
 

@@ -278,6 +278,7 @@ pub(crate) fn forward(
         };
 
     team::run(layers * 5 + 1, |tm| unsafe {
+        let mut clock = profile::Clock::new(tm.id() == 0);
         for l in 0..layers {
             let lw = &views[l * 7..l * 7 + 7];
             let (wq, wk, wv, wo, wg, wu, wd) =
@@ -288,6 +289,7 @@ pub(crate) fn forward(
                 &consts.attn_norm[l],
                 wq.wants_blocks() || wk.wants_blocks() || wv.wants_blocks(),
             );
+            clock.lap(profile::Op::Norm);
             // B
             {
                 let xs = xn.slice(0, t * c);
@@ -308,6 +310,7 @@ pub(crate) fn forward(
                 });
                 tm.barrier();
             }
+            clock.lap(profile::Op::Qkv);
             // C
             for item in tm.split(t * (h + kh), 1) {
                 if item < t * h {
@@ -335,6 +338,7 @@ pub(crate) fn forward(
                 }
             }
             tm.barrier();
+            clock.lap(profile::Op::Rope);
             // D
             let items = t * h;
             tm.for_chunks(items, (items / (tm.n() * 8)).max(1), |r| {
@@ -364,14 +368,17 @@ pub(crate) fn forward(
                 }
                 tm.barrier();
             }
+            clock.lap(profile::Op::Attention);
             // E
             residual_phase(tm, wo, att, acts);
+            clock.lap(profile::Op::O);
             // F
             norm_phase(
                 tm,
                 &consts.mlp_norm[l],
                 wg.wants_blocks() || wu.wants_blocks(),
             );
+            clock.lap(profile::Op::Norm);
             // G
             {
                 let xs = xn.slice(0, t * c);
@@ -396,8 +403,10 @@ pub(crate) fn forward(
                 });
                 tm.barrier();
             }
+            clock.lap(profile::Op::GateUp);
             // H
             residual_phase(tm, wd, gate, acts_ffn);
+            clock.lap(profile::Op::Down);
         }
         // Final norm and head.
         let head = &views[layers * 7];
@@ -427,11 +436,102 @@ pub(crate) fn forward(
                 tm.for_chunks(vocab, chunk_rows(vocab, tm.n()), |rows| {
                     head.rows_into(isa, xs, a, 1, rows, |_, r, v| out.set(r, v));
                 });
+                tm.barrier();
             }
         }
+        clock.lap(profile::Op::Head);
     });
     drop(keys);
     drop(values);
     cache.len = total;
     Ok(std::mem::take(&mut cache.s.out))
+}
+
+/// Wall-clock time per kind of operation inside the native forward pass, summed over calls
+/// while enabled (for `lmkit bench --kernel-report`). Member 0 of the team reads the clock at
+/// the end of each phase, after its barrier, so a phase's time includes waiting for the
+/// slowest member: it is the time the whole team spends in it.
+pub mod profile {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    /// Operation kinds, in forward order.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Op {
+        Norm,
+        Qkv,
+        Rope,
+        Attention,
+        O,
+        GateUp,
+        Down,
+        Head,
+    }
+
+    impl Op {
+        pub const ALL: [Op; 8] = [
+            Op::Norm,
+            Op::Qkv,
+            Op::Rope,
+            Op::Attention,
+            Op::O,
+            Op::GateUp,
+            Op::Down,
+            Op::Head,
+        ];
+
+        pub fn name(self) -> &'static str {
+            match self {
+                Op::Norm => "rmsnorm + quantize",
+                Op::Qkv => "q/k/v matmul",
+                Op::Rope => "rope + kv store",
+                Op::Attention => "attention (+ quantize)",
+                Op::O => "o matmul + residual",
+                Op::GateUp => "gate/up matmul + silu",
+                Op::Down => "down matmul + residual",
+                Op::Head => "final norm + lm head",
+            }
+        }
+    }
+
+    static ENABLED: AtomicBool = AtomicBool::new(false);
+    static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+
+    /// Turns timing on or off and clears the totals.
+    pub fn enable(on: bool) {
+        for n in &NANOS {
+            n.store(0, Ordering::Relaxed);
+        }
+        ENABLED.store(on, Ordering::Relaxed);
+    }
+
+    /// Seconds per operation since [`enable`].
+    pub fn totals() -> Vec<(Op, f64)> {
+        Op::ALL
+            .iter()
+            .map(|&op| (op, NANOS[op as usize].load(Ordering::Relaxed) as f64 * 1e-9))
+            .collect()
+    }
+
+    pub(crate) struct Clock {
+        last: Option<Instant>,
+    }
+
+    impl Clock {
+        pub(crate) fn new(leader: bool) -> Self {
+            let on = leader && ENABLED.load(Ordering::Relaxed);
+            Self {
+                last: on.then(Instant::now),
+            }
+        }
+
+        #[inline]
+        pub(crate) fn lap(&mut self, op: Op) {
+            if let Some(last) = self.last {
+                let now = Instant::now();
+                NANOS[op as usize].fetch_add((now - last).as_nanos() as u64, Ordering::Relaxed);
+                self.last = Some(now);
+            }
+        }
+    }
 }

@@ -43,5 +43,6 @@ pub use lmkit_formats::chat::Message;
 pub use lmkit_generate as generate_mod;
 pub use lmkit_generate::generate::Session;
 pub use lmkit_generate::{generate, FinishReason, GenerateOptions, Generation, SamplingParams};
+pub use lmkit_kernels as kernels;
 pub use lmkit_models as models;
 pub use lmkit_models::{load, load_on, Llama, LlamaConfig, LoadOptions, LoadedModel};
