@@ -38,10 +38,26 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 
 /// Softmax of `x` in place.
 pub fn softmax(isa: Isa, x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum = exp_shifted(isa, x, max);
-    let inv = 1.0 / sum;
+    let inv = 1.0 / softmax_unnormalized(isa, x);
     x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `x ← exp(x − max x)`; returns the sum (divide by it to finish a softmax).
+pub fn softmax_unnormalized(isa: Isa, x: &mut [f32]) -> f32 {
+    // Eight running maxima (vectorizes; max is exact, so the order does not matter).
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    for c in chunks {
+        for (a, &v) in m.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let max = m.iter().fold(tail, |a, &v| if v > a { v } else { a });
+    exp_shifted(isa, x, max)
 }
 
 /// `x ← exp(x − shift)`; returns the sum.

@@ -15,8 +15,9 @@
 //! | G | `m = silu(x̂ W_gateᵀ) ⊙ (x̂ W_upᵀ)`, quantized per row chunk | weight rows |
 //! | H | `x += m W_downᵀ` | weight rows |
 //!
-//! The KV cache keeps each (layer, kv head) in its own `(positions, d)` f32 buffer, so attention
-//! streams keys and values in order; buffers grow by doubling and are reused across calls, as are
+//! The KV cache keeps each (layer, kv head) in its own f32 buffers, keys in blocks of 16
+//! positions stored channel-major and values as `(positions, d)` rows (see `lmkit_kernels::attn`),
+//! so attention streams both in order with no horizontal sums; buffers grow by doubling and are reused across calls, as are
 //! all scratch buffers (no allocation per decoded token once warm).
 
 use lmkit_core::linear::KernelData;
@@ -103,7 +104,8 @@ impl NativeCache {
         if len < self.len {
             self.len = len;
             let n = len * self.head_dim;
-            self.keys.iter_mut().for_each(|k| k.truncate(n));
+            let nk = attn::key_buffer_len(len, self.head_dim);
+            self.keys.iter_mut().for_each(|k| k.truncate(nk));
             self.values.iter_mut().for_each(|v| v.truncate(n));
         }
     }
@@ -115,7 +117,11 @@ impl NativeCache {
     /// Reserves room for `positions` in total, so a known context never reallocates.
     pub fn reserve(&mut self, positions: usize) {
         let n = positions * self.head_dim;
-        for b in self.keys.iter_mut().chain(self.values.iter_mut()) {
+        let nk = attn::key_buffer_len(positions, self.head_dim);
+        for b in &mut self.keys {
+            b.reserve(nk.saturating_sub(b.len()));
+        }
+        for b in &mut self.values {
             b.reserve(n.saturating_sub(b.len()));
         }
     }
@@ -203,9 +209,13 @@ pub(crate) fn forward(
     let members = rayon::current_num_threads().max(1);
 
     // Buffers: sized once per shape, reused across calls.
-    for b in cache.keys.iter_mut().chain(cache.values.iter_mut()) {
+    for b in cache.keys.iter_mut() {
+        b.resize(attn::key_buffer_len(total, d), 0.0);
+    }
+    for b in cache.values.iter_mut() {
         b.resize(total * d, 0.0);
     }
+    let scratch = attn::scratch_len(attn::MAX_QUERIES, total);
     let s = &mut cache.s;
     let wide = c.max(hd);
     grow(&mut s.x, t * c);
@@ -217,7 +227,7 @@ pub(crate) fn forward(
     grow(&mut s.att, t * hd);
     grow(&mut s.gate, t * f);
     grow(&mut s.up, t * f);
-    grow(&mut s.scores, members * total);
+    grow(&mut s.scores, members * scratch);
     let half = d / 2;
     s.cos.clear();
     s.sin.clear();
@@ -331,7 +341,9 @@ pub(crate) fn forward(
                         &sin[i * half..(i + 1) * half],
                     );
                     let slot = l * kh + hk;
-                    keys[slot].slice_mut((p0 + i) * d, d).copy_from_slice(k);
+                    for (c, &v) in k.iter().enumerate() {
+                        keys[slot].set(attn::key_index(p0 + i, c, d), v);
+                    }
                     values[slot]
                         .slice_mut((p0 + i) * d, d)
                         .copy_from_slice(qkv.slice(i * qkv_w + hd + kd + hk * d, d));
@@ -339,22 +351,34 @@ pub(crate) fn forward(
             }
             tm.barrier();
             clock.lap(profile::Op::Rope);
-            // D
-            let items = t * h;
+            // D: up to MAX_QUERIES consecutive tokens of one head share each key/value load.
+            let qb = attn::MAX_QUERIES;
+            let items = t.div_ceil(qb) * h;
             tm.for_chunks(items, (items / (tm.n() * 8)).max(1), |r| {
-                let sc = scores.slice_mut(tm.id() * total, total);
+                let sc = scores.slice_mut(tm.id() * scratch, scratch);
                 for item in r {
-                    let (i, hq) = (item / h, item % h);
+                    let (bi, hq) = (item / h, item % h);
                     let slot = l * kh + hq / g;
-                    let n = p0 + i + 1;
+                    let tokens = bi * qb..((bi + 1) * qb).min(t);
+                    let n = p0 + tokens.end; // positions the last query sees
+                    let mut qs = [&[][..]; attn::MAX_QUERIES];
+                    let mut lens = [0usize; attn::MAX_QUERIES];
+                    let mut outs: [&mut [f32]; attn::MAX_QUERIES] = Default::default();
+                    for (k, i) in tokens.clone().enumerate() {
+                        qs[k] = qkv.slice(i * qkv_w + hq * d, d);
+                        lens[k] = p0 + i + 1;
+                        outs[k] = att.slice_mut(i * hd + hq * d, d);
+                    }
+                    let nq = tokens.len();
                     attn::attend(
                         isa,
-                        qkv.slice(i * qkv_w + hq * d, d),
-                        keys[slot].slice(0, n * d),
+                        &qs[..nq],
+                        &lens[..nq],
+                        keys[slot].slice(0, attn::key_buffer_len(n, d)),
                         values[slot].slice(0, n * d),
                         scale,
                         sc,
-                        att.slice_mut(i * hd + hq * d, d),
+                        &mut outs[..nq],
                     );
                 }
             });
