@@ -66,6 +66,9 @@ pub fn rows(
     rows: Range<usize>,
     mut emit: impl FnMut(usize, usize, f32),
 ) {
+    if crate::gemm::rows(isa, w, cols, x, n, rows.clone(), &mut emit) {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && cols.is_multiple_of(16) {
         // SAFETY: `Avx512` is only selected when the CPU has AVX-512 F/VL/BW (and AVX2, FMA,

@@ -23,6 +23,7 @@ pub mod attn;
 pub mod dense;
 pub mod dot;
 pub mod f16;
+pub mod gemm;
 pub mod matmul;
 pub mod ops;
 pub mod packed;

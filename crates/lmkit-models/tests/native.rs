@@ -105,7 +105,7 @@ fn native_decoding_matches_native_prefill_and_forward_last() {
         // Prefill and decode quantize the same activations the same way: equal up to f32 order.
         assert!(d < FLOAT_TOL, "{dtype:?}: incremental vs full {d}");
 
-        // forward_last is the last row of forward; truncating rewinds exactly.
+        // forward_last is the last row of forward; truncating rewinds.
         let mut c2 = m.new_cache();
         let last = m
             .forward_last(&row(&ids), &mut c2)
@@ -120,10 +120,8 @@ fn native_decoding_matches_native_prefill_and_forward_last() {
             .unwrap()
             .squeeze(0)
             .unwrap();
-        assert_eq!(
-            again.to_vec1::<f32>().unwrap(),
-            last.to_vec1::<f32>().unwrap()
-        );
+        // Same positions, other batch shape (4 tokens vs 24 take different tilings).
+        assert!(max_abs_diff(&again, &last).unwrap() < FLOAT_TOL);
     }
 }
 

@@ -1,0 +1,256 @@
+//! Prompt-sized products with dense (f32 or f16) weights: the rows a call covers are first
+//! packed into panels of [`PANEL`] rows stored channel-major in f32 (`panel, channel, row`), then
+//! a register tile of 32 rows × 6 tokens (AVX-512; 16 × 6 with AVX2) accumulates
+//! `y[t][r..r+16] += x[t][c] · panel[c]` by broadcasting one activation at a time: no horizontal
+//! sums, and each weight vector loaded feeds six FMAs. Packing costs one pass over the rows and
+//! is repaid over the tokens, so it is used from [`MIN_TOKENS`] tokens up.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use half::f16;
+
+use crate::dense::Dense;
+use crate::dot::Isa;
+
+/// Rows per panel.
+pub const PANEL: usize = 16;
+/// Fewest tokens for which packing pays.
+pub const MIN_TOKENS: usize = 12;
+/// Tokens per register tile.
+const TILE_TOKENS: usize = 6;
+
+thread_local! {
+    static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Packs rows `rows` of `w` into `buf` as panels.
+fn pack(w: Dense, cols: usize, rows: &Range<usize>, buf: &mut Vec<f32>) {
+    let np = rows.len().div_ceil(PANEL);
+    buf.clear();
+    buf.resize(np * PANEL * cols, 0.0);
+    for (i, r) in rows.clone().enumerate() {
+        let base = (i / PANEL) * PANEL * cols + i % PANEL;
+        match w {
+            Dense::F32(v) => {
+                for (c, &x) in v[r * cols..(r + 1) * cols].iter().enumerate() {
+                    buf[base + c * PANEL] = x;
+                }
+            }
+            Dense::F16(b) => {
+                for (c, h) in b[2 * r * cols..2 * (r + 1) * cols]
+                    .chunks_exact(2)
+                    .enumerate()
+                {
+                    buf[base + c * PANEL] = f16::from_le_bytes([h[0], h[1]]).to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// `W[r] · x_t` for `r` in `rows`, `t < n` through packed panels, handed to `emit`; returns
+/// false (doing nothing) when this path does not apply (few tokens, no SIMD).
+pub fn rows(
+    isa: Isa,
+    w: Dense,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    rows: Range<usize>,
+    emit: &mut impl FnMut(usize, usize, f32),
+) -> bool {
+    if n < MIN_TOKENS || isa == Isa::Scalar || rows.is_empty() || x.len() < n * cols {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        PANELS.with(|b| {
+            let mut buf = b.borrow_mut();
+            pack(w, cols, &rows, &mut buf);
+            // SAFETY: `Avx512` means AVX-512 F is present, any other non-scalar ISA AVX2 + FMA;
+            // `buf` holds whole panels for `rows`, `x` holds `n` rows of `cols`.
+            unsafe {
+                if isa == Isa::Avx512 {
+                    x86::run512(&buf, cols, x, n, &rows, emit);
+                } else {
+                    x86::run256(&buf, cols, x, n, &rows, emit);
+                }
+            }
+        });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, emit);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// `P` panels × `N` tokens; `[token][row within the P panels]`.
+    #[inline(always)]
+    unsafe fn tile512<const P: usize, const N: usize>(
+        panels: *const f32,
+        cols: usize,
+        x: *const f32,
+    ) -> [[[f32; PANEL]; P]; N] {
+        let mut acc = [[_mm512_setzero_ps(); P]; N];
+        for c in 0..cols {
+            let mut w = [_mm512_setzero_ps(); P];
+            for (p, v) in w.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(panels.add(p * PANEL * cols + c * PANEL));
+            }
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(t * cols + c));
+                for (ap, wp) in a.iter_mut().zip(w.iter()) {
+                    *ap = _mm512_fmadd_ps(xv, *wp, *ap);
+                }
+            }
+        }
+        let mut out = [[[0f32; PANEL]; P]; N];
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
+            for (op, ap) in o.iter_mut().zip(a.iter()) {
+                _mm512_storeu_ps(op.as_mut_ptr(), *ap);
+            }
+        }
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn tokens512<const N: usize>(
+        buf: &[f32],
+        cols: usize,
+        x: &[f32],
+        t0: usize,
+        rows: &Range<usize>,
+        emit: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let np = rows.len().div_ceil(PANEL);
+        let xp = x.as_ptr().add(t0 * cols);
+        let mut p = 0;
+        while p < np {
+            let two = p + 1 < np;
+            let base = buf.as_ptr().add(p * PANEL * cols);
+            let mut put = |tile: &[[f32; PANEL]], t: usize| {
+                for (k, panel) in tile.iter().enumerate() {
+                    for (lane, &y) in panel.iter().enumerate() {
+                        let r = rows.start + (p + k) * PANEL + lane;
+                        if r < rows.end {
+                            emit(t0 + t, r, y);
+                        }
+                    }
+                }
+            };
+            if two {
+                for (t, tile) in tile512::<2, N>(base, cols, xp).iter().enumerate() {
+                    put(tile, t);
+                }
+                p += 2;
+            } else {
+                for (t, tile) in tile512::<1, N>(base, cols, xp).iter().enumerate() {
+                    put(tile, t);
+                }
+                p += 1;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F; `buf` holds the packed panels of `rows`; `x` holds `n` rows of `cols`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn run512(
+        buf: &[f32],
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        rows: &Range<usize>,
+        emit: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let mut t = 0;
+        while t + TILE_TOKENS <= n {
+            tokens512::<TILE_TOKENS>(buf, cols, x, t, rows, emit);
+            t += TILE_TOKENS;
+        }
+        while t < n {
+            tokens512::<1>(buf, cols, x, t, rows, emit);
+            t += 1;
+        }
+    }
+
+    /// One panel (two 8-lane halves) × `N` tokens.
+    #[inline(always)]
+    unsafe fn tile256<const N: usize>(
+        panel: *const f32,
+        cols: usize,
+        x: *const f32,
+    ) -> [[f32; PANEL]; N] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        for c in 0..cols {
+            let w0 = _mm256_loadu_ps(panel.add(c * PANEL));
+            let w1 = _mm256_loadu_ps(panel.add(c * PANEL + 8));
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_set1_ps(*x.add(t * cols + c));
+                a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+            }
+        }
+        let mut out = [[0f32; PANEL]; N];
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
+            _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+        }
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn tokens256<const N: usize>(
+        buf: &[f32],
+        cols: usize,
+        x: &[f32],
+        t0: usize,
+        rows: &Range<usize>,
+        emit: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let np = rows.len().div_ceil(PANEL);
+        let xp = x.as_ptr().add(t0 * cols);
+        for p in 0..np {
+            let tile = tile256::<N>(buf.as_ptr().add(p * PANEL * cols), cols, xp);
+            for (t, panel) in tile.iter().enumerate() {
+                for (lane, &y) in panel.iter().enumerate() {
+                    let r = rows.start + p * PANEL + lane;
+                    if r < rows.end {
+                        emit(t0 + t, r, y);
+                    }
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 + FMA; as for [`run512`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn run256(
+        buf: &[f32],
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        rows: &Range<usize>,
+        emit: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let mut t = 0;
+        while t + TILE_TOKENS <= n {
+            tokens256::<TILE_TOKENS>(buf, cols, x, t, rows, emit);
+            t += TILE_TOKENS;
+        }
+        while t < n {
+            tokens256::<1>(buf, cols, x, t, rows, emit);
+            t += 1;
+        }
+    }
+}
