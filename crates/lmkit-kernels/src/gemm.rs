@@ -21,31 +21,49 @@ pub const MIN_TOKENS: usize = 12;
 const TILE_TOKENS: usize = 6;
 
 thread_local! {
-    static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PANELS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Packs rows `rows` of `w` into `buf` as panels.
-fn pack(w: Dense, cols: usize, rows: &Range<usize>, buf: &mut Vec<f32>) {
+/// Packs rows `rows` of `w` into `buf` as panels (f16 rows widened first, 8 at a time with
+/// F16C where the CPU has it).
+fn pack(
+    isa: Isa,
+    w: Dense,
+    cols: usize,
+    rows: &Range<usize>,
+    buf: &mut Vec<f32>,
+    row: &mut Vec<f32>,
+) {
     let np = rows.len().div_ceil(PANEL);
     buf.clear();
     buf.resize(np * PANEL * cols, 0.0);
+    row.resize(cols, 0.0);
     for (i, r) in rows.clone().enumerate() {
         let base = (i / PANEL) * PANEL * cols + i % PANEL;
-        match w {
-            Dense::F32(v) => {
-                for (c, &x) in v[r * cols..(r + 1) * cols].iter().enumerate() {
-                    buf[base + c * PANEL] = x;
-                }
-            }
+        let src: &[f32] = match w {
+            Dense::F32(v) => &v[r * cols..(r + 1) * cols],
             Dense::F16(b) => {
-                for (c, h) in b[2 * r * cols..2 * (r + 1) * cols]
-                    .chunks_exact(2)
-                    .enumerate()
-                {
-                    buf[base + c * PANEL] = f16::from_le_bytes([h[0], h[1]]).to_f32();
-                }
+                widen(isa, &b[2 * r * cols..2 * (r + 1) * cols], row);
+                row
             }
+        };
+        for (c, &x) in src.iter().enumerate() {
+            buf[base + c * PANEL] = x;
         }
+    }
+}
+
+/// Little-endian f16 bytes → f32.
+fn widen(isa: Isa, b: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && out.len().is_multiple_of(8) {
+        // SAFETY: non-scalar ISAs have F16C; `b` holds `2 · out.len()` bytes.
+        unsafe { x86::widen(b, out) };
+        return;
+    }
+    let _ = isa;
+    for (o, h) in out.iter_mut().zip(b.chunks_exact(2)) {
+        *o = f16::from_le_bytes([h[0], h[1]]).to_f32();
     }
 }
 
@@ -66,15 +84,15 @@ pub fn rows(
     #[cfg(target_arch = "x86_64")]
     {
         PANELS.with(|b| {
-            let mut buf = b.borrow_mut();
-            pack(w, cols, &rows, &mut buf);
+            let (buf, row) = &mut *b.borrow_mut();
+            pack(isa, w, cols, &rows, buf, row);
             // SAFETY: `Avx512` means AVX-512 F is present, any other non-scalar ISA AVX2 + FMA;
             // `buf` holds whole panels for `rows`, `x` holds `n` rows of `cols`.
             unsafe {
                 if isa == Isa::Avx512 {
-                    x86::run512(&buf, cols, x, n, &rows, emit);
+                    x86::run512(buf, cols, x, n, &rows, emit);
                 } else {
-                    x86::run256(&buf, cols, x, n, &rows, emit);
+                    x86::run256(buf, cols, x, n, &rows, emit);
                 }
             }
         });
@@ -92,6 +110,17 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
+
+    /// # Safety
+    /// F16C; `b.len() ≥ 2 · out.len()`, `out.len() % 8 == 0`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen(b: &[u8], out: &mut [f32]) {
+        assert!(b.len() >= 2 * out.len());
+        for (i, o) in out.chunks_exact_mut(8).enumerate() {
+            let h = _mm_loadu_si128(b.as_ptr().add(16 * i) as *const __m128i);
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
 
     /// `P` panels × `N` tokens; `[token][row within the P panels]`.
     #[inline(always)]
