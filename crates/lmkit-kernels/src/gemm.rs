@@ -21,7 +21,7 @@ pub const MIN_TOKENS: usize = 12;
 const TILE_TOKENS: usize = 6;
 
 thread_local! {
-    static PANELS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static PANELS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 /// Packs rows `rows` of `w` into `buf` as panels (f16 rows widened first, 8 at a time with
@@ -84,13 +84,13 @@ pub fn rows(
     #[cfg(target_arch = "x86_64")]
     {
         PANELS.with(|b| {
-            let (buf, row) = &mut *b.borrow_mut();
+            let [buf, row, part] = &mut *b.borrow_mut();
             pack(isa, w, cols, &rows, buf, row);
             // SAFETY: `Avx512` means AVX-512 F is present, any other non-scalar ISA AVX2 + FMA;
             // `buf` holds whole panels for `rows`, `x` holds `n` rows of `cols`.
             unsafe {
                 if isa == Isa::Avx512 {
-                    x86::run512(buf, cols, x, n, &rows, emit);
+                    x86::run512(buf, cols, x, n, &rows, part, emit);
                 } else {
                     x86::run256(buf, cols, x, n, &rows, emit);
                 }
@@ -122,15 +122,26 @@ mod x86 {
         }
     }
 
-    /// `P` panels × `N` tokens; `[token][row within the P panels]`.
+    /// `P` panels × `N` tokens over channels `k0..k1`, starting from `init` (partial sums of
+    /// earlier channel blocks, `[token][P·16]`) or zero; returns the sums the same way.
     #[inline(always)]
     unsafe fn tile512<const P: usize, const N: usize>(
         panels: *const f32,
         cols: usize,
         x: *const f32,
-    ) -> [[[f32; PANEL]; P]; N] {
+        k: Range<usize>,
+        init: Option<*const f32>,
+        out: *mut f32,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); P]; N];
-        for c in 0..cols {
+        if let Some(src) = init {
+            for (t, a) in acc.iter_mut().enumerate() {
+                for (j, ap) in a.iter_mut().enumerate() {
+                    *ap = _mm512_loadu_ps(src.add(t * P * PANEL + j * PANEL));
+                }
+            }
+        }
+        for c in k {
             let mut w = [_mm512_setzero_ps(); P];
             for (p, v) in w.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(panels.add(p * PANEL * cols + c * PANEL));
@@ -142,51 +153,54 @@ mod x86 {
                 }
             }
         }
-        let mut out = [[[0f32; PANEL]; P]; N];
-        for (o, a) in out.iter_mut().zip(acc.iter()) {
-            for (op, ap) in o.iter_mut().zip(a.iter()) {
-                _mm512_storeu_ps(op.as_mut_ptr(), *ap);
+        for (t, a) in acc.iter().enumerate() {
+            for (j, ap) in a.iter().enumerate() {
+                _mm512_storeu_ps(out.add(t * P * PANEL + j * PANEL), *ap);
             }
         }
-        out
     }
 
+    /// Channels per block: a 2-panel slice of this many channels (32 KiB) stays in L1 while
+    /// every token tile runs over it.
+    const K_BLOCK: usize = 256;
+
+    /// All tokens against panels `p..p+P`, channel block by channel block; partial sums live
+    /// in `part` (`n × P·16`).
     #[inline(always)]
-    unsafe fn tokens512<const N: usize>(
+    unsafe fn panels512<const P: usize>(
         buf: &[f32],
         cols: usize,
         x: &[f32],
-        t0: usize,
-        rows: &Range<usize>,
-        emit: &mut impl FnMut(usize, usize, f32),
+        n: usize,
+        p: usize,
+        part: &mut Vec<f32>,
     ) {
-        let np = rows.len().div_ceil(PANEL);
-        let xp = x.as_ptr().add(t0 * cols);
-        let mut p = 0;
-        while p < np {
-            let two = p + 1 < np;
-            let base = buf.as_ptr().add(p * PANEL * cols);
-            let mut put = |tile: &[[f32; PANEL]], t: usize| {
-                for (k, panel) in tile.iter().enumerate() {
-                    for (lane, &y) in panel.iter().enumerate() {
-                        let r = rows.start + (p + k) * PANEL + lane;
-                        if r < rows.end {
-                            emit(t0 + t, r, y);
-                        }
-                    }
-                }
-            };
-            if two {
-                for (t, tile) in tile512::<2, N>(base, cols, xp).iter().enumerate() {
-                    put(tile, t);
-                }
-                p += 2;
-            } else {
-                for (t, tile) in tile512::<1, N>(base, cols, xp).iter().enumerate() {
-                    put(tile, t);
-                }
-                p += 1;
+        part.resize(n * P * PANEL, 0.0);
+        let base = buf.as_ptr().add(p * PANEL * cols);
+        let pp = part.as_mut_ptr();
+        let mut k0 = 0;
+        while k0 < cols {
+            let k = k0..(k0 + K_BLOCK).min(cols);
+            let init = |t: usize| (k0 > 0).then(|| pp.add(t * P * PANEL) as *const f32);
+            let mut t = 0;
+            while t + TILE_TOKENS <= n {
+                let xp = x.as_ptr().add(t * cols);
+                tile512::<P, TILE_TOKENS>(
+                    base,
+                    cols,
+                    xp,
+                    k.clone(),
+                    init(t),
+                    pp.add(t * P * PANEL),
+                );
+                t += TILE_TOKENS;
             }
+            while t < n {
+                let xp = x.as_ptr().add(t * cols);
+                tile512::<P, 1>(base, cols, xp, k.clone(), init(t), pp.add(t * P * PANEL));
+                t += 1;
+            }
+            k0 += K_BLOCK;
         }
     }
 
@@ -199,16 +213,28 @@ mod x86 {
         x: &[f32],
         n: usize,
         rows: &Range<usize>,
+        part: &mut Vec<f32>,
         emit: &mut impl FnMut(usize, usize, f32),
     ) {
-        let mut t = 0;
-        while t + TILE_TOKENS <= n {
-            tokens512::<TILE_TOKENS>(buf, cols, x, t, rows, emit);
-            t += TILE_TOKENS;
-        }
-        while t < n {
-            tokens512::<1>(buf, cols, x, t, rows, emit);
-            t += 1;
+        let np = rows.len().div_ceil(PANEL);
+        let mut p = 0;
+        while p < np {
+            let two = p + 1 < np;
+            if two {
+                panels512::<2>(buf, cols, x, n, p, part);
+            } else {
+                panels512::<1>(buf, cols, x, n, p, part);
+            }
+            let width = if two { 2 * PANEL } else { PANEL };
+            for t in 0..n {
+                for (j, &y) in part[t * width..(t + 1) * width].iter().enumerate() {
+                    let r = rows.start + p * PANEL + j;
+                    if r < rows.end {
+                        emit(t, r, y);
+                    }
+                }
+            }
+            p += if two { 2 } else { 1 };
         }
     }
 
