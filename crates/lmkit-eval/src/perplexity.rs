@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use lmkit_core::{Tensor, D};
+use lmkit_core::Tensor;
 use lmkit_models::Llama;
 use serde::Serialize;
 
@@ -63,6 +63,24 @@ pub struct PplReport {
     pub total_tokens: usize,
     pub seconds: f64,
     pub tokens_per_sec: f64,
+}
+
+/// `−log softmax(row)[target]` of every row of `logits` (`rows × v`), in parallel:
+/// `logsumexp(row) − row[target]`, with the max subtracted first.
+fn nlls(logits: &[f32], v: usize, targets: &[usize]) -> Vec<f64> {
+    use rayon::prelude::*;
+    let isa = lmkit_kernels::isa();
+    logits
+        .par_chunks_exact(v)
+        .zip(targets.par_iter())
+        .map_init(Vec::new, |buf, (row, &target)| {
+            buf.clear();
+            buf.extend_from_slice(row);
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let sum = lmkit_kernels::ops::softmax_unnormalized(isa, buf) as f64;
+            sum.ln() + max as f64 - row[target] as f64
+        })
+        .collect()
 }
 
 /// Computes perplexity of `tokens`; `progress(done_windows, total_windows)` is called after each
@@ -126,26 +144,37 @@ pub fn perplexity(
             }
             ids.extend(win);
         }
-        let x = Tensor::from_vec(ids.clone(), (b, ctx), model.device())?; // (b, t)
-        let mut cache = model.new_cache();
-        let hidden = model.forward_hidden(&x, &mut cache)?; // (b, t, c)
-                                                            // Only the scored positions go through the output layer.
-        let hidden = hidden.narrow(1, first, ctx - 1 - first)?;
+        // The native CPU path runs one sequence per call; the reference path takes the batch.
+        let mut hidden = Vec::with_capacity(b);
+        if model.is_native() {
+            for win in ids.chunks_exact(ctx) {
+                let x = Tensor::from_vec(win.to_vec(), (1, ctx), model.device())?;
+                hidden.push(model.forward_hidden(&x, &mut model.new_cache())?);
+            }
+        } else {
+            let x = Tensor::from_vec(ids.clone(), (b, ctx), model.device())?; // (b, t)
+            hidden.push(model.forward_hidden(&x, &mut model.new_cache())?);
+        }
+        let hidden = Tensor::cat(&hidden, 0)?; // (b, t, c)
+                                               // Only the scored positions go through the output layer.
+        let s = ctx - 1 - first;
+        let hidden = hidden.narrow(1, first, s)?;
         let logits = model
             .lm_head()
             .forward(&hidden)
             .map_err(lmkit_models::Error::from)?; // (b, s, v)
-        let logp = lmkit_core::candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let logp = logp.to_dtype(lmkit_core::DType::F32)?;
-        for bi in 0..b {
-            let rows = logp.get(bi)?.to_vec2::<f32>()?; // (s, v)
-            for (j, row) in rows.iter().enumerate() {
-                let target = ids[bi * ctx + first + j + 1] as usize;
-                let nll = -(row[target] as f64);
-                sum += nll;
-                sum2 += nll * nll;
-                n += 1;
-            }
+        let logits = logits
+            .to_dtype(lmkit_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let v = logits.len() / (b * s);
+        let targets: Vec<usize> = (0..b * s)
+            .map(|k| ids[(k / s) * ctx + first + k % s + 1] as usize)
+            .collect();
+        for nll in nlls(&logits, v, &targets) {
+            sum += nll;
+            sum2 += nll * nll;
+            n += 1;
         }
         done += b;
         progress(done, windows);
