@@ -31,18 +31,59 @@ pub enum Weight {
 impl Weight {
     /// A block-quantized tensor: repacked for lmkit's kernels when it runs on the CPU in a
     /// format they support, else kept as candle's `QTensor`.
+    ///
+    /// GGUF types without a kernel are converted on the CPU: `Q4_K` to `Q4_1` (exact up to the
+    /// f16 rounding of each block's scale and offset, see `lmkit_kernels::convert`), and
+    /// `Q5_0`, `Q5_1`, `Q2_K`, `Q3_K`, `Q5_K`, `Q6_K` requantized to `Q8_0` (8 bits per weight
+    /// over their 2.6–6.6: a small added rounding error; `--dequantize` keeps the exact values).
     pub fn quantized(q: QTensor) -> Result<Self> {
-        if let Some(Native::Quant(format)) = native_format(q.dtype(), &q.device()) {
-            let (rows, cols) = q.shape().dims2().op("weight dims")?;
-            let data = q.data().op("weight bytes")?;
-            let p = Packed::pack(format, rows, cols, &data).map_err(|e| Error::Shape {
-                op: "pack weights".into(),
-                expected: format!("{rows}x{cols} {format:?}"),
-                got: e.to_string(),
-            })?;
-            return Ok(Weight::Packed(Arc::new(p)));
+        let device = q.device();
+        if !device.is_cpu() {
+            return Ok(Weight::Quantized(Arc::new(q)));
         }
-        Ok(Weight::Quantized(Arc::new(q)))
+        let (rows, cols) = q.shape().dims2().op("weight dims")?;
+        let dtype = q.dtype();
+        let (format, data): (QFormat, Cow<[u8]>) = match native_format(dtype, &device) {
+            Some(Native::Quant(format)) => (format, q.data().op("weight bytes")?),
+            _ => match dtype {
+                GgmlDType::Q4K => {
+                    let b = q.data().op("weight bytes")?;
+                    let converted =
+                        lmkit_kernels::convert::q4k_to_q4_1(&b).map_err(|e| Error::Shape {
+                            op: "Q4_K weights".into(),
+                            expected: format!("{rows}x{cols}"),
+                            got: e.to_string(),
+                        })?;
+                    (QFormat::Q4_1, Cow::Owned(converted))
+                }
+                GgmlDType::Q5_0
+                | GgmlDType::Q5_1
+                | GgmlDType::Q2K
+                | GgmlDType::Q3K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K
+                    if cols.is_multiple_of(32) =>
+                {
+                    let f = q.dequantize(&device).op("dequantize for Q8_0")?;
+                    let q8 = QTensor::quantize(&f, GgmlDType::Q8_0).op("requantize to Q8_0")?;
+                    let b = q8.data().op("weight bytes")?.into_owned();
+                    (QFormat::Q8_0, Cow::Owned(b))
+                }
+                _ => return Ok(Weight::Quantized(Arc::new(q))),
+            },
+        };
+        if !matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+            tracing::debug!(
+                "{rows}x{cols} {} weight converted to {format:?} for lmkit's kernels",
+                ggml_type_name(dtype)
+            );
+        }
+        let p = Packed::pack(format, rows, cols, &data).map_err(|e| Error::Shape {
+            op: "pack weights".into(),
+            expected: format!("{rows}x{cols} {format:?}"),
+            got: e.to_string(),
+        })?;
+        Ok(Weight::Packed(Arc::new(p)))
     }
 
     /// `(out, in)`.

@@ -20,6 +20,7 @@
 
 pub mod act;
 pub mod attn;
+pub mod convert;
 pub mod dense;
 pub mod dot;
 pub mod f16;
