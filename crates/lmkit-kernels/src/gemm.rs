@@ -18,6 +18,7 @@ pub const PANEL: usize = 16;
 /// Fewest tokens for which packing pays.
 pub const MIN_TOKENS: usize = 12;
 /// Tokens per register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const TILE_TOKENS: usize = 6;
 
 thread_local! {
@@ -26,6 +27,7 @@ thread_local! {
 
 /// Packs rows `rows` of `w` into `buf` as panels (f16 rows widened first, 8 at a time with
 /// F16C where the CPU has it).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn pack(
     isa: Isa,
     w: Dense,
@@ -54,6 +56,7 @@ fn pack(
 }
 
 /// Little-endian f16 bytes → f32.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn widen(isa: Isa, b: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar && out.len().is_multiple_of(8) {
