@@ -9,10 +9,10 @@
 //! `Attn = softmax(q kᵀ / √d + causal mask) v` with RoPE on q and k,
 //! `MLP(x) = W_down (silu(W_gate x) ⊙ W_up x)`.
 
-use lmkit_core::candle_nn::ops::softmax_last_dim;
+use lmkit_core::candle_nn::ops::{softmax, softmax_last_dim};
 use lmkit_core::candle_nn::rotary_emb::rope;
 use lmkit_core::linear::Weight;
-use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor};
+use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor, D};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
@@ -385,7 +385,8 @@ impl Llama {
         let mut x = self.embed.forward(ids)?; // (b, t, c)
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = blk.attn_norm.forward(&x)?;
-            let h = self.attention(i, &blk.attn, &h, (b, t), &cos, &sin, mask.as_ref(), cache)?;
+            let rope = Rope::Fused(&cos, &sin);
+            let h = self.attention(&blk.attn, &h, (b, t), rope, mask.as_ref(), Some((i, cache)))?;
             x = (x + h)?;
             let h = blk.mlp_norm.forward(&x)?;
             let h = mlp(&blk.mlp, &h)?;
@@ -422,17 +423,42 @@ impl Llama {
         Ok(self.lm_head.forward(&last)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Logits at every position, through differentiable candle ops only (training): RMSNorm,
+    /// RoPE and softmax built from elementwise ops (candle's fused kernels have no backward). The
+    /// whole sequence runs at once, without a KV cache.
+    ///
+    /// # Shapes
+    /// `ids`: `(b, t)` u32 → `(b, t, v)` f32.
+    pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = self.check_ids(ids, 0)?;
+        let (cos, sin) = self.rope_tables(0, t)?;
+        // Rotate-half tables over the full head: (t, d).
+        let cos = Tensor::cat(&[&cos, &cos], 1)?;
+        let sin = Tensor::cat(&[&sin, &sin], 1)?;
+        let mask = causal_mask(t, 0, &self.device)?;
+        let mut x = self.embed.forward(ids)?; // (b, t, c)
+        for blk in &self.blocks {
+            let h = blk.attn_norm.forward_diff(&x)?;
+            let rope = Rope::Diff(&cos, &sin);
+            let h = self.attention(&blk.attn, &h, (b, t), rope, mask.as_ref(), None)?;
+            x = (x + h)?;
+            let h = blk.mlp_norm.forward_diff(&x)?;
+            let h = mlp(&blk.mlp, &h)?;
+            x = (x + h)?;
+        }
+        let x = self.norm.forward_diff(&x)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// Attention of `x (b, t, c)`; with a cache, its layer's keys and values are extended.
     fn attention(
         &self,
-        layer: usize,
         a: &Attention,
         x: &Tensor,
         (b, t): (usize, usize),
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: Rope,
         mask: Option<&Tensor>,
-        cache: &mut KvCache,
+        cache: Option<(usize, &mut KvCache)>,
     ) -> Result<Tensor> {
         let (h, kh, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = h / kh;
@@ -450,9 +476,11 @@ impl Llama {
             .reshape((b, t, kh, d))?
             .transpose(1, 2)?
             .contiguous()?; // (b, k, t, d)
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?;
-        let (k, v) = cache.append(layer, k, v)?; // (b, k, T, d)
+        let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
+        let (k, v) = match cache {
+            Some((layer, cache)) => cache.append(layer, k, v)?, // (b, k, T, d)
+            None => (k, v),
+        };
         let total = k.dims()[2];
         // Grouped-query attention without copying kv: q heads j·g..j·g+g share kv head j.
         let q = q.reshape((b, kh, g * t, d))?; // (b, k, g·t, d)
@@ -465,13 +493,40 @@ impl Llama {
                 .reshape((b, kh, g * t, total))?,
             None => att,
         };
-        let att = softmax_last_dim(&att)?;
+        let att = match rope {
+            Rope::Fused(..) => softmax_last_dim(&att)?,
+            Rope::Diff(..) => softmax(&att, D::Minus1)?,
+        };
         let y = att.matmul(&v.contiguous()?)?; // (b, k, g·t, d)
         let y = y
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?; // (b, t, c)
         Ok(a.o.forward(&y)?)
+    }
+}
+
+/// RoPE tables and which implementation applies them: candle's fused kernel (inference; tables
+/// `(t, d/2)`) or elementwise ops that carry gradients (training; tables `(t, d)`).
+#[derive(Clone, Copy)]
+enum Rope<'a> {
+    Fused(&'a Tensor, &'a Tensor),
+    Diff(&'a Tensor, &'a Tensor),
+}
+
+impl Rope<'_> {
+    /// Rotates `x (b, h, t, d)`: `x·cos + rotate_half(x)·sin`, `rotate_half(x) = (−x₂, x₁)`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match *self {
+            Rope::Fused(cos, sin) => Ok(rope(x, cos, sin)?),
+            Rope::Diff(cos, sin) => {
+                let half = x.dims()[3] / 2;
+                let x1 = x.narrow(3, 0, half)?;
+                let x2 = x.narrow(3, half, half)?;
+                let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+                Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+            }
+        }
     }
 }
 
