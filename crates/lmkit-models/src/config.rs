@@ -197,6 +197,52 @@ impl LlamaConfig {
     }
 
     /// A tiny random-model config for tests: 2 layers, hidden 64, vocab 128.
+    /// Every parameter's HF name and shape, in load order (norm weights are `(c,)`; the output
+    /// layer is listed only when it is not tied to the embedding).
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let c = self.hidden_size;
+        let (h, k, d, f) = (
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+        );
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, c],
+        )];
+        for i in 0..self.num_layers {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![c]));
+            for (name, rows, cols) in [
+                ("self_attn.q_proj", h * d, c),
+                ("self_attn.k_proj", k * d, c),
+                ("self_attn.v_proj", k * d, c),
+                ("self_attn.o_proj", c, h * d),
+            ] {
+                out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
+            }
+            if self.attention_bias {
+                for (name, rows) in [("q_proj", h * d), ("k_proj", k * d), ("v_proj", k * d)] {
+                    out.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
+                }
+            }
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
+            for (name, rows, cols) in [
+                ("mlp.gate_proj", f, c),
+                ("mlp.up_proj", f, c),
+                ("mlp.down_proj", c, f),
+            ] {
+                out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
+            }
+        }
+        out.push(("model.norm.weight".into(), vec![c]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), vec![self.vocab_size, c]));
+        }
+        out
+    }
+
     pub fn tiny() -> Self {
         Self {
             arch: "llama".into(),

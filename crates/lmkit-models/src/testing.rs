@@ -71,81 +71,25 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
 /// HF-keyed random weights for `cfg` with the given seed (std ≈ 0.02·√3 uniform, norms ≈ 1).
 pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = Rng::new(seed);
-    let c = cfg.hidden_size;
-    let (h, k, d, f) = (
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        cfg.intermediate_size,
-    );
-    let mut out = Vec::new();
-    let mat = |name: String, r: usize, cols: usize, scale: f32, rng: &mut Rng| {
-        let v: Vec<f32> = (0..r * cols).map(|_| rng.uniform() * scale).collect();
-        (name, vec![r, cols], v)
-    };
-    out.push(mat(
-        "model.embed_tokens.weight".into(),
-        cfg.vocab_size,
-        c,
-        1.0,
-        &mut rng,
-    ));
-    for i in 0..cfg.num_layers {
-        let p = format!("model.layers.{i}");
-        let norm: Vec<f32> = (0..c).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
-        out.push((format!("{p}.input_layernorm.weight"), vec![c], norm));
-        out.push(mat(
-            format!("{p}.self_attn.q_proj.weight"),
-            h * d,
-            c,
-            0.2,
-            &mut rng,
-        ));
-        out.push(mat(
-            format!("{p}.self_attn.k_proj.weight"),
-            k * d,
-            c,
-            0.2,
-            &mut rng,
-        ));
-        out.push(mat(
-            format!("{p}.self_attn.v_proj.weight"),
-            k * d,
-            c,
-            0.2,
-            &mut rng,
-        ));
-        out.push(mat(
-            format!("{p}.self_attn.o_proj.weight"),
-            c,
-            h * d,
-            0.2,
-            &mut rng,
-        ));
-        let norm: Vec<f32> = (0..c).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
-        out.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![c],
-            norm,
-        ));
-        out.push(mat(
-            format!("{p}.mlp.gate_proj.weight"),
-            f,
-            c,
-            0.2,
-            &mut rng,
-        ));
-        out.push(mat(format!("{p}.mlp.up_proj.weight"), f, c, 0.2, &mut rng));
-        out.push(mat(
-            format!("{p}.mlp.down_proj.weight"),
-            c,
-            f,
-            0.2,
-            &mut rng,
-        ));
-    }
-    out.push(("model.norm.weight".into(), vec![c], vec![1.0; c]));
-    out
+    cfg.parameter_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name == "model.norm.weight" {
+                vec![1.0; n]
+            } else if name.ends_with("layernorm.weight") {
+                (0..n).map(|_| 1.0 + 0.1 * rng.uniform()).collect()
+            } else {
+                let scale = if name == "model.embed_tokens.weight" {
+                    1.0
+                } else {
+                    0.2
+                };
+                (0..n).map(|_| rng.uniform() * scale).collect()
+            };
+            (name, shape, v)
+        })
+        .collect()
 }
 
 /// Permutes q/k rows from HF's rotate-half order to GGUF's interleaved order (what llama.cpp's

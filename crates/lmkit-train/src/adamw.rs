@@ -1,0 +1,179 @@
+//! AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", arXiv 1711.05101), as
+//! PyTorch's `torch.optim.AdamW` computes it, and global-norm gradient clipping as
+//! `torch.nn.utils.clip_grad_norm_` does.
+//!
+//! Per step `t` (1-based), for a parameter `θ` with gradient `g`:
+//! ```text
+//! θ ← θ·(1 − lr·λ)                      (decoupled decay; only in the decay group)
+//! m ← β₁·m + (1 − β₁)·g
+//! v ← β₂·v + (1 − β₂)·g²
+//! θ ← θ − lr · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
+//! ```
+//! Clipping scales every gradient by `min(1, max_norm / (‖g‖₂ + 1e-6))`, `‖g‖₂` over all of them.
+
+use lmkit_core::candle::backprop::GradStore;
+use lmkit_core::candle::Var;
+use lmkit_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults except the decay, which is the common LM-training 0.1.
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+struct Slot {
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// AdamW over a fixed set of variables.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    step: usize,
+}
+
+impl AdamW {
+    /// `params`: each variable and whether weight decay applies to it.
+    pub fn new(params: Vec<(Var, bool)>, cfg: AdamWConfig) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(var, decay)| {
+                let z = var.as_tensor().zeros_like()?;
+                Ok(Slot {
+                    m: z.clone(),
+                    v: z,
+                    var,
+                    decay,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            cfg,
+            slots,
+            step: 0,
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// The global L2 norm of the gradients of this optimizer's variables.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut sum = 0f64;
+        for s in &self.slots {
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                sum += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(lmkit_core::DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// One update with learning rate `lr`, every gradient multiplied by `grad_scale` first
+    /// (clipping, or averaging accumulated micro-batches). Variables without a gradient are
+    /// left alone (their moments too), as in PyTorch.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let c = self.cfg;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        for s in &mut self.slots {
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
+            let g = (g * grad_scale)?;
+            let mut theta = s.var.as_tensor().clone();
+            if s.decay && c.weight_decay != 0.0 {
+                theta = (theta * (1.0 - lr * c.weight_decay))?;
+            }
+            s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((&s.v / bc2)?.sqrt()? + c.eps)?;
+            let update = ((&s.m / bc1)? / denom)?;
+            s.var.set(&(theta - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The factor that clips a gradient of norm `norm` to `max_norm` (1 when it is below).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmkit_core::Device;
+
+    /// Three steps against the update rule evaluated in f64.
+    #[test]
+    fn matches_the_update_rule() {
+        let p0 = [0.5f64, -1.0, 2.0];
+        let grads = [[0.1f64, -0.2, 0.3], [0.05, 0.4, -0.1], [-0.3, 0.0, 0.2]];
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        for decay in [true, false] {
+            let var = Var::new(&p0.map(|x| x as f32), &Device::Cpu).unwrap();
+            let mut opt = AdamW::new(vec![(var.clone(), decay)], cfg).unwrap();
+            let (mut p, mut m, mut v) = (p0, [0f64; 3], [0f64; 3]);
+            for (t, g) in grads.iter().enumerate() {
+                let lr = 0.01 * (t + 1) as f64;
+                // A gradient of `2·g`, scaled by 0.5 in the step: the same as `g`.
+                let loss = (var.as_tensor()
+                    * Tensor::new(&g.map(|x| 2.0 * x as f32), &Device::Cpu).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+                let store = loss.backward().unwrap();
+                opt.step(&store, lr, 0.5).unwrap();
+                let t = (t + 1) as i32;
+                for i in 0..3 {
+                    if decay {
+                        p[i] *= 1.0 - lr * cfg.weight_decay;
+                    }
+                    m[i] = cfg.beta1 * m[i] + (1.0 - cfg.beta1) * g[i];
+                    v[i] = cfg.beta2 * v[i] + (1.0 - cfg.beta2) * g[i] * g[i];
+                    let mh = m[i] / (1.0 - cfg.beta1.powi(t));
+                    let vh = v[i] / (1.0 - cfg.beta2.powi(t));
+                    p[i] -= lr * mh / (vh.sqrt() + cfg.eps);
+                }
+            }
+            let got = var.as_tensor().to_vec1::<f32>().unwrap();
+            for (a, b) in got.iter().zip(&p) {
+                assert!((*a as f64 - b).abs() < 1e-6, "decay={decay}: {a} vs {b}");
+            }
+        }
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert!((clip_scale(4.0, 1.0) - 0.25).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,104 @@
+//! Training sequences packed from a token stream: sequence `i` is tokens
+//! `[i·len, i·len + len + 1)` (inputs are its first `len`, targets its last `len`), so every
+//! token is predicted once per epoch. The order of sequences is shuffled per epoch by a seeded
+//! permutation, so a run is reproducible.
+
+use lmkit_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+pub struct Sequences {
+    tokens: Vec<u32>,
+    len: usize,
+    order: Vec<usize>,
+    next: usize,
+    epoch: usize,
+    seed: u64,
+}
+
+impl Sequences {
+    /// Sequences of `len` predictions from `tokens`; `seed` drives the shuffle.
+    pub fn new(tokens: Vec<u32>, len: usize, seed: u64) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::Option {
+                option: "seq_len".into(),
+                why: "must be at least 1".into(),
+            });
+        }
+        let n = tokens.len().saturating_sub(1) / len;
+        if n == 0 {
+            return Err(Error::Data(format!(
+                "{} tokens make no sequence of {} (+1) tokens",
+                tokens.len(),
+                len
+            )));
+        }
+        let mut s = Self {
+            tokens,
+            len,
+            order: (0..n).collect(),
+            next: 0,
+            epoch: 0,
+            seed,
+        };
+        s.shuffle();
+        Ok(s)
+    }
+
+    /// Sequences per epoch.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Completed passes over the data.
+    pub fn epoch(&self) -> usize {
+        self.epoch
+    }
+
+    fn shuffle(&mut self) {
+        // Fisher–Yates with a splitmix64 stream keyed by (seed, epoch).
+        let mut x = self.seed ^ (self.epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        for i in (1..self.order.len()).rev() {
+            let j = (next() % (i as u64 + 1)) as usize;
+            self.order.swap(i, j);
+        }
+    }
+
+    /// The next `b` sequences as `(b, len + 1)` token ids, starting a new shuffled epoch when
+    /// this one runs out.
+    pub fn batch(&mut self, b: usize) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(b * (self.len + 1));
+        for _ in 0..b {
+            if self.next == self.order.len() {
+                self.next = 0;
+                self.epoch += 1;
+                self.shuffle();
+            }
+            let start = self.order[self.next] * self.len;
+            ids.extend_from_slice(&self.tokens[start..start + self.len + 1]);
+            self.next += 1;
+        }
+        Ok(Tensor::from_vec(ids, (b, self.len + 1), &Device::Cpu)?)
+    }
+
+    /// Sequences `0..n` in file order (for evaluation), `(n, len + 1)`.
+    pub fn first(&self, n: usize) -> Result<Tensor> {
+        let n = n.min(self.order.len());
+        let ids = self.tokens[..n * self.len + 1].to_vec();
+        let rows: Vec<u32> = (0..n)
+            .flat_map(|i| ids[i * self.len..i * self.len + self.len + 1].to_vec())
+            .collect();
+        Ok(Tensor::from_vec(rows, (n, self.len + 1), &Device::Cpu)?)
+    }
+}

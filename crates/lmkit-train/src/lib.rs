@@ -1,0 +1,21 @@
+//! lmkit-train: training for the models of `lmkit-models`.
+//!
+//! - [`schedule`]: learning-rate schedules (linear warmup, then cosine or linear decay);
+//! - [`adamw`]: AdamW with decoupled weight decay and parameter groups, and global-norm
+//!   gradient clipping;
+//! - [`params`]: a model's trainable variables, from existing weights or a fresh initialization;
+//! - [`data`]: packing token streams into fixed-length training sequences;
+//! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log).
+
+pub mod adamw;
+pub mod data;
+pub mod error;
+pub mod params;
+pub mod schedule;
+pub mod trainer;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use error::{Error, Result};
+pub use params::Trainable;
+pub use schedule::{Decay, Schedule};
+pub use trainer::{train, StepLog, TrainConfig};

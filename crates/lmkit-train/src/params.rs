@@ -1,0 +1,99 @@
+//! A model's trainable variables: every weight as a candle `Var` that the model's layers share,
+//! so gradients of `Llama::forward_train` land on them.
+
+use std::collections::HashMap;
+
+use lmkit_core::candle::Var;
+use lmkit_core::{Device, Tensor};
+use lmkit_models::{Llama, LlamaConfig, LoadOptions, WeightSource};
+
+use crate::Result;
+
+/// A model built on variables, with their HF names.
+pub struct Trainable {
+    pub model: Llama,
+    pub params: Vec<(String, Var)>,
+}
+
+/// Deterministic normal samples (xorshift64* and Box–Muller), independent of candle's RNG.
+struct Normal(u64);
+
+impl Normal {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+impl Trainable {
+    /// Fresh weights, deterministic in `seed`: `N(0, std²)` for the embedding and every matrix
+    /// (HF's `initializer_range`, 0.02 by default), ones for norms, zeros for biases.
+    pub fn init(cfg: LlamaConfig, std: f64, seed: u64) -> Result<Self> {
+        let mut rng = Normal(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut tensors = HashMap::new();
+        for (name, shape) in cfg.parameter_shapes() {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (rng.sample() * std) as f32).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
+        }
+        Self::from_tensors(cfg, tensors)
+    }
+
+    /// A model on variables initialized from `tensors` (HF names, f32).
+    pub fn from_tensors(cfg: LlamaConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        let mut params = Vec::with_capacity(tensors.len());
+        let mut shared = HashMap::with_capacity(tensors.len());
+        for (name, _) in cfg.parameter_shapes() {
+            let Some(t) = tensors.get(&name) else {
+                return Err(crate::Error::Option {
+                    option: "weights".into(),
+                    why: format!("no tensor `{name}`"),
+                });
+            };
+            let var = Var::from_tensor(&t.to_dtype(lmkit_core::DType::F32)?)?;
+            shared.insert(name.clone(), var.as_tensor().clone());
+            params.push((name, var));
+        }
+        let model = Llama::load(
+            cfg,
+            &WeightSource::Map(shared),
+            LoadOptions::default(),
+            &Device::Cpu,
+        )?;
+        Ok(Self { model, params })
+    }
+
+    /// Variables with whether weight decay applies: matrices yes, embeddings, norms and biases
+    /// no (the common default).
+    pub fn decay_groups(&self) -> Vec<(Var, bool)> {
+        self.params
+            .iter()
+            .map(|(n, v)| {
+                let matrix = v.as_tensor().rank() >= 2 && !n.contains("embed_tokens");
+                (v.clone(), matrix)
+            })
+            .collect()
+    }
+
+    /// Scalar parameters (tied weights once).
+    pub fn num_parameters(&self) -> usize {
+        self.params
+            .iter()
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum()
+    }
+}

@@ -1,0 +1,149 @@
+//! The training loop, in the shape of nanoGPT's: one loop, commented phases.
+
+use std::time::Instant;
+
+use lmkit_core::candle::backprop::GradStore;
+use lmkit_core::candle_nn::loss::cross_entropy;
+use lmkit_core::Tensor;
+use lmkit_models::Llama;
+use serde::{Deserialize, Serialize};
+
+use crate::adamw::{clip_scale, AdamW, AdamWConfig};
+use crate::data::Sequences;
+use crate::params::Trainable;
+use crate::schedule::Schedule;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per optimizer step (gradients are averaged over them).
+    pub accumulate: usize,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this (none if `None`).
+    pub clip: Option<f64>,
+    /// Evaluate every this many steps (and at the end); 0 never.
+    pub eval_every: usize,
+    /// Sequences of the evaluation set used per evaluation.
+    pub eval_sequences: usize,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub lr: f64,
+    /// Mean training loss over the step's micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens_per_sec: f64,
+    pub eval_loss: Option<f64>,
+}
+
+/// Mean next-token cross-entropy of `ids (b, t + 1)`: inputs `[.., :t]`, targets `[.., 1:]`.
+pub fn loss(model: &Llama, ids: &Tensor) -> Result<Tensor> {
+    let (b, t1) = ids.dims2()?;
+    let t = t1 - 1;
+    let logits = model.forward_train(&ids.narrow(1, 0, t)?)?; // (b, t, v)
+    let v = logits.dims()[2];
+    let targets = ids.narrow(1, 1, t)?.flatten_all()?;
+    Ok(cross_entropy(&logits.reshape((b * t, v))?, &targets)?)
+}
+
+/// Mean loss over the first `n` evaluation sequences, in batches of `batch`.
+pub fn evaluate(model: &Llama, data: &Sequences, n: usize, batch: usize) -> Result<f64> {
+    let ids = data.first(n)?;
+    let rows = ids.dims()[0];
+    let (mut sum, mut count) = (0f64, 0usize);
+    for start in (0..rows).step_by(batch.max(1)) {
+        let b = batch.min(rows - start);
+        let l = loss(model, &ids.narrow(0, start, b)?)?.to_scalar::<f32>()? as f64;
+        sum += l * b as f64;
+        count += b;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Adds `more` into `acc` for every variable.
+fn accumulate(acc: &mut GradStore, more: GradStore, t: &Trainable) -> Result<()> {
+    for (_, var) in &t.params {
+        if let Some(g) = more.get(var.as_tensor()) {
+            let sum = match acc.get(var.as_tensor()) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(var.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// Trains `t` on `data`; `on_step` sees every step's log (progress bars, JSONL). Returns all
+/// logs.
+pub fn train(
+    t: &mut Trainable,
+    data: &mut Sequences,
+    eval: Option<&Sequences>,
+    cfg: &TrainConfig,
+    on_step: &mut dyn FnMut(&StepLog),
+) -> Result<Vec<StepLog>> {
+    if cfg.batch == 0 || cfg.accumulate == 0 {
+        return Err(Error::Option {
+            option: "batch/accumulate".into(),
+            why: "must be at least 1".into(),
+        });
+    }
+    let mut opt = AdamW::new(t.decay_groups(), cfg.adamw)?;
+    let mut logs = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        let t0 = Instant::now();
+        // 1. Learning rate for this step.
+        let lr = cfg.schedule.lr(step);
+        // 2. Micro-batches: forward, backward, gradients summed.
+        let mut grads: Option<GradStore> = None;
+        let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        for _ in 0..cfg.accumulate {
+            let ids = data.batch(cfg.batch)?; // (b, t + 1)
+            tokens += ids.dims()[0] * (ids.dims()[1] - 1);
+            let l = loss(&t.model, &ids)?;
+            loss_sum += l.to_scalar::<f32>()? as f64;
+            let g = l.backward()?;
+            match &mut grads {
+                None => grads = Some(g),
+                Some(acc) => accumulate(acc, g, t)?,
+            }
+        }
+        let grads = grads.ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
+        // 3. Average over micro-batches, then clip the global norm.
+        let mean = 1.0 / cfg.accumulate as f64;
+        let grad_norm = opt.grad_norm(&grads)? * mean;
+        let scale = mean * cfg.clip.map_or(1.0, |c| clip_scale(grad_norm, c));
+        // 4. Optimizer step.
+        opt.step(&grads, lr, scale)?;
+        // 5. Evaluate now and then.
+        let last = step + 1 == cfg.steps;
+        let eval_loss = match eval {
+            Some(e) if cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || last) => {
+                Some(evaluate(&t.model, e, cfg.eval_sequences, cfg.batch)?)
+            }
+            _ => None,
+        };
+        // 6. Log.
+        let log = StepLog {
+            step: step + 1,
+            lr,
+            loss: loss_sum * mean,
+            grad_norm,
+            tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
+            eval_loss,
+        };
+        on_step(&log);
+        logs.push(log);
+    }
+    Ok(logs)
+}
