@@ -79,6 +79,37 @@ impl AdamW {
         self.step
     }
 
+    /// The first and second moments, in variable order.
+    pub fn moments(&self) -> Vec<(&Tensor, &Tensor)> {
+        self.slots.iter().map(|s| (&s.m, &s.v)).collect()
+    }
+
+    /// Restores a saved state: steps taken and the moments in variable order (shapes must
+    /// match the variables).
+    pub fn restore(&mut self, step: usize, moments: Vec<(Tensor, Tensor)>) -> Result<()> {
+        if moments.len() != self.slots.len() {
+            return Err(crate::Error::Data(format!(
+                "optimizer state has {} entries for {} variables",
+                moments.len(),
+                self.slots.len()
+            )));
+        }
+        for (i, (s, (m, v))) in self.slots.iter_mut().zip(moments).enumerate() {
+            let want = s.var.as_tensor().dims();
+            if m.dims() != want || v.dims() != want {
+                return Err(crate::Error::Data(format!(
+                    "optimizer state entry {i}: shape {:?}/{:?}, variable {:?}",
+                    m.dims(),
+                    v.dims(),
+                    want
+                )));
+            }
+            (s.m, s.v) = (m, v);
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// The global L2 norm of the gradients of this optimizer's variables.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sum = 0f64;

@@ -59,7 +59,28 @@ impl Sequences {
         self.epoch
     }
 
+    /// Where the next batch starts: `(epoch, sequences taken this epoch)`.
+    pub fn position(&self) -> (usize, usize) {
+        (self.epoch, self.next)
+    }
+
+    /// Moves to a saved [`Sequences::position`] (same tokens, length and seed).
+    pub fn seek(&mut self, (epoch, next): (usize, usize)) -> Result<()> {
+        if next > self.order.len() {
+            return Err(Error::Data(format!(
+                "position {next} is past the {} sequences of an epoch",
+                self.order.len()
+            )));
+        }
+        self.epoch = epoch;
+        self.shuffle();
+        self.next = next;
+        Ok(())
+    }
+
+    /// Sets the order of the current epoch: a permutation that depends on (seed, epoch) only.
     fn shuffle(&mut self) {
+        self.order = (0..self.order.len()).collect();
         // Fisher–Yates with a splitmix64 stream keyed by (seed, epoch).
         let mut x = self.seed ^ (self.epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut next = || {

@@ -5,9 +5,11 @@
 //!   gradient clipping;
 //! - [`params`]: a model's trainable variables, from existing weights or a fresh initialization;
 //! - [`data`]: packing token streams into fixed-length training sequences;
-//! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log).
+//! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
+//! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume.
 
 pub mod adamw;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod params;
@@ -18,4 +20,4 @@ pub use adamw::{AdamW, AdamWConfig};
 pub use error::{Error, Result};
 pub use params::Trainable;
 pub use schedule::{Decay, Schedule};
-pub use trainer::{train, StepLog, TrainConfig};
+pub use trainer::{train, StepLog, TrainConfig, Trainer};

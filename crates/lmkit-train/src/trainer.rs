@@ -83,7 +83,97 @@ fn accumulate(acc: &mut GradStore, more: GradStore, t: &Trainable) -> Result<()>
     Ok(())
 }
 
-/// Trains `t` on `data`; `on_step` sees every step's log (progress bars, JSONL). Returns all
+/// A training run in progress: the model, its optimizer, and the steps taken.
+pub struct Trainer {
+    pub t: Trainable,
+    pub opt: AdamW,
+    pub cfg: TrainConfig,
+}
+
+impl Trainer {
+    pub fn new(t: Trainable, cfg: TrainConfig) -> Result<Self> {
+        if cfg.batch == 0 || cfg.accumulate == 0 {
+            return Err(Error::Option {
+                option: "batch/accumulate".into(),
+                why: "must be at least 1".into(),
+            });
+        }
+        let opt = AdamW::new(t.decay_groups(), cfg.adamw)?;
+        Ok(Self { t, opt, cfg })
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step(&self) -> usize {
+        self.opt.steps()
+    }
+
+    /// Runs optimizer steps until `cfg.steps` are done or `until` is reached (whichever is
+    /// first); `on_step` sees the trainer, the data (for checkpoints) and every step's log, and
+    /// may ask to stop by returning false.
+    pub fn run(
+        &mut self,
+        data: &mut Sequences,
+        eval: Option<&Sequences>,
+        until: usize,
+        on_step: &mut dyn FnMut(&Self, &Sequences, &StepLog) -> bool,
+    ) -> Result<Vec<StepLog>> {
+        let cfg = self.cfg.clone();
+        let mut logs = Vec::new();
+        while self.step() < cfg.steps.min(until) {
+            let step = self.step();
+            let t0 = Instant::now();
+            // 1. Learning rate for this step.
+            let lr = cfg.schedule.lr(step);
+            // 2. Micro-batches: forward, backward, gradients summed.
+            let mut grads: Option<GradStore> = None;
+            let (mut loss_sum, mut tokens) = (0f64, 0usize);
+            for _ in 0..cfg.accumulate {
+                let ids = data.batch(cfg.batch)?; // (b, t + 1)
+                tokens += ids.dims()[0] * (ids.dims()[1] - 1);
+                let l = loss(&self.t.model, &ids)?;
+                loss_sum += l.to_scalar::<f32>()? as f64;
+                let g = l.backward()?;
+                match &mut grads {
+                    None => grads = Some(g),
+                    Some(acc) => accumulate(acc, g, &self.t)?,
+                }
+            }
+            let grads = grads.ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
+            // 3. Average over micro-batches, then clip the global norm.
+            let mean = 1.0 / cfg.accumulate as f64;
+            let grad_norm = self.opt.grad_norm(&grads)? * mean;
+            let scale = mean * cfg.clip.map_or(1.0, |c| clip_scale(grad_norm, c));
+            // 4. Optimizer step.
+            self.opt.step(&grads, lr, scale)?;
+            // 5. Evaluate now and then.
+            let done = self.step();
+            let last = done == cfg.steps;
+            let eval_loss = match eval {
+                Some(e) if cfg.eval_every > 0 && (done.is_multiple_of(cfg.eval_every) || last) => {
+                    Some(evaluate(&self.t.model, e, cfg.eval_sequences, cfg.batch)?)
+                }
+                _ => None,
+            };
+            // 6. Log (and let the caller checkpoint).
+            let log = StepLog {
+                step: done,
+                lr,
+                loss: loss_sum * mean,
+                grad_norm,
+                tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
+                eval_loss,
+            };
+            let go_on = on_step(self, data, &log);
+            logs.push(log);
+            if !go_on {
+                break;
+            }
+        }
+        Ok(logs)
+    }
+}
+
+/// Trains `t` on `data` for `cfg.steps` steps; `on_step` sees every step's log. Returns all
 /// logs.
 pub fn train(
     t: &mut Trainable,
@@ -92,58 +182,13 @@ pub fn train(
     cfg: &TrainConfig,
     on_step: &mut dyn FnMut(&StepLog),
 ) -> Result<Vec<StepLog>> {
-    if cfg.batch == 0 || cfg.accumulate == 0 {
-        return Err(Error::Option {
-            option: "batch/accumulate".into(),
-            why: "must be at least 1".into(),
-        });
-    }
-    let mut opt = AdamW::new(t.decay_groups(), cfg.adamw)?;
-    let mut logs = Vec::with_capacity(cfg.steps);
-    for step in 0..cfg.steps {
-        let t0 = Instant::now();
-        // 1. Learning rate for this step.
-        let lr = cfg.schedule.lr(step);
-        // 2. Micro-batches: forward, backward, gradients summed.
-        let mut grads: Option<GradStore> = None;
-        let (mut loss_sum, mut tokens) = (0f64, 0usize);
-        for _ in 0..cfg.accumulate {
-            let ids = data.batch(cfg.batch)?; // (b, t + 1)
-            tokens += ids.dims()[0] * (ids.dims()[1] - 1);
-            let l = loss(&t.model, &ids)?;
-            loss_sum += l.to_scalar::<f32>()? as f64;
-            let g = l.backward()?;
-            match &mut grads {
-                None => grads = Some(g),
-                Some(acc) => accumulate(acc, g, t)?,
-            }
-        }
-        let grads = grads.ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
-        // 3. Average over micro-batches, then clip the global norm.
-        let mean = 1.0 / cfg.accumulate as f64;
-        let grad_norm = opt.grad_norm(&grads)? * mean;
-        let scale = mean * cfg.clip.map_or(1.0, |c| clip_scale(grad_norm, c));
-        // 4. Optimizer step.
-        opt.step(&grads, lr, scale)?;
-        // 5. Evaluate now and then.
-        let last = step + 1 == cfg.steps;
-        let eval_loss = match eval {
-            Some(e) if cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || last) => {
-                Some(evaluate(&t.model, e, cfg.eval_sequences, cfg.batch)?)
-            }
-            _ => None,
-        };
-        // 6. Log.
-        let log = StepLog {
-            step: step + 1,
-            lr,
-            loss: loss_sum * mean,
-            grad_norm,
-            tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
-            eval_loss,
-        };
-        on_step(&log);
-        logs.push(log);
-    }
-    Ok(logs)
+    let placeholder = Trainable {
+        model: t.model.clone(),
+        params: t.params.clone(),
+    };
+    let mut tr = Trainer::new(placeholder, cfg.clone())?;
+    tr.run(data, eval, usize::MAX, &mut |_, _, l| {
+        on_step(l);
+        true
+    })
 }

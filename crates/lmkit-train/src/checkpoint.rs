@@ -1,0 +1,143 @@
+//! Checkpoints that survive a kill: each is a directory `step-NNNNNNNN` holding
+//! `model.safetensors` (every variable by HF name), `optimizer.safetensors` (`m.NAME`, `v.NAME`)
+//! and `state.json` (steps taken, data position, the training config). It is written under a
+//! temporary name, every file synced, then renamed into place, so a directory with the final
+//! name is always complete; older ones beyond the newest `keep` are removed after.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use lmkit_core::candle::safetensors;
+use lmkit_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Sequences;
+use crate::trainer::{TrainConfig, Trainer};
+use crate::{Error, Result};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    epoch: usize,
+    next: usize,
+    config: TrainConfig,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Data(format!("{}: {e}", path.display()))
+}
+
+fn step_of(p: &Path) -> Option<usize> {
+    p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
+}
+
+/// Complete checkpoints under `dir`, oldest first.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir() && step_of(p).is_some())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by_key(|p| step_of(p));
+    v
+}
+
+/// The newest complete checkpoint under `dir`.
+pub fn latest(dir: &Path) -> Option<PathBuf> {
+    list(dir).pop()
+}
+
+/// Writes a checkpoint of `tr` and `data` into `dir`; keeps the newest `keep` (at least 1).
+pub fn save(dir: &Path, tr: &Trainer, data: &Sequences, keep: usize) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let step = tr.step();
+    let fin = dir.join(format!("step-{step:08}"));
+    let tmp = dir.join(format!(".step-{step:08}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let model: HashMap<String, Tensor> =
+        tr.t.params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+    let mut opt = HashMap::new();
+    for ((n, _), (m, v)) in tr.t.params.iter().zip(tr.opt.moments()) {
+        opt.insert(format!("m.{n}"), m.clone());
+        opt.insert(format!("v.{n}"), v.clone());
+    }
+    let (epoch, next) = data.position();
+    let state = State {
+        step,
+        epoch,
+        next,
+        config: tr.cfg.clone(),
+    };
+    let write = || -> Result<()> {
+        safetensors::save(&model, tmp.join("model.safetensors"))?;
+        safetensors::save(&opt, tmp.join("optimizer.safetensors"))?;
+        let json = serde_json::to_vec_pretty(&state).map_err(|e| io(&tmp, e))?;
+        std::fs::write(tmp.join("state.json"), json).map_err(|e| io(&tmp, e))?;
+        for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+            File::open(tmp.join(f))
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io(&tmp.join(f), e))?;
+        }
+        let _ = std::fs::remove_dir_all(&fin);
+        std::fs::rename(&tmp, &fin).map_err(|e| io(&fin, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(dir, e))
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let all = list(dir);
+    for old in &all[..all.len().saturating_sub(keep.max(1))] {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(fin)
+}
+
+/// Restores `tr` and `data` from checkpoint directory `ckpt`.
+pub fn load(ckpt: &Path, tr: &mut Trainer, data: &mut Sequences) -> Result<()> {
+    let read = |name: &str| -> Result<HashMap<String, Tensor>> {
+        let p = ckpt.join(name);
+        safetensors::load(&p, &Device::Cpu).map_err(|e| io(&p, e))
+    };
+    let model = read("model.safetensors")?;
+    let opt = read("optimizer.safetensors")?;
+    let sp = ckpt.join("state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|e| io(&sp, e))?;
+    let state: State = serde_json::from_str(&text).map_err(|e| io(&sp, e))?;
+    let mut moments = Vec::with_capacity(tr.t.params.len());
+    for (name, var) in &tr.t.params {
+        let get = |map: &HashMap<String, Tensor>, key: &str, file: &str| -> Result<Tensor> {
+            let t = map
+                .get(key)
+                .ok_or_else(|| io(&ckpt.join(file), format!("no tensor `{key}`")))?;
+            if t.dims() != var.as_tensor().dims() {
+                return Err(io(
+                    &ckpt.join(file),
+                    format!(
+                        "`{key}` is {:?}, the model has {:?}",
+                        t.dims(),
+                        var.as_tensor().dims()
+                    ),
+                ));
+            }
+            Ok(t.clone())
+        };
+        var.set(&get(&model, name, "model.safetensors")?)?;
+        moments.push((
+            get(&opt, &format!("m.{name}"), "optimizer.safetensors")?,
+            get(&opt, &format!("v.{name}"), "optimizer.safetensors")?,
+        ));
+    }
+    tr.opt.restore(state.step, moments)?;
+    data.seek((state.epoch, state.next))?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Checkpoints: resuming gives the same losses as an uninterrupted run, only complete
+//! checkpoints are found, the newest `keep` are kept, and a damaged one is a clear error.
+
+use lmkit_models::LlamaConfig;
+use lmkit_train::checkpoint;
+use lmkit_train::data::Sequences;
+use lmkit_train::{AdamWConfig, Decay, Schedule, TrainConfig, Trainable, Trainer};
+
+fn setup(seed: u64) -> (Trainer, Sequences) {
+    let cfg = TrainConfig {
+        steps: 12,
+        batch: 2,
+        accumulate: 2,
+        schedule: Schedule {
+            peak: 2e-3,
+            min: 2e-4,
+            warmup: 3,
+            total: 12,
+            decay: Decay::Cosine,
+        },
+        adamw: AdamWConfig::default(),
+        clip: Some(1.0),
+        eval_every: 0,
+        eval_sequences: 0,
+    };
+    let t = Trainable::init(LlamaConfig::tiny(), 0.02, seed).unwrap();
+    // 400 tokens make 16 sequences of 24: 12 steps × 4 cross three epoch boundaries.
+    let tokens: Vec<u32> = (0..400u32).map(|i| (i * i + 7 * i) % 97).collect();
+    (
+        Trainer::new(t, cfg).unwrap(),
+        Sequences::new(tokens, 24, 5).unwrap(),
+    )
+}
+
+#[test]
+fn resume_continues_exactly_and_keeps_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut data) = setup(1);
+    let mut full = Vec::new();
+    a.run(&mut data, None, usize::MAX, &mut |tr, data, log| {
+        full.push(log.loss);
+        if log.step % 2 == 0 && log.step <= 6 {
+            checkpoint::save(dir.path(), tr, data, 2).unwrap();
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(full.len(), 12);
+    // keep = 2: steps 4 and 6 remain.
+    let names: Vec<String> = checkpoint::list(dir.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["step-00000004", "step-00000006"]);
+    // A leftover temporary directory (a kill mid-write) is not a checkpoint.
+    std::fs::create_dir(dir.path().join(".step-00000008.tmp-1")).unwrap();
+    let last = checkpoint::latest(dir.path()).unwrap();
+    assert!(last.ends_with("step-00000006"));
+
+    // A fresh process: other initial weights, same data; resume from step 6.
+    let (mut b, mut data_b) = setup(99);
+    checkpoint::load(&last, &mut b, &mut data_b).unwrap();
+    assert_eq!(b.step(), 6);
+    let rest: Vec<f64> = b
+        .run(&mut data_b, None, usize::MAX, &mut |_, _, _| true)
+        .unwrap()
+        .iter()
+        .map(|l| l.loss)
+        .collect();
+    assert_eq!(
+        rest,
+        full[6..],
+        "resumed losses equal the uninterrupted run"
+    );
+}
+
+#[test]
+fn a_damaged_checkpoint_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut data) = setup(1);
+    a.run(&mut data, None, 2, &mut |_, _, _| true).unwrap();
+    let ck = checkpoint::save(dir.path(), &a, &data, 3).unwrap();
+    let model = ck.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let (mut b, mut data_b) = setup(1);
+    let e = checkpoint::load(&ck, &mut b, &mut data_b)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    std::fs::write(ck.join("state.json"), "{").unwrap();
+    std::fs::write(&model, &bytes).unwrap();
+    let e = checkpoint::load(&ck, &mut b, &mut data_b)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("state.json"), "{e}");
+}
