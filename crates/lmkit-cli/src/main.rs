@@ -7,6 +7,7 @@ mod fetch;
 mod info;
 mod ppl;
 mod run;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -15,7 +16,7 @@ use clap::{Parser, Subcommand};
     name = "lmkit",
     version,
     about = "NeurIPS 2023 language-modeling research on real models: run, chat, perplexity, benchmarks",
-    after_help = "Examples:\n  lmkit run \"The capital of France is\"\n  lmkit chat\n  lmkit ppl wiki.test.raw --ctx 512\n  lmkit bench --threads 2\n  lmkit info --model model.gguf --json\n\nWithout --model, commands use the default model (SmolLM2-135M-Instruct, Q4_1), fetched on first use."
+    after_help = "Examples:\n  lmkit run \"The capital of France is\"\n  lmkit chat\n  lmkit ppl wiki.test.raw --ctx 512\n  lmkit bench --threads 2\n  lmkit info --model model.gguf --json\n  lmkit train --config run.toml --out runs/tiny\n\nWithout --model, commands use the default model (SmolLM2-135M-Instruct, Q4_1), fetched on first use."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +40,8 @@ enum Command {
     Info(info::Args),
     /// Download the default model into the cache (done automatically when needed).
     Fetch(fetch::Args),
+    /// Pretrain a Llama-family model from scratch on text (checkpoints, --resume, HF export).
+    Train(train::Args),
 }
 
 fn main() {
@@ -61,6 +64,7 @@ fn main() {
         Command::Bench(a) => a.model.threads,
         Command::Info(a) => a.model.threads,
         Command::Fetch(_) => None,
+        Command::Train(a) => a.threads,
     }
     .map(|t| t as usize)
     .unwrap_or_else(lmkit::core::threads::default_threads);
@@ -72,6 +76,7 @@ fn main() {
         Command::Bench(a) => bench::main(a),
         Command::Info(a) => info::main(a),
         Command::Fetch(a) => fetch::main(a),
+        Command::Train(a) => train::main(a),
     })
     .map_err(anyhow::Error::from)
     .and_then(|r| r);

@@ -2,7 +2,8 @@
 //! `model.safetensors` (every variable by HF name), `optimizer.safetensors` (`m.NAME`, `v.NAME`)
 //! and `state.json` (steps taken, data position, the training config). It is written under a
 //! temporary name, every file synced, then renamed into place, so a directory with the final
-//! name is always complete; older ones beyond the newest `keep` are removed after.
+//! name is always complete; older ones beyond the newest `keep` are renamed away before they are
+//! deleted, so a kill during cleanup cannot leave a half-deleted checkpoint either.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -32,12 +33,30 @@ fn step_of(p: &Path) -> Option<usize> {
     p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
 }
 
+const FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
+
+/// Removes a directory without ever leaving it half-deleted under its own name: it is renamed
+/// to a hidden name first.
+fn remove(dir: &Path) {
+    let hidden = dir.with_file_name(format!(
+        ".{}.old-{}",
+        dir.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    if std::fs::rename(dir, &hidden).is_ok() {
+        let _ = std::fs::remove_dir_all(&hidden);
+    }
+}
+
 /// Complete checkpoints under `dir`, oldest first.
 pub fn list(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_dir() && step_of(p).is_some())
+                .filter(|p| FILES.iter().all(|f| p.join(f).is_file()))
                 .collect()
         })
         .unwrap_or_default();
@@ -80,12 +99,14 @@ pub fn save(dir: &Path, tr: &Trainer, data: &Sequences, keep: usize) -> Result<P
         safetensors::save(&opt, tmp.join("optimizer.safetensors"))?;
         let json = serde_json::to_vec_pretty(&state).map_err(|e| io(&tmp, e))?;
         std::fs::write(tmp.join("state.json"), json).map_err(|e| io(&tmp, e))?;
-        for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        for f in FILES {
             File::open(tmp.join(f))
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io(&tmp.join(f), e))?;
         }
-        let _ = std::fs::remove_dir_all(&fin);
+        if fin.exists() {
+            remove(&fin);
+        }
         std::fs::rename(&tmp, &fin).map_err(|e| io(&fin, e))?;
         File::open(dir)
             .and_then(|d| d.sync_all())
@@ -97,7 +118,7 @@ pub fn save(dir: &Path, tr: &Trainer, data: &Sequences, keep: usize) -> Result<P
     }
     let all = list(dir);
     for old in &all[..all.len().saturating_sub(keep.max(1))] {
-        let _ = std::fs::remove_dir_all(old);
+        remove(old);
     }
     Ok(fin)
 }

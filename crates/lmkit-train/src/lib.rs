@@ -6,12 +6,14 @@
 //! - [`params`]: a model's trainable variables, from existing weights or a fresh initialization;
 //! - [`data`]: packing token streams into fixed-length training sequences;
 //! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
-//! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume.
+//! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
+//! - [`export`]: the trained model as an HF folder.
 
 pub mod adamw;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod params;
 pub mod schedule;
 pub mod trainer;

@@ -1,0 +1,453 @@
+//! `lmkit train --config RUN.toml --out DIR`: pretrain a Llama-family model from scratch on text,
+//! with checkpoints that survive a kill (`--resume`), a JSONL metrics log and an HF folder at the
+//! end (`DIR/final`, loadable by every lmkit command).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use lmkit::formats::gguf::GgufFile;
+use lmkit::formats::tokenizer::LoadedTokenizer;
+use lmkit::train::data::Sequences;
+use lmkit::train::{
+    checkpoint, export, AdamWConfig, Decay, Schedule, TrainConfig, Trainable, Trainer,
+};
+use lmkit::LlamaConfig;
+use serde::Deserialize;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0"
+)]
+pub struct Args {
+    /// Run configuration, TOML or JSON.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output folder: metrics.jsonl, checkpoints/, final/ (an HF folder).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// CPU worker threads (default: all cores).
+    #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RunConfig {
+    model: ModelSection,
+    data: DataSection,
+    train: TrainSection,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_layers: usize,
+    num_heads: usize,
+    num_kv_heads: Option<usize>,
+    #[serde(default = "d_ctx")]
+    max_position_embeddings: usize,
+    #[serde(default = "d_theta")]
+    rope_theta: f64,
+    #[serde(default = "d_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "d_true")]
+    tie_word_embeddings: bool,
+    #[serde(default = "d_std")]
+    init_std: f64,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct DataSection {
+    train: Vec<PathBuf>,
+    #[serde(default)]
+    eval: Vec<PathBuf>,
+    #[serde(default = "d_eval_fraction")]
+    eval_fraction: f64,
+    seq_len: usize,
+    #[serde(default = "d_field")]
+    field: String,
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct TrainSection {
+    steps: usize,
+    batch: usize,
+    #[serde(default = "d_one")]
+    accumulate: usize,
+    lr: f64,
+    min_lr: Option<f64>,
+    #[serde(default)]
+    warmup: usize,
+    #[serde(default = "d_decay")]
+    decay: Decay,
+    #[serde(default = "d_wd")]
+    weight_decay: f64,
+    #[serde(default = "d_b1")]
+    beta1: f64,
+    #[serde(default = "d_b2")]
+    beta2: f64,
+    #[serde(default = "d_clip")]
+    clip: Option<f64>,
+    #[serde(default)]
+    eval_every: usize,
+    #[serde(default = "d_eval_seqs")]
+    eval_sequences: usize,
+    #[serde(default)]
+    checkpoint_every: usize,
+    #[serde(default = "d_keep")]
+    keep: usize,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn d_ctx() -> usize {
+    1024
+}
+fn d_theta() -> f64 {
+    10_000.0
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_true() -> bool {
+    true
+}
+fn d_std() -> f64 {
+    0.02
+}
+fn d_eval_fraction() -> f64 {
+    0.01
+}
+fn d_field() -> String {
+    "text".into()
+}
+fn d_one() -> usize {
+    1
+}
+fn d_decay() -> Decay {
+    Decay::Cosine
+}
+fn d_wd() -> f64 {
+    0.1
+}
+fn d_b1() -> f64 {
+    0.9
+}
+fn d_b2() -> f64 {
+    0.95
+}
+fn d_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn d_eval_seqs() -> usize {
+    32
+}
+fn d_keep() -> usize {
+    3
+}
+
+fn read_config(path: &Path) -> Result<RunConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cfg: RunConfig = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).with_context(|| format!("{}: bad config", path.display()))?
+    } else {
+        toml::from_str(&text).with_context(|| format!("{}: bad config", path.display()))?
+    };
+    let t = &cfg.train;
+    for (name, v) in [
+        ("train.steps", t.steps),
+        ("train.batch", t.batch),
+        ("train.accumulate", t.accumulate),
+        ("data.seq_len", cfg.data.seq_len),
+    ] {
+        if v == 0 {
+            bail!("{}: `{name}` must be at least 1", path.display());
+        }
+    }
+    if !(t.lr > 0.0 && t.lr.is_finite()) {
+        bail!("{}: `train.lr` must be a positive number", path.display());
+    }
+    if cfg.data.seq_len > cfg.model.max_position_embeddings {
+        bail!(
+            "{}: `data.seq_len` {} exceeds `model.max_position_embeddings` {}",
+            path.display(),
+            cfg.data.seq_len,
+            cfg.model.max_position_embeddings
+        );
+    }
+    if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
+        bail!("{}: `data.eval_fraction` must be in [0, 1)", path.display());
+    }
+    Ok(cfg)
+}
+
+/// Every file under `paths` (folders recursively, sorted), as documents: a `.jsonl` file gives
+/// one per line (its `field`), anything else is one document.
+fn documents(paths: &[PathBuf], field: &str) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot read folder {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            for e in entries {
+                walk(&e, out)?;
+            }
+        } else if p.is_file() {
+            out.push(p.to_path_buf());
+        } else {
+            bail!("{}: no such file or folder", p.display());
+        }
+        Ok(())
+    }
+    for p in paths {
+        walk(p, &mut files)?;
+    }
+    let mut docs = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)
+            .with_context(|| format!("cannot read {} as UTF-8", f.display()))?;
+        if f.extension().is_some_and(|e| e == "jsonl") {
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: bad JSON", f.display(), i + 1))?;
+                match v.get(field).and_then(|s| s.as_str()) {
+                    Some(s) => docs.push(s.to_string()),
+                    None => bail!("{}:{}: no string field `{field}`", f.display(), i + 1),
+                }
+            }
+        } else {
+            docs.push(text);
+        }
+    }
+    Ok(docs)
+}
+
+/// Documents → one token stream, EOS between documents.
+fn tokenize(tok: &LoadedTokenizer, docs: &[String]) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for d in docs.iter().filter(|d| !d.trim().is_empty()) {
+        ids.extend(tok.encode(d)?);
+        if let Some(eos) = tok.special.eos {
+            ids.push(eos);
+        }
+    }
+    Ok(ids)
+}
+
+fn load_tokenizer(path: Option<&Path>) -> Result<LoadedTokenizer> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => crate::common::fetch_default(false)?,
+    };
+    let tok = if path.extension().is_some_and(|e| e == "gguf") {
+        LoadedTokenizer::from_gguf(&GgufFile::open(&path)?)?
+    } else if path.is_dir() {
+        LoadedTokenizer::from_tokenizer_json(&path.join("tokenizer.json"))?
+    } else {
+        LoadedTokenizer::from_tokenizer_json(&path)?
+    };
+    Ok(tok)
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let threads = a
+        .threads
+        .map(|t| t as usize)
+        .unwrap_or_else(lmkit::core::threads::default_threads);
+    lmkit::set_threads(threads)?;
+    let rc = read_config(&a.config)?;
+    let base = a.config.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let rel = |p: &PathBuf| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            base.join(p)
+        }
+    };
+
+    // Data: tokenize, hold out the evaluation part.
+    let tok = load_tokenizer(rc.data.tokenizer.as_ref().map(rel).as_deref())?;
+    let train_paths: Vec<PathBuf> = rc.data.train.iter().map(rel).collect();
+    let mut train_ids = tokenize(&tok, &documents(&train_paths, &rc.data.field)?)?;
+    let eval_ids = if rc.data.eval.is_empty() {
+        let n = (train_ids.len() as f64 * rc.data.eval_fraction) as usize;
+        train_ids.split_off(train_ids.len() - n)
+    } else {
+        let paths: Vec<PathBuf> = rc.data.eval.iter().map(rel).collect();
+        tokenize(&tok, &documents(&paths, &rc.data.field)?)?
+    };
+    if train_ids.is_empty() {
+        bail!(
+            "the training data is empty: {}",
+            train_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let t = &rc.train;
+    let mut data = Sequences::new(train_ids, rc.data.seq_len, t.seed)?;
+    let eval = Sequences::new(eval_ids, rc.data.seq_len, 0).ok();
+
+    // Model and trainer.
+    let m = &rc.model;
+    let head_dim = m.hidden_size / m.num_heads.max(1);
+    let cfg = LlamaConfig {
+        arch: "llama".into(),
+        vocab_size: tok.tokenizer.get_vocab_size(true),
+        hidden_size: m.hidden_size,
+        intermediate_size: m.intermediate_size,
+        num_layers: m.num_layers,
+        num_heads: m.num_heads,
+        num_kv_heads: m.num_kv_heads.unwrap_or(m.num_heads),
+        head_dim,
+        rms_norm_eps: m.rms_norm_eps,
+        rope_theta: m.rope_theta,
+        rope_scaling: None,
+        max_position_embeddings: m.max_position_embeddings,
+        tie_word_embeddings: m.tie_word_embeddings,
+        attention_bias: false,
+    };
+    cfg.validate(&a.config)?;
+    let model = Trainable::init(cfg, m.init_std, t.seed)?;
+    let tc = TrainConfig {
+        steps: t.steps,
+        batch: t.batch,
+        accumulate: t.accumulate,
+        schedule: Schedule {
+            peak: t.lr,
+            min: t.min_lr.unwrap_or(t.lr / 10.0),
+            warmup: t.warmup,
+            total: t.steps,
+            decay: t.decay,
+        },
+        adamw: AdamWConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: 1e-8,
+            weight_decay: t.weight_decay,
+        },
+        clip: t.clip,
+        eval_every: t.eval_every,
+        eval_sequences: t.eval_sequences,
+    };
+    let params = model.num_parameters();
+    let mut tr = Trainer::new(model, tc)?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let ckpts = a.out.join("checkpoints");
+    if a.resume {
+        match checkpoint::latest(&ckpts) {
+            Some(c) => {
+                checkpoint::load(&c, &mut tr, &mut data)?;
+                eprintln!("resumed from {} (step {})", c.display(), tr.step());
+            }
+            None => eprintln!("no checkpoint in {}: starting fresh", ckpts.display()),
+        }
+    }
+    eprintln!(
+        "{params} parameters, {} training sequences of {} tokens, {threads} threads",
+        data.len(),
+        rc.data.seq_len
+    );
+
+    // The loop: progress bar, metrics log, checkpoints.
+    let metrics_path = a.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    let pb = ProgressBar::new(t.steps as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(tr.step() as u64);
+    let mut last_eval = None;
+    let mut failure = None;
+    let logs = tr.run(
+        &mut data,
+        eval.as_ref(),
+        usize::MAX,
+        &mut |tr, data, log| {
+            if let Some(e) = log.eval_loss {
+                last_eval = Some(e);
+            }
+            pb.set_position(log.step as u64);
+            pb.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s{}",
+                log.loss,
+                log.lr,
+                log.tokens_per_sec,
+                last_eval.map_or(String::new(), |e| format!("  eval {e:.4}"))
+            ));
+            let line = serde_json::to_string(log).unwrap_or_default();
+            if let Err(e) = writeln!(metrics, "{line}") {
+                failure = Some(anyhow::anyhow!("{}: {e}", metrics_path.display()));
+                return false;
+            }
+            if t.checkpoint_every > 0
+                && (log.step.is_multiple_of(t.checkpoint_every) || log.step == t.steps)
+            {
+                if let Err(e) = checkpoint::save(&ckpts, tr, data, t.keep) {
+                    failure = Some(e.into());
+                    return false;
+                }
+            }
+            true
+        },
+    )?;
+    pb.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+
+    // The trained model as an HF folder.
+    let final_dir = a.out.join("final");
+    export::save_hf(&final_dir, &tr.t, &tok)?;
+    let last = logs.last();
+    let summary = serde_json::json!({
+        "steps": tr.step(),
+        "parameters": params,
+        "train_loss": last.map(|l| l.loss),
+        "eval_loss": last_eval,
+        "eval_ppl": last_eval.map(f64::exp),
+        "model": final_dir.display().to_string(),
+        "metrics": metrics_path.display().to_string(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "step {}: train loss {}, eval loss {} → {}",
+            tr.step(),
+            last.map_or("-".into(), |l| format!("{:.4}", l.loss)),
+            last_eval.map_or("-".into(), |e| format!("{e:.4} (ppl {:.2})", e.exp())),
+            final_dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! `lmkit train` end to end on a tiny config: it trains, writes metrics, checkpoints and an HF
+//! folder that `lmkit run` loads; a `kill -9` mid-run loses nothing but the steps since the last
+//! checkpoint and `--resume` finishes the run; bad configs are clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lmkit_core::GgmlDType;
+use lmkit_models::testing::write_tiny_gguf;
+use lmkit_models::LlamaConfig;
+
+fn lmkit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A config and its data in `dir`; `steps` optimizer steps, a checkpoint every `every`.
+fn setup(dir: &Path, steps: usize, every: usize, extra: &str) -> PathBuf {
+    let tok = dir.join("tok.gguf");
+    write_tiny_gguf(&tok, &LlamaConfig::tiny(), 1, GgmlDType::F32).unwrap();
+    let text: String = (0..400)
+        .map(|i| format!("the cat {} ran to the {} and back. ", i % 7, i % 5))
+        .collect();
+    std::fs::write(dir.join("train.txt"), text).unwrap();
+    let cfg = format!(
+        "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
+         num_kv_heads = 2\nmax_position_embeddings = 64\n\n[data]\ntrain = [\"train.txt\"]\n\
+         seq_len = 32\neval_fraction = 0.1\ntokenizer = \"tok.gguf\"\n\n[train]\nsteps = {steps}\n\
+         batch = 4\nlr = 3e-3\nwarmup = 2\neval_every = 5\neval_sequences = 4\n\
+         checkpoint_every = {every}\nkeep = 2\n{extra}"
+    );
+    let p = dir.join("run.toml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn trains_checkpoints_and_exports_a_loadable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 10, 5, "");
+    let out = dir.path().join("out");
+    let o = lmkit(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-t",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["steps"], 10);
+    let m = metrics(&out);
+    assert_eq!(m.len(), 10);
+    let (first, last) = (
+        m[0]["loss"].as_f64().unwrap(),
+        m[9]["loss"].as_f64().unwrap(),
+    );
+    assert!(last < first, "loss {first} -> {last}");
+    assert!(s["eval_loss"].as_f64().unwrap().is_finite());
+    assert!(out.join("checkpoints/step-00000010").is_dir());
+    let final_dir = out.join("final");
+    let o = lmkit(&[
+        "run",
+        "--model",
+        final_dir.to_str().unwrap(),
+        "the cat",
+        "-n",
+        "4",
+        "--greedy",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn kill_then_resume_finishes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 400, 3, "");
+    let out = dir.path().join("out");
+    let args = [
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-t",
+        "1",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the second checkpoint, then kill -9.
+    let t0 = Instant::now();
+    while !out.join("checkpoints/step-00000006").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = metrics(&out).len();
+    assert!(
+        (6..400).contains(&killed_at),
+        "killed after {killed_at} steps"
+    );
+    // Every checkpoint directory present is complete.
+    for c in std::fs::read_dir(out.join("checkpoints")).unwrap() {
+        let c = c.unwrap().path();
+        if c.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("step-")
+        {
+            for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+                assert!(c.join(f).is_file(), "{} lacks {f}", c.display());
+            }
+        }
+    }
+    // Resume with fewer total steps so the test stays short.
+    let cfg2 = setup(dir.path(), killed_at + 6, 3, "");
+    let o = lmkit(&[
+        "train",
+        "--config",
+        cfg2.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--json",
+        "-t",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("resumed from"), "{e}");
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["steps"], killed_at + 6);
+    assert!(out.join("final/model.safetensors").is_file());
+}
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = |cfg: &Path| {
+        let o = lmkit(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1));
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    };
+    let cfg = setup(dir.path(), 10, 0, "learning_rate = 1.0\n");
+    assert!(run(&cfg).contains("learning_rate"));
+    let cfg = setup(dir.path(), 0, 0, "");
+    assert!(run(&cfg).contains("train.steps"));
+    let cfg = setup(dir.path(), 5, 0, "");
+    std::fs::remove_file(dir.path().join("train.txt")).unwrap();
+    assert!(run(&cfg).contains("train.txt"));
+    std::fs::write(dir.path().join("train.txt"), "").unwrap();
+    assert!(run(&cfg).contains("empty"));
+    std::fs::write(dir.path().join("run.toml"), "[model\n").unwrap();
+    assert!(run(&dir.path().join("run.toml")).contains("run.toml"));
+}
