@@ -7,11 +7,13 @@
 //! - [`data`]: packing token streams into fixed-length training sequences;
 //! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
-//! - [`export`]: the trained model as an HF folder.
+//! - [`export`]: the trained model as an HF folder;
+//! - [`dpo`]: the DPO loss and its metrics, and completion log-probs.
 
 pub mod adamw;
 pub mod checkpoint;
 pub mod data;
+pub mod dpo;
 pub mod error;
 pub mod export;
 pub mod params;
