@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -20,4 +21,5 @@ pub use candle_core::{DType, Device, Module, Tensor, D};
 pub use candle_nn;
 pub use error::{Error, Result};
 pub use linear::{Embedding, Linear};
+pub use lora::LoraAdapter;
 pub use norm::RmsNorm;

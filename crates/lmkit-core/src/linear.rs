@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, DType, Module, Storage, StorageRef, Tensor};
 use lmkit_kernels::{Dense, Packed, QFormat, QMatrix, WeightView};
 
 use crate::error::OpContext;
+use crate::lora::LoraAdapter;
 use crate::{Error, Result};
 
 /// How a weight matrix is stored.
@@ -250,6 +251,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     out_features: usize,
     in_features: usize,
+    /// A low-rank adapter added to the output (training, or an unmerged PEFT adapter).
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -264,6 +267,7 @@ impl Linear {
             bias,
             out_features,
             in_features,
+            lora: None,
         })
     }
 
@@ -290,6 +294,7 @@ impl Linear {
             bias,
             out_features,
             in_features,
+            lora: None,
         })
     }
 
@@ -303,12 +308,22 @@ impl Linear {
             native: None,
             matmul: None,
             bias,
+            lora: None,
         })
     }
 
     /// # Shapes
     /// `x`: `(.., in)` → `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_base(x)?;
+        match &self.lora {
+            Some(l) => (y + l.forward(x)?).op("lora add"),
+            None => Ok(y),
+        }
+    }
+
+    /// The layer without its adapter.
+    fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let in_dim = x.dims().last().copied().unwrap_or(0);
         if in_dim != self.in_features {
             return Err(Error::Shape {
@@ -319,7 +334,11 @@ impl Linear {
         }
         let y = match (&self.weight, &self.matmul) {
             (Weight::Packed(_), _) => {
-                return Ok(Self::forward_many(&[self], x)?.swap_remove(0));
+                let base = Self {
+                    lora: None,
+                    ..self.clone()
+                };
+                return Ok(Self::forward_many(&[&base], x)?.swap_remove(0));
             }
             (Weight::Quantized(q), None) if self.native.is_some() => {
                 let f = self
@@ -356,6 +375,7 @@ impl Linear {
             })
             .collect();
         let fused = !layers.is_empty()
+            && layers.iter().all(|l| l.lora.is_none())
             && x.device().is_cpu()
             && packed.len() == layers.len()
             && layers
@@ -419,6 +439,9 @@ impl Linear {
     /// The weight's storage borrowed for lmkit's CPU kernels, or `None` when it has no kernel
     /// (another block type, or not on the CPU).
     pub fn kernel_data(&self) -> Result<Option<KernelData<'_>>> {
+        if self.lora.is_some() {
+            return Ok(None); // the native path has no adapters: merge first
+        }
         let (rows, cols) = (self.out_features, self.in_features);
         match (&self.weight, self.native) {
             (Weight::Packed(p), _) => Ok(Some(KernelData::Packed(p))),
@@ -442,6 +465,41 @@ impl Linear {
                 }
             }
             _ => Ok(None),
+        }
+    }
+
+    /// The same layer with a LoRA adapter (replacing any earlier one); `a (r, in)`,
+    /// `b (out, r)`.
+    pub fn with_lora(&self, lora: LoraAdapter) -> Result<Self> {
+        let r = lora.a.dims().first().copied().unwrap_or(0);
+        if lora.a.dims() != [r, self.in_features] || lora.b.dims() != [self.out_features, r] {
+            return Err(Error::Shape {
+                op: "lora".into(),
+                expected: format!(
+                    "A ({r}, {}), B ({}, {r})",
+                    self.in_features, self.out_features
+                ),
+                got: format!("A {:?}, B {:?}", lora.a.dims(), lora.b.dims()),
+            });
+        }
+        Ok(Self {
+            lora: Some(lora),
+            ..self.clone()
+        })
+    }
+
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// The adapter folded into an f32 dense weight (`W + s·B A`); without one, the layer as is.
+    pub fn merge_lora(&self) -> Result<Self> {
+        match &self.lora {
+            None => Ok(self.clone()),
+            Some(l) => {
+                let w = (self.weight.to_f32()? + l.delta()?).op("lora merge")?;
+                Self::dense(w, self.bias.clone())
+            }
         }
     }
 
@@ -619,6 +677,7 @@ impl Embedding {
                     bias: None,
                     out_features: self.vocab,
                     in_features: self.hidden,
+                    lora: None,
                 })
             }
         }

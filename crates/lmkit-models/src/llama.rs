@@ -217,6 +217,37 @@ impl Llama {
         v
     }
 
+    /// Replaces linear layers: `f(hf_module_name, layer)` returns a new layer or `None` to keep
+    /// it (names as in HF checkpoints, e.g. `model.layers.0.self_attn.q_proj`; the tied output
+    /// layer is `lm_head`). The native CPU path is re-derived after, so layers without a kernel
+    /// (LoRA adapters, for one) make the model run on the reference path.
+    pub fn update_linears(
+        &mut self,
+        mut f: impl FnMut(&str, &Linear) -> Result<Option<Linear>>,
+    ) -> Result<()> {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (n, l) in [
+                ("self_attn.q_proj", &mut b.attn.q),
+                ("self_attn.k_proj", &mut b.attn.k),
+                ("self_attn.v_proj", &mut b.attn.v),
+                ("self_attn.o_proj", &mut b.attn.o),
+                ("mlp.gate_proj", &mut b.mlp.gate),
+                ("mlp.up_proj", &mut b.mlp.up),
+                ("mlp.down_proj", &mut b.mlp.down),
+            ] {
+                if let Some(new) = f(&format!("{p}.{n}"), l)? {
+                    *l = new;
+                }
+            }
+        }
+        if let Some(new) = f("lm_head", &self.lm_head)? {
+            self.lm_head = new;
+        }
+        self.native = self.native_consts()?;
+        Ok(())
+    }
+
     /// Whether this model runs on lmkit's native CPU path (all weights have kernels).
     pub fn is_native(&self) -> bool {
         self.native.is_some()

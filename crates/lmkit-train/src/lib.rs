@@ -8,7 +8,8 @@
 //! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
 //! - [`export`]: the trained model as an HF folder;
-//! - [`dpo`]: the DPO loss and its metrics, and completion log-probs.
+//! - [`dpo`]: the DPO loss and its metrics, and completion log-probs;
+//! - [`lora`]: LoRA adapters in PEFT's layout: attach, save, load, merge.
 
 pub mod adamw;
 pub mod checkpoint;
@@ -16,6 +17,7 @@ pub mod data;
 pub mod dpo;
 pub mod error;
 pub mod export;
+pub mod lora;
 pub mod params;
 pub mod schedule;
 pub mod trainer;
