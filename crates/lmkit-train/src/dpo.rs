@@ -93,3 +93,188 @@ pub fn sequence_logps(model: &Llama, ids: &Tensor, completion: &Tensor) -> Resul
         .to_dtype(lmkit_core::DType::F32)?;
     Ok((tok * mask)?.sum(1)?)
 }
+
+/// Summed completion log-probs of each row, computed without building a gradient graph (the
+/// reference model, evaluation): through `Llama::forward` and whatever path the model's cache
+/// selects (lmkit's native CPU path when it has one), one row at a time.
+pub fn sequence_logps_eval(model: &Llama, ids: &Tensor, completion: &Tensor) -> Result<Vec<f32>> {
+    let b = ids.dims2()?.0;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let row = ids.get(i)?;
+        let mask = completion.get(i)?.to_vec1::<u32>()?;
+        // Only up to the last completion token matters.
+        let end = mask
+            .iter()
+            .rposition(|&m| m == 1)
+            .map_or(1, |p| p + 1)
+            .max(2);
+        let x = row.narrow(0, 0, end - 1)?.unsqueeze(0)?;
+        let logits = model.forward(&x, &mut model.new_cache())?.squeeze(0)?; // (end−1, v)
+        let logp = log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+        let tok = row.to_vec1::<u32>()?;
+        let s: f32 = (1..end)
+            .filter(|&j| mask[j] == 1)
+            .map(|j| logp[j - 1][tok[j] as usize])
+            .sum();
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Options of a DPO run.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DpoConfig {
+    pub beta: f64,
+    pub steps: usize,
+    /// Pairs per step.
+    pub batch: usize,
+    pub schedule: crate::Schedule,
+    pub adamw: crate::AdamWConfig,
+    pub clip: Option<f64>,
+    /// Evaluate on the held-out pairs every this many steps (and at the end); 0 never.
+    pub eval_every: usize,
+    pub seed: u64,
+}
+
+/// One DPO step's log.
+#[derive(Debug, Clone, Serialize)]
+pub struct DpoLog {
+    pub step: usize,
+    pub lr: f64,
+    pub train: DpoMetrics,
+    pub eval: Option<DpoMetrics>,
+    pub seconds: f64,
+}
+
+/// Pairs with their reference log-probs `(chosen, rejected)`.
+pub struct PrefData {
+    pub pairs: Vec<crate::prefs::TokenPair>,
+    pub reference: Vec<(f32, f32)>,
+}
+
+impl PrefData {
+    /// Tokenized pairs and the reference model's log-probs of their responses.
+    pub fn new(
+        reference_model: &Llama,
+        pairs: Vec<crate::prefs::TokenPair>,
+        pad: u32,
+    ) -> Result<Self> {
+        let mut reference = Vec::with_capacity(pairs.len());
+        for p in &pairs {
+            let (ids, mask) = crate::prefs::pad(&[&p.chosen, &p.rejected], pad)?;
+            let v = sequence_logps_eval(reference_model, &ids, &mask)?;
+            reference.push((v[0], v[1]));
+        }
+        Ok(Self { pairs, reference })
+    }
+
+    fn batch(&self, idx: &[usize], pad: u32) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let mut seqs = Vec::with_capacity(2 * idx.len());
+        for &i in idx {
+            seqs.push(&self.pairs[i].chosen);
+        }
+        for &i in idx {
+            seqs.push(&self.pairs[i].rejected);
+        }
+        let (ids, mask) = crate::prefs::pad(&seqs, pad)?;
+        let rc: Vec<f32> = idx.iter().map(|&i| self.reference[i].0).collect();
+        let rr: Vec<f32> = idx.iter().map(|&i| self.reference[i].1).collect();
+        let dev = lmkit_core::Device::Cpu;
+        Ok((ids, mask, Tensor::new(rc, &dev)?, Tensor::new(rr, &dev)?))
+    }
+}
+
+fn policy_loss(
+    policy: &Llama,
+    data: &PrefData,
+    idx: &[usize],
+    beta: f64,
+    pad: u32,
+) -> Result<DpoOutput> {
+    let (ids, mask, rc, rr) = data.batch(idx, pad)?;
+    let lp = sequence_logps(policy, &ids, &mask)?; // (2n,): chosen rows, then rejected
+    let n = idx.len();
+    dpo_loss(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)
+}
+
+/// DPO metrics of `policy` on every pair of `data` (no gradients kept).
+pub fn evaluate(policy: &Llama, data: &PrefData, beta: f64, pad: u32) -> Result<DpoMetrics> {
+    let dev = lmkit_core::Device::Cpu;
+    let (mut pc, mut pr) = (Vec::new(), Vec::new());
+    for p in &data.pairs {
+        let (ids, mask) = crate::prefs::pad(&[&p.chosen, &p.rejected], pad)?;
+        let v = sequence_logps_eval(policy, &ids, &mask)?;
+        pc.push(v[0]);
+        pr.push(v[1]);
+    }
+    let rc: Vec<f32> = data.reference.iter().map(|r| r.0).collect();
+    let rr: Vec<f32> = data.reference.iter().map(|r| r.1).collect();
+    let t = |v: Vec<f32>| Tensor::new(v, &dev);
+    Ok(dpo_loss(&t(pc)?, &t(pr)?, &t(rc)?, &t(rr)?, beta)?.metrics)
+}
+
+/// Trains the variables `vars` of `policy` (LoRA adapters or all weights) with DPO.
+pub fn train(
+    policy: &Llama,
+    vars: Vec<lmkit_core::candle::Var>,
+    data: &PrefData,
+    eval: Option<&PrefData>,
+    cfg: &DpoConfig,
+    pad: u32,
+    on_step: &mut dyn FnMut(&DpoLog),
+) -> Result<Vec<DpoLog>> {
+    if cfg.batch == 0 || data.pairs.is_empty() {
+        return Err(crate::Error::Option {
+            option: "dpo".into(),
+            why: "batch and the data must not be empty".into(),
+        });
+    }
+    let mut opt = crate::AdamW::new(vars.into_iter().map(|v| (v, true)).collect(), cfg.adamw)?;
+    // A seeded order of the pairs, reshuffled each epoch.
+    let mut order: Vec<usize> = Vec::new();
+    let mut rng = cfg.seed | 1;
+    let mut logs = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        let t0 = std::time::Instant::now();
+        let mut idx = Vec::with_capacity(cfg.batch);
+        while idx.len() < cfg.batch {
+            if order.is_empty() {
+                order = (0..data.pairs.len()).collect();
+                for i in (1..order.len()).rev() {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    order.swap(i, (rng % (i as u64 + 1)) as usize);
+                }
+            }
+            idx.extend(order.pop());
+        }
+        let lr = cfg.schedule.lr(step);
+        let out = policy_loss(policy, data, &idx, cfg.beta, pad)?;
+        let grads = out.loss.backward()?;
+        let norm = opt.grad_norm(&grads)?;
+        let scale = cfg.clip.map_or(1.0, |c| crate::adamw::clip_scale(norm, c));
+        opt.step(&grads, lr, scale)?;
+        let done = step + 1;
+        let eval = match eval {
+            Some(e)
+                if cfg.eval_every > 0
+                    && (done.is_multiple_of(cfg.eval_every) || done == cfg.steps) =>
+            {
+                Some(evaluate(policy, e, cfg.beta, pad)?)
+            }
+            _ => None,
+        };
+        let log = DpoLog {
+            step: done,
+            lr,
+            train: out.metrics,
+            eval,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        on_step(&log);
+        logs.push(log);
+    }
+    Ok(logs)
+}

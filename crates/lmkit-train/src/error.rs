@@ -6,6 +6,8 @@ pub enum Error {
     Model(#[from] lmkit_models::Error),
     #[error(transparent)]
     Core(#[from] lmkit_core::Error),
+    #[error(transparent)]
+    Format(#[from] lmkit_formats::Error),
     #[error("training option `{option}`: {why}")]
     Option { option: String, why: String },
     #[error("training data: {0}")]

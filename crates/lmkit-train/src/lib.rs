@@ -9,7 +9,8 @@
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
 //! - [`export`]: the trained model as an HF folder;
 //! - [`dpo`]: the DPO loss and its metrics, and completion log-probs;
-//! - [`lora`]: LoRA adapters in PEFT's layout: attach, save, load, merge.
+//! - [`lora`]: LoRA adapters in PEFT's layout: attach, save, load, merge;
+//! - [`prefs`]: preference pairs (prompt/chosen/rejected JSONL, HH-RLHF dialogues).
 
 pub mod adamw;
 pub mod checkpoint;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod export;
 pub mod lora;
 pub mod params;
+pub mod prefs;
 pub mod schedule;
 pub mod trainer;
 
