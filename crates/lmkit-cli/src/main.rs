@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod common;
+mod dpo;
 mod fetch;
 mod info;
 mod ppl;
@@ -42,6 +43,8 @@ enum Command {
     Fetch(fetch::Args),
     /// Pretrain a Llama-family model from scratch on text (checkpoints, --resume, HF export).
     Train(train::Args),
+    /// Align a model to preference pairs with DPO and LoRA (PEFT adapter out).
+    Dpo(dpo::Args),
 }
 
 fn main() {
@@ -65,6 +68,7 @@ fn main() {
         Command::Info(a) => a.model.threads,
         Command::Fetch(_) => None,
         Command::Train(a) => a.threads,
+        Command::Dpo(a) => a.model.threads,
     }
     .map(|t| t as usize)
     .unwrap_or_else(lmkit::core::threads::default_threads);
@@ -77,6 +81,7 @@ fn main() {
         Command::Info(a) => info::main(a),
         Command::Fetch(a) => fetch::main(a),
         Command::Train(a) => train::main(a),
+        Command::Dpo(a) => dpo::main(a),
     })
     .map_err(anyhow::Error::from)
     .and_then(|r| r);

@@ -185,3 +185,63 @@ fn bad_configs_are_clear_errors() {
     std::fs::write(dir.path().join("run.toml"), "[model\n").unwrap();
     assert!(run(&dir.path().join("run.toml")).contains("run.toml"));
 }
+
+#[test]
+fn dpo_writes_a_peft_adapter_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, &LlamaConfig::tiny(), 3, GgmlDType::F32).unwrap();
+    let pairs: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"the cat {i}\", \"chosen\": \" ran to the tree\", \"rejected\": \" sat\"}}\n"
+            )
+        })
+        .collect();
+    let data = dir.path().join("pairs.jsonl");
+    std::fs::write(&data, pairs).unwrap();
+    let out = dir.path().join("dpo");
+    let o = lmkit(&[
+        "dpo",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--eval-pairs",
+        "4",
+        "--eval-every",
+        "2",
+        "--lora-r",
+        "2",
+        "--json",
+        "-t",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["train_pairs"], 8);
+    assert!(s["eval_after"]["rewards_accuracies"].as_f64().is_some());
+    assert!(out.join("adapter/adapter_config.json").is_file());
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+    assert_eq!(metrics(&out).len(), 4);
+    // Too few pairs to hold any out: a clear error.
+    let o = lmkit(&[
+        "dpo",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--eval-pairs",
+        "20",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--eval-pairs"));
+}

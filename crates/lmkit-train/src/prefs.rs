@@ -34,6 +34,7 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
         String::from_utf8(bytes).map_err(|e| err(e.to_string()))?
     };
     let mut out = Vec::new();
+    let mut skipped = 0;
     for (i, line) in text
         .lines()
         .enumerate()
@@ -57,10 +58,9 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
                 })?;
                 let prompt = c[..at + ASSISTANT.len()].to_string();
                 if !r.starts_with(&prompt) {
-                    return Err(err(format!(
-                        "line {}: chosen and rejected do not share the prompt",
-                        i + 1
-                    )));
+                    // A few HH-RLHF pairs diverge before the last turn: not a pair for DPO.
+                    skipped += 1;
+                    continue;
                 }
                 Pair {
                     chosen: c[prompt.len()..].to_string(),
@@ -76,6 +76,13 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
             }
         };
         out.push(pair);
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            "{}: skipped {skipped} dialogue pairs whose chosen and rejected differ before the last \
+             assistant turn",
+            path.display()
+        );
     }
     if out.is_empty() {
         return Err(err("no preference pairs".into()));
