@@ -93,217 +93,138 @@ pub fn rows(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
+/// One x86 implementation of the tiled kernel per vector width: `R` weight rows × `N` tokens of
+/// accumulators, each weight vector loaded once per tile and used `N` times.
+macro_rules! dense_kernels {
+    (
+        $module:ident, $doc:literal, $features:literal, lanes: $lanes:literal,
+        tokens: $tokens:literal, $vec:ty, $zero:ident, $loadu:ident, $fmadd:ident,
+        widen: |$h:ident| $widen:expr, reduce: |$s:ident| $reduce:expr
+    ) => {
+        #[cfg(target_arch = "x86_64")]
+        #[doc = $doc]
+        mod $module {
+            use std::arch::x86_64::*;
 
-    use super::*;
-    use crate::dot::avx2::hsum;
+            use super::*;
 
-    #[inline(always)]
-    unsafe fn load(w: Dense, at: usize) -> __m256 {
-        match w {
-            Dense::F32(w) => _mm256_loadu_ps(w.as_ptr().add(at)),
-            Dense::F16(w) => {
-                _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * at) as *const __m128i))
-            }
-        }
-    }
-
-    /// An `R × N` tile: rows `r0..r0+R` against tokens `t0..t0+N`.
-    #[inline(always)]
-    unsafe fn tile<const R: usize, const N: usize>(
-        w: Dense,
-        cols: usize,
-        x: &[f32],
-        r0: usize,
-        t0: usize,
-    ) -> [[f32; N]; R] {
-        let mut acc = [[_mm256_setzero_ps(); N]; R];
-        let xp = x.as_ptr().add(t0 * cols);
-        let mut i = 0;
-        while i < cols {
-            let mut xv = [_mm256_setzero_ps(); N];
-            for (k, v) in xv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(xp.add(k * cols + i));
-            }
-            for (r, row) in acc.iter_mut().enumerate() {
-                let wv = load(w, (r0 + r) * cols + i);
-                for (a, xk) in row.iter_mut().zip(xv.iter()) {
-                    *a = _mm256_fmadd_ps(wv, *xk, *a);
+            #[inline(always)]
+            unsafe fn load(w: Dense, at: usize) -> $vec {
+                match w {
+                    Dense::F32(w) => $loadu(w.as_ptr().add(at)),
+                    Dense::F16(w) => {
+                        let $h = w.as_ptr().add(2 * at);
+                        $widen
+                    }
                 }
             }
-            i += 8;
-        }
-        let mut out = [[0f32; N]; R];
-        for (o, a) in out.iter_mut().zip(acc.iter()) {
-            for (v, s) in o.iter_mut().zip(a.iter()) {
-                *v = hsum(*s);
-            }
-        }
-        out
-    }
 
-    #[inline(always)]
-    unsafe fn rows_tokens<const N: usize>(
-        w: Dense,
-        cols: usize,
-        x: &[f32],
-        rows: Range<usize>,
-        t0: usize,
-        emit: &mut impl FnMut(usize, usize, f32),
-    ) {
-        let mut r = rows.start;
-        while r + 4 <= rows.end {
-            let v = tile::<4, N>(w, cols, x, r, t0);
-            for (k, row) in v.iter().enumerate() {
-                for (j, &y) in row.iter().enumerate() {
-                    emit(t0 + j, r + k, y);
+            /// An `R × N` tile: rows `r0..r0+R` against tokens `t0..t0+N`.
+            #[inline(always)]
+            unsafe fn tile<const R: usize, const N: usize>(
+                w: Dense,
+                cols: usize,
+                x: &[f32],
+                r0: usize,
+                t0: usize,
+            ) -> [[f32; N]; R] {
+                let mut acc = [[$zero(); N]; R];
+                let xp = x.as_ptr().add(t0 * cols);
+                let mut i = 0;
+                while i < cols {
+                    let mut xv = [$zero(); N];
+                    for (k, v) in xv.iter_mut().enumerate() {
+                        *v = $loadu(xp.add(k * cols + i));
+                    }
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let wv = load(w, (r0 + r) * cols + i);
+                        for (a, xk) in row.iter_mut().zip(xv.iter()) {
+                            *a = $fmadd(wv, *xk, *a);
+                        }
+                    }
+                    i += $lanes;
+                }
+                let mut out = [[0f32; N]; R];
+                for (o, a) in out.iter_mut().zip(acc.iter()) {
+                    for (v, s) in o.iter_mut().zip(a.iter()) {
+                        let $s = *s;
+                        *v = $reduce;
+                    }
+                }
+                out
+            }
+
+            #[inline(always)]
+            unsafe fn rows_tokens<const N: usize>(
+                w: Dense,
+                cols: usize,
+                x: &[f32],
+                rows: Range<usize>,
+                t0: usize,
+                emit: &mut impl FnMut(usize, usize, f32),
+            ) {
+                let mut r = rows.start;
+                while r + 4 <= rows.end {
+                    let v = tile::<4, N>(w, cols, x, r, t0);
+                    for (k, row) in v.iter().enumerate() {
+                        for (j, &y) in row.iter().enumerate() {
+                            emit(t0 + j, r + k, y);
+                        }
+                    }
+                    r += 4;
+                }
+                while r < rows.end {
+                    let v = tile::<1, N>(w, cols, x, r, t0);
+                    for (j, &y) in v[0].iter().enumerate() {
+                        emit(t0 + j, r, y);
+                    }
+                    r += 1;
                 }
             }
-            r += 4;
-        }
-        while r < rows.end {
-            let v = tile::<1, N>(w, cols, x, r, t0);
-            for (j, &y) in v[0].iter().enumerate() {
-                emit(t0 + j, r, y);
-            }
-            r += 1;
-        }
-    }
 
-    /// # Safety
-    /// AVX2, FMA and F16C; `cols % 8 == 0`, `x.len() ≥ n·cols`, `w` holds `rows.end` rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows(
-        w: Dense,
-        cols: usize,
-        x: &[f32],
-        n: usize,
-        rows: Range<usize>,
-        emit: &mut impl FnMut(usize, usize, f32),
-    ) {
-        assert!(x.len() >= n * cols && w.len() >= rows.end * cols);
-        for tt in (0..n).step_by(TOKEN_TILE) {
-            let end = (tt + TOKEN_TILE).min(n);
-            let mut t = tt;
-            while t + 3 <= end {
-                rows_tokens::<3>(w, cols, x, rows.clone(), t, emit);
-                t += 3;
-            }
-            while t < end {
-                rows_tokens::<1>(w, cols, x, rows.clone(), t, emit);
-                t += 1;
+            /// # Safety
+            /// The CPU has the enabled features; `cols` is a multiple of the lane count,
+            /// `x.len() ≥ n·cols`, `w` holds `rows.end` rows.
+            #[target_feature(enable = $features)]
+            pub unsafe fn rows(
+                w: Dense,
+                cols: usize,
+                x: &[f32],
+                n: usize,
+                rows: Range<usize>,
+                emit: &mut impl FnMut(usize, usize, f32),
+            ) {
+                assert!(x.len() >= n * cols && w.len() >= rows.end * cols);
+                for tt in (0..n).step_by(TOKEN_TILE) {
+                    let end = (tt + TOKEN_TILE).min(n);
+                    let mut t = tt;
+                    while t + $tokens <= end {
+                        rows_tokens::<$tokens>(w, cols, x, rows.clone(), t, emit);
+                        t += $tokens;
+                    }
+                    while t < end {
+                        rows_tokens::<1>(w, cols, x, rows.clone(), t, emit);
+                        t += 1;
+                    }
+                }
             }
         }
-    }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    //! The same tiling with 16-lane registers: a 4-row × 4-token tile of accumulators.
-    use std::arch::x86_64::*;
-
-    use super::*;
-
-    #[inline(always)]
-    unsafe fn load(w: Dense, at: usize) -> __m512 {
-        match w {
-            Dense::F32(w) => _mm512_loadu_ps(w.as_ptr().add(at)),
-            Dense::F16(w) => {
-                _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(2 * at) as *const __m256i))
-            }
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn tile<const R: usize, const N: usize>(
-        w: Dense,
-        cols: usize,
-        x: &[f32],
-        r0: usize,
-        t0: usize,
-    ) -> [[f32; N]; R] {
-        let mut acc = [[_mm512_setzero_ps(); N]; R];
-        let xp = x.as_ptr().add(t0 * cols);
-        let mut i = 0;
-        while i < cols {
-            let mut xv = [_mm512_setzero_ps(); N];
-            for (k, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(xp.add(k * cols + i));
-            }
-            for (r, row) in acc.iter_mut().enumerate() {
-                let wv = load(w, (r0 + r) * cols + i);
-                for (a, xk) in row.iter_mut().zip(xv.iter()) {
-                    *a = _mm512_fmadd_ps(wv, *xk, *a);
-                }
-            }
-            i += 16;
-        }
-        let mut out = [[0f32; N]; R];
-        for (o, a) in out.iter_mut().zip(acc.iter()) {
-            for (v, s) in o.iter_mut().zip(a.iter()) {
-                *v = _mm512_reduce_add_ps(*s);
-            }
-        }
-        out
-    }
-
-    #[inline(always)]
-    unsafe fn rows_tokens<const N: usize>(
-        w: Dense,
-        cols: usize,
-        x: &[f32],
-        rows: Range<usize>,
-        t0: usize,
-        emit: &mut impl FnMut(usize, usize, f32),
-    ) {
-        let mut r = rows.start;
-        while r + 4 <= rows.end {
-            let v = tile::<4, N>(w, cols, x, r, t0);
-            for (k, row) in v.iter().enumerate() {
-                for (j, &y) in row.iter().enumerate() {
-                    emit(t0 + j, r + k, y);
-                }
-            }
-            r += 4;
-        }
-        while r < rows.end {
-            let v = tile::<1, N>(w, cols, x, r, t0);
-            for (j, &y) in v[0].iter().enumerate() {
-                emit(t0 + j, r, y);
-            }
-            r += 1;
-        }
-    }
-
-    /// # Safety
-    /// AVX-512 F/VL/BW, AVX2, FMA, F16C; `cols % 16 == 0`, `x.len() ≥ n·cols`, `w` holds
-    /// `rows.end` rows.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
-    pub unsafe fn rows(
-        w: Dense,
-        cols: usize,
-        x: &[f32],
-        n: usize,
-        rows: Range<usize>,
-        emit: &mut impl FnMut(usize, usize, f32),
-    ) {
-        assert!(x.len() >= n * cols && w.len() >= rows.end * cols);
-        for tt in (0..n).step_by(TOKEN_TILE) {
-            let end = (tt + TOKEN_TILE).min(n);
-            let mut t = tt;
-            while t + 4 <= end {
-                rows_tokens::<4>(w, cols, x, rows.clone(), t, emit);
-                t += 4;
-            }
-            while t < end {
-                rows_tokens::<1>(w, cols, x, rows.clone(), t, emit);
-                t += 1;
-            }
-        }
-    }
-}
+dense_kernels!(
+    avx2, "AVX2 + FMA + F16C: 8-lane registers, 4 rows × 3 tokens.", "avx2,fma,f16c",
+    lanes: 8, tokens: 3, __m256, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps,
+    widen: |h| _mm256_cvtph_ps(_mm_loadu_si128(h as *const __m128i)),
+    reduce: |s| crate::dot::avx2::hsum(s)
+);
+dense_kernels!(
+    avx512, "AVX-512: 16-lane registers (32 of them), 4 rows × 4 tokens.",
+    "avx2,fma,f16c,avx512f,avx512vl,avx512bw",
+    lanes: 16, tokens: 4, __m512, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps,
+    widen: |h| _mm512_cvtph_ps(_mm256_loadu_si256(h as *const __m256i)),
+    reduce: |s| _mm512_reduce_add_ps(s)
+);
 
 #[cfg(test)]
 mod tests {
