@@ -119,32 +119,47 @@ pub fn matmul_many_with(
     }
     let mut acts = Vec::new();
     quantize_activations(x, &mut acts);
-    // One task per (matrix, range of rows); output (rows_in_task, n).
-    let tasks: Vec<(usize, Range<usize>)> = ws
+    let rows: Vec<usize> = ws.iter().map(|w| w.rows).collect();
+    parallel_rows(&rows, rows_per_task, n, ys, |i, r| {
+        chunk_rows(isa, &ws[i], r, &acts, n)
+    });
+    Ok(())
+}
+
+/// Runs `compute(matrix, row range)` (returning `(range rows, n)` outputs) as parallel tasks of
+/// `step(rows)` rows over several matrices, and scatters the results into each `ys[i]`
+/// `(n, rows[i])`.
+pub(crate) fn parallel_rows(
+    rows: &[usize],
+    step: impl Fn(usize) -> usize,
+    n: usize,
+    ys: &mut [&mut [f32]],
+    compute: impl Fn(usize, Range<usize>) -> Vec<f32> + Sync,
+) {
+    let tasks: Vec<(usize, Range<usize>)> = rows
         .iter()
         .enumerate()
-        .flat_map(|(i, w)| {
-            let step = rows_per_task(w.rows);
-            (0..w.rows)
+        .flat_map(|(i, &total)| {
+            let step = step(total).max(1);
+            (0..total)
                 .step_by(step)
-                .map(move |r| (i, r..(r + step).min(w.rows)))
+                .map(move |r| (i, r..(r + step).min(total)))
         })
         .collect();
     let outs: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|(i, rows)| chunk_rows(isa, &ws[*i], rows.clone(), &acts, n))
+        .map(|(i, r)| compute(*i, r.clone()))
         .collect();
     // Scatter each matrix's task outputs into its y (n, rows), one token row per parallel task.
-    for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+    for (i, (&total, y)) in rows.iter().zip(ys.iter_mut()).enumerate() {
         let mine: Vec<&Vec<f32>> = tasks
             .iter()
             .zip(&outs)
             .filter(|((j, _), _)| *j == i)
             .map(|(_, o)| o)
             .collect();
-        scatter(&mine, n, w.rows, y);
+        scatter(&mine, n, total, y);
     }
-    Ok(())
 }
 
 /// Writes per-task outputs, each `(task rows, n)` in row order, into `y (n, rows)`; one token

@@ -229,7 +229,6 @@ pub fn packed_rows(
 /// Several packed matrices applied to the same input `x (n, cols)` in one parallel pass on
 /// rayon's pool (activations quantized once); `ys[i]` is `(n, ws[i].rows)`.
 pub fn matmul_many(ws: &[&Packed], x: &[f32], n: usize, ys: &mut [&mut [f32]]) -> Result<()> {
-    use rayon::prelude::*;
     let bad = |why: String| {
         Err(Error::Shape {
             op: "packed matmul",
@@ -259,36 +258,15 @@ pub fn matmul_many(ws: &[&Packed], x: &[f32], n: usize, ys: &mut [&mut [f32]]) -
             .next_multiple_of(GROUP)
             .max(4 * GROUP)
     };
-    let tasks: Vec<(usize, Range<usize>)> = ws
-        .iter()
-        .enumerate()
-        .flat_map(|(i, w)| {
-            let step = per(w.rows);
-            (0..w.rows)
-                .step_by(step)
-                .map(move |r| (i, r..(r + step).min(w.rows)))
-        })
-        .collect();
-    let outs: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|(i, rows)| {
-            let r0 = rows.start;
-            let mut out = vec![0f32; rows.len() * n];
-            packed_rows(isa, ws[*i], &acts, n, rows.clone(), |t, r, v| {
-                out[(r - r0) * n + t] = v
-            });
-            out
-        })
-        .collect();
-    for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
-        let mine: Vec<&Vec<f32>> = tasks
-            .iter()
-            .zip(&outs)
-            .filter(|((j, _), _)| *j == i)
-            .map(|(_, o)| o)
-            .collect();
-        crate::matmul::scatter(&mine, n, w.rows, y);
-    }
+    let rows: Vec<usize> = ws.iter().map(|w| w.rows).collect();
+    crate::matmul::parallel_rows(&rows, per, n, ys, |i, r| {
+        let r0 = r.start;
+        let mut out = vec![0f32; r.len() * n];
+        packed_rows(isa, ws[i], &acts, n, r, |t, row, v| {
+            out[(row - r0) * n + t] = v
+        });
+        out
+    });
     Ok(())
 }
 
