@@ -254,110 +254,71 @@ mod x86 {
         }
     }
 
-    /// Columns `c0..c0 + 16·L` of every output.
-    #[inline(always)]
-    unsafe fn wsum512_cols<const N: usize, const L: usize>(
-        p: &[&[f32]; N],
-        len: usize,
-        values: &[f32],
-        d: usize,
-        out: &[*mut f32; N],
-        c0: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); L]; N];
-        for j in 0..len {
-            let row = values.as_ptr().add(j * d + c0);
-            let mut v = [_mm512_setzero_ps(); L];
-            for (k, x) in v.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(row.add(16 * k));
-            }
-            for (a, pq) in acc.iter_mut().zip(p.iter()) {
-                let w = _mm512_set1_ps(*pq.get_unchecked(j));
-                for (ak, vk) in a.iter_mut().zip(v.iter()) {
-                    *ak = _mm512_fmadd_ps(w, *vk, *ak);
+    /// `out_q = Σ_j p_q[j] · V[j]` for one vector width: columns in passes of `wide` vectors
+    /// (the accumulators of all queries stay in registers), then single vectors.
+    macro_rules! weighted_sum {
+        ($name:ident, $cols:ident, $features:literal, $lanes:literal, wide: $wide:literal,
+         $zero:ident, $loadu:ident, $set1:ident, $fmadd:ident, $storeu:ident) => {
+            /// Columns `c0..c0 + lanes·L` of every output.
+            #[inline(always)]
+            unsafe fn $cols<const N: usize, const L: usize>(
+                p: &[&[f32]; N],
+                len: usize,
+                values: &[f32],
+                d: usize,
+                out: &[*mut f32; N],
+                c0: usize,
+            ) {
+                let mut acc = [[$zero(); L]; N];
+                for j in 0..len {
+                    let row = values.as_ptr().add(j * d + c0);
+                    let mut v = [$zero(); L];
+                    for (k, x) in v.iter_mut().enumerate() {
+                        *x = $loadu(row.add($lanes * k));
+                    }
+                    for (a, pq) in acc.iter_mut().zip(p.iter()) {
+                        let w = $set1(*pq.get_unchecked(j));
+                        for (ak, vk) in a.iter_mut().zip(v.iter()) {
+                            *ak = $fmadd(w, *vk, *ak);
+                        }
+                    }
+                }
+                for (a, o) in acc.iter().zip(out.iter()) {
+                    for (k, x) in a.iter().enumerate() {
+                        $storeu(o.add(c0 + $lanes * k), *x);
+                    }
                 }
             }
-        }
-        for (a, o) in acc.iter().zip(out.iter()) {
-            for (k, x) in a.iter().enumerate() {
-                _mm512_storeu_ps(o.add(c0 + 16 * k), *x);
-            }
-        }
-    }
 
-    /// # Safety
-    /// AVX-512 F; `d % 16 == 0`; `values` holds `len` rows of `d`; each `p` holds `len`
-    /// weights; each `out` points to `d` floats (overwritten).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn wsum512<const N: usize>(
-        p: [&[f32]; N],
-        len: usize,
-        values: &[f32],
-        d: usize,
-        out: [*mut f32; N],
-    ) {
-        let mut c0 = 0;
-        while c0 + 64 <= d {
-            wsum512_cols::<N, 4>(&p, len, values, d, &out, c0);
-            c0 += 64;
-        }
-        while c0 < d {
-            wsum512_cols::<N, 1>(&p, len, values, d, &out, c0);
-            c0 += 16;
-        }
-    }
-
-    /// Columns `c0..c0 + 8·L` of every output.
-    #[inline(always)]
-    unsafe fn wsum256_cols<const N: usize, const L: usize>(
-        p: &[&[f32]; N],
-        len: usize,
-        values: &[f32],
-        d: usize,
-        out: &[*mut f32; N],
-        c0: usize,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); L]; N];
-        for j in 0..len {
-            let row = values.as_ptr().add(j * d + c0);
-            let mut v = [_mm256_setzero_ps(); L];
-            for (k, x) in v.iter_mut().enumerate() {
-                *x = _mm256_loadu_ps(row.add(8 * k));
-            }
-            for (a, pq) in acc.iter_mut().zip(p.iter()) {
-                let w = _mm256_set1_ps(*pq.get_unchecked(j));
-                for (ak, vk) in a.iter_mut().zip(v.iter()) {
-                    *ak = _mm256_fmadd_ps(w, *vk, *ak);
+            /// # Safety
+            /// The CPU has the enabled features; `d` is a multiple of the lane count; `values`
+            /// holds `len` rows of `d`; each `p` holds `len` weights; each `out` points to `d`
+            /// floats (overwritten).
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const N: usize>(
+                p: [&[f32]; N],
+                len: usize,
+                values: &[f32],
+                d: usize,
+                out: [*mut f32; N],
+            ) {
+                let mut c0 = 0;
+                while c0 + $wide * $lanes <= d {
+                    $cols::<N, $wide>(&p, len, values, d, &out, c0);
+                    c0 += $wide * $lanes;
+                }
+                while c0 < d {
+                    $cols::<N, 1>(&p, len, values, d, &out, c0);
+                    c0 += $lanes;
                 }
             }
-        }
-        for (a, o) in acc.iter().zip(out.iter()) {
-            for (k, x) in a.iter().enumerate() {
-                _mm256_storeu_ps(o.add(c0 + 8 * k), *x);
-            }
-        }
+        };
     }
 
-    /// # Safety
-    /// AVX2 + FMA; `d % 8 == 0`; otherwise as for [`wsum512`].
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn wsum256<const N: usize>(
-        p: [&[f32]; N],
-        len: usize,
-        values: &[f32],
-        d: usize,
-        out: [*mut f32; N],
-    ) {
-        let mut c0 = 0;
-        while c0 + 16 <= d {
-            wsum256_cols::<N, 2>(&p, len, values, d, &out, c0);
-            c0 += 16;
-        }
-        while c0 < d {
-            wsum256_cols::<N, 1>(&p, len, values, d, &out, c0);
-            c0 += 8;
-        }
-    }
+    weighted_sum!(wsum512, wsum512_cols, "avx512f", 16, wide: 4, _mm512_setzero_ps,
+        _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
+    weighted_sum!(wsum256, wsum256_cols, "avx2,fma", 8, wide: 2, _mm256_setzero_ps,
+        _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 }
 
 #[cfg(test)]
