@@ -115,7 +115,12 @@ pub fn main(a: Args) -> Result<()> {
         r: a.lora_r,
         alpha: a.lora_alpha,
         dropout: 0.0,
-        targets: a.targets.split(',').map(|s| s.trim().to_string()).collect(),
+        targets: a
+            .targets
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
     };
     let vars = lora::attach(&mut policy, &lcfg, a.seed)?;
     let steps = a.steps as usize;
