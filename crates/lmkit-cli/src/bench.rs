@@ -25,6 +25,10 @@ pub struct Args {
     /// Measured repetitions per test.
     #[arg(short, long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub reps: u32,
+    /// Sequences run side by side (pp: B prompts in one batch; tg: B sequences decoded in
+    /// lockstep). Above 1 the model runs on the reference (batched) path.
+    #[arg(short, long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch: u32,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Also time each kind of operation (norm, matmuls, attention, ...) for one prompt batch
@@ -127,22 +131,47 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn pp(model: &Llama, ids: &[u32]) -> Result<f64> {
-    let x = Tensor::new(ids, model.device())?.unsqueeze(0)?;
-    let mut cache = model.new_cache();
-    let t = Instant::now();
-    let _ = model.forward_last(&x, &mut cache)?;
-    Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
+fn cache_for(model: &Llama, batch: usize) -> lmkit::models::KvCache {
+    match batch {
+        1 => model.new_cache(),
+        _ => model.new_reference_cache(),
+    }
 }
 
-fn tg(model: &Llama, ids: &[u32]) -> Result<f64> {
-    let mut cache = model.new_cache();
+/// `batch` prompts of `ids` through an empty cache; tokens/s over all of them. The clock stops
+/// when the device has finished (GPU work is asynchronous).
+fn pp(model: &Llama, ids: &[u32], batch: usize) -> Result<f64> {
+    let x = Tensor::new(ids, model.device())?
+        .unsqueeze(0)?
+        .repeat((batch, 1))?;
+    let mut cache = cache_for(model, batch);
+    lmkit::core::device::synchronize(model.device())?;
+    let t = Instant::now();
+    let _ = model.forward_last(&x, &mut cache)?;
+    lmkit::core::device::synchronize(model.device())?;
+    Ok((batch * ids.len()) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `batch` sequences decoded in lockstep, one token each per step, waiting for the logits of
+/// every step as a sampler would.
+fn tg(model: &Llama, ids: &[u32], batch: usize) -> Result<f64> {
+    let mut cache = cache_for(model, batch);
+    lmkit::core::device::synchronize(model.device())?;
     let t = Instant::now();
     for &id in ids {
-        let x = Tensor::new(&[id], model.device())?.unsqueeze(0)?;
+        let x = Tensor::from_vec(vec![id; batch], (batch, 1), model.device())?;
         let _ = model.forward_last(&x, &mut cache)?;
+        lmkit::core::device::synchronize(model.device())?;
     }
-    Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
+    Ok((batch * ids.len()) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `pp512`, or `pp512 x16` for a batch.
+fn test_name(kind: &str, n: usize, batch: usize) -> String {
+    match batch {
+        1 => format!("{kind}{n}"),
+        b => format!("{kind}{n} x{b}"),
+    }
 }
 
 fn stats(name: String, n: usize, xs: Vec<f64>) -> Row {
@@ -164,6 +193,9 @@ fn stats(name: String, n: usize, xs: Vec<f64>) -> Row {
 pub fn main(a: Args) -> Result<()> {
     let m = a.model.load()?;
     let threads = lmkit::core::threads::threads();
+    let batch = a.batch as usize;
+    let device = lmkit::core::device::device_name(m.model.device());
+    let dtype = format!("{:?}", m.model.dtype()).to_lowercase();
     let cfg = m.model.config();
     let ctx = cfg.max_position_embeddings;
     if a.n_prompt > ctx || a.n_gen > ctx {
@@ -176,19 +208,19 @@ pub fn main(a: Args) -> Result<()> {
     let mut rows = vec![];
     if a.n_prompt > 0 {
         let ids = tokens(a.n_prompt, cfg.vocab_size);
-        pp(&m.model, &ids)?;
+        pp(&m.model, &ids, batch)?;
         let xs = (0..a.reps)
-            .map(|_| pp(&m.model, &ids))
+            .map(|_| pp(&m.model, &ids, batch))
             .collect::<Result<Vec<_>>>()?;
-        rows.push(stats(format!("pp{}", a.n_prompt), a.n_prompt, xs));
+        rows.push(stats(test_name("pp", a.n_prompt, batch), a.n_prompt, xs));
     }
     if a.n_gen > 0 {
         let ids = tokens(a.n_gen, cfg.vocab_size);
-        tg(&m.model, &ids[..a.n_gen.min(8)])?;
+        tg(&m.model, &ids[..a.n_gen.min(8)], batch)?;
         let xs = (0..a.reps)
-            .map(|_| tg(&m.model, &ids))
+            .map(|_| tg(&m.model, &ids, batch))
             .collect::<Result<Vec<_>>>()?;
-        rows.push(stats(format!("tg{}", a.n_gen), a.n_gen, xs));
+        rows.push(stats(test_name("tg", a.n_gen, batch), a.n_gen, xs));
     }
     let w = work(&m.model, a.n_prompt);
     let rate = |test: &str| {
@@ -211,12 +243,12 @@ pub fn main(a: Args) -> Result<()> {
         }
         if a.n_prompt > 0 {
             let ids = tokens(a.n_prompt, cfg.vocab_size);
-            let r = profiled(|| pp(&m.model, &ids), 1)?;
+            let r = profiled(|| pp(&m.model, &ids, 1), 1)?;
             report.insert(format!("pp{}", a.n_prompt), serde_json::to_value(r)?);
         }
         if a.n_gen > 0 {
             let ids = tokens(a.n_gen, cfg.vocab_size);
-            let r = profiled(|| tg(&m.model, &ids), a.n_gen)?;
+            let r = profiled(|| tg(&m.model, &ids, 1), a.n_gen)?;
             report.insert("tg (per token)".into(), serde_json::to_value(r)?);
         }
     }
@@ -238,6 +270,9 @@ pub fn main(a: Args) -> Result<()> {
             "tensor_types": types,
             "dequantized": a.model.dequantize,
             "native": m.model.is_native(),
+            "device": device,
+            "dtype": dtype,
+            "batch": batch,
             "threads": threads,
             "results": rows,
             "work": w,
@@ -248,11 +283,11 @@ pub fn main(a: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("model: {} ({})", m.path.display(), types.join("/"));
-        println!("threads: {threads}");
-        println!("{:<8} {:>18}", "test", "tokens/s");
+        println!("device: {device} ({dtype}), threads: {threads}, batch: {batch}");
+        println!("{:<12} {:>18}", "test", "tokens/s");
         for r in &rows {
             println!(
-                "{:<8} {:>10.2} ± {:<6.2}",
+                "{:<12} {:>10.2} ± {:<6.2}",
                 r.test, r.tokens_per_sec_mean, r.tokens_per_sec_sd
             );
         }

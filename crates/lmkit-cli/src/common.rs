@@ -20,6 +20,13 @@ pub struct ModelArgs {
     /// Dequantize all weights to f32 at load (the reference path).
     #[arg(long)]
     pub dequantize: bool,
+    /// Where to run: cpu, cuda or cuda:N (CUDA needs a build with `scripts/build-cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision of dense weights and activations: f32, f16 or bf16 (default f32; quantized
+    /// weights stay quantized).
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 impl ModelArgs {
@@ -40,15 +47,28 @@ impl ModelArgs {
         }
     }
 
+    /// The `--device` and `--dtype` choices, checked.
+    pub fn device(&self) -> Result<(lmkit::Device, Option<lmkit::core::DType>)> {
+        let device = lmkit::core::device::parse_device(&self.device)?;
+        let dtype = match &self.dtype {
+            Some(d) => Some(lmkit::core::device::parse_dtype(d)?),
+            None => None,
+        };
+        Ok((device, dtype))
+    }
+
     pub fn load(&self) -> Result<LoadedModel> {
         self.setup_threads()?;
+        let (device, dtype) = self.device()?;
         let path = self.path()?;
         let spinner = spinner(&format!("loading {}", path.display()));
-        let m = lmkit::load(
+        let m = lmkit::load_on(
             &path,
             LoadOptions {
                 dequantize: self.dequantize,
+                dtype,
             },
+            &device,
         )
         .with_context(|| format!("cannot load model {}", path.display()));
         spinner.finish_and_clear();

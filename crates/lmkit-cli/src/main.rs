@@ -6,6 +6,7 @@ mod common;
 mod dpo;
 mod fetch;
 mod info;
+mod logits;
 mod ppl;
 mod run;
 mod train;
@@ -45,6 +46,7 @@ enum Command {
     Train(train::Args),
     /// Align a model to preference pairs with DPO and LoRA (PEFT adapter out).
     Dpo(dpo::Args),
+    Logits(logits::Args),
 }
 
 fn main() {
@@ -69,6 +71,7 @@ fn main() {
         Command::Fetch(_) => None,
         Command::Train(a) => a.threads,
         Command::Dpo(a) => a.model.threads,
+        Command::Logits(a) => a.model.threads,
     }
     .map(|t| t as usize)
     .unwrap_or_else(lmkit::core::threads::default_threads);
@@ -82,6 +85,7 @@ fn main() {
         Command::Fetch(a) => fetch::main(a),
         Command::Train(a) => train::main(a),
         Command::Dpo(a) => dpo::main(a),
+        Command::Logits(a) => logits::main(a),
     })
     .map_err(anyhow::Error::from)
     .and_then(|r| r);

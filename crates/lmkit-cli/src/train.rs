@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use lmkit::core::DType;
 use lmkit::formats::gguf::GgufFile;
 use lmkit::formats::tokenizer::LoadedTokenizer;
 use lmkit::train::data::Sequences;
@@ -33,6 +34,13 @@ pub struct Args {
     /// CPU worker threads (default: all cores).
     #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
+    /// Where to train: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision: f32, bf16 or f16 (master weights and optimizer state stay f32).
+    /// Default: f32 on the CPU, bf16 on a GPU.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Print the final summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -276,6 +284,12 @@ pub fn main(a: Args) -> Result<()> {
         .map(|t| t as usize)
         .unwrap_or_else(lmkit::core::threads::default_threads);
     lmkit::set_threads(threads)?;
+    let device = lmkit::core::device::parse_device(&a.device)?;
+    let dtype = match (&a.dtype, device.is_cpu()) {
+        (Some(d), _) => lmkit::core::device::parse_dtype(d)?,
+        (None, true) => DType::F32,
+        (None, false) => DType::BF16,
+    };
     let rc = read_config(&a.config)?;
     let base = a.config.parent().unwrap_or(Path::new(".")).to_path_buf();
     let rel = |p: &PathBuf| {
@@ -331,7 +345,10 @@ pub fn main(a: Args) -> Result<()> {
         attention_bias: false,
     };
     cfg.validate(&a.config)?;
-    let model = Trainable::init(cfg, m.init_std, t.seed)?;
+    let mut model = Trainable::init(cfg, m.init_std, t.seed)?;
+    if !device.is_cpu() || dtype != DType::F32 {
+        model = model.to_device(&device, dtype)?;
+    }
     let tc = TrainConfig {
         steps: t.steps,
         batch: t.batch,
@@ -368,9 +385,10 @@ pub fn main(a: Args) -> Result<()> {
         }
     }
     eprintln!(
-        "{params} parameters, {} training sequences of {} tokens, {threads} threads",
+        "{params} parameters, {} training sequences of {} tokens, {} ({dtype:?}), {threads} threads",
         data.len(),
-        rc.data.seq_len
+        rc.data.seq_len,
+        lmkit::core::device::device_name(&device),
     );
 
     // The loop: progress bar, metrics log, checkpoints.

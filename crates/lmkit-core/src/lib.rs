@@ -7,7 +7,9 @@
 //! - [`RmsNorm`], [`Embedding`]: the small layers every Llama-family model needs;
 //! - [`testing`] (feature `testing`): tolerance helpers for tests.
 
+pub mod device;
 pub mod error;
+pub mod fused;
 pub mod linear;
 pub mod lora;
 pub mod norm;

@@ -194,6 +194,12 @@ fn dense_matmul(x: &Tensor, w: &Tensor, inp: usize) -> Result<Tensor> {
     let mut shape: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
     let rows: usize = shape.iter().product();
     let x2 = x.reshape((rows, inp)).op("linear reshape")?;
+    // Mixed precision: the activations' dtype decides (f32 master weights run in bf16 when the
+    // model computes in bf16; the cast is differentiable, so gradients reach the f32 weights).
+    let w = match w.dtype() == x.dtype() {
+        true => Cow::Borrowed(w),
+        false => Cow::Owned(w.to_dtype(x.dtype()).op("linear weight cast")?),
+    };
     let y = x2.matmul(&w.t().op("linear")?).op("linear matmul")?;
     shape.push(w.dims()[0]);
     y.reshape(shape).op("linear reshape")
@@ -240,6 +246,18 @@ fn native_matmul(
     let mut shape = lead;
     shape.push(out);
     Tensor::from_vec(y, shape, x.device()).op("qmatmul output")
+}
+
+/// `y + b`, with `b` cast to `y`'s dtype (mixed precision).
+fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    match b {
+        Some(b) if b.dtype() == y.dtype() => y.broadcast_add(b).op("linear bias"),
+        Some(b) => b
+            .to_dtype(y.dtype())
+            .and_then(|b| y.broadcast_add(&b))
+            .op("linear bias"),
+        None => Ok(y),
+    }
 }
 
 /// `y = x Wᵀ + b` for any weight format.
@@ -346,7 +364,18 @@ impl Linear {
                     .ok_or_else(|| Error::Unsupported("kernel".into()))?;
                 native_matmul(q, f, x, self.out_features, self.in_features)?
             }
-            (_, Some(mm)) => mm.forward(x).op("quantized matmul")?,
+            // candle's quantized kernels take contiguous f32 inputs.
+            (_, Some(mm)) if x.dtype() == DType::F32 && x.is_contiguous() => {
+                mm.forward(x).op("quantized matmul")?
+            }
+            (_, Some(mm)) => mm
+                .forward(
+                    &x.to_dtype(DType::F32)
+                        .and_then(|x| x.contiguous())
+                        .op("quantized matmul input")?,
+                )
+                .and_then(|y| y.to_dtype(x.dtype()))
+                .op("quantized matmul")?,
             (Weight::Dense(w), None) => dense_matmul(x, w, self.in_features)?,
             (Weight::Quantized(_), None) => {
                 return Err(Error::Unsupported(
@@ -354,10 +383,7 @@ impl Linear {
                 ))
             }
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b).op("linear bias"),
-            None => Ok(y),
-        }
+        add_bias(y, self.bias.as_ref())
     }
 
     /// Several layers applied to the same input, e.g. q/k/v or gate/up. Block-quantized layers
@@ -416,7 +442,7 @@ impl Linear {
             shape.push(l.out_features);
             let t = Tensor::from_vec(y, shape, x.device()).op("qmatmul output")?;
             out.push(match &l.bias {
-                Some(b) => t.broadcast_add(b).op("linear bias")?,
+                Some(b) => add_bias(t, Some(b))?,
                 None => t,
             });
         }

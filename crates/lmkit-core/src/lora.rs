@@ -30,8 +30,13 @@ impl LoraAdapter {
         let inp = dims.last().copied().unwrap_or(0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, inp)).op("lora input")?;
-        let h = x2.matmul(&self.a.t().op("lora A")?).op("lora A")?; // (rows, r)
-        let y = h.matmul(&self.b.t().op("lora B")?).op("lora B")?; // (rows, out)
+        // Mixed precision: A and B (f32 trainables) run in the activations' dtype.
+        let (a, b) = (
+            self.a.to_dtype(x.dtype()).op("lora A")?,
+            self.b.to_dtype(x.dtype()).op("lora B")?,
+        );
+        let h = x2.matmul(&a.t().op("lora A")?).op("lora A")?; // (rows, r)
+        let y = h.matmul(&b.t().op("lora B")?).op("lora B")?; // (rows, out)
         let y = (y * self.scale).op("lora scale")?;
         let mut shape = dims;
         if let Some(last) = shape.last_mut() {

@@ -1,6 +1,6 @@
 //! RMSNorm: `y = x / sqrt(mean(x²) + ε) · g`.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 
 use crate::error::OpContext;
 use crate::Result;
@@ -24,24 +24,20 @@ impl RmsNorm {
     /// `x`: `(.., c)` → `(.., c)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous().op("rms_norm")?;
-        candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32).op("rms_norm")
+        if self.weight.dtype() == x.dtype() {
+            return candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32).op("rms_norm");
+        }
+        let w = self.weight.to_dtype(x.dtype()).op("rms_norm")?;
+        candle_nn::ops::rms_norm(&x, &w, self.eps as f32).op("rms_norm")
     }
 
-    /// Differentiable path, built from elementwise ops (for training).
+    /// Differentiable path, built from elementwise ops (for training). Computes in f32 and
+    /// returns `x`'s dtype (as autocast does for norms).
     ///
     /// # Shapes
     /// `x`: `(.., c)` → `(.., c)`.
     pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
-        let x32 = x.to_dtype(DType::F32).op("rms_norm")?;
-        let ms = x32
-            .sqr()
-            .op("rms_norm")?
-            .mean_keepdim(D::Minus1)
-            .op("rms_norm")?;
-        let y = x32
-            .broadcast_div(&(ms + self.eps).op("rms_norm")?.sqrt().op("rms_norm")?)
-            .op("rms_norm")?;
-        y.broadcast_mul(&self.weight).op("rms_norm")
+        crate::fused::rms_norm(x, &self.weight, self.eps)
     }
 
     pub fn weight(&self) -> &Tensor {

@@ -9,10 +9,11 @@
 //! `Attn = softmax(q kᵀ / √d + causal mask) v` with RoPE on q and k,
 //! `MLP(x) = W_down (silu(W_gate x) ⊙ W_up x)`.
 
-use lmkit_core::candle_nn::ops::{softmax, softmax_last_dim};
+use lmkit_core::candle_nn::ops::softmax_last_dim;
 use lmkit_core::candle_nn::rotary_emb::rope;
+use lmkit_core::fused;
 use lmkit_core::linear::Weight;
-use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor, D};
+use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
@@ -53,6 +54,8 @@ pub struct Llama {
     lm_head: Linear,
     inv_freq: Vec<f32>,
     device: Device,
+    /// The activations' dtype on the reference path (weights in another dtype are cast to it).
+    dtype: DType,
     /// Set when every weight has an lmkit CPU kernel: the native path is available.
     native: Option<Consts>,
 }
@@ -160,6 +163,7 @@ impl Llama {
             blocks,
             lm_head,
             device: device.clone(),
+            dtype: opts.dtype.unwrap_or(DType::F32),
             native: None,
         };
         model.native = model.native_consts()?;
@@ -168,7 +172,10 @@ impl Llama {
 
     /// The native path's constants, if every weight has a CPU kernel.
     fn native_consts(&self) -> Result<Option<Consts>> {
-        if !self.device.is_cpu() || native::kernel_data(&self.kernel_linears())?.is_none() {
+        if !self.device.is_cpu()
+            || self.dtype != DType::F32
+            || native::kernel_data(&self.kernel_linears())?.is_none()
+        {
             return Ok(None);
         }
         let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
@@ -292,6 +299,20 @@ impl Llama {
         &self.device
     }
 
+    /// The dtype activations are computed in on the reference path.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Computes in `dtype` from now on (mixed precision: weights in another dtype, e.g. f32
+    /// master weights under training, are cast to it in each product, differentiably). The
+    /// native CPU path needs f32.
+    pub fn set_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.dtype = dtype;
+        self.native = self.native_consts()?;
+        Ok(())
+    }
+
     /// The output projection (hidden → vocabulary logits).
     pub fn lm_head(&self) -> &Linear {
         &self.lm_head
@@ -371,8 +392,8 @@ impl Llama {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (t, half), &self.device)?,
-            Tensor::from_vec(sin, (t, half), &self.device)?,
+            Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?,
         ))
     }
 
@@ -385,14 +406,25 @@ impl Llama {
                 context: self.cfg.max_position_embeddings,
             });
         }
-        let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        if let Some(&id) = flat.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(Error::TokenOutOfRange {
-                id,
-                vocab: self.cfg.vocab_size,
-            });
+        // Ids already on a GPU are the caller's to check (reading them back would stall it).
+        if ids.device().is_cpu() {
+            let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            if let Some(&id) = flat.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
         }
         Ok((b, t))
+    }
+
+    /// `ids` on the model's device (uploaded when they come from the host).
+    fn on_device(&self, ids: &Tensor) -> Result<Tensor> {
+        if ids.device().same_device(&self.device) {
+            return Ok(ids.clone());
+        }
+        Ok(ids.to_device(&self.device)?)
     }
 
     /// Final hidden states (after the last norm).
@@ -411,19 +443,28 @@ impl Llama {
         }
         let offset = cache.len();
         let (b, t) = self.check_ids(ids, offset)?;
+        let ids = &self.on_device(ids)?;
         let (cos, sin) = self.rope_tables(offset, t)?;
-        let mask = causal_mask(t, offset, &self.device)?;
-        let mut x = self.embed.forward(ids)?; // (b, t, c)
+        let mask = causal_mask(t, offset, &self.device, self.dtype)?;
+        // The residual stream stays f32; blocks compute in `self.dtype` (see `lowp`).
+        let mut x = self.embed.forward(ids)?.to_dtype(DType::F32)?; // (b, t, c)
         for (i, blk) in self.blocks.iter().enumerate() {
-            let h = blk.attn_norm.forward(&x)?;
+            let h = self.lowp(blk.attn_norm.forward(&x)?)?;
             let rope = Rope::Fused(&cos, &sin);
             let h = self.attention(&blk.attn, &h, (b, t), rope, mask.as_ref(), Some((i, cache)))?;
-            x = (x + h)?;
-            let h = blk.mlp_norm.forward(&x)?;
+            x = (x + h.to_dtype(DType::F32)?)?;
+            let h = self.lowp(blk.mlp_norm.forward(&x)?)?;
             let h = mlp(&blk.mlp, &h)?;
-            x = (x + h)?;
+            x = (x + h.to_dtype(DType::F32)?)?;
         }
-        Ok(self.norm.forward(&x)?)
+        self.lowp(self.norm.forward(&x)?)
+    }
+
+    /// `x` in the compute dtype. With bf16/f16 the products and attention run in it while the
+    /// residual stream and the norms stay f32, as under PyTorch's autocast (an f32 embedding
+    /// plus a bf16 block output promotes to f32) and as llama.cpp keeps activations.
+    fn lowp(&self, x: Tensor) -> Result<Tensor> {
+        Ok(x.to_dtype(self.dtype)?)
     }
 
     /// Logits at every position.
@@ -432,7 +473,7 @@ impl Llama {
     /// `ids`: `(b, t)` u32 → `(b, t, v)` f32.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let x = self.forward_hidden(ids, cache)?;
-        Ok(self.lm_head.forward(&x)?)
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Logits at the last position only (generation).
@@ -451,34 +492,32 @@ impl Llama {
         let x = self.forward_hidden(ids, cache)?;
         let t = x.dims()[1];
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (b, c)
-        Ok(self.lm_head.forward(&last)?)
+        Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
     }
 
-    /// Logits at every position, through differentiable candle ops only (training): RMSNorm,
-    /// RoPE and softmax built from elementwise ops (candle's fused kernels have no backward). The
-    /// whole sequence runs at once, without a KV cache.
+    /// Logits at every position, with gradients (training): RMSNorm, RoPE and softmax run
+    /// candle's fused kernels with the backward passes of `lmkit_core::fused` (the bare kernels
+    /// cut the graph). The whole sequence runs at once, without a KV cache.
     ///
     /// # Shapes
     /// `ids`: `(b, t)` u32 → `(b, t, v)` f32.
     pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = self.check_ids(ids, 0)?;
+        let ids = &self.on_device(ids)?;
         let (cos, sin) = self.rope_tables(0, t)?;
-        // Rotate-half tables over the full head: (t, d).
-        let cos = Tensor::cat(&[&cos, &cos], 1)?;
-        let sin = Tensor::cat(&[&sin, &sin], 1)?;
-        let mask = causal_mask(t, 0, &self.device)?;
-        let mut x = self.embed.forward(ids)?; // (b, t, c)
+        let mask = causal_mask(t, 0, &self.device, self.dtype)?;
+        let mut x = self.embed.forward(ids)?.to_dtype(DType::F32)?; // (b, t, c)
         for blk in &self.blocks {
-            let h = blk.attn_norm.forward_diff(&x)?;
+            let h = self.lowp(blk.attn_norm.forward_diff(&x)?)?;
             let rope = Rope::Diff(&cos, &sin);
             let h = self.attention(&blk.attn, &h, (b, t), rope, mask.as_ref(), None)?;
-            x = (x + h)?;
-            let h = blk.mlp_norm.forward_diff(&x)?;
+            x = (x + h.to_dtype(DType::F32)?)?;
+            let h = self.lowp(blk.mlp_norm.forward_diff(&x)?)?;
             let h = mlp(&blk.mlp, &h)?;
-            x = (x + h)?;
+            x = (x + h.to_dtype(DType::F32)?)?;
         }
-        let x = self.norm.forward_diff(&x)?;
-        Ok(self.lm_head.forward(&x)?)
+        let x = self.lowp(self.norm.forward_diff(&x)?)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Attention of `x (b, t, c)`; with a cache, its layer's keys and values are extended.
@@ -526,7 +565,10 @@ impl Llama {
         };
         let att = match rope {
             Rope::Fused(..) => softmax_last_dim(&att)?,
-            Rope::Diff(..) => softmax(&att, D::Minus1)?,
+            // Training: in f32 whatever the compute dtype (as autocast does).
+            Rope::Diff(..) => {
+                fused::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+            }
         };
         let y = att.matmul(&v.contiguous()?)?; // (b, k, g·t, d)
         let y = y
@@ -537,8 +579,8 @@ impl Llama {
     }
 }
 
-/// RoPE tables and which implementation applies them: candle's fused kernel (inference; tables
-/// `(t, d/2)`) or elementwise ops that carry gradients (training; tables `(t, d)`).
+/// RoPE tables `(t, d/2)` and which path applies them: inference (candle's fused kernel) or
+/// training (the same kernel with a backward, `lmkit_core::fused`; the softmax likewise).
 #[derive(Clone, Copy)]
 enum Rope<'a> {
     Fused(&'a Tensor, &'a Tensor),
@@ -550,13 +592,7 @@ impl Rope<'_> {
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match *self {
             Rope::Fused(cos, sin) => Ok(rope(x, cos, sin)?),
-            Rope::Diff(cos, sin) => {
-                let half = x.dims()[3] / 2;
-                let x1 = x.narrow(3, 0, half)?;
-                let x2 = x.narrow(3, half, half)?;
-                let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
-                Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
-            }
+            Rope::Diff(cos, sin) => Ok(fused::rope(x, cos, sin)?),
         }
     }
 }
@@ -570,7 +606,7 @@ fn mlp(m: &Mlp, x: &Tensor) -> Result<Tensor> {
 
 /// Additive causal mask `(t, T)` for `t` new positions after `offset` cached ones; `None` for a
 /// single new position (it may see everything).
-fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+fn causal_mask(t: usize, offset: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
     if t <= 1 {
         return Ok(None);
     }
@@ -586,5 +622,7 @@ fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor
             })
         })
         .collect();
-    Ok(Some(Tensor::from_vec(m, (t, total), device)?))
+    Ok(Some(
+        Tensor::from_vec(m, (t, total), device)?.to_dtype(dtype)?,
+    ))
 }

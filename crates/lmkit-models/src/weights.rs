@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use lmkit_core::candle::quantized::ggml_file::qtensor_from_ggml;
 use lmkit_core::linear::Weight;
-use lmkit_core::{Device, Embedding, GgmlDType, Linear, Tensor};
+use lmkit_core::{DType, Device, Embedding, GgmlDType, Linear, Tensor};
 use lmkit_formats::gguf::GgufFile;
 use lmkit_formats::hf::HfCheckpoint;
 use lmkit_formats::names::hf_to_gguf;
@@ -26,6 +26,9 @@ pub enum WeightSource {
 pub struct LoadOptions {
     /// Dequantize every weight to dense f32 (the reference path).
     pub dequantize: bool,
+    /// Precision of dense weights and of the computation (`None`: f32). Block-quantized
+    /// weights stay quantized; on a GPU their products take f32 inputs.
+    pub dtype: Option<DType>,
 }
 
 impl WeightSource {
@@ -99,11 +102,8 @@ impl WeightSource {
         let g = match self {
             WeightSource::Gguf(g) => g,
             _ => {
-                return Ok(Weight::Dense(self.tensor_f32(
-                    hf,
-                    &[shape.0, shape.1],
-                    device,
-                )?))
+                let t = self.tensor_f32(hf, &[shape.0, shape.1], device)?;
+                return dense(t, opts);
             }
         };
         let name = Self::gguf_name(g, hf)?;
@@ -122,10 +122,12 @@ impl WeightSource {
             },
         )?;
         g.release(info);
-        // F16 stays f16 (lmkit has an f16 kernel); F32 and BF16 run as dense f32.
-        let dense = opts.dequantize || matches!(info.dtype, GgmlDType::F32 | GgmlDType::BF16);
-        if dense {
-            Ok(Weight::Dense(q.dequantize(device)?))
+        // On the CPU F16 stays f16 (lmkit has an f16 kernel); F32 and BF16 run as dense f32.
+        // On a GPU every float format is a dense tensor in the compute dtype.
+        let float = matches!(info.dtype, GgmlDType::F32 | GgmlDType::BF16)
+            || (info.dtype == GgmlDType::F16 && !device.is_cpu());
+        if opts.dequantize || float {
+            dense(q.dequantize(device)?, opts)
         } else {
             Ok(Weight::quantized(q)?)
         }
@@ -179,6 +181,14 @@ impl WeightSource {
     ) -> Result<Embedding> {
         Ok(Embedding::new(self.weight(hf, shape, None, opts, device)?)?)
     }
+}
+
+/// A dense weight in the load's dtype.
+fn dense(t: Tensor, opts: LoadOptions) -> Result<Weight> {
+    Ok(Weight::Dense(match opts.dtype {
+        Some(dt) if dt != t.dtype() => t.to_dtype(dt)?,
+        _ => t,
+    }))
 }
 
 /// Inverse of llama.cpp's conversion permutation on whole rows (works for any block type, since

@@ -127,7 +127,15 @@ fn quantized_weights_track_f32_and_dequantize_matches() {
     write_tiny_gguf(&pq, &cfg, 4, GgmlDType::Q8_0).unwrap();
     let f = load(&pf, LoadOptions::default()).unwrap().model;
     let q = load(&pq, LoadOptions::default()).unwrap().model;
-    let dq = load(&pq, LoadOptions { dequantize: true }).unwrap().model;
+    let dq = load(
+        &pq,
+        LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .model;
     assert!(q
         .named_weights()
         .iter()

@@ -104,31 +104,54 @@ impl AdamW {
                     want
                 )));
             }
-            (s.m, s.v) = (m, v);
+            let dev = s.var.as_tensor().device();
+            (s.m, s.v) = (m.to_device(dev)?, v.to_device(dev)?);
         }
         self.step = step;
         Ok(())
     }
 
-    /// The global L2 norm of the gradients of this optimizer's variables.
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sum = 0f64;
+    /// The global L2 norm of the gradients of this optimizer's variables, as a scalar tensor
+    /// on their device (reading it is left to the caller: on a GPU that waits for the step).
+    pub fn grad_norm_tensor(&self, grads: &GradStore) -> Result<Option<Tensor>> {
+        let mut sum: Option<Tensor> = None;
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                sum += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(lmkit_core::DType::F64)?
-                    .to_scalar::<f64>()?;
+                let sq = g.to_dtype(lmkit_core::DType::F32)?.sqr()?.sum_all()?;
+                sum = Some(match sum {
+                    Some(acc) => (acc + sq)?,
+                    None => sq,
+                });
             }
         }
-        Ok(sum.sqrt())
+        Ok(match sum {
+            Some(s) => Some(s.sqrt()?),
+            None => None,
+        })
+    }
+
+    /// The global L2 norm of the gradients, read back.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        Ok(match self.grad_norm_tensor(grads)? {
+            Some(n) => n.to_scalar::<f32>()? as f64,
+            None => 0.0,
+        })
     }
 
     /// One update with learning rate `lr`, every gradient multiplied by `grad_scale` first
     /// (clipping, or averaging accumulated micro-batches). Variables without a gradient are
     /// left alone (their moments too), as in PyTorch.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.update(grads, lr, &Scale::Host(grad_scale))
+    }
+
+    /// [`AdamW::step`] with the gradient scale a scalar tensor on the variables' device (the
+    /// clip factor computed there, so a GPU step never waits for the host).
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: &Tensor) -> Result<()> {
+        self.update(grads, lr, &Scale::Device(grad_scale))
+    }
+
+    fn update(&mut self, grads: &GradStore, lr: f64, scale: &Scale) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let c = self.cfg;
@@ -137,7 +160,10 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
-            let g = (g * grad_scale)?;
+            let g = match scale {
+                Scale::Host(x) => (g * *x)?,
+                Scale::Device(x) => g.broadcast_mul(x)?,
+            };
             let mut theta = s.var.as_tensor().clone();
             if s.decay && c.weight_decay != 0.0 {
                 theta = (theta * (1.0 - lr * c.weight_decay))?;
@@ -150,6 +176,12 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// A gradient multiplier: a host number or a scalar tensor on the device.
+enum Scale<'a> {
+    Host(f64),
+    Device(&'a Tensor),
 }
 
 /// The factor that clips a gradient of norm `norm` to `max_norm` (1 when it is below).

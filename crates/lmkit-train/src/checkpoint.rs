@@ -152,7 +152,7 @@ pub fn load(ckpt: &Path, tr: &mut Trainer, data: &mut Sequences) -> Result<()> {
             }
             Ok(t.clone())
         };
-        var.set(&get(&model, name, "model.safetensors")?)?;
+        var.set(&get(&model, name, "model.safetensors")?.to_device(var.device())?)?;
         moments.push((
             get(&opt, &format!("m.{name}"), "optimizer.safetensors")?,
             get(&opt, &format!("v.{name}"), "optimizer.safetensors")?,

@@ -86,11 +86,13 @@ pub fn sequence_logps(model: &Llama, ids: &Tensor, completion: &Tensor) -> Resul
     let (_, t) = ids.dims2()?;
     let logits = model.forward_train(&ids.narrow(1, 0, t - 1)?)?; // (b, t−1, v)
     let logp = log_softmax(&logits, D::Minus1)?;
-    let target = ids.narrow(1, 1, t - 1)?.unsqueeze(2)?; // (b, t−1, 1)
+    let dev = model.device();
+    let target = ids.narrow(1, 1, t - 1)?.unsqueeze(2)?.to_device(dev)?; // (b, t−1, 1)
     let tok = logp.gather(&target.contiguous()?, 2)?.squeeze(2)?; // (b, t−1)
     let mask = completion
         .narrow(1, 1, t - 1)?
-        .to_dtype(lmkit_core::DType::F32)?;
+        .to_dtype(lmkit_core::DType::F32)?
+        .to_device(dev)?;
     Ok((tok * mask)?.sum(1)?)
 }
 
@@ -169,7 +171,13 @@ impl PrefData {
         Ok(Self { pairs, reference })
     }
 
-    fn batch(&self, idx: &[usize], pad: u32) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    /// Token ids and completion masks (on the host), and the reference log-probs on `dev`.
+    fn batch(
+        &self,
+        idx: &[usize],
+        pad: u32,
+        dev: &lmkit_core::Device,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let mut seqs = Vec::with_capacity(2 * idx.len());
         for &i in idx {
             seqs.push(&self.pairs[i].chosen);
@@ -180,8 +188,7 @@ impl PrefData {
         let (ids, mask) = crate::prefs::pad(&seqs, pad)?;
         let rc: Vec<f32> = idx.iter().map(|&i| self.reference[i].0).collect();
         let rr: Vec<f32> = idx.iter().map(|&i| self.reference[i].1).collect();
-        let dev = lmkit_core::Device::Cpu;
-        Ok((ids, mask, Tensor::new(rc, &dev)?, Tensor::new(rr, &dev)?))
+        Ok((ids, mask, Tensor::new(rc, dev)?, Tensor::new(rr, dev)?))
     }
 }
 
@@ -192,7 +199,7 @@ fn policy_loss(
     beta: f64,
     pad: u32,
 ) -> Result<DpoOutput> {
-    let (ids, mask, rc, rr) = data.batch(idx, pad)?;
+    let (ids, mask, rc, rr) = data.batch(idx, pad, policy.device())?;
     let lp = sequence_logps(policy, &ids, &mask)?; // (2n,): chosen rows, then rejected
     let n = idx.len();
     dpo_loss(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)
@@ -200,7 +207,7 @@ fn policy_loss(
 
 /// DPO metrics of `policy` on every pair of `data` (no gradients kept).
 pub fn evaluate(policy: &Llama, data: &PrefData, beta: f64, pad: u32) -> Result<DpoMetrics> {
-    let dev = lmkit_core::Device::Cpu;
+    let dev = policy.device();
     let (mut pc, mut pr) = (Vec::new(), Vec::new());
     for p in &data.pairs {
         let (ids, mask) = crate::prefs::pad(&[&p.chosen, &p.rejected], pad)?;
@@ -210,7 +217,7 @@ pub fn evaluate(policy: &Llama, data: &PrefData, beta: f64, pad: u32) -> Result<
     }
     let rc: Vec<f32> = data.reference.iter().map(|r| r.0).collect();
     let rr: Vec<f32> = data.reference.iter().map(|r| r.1).collect();
-    let t = |v: Vec<f32>| Tensor::new(v, &dev);
+    let t = |v: Vec<f32>| Tensor::new(v, dev);
     Ok(dpo_loss(&t(pc)?, &t(pr)?, &t(rc)?, &t(rr)?, beta)?.metrics)
 }
 

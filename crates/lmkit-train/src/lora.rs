@@ -84,8 +84,12 @@ pub fn attach(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         let a: Vec<f32> = (0..cfg.r * inp)
             .map(|_| (uniform() * bound) as f32)
             .collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &Device::Cpu)?)?;
-        let b = Var::zeros((out, cfg.r), lmkit_core::DType::F32, &Device::Cpu)?;
+        let dev = match l.weight() {
+            Weight::Dense(w) => w.device().clone(),
+            _ => Device::Cpu,
+        };
+        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &dev)?)?;
+        let b = Var::zeros((out, cfg.r), lmkit_core::DType::F32, &dev)?;
         let adapter = LoraAdapter {
             a: a.as_tensor().clone(),
             b: b.as_tensor().clone(),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use lmkit_core::candle::Var;
-use lmkit_core::{Device, Tensor};
+use lmkit_core::{DType, Device, Tensor};
 use lmkit_models::{Llama, LlamaConfig, LoadOptions, WeightSource};
 
 use crate::Result;
@@ -53,8 +53,25 @@ impl Trainable {
         Self::from_tensors(cfg, tensors)
     }
 
-    /// A model on variables initialized from `tensors` (HF names, f32).
+    /// The same weights as f32 variables on `device`, computing in `dtype` (mixed precision:
+    /// the master weights and the optimizer state stay f32, products run in `dtype`).
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let tensors = self
+            .params
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(device)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let mut t = Self::from_tensors(self.model.config().clone(), tensors)?;
+        t.model.set_dtype(dtype)?;
+        Ok(t)
+    }
+
+    /// A model on variables initialized from `tensors` (HF names, f32), on their device.
     pub fn from_tensors(cfg: LlamaConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        let device = tensors
+            .values()
+            .next()
+            .map_or(Device::Cpu, |t| t.device().clone());
         let mut params = Vec::with_capacity(tensors.len());
         let mut shared = HashMap::with_capacity(tensors.len());
         for (name, _) in cfg.parameter_shapes() {
@@ -72,7 +89,7 @@ impl Trainable {
             cfg,
             &WeightSource::Map(shared),
             LoadOptions::default(),
-            &Device::Cpu,
+            &device,
         )?;
         Ok(Self { model, params })
     }

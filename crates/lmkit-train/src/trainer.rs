@@ -8,7 +8,7 @@ use lmkit_core::Tensor;
 use lmkit_models::Llama;
 use serde::{Deserialize, Serialize};
 
-use crate::adamw::{clip_scale, AdamW, AdamWConfig};
+use crate::adamw::{AdamW, AdamWConfig};
 use crate::data::Sequences;
 use crate::params::Trainable;
 use crate::schedule::Schedule;
@@ -51,7 +51,10 @@ pub fn loss(model: &Llama, ids: &Tensor) -> Result<Tensor> {
     let t = t1 - 1;
     let logits = model.forward_train(&ids.narrow(1, 0, t)?)?; // (b, t, v)
     let v = logits.dims()[2];
-    let targets = ids.narrow(1, 1, t)?.flatten_all()?;
+    let targets = ids
+        .narrow(1, 1, t)?
+        .flatten_all()?
+        .to_device(model.device())?;
     Ok(cross_entropy(&logits.reshape((b * t, v))?, &targets)?)
 }
 
@@ -81,6 +84,47 @@ fn accumulate(acc: &mut GradStore, more: GradStore, t: &Trainable) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// Per-phase wall time of a step (forward, backward, optimizer), when `LMKIT_STEP_TIMES` is
+/// set: each lap waits for the device, so this slows a GPU step down a little; off, it costs
+/// nothing. Logged at info level (`-v`).
+struct PhaseClock<'a> {
+    device: Option<&'a lmkit_core::Device>,
+    last: Instant,
+    laps: Vec<(&'static str, f64)>,
+}
+
+impl<'a> PhaseClock<'a> {
+    fn new(device: &'a lmkit_core::Device) -> Self {
+        let on = std::env::var_os("LMKIT_STEP_TIMES").is_some();
+        Self {
+            device: on.then_some(device),
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) -> Result<()> {
+        if let Some(d) = self.device {
+            lmkit_core::device::synchronize(d)?;
+            let now = Instant::now();
+            self.laps.push((phase, (now - self.last).as_secs_f64()));
+            self.last = now;
+        }
+        Ok(())
+    }
+
+    fn report(&self, step: usize) {
+        if self.device.is_some() {
+            let parts: Vec<String> = self
+                .laps
+                .iter()
+                .map(|(p, s)| format!("{p} {:.1} ms", s * 1e3))
+                .collect();
+            tracing::info!("step {step}: {}", parts.join(", "));
+        }
+    }
 }
 
 /// A training run in progress: the model, its optimizer, and the steps taken.
@@ -125,26 +169,47 @@ impl Trainer {
             // 1. Learning rate for this step.
             let lr = cfg.schedule.lr(step);
             // 2. Micro-batches: forward, backward, gradients summed.
+            //    Nothing is read back from the device until the step is done.
             let mut grads: Option<GradStore> = None;
-            let (mut loss_sum, mut tokens) = (0f64, 0usize);
+            let (mut loss_sum, mut tokens): (Option<Tensor>, usize) = (None, 0);
+            let mut phases = PhaseClock::new(self.t.model.device());
             for _ in 0..cfg.accumulate {
                 let ids = data.batch(cfg.batch)?; // (b, t + 1)
                 tokens += ids.dims()[0] * (ids.dims()[1] - 1);
                 let l = loss(&self.t.model, &ids)?;
-                loss_sum += l.to_scalar::<f32>()? as f64;
+                phases.lap("forward")?;
                 let g = l.backward()?;
+                phases.lap("backward")?;
+                loss_sum = Some(match loss_sum {
+                    Some(s) => (s + l.detach())?,
+                    None => l.detach(),
+                });
                 match &mut grads {
                     None => grads = Some(g),
                     Some(acc) => accumulate(acc, g, &self.t)?,
                 }
             }
             let grads = grads.ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
-            // 3. Average over micro-batches, then clip the global norm.
+            // 3. Average over micro-batches, then clip the global norm (on the device).
             let mean = 1.0 / cfg.accumulate as f64;
-            let grad_norm = self.opt.grad_norm(&grads)? * mean;
-            let scale = mean * cfg.clip.map_or(1.0, |c| clip_scale(grad_norm, c));
+            let norm = match self.opt.grad_norm_tensor(&grads)? {
+                Some(n) => (n * mean)?,
+                None => Tensor::new(0f32, self.t.model.device())?,
+            };
+            let scale = match cfg.clip {
+                // min(1, c / (‖g‖ + 1e-6)), as clip_scale computes it.
+                Some(c) => ((norm.clone() + 1e-6)?.recip()? * c)?.minimum(1f32)?,
+                None => Tensor::new(1f32, self.t.model.device())?,
+            };
             // 4. Optimizer step.
-            self.opt.step(&grads, lr, scale)?;
+            self.opt.step_scaled(&grads, lr, &(scale * mean)?)?;
+            phases.lap("optimizer")?;
+            phases.report(self.step());
+            let grad_norm = norm.to_scalar::<f32>()? as f64;
+            let loss_sum = match loss_sum {
+                Some(s) => s.to_scalar::<f32>()? as f64,
+                None => 0.0,
+            };
             // 5. Evaluate now and then.
             let done = self.step();
             let last = done == cfg.steps;

@@ -139,7 +139,10 @@ fn native_and_reference_paths_decode_the_same_tokens() {
         (idx[0] as u32, v[idx[0]] - v[idx[1]], v)
     };
     for dequantize in [true, false] {
-        let opts = LoadOptions { dequantize };
+        let opts = LoadOptions {
+            dequantize,
+            ..Default::default()
+        };
         let m = lmkit::load(&common::default_model(), opts).unwrap();
         assert!(m.model.is_native());
         let (mut compared, mut ties) = (0, 0);

@@ -57,7 +57,14 @@ fn tokenizer_matches_transformers() {
 #[test]
 fn dequantized_logits_match_transformers() {
     let fx = fixture();
-    let m = lmkit::load(&common::default_model(), LoadOptions { dequantize: true }).unwrap();
+    let m = lmkit::load(
+        &common::default_model(),
+        LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for p in &fx.prompts {
         assert!(p.ids.len() >= 100);
         let x = Tensor::new(p.ids.as_slice(), m.model.device())

@@ -1,0 +1,254 @@
+//! candle's fused kernels (softmax, RMSNorm, RoPE) with a backward pass.
+//!
+//! The fused kernels compute in one pass what takes five to eight elementwise ops, but they
+//! carry no gradient (they cut the graph silently). Here each one runs forward as is, and a
+//! small custom op attaches it to its inputs. Its forward copies the kernel's result; its
+//! backward is the op's derivative, written with differentiable tensor ops:
+//!
+//! ```text
+//! softmax  y = softmax(x):                 dx = y ⊙ (g − Σⱼ gⱼyⱼ)
+//! RMSNorm  y = x̂ ⊙ w, x̂ = x·r, r = (mean(x²) + ε)^(−½):
+//!          dx = r·(g⊙w − x̂·mean(x̂ ⊙ g ⊙ w)),    dw = Σ_rows g ⊙ x̂
+//! RoPE     y = rot(θ)·x (a rotation per pair): dx = rot(−θ)·g
+//! ```
+//!
+//! Deviations: none in the math. The forward costs one extra copy of the result, because a
+//! custom op must return storage it owns.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+
+use crate::error::OpContext;
+use crate::Result;
+
+type Grad2 = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// Returns its second argument's values; the gradient of the first is `grad(y, g)`.
+struct Attach {
+    name: &'static str,
+    grad: Box<Grad2>,
+}
+
+/// A copy of a fresh, contiguous result.
+fn copy<S: BackendStorage>(s: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("fused op result must be contiguous from offset 0")
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl CustomOp2 for Attach {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy(y, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        copy(y, l)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.grad)(res, g)?), None))
+    }
+}
+
+/// `y` (computed from `x` without a graph) with the gradient `grad(y, g)` flowing to `x`.
+fn attach(x: &Tensor, y: Tensor, name: &'static str, grad: Box<Grad2>) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let y = y.contiguous().op(name)?;
+    x.apply_op2_arc(&y, Arc::new(Box::new(Attach { name, grad })))
+        .op(name)
+}
+
+/// Softmax over the last dimension (fused forward).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(x).op("softmax")?;
+    attach(
+        x,
+        y,
+        "softmax",
+        Box::new(|y, g| {
+            let gy = (g * y)?;
+            let s = gy.sum_keepdim(D::Minus1)?;
+            gy - y.broadcast_mul(&s)?
+        }),
+    )
+}
+
+/// Rotate-half RoPE of `x (b, h, t, d)` with `cos`, `sin` of shape `(t, d/2)` (fused forward).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous().op("rope")?;
+    let y = candle_nn::rotary_emb::rope(&x, cos, sin).op("rope")?;
+    let (cos, sin_neg) = (cos.clone(), sin.neg().op("rope")?);
+    attach(
+        &x,
+        y,
+        "rope",
+        Box::new(move |_, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &sin_neg)),
+    )
+}
+
+/// RMSNorm over the last dimension with weight `w (c,)` (fused forward), gradients to `x`
+/// and `w`. Computes in f32 and returns `x`'s dtype.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x
+        .to_dtype(DType::F32)
+        .and_then(|x| x.contiguous())
+        .op("rms_norm")?;
+    let w = w.to_dtype(DType::F32).op("rms_norm")?;
+    let y = candle_nn::ops::rms_norm(&x, &w, eps as f32).op("rms_norm")?;
+    let y = if x.track_op() || w.track_op() {
+        x.apply_op3_arc(&w, &y, Arc::new(Box::new(RmsGrad { eps })))
+            .op("rms_norm")?
+    } else {
+        y
+    };
+    y.to_dtype(dtype).op("rms_norm")
+}
+
+/// [`rms_norm`]'s backward (inputs x, w, and the fused result).
+struct RmsGrad {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsGrad {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy(y, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        copy(y, l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = x.dim(D::Minus1)?;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?; // (.., 1)
+        let xh = x.broadcast_mul(&r)?;
+        let gw = g.broadcast_mul(w)?;
+        let m = (&xh * &gw)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw - xh.broadcast_mul(&m)?)?.broadcast_mul(&r)?;
+        let dw = (g * &xh)?.reshape(((), c))?.sum(0)?;
+        Ok((Some(dx), Some(dw), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Gradients of the fused ops against the same functions built from plain ops.
+    #[test]
+    fn fused_gradients_match_plain_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let vals = |n: usize, s: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * 0.7311).sin() * s).collect()
+        };
+        let var = |t: candle_core::Result<Tensor>| -> Result<Var> {
+            Var::from_tensor(&t.op("var")?).op("var")
+        };
+        let x = var(Tensor::from_vec(
+            vals(2 * 3 * 4 * 8, 2.0),
+            (2, 3, 4, 8),
+            &dev,
+        ))?;
+        let w = var(Tensor::from_vec(vals(8, 1.0), 8, &dev))?;
+        let mix = Tensor::from_vec(vals(2 * 3 * 4 * 8, 3.0), (2, 3, 4, 8), &dev).op("mix")?;
+        let t = Tensor::from_vec(vals(4 * 4, 1.5), (4, 4), &dev).op("t")?;
+        let (cos, sin) = (t.cos().op("cos")?, t.sin().op("sin")?);
+        let loss = |y: Tensor| -> Result<Tensor> { (y * &mix)?.sum_all().op("loss") };
+
+        // Fused.
+        let a = softmax_last_dim(x.as_tensor())?;
+        let b = rms_norm(&a, w.as_tensor(), 1e-5)?;
+        let c = rope(&b, &cos, &sin)?;
+        let g1 = loss(c)?.backward().op("backward")?;
+
+        // Plain.
+        let a = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).op("softmax")?;
+        let ms = a.sqr()?.mean_keepdim(D::Minus1)?;
+        let b = a
+            .broadcast_div(&(ms + 1e-5)?.sqrt()?)?
+            .broadcast_mul(w.as_tensor())?;
+        let (c2, s2) = (
+            Tensor::cat(&[&cos, &cos], 1)?,
+            Tensor::cat(&[&sin, &sin], 1)?,
+        );
+        let (b1, b2) = (b.narrow(3, 0, 4)?, b.narrow(3, 4, 4)?);
+        let rot = Tensor::cat(&[&b2.neg()?, &b1], 3)?;
+        let c = (b.broadcast_mul(&c2)? + rot.broadcast_mul(&s2)?)?;
+        let g2 = loss(c)?.backward().op("backward")?;
+
+        for v in [&x, &w] {
+            let (p, q) = match (g1.get(v.as_tensor()), g2.get(v.as_tensor())) {
+                (Some(p), Some(q)) => (
+                    p.flatten_all()?.to_vec1::<f32>()?,
+                    q.flatten_all()?.to_vec1::<f32>()?,
+                ),
+                _ => panic!("a gradient is missing"),
+            };
+            let scale = q.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            for (a, b) in p.iter().zip(&q) {
+                assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{a} vs {b}");
+            }
+        }
+        Ok(())
+    }
+}
