@@ -189,3 +189,85 @@ fn bad_inputs_give_clear_errors() {
     );
     fails_with(&lmkit(&["bench", "--model", ms, "-p", "100000"]), "context");
 }
+
+/// `--device`/`--dtype` on a CPU build, batched bench, and `lmkit logits` comparing runs.
+#[test]
+fn devices_dtypes_batches_and_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    if !lmkit_core::device::CUDA_BUILT {
+        let o = lmkit(&["run", "--model", m, "hi", "-n", "2", "--device", "cuda"]);
+        fails_with(&o, "built without CUDA");
+    }
+    fails_with(
+        &lmkit(&["run", "--model", m, "hi", "--device", "tpu"]),
+        "device",
+    );
+    fails_with(
+        &lmkit(&["run", "--model", m, "hi", "--dtype", "int3"]),
+        "dtype",
+    );
+
+    // Batched bench on the reference path: one row per test, tokens/s over all sequences.
+    let o = lmkit(&[
+        "bench", "--model", m, "-p", "8", "-n", "4", "-r", "1", "-b", "3", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["batch"], 3);
+    let tests: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["test"].as_str().unwrap())
+        .collect();
+    assert_eq!(tests, ["pp8 x3", "tg4 x3"]);
+
+    // Logits: f32 against itself is exact; bf16 is close but not equal; a bar it misses fails.
+    let f32_path = dir.path().join("f32.st");
+    let f32_str = f32_path.to_str().unwrap();
+    let text = "the cat sat on the mat and the dog";
+    let o = lmkit(&[
+        "logits",
+        "--model",
+        m,
+        text,
+        "--dequantize",
+        "--out",
+        f32_str,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = lmkit(&[
+        "logits",
+        "--model",
+        m,
+        text,
+        "--dequantize",
+        "--compare",
+        f32_str,
+        "--max-diff",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(c["max_abs_diff"], 0.0);
+    assert_eq!(c["argmax_agreement"], 1.0);
+    let o = lmkit(&[
+        "logits",
+        "--model",
+        m,
+        text,
+        "--dequantize",
+        "--dtype",
+        "bf16",
+        "--compare",
+        f32_str,
+        "--max-diff",
+        "1e-9",
+    ]);
+    fails_with(&o, "exceeds --max-diff");
+    let o = lmkit(&["logits", "--model", m, "other words", "--compare", f32_str]);
+    fails_with(&o, "token ids differ");
+}
