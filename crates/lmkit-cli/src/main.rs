@@ -7,6 +7,7 @@ mod dpo;
 mod fetch;
 mod info;
 mod logits;
+mod plot;
 mod ppl;
 mod run;
 mod train;
@@ -47,6 +48,7 @@ enum Command {
     /// Align a model to preference pairs with DPO and LoRA (PEFT adapter out).
     Dpo(dpo::Args),
     Logits(logits::Args),
+    Plot(plot::Args),
 }
 
 fn main() {
@@ -72,6 +74,7 @@ fn main() {
         Command::Train(a) => a.threads,
         Command::Dpo(a) => a.model.threads,
         Command::Logits(a) => a.model.threads,
+        Command::Plot(_) => None,
     }
     .map(|t| t as usize)
     .unwrap_or_else(lmkit::core::threads::default_threads);
@@ -86,6 +89,7 @@ fn main() {
         Command::Train(a) => train::main(a),
         Command::Dpo(a) => dpo::main(a),
         Command::Logits(a) => logits::main(a),
+        Command::Plot(a) => plot::main(a),
     })
     .map_err(anyhow::Error::from)
     .and_then(|r| r);

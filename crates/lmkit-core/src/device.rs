@@ -37,9 +37,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 /// lmkit runs each device on one stream, where stream order alone keeps reads, writes and frees
 /// in sequence, and the events cost host time on every launch (decoding is launch-bound).
 ///
-/// The stream-ordered memory pool keeps its default release threshold: an unlimited one (to
-/// reuse memory across steps as PyTorch's caching allocator does) ran a 113M training step at
-/// sequence 1024 out of memory on its second step on an 80 GB H100, from fragmentation.
+/// The stream-ordered memory pool keeps its default release threshold. An unlimited one (to
+/// reuse memory across steps as PyTorch's caching allocator does) was tried once, in a run
+/// that also had a since-fixed leak of every step's gradients; it is not yet re-measured.
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
     let device = Device::new_cuda(ordinal).map_err(|source| Error::Candle {

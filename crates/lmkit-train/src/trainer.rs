@@ -193,7 +193,7 @@ impl Trainer {
             // 3. Average over micro-batches, then clip the global norm (on the device).
             let mean = 1.0 / cfg.accumulate as f64;
             let norm = match self.opt.grad_norm_tensor(&grads)? {
-                Some(n) => (n * mean)?,
+                Some(n) => (n * mean)?.detach(),
                 None => Tensor::new(0f32, self.t.model.device())?,
             };
             let scale = match cfg.clip {
