@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod common;
 mod dpo;
+mod export;
 mod fetch;
 mod info;
 mod logits;
@@ -49,6 +50,7 @@ enum Command {
     Dpo(dpo::Args),
     Logits(logits::Args),
     Plot(plot::Args),
+    Export(export::Args),
 }
 
 fn main() {
@@ -75,6 +77,7 @@ fn main() {
         Command::Dpo(a) => a.model.threads,
         Command::Logits(a) => a.model.threads,
         Command::Plot(_) => None,
+        Command::Export(a) => a.model.threads,
     }
     .map(|t| t as usize)
     .unwrap_or_else(lmkit::core::threads::default_threads);
@@ -90,6 +93,7 @@ fn main() {
         Command::Dpo(a) => dpo::main(a),
         Command::Logits(a) => logits::main(a),
         Command::Plot(a) => plot::main(a),
+        Command::Export(a) => export::main(a),
     })
     .map_err(anyhow::Error::from)
     .and_then(|r| r);

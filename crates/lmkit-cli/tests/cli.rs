@@ -270,4 +270,14 @@ fn devices_dtypes_batches_and_logits() {
     fails_with(&o, "exceeds --max-diff");
     let o = lmkit(&["logits", "--model", m, "other words", "--compare", f32_str]);
     fails_with(&o, "token ids differ");
+
+    // GGUF export: the file loads and runs; a bad type is a clear error.
+    let q8 = dir.path().join("q8.gguf");
+    let q8 = q8.to_str().unwrap();
+    let o = lmkit(&["export", "--model", m, "--type", "q8_0", "--out", q8]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = lmkit(&["run", "--model", q8, "the cat", "-n", "3", "--greedy", "--ignore-eos"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = lmkit(&["export", "--model", m, "--type", "q3_x", "--out", q8]);
+    fails_with(&o, "GGUF type `q3_x`");
 }

@@ -218,6 +218,116 @@ impl LoadedTokenizer {
     }
 }
 
+impl LoadedTokenizer {
+    /// The `tokenizer.*` GGUF metadata of this tokenizer, as llama.cpp reads it: a byte-level
+    /// BPE (`gpt2` model) with its tokens in id order, merges, token types (added special tokens
+    /// are control tokens), the pre-tokenizer's llama.cpp name, the special ids and the chat
+    /// template. The inverse of [`LoadedTokenizer::from_gguf`].
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, crate::gguf::Value)>> {
+        use crate::gguf::Value;
+        let bad = |why: String| Error::Tokenizer(format!("GGUF export of the tokenizer: {why}"));
+        let json: serde_json::Value = serde_json::from_str(
+            &self
+                .tokenizer
+                .to_string(false)
+                .map_err(|e| bad(e.to_string()))?,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let model = &json["model"];
+        if model["type"].as_str() != Some("BPE") {
+            return Err(bad(format!(
+                "only byte-level BPE tokenizers can be written to GGUF, this one is {}",
+                model["type"]
+            )));
+        }
+        let n = self.tokenizer.get_vocab_size(true);
+        let mut tokens = vec![String::new(); n];
+        for (tok, id) in self.tokenizer.get_vocab(true) {
+            if let Some(slot) = tokens.get_mut(id as usize) {
+                *slot = tok;
+            }
+        }
+        if let Some(i) = tokens.iter().position(|t| t.is_empty()) {
+            return Err(bad(format!(
+                "token id {i} has no string (ids must be dense)"
+            )));
+        }
+        let specials: std::collections::HashSet<u32> = json["added_tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["special"].as_bool() == Some(true))
+            .filter_map(|t| t["id"].as_u64().map(|v| v as u32))
+            .collect();
+        let types: Vec<Value> = (0..n as u32)
+            .map(|i| Value::I32(if specials.contains(&i) { 3 } else { 1 }))
+            .collect();
+        // Merges are stored as "a b" strings or as ["a", "b"] pairs, by tokenizers version.
+        let merges: Vec<Value> = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| match m {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(p) => {
+                    Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                }
+                _ => None,
+            })
+            .map(Value::String)
+            .collect();
+        let mut meta = vec![
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".into()),
+            ),
+            (
+                "tokenizer.ggml.pre".into(),
+                Value::String(pre_name(&json["pre_tokenizer"]).into()),
+            ),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+            ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+            (
+                "tokenizer.ggml.add_bos_token".into(),
+                Value::Bool(self.special.add_bos),
+            ),
+        ];
+        if let Some(b) = self.special.bos {
+            meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+        }
+        if let Some(e) = self.special.eos {
+            meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+        }
+        if let Some(t) = &self.chat_template {
+            meta.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
+        }
+        Ok(meta)
+    }
+}
+
+/// llama.cpp's name for a tokenizer.json pre-tokenizer (the inverse of [`pre_tokenizer`]).
+fn pre_name(pre: &serde_json::Value) -> &'static str {
+    let kinds: Vec<&str> = match pre["type"].as_str() {
+        Some("Sequence") => pre["pretokenizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["type"].as_str())
+            .collect(),
+        Some(t) => vec![t],
+        None => vec![],
+    };
+    match kinds.as_slice() {
+        ["Digits", "ByteLevel"] => "smollm",
+        ["Split", "ByteLevel"] => "llama-bpe",
+        _ => "gpt2",
+    }
+}
+
 /// Adds eos and the usual end-of-turn tokens to the stop set.
 fn finish_special(tokenizer: &Tokenizer, special: &mut SpecialTokens) {
     if let Some(e) = special.eos {

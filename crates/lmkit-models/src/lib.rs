@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod llama;
 pub mod native;
 #[cfg(any(test, feature = "testing"))]

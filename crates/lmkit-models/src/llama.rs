@@ -361,6 +361,31 @@ impl Llama {
         out
     }
 
+    /// The vectors with their HF names: every RMSNorm weight, and the q/k/v biases when the
+    /// model has them (export; [`Llama::named_weights`] has the matrices).
+    pub fn named_vectors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.weight()));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.mlp_norm.weight(),
+            ));
+            for (n, l) in [
+                ("q_proj", &b.attn.q),
+                ("k_proj", &b.attn.k),
+                ("v_proj", &b.attn.v),
+            ] {
+                if let Some(bias) = l.bias() {
+                    out.push((format!("{p}.self_attn.{n}.bias"), bias));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), self.norm.weight()));
+        out
+    }
+
     /// Parameters, counting tied embeddings once and including norms and biases.
     pub fn num_parameters(&self) -> usize {
         let c = self.cfg.hidden_size;

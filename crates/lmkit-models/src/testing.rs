@@ -92,22 +92,7 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Vec<(String, Vec<usize>, 
         .collect()
 }
 
-/// Permutes q/k rows from HF's rotate-half order to GGUF's interleaved order (what llama.cpp's
-/// converter does): `gguf[h·d + 2i + j] = hf[h·d + j·d/2 + i]`.
-pub fn permute_for_gguf(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let d = rows / heads;
-    let mut out = vec![0.0; v.len()];
-    for hh in 0..heads {
-        for j in 0..2 {
-            for i in 0..d / 2 {
-                let src = hh * d + j * (d / 2) + i;
-                let dst = hh * d + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
+pub use crate::weights::permute_for_gguf;
 
 /// Writes a tiny random Llama as GGUF; matrices stored as `wtype` (F32, Q8_0, Q4_1, ...).
 pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDType) -> Result<()> {

@@ -191,6 +191,23 @@ fn dense(t: Tensor, opts: LoadOptions) -> Result<Weight> {
     }))
 }
 
+/// Permutes q/k rows from HF's rotate-half order to GGUF's interleaved order (what llama.cpp's
+/// converter does): `gguf[h·d + 2i + j] = hf[h·d + j·d/2 + i]`.
+pub fn permute_for_gguf(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let mut out = vec![0.0; v.len()];
+    for hh in 0..heads {
+        for j in 0..2 {
+            for i in 0..d / 2 {
+                let src = hh * d + j * (d / 2) + i;
+                let dst = hh * d + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
 /// Inverse of llama.cpp's conversion permutation on whole rows (works for any block type, since
 /// blocks run along a row): `hf[h·d + j·d/2 + i] = gguf[h·d + 2i + j]`.
 fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
