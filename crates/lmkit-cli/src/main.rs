@@ -11,7 +11,9 @@ mod logits;
 mod plot;
 mod ppl;
 mod run;
+mod tokenizer;
 mod train;
+mod train_data;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +53,9 @@ enum Command {
     Logits(logits::Args),
     Plot(plot::Args),
     Export(export::Args),
+    /// Tokenizers: `lmkit tokenizer train`.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::Command),
 }
 
 fn main() {
@@ -78,6 +83,7 @@ fn main() {
         Command::Logits(a) => a.model.threads,
         Command::Plot(_) => None,
         Command::Export(a) => a.model.threads,
+        Command::Tokenizer(_) => None,
     }
     .map(|t| t as usize)
     .unwrap_or_else(lmkit::core::threads::default_threads);
@@ -94,6 +100,7 @@ fn main() {
         Command::Logits(a) => logits::main(a),
         Command::Plot(a) => plot::main(a),
         Command::Export(a) => export::main(a),
+        Command::Tokenizer(c) => tokenizer::main(c),
     })
     .map_err(anyhow::Error::from)
     .and_then(|r| r);

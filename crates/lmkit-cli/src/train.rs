@@ -1,6 +1,7 @@
 //! `lmkit train --config RUN.toml --out DIR`: pretrain a Llama-family model from scratch on text,
-//! with checkpoints that survive a kill (`--resume`), a JSONL metrics log and an HF folder at the
-//! end (`DIR/final`, loadable by every lmkit command).
+//! or fine-tune an existing one (`--model`; full or LoRA, on text or chat data with loss on the
+//! assistant's tokens), with checkpoints that survive a kill (`--resume`), a JSONL metrics log,
+//! and at the end an HF folder (`DIR/final`), optionally GGUF (`--gguf`) and a PEFT adapter.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,18 +9,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lmkit::core::DType;
-use lmkit::formats::gguf::GgufFile;
 use lmkit::formats::tokenizer::LoadedTokenizer;
 use lmkit::train::data::Sequences;
 use lmkit::train::{
-    checkpoint, export, AdamWConfig, Decay, Schedule, TrainConfig, Trainable, Trainer,
+    checkpoint, export, lora, AdamWConfig, Decay, Schedule, TrainConfig, Trainable, Trainer,
 };
+
+use crate::train_data::{documents, load_tokenizer, tokenize};
 use lmkit::LlamaConfig;
 use serde::Deserialize;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0"
+    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
 )]
 pub struct Args {
     /// Run configuration, TOML or JSON.
@@ -41,6 +43,14 @@ pub struct Args {
     /// Default: f32 on the CPU, bf16 on a GPU.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Fine-tune this model (a .gguf file, an HF folder, or `default` for the default model)
+    /// instead of building one from the config's [model] section. Its tokenizer and chat
+    /// template are used; quantized weights are dequantized to f32.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Also write the final model as GGUF (`DIR/final.gguf`): f32, f16, bf16, q8_0, q4_0, q4_1.
+    #[arg(long)]
+    pub gguf: Option<String>,
     /// Print the final summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -49,9 +59,28 @@ pub struct Args {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct RunConfig {
-    model: ModelSection,
+    model: Option<ModelSection>,
     data: DataSection,
     train: TrainSection,
+    /// LoRA adapters on the --model's linear layers (only they train).
+    lora: Option<LoraSection>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct LoraSection {
+    r: usize,
+    alpha: f64,
+    #[serde(default)]
+    dropout: f64,
+    #[serde(default = "d_targets")]
+    targets: Vec<String>,
+}
+
+fn d_targets() -> Vec<String> {
+    ["q_proj", "k_proj", "v_proj", "o_proj"]
+        .map(String::from)
+        .to_vec()
 }
 
 #[derive(Deserialize, Debug)]
@@ -85,6 +114,12 @@ struct DataSection {
     seq_len: usize,
     #[serde(default = "d_field")]
     field: String,
+    /// JSONL fields of a prompt and its completion (trained as a user turn and the
+    /// assistant's reply).
+    #[serde(default = "d_prompt_field")]
+    prompt_field: String,
+    #[serde(default = "d_completion_field")]
+    completion_field: String,
     tokenizer: Option<PathBuf>,
 }
 
@@ -142,6 +177,12 @@ fn d_eval_fraction() -> f64 {
 fn d_field() -> String {
     "text".into()
 }
+fn d_prompt_field() -> String {
+    "prompt".into()
+}
+fn d_completion_field() -> String {
+    "completion".into()
+}
 fn d_one() -> usize {
     1
 }
@@ -189,13 +230,15 @@ fn read_config(path: &Path) -> Result<RunConfig> {
     if !(t.lr > 0.0 && t.lr.is_finite()) {
         bail!("{}: `train.lr` must be a positive number", path.display());
     }
-    if cfg.data.seq_len > cfg.model.max_position_embeddings {
-        bail!(
-            "{}: `data.seq_len` {} exceeds `model.max_position_embeddings` {}",
-            path.display(),
-            cfg.data.seq_len,
-            cfg.model.max_position_embeddings
-        );
+    if let Some(m) = &cfg.model {
+        if cfg.data.seq_len > m.max_position_embeddings {
+            bail!(
+                "{}: `data.seq_len` {} exceeds `model.max_position_embeddings` {}",
+                path.display(),
+                cfg.data.seq_len,
+                m.max_position_embeddings
+            );
+        }
     }
     if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
         bail!("{}: `data.eval_fraction` must be in [0, 1)", path.display());
@@ -203,79 +246,27 @@ fn read_config(path: &Path) -> Result<RunConfig> {
     Ok(cfg)
 }
 
-/// Every file under `paths` (folders recursively, sorted), as documents: a `.jsonl` file gives
-/// one per line (its `field`), anything else is one document.
-fn documents(paths: &[PathBuf], field: &str) -> Result<Vec<String>> {
-    let mut files = Vec::new();
-    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-        if p.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("cannot read folder {}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
-            entries.sort();
-            for e in entries {
-                walk(&e, out)?;
-            }
-        } else if p.is_file() {
-            out.push(p.to_path_buf());
-        } else {
-            bail!("{}: no such file or folder", p.display());
-        }
-        Ok(())
-    }
-    for p in paths {
-        walk(p, &mut files)?;
-    }
-    let mut docs = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f)
-            .with_context(|| format!("cannot read {} as UTF-8", f.display()))?;
-        if f.extension().is_some_and(|e| e == "jsonl") {
-            for (i, line) in text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-            {
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .with_context(|| format!("{}:{}: bad JSON", f.display(), i + 1))?;
-                match v.get(field).and_then(|s| s.as_str()) {
-                    Some(s) => docs.push(s.to_string()),
-                    None => bail!("{}:{}: no string field `{field}`", f.display(), i + 1),
-                }
-            }
-        } else {
-            docs.push(text);
-        }
-    }
-    Ok(docs)
-}
-
-/// Documents → one token stream, EOS between documents.
-fn tokenize(tok: &LoadedTokenizer, docs: &[String]) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
-    for d in docs.iter().filter(|d| !d.trim().is_empty()) {
-        ids.extend(tok.encode(d)?);
-        if let Some(eos) = tok.special.eos {
-            ids.push(eos);
-        }
-    }
-    Ok(ids)
-}
-
-fn load_tokenizer(path: Option<&Path>) -> Result<LoadedTokenizer> {
-    let path = match path {
-        Some(p) => p.to_path_buf(),
-        None => crate::common::fetch_default(false)?,
+/// The architecture of a model trained from scratch, from the [model] section.
+fn scratch_config(m: &ModelSection, tok: &LoadedTokenizer, path: &Path) -> Result<LlamaConfig> {
+    let head_dim = m.hidden_size / m.num_heads.max(1);
+    let cfg = LlamaConfig {
+        arch: "llama".into(),
+        vocab_size: tok.tokenizer.get_vocab_size(true),
+        hidden_size: m.hidden_size,
+        intermediate_size: m.intermediate_size,
+        num_layers: m.num_layers,
+        num_heads: m.num_heads,
+        num_kv_heads: m.num_kv_heads.unwrap_or(m.num_heads),
+        head_dim,
+        rms_norm_eps: m.rms_norm_eps,
+        rope_theta: m.rope_theta,
+        rope_scaling: None,
+        max_position_embeddings: m.max_position_embeddings,
+        tie_word_embeddings: m.tie_word_embeddings,
+        attention_bias: false,
     };
-    let tok = if path.extension().is_some_and(|e| e == "gguf") {
-        LoadedTokenizer::from_gguf(&GgufFile::open(&path)?)?
-    } else if path.is_dir() {
-        LoadedTokenizer::from_tokenizer_json(&path.join("tokenizer.json"))?
-    } else {
-        LoadedTokenizer::from_tokenizer_json(&path)?
-    };
-    Ok(tok)
+    cfg.validate(path)?;
+    Ok(cfg)
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -300,16 +291,77 @@ pub fn main(a: Args) -> Result<()> {
         }
     };
 
+    if rc.model.is_some() == a.model.is_some() {
+        bail!(
+            "{}: give either a [model] section (train from scratch) or --model (fine-tune)",
+            a.config.display()
+        );
+    }
+    if rc.lora.is_some() && a.model.is_none() {
+        bail!(
+            "{}: [lora] needs --model (adapters go on an existing model)",
+            a.config.display()
+        );
+    }
+    let gguf_type = match &a.gguf {
+        Some(t) => Some(lmkit::models::export::export_type(t)?),
+        None => None,
+    };
+
+    // The model to fine-tune, if any: loaded dequantized, on the device.
+    let base = match &a.model {
+        Some(p) => {
+            let path = if p.as_os_str() == "default" {
+                crate::common::fetch_default(false)?
+            } else {
+                p.clone()
+            };
+            // LoRA keeps the frozen base in the compute dtype; full fine-tuning needs f32
+            // master weights (cast per product).
+            let base_dtype = rc.lora.as_ref().map(|_| dtype);
+            let opts = lmkit::LoadOptions {
+                dequantize: true,
+                dtype: base_dtype,
+            };
+            let m = lmkit::load_on(&path, opts, &device)
+                .with_context(|| format!("cannot load model {}", path.display()))?;
+            if rc.data.tokenizer.is_some() {
+                bail!("`data.tokenizer` is set, but --model brings its own tokenizer");
+            }
+            if rc.data.seq_len > m.model.config().max_position_embeddings {
+                bail!(
+                    "`data.seq_len` {} exceeds the model's context {}",
+                    rc.data.seq_len,
+                    m.model.config().max_position_embeddings
+                );
+            }
+            Some((path, m))
+        }
+        None => None,
+    };
+
     // Data: tokenize, hold out the evaluation part.
-    let tok = load_tokenizer(rc.data.tokenizer.as_ref().map(rel).as_deref())?;
+    let tok = match &base {
+        Some((_, m)) => m.tokenizer.clone(),
+        None => load_tokenizer(rc.data.tokenizer.as_ref().map(rel).as_deref())?,
+    };
     let train_paths: Vec<PathBuf> = rc.data.train.iter().map(rel).collect();
-    let mut train_ids = tokenize(&tok, &documents(&train_paths, &rc.data.field)?)?;
-    let eval_ids = if rc.data.eval.is_empty() {
+    let pair = (
+        rc.data.prompt_field.as_str(),
+        rc.data.completion_field.as_str(),
+    );
+    let (mut train_ids, mut train_mask) =
+        tokenize(&tok, &documents(&train_paths, &rc.data.field, pair)?)?;
+    let (eval_ids, eval_mask) = if rc.data.eval.is_empty() {
         let n = (train_ids.len() as f64 * rc.data.eval_fraction) as usize;
-        train_ids.split_off(train_ids.len() - n)
+        let at = train_ids.len() - n;
+        (
+            train_ids.split_off(at),
+            train_mask.as_mut().map(|m| m.split_off(at)),
+        )
     } else {
         let paths: Vec<PathBuf> = rc.data.eval.iter().map(rel).collect();
-        tokenize(&tok, &documents(&paths, &rc.data.field)?)?
+        tokenize(&tok, &documents(&paths, &rc.data.field, pair)?)?
     };
     if train_ids.is_empty() {
         bail!(
@@ -322,33 +374,47 @@ pub fn main(a: Args) -> Result<()> {
         );
     }
     let t = &rc.train;
-    let mut data = Sequences::new(train_ids, rc.data.seq_len, t.seed)?;
-    let eval = Sequences::new(eval_ids, rc.data.seq_len, 0).ok();
-
-    // Model and trainer.
-    let m = &rc.model;
-    let head_dim = m.hidden_size / m.num_heads.max(1);
-    let cfg = LlamaConfig {
-        arch: "llama".into(),
-        vocab_size: tok.tokenizer.get_vocab_size(true),
-        hidden_size: m.hidden_size,
-        intermediate_size: m.intermediate_size,
-        num_layers: m.num_layers,
-        num_heads: m.num_heads,
-        num_kv_heads: m.num_kv_heads.unwrap_or(m.num_heads),
-        head_dim,
-        rms_norm_eps: m.rms_norm_eps,
-        rope_theta: m.rope_theta,
-        rope_scaling: None,
-        max_position_embeddings: m.max_position_embeddings,
-        tie_word_embeddings: m.tie_word_embeddings,
-        attention_bias: false,
+    let sequences = |ids: Vec<u32>, mask: Option<Vec<u8>>, seed: u64| -> Result<Sequences> {
+        Ok(match mask {
+            Some(m) => Sequences::with_mask(ids, m, rc.data.seq_len, seed)?,
+            None => Sequences::new(ids, rc.data.seq_len, seed)?,
+        })
     };
-    cfg.validate(&a.config)?;
-    let mut model = Trainable::init(cfg, m.init_std, t.seed)?;
-    if !device.is_cpu() || dtype != DType::F32 {
-        model = model.to_device(&device, dtype)?;
-    }
+    let mut data = sequences(train_ids, train_mask, t.seed)?;
+    let eval = sequences(eval_ids, eval_mask, 0).ok();
+
+    // Model and trainer: from scratch, full fine-tuning, or LoRA adapters.
+    let mut lora_cfg = None;
+    let model = match (&rc.model, base) {
+        (Some(m), _) => {
+            let cfg = scratch_config(m, &tok, &a.config)?;
+            let mut model = Trainable::init(cfg, m.init_std, t.seed)?;
+            if !device.is_cpu() || dtype != DType::F32 {
+                model = model.to_device(&device, dtype)?;
+            }
+            model
+        }
+        (None, Some((_, m))) => match &rc.lora {
+            None => {
+                let mut model = Trainable::from_model(&m.model)?;
+                model.model.set_dtype(dtype)?;
+                model
+            }
+            Some(l) => {
+                let cfg = lora::LoraConfig {
+                    r: l.r,
+                    alpha: l.alpha,
+                    dropout: l.dropout,
+                    targets: l.targets.clone(),
+                };
+                let mut model = m.model.clone();
+                let params = lora::attach(&mut model, &cfg, t.seed)?;
+                lora_cfg = Some(cfg);
+                Trainable { model, params }
+            }
+        },
+        (None, None) => bail!("no model"),
+    };
     let tc = TrainConfig {
         steps: t.steps,
         batch: t.batch,
@@ -404,6 +470,15 @@ pub fn main(a: Args) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     pb.set_position(tr.step() as u64);
+    // The starting point, to compare the end with (fine-tuning especially).
+    let eval_before = match (&eval, tr.step(), t.eval_every) {
+        (Some(e), 0, n) if n > 0 => {
+            let l = lmkit::train::trainer::evaluate(&tr.t.model, e, t.eval_sequences, t.batch)?;
+            eprintln!("eval loss before training: {l:.4} (ppl {:.2})", l.exp());
+            Some(l)
+        }
+        _ => None,
+    };
     let mut last_eval = None;
     let mut failure = None;
     let logs = tr.run(
@@ -443,14 +518,35 @@ pub fn main(a: Args) -> Result<()> {
         return Err(e);
     }
 
-    // The trained model as an HF folder.
+    // The trained model as an HF folder (LoRA: the PEFT adapter, and the merged model), and
+    // as GGUF if asked.
     let final_dir = a.out.join("final");
-    export::save_hf(&final_dir, &tr.t, &tok)?;
+    let final_model = match &lora_cfg {
+        None => tr.t.model.clone(),
+        Some(cfg) => {
+            let base_name = a
+                .model
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            lora::save_peft(&a.out.join("adapter"), cfg, &base_name, &tr.t.params)?;
+            let mut merged = tr.t.model.clone();
+            lora::merge(&mut merged)?;
+            merged
+        }
+    };
+    export::save_hf_model(&final_dir, &final_model, &tok)?;
+    if let Some(ty) = gguf_type {
+        let path = a.out.join("final.gguf");
+        lmkit::models::export::save_gguf(&path, &final_model, &tok, ty)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let last = logs.last();
     let summary = serde_json::json!({
         "steps": tr.step(),
         "parameters": params,
         "train_loss": last.map(|l| l.loss),
+        "eval_loss_before": eval_before,
         "eval_loss": last_eval,
         "eval_ppl": last_eval.map(f64::exp),
         "model": final_dir.display().to_string(),

@@ -276,7 +276,16 @@ fn devices_dtypes_batches_and_logits() {
     let q8 = q8.to_str().unwrap();
     let o = lmkit(&["export", "--model", m, "--type", "q8_0", "--out", q8]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = lmkit(&["run", "--model", q8, "the cat", "-n", "3", "--greedy", "--ignore-eos"]);
+    let o = lmkit(&[
+        "run",
+        "--model",
+        q8,
+        "the cat",
+        "-n",
+        "3",
+        "--greedy",
+        "--ignore-eos",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = lmkit(&["export", "--model", m, "--type", "q3_x", "--out", q8]);
     fails_with(&o, "GGUF type `q3_x`");

@@ -245,3 +245,137 @@ fn dpo_writes_a_peft_adapter_and_metrics() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--eval-pairs"));
 }
+
+/// Fine-tuning an existing model on chat data: full and LoRA. The loss (on the assistant's
+/// tokens only) goes down, and the run writes a loadable HF folder, a GGUF file, and for LoRA a
+/// PEFT adapter.
+#[test]
+fn fine_tunes_an_existing_model_on_chat_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base.gguf");
+    write_tiny_gguf(&model, &LlamaConfig::tiny(), 3, GgmlDType::Q8_0).unwrap();
+    let lines: String = (0..60)
+        .map(|i| {
+            format!(
+                "{{\"messages\": [{{\"role\": \"user\", \"content\": \"the cat {}\"}}, \
+                 {{\"role\": \"assistant\", \"content\": \"the dog {}\"}}]}}\n",
+                i % 5,
+                i % 5
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("chat.jsonl"), lines).unwrap();
+    let body = "[data]\ntrain = [\"chat.jsonl\"]\nseq_len = 32\neval_fraction = 0.1\n\n\
+                [train]\nsteps = 12\nbatch = 4\nlr = 5e-3\nwarmup = 2\neval_every = 6\n\
+                eval_sequences = 4\n";
+    for (name, extra) in [("full", ""), ("lora", "\n[lora]\nr = 4\nalpha = 8\n")] {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, format!("{body}{extra}")).unwrap();
+        let out = dir.path().join(name);
+        let o = lmkit(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--gguf",
+            "f16",
+            "-t",
+            "1",
+        ]);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let m = metrics(&out);
+        let (first, last) = (
+            m[0]["loss"].as_f64().unwrap(),
+            m[11]["loss"].as_f64().unwrap(),
+        );
+        assert!(last < first * 0.9, "{name}: loss {first} -> {last}");
+        for model_path in [out.join("final"), out.join("final.gguf")] {
+            let o = lmkit(&[
+                "run",
+                "--model",
+                model_path.to_str().unwrap(),
+                "the cat",
+                "-n",
+                "3",
+                "--greedy",
+            ]);
+            assert!(
+                o.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        assert_eq!(
+            out.join("adapter/adapter_config.json").is_file(),
+            name == "lora"
+        );
+    }
+    // Both a [model] section and --model is ambiguous.
+    let cfg = setup(dir.path(), 2, 0, "");
+    let o = lmkit(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("either a [model] section"));
+}
+
+/// `lmkit tokenizer train`, then pretraining with that tokenizer and a GGUF export of it.
+#[test]
+fn trains_a_tokenizer_then_a_model_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = (0..300)
+        .map(|i| format!("a bird {} flew over the {} hills. ", i % 9, i % 4))
+        .collect();
+    std::fs::write(dir.path().join("t.txt"), text).unwrap();
+    let tok = dir.path().join("tok");
+    let o = lmkit(&[
+        "tokenizer",
+        "train",
+        dir.path().join("t.txt").to_str().unwrap(),
+        "--vocab-size",
+        "300",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(tok.join("tokenizer.json").is_file() && tok.join("tokenizer_config.json").is_file());
+    let cfg = "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 1\nnum_heads = 2\n\
+               max_position_embeddings = 64\n\n[data]\ntrain = [\"t.txt\"]\nseq_len = 16\n\
+               tokenizer = \"tok\"\n\n[train]\nsteps = 2\nbatch = 2\nlr = 1e-3\n";
+    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
+    let out = dir.path().join("out");
+    let o = lmkit(&[
+        "train",
+        "--config",
+        dir.path().join("c.toml").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--gguf",
+        "q8_0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final/config.json")).unwrap())
+            .unwrap();
+    // At most the asked size (a small corpus runs out of pairs worth merging), more than the
+    // 256 bytes and 3 specials.
+    let v = cfg["vocab_size"].as_u64().unwrap();
+    assert!(v > 259 && v <= 300, "{v}");
+    let o = lmkit(&["info", "--model", out.join("final.gguf").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = lmkit(&["tokenizer", "train", "--vocab-size", "300", "--out", "x"]);
+    assert!(!o.status.success());
+}

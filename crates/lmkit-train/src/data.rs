@@ -9,6 +9,9 @@ use crate::{Error, Result};
 
 pub struct Sequences {
     tokens: Vec<u32>,
+    /// Which tokens are training targets (1) and which only context (0): chat/SFT data trains
+    /// on the assistant's tokens only. `None`: every token is a target.
+    mask: Option<Vec<u8>>,
     len: usize,
     order: Vec<usize>,
     next: usize,
@@ -35,6 +38,7 @@ impl Sequences {
         }
         let mut s = Self {
             tokens,
+            mask: None,
             len,
             order: (0..n).collect(),
             next: 0,
@@ -42,6 +46,25 @@ impl Sequences {
             seed,
         };
         s.shuffle();
+        Ok(s)
+    }
+
+    /// [`Sequences::new`] with a target mask, one entry per token (see [`Sequences::batch_masked`]).
+    pub fn with_mask(tokens: Vec<u32>, mask: Vec<u8>, len: usize, seed: u64) -> Result<Self> {
+        if mask.len() != tokens.len() {
+            return Err(Error::Data(format!(
+                "{} mask entries for {} tokens",
+                mask.len(),
+                tokens.len()
+            )));
+        }
+        if !mask.iter().any(|&m| m != 0) {
+            return Err(Error::Data(
+                "no token is a training target (chat data without assistant turns?)".into(),
+            ));
+        }
+        let mut s = Self::new(tokens, len, seed)?;
+        s.mask = Some(mask);
         Ok(s)
     }
 
@@ -99,27 +122,54 @@ impl Sequences {
     /// The next `b` sequences as `(b, len + 1)` token ids, starting a new shuffled epoch when
     /// this one runs out.
     pub fn batch(&mut self, b: usize) -> Result<Tensor> {
-        let mut ids = Vec::with_capacity(b * (self.len + 1));
+        Ok(self.batch_masked(b)?.0)
+    }
+
+    /// [`Sequences::batch`] and, for masked data, the targets' mask `(b, len)` f32 (1 where the
+    /// token at that position + 1 is trained on).
+    pub fn batch_masked(&mut self, b: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let mut starts = Vec::with_capacity(b);
         for _ in 0..b {
             if self.next == self.order.len() {
                 self.next = 0;
                 self.epoch += 1;
                 self.shuffle();
             }
-            let start = self.order[self.next] * self.len;
-            ids.extend_from_slice(&self.tokens[start..start + self.len + 1]);
+            starts.push(self.order[self.next] * self.len);
             self.next += 1;
         }
-        Ok(Tensor::from_vec(ids, (b, self.len + 1), &Device::Cpu)?)
+        self.rows(&starts)
+    }
+
+    /// Sequences `0..n` in file order (for evaluation), `(n, len + 1)`, with their mask.
+    pub fn first_masked(&self, n: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let n = n.min(self.order.len());
+        let starts: Vec<usize> = (0..n).map(|i| i * self.len).collect();
+        self.rows(&starts)
     }
 
     /// Sequences `0..n` in file order (for evaluation), `(n, len + 1)`.
     pub fn first(&self, n: usize) -> Result<Tensor> {
-        let n = n.min(self.order.len());
-        let ids = self.tokens[..n * self.len + 1].to_vec();
-        let rows: Vec<u32> = (0..n)
-            .flat_map(|i| ids[i * self.len..i * self.len + self.len + 1].to_vec())
-            .collect();
-        Ok(Tensor::from_vec(rows, (n, self.len + 1), &Device::Cpu)?)
+        Ok(self.first_masked(n)?.0)
+    }
+
+    fn rows(&self, starts: &[usize]) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, len) = (starts.len(), self.len);
+        let mut ids = Vec::with_capacity(b * (len + 1));
+        for &s in starts {
+            ids.extend_from_slice(&self.tokens[s..s + len + 1]);
+        }
+        let ids = Tensor::from_vec(ids, (b, len + 1), &Device::Cpu)?;
+        let mask = match &self.mask {
+            None => None,
+            Some(m) => {
+                let v: Vec<f32> = starts
+                    .iter()
+                    .flat_map(|&s| m[s + 1..s + len + 1].iter().map(|&x| f32::from(x)))
+                    .collect();
+                Some(Tensor::from_vec(v, (b, len), &Device::Cpu)?)
+            }
+        };
+        Ok((ids, mask))
     }
 }

@@ -10,7 +10,7 @@ use lmkit_core::candle::safetensors;
 use lmkit_core::Tensor;
 use lmkit_formats::tokenizer::LoadedTokenizer;
 use lmkit_models::config::RopeScaling;
-use lmkit_models::LlamaConfig;
+use lmkit_models::{Llama, LlamaConfig};
 
 use crate::params::Trainable;
 use crate::{Error, Result};
@@ -49,7 +49,13 @@ pub fn hf_config(cfg: &LlamaConfig, tok: &LoadedTokenizer) -> serde_json::Value 
 
 /// Writes `t` and its tokenizer to the HF folder `dir` (replacing it).
 pub fn save_hf(dir: &Path, t: &Trainable, tok: &LoadedTokenizer) -> Result<()> {
-    let cfg = t.model.config();
+    save_hf_model(dir, &t.model, tok)
+}
+
+/// Writes any model (f32 weights, dequantized if needed; a merged LoRA model, say) and its
+/// tokenizer to the HF folder `dir` (replacing it).
+pub fn save_hf_model(dir: &Path, model: &Llama, tok: &LoadedTokenizer) -> Result<()> {
+    let cfg = model.config();
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -63,11 +69,14 @@ pub fn save_hf(dir: &Path, t: &Trainable, tok: &LoadedTokenizer) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     let write = || -> Result<()> {
-        let tensors: HashMap<String, Tensor> = t
-            .params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (n, w) in model.named_weights() {
+            tensors.insert(n, w.to_f32()?.to_device(&lmkit_core::Device::Cpu)?);
+        }
+        for (n, v) in model.named_vectors() {
+            let v = v.to_dtype(lmkit_core::DType::F32)?;
+            tensors.insert(n, v.to_device(&lmkit_core::Device::Cpu)?);
+        }
         safetensors::save(&tensors, tmp.join("model.safetensors"))?;
         let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).map_err(|e| io(&tmp, e));
         std::fs::write(tmp.join("config.json"), json(&hf_config(cfg, tok))?)

@@ -22,6 +22,7 @@ pub mod lora;
 pub mod params;
 pub mod prefs;
 pub mod schedule;
+pub mod sft;
 pub mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};

@@ -53,6 +53,19 @@ impl Trainable {
         Self::from_tensors(cfg, tensors)
     }
 
+    /// Variables initialized from an existing model's weights (dequantized to f32), for
+    /// fine-tuning it.
+    pub fn from_model(model: &Llama) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for (n, w) in model.named_weights() {
+            tensors.insert(n, w.to_f32()?);
+        }
+        for (n, v) in model.named_vectors() {
+            tensors.insert(n, v.to_dtype(DType::F32)?);
+        }
+        Self::from_tensors(model.config().clone(), tensors)
+    }
+
     /// The same weights as f32 variables on `device`, computing in `dtype` (mixed precision:
     /// the master weights and the optimizer state stay f32, products run in `dtype`).
     pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Self> {

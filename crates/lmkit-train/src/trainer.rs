@@ -45,6 +45,23 @@ pub struct StepLog {
     pub eval_loss: Option<f64>,
 }
 
+/// Mean next-token cross-entropy over the targets where `mask (b, t)` is 1 (chat/SFT data:
+/// the assistant's tokens), or over all of them without a mask.
+pub fn loss_masked(model: &Llama, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let Some(mask) = mask else {
+        return loss(model, ids);
+    };
+    let t = ids.dims2()?.1 - 1;
+    let dev = model.device();
+    let logits = model.forward_train(&ids.narrow(1, 0, t)?)?; // (b, t, v)
+    let logp = lmkit_core::candle_nn::ops::log_softmax(&logits, lmkit_core::D::Minus1)?;
+    let targets = ids.narrow(1, 1, t)?.unsqueeze(2)?.to_device(dev)?; // (b, t, 1)
+    let nll = logp.gather(&targets.contiguous()?, 2)?.squeeze(2)?.neg()?; // (b, t)
+    let mask = mask.to_device(dev)?;
+    let count = mask.sum_all()?.maximum(1f32)?;
+    Ok((nll * &mask)?.sum_all()?.broadcast_div(&count)?)
+}
+
 /// Mean next-token cross-entropy of `ids (b, t + 1)`: inputs `[.., :t]`, targets `[.., 1:]`.
 pub fn loss(model: &Llama, ids: &Tensor) -> Result<Tensor> {
     let (b, t1) = ids.dims2()?;
@@ -60,16 +77,25 @@ pub fn loss(model: &Llama, ids: &Tensor) -> Result<Tensor> {
 
 /// Mean loss over the first `n` evaluation sequences, in batches of `batch`.
 pub fn evaluate(model: &Llama, data: &Sequences, n: usize, batch: usize) -> Result<f64> {
-    let ids = data.first(n)?;
+    let (ids, mask) = data.first_masked(n)?;
     let rows = ids.dims()[0];
-    let (mut sum, mut count) = (0f64, 0usize);
+    let (mut sum, mut count) = (0f64, 0f64);
     for start in (0..rows).step_by(batch.max(1)) {
         let b = batch.min(rows - start);
-        let l = loss(model, &ids.narrow(0, start, b)?)?.to_scalar::<f32>()? as f64;
-        sum += l * b as f64;
-        count += b;
+        let m = match &mask {
+            Some(m) => Some(m.narrow(0, start, b)?),
+            None => None,
+        };
+        // Weighted by targets, so the result is the mean over all evaluated targets.
+        let w = match &m {
+            Some(m) => m.sum_all()?.to_scalar::<f32>()? as f64,
+            None => b as f64,
+        };
+        let l = loss_masked(model, &ids.narrow(0, start, b)?, m.as_ref())?;
+        sum += l.to_scalar::<f32>()? as f64 * w;
+        count += w;
     }
-    Ok(sum / count.max(1) as f64)
+    Ok(sum / count.max(f64::MIN_POSITIVE))
 }
 
 /// Adds `more` into `acc` for every variable.
@@ -174,9 +200,9 @@ impl Trainer {
             let (mut loss_sum, mut tokens): (Option<Tensor>, usize) = (None, 0);
             let mut phases = PhaseClock::new(self.t.model.device());
             for _ in 0..cfg.accumulate {
-                let ids = data.batch(cfg.batch)?; // (b, t + 1)
+                let (ids, mask) = data.batch_masked(cfg.batch)?; // (b, t + 1), (b, t)
                 tokens += ids.dims()[0] * (ids.dims()[1] - 1);
-                let l = loss(&self.t.model, &ids)?;
+                let l = loss_masked(&self.t.model, &ids, mask.as_ref())?;
                 phases.lap("forward")?;
                 let g = l.backward()?;
                 phases.lap("backward")?;

@@ -1,0 +1,83 @@
+//! `lmkit tokenizer train`: a new byte-level BPE tokenizer from text, for pretraining from
+//! scratch (`[data] tokenizer = "DIR"` in a `lmkit train` config).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use lmkit::formats::tokenizer_train::{save_folder, train_bpe};
+
+use crate::train_data::{documents, Doc};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Train a BPE tokenizer (SmolLM2's pre-tokenizer; <|endoftext|>, <|im_start|>, <|im_end|>).
+    #[command(
+        after_help = "Examples:\n  lmkit tokenizer train corpus/ --vocab-size 8192 --out tok8k\n  lmkit train --config run.toml --out runs/x      # with [data] tokenizer = \"tok8k\""
+    )]
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Text files, JSONL files (--field) or folders of them.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Tokens in the vocabulary (bytes and special tokens included).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(260..=1_000_000))]
+    pub vocab_size: u32,
+    /// Merge only pairs seen at least this often.
+    #[arg(long, default_value_t = 2)]
+    pub min_frequency: u64,
+    /// The JSONL text field.
+    #[arg(long, default_value = "text")]
+    pub field: String,
+    /// Output folder: tokenizer.json and tokenizer_config.json.
+    #[arg(short, long)]
+    pub out: PathBuf,
+}
+
+pub fn main(c: Command) -> Result<()> {
+    match c {
+        Command::Train(a) => train(a),
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let docs = documents(&a.inputs, &a.field, ("prompt", "completion"))?;
+    let texts: Vec<String> = docs
+        .into_iter()
+        .flat_map(|d| match d {
+            Doc::Text(t) => vec![t],
+            Doc::Chat(m) => m.into_iter().map(|m| m.content).collect(),
+        })
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    if texts.is_empty() {
+        bail!("no text in the inputs");
+    }
+    let bytes: usize = texts.iter().map(String::len).sum();
+    let spinner = crate::common::spinner(&format!(
+        "training a {}-token BPE on {:.1} MB",
+        a.vocab_size,
+        bytes as f64 / 1e6
+    ));
+    let tok = train_bpe(texts.iter(), a.vocab_size as usize, a.min_frequency);
+    spinner.finish_and_clear();
+    let tok = tok?;
+    save_folder(&tok, &a.out).with_context(|| format!("cannot write {}", a.out.display()))?;
+    // Compression on the training text: bytes per token.
+    let sample: String = texts
+        .iter()
+        .take(200)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    let n = tok.encode(&sample)?.len().max(1);
+    println!(
+        "{}: {} tokens, {:.2} bytes/token on the first documents",
+        a.out.display(),
+        tok.tokenizer.get_vocab_size(true),
+        sample.len() as f64 / n as f64
+    );
+    Ok(())
+}
