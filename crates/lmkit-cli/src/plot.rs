@@ -111,17 +111,18 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
         .collect()
 }
 
-fn label(v: f64) -> String {
-    let a = v.abs();
-    if a == 0.0 {
-        "0".into()
-    } else if !(1e-3..1e5).contains(&a) {
-        format!("{v:.1e}")
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{}", (v * 1e4).round() / 1e4)
+/// Tick labels with the decimals their spacing needs (scientific for tiny or huge values).
+fn labels(ts: &[f64]) -> Vec<String> {
+    let step = match ts {
+        [a, b, ..] => (b - a).abs(),
+        _ => 1.0,
+    };
+    let top = ts.iter().fold(0f64, |m, t| m.max(t.abs()));
+    if step < 1e-3 || top >= 1e6 {
+        return ts.iter().map(|t| format!("{t:.1e}")).collect();
     }
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    ts.iter().map(|t| format!("{t:.decimals$}")).collect()
 }
 
 const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
@@ -130,7 +131,7 @@ const H: f64 = 300.0;
 
 /// One panel at vertical offset `y0`.
 fn panel(svg: &mut String, c: &Chart, y0: f64) {
-    let (l, r, t, b) = (70.0, W - 20.0, y0 + 30.0, y0 + H - 40.0);
+    let (l, r, t, b) = (70.0, W - 20.0, y0 + 36.0, y0 + H - 40.0);
     let all = c.series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut v0, mut v1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, v) in all {
@@ -148,8 +149,7 @@ fn panel(svg: &mut String, c: &Chart, y0: f64) {
     let py = |v: f64| b - (v - v0) / (v1 - v0) * (b - t);
     let _ = writeln!(
         svg,
-        r#"<text x="{}" y="{}" font-size="15" font-weight="bold" text-anchor="middle">{}</text>"#,
-        (l + r) / 2.0,
+        r#"<text x="{l}" y="{}" font-size="15" font-weight="bold">{}</text>"#,
         y0 + 20.0,
         c.title
     );
@@ -159,23 +159,23 @@ fn panel(svg: &mut String, c: &Chart, y0: f64) {
         r - l,
         b - t
     );
-    for v in ticks(v0, v1) {
-        let y = py(v);
+    let vt = ticks(v0, v1);
+    for (v, text) in vt.iter().zip(labels(&vt)) {
+        let y = py(*v);
         let _ = writeln!(
             svg,
-            r##"<line x1="{l}" y1="{y:.1}" x2="{r}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" font-size="11" text-anchor="end">{}</text>"##,
+            r##"<line x1="{l}" y1="{y:.1}" x2="{r}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" font-size="11" text-anchor="end">{text}</text>"##,
             l - 5.0,
             y + 4.0,
-            label(v)
         );
     }
-    for x in ticks(x0, x1) {
-        let xp = px(x);
+    let xt = ticks(x0, x1);
+    for (x, text) in xt.iter().zip(labels(&xt)) {
+        let xp = px(*x);
         let _ = writeln!(
             svg,
-            r#"<text x="{xp:.1}" y="{}" font-size="11" text-anchor="middle">{}</text>"#,
+            r#"<text x="{xp:.1}" y="{}" font-size="11" text-anchor="middle">{text}</text>"#,
             b + 15.0,
-            label(x)
         );
     }
     let _ = writeln!(
@@ -206,13 +206,14 @@ fn panel(svg: &mut String, c: &Chart, y0: f64) {
                 pts.join(" ")
             );
         }
-        let ly = t + 15.0 + 16.0 * i as f64;
+        // The legend sits above the plot, right-aligned, one entry per series.
+        let lx = r - 90.0 * (c.series.len() - i) as f64;
+        let ly = t - 8.0;
         let _ = writeln!(
             svg,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}" font-size="11">{}</text>"#,
-            r - 110.0,
-            r - 90.0,
-            r - 85.0,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}" font-size="11">{}</text>"#,
+            lx + 18.0,
+            lx + 22.0,
             ly + 4.0,
             s.name
         );
@@ -283,6 +284,9 @@ mod tests {
         assert!(t.len() >= 3 && t.len() <= 7, "{t:?}");
         assert!(t[0] >= 0.13 && *t.last().unwrap() <= 9.7);
         assert_eq!(ticks(0.0, 10.0), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+        assert_eq!(labels(&[0.0, 2.0, 4.0]), ["0", "2", "4"]);
+        assert_eq!(labels(&[0.0, 0.5, 1.0]), ["0.0", "0.5", "1.0"]);
+        assert_eq!(labels(&[0.0, 0.0005]), ["0.0e0", "5.0e-4"]);
     }
 
     #[test]
