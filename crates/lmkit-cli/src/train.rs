@@ -385,6 +385,7 @@ pub fn main(a: Args) -> Result<()> {
 
     // Model and trainer: from scratch, full fine-tuning, or LoRA adapters.
     let mut lora_cfg = None;
+    let base_path = base.as_ref().map(|(p, _)| p.clone());
     let model = match (&rc.model, base) {
         (Some(m), _) => {
             let cfg = scratch_config(m, &tok, &a.config)?;
@@ -524,8 +525,7 @@ pub fn main(a: Args) -> Result<()> {
     let final_model = match &lora_cfg {
         None => tr.t.model.clone(),
         Some(cfg) => {
-            let base_name = a
-                .model
+            let base_name = base_path
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default();
