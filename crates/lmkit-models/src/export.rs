@@ -15,7 +15,7 @@ use lmkit_formats::names::hf_to_gguf;
 use lmkit_formats::tokenizer::LoadedTokenizer;
 use lmkit_formats::write::{write_gguf, GgufTensor};
 
-use crate::config::RopeScaling;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::weights::permute_for_gguf;
 use crate::{Error, Llama, Result};
 
@@ -52,37 +52,10 @@ pub fn save_gguf(
     wtype: GgmlDType,
 ) -> Result<()> {
     let cfg = model.config();
-    let a = match cfg.arch.as_str() {
-        "qwen2" => "qwen2",
-        _ => "llama",
-    };
-    let u = |v: usize| Value::U32(v as u32);
-    let mut meta = vec![
-        ("general.architecture".to_string(), Value::String(a.into())),
-        ("general.name".into(), Value::String("lmkit export".into())),
-        ("general.file_type".into(), Value::U32(file_type(wtype))),
-        (format!("{a}.block_count"), u(cfg.num_layers)),
-        (
-            format!("{a}.context_length"),
-            u(cfg.max_position_embeddings),
-        ),
-        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
-        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
-        (format!("{a}.attention.head_count"), u(cfg.num_heads)),
-        (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
-        (format!("{a}.attention.key_length"), u(cfg.head_dim)),
-        (format!("{a}.attention.value_length"), u(cfg.head_dim)),
-        (format!("{a}.rope.dimension_count"), u(cfg.head_dim)),
-        (
-            format!("{a}.rope.freq_base"),
-            Value::F32(cfg.rope_theta as f32),
-        ),
-        (
-            format!("{a}.attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.rms_norm_eps as f32),
-        ),
-        (format!("{a}.vocab_size"), u(cfg.vocab_size)),
-    ];
+    let a = arch(cfg);
+    let mut meta = hyperparameters(cfg);
+    meta.push(("general.name".into(), Value::String("lmkit export".into())));
+    meta.push(("general.file_type".into(), Value::U32(file_type(wtype))));
     match &cfg.rope_scaling {
         None => {}
         Some(RopeScaling::Linear { factor }) => {
@@ -164,6 +137,44 @@ fn tensor(
         dtype,
         data: Cow::Owned(q.data()?.into_owned()),
     })
+}
+
+/// The GGUF architecture name for a config (`qwen2` keeps its own; the rest are `llama`).
+fn arch(cfg: &LlamaConfig) -> &'static str {
+    match cfg.arch.as_str() {
+        "qwen2" => "qwen2",
+        _ => "llama",
+    }
+}
+
+/// `general.architecture` and the `<arch>.*` hyperparameters llama.cpp reads.
+pub fn hyperparameters(cfg: &LlamaConfig) -> Vec<(String, Value)> {
+    let a = arch(cfg);
+    let u = |v: usize| Value::U32(v as u32);
+    vec![
+        ("general.architecture".to_string(), Value::String(a.into())),
+        (format!("{a}.block_count"), u(cfg.num_layers)),
+        (
+            format!("{a}.context_length"),
+            u(cfg.max_position_embeddings),
+        ),
+        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
+        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
+        (format!("{a}.attention.head_count"), u(cfg.num_heads)),
+        (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
+        (format!("{a}.attention.key_length"), u(cfg.head_dim)),
+        (format!("{a}.attention.value_length"), u(cfg.head_dim)),
+        (format!("{a}.rope.dimension_count"), u(cfg.head_dim)),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (format!("{a}.vocab_size"), u(cfg.vocab_size)),
+    ]
 }
 
 /// `general.file_type` (llama.cpp's `llama_ftype`) for a matrix type.

@@ -98,30 +98,11 @@ pub use crate::weights::permute_for_gguf;
 pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDType) -> Result<()> {
     let dev = lmkit_core::Device::Cpu;
     let (tokens, merges, types) = tiny_vocab();
-    let a = "llama";
     let s = |v: &str| Value::String(v.into());
     let u = |v: usize| Value::U32(v as u32);
-    let meta = vec![
-        ("general.architecture".to_string(), s(a)),
-        ("general.name".into(), s("tiny-random-llama")),
-        (format!("{a}.block_count"), u(cfg.num_layers)),
-        (
-            format!("{a}.context_length"),
-            u(cfg.max_position_embeddings),
-        ),
-        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
-        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
-        (format!("{a}.attention.head_count"), u(cfg.num_heads)),
-        (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
-        (
-            format!("{a}.rope.freq_base"),
-            Value::F32(cfg.rope_theta as f32),
-        ),
-        (
-            format!("{a}.attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.rms_norm_eps as f32),
-        ),
-        (format!("{a}.vocab_size"), u(cfg.vocab_size)),
+    let mut meta = crate::export::hyperparameters(cfg);
+    meta.push(("general.name".into(), s("tiny-random-llama")));
+    meta.extend([
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s("smollm")),
         (
@@ -139,7 +120,7 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDTy
         ("tokenizer.ggml.bos_token_id".into(), u(1)),
         ("tokenizer.ggml.eos_token_id".into(), u(2)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-    ];
+    ]);
     let mut tensors = Vec::new();
     for (name, shape, mut data) in random_weights(cfg, seed) {
         let gname = hf_to_gguf(&name).unwrap_or(name.clone());
