@@ -527,6 +527,16 @@ impl Llama {
     /// # Shapes
     /// `ids`: `(b, t)` u32 → `(b, t, v)` f32.
     pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.forward_train_hidden(ids)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Llama::forward_train`] up to the final norm: the hidden states the output layer takes,
+    /// in the compute dtype (for a loss that fuses the output layer, see `lmkit_train`).
+    ///
+    /// # Shapes
+    /// `ids`: `(b, t)` u32 → `(b, t, c)`.
+    pub fn forward_train_hidden(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = self.check_ids(ids, 0)?;
         let ids = &self.on_device(ids)?;
         let (cos, sin) = self.rope_tables(0, t)?;
@@ -541,8 +551,7 @@ impl Llama {
             let h = mlp(&blk.mlp, &h)?;
             x = (x + h.to_dtype(DType::F32)?)?;
         }
-        let x = self.lowp(self.norm.forward_diff(&x)?)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        self.lowp(self.norm.forward_diff(&x)?)
     }
 
     /// Attention of `x (b, t, c)`; with a cache, its layer's keys and values are extended.

@@ -48,6 +48,27 @@ pub struct StepLog {
 /// Mean next-token cross-entropy over the targets where `mask (b, t)` is 1 (chat/SFT data:
 /// the assistant's tokens), or over all of them without a mask.
 pub fn loss_masked(model: &Llama, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    // A dense output layer without an adapter or bias: the fused, chunked head + loss.
+    let head = model.lm_head();
+    if let (lmkit_core::linear::Weight::Dense(w), None, None) =
+        (head.weight(), head.lora(), head.bias())
+    {
+        let (b, t1) = ids.dims2()?;
+        let t = t1 - 1;
+        let h = model.forward_train_hidden(&ids.narrow(1, 0, t)?)?; // (b, t, c)
+        let c = h.dims()[2];
+        let targets = ids.narrow(1, 1, t)?.flatten_all()?;
+        let weights = match mask {
+            Some(m) => Some(m.flatten_all()?),
+            None => None,
+        };
+        return crate::head_loss::output_cross_entropy(
+            &h.reshape((b * t, c))?,
+            w,
+            &targets,
+            weights.as_ref(),
+        );
+    }
     let Some(mask) = mask else {
         return loss(model, ids);
     };
