@@ -31,8 +31,9 @@ struct Attach {
     grad: Box<Grad2>,
 }
 
-/// A copy of a fresh, contiguous result.
-fn copy<S: BackendStorage>(s: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
+/// A copy of a fresh, contiguous result: the forward pass of a custom op that attaches a
+/// backward to a value computed outside the graph (here and in `lmkit_train::head_loss`).
+pub fn copy_result<S: BackendStorage>(s: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
     if !l.is_contiguous() || l.start_offset() != 0 {
         candle_core::bail!("fused op result must be contiguous from offset 0")
     }
@@ -51,7 +52,7 @@ impl CustomOp2 for Attach {
         y: &CpuStorage,
         l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy(y, l)
+        copy_result(y, l)
     }
 
     #[cfg(feature = "cuda")]
@@ -62,7 +63,7 @@ impl CustomOp2 for Attach {
         y: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        copy(y, l)
+        copy_result(y, l)
     }
 
     fn bwd(
@@ -152,7 +153,7 @@ impl CustomOp3 for RmsGrad {
         y: &CpuStorage,
         l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy(y, l)
+        copy_result(y, l)
     }
 
     #[cfg(feature = "cuda")]
@@ -165,7 +166,7 @@ impl CustomOp3 for RmsGrad {
         y: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        copy(y, l)
+        copy_result(y, l)
     }
 
     fn bwd(

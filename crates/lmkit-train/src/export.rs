@@ -81,17 +81,7 @@ pub fn save_hf_model(dir: &Path, model: &Llama, tok: &LoadedTokenizer) -> Result
         let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).map_err(|e| io(&tmp, e));
         std::fs::write(tmp.join("config.json"), json(&hf_config(cfg, tok))?)
             .map_err(|e| io(&tmp, e))?;
-        tok.tokenizer
-            .save(tmp.join("tokenizer.json"), false)
-            .map_err(|e| io(&tmp.join("tokenizer.json"), e))?;
-        let name_of = |id: Option<u32>| id.and_then(|i| tok.tokenizer.id_to_token(i));
-        let tc = serde_json::json!({
-            "bos_token": name_of(tok.special.bos),
-            "eos_token": name_of(tok.special.eos),
-            "add_bos_token": tok.special.add_bos,
-            "chat_template": tok.chat_template,
-        });
-        std::fs::write(tmp.join("tokenizer_config.json"), json(&tc)?).map_err(|e| io(&tmp, e))?;
+        lmkit_formats::tokenizer_train::save_folder(tok, &tmp)?;
         for f in std::fs::read_dir(&tmp).map_err(|e| io(&tmp, e))? {
             let p = f.map_err(|e| io(&tmp, e))?.path();
             std::fs::File::open(&p)

@@ -15,7 +15,6 @@
 
 use std::sync::Arc;
 
-use lmkit_core::candle::backend::BackendStorage;
 use lmkit_core::candle::{CpuStorage, CustomOp3, Layout, Shape};
 use lmkit_core::{DType, Tensor, D};
 
@@ -86,10 +85,6 @@ struct HeadLoss {
     total: Tensor,
 }
 
-fn copy<S: BackendStorage>(s: &S, l: &Layout) -> lmkit_core::candle::Result<(S, Shape)> {
-    Ok((s.try_clone(l)?, l.shape().clone()))
-}
-
 impl CustomOp3 for HeadLoss {
     fn name(&self) -> &'static str {
         "output-cross-entropy"
@@ -104,7 +99,7 @@ impl CustomOp3 for HeadLoss {
         loss: &CpuStorage,
         l: &Layout,
     ) -> lmkit_core::candle::Result<(CpuStorage, Shape)> {
-        copy(loss, l)
+        lmkit_core::fused::copy_result(loss, l)
     }
 
     #[cfg(feature = "cuda")]
@@ -117,7 +112,7 @@ impl CustomOp3 for HeadLoss {
         loss: &lmkit_core::candle::CudaStorage,
         l: &Layout,
     ) -> lmkit_core::candle::Result<(lmkit_core::candle::CudaStorage, Shape)> {
-        copy(loss, l)
+        lmkit_core::fused::copy_result(loss, l)
     }
 
     fn bwd(
