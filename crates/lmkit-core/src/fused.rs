@@ -18,10 +18,65 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::error::OpContext;
 use crate::Result;
+
+/// The forward methods (`cpu_fwd`, and `cuda_fwd` with the `cuda` feature) of a custom op
+/// whose value is its last argument's, copied by [`copy_result`]: `copy_last_forward!(2)` for a
+/// `CustomOp2`, `copy_last_forward!(3)` for a `CustomOp3`. The op's `bwd` is the point.
+#[macro_export]
+macro_rules! copy_last_forward {
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &$crate::candle::CpuStorage,
+            _: &$crate::candle::Layout,
+            y: &$crate::candle::CpuStorage,
+            l: &$crate::candle::Layout,
+        ) -> $crate::candle::Result<($crate::candle::CpuStorage, $crate::candle::Shape)> {
+            $crate::fused::copy_result(y, l)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &$crate::candle::CudaStorage,
+            _: &$crate::candle::Layout,
+            y: &$crate::candle::CudaStorage,
+            l: &$crate::candle::Layout,
+        ) -> $crate::candle::Result<($crate::candle::CudaStorage, $crate::candle::Shape)> {
+            $crate::fused::copy_result(y, l)
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &$crate::candle::CpuStorage,
+            _: &$crate::candle::Layout,
+            _: &$crate::candle::CpuStorage,
+            _: &$crate::candle::Layout,
+            y: &$crate::candle::CpuStorage,
+            l: &$crate::candle::Layout,
+        ) -> $crate::candle::Result<($crate::candle::CpuStorage, $crate::candle::Shape)> {
+            $crate::fused::copy_result(y, l)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &$crate::candle::CudaStorage,
+            _: &$crate::candle::Layout,
+            _: &$crate::candle::CudaStorage,
+            _: &$crate::candle::Layout,
+            y: &$crate::candle::CudaStorage,
+            l: &$crate::candle::Layout,
+        ) -> $crate::candle::Result<($crate::candle::CudaStorage, $crate::candle::Shape)> {
+            $crate::fused::copy_result(y, l)
+        }
+    };
+}
 
 type Grad2 = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
 
@@ -45,26 +100,7 @@ impl CustomOp2 for Attach {
         self.name
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_result(y, l)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        y: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        copy_result(y, l)
-    }
+    crate::copy_last_forward!(2);
 
     fn bwd(
         &self,
@@ -144,30 +180,7 @@ impl CustomOp3 for RmsGrad {
         "rms_norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_result(y, l)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        y: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        copy_result(y, l)
-    }
+    crate::copy_last_forward!(3);
 
     fn bwd(
         &self,

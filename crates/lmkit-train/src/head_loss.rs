@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use lmkit_core::candle::{CpuStorage, CustomOp3, Layout, Shape};
+use lmkit_core::candle::CustomOp3;
 use lmkit_core::{DType, Tensor, D};
 
 use crate::Result;
@@ -90,30 +90,7 @@ impl CustomOp3 for HeadLoss {
         "output-cross-entropy"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        loss: &CpuStorage,
-        l: &Layout,
-    ) -> lmkit_core::candle::Result<(CpuStorage, Shape)> {
-        lmkit_core::fused::copy_result(loss, l)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &lmkit_core::candle::CudaStorage,
-        _: &Layout,
-        _: &lmkit_core::candle::CudaStorage,
-        _: &Layout,
-        loss: &lmkit_core::candle::CudaStorage,
-        l: &Layout,
-    ) -> lmkit_core::candle::Result<(lmkit_core::candle::CudaStorage, Shape)> {
-        lmkit_core::fused::copy_result(loss, l)
-    }
+    lmkit_core::copy_last_forward!(3);
 
     fn bwd(
         &self,
