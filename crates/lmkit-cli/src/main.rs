@@ -71,6 +71,7 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    keep_freed_memory();
     let threads = match &cli.command {
         Command::Run(a) => a.model.threads,
         Command::Chat(a) => a.model.threads,
@@ -107,5 +108,27 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Asks glibc's allocator to keep freed memory for reuse instead of handing every large block
+/// back to the kernel. A training step allocates and frees the same activation-sized buffers
+/// (tens of MB) hundreds of times; by default each is a fresh `mmap` whose pages the kernel
+/// must fault in and zero again, which cost a third of a CPU training step (measured with
+/// `perf`). Peak memory is unchanged: the blocks are reused, not added.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // Blocks up to 1 GiB come from the heap (a step's largest are ~50 MB).
+        const LARGE: i32 = 1 << 30;
+        // SAFETY: mallopt only changes allocator parameters; called before any other thread
+        // exists.
+        let ok = unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        };
+        if !ok {
+            tracing::debug!("mallopt refused the allocator settings; keeping the defaults");
+        }
     }
 }

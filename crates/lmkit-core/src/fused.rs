@@ -78,7 +78,7 @@ macro_rules! copy_last_forward {
     };
 }
 
-type Grad2 = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+pub(crate) type Grad2 = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
 
 /// Returns its second argument's values; the gradient of the first is `grad(y, g)`.
 struct Attach {
@@ -114,7 +114,12 @@ impl CustomOp2 for Attach {
 }
 
 /// `y` (computed from `x` without a graph) with the gradient `grad(y, g)` flowing to `x`.
-fn attach(x: &Tensor, y: Tensor, name: &'static str, grad: Box<Grad2>) -> Result<Tensor> {
+pub(crate) fn attach(
+    x: &Tensor,
+    y: Tensor,
+    name: &'static str,
+    grad: Box<Grad2>,
+) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }

@@ -7,12 +7,15 @@
 //! - [`RmsNorm`], [`Embedding`]: the small layers every Llama-family model needs;
 //! - [`testing`] (feature `testing`): tolerance helpers for tests.
 
+pub mod cpu;
 pub mod device;
 pub mod error;
+pub mod frozen;
 pub mod fused;
 pub mod linear;
 pub mod lora;
 pub mod norm;
+pub mod sgemm;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod threads;

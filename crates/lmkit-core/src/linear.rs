@@ -200,7 +200,12 @@ fn dense_matmul(x: &Tensor, w: &Tensor, inp: usize) -> Result<Tensor> {
         true => Cow::Borrowed(w),
         false => Cow::Owned(w.to_dtype(x.dtype()).op("linear weight cast")?),
     };
-    let y = x2.matmul(&w.t().op("linear")?).op("linear matmul")?;
+    // A frozen weight under a graph (LoRA's base layers): skip its unwanted gradient.
+    let y = if x2.track_op() && !w.track_op() {
+        crate::frozen::matmul_t(&x2, &w)?
+    } else {
+        x2.matmul(&w.t().op("linear")?).op("linear matmul")?
+    };
     shape.push(w.dims()[0]);
     y.reshape(shape).op("linear reshape")
 }

@@ -42,8 +42,25 @@ pub fn softmax(isa: Isa, x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// `x ← exp(x − max x)`; returns the sum (divide by it to finish a softmax).
-pub fn softmax_unnormalized(isa: Isa, x: &mut [f32]) -> f32 {
+/// Cross-entropy of one row of logits `z` against `target`, with its gradient in place:
+/// returns `nll = logsumexp(z) − z[target]` and leaves `z ← coef · (softmax(z) − onehot(target))`,
+/// the gradient of `coef · nll` with respect to `z`.
+///
+/// # Panics
+/// If `target ≥ z.len()` (callers check their targets).
+pub fn cross_entropy_row(isa: Isa, z: &mut [f32], target: usize, coef: f32) -> f32 {
+    let picked = z[target];
+    let max = row_max(z);
+    let sum = exp_shifted(isa, z, max);
+    let nll = max + sum.ln() - picked;
+    let scale = coef / sum;
+    z.iter_mut().for_each(|v| *v *= scale);
+    z[target] -= coef;
+    nll
+}
+
+/// The largest entry of `x` (−∞ for an empty row).
+fn row_max(x: &[f32]) -> f32 {
     // Eight running maxima (vectorizes; max is exact, so the order does not matter).
     let mut m = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
@@ -56,7 +73,12 @@ pub fn softmax_unnormalized(isa: Isa, x: &mut [f32]) -> f32 {
             *a = if v > *a { v } else { *a };
         }
     }
-    let max = m.iter().fold(tail, |a, &v| if v > a { v } else { a });
+    m.iter().fold(tail, |a, &v| if v > a { v } else { a })
+}
+
+/// `x ← exp(x − max x)`; returns the sum (divide by it to finish a softmax).
+pub fn softmax_unnormalized(isa: Isa, x: &mut [f32]) -> f32 {
+    let max = row_max(x);
     exp_shifted(isa, x, max)
 }
 
@@ -177,6 +199,30 @@ mod tests {
 
     /// SIMD `exp` against the standard library's, relative.
     const EXP_REL_TOL: f32 = 4e-7;
+
+    #[test]
+    fn cross_entropy_row_matches_its_definition() {
+        let z: Vec<f32> = (0..101)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.9)
+            .collect();
+        let lse = z.iter().map(|v| (*v as f64).exp()).sum::<f64>().ln();
+        for isa in crate::dot::available() {
+            let mut g = z.clone();
+            let nll = cross_entropy_row(isa, &mut g, 7, 0.5);
+            assert!(
+                (nll as f64 - (lse - z[7] as f64)).abs() < 1e-5,
+                "{isa:?} {nll}"
+            );
+            for (j, (got, v)) in g.iter().zip(&z).enumerate() {
+                let p = ((*v as f64) - lse).exp();
+                let want = 0.5 * (p - if j == 7 { 1.0 } else { 0.0 });
+                assert!(
+                    (*got as f64 - want).abs() < 1e-6,
+                    "{isa:?} {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn simd_exp_softmax_and_silu_match_scalar() {

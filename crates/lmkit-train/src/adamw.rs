@@ -13,7 +13,9 @@
 
 use lmkit_core::candle::backprop::GradStore;
 use lmkit_core::candle::Var;
+use lmkit_core::cpu::with_f32;
 use lmkit_core::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -162,6 +164,11 @@ impl AdamW {
             };
             // Detached: the moments must not keep a graph (of this step's gradients, through a
             // device-side clip factor) alive from step to step.
+            if let Some((theta, m, v)) = cpu_update(s, g, scale, lr, &c, (bc1, bc2))? {
+                s.var.set(&theta)?;
+                (s.m, s.v) = (m, v);
+                continue;
+            }
             let g = match scale {
                 Scale::Host(x) => (g.detach() * *x)?,
                 Scale::Device(x) => g.detach().broadcast_mul(&x.detach())?,
@@ -180,6 +187,68 @@ impl AdamW {
     }
 }
 
+/// The same update in one pass over f32 CPU buffers (candle's op-by-op form reads and writes
+/// each parameter-sized tensor about ten times): the new parameter and moments, or None when
+/// the tensors are not all contiguous f32 on the CPU.
+fn cpu_update(
+    s: &Slot,
+    g: &Tensor,
+    scale: &Scale,
+    lr: f64,
+    c: &AdamWConfig,
+    (bc1, bc2): (f64, f64),
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let p = s.var.as_tensor();
+    if !p.device().is_cpu() {
+        return Ok(None);
+    }
+    let k = match scale {
+        Scale::Host(x) => *x as f32,
+        Scale::Device(x) => x.to_dtype(lmkit_core::DType::F32)?.to_scalar::<f32>()?,
+    };
+    let decay = match s.decay && c.weight_decay != 0.0 {
+        true => (1.0 - lr * c.weight_decay) as f32,
+        false => 1.0,
+    };
+    let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+    let (bc1, bc2, eps, lr) = (bc1 as f32, bc2 as f32, c.eps as f32, lr as f32);
+    let n = p.elem_count();
+    let (mut theta, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let done = with_f32(p, |p| {
+        with_f32(g, |g| {
+            with_f32(&s.m, |m0| {
+                with_f32(&s.v, |v0| {
+                    const CH: usize = 1 << 14;
+                    theta
+                        .par_chunks_mut(CH)
+                        .zip(m.par_chunks_mut(CH))
+                        .zip(v.par_chunks_mut(CH))
+                        .enumerate()
+                        .for_each(|(i, ((th, mo), vo))| {
+                            let r = i * CH..i * CH + th.len();
+                            let (p, g, m0, v0) =
+                                (&p[r.clone()], &g[r.clone()], &m0[r.clone()], &v0[r]);
+                            for j in 0..th.len() {
+                                let gj = g[j] * k;
+                                let mj = b1 * m0[j] + (1.0 - b1) * gj;
+                                let vj = b2 * v0[j] + (1.0 - b2) * gj * gj;
+                                let upd = (mj / bc1) / ((vj / bc2).sqrt() + eps);
+                                th[j] = p[j] * decay - lr * upd;
+                                (mo[j], vo[j]) = (mj, vj);
+                            }
+                        });
+                })
+            })
+        })
+    });
+    if !matches!(done, Some(Some(Some(Some(()))))) || g.elem_count() != n {
+        return Ok(None);
+    }
+    let dims = p.dims();
+    let t = |x: Vec<f32>| Tensor::from_vec(x, dims, p.device());
+    Ok(Some((t(theta)?, t(m)?, t(v)?)))
+}
+
 /// A gradient multiplier: a host number or a scalar tensor on the device.
 enum Scale<'a> {
     Host(f64),
@@ -196,7 +265,8 @@ mod tests {
     use super::*;
     use lmkit_core::Device;
 
-    /// Three steps against the update rule evaluated in f64.
+    /// Three steps against the update rule evaluated in f64: the one-pass f32 CPU update and
+    /// the op-by-op one (any other dtype or device; here f64).
     #[test]
     fn matches_the_update_rule() {
         let p0 = [0.5f64, -1.0, 2.0];
@@ -207,18 +277,23 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        for decay in [true, false] {
-            let var = Var::new(&p0.map(|x| x as f32), &Device::Cpu).unwrap();
+        let dtypes = [lmkit_core::DType::F32, lmkit_core::DType::F64];
+        for (decay, dtype) in [true, false]
+            .into_iter()
+            .flat_map(|d| dtypes.map(|t| (d, t)))
+        {
+            let p = Tensor::new(&p0.map(|x| x as f32), &Device::Cpu).unwrap();
+            let var = Var::from_tensor(&p.to_dtype(dtype).unwrap()).unwrap();
             let mut opt = AdamW::new(vec![(var.clone(), decay)], cfg).unwrap();
             let (mut p, mut m, mut v) = (p0, [0f64; 3], [0f64; 3]);
             for (t, g) in grads.iter().enumerate() {
                 let lr = 0.01 * (t + 1) as f64;
                 // A gradient of `2·g`, scaled by 0.5 in the step: the same as `g`.
-                let loss = (var.as_tensor()
-                    * Tensor::new(&g.map(|x| 2.0 * x as f32), &Device::Cpu).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap();
+                let g2 = Tensor::new(&g.map(|x| 2.0 * x as f32), &Device::Cpu).unwrap();
+                let loss = (var.as_tensor() * g2.to_dtype(dtype).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
                 let store = loss.backward().unwrap();
                 opt.step(&store, lr, 0.5).unwrap();
                 let t = (t + 1) as i32;
@@ -233,9 +308,12 @@ mod tests {
                     p[i] -= lr * mh / (vh.sqrt() + cfg.eps);
                 }
             }
-            let got = var.as_tensor().to_vec1::<f32>().unwrap();
-            for (a, b) in got.iter().zip(&p) {
-                assert!((*a as f64 - b).abs() < 1e-6, "decay={decay}: {a} vs {b}");
+            let got = var.as_tensor().to_dtype(lmkit_core::DType::F32).unwrap();
+            for (a, b) in got.to_vec1::<f32>().unwrap().iter().zip(&p) {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-6,
+                    "{dtype:?} decay={decay}: {a} vs {b}"
+                );
             }
         }
         assert_eq!(clip_scale(0.5, 1.0), 1.0);

@@ -16,7 +16,7 @@
 //! variants TRL offers (IPO, hinge, robust, …) are not implemented yet.
 
 use lmkit_core::candle_nn::ops::log_softmax;
-use lmkit_core::{Tensor, D};
+use lmkit_core::{DType, Tensor, D};
 use lmkit_models::Llama;
 use serde::Serialize;
 
@@ -83,17 +83,41 @@ pub fn dpo_loss(
 /// # Shapes
 /// `ids`, `completion`: `(b, t)` → `(b,)`.
 pub fn sequence_logps(model: &Llama, ids: &Tensor, completion: &Tensor) -> Result<Tensor> {
-    let (_, t) = ids.dims2()?;
-    let logits = model.forward_train(&ids.narrow(1, 0, t - 1)?)?; // (b, t−1, v)
-    let logp = log_softmax(&logits, D::Minus1)?;
+    let (b, t) = ids.dims2()?;
     let dev = model.device();
-    let target = ids.narrow(1, 1, t - 1)?.unsqueeze(2)?.to_device(dev)?; // (b, t−1, 1)
-    let tok = logp.gather(&target.contiguous()?, 2)?.squeeze(2)?; // (b, t−1)
-    let mask = completion
+    let mask = completion.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?; // (b, t−1)
+    let Some(w) = crate::head_loss::dense_head(model) else {
+        let logits = model.forward_train(&ids.narrow(1, 0, t - 1)?)?; // (b, t−1, v)
+        let logp = log_softmax(&logits, D::Minus1)?;
+        let target = ids.narrow(1, 1, t - 1)?.unsqueeze(2)?.to_device(dev)?; // (b, t−1, 1)
+        let tok = logp.gather(&target.contiguous()?, 2)?.squeeze(2)?; // (b, t−1)
+        return Ok((tok * mask.to_device(dev)?)?.sum(1)?);
+    };
+    // The fused head on the completion's positions only; each row's sum by index_add.
+    let h = model.forward_train_hidden(&ids.narrow(1, 0, t - 1)?)?; // (b, t−1, c)
+    let c = h.dims()[2];
+    let keep: Vec<u32> = mask
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .enumerate()
+        .filter(|(_, &m)| m != 0.0)
+        .map(|(i, _)| i as u32)
+        .collect();
+    if keep.is_empty() {
+        return Ok(Tensor::zeros(b, DType::F32, dev)?);
+    }
+    let row: Vec<u32> = keep.iter().map(|&i| i / (t as u32 - 1)).collect();
+    let keep = Tensor::new(keep, dev)?;
+    let h = h.reshape((b * (t - 1), c))?.index_select(&keep, 0)?;
+    let targets = ids
         .narrow(1, 1, t - 1)?
-        .to_dtype(lmkit_core::DType::F32)?
-        .to_device(dev)?;
-    Ok((tok * mask)?.sum(1)?)
+        .flatten_all()?
+        .to_device(dev)?
+        .index_select(&keep, 0)?;
+    let nll = crate::head_loss::output_nll(&h, w, &targets)?; // (kept,)
+    let row = Tensor::new(row, dev)?;
+    Ok(Tensor::zeros(b, DType::F32, dev)?.index_add(&row, &nll.neg()?, 0)?)
 }
 
 /// Summed completion log-probs of each row, computed without building a gradient graph (the

@@ -1,46 +1,47 @@
 //! The output layer and the cross-entropy loss in one op, over row chunks, so the
 //! `(rows, vocab)` logits of a whole batch never exist at once.
 //!
-//! For hidden states `h (n, c)`, the output weight `W (v, c)`, targets `y` and row weights `m`
-//! (1 for every row, or the SFT mask), with `z = h Wᵀ` and `p = softmax(z)`:
+//! For hidden states `h (n, c)`, the output weight `W (v, c)` and targets `y`, with `z = h Wᵀ`
+//! and `p = softmax(z)`, the op gives each row's negative log-likelihood, and for an upstream
+//! gradient `g (n,)`:
 //!
 //! ```text
-//! loss = Σᵢ mᵢ (logsumexp(zᵢ) − zᵢ,yᵢ) / Σᵢ mᵢ
-//! ∂loss/∂zᵢ = mᵢ (pᵢ − onehot(yᵢ)) / Σ m
-//! ∂loss/∂h = (∂loss/∂z) W,    ∂loss/∂W = (∂loss/∂z)ᵀ h
+//! nllᵢ = logsumexp(zᵢ) − zᵢ,yᵢ
+//! ∂/∂zᵢ = gᵢ (pᵢ − onehot(yᵢ))
+//! ∂/∂h = (∂/∂z) W,    ∂/∂W = (∂/∂z)ᵀ h   (only when W trains: not for LoRA's frozen head)
 //! ```
 //!
-//! The forward pass keeps no graph; the backward pass recomputes each chunk's logits. Memory
-//! goes from O(n·v) to O(chunk·v); the price is one more `h Wᵀ` product.
+//! Losses are reductions of `nll` in plain tensor ops: the (masked) mean cross-entropy of
+//! training and SFT, the summed completion log-probs of DPO. Rows whose weight is zero (prompt
+//! tokens, padding) are dropped before the head: they cost nothing.
+//!
+//! On the CPU in f32 the gradients are computed during the forward pass, in one pass over the
+//! logits (`crate::head_cpu`). Elsewhere (CUDA, bf16) the forward keeps no graph and the
+//! backward recomputes each chunk's logits. Either way memory goes from O(n·v) to O(chunk·v).
 
 use std::sync::Arc;
 
 use lmkit_core::candle::CustomOp3;
 use lmkit_core::{DType, Tensor, D};
 
+use crate::head_cpu::{self, CHUNK};
 use crate::Result;
 
-/// Rows per chunk: 256 × 49,152 f32 logits are 50 MB.
-const CHUNK: usize = 256;
-
-/// Mean cross-entropy of `h (n, c) · Wᵀ` against `targets (n,)` u32, each row weighted by
-/// `weights (n,)` f32 (or 1), with gradients to `h` and `w`.
-pub fn output_cross_entropy(
-    h: &Tensor,
-    w: &Tensor,
-    targets: &Tensor,
-    weights: Option<&Tensor>,
-) -> Result<Tensor> {
+/// Each row's next-token negative log-likelihood under `h (n, c) · Wᵀ`, against `targets
+/// (n,)`, as `(n,)` f32, with gradients to `h` (and to `w` when it trains).
+pub fn output_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let n = h.dims2()?.0;
+    // A frozen head on the CPU: ∂h in the forward pass (a trained one needs each row's
+    // upstream gradient for ∂W, so it takes the recomputing path).
+    if !w.track_op() && head_cpu::applies(h, w) {
+        let p = cpu_pass(h, w, targets, &vec![1.0; n], h.track_op(), false)?;
+        let nll = Tensor::from_vec(p.nll, n, h.device())?;
+        return attach(h, w, nll, (p.dh, p.dw), true);
+    }
     let dev = h.device();
-    let weights = match weights {
-        Some(m) => m.to_dtype(DType::F32)?.to_device(dev)?,
-        None => Tensor::ones(n, DType::F32, dev)?,
-    };
     let targets = targets.to_dtype(DType::U32)?.to_device(dev)?;
-    let total = weights.sum_all()?.maximum(1f32)?;
     let (hd, wd) = (h.detach(), w.detach());
-    let mut sum = Tensor::zeros((), DType::F32, dev)?;
+    let mut parts = Vec::with_capacity(n.div_ceil(CHUNK));
     for start in (0..n).step_by(CHUNK) {
         let len = CHUNK.min(n - start);
         let z = logits(&hd.narrow(0, start, len)?, &wd)?; // (len, v) f32
@@ -48,19 +49,194 @@ pub fn output_cross_entropy(
         let picked = z
             .gather(&targets.narrow(0, start, len)?.unsqueeze(1)?, 1)?
             .squeeze(1)?;
-        let m = weights.narrow(0, start, len)?;
-        sum = (sum + ((lse - picked)? * m)?.sum_all()?)?;
+        parts.push((lse - picked)?);
     }
-    let loss = (sum / total.clone())?;
-    if !h.track_op() && !w.track_op() {
-        return Ok(loss);
-    }
-    let op = HeadLoss {
-        targets,
-        weights,
-        total,
+    let nll = match parts.len() {
+        0 => Tensor::zeros(0, DType::F32, dev)?,
+        1 => parts.swap_remove(0),
+        _ => Tensor::cat(&parts, 0)?,
     };
-    Ok(h.apply_op3_arc(w, &loss, Arc::new(Box::new(op)))?)
+    if !h.track_op() && !w.track_op() {
+        return Ok(nll);
+    }
+    Ok(h.apply_op3_arc(w, &nll, Arc::new(Box::new(HeadNll { targets })))?)
+}
+
+/// Mean cross-entropy of `h (n, c) · Wᵀ` against `targets (n,)`, each row weighted by
+/// `weights (n,)` (or 1): `Σᵢ mᵢ nllᵢ / max(Σᵢ mᵢ, 1)`. Rows of weight zero are skipped when
+/// the weights are on the host.
+pub fn output_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let ones;
+    let m = match weights {
+        Some(m) => m,
+        None if head_cpu::applies(h, w) => {
+            ones = Tensor::ones(h.dims2()?.0, DType::F32, h.device())?;
+            &ones
+        }
+        None => return Ok(output_nll(h, w, targets)?.mean_all()?),
+    };
+    let m = m.to_dtype(DType::F32)?;
+    if m.device().is_cpu() && head_cpu::applies(h, w) {
+        // Rows of weight zero are skipped; each kept row's gradient factor is mᵢ / Σm.
+        let mv = m.to_vec1::<f32>()?;
+        let total = mv.iter().sum::<f32>().max(1.0);
+        let (h, targets, coef) = match kept_rows(&m)? {
+            Some(idx) => (
+                h.index_select(&idx, 0)?,
+                targets.index_select(&idx, 0)?,
+                idx.to_vec1::<u32>()?
+                    .iter()
+                    .map(|&i| mv[i as usize] / total)
+                    .collect(),
+            ),
+            None => (
+                h.clone(),
+                targets.clone(),
+                mv.iter().map(|x| x / total).collect(),
+            ),
+        };
+        let coef: Vec<f32> = coef;
+        let p = cpu_pass(&h, w, &targets, &coef, h.track_op(), w.track_op())?;
+        let loss: f64 = p.nll.iter().zip(&coef).map(|(l, k)| (*l * *k) as f64).sum();
+        let loss = Tensor::new(loss as f32, h.device())?;
+        return attach(&h, w, loss, (p.dh, p.dw), false);
+    }
+    let total = m.sum_all()?.maximum(1f32)?.to_device(h.device())?;
+    let (h, targets, m) = match kept_rows(&m)? {
+        Some(idx) => (
+            h.index_select(&idx.to_device(h.device())?, 0)?,
+            targets.index_select(&idx, 0)?,
+            m.index_select(&idx, 0)?,
+        ),
+        None => (h.clone(), targets.clone(), m),
+    };
+    let nll = output_nll(&h, w, &targets)?;
+    Ok(((nll * m.to_device(h.device())?)?.sum_all()? / total)?)
+}
+
+/// [`head_cpu::pass`] over tensors: `h (n, c)`, `w (v, c)` f32 on the CPU.
+fn cpu_pass(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    coef: &[f32],
+    want_dh: bool,
+    want_dw: bool,
+) -> Result<head_cpu::Pass> {
+    let (v, c) = w.dims2()?;
+    let ys = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    if let Some(y) = ys.iter().find(|&&y| y as usize >= v) {
+        return Err(crate::Error::Data(format!(
+            "target token {y} is outside the output layer's {v} rows"
+        )));
+    }
+    let h = h.detach().contiguous()?;
+    let run = |hv: &[f32]| {
+        head_cpu::with_f32(w, |wv| {
+            head_cpu::pass(hv, wv, c, &ys, coef, want_dh, want_dw)
+        })
+    };
+    match head_cpu::with_f32(&h, run) {
+        Some(Some(p)) => p,
+        _ => Err(crate::Error::Data(
+            "the fused head needs f32 CPU tensors".into(),
+        )),
+    }
+}
+
+/// `value` (computed by a CPU pass) with the pass's gradients attached to `h` and `w`:
+/// scaled by each row's upstream gradient (`rowwise`, value `(n,)`) or by the scalar one.
+fn attach(
+    h: &Tensor,
+    w: &Tensor,
+    value: Tensor,
+    (dh, dw): (Option<Vec<f32>>, Option<Vec<f32>>),
+    rowwise: bool,
+) -> Result<Tensor> {
+    if !h.track_op() && !w.track_op() {
+        return Ok(value);
+    }
+    let dev = h.device();
+    let op = Precomputed {
+        dh: match dh {
+            Some(d) => Some(Tensor::from_vec(d, h.dims2()?, dev)?),
+            None => None,
+        },
+        dw: match dw {
+            Some(d) => Some(Tensor::from_vec(d, w.dims2()?, dev)?),
+            None => None,
+        },
+        rowwise,
+    };
+    Ok(h.apply_op3_arc(w, &value, Arc::new(Box::new(op)))?)
+}
+
+/// Gradients computed in the forward pass, scaled by the upstream gradient.
+struct Precomputed {
+    dh: Option<Tensor>,
+    dw: Option<Tensor>,
+    rowwise: bool,
+}
+
+impl CustomOp3 for Precomputed {
+    fn name(&self) -> &'static str {
+        "output-loss"
+    }
+
+    lmkit_core::copy_last_forward!(3);
+
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _w: &Tensor,
+        _v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> lmkit_core::candle::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.to_dtype(DType::F32)?;
+        let dh = match &self.dh {
+            Some(d) if self.rowwise => Some(d.broadcast_mul(&g.unsqueeze(1)?)?),
+            Some(d) => Some(d.broadcast_mul(&g.reshape((1, 1))?)?),
+            None => None,
+        };
+        let dw = match &self.dw {
+            Some(d) if !self.rowwise => Some(d.broadcast_mul(&g.reshape((1, 1))?)?),
+            // Per-row upstream gradients cannot scale a summed ∂W; that case never gets here.
+            _ => None,
+        };
+        Ok((dh, dw, None))
+    }
+}
+
+/// The output weight of `model` when its head is a plain dense layer (no adapter, no bias):
+/// the case the fused op covers.
+pub fn dense_head(model: &lmkit_models::Llama) -> Option<&Tensor> {
+    let head = model.lm_head();
+    match (head.weight(), head.lora(), head.bias()) {
+        (lmkit_core::linear::Weight::Dense(w), None, None) => Some(w),
+        _ => None,
+    }
+}
+
+/// The indices of the nonzero entries of a host-side `m (n,)`, when some but not all are
+/// zero.
+pub fn kept_rows(m: &Tensor) -> Result<Option<Tensor>> {
+    if !m.device().is_cpu() {
+        return Ok(None);
+    }
+    let v = m.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let idx: Vec<u32> = (0..v.len() as u32)
+        .filter(|&i| v[i as usize] != 0.0)
+        .collect();
+    if idx.len() == v.len() || idx.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::new(idx, m.device())?))
 }
 
 /// `h Wᵀ` in h's dtype, as f32.
@@ -78,16 +254,14 @@ fn log_sum_exp(z: &Tensor) -> lmkit_core::candle::Result<Tensor> {
     (s + max)?.squeeze(1)
 }
 
-/// The backward pass of [`output_cross_entropy`] (the forward copies the computed loss).
-struct HeadLoss {
+/// The backward pass of [`output_nll`] (the forward copies the computed values).
+struct HeadNll {
     targets: Tensor,
-    weights: Tensor,
-    total: Tensor,
 }
 
-impl CustomOp3 for HeadLoss {
+impl CustomOp3 for HeadNll {
     fn name(&self) -> &'static str {
-        "output-cross-entropy"
+        "output-nll"
     }
 
     lmkit_core::copy_last_forward!(3);
@@ -96,13 +270,15 @@ impl CustomOp3 for HeadLoss {
         &self,
         h: &Tensor,
         w: &Tensor,
-        _loss: &Tensor,
+        _nll: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> lmkit_core::candle::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (hd, wd) = (h.detach(), w.detach());
         let n = hd.dims2()?.0;
-        let scale = (g.to_dtype(DType::F32)? / &self.total)?; // dloss / Σm
+        let want_dw = w.track_op();
+        let g = g.to_dtype(DType::F32)?;
+        let w32 = wd.to_dtype(DType::F32)?;
         let mut dh = Vec::new();
         let mut dw: Option<Tensor> = None;
         for start in (0..n).step_by(CHUNK) {
@@ -113,25 +289,25 @@ impl CustomOp3 for HeadLoss {
             let y = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
             let minus_one = Tensor::full(-1f32, (len, 1), z.device())?;
             let dz = p.scatter_add(&y, &minus_one, 1)?; // p − onehot
-            let m = (self
-                .weights
-                .narrow(0, start, len)?
-                .unsqueeze(1)?
-                .broadcast_mul(&scale))?;
-            let dz = dz.broadcast_mul(&m)?; // (len, v) f32
-            dh.push(dz.matmul(&wd.to_dtype(DType::F32)?)?.to_dtype(hd.dtype())?);
-            let part = dz.t()?.matmul(&hc.to_dtype(DType::F32)?)?; // (v, c)
-            dw = Some(match dw {
-                Some(acc) => (acc + part)?,
-                None => part,
-            });
+            let dz = dz.broadcast_mul(&g.narrow(0, start, len)?.unsqueeze(1)?)?; // (len, v)
+            dh.push(dz.matmul(&w32)?.to_dtype(hd.dtype())?);
+            if want_dw {
+                let part = dz.t()?.matmul(&hc.to_dtype(DType::F32)?)?; // (v, c)
+                dw = Some(match dw {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
         }
-        let dh = Tensor::cat(&dh, 0)?;
-        let dw = match dw {
-            Some(d) => d.to_dtype(wd.dtype())?,
-            None => wd.zeros_like()?,
+        let dh = match dh.len() {
+            1 => dh.swap_remove(0),
+            _ => Tensor::cat(&dh, 0)?,
         };
-        Ok((Some(dh), Some(dw), None))
+        let dw = match dw {
+            Some(d) => Some(d.to_dtype(wd.dtype())?),
+            None => None,
+        };
+        Ok((Some(dh), dw, None))
     }
 }
 
@@ -194,6 +370,51 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A frozen output weight (LoRA) gets no gradient; the hidden states' gradient is the
+    /// same as with a trained one. Per-row values match log-softmax.
+    #[test]
+    fn frozen_weight_and_per_row_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, c, v) = (CHUNK + 5, 8, 30);
+        let h = Var::from_tensor(&Tensor::from_vec(vals(n * c, 1.0, 0.29), (n, c), &dev)?)?;
+        let w = Tensor::from_vec(vals(v * c, 0.5, 0.13), (v, c), &dev)?;
+        let y: Vec<u32> = (0..n as u32).map(|i| (i * 11) % v as u32).collect();
+        let y = Tensor::new(y.as_slice(), &dev)?;
+        let nll = output_nll(h.as_tensor(), &w, &y)?;
+        let z = h.as_tensor().matmul(&w.t()?)?;
+        let logp = lmkit_core::candle_nn::ops::log_softmax(&z, D::Minus1)?;
+        let want = logp.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let weights = Tensor::from_vec(vals(n, 1.0, 0.7), n, &dev)?;
+        let gf = (&nll * &weights)?.sum_all()?.backward()?;
+        let gp = (&want * &weights)?.sum_all()?.backward()?;
+        let (a, b) = (nll.to_vec1::<f32>()?, want.to_vec1::<f32>()?);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+        assert!(gf.get(&w).is_none(), "the frozen weight got a gradient");
+        // A trained weight under per-row gradients takes the recomputing path.
+        let wv = Var::from_tensor(&w)?;
+        let nll_t = output_nll(h.as_tensor(), wv.as_tensor(), &y)?;
+        let gt = (&nll_t * &weights)?.sum_all()?.backward()?;
+        let zt = h.as_tensor().matmul(&wv.as_tensor().t()?)?;
+        let lt = lmkit_core::candle_nn::ops::log_softmax(&zt, D::Minus1)?;
+        let want_t = lt.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let gpt = (&want_t * &weights)?.sum_all()?.backward()?;
+        for t in [h.as_tensor(), wv.as_tensor()] {
+            let (Some(a), Some(b)) = (gt.get(t), gpt.get(t)) else {
+                panic!("a gradient is missing");
+            };
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "recomputing path differs by {d}");
+        }
+        let (Some(ga), Some(gb)) = (gf.get(h.as_tensor()), gp.get(h.as_tensor())) else {
+            panic!("no gradient for h");
+        };
+        let d = (ga - gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "dh differs by {d}");
         Ok(())
     }
 }

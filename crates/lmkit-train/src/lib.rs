@@ -18,6 +18,7 @@ pub mod data;
 pub mod dpo;
 pub mod error;
 pub mod export;
+mod head_cpu;
 pub mod head_loss;
 pub mod lora;
 pub mod params;

@@ -49,10 +49,7 @@ pub struct StepLog {
 /// the assistant's tokens), or over all of them without a mask.
 pub fn loss_masked(model: &Llama, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     // A dense output layer without an adapter or bias: the fused, chunked head + loss.
-    let head = model.lm_head();
-    if let (lmkit_core::linear::Weight::Dense(w), None, None) =
-        (head.weight(), head.lora(), head.bias())
-    {
+    if let Some(w) = crate::head_loss::dense_head(model) {
         let (b, t1) = ids.dims2()?;
         let t = t1 - 1;
         let h = model.forward_train_hidden(&ids.narrow(1, 0, t)?)?; // (b, t, c)
