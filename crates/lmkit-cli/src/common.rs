@@ -94,6 +94,20 @@ pub fn bar(total: u64, msg: &str) -> ProgressBar {
     pb
 }
 
+/// A progress bar over `total` bytes of input.
+pub fn byte_bar(total: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
 /// Fetches the default model (or returns the cached one), with progress on stderr.
 pub fn fetch_default(force: bool) -> Result<PathBuf> {
     let cached = default_model::path()?;

@@ -52,6 +52,9 @@ pub struct Args {
     pub lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
+    /// Dropout on the adapters' inputs while training (PEFT's lora_dropout), in [0, 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
     /// Comma-separated module names that get adapters.
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
     pub targets: String,
@@ -114,7 +117,7 @@ pub fn main(a: Args) -> Result<()> {
     let lcfg = LoraConfig {
         r: a.lora_r,
         alpha: a.lora_alpha,
-        dropout: 0.0,
+        dropout: a.lora_dropout,
         targets: a
             .targets
             .split(',')

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use lmkit::formats::tokenizer_train::{save_folder, train_bpe};
 
-use crate::train_data::{documents, Doc};
+use crate::train_data::{files, for_each_document, Doc, Fields};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -43,15 +43,19 @@ pub fn main(c: Command) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let docs = documents(&a.inputs, &a.field, ("prompt", "completion"))?;
-    let texts: Vec<String> = docs
-        .into_iter()
-        .flat_map(|d| match d {
-            Doc::Text(t) => vec![t],
-            Doc::Chat(m) => m.into_iter().map(|m| m.content).collect(),
-        })
-        .filter(|t| !t.trim().is_empty())
-        .collect();
+    let fields = Fields {
+        text: &a.field,
+        pair: ("prompt", "completion"),
+    };
+    let mut texts: Vec<String> = Vec::new();
+    for_each_document(&files(&a.inputs)?, &fields, &mut |d| {
+        match d {
+            Doc::Text { text, .. } => texts.push(text),
+            Doc::Chat(m) => texts.extend(m.into_iter().map(|m| m.content)),
+        }
+        Ok(())
+    })?;
+    texts.retain(|t| !t.trim().is_empty());
     if texts.is_empty() {
         bail!("no text in the inputs");
     }

@@ -15,13 +15,13 @@ use lmkit::train::{
     checkpoint, export, lora, AdamWConfig, Decay, Schedule, TrainConfig, Trainable, Trainer,
 };
 
-use crate::train_data::{documents, load_tokenizer, tokenize};
+use crate::train_data::{load_tokenizer, token_file, Fields};
 use lmkit::LlamaConfig;
 use serde::Deserialize;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
+    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
 )]
 pub struct Args {
     /// Run configuration, TOML or JSON.
@@ -346,24 +346,23 @@ pub fn main(a: Args) -> Result<()> {
         None => load_tokenizer(rc.data.tokenizer.as_ref().map(rel).as_deref())?,
     };
     let train_paths: Vec<PathBuf> = rc.data.train.iter().map(rel).collect();
-    let pair = (
-        rc.data.prompt_field.as_str(),
-        rc.data.completion_field.as_str(),
-    );
-    let (mut train_ids, mut train_mask) =
-        tokenize(&tok, &documents(&train_paths, &rc.data.field, pair)?)?;
-    let (eval_ids, eval_mask) = if rc.data.eval.is_empty() {
-        let n = (train_ids.len() as f64 * rc.data.eval_fraction) as usize;
-        let at = train_ids.len() - n;
-        (
-            train_ids.split_off(at),
-            train_mask.as_mut().map(|m| m.split_off(at)),
-        )
+    let fields = Fields {
+        text: &rc.data.field,
+        pair: (&rc.data.prompt_field, &rc.data.completion_field),
+    };
+    // Tokenized as a stream into token files under DIR/data (memory-mapped; reused when the
+    // sources and the tokenizer are unchanged).
+    let data_dir = a.out.join("data");
+    let all = token_file(&tok, &train_paths, &fields, &data_dir.join("train.tokens"))?;
+    let (train_tokens, eval_tokens) = if rc.data.eval.is_empty() {
+        let n = (all.len() as f64 * rc.data.eval_fraction) as usize;
+        all.split_at(all.len() - n)
     } else {
         let paths: Vec<PathBuf> = rc.data.eval.iter().map(rel).collect();
-        tokenize(&tok, &documents(&paths, &rc.data.field, pair)?)?
+        let eval = token_file(&tok, &paths, &fields, &data_dir.join("eval.tokens"))?;
+        (all, eval)
     };
-    if train_ids.is_empty() {
+    if train_tokens.is_empty() {
         bail!(
             "the training data is empty: {}",
             train_paths
@@ -374,14 +373,8 @@ pub fn main(a: Args) -> Result<()> {
         );
     }
     let t = &rc.train;
-    let sequences = |ids: Vec<u32>, mask: Option<Vec<u8>>, seed: u64| -> Result<Sequences> {
-        Ok(match mask {
-            Some(m) => Sequences::with_mask(ids, m, rc.data.seq_len, seed)?,
-            None => Sequences::new(ids, rc.data.seq_len, seed)?,
-        })
-    };
-    let mut data = sequences(train_ids, train_mask, t.seed)?;
-    let eval = sequences(eval_ids, eval_mask, 0).ok();
+    let mut data = Sequences::from_tokens(train_tokens, rc.data.seq_len, t.seed)?;
+    let eval = Sequences::from_tokens(eval_tokens, rc.data.seq_len, 0).ok();
 
     // Model and trainer: from scratch, full fine-tuning, or LoRA adapters.
     let mut lora_cfg = None;

@@ -1,6 +1,10 @@
 //! `lmkit train`'s data: text files, JSONL (a text field, or chat `messages`), and folders of
-//! them, tokenized into one stream with a target mask (chat trains on the assistant only).
+//! them, tokenized as a stream into a token file (`lmkit_train::tokens`) with a target mask
+//! (chat trains on the assistant only). Memory stays bounded by one document or one piece of
+//! a text file, whatever the corpus size; the token file is memory-mapped for training and
+//! reused on `--resume` when the sources and tokenizer are unchanged.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -8,21 +12,30 @@ use lmkit::formats::chat::{ChatTemplate, Message};
 use lmkit::formats::gguf::GgufFile;
 use lmkit::formats::tokenizer::LoadedTokenizer;
 use lmkit::train::sft;
+use lmkit::train::tokens::{Sink, Tokens};
+use serde::{Deserialize, Serialize};
+
+/// Text files are tokenized in pieces of about this many bytes, cut after a line end.
+const PIECE: usize = 1 << 20;
 
 /// One training document.
 pub enum Doc {
-    Text(String),
+    /// Text; `end` is true for a document's last piece (EOS follows it).
+    Text { text: String, end: bool },
     /// A conversation: only the assistant's turns are targets.
     Chat(Vec<Message>),
 }
 
-/// Every file under `paths` (folders recursively, sorted), as documents: a `.jsonl` file gives
-/// one per line, anything else is one text document. A JSONL line is a conversation if it has
-/// `messages`, or the two fields of `pair` (a prompt and its completion, e.g. `prompt` and
-/// `completion`, or `question` and `answer`: a user turn and the assistant's reply); else its
-/// text `field`.
-pub fn documents(paths: &[PathBuf], field: &str, pair: (&str, &str)) -> Result<Vec<Doc>> {
-    let mut files = Vec::new();
+/// How JSONL lines are read.
+pub struct Fields<'a> {
+    /// The text field.
+    pub text: &'a str,
+    /// A prompt and its completion (a user turn and the assistant's reply).
+    pub pair: (&'a str, &'a str),
+}
+
+/// Every file under `paths` (folders recursively, sorted).
+pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         if p.is_dir() {
             let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
@@ -40,94 +53,226 @@ pub fn documents(paths: &[PathBuf], field: &str, pair: (&str, &str)) -> Result<V
         }
         Ok(())
     }
+    let mut out = Vec::new();
     for p in paths {
-        walk(p, &mut files)?;
+        walk(p, &mut out)?;
     }
-    let mut docs = Vec::new();
+    Ok(out)
+}
+
+/// Streams the documents of `files` to `each`: a `.jsonl` file gives one per line, anything
+/// else is one text document (handed over in pieces). A JSONL line is a conversation if it has
+/// `messages`, or both fields of `fields.pair`; else its `fields.text`.
+pub fn for_each_document(
+    files: &[PathBuf],
+    fields: &Fields,
+    each: &mut dyn FnMut(Doc) -> Result<()>,
+) -> Result<()> {
     for f in files {
-        let text = std::fs::read_to_string(&f)
-            .with_context(|| format!("cannot read {} as UTF-8", f.display()))?;
-        if f.extension().is_none_or(|e| e != "jsonl") {
-            docs.push(Doc::Text(text));
-            continue;
-        }
-        for (i, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let at = || format!("{}:{}", f.display(), i + 1);
-            let v: serde_json::Value =
-                serde_json::from_str(line).with_context(|| format!("{}: bad JSON", at()))?;
-            let (p, c) = (
-                v.get(pair.0).and_then(|x| x.as_str()),
-                v.get(pair.1).and_then(|x| x.as_str()),
-            );
-            if let (Some(p), Some(c)) = (p, c) {
-                docs.push(Doc::Chat(vec![
-                    Message::new("user", p),
-                    Message::new("assistant", c),
-                ]));
-            } else if v.get("messages").is_some() {
-                match sft::parse_messages(&v) {
-                    Some(m) => docs.push(Doc::Chat(m)),
-                    None => bail!(
-                        "{}: `messages` must be a list of {{\"role\", \"content\"}} strings",
-                        at()
-                    ),
+        let file =
+            std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+        let mut r = std::io::BufReader::new(file);
+        let jsonl = f.extension().is_some_and(|e| e == "jsonl");
+        let mut buf = String::new();
+        let mut line_no = 0;
+        loop {
+            let start = buf.len();
+            let n = r
+                .read_line(&mut buf)
+                .with_context(|| format!("cannot read {} as UTF-8", f.display()))?;
+            line_no += 1;
+            if jsonl {
+                if n == 0 {
+                    break;
                 }
-            } else {
-                match v.get(field).and_then(|s| s.as_str()) {
-                    Some(s) => docs.push(Doc::Text(s.to_string())),
-                    None => bail!("{}: no string field `{field}` (nor `messages`)", at()),
+                if !buf.trim().is_empty() {
+                    let at = format!("{}:{line_no}", f.display());
+                    each(json_document(&buf, fields, &at)?)?;
                 }
+                buf.clear();
+                continue;
+            }
+            let eof = n == 0;
+            // A text piece ends at the file's end, or after a line once PIECE bytes are in.
+            if eof || (buf.len() >= PIECE && start > 0) {
+                let text = std::mem::take(&mut buf);
+                each(Doc::Text { text, end: eof })?;
+            }
+            if eof {
+                break;
             }
         }
     }
-    Ok(docs)
+    Ok(())
 }
 
-/// Documents → one token stream (EOS after each text document) and, when there is chat data,
-/// the target mask (text: every token; chat: the assistant's tokens).
-pub fn tokenize(tok: &LoadedTokenizer, docs: &[Doc]) -> Result<(Vec<u32>, Option<Vec<u8>>)> {
-    let chat = docs.iter().any(|d| matches!(d, Doc::Chat(_)));
-    let template = match (&tok.chat_template, chat) {
-        (_, false) => None,
-        (Some(t), true) => {
-            let name = |id: Option<u32>| {
-                id.and_then(|i| tok.tokenizer.id_to_token(i))
-                    .unwrap_or_default()
-            };
-            Some(ChatTemplate::new(
-                t,
-                &name(tok.special.bos),
-                &name(tok.special.eos),
-            )?)
+fn json_document(line: &str, fields: &Fields, at: &str) -> Result<Doc> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("{at}: bad JSON"))?;
+    let (p, c) = (
+        v.get(fields.pair.0).and_then(|x| x.as_str()),
+        v.get(fields.pair.1).and_then(|x| x.as_str()),
+    );
+    if let (Some(p), Some(c)) = (p, c) {
+        return Ok(Doc::Chat(vec![
+            Message::new("user", p),
+            Message::new("assistant", c),
+        ]));
+    }
+    if v.get("messages").is_some() {
+        return match sft::parse_messages(&v) {
+            Some(m) => Ok(Doc::Chat(m)),
+            None => bail!("{at}: `messages` must be a list of {{\"role\", \"content\"}} strings"),
+        };
+    }
+    match v.get(fields.text).and_then(|s| s.as_str()) {
+        Some(s) => Ok(Doc::Text {
+            text: s.to_string(),
+            end: true,
+        }),
+        None => bail!("{at}: no string field `{}` (nor `messages`)", fields.text),
+    }
+}
+
+/// Tokenizes documents into a sink: EOS after each text document; chat rendered with the
+/// model's template (ChatML without one), context-only except the assistant's tokens.
+pub struct Tokenizing<'a> {
+    tok: &'a LoadedTokenizer,
+    template: Option<ChatTemplate>,
+    /// The current text document has non-blank text (blank documents get no EOS).
+    started: bool,
+}
+
+impl<'a> Tokenizing<'a> {
+    pub fn new(tok: &'a LoadedTokenizer) -> Self {
+        Self {
+            tok,
+            template: None,
+            started: false,
         }
-        (None, true) => Some(ChatTemplate::chatml()?),
-    };
-    let (mut ids, mut mask) = (Vec::new(), Vec::new());
-    for d in docs {
+    }
+
+    pub fn push(&mut self, sink: &mut Sink, d: Doc) -> Result<()> {
+        let tok = self.tok;
         match d {
-            Doc::Text(t) if t.trim().is_empty() => {}
-            Doc::Text(t) => {
-                let v = tok.encode(t)?;
-                mask.resize(mask.len() + v.len(), 1);
-                ids.extend(v);
-                if let Some(eos) = tok.special.eos {
-                    ids.push(eos);
-                    mask.push(1);
+            Doc::Text { text, end } => {
+                if !text.trim().is_empty() {
+                    sink.push(&tok.encode(&text)?, true)?;
+                    self.started = true;
+                }
+                if let (true, true, Some(eos)) = (end, self.started, tok.special.eos) {
+                    sink.push(&[eos], true)?;
+                }
+                if end {
+                    self.started = false;
                 }
             }
             Doc::Chat(m) => {
-                let Some(template) = &template else { continue };
-                let (v, mk) = sft::chat_tokens(tok, template, m)?;
-                ids.extend(v);
-                mask.extend(mk);
+                if self.template.is_none() {
+                    self.template = Some(match &tok.chat_template {
+                        Some(t) => {
+                            let name = |id: Option<u32>| {
+                                id.and_then(|i| tok.tokenizer.id_to_token(i))
+                                    .unwrap_or_default()
+                            };
+                            ChatTemplate::new(t, &name(tok.special.bos), &name(tok.special.eos))?
+                        }
+                        None => ChatTemplate::chatml()?,
+                    });
+                }
+                if let Some(template) = &self.template {
+                    let (v, mk) = sft::chat_tokens(tok, template, &m)?;
+                    // Runs of equal mask values go out together.
+                    let mut i = 0;
+                    while i < v.len() {
+                        let j = (i..v.len()).find(|&j| mk[j] != mk[i]).unwrap_or(v.len());
+                        sink.push(&v[i..j], mk[i] != 0)?;
+                        i = j;
+                    }
+                }
             }
         }
+        Ok(())
     }
-    Ok((ids, chat.then_some(mask)))
+}
+
+/// What a token file was made from: reused only when all of it matches.
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct Manifest {
+    sources: Vec<(PathBuf, u64, u128)>,
+    text_field: String,
+    pair: (String, String),
+    tokenizer: String,
+}
+
+/// The token stream of `paths` in the token file `out` (written, or reused when its manifest
+/// `out.json` matches), with a progress bar over the input bytes.
+pub fn token_file(
+    tok: &LoadedTokenizer,
+    paths: &[PathBuf],
+    fields: &Fields,
+    out: &Path,
+) -> Result<Tokens> {
+    let files = files(paths)?;
+    let mut sources = Vec::with_capacity(files.len());
+    let mut total = 0u64;
+    for f in &files {
+        let md = std::fs::metadata(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let modified = md
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        total += md.len();
+        sources.push((
+            std::fs::canonicalize(f).unwrap_or(f.clone()),
+            md.len(),
+            modified,
+        ));
+    }
+    let manifest = Manifest {
+        sources,
+        text_field: fields.text.to_string(),
+        pair: (fields.pair.0.to_string(), fields.pair.1.to_string()),
+        tokenizer: tokenizer_fingerprint(tok),
+    };
+    let manifest_path = out.with_extension("json");
+    let same = std::fs::read(&manifest_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+        .is_some_and(|m| m == manifest);
+    if same && out.is_file() {
+        if let Ok(t) = Tokens::open(out) {
+            tracing::info!("reusing the token file {}", out.display());
+            return Ok(t);
+        }
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let bar = crate::common::byte_bar(total, "tokenizing");
+    let mut t = Tokenizing::new(tok);
+    Tokens::write(out, |sink| {
+        for_each_document(&files, fields, &mut |d| {
+            if let Doc::Text { text, .. } = &d {
+                bar.inc(text.len() as u64);
+            }
+            t.push(sink, d)
+        })
+        .map_err(|e| format!("{e:#}").into())
+    })?;
+    bar.finish_and_clear();
+    let json = serde_json::to_vec_pretty(&manifest)?;
+    lmkit::formats::write::atomic_write(&manifest_path, |w| std::io::Write::write_all(w, &json))?;
+    Ok(Tokens::open(out)?)
+}
+
+/// Identifies a tokenizer's vocabulary and rules (a hash of its serialized form).
+fn tokenizer_fingerprint(tok: &LoadedTokenizer) -> String {
+    use sha2::{Digest, Sha256};
+    let json = tok.tokenizer.to_string(false).unwrap_or_default();
+    let h = Sha256::digest(json.as_bytes());
+    h.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
 /// A tokenizer from a GGUF file, an HF folder or a tokenizer.json (default: the default
@@ -145,4 +290,55 @@ pub fn load_tokenizer(path: Option<&Path>) -> Result<LoadedTokenizer> {
         LoadedTokenizer::from_tokenizer_json(&path)?
     };
     Ok(tok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A text file larger than a piece arrives in pieces cut after line ends, which put back
+    /// together give the file; only the last piece ends the document. JSONL gives one document
+    /// per line, and a bad line names its file and line.
+    #[test]
+    fn streams_text_in_pieces_and_jsonl_by_line() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let text: String = (0..100_000)
+            .map(|i| format!("line {i} of a long text file\n"))
+            .collect();
+        assert!(text.len() > 2 * PIECE);
+        let txt = dir.path().join("big.txt");
+        std::fs::write(&txt, &text)?;
+        let jsonl = dir.path().join("d.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"text\": \"a\"}\n\n{\"prompt\": \"q\", \"completion\": \"r\"}\n",
+        )?;
+        let fields = Fields {
+            text: "text",
+            pair: ("prompt", "completion"),
+        };
+        let (mut pieces, mut chats) = (Vec::new(), 0);
+        for_each_document(&[txt.clone(), jsonl.clone()], &fields, &mut |d| {
+            match d {
+                Doc::Text { text, end } => pieces.push((text, end)),
+                Doc::Chat(_) => chats += 1,
+            }
+            Ok(())
+        })?;
+        // The big file's pieces, then the JSONL text line.
+        let (big, rest) = pieces.split_at(pieces.len() - 1);
+        assert!(big.len() >= 3, "{} pieces", big.len());
+        assert!(big.iter().all(|(t, _)| t.ends_with('\n')));
+        assert_eq!(
+            big.iter().map(|(t, _)| t.as_str()).collect::<String>(),
+            text
+        );
+        let ends: Vec<bool> = big.iter().map(|(_, e)| *e).collect();
+        assert!(ends[..ends.len() - 1].iter().all(|e| !e) && ends[ends.len() - 1]);
+        assert_eq!((rest[0].0.as_str(), rest[0].1, chats), ("a", true, 1));
+        std::fs::write(&jsonl, "{\"text\": \"a\"}\n{oops\n")?;
+        let e = for_each_document(&[jsonl], &fields, &mut |_| Ok(())).unwrap_err();
+        assert!(format!("{e:#}").contains("d.jsonl:2"), "{e:#}");
+        Ok(())
+    }
 }

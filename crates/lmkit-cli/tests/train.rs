@@ -25,6 +25,11 @@ fn setup(dir: &Path, steps: usize, every: usize, extra: &str) -> PathBuf {
         .map(|i| format!("the cat {} ran to the {} and back. ", i % 7, i % 5))
         .collect();
     std::fs::write(dir.join("train.txt"), text).unwrap();
+    write_config(dir, steps, every, extra)
+}
+
+/// The run configuration alone (the data and tokenizer files stay as they are).
+fn write_config(dir: &Path, steps: usize, every: usize, extra: &str) -> PathBuf {
     let cfg = format!(
         "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
          num_kv_heads = 2\nmax_position_embeddings = 64\n\n[data]\ntrain = [\"train.txt\"]\n\
@@ -148,8 +153,11 @@ fn kill_then_resume_finishes_the_run() {
             }
         }
     }
+    // The corpus was tokenized into a token file, reused on resume (the sources are unchanged).
+    let tokens = out.join("data/train.tokens");
+    let written = std::fs::metadata(&tokens).unwrap().modified().unwrap();
     // Resume with fewer total steps so the test stays short.
-    let cfg2 = setup(dir.path(), killed_at + 6, 3, "");
+    let cfg2 = write_config(dir.path(), killed_at + 6, 3, "");
     let o = lmkit(&[
         "train",
         "--config",
@@ -167,6 +175,8 @@ fn kill_then_resume_finishes_the_run() {
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["steps"], killed_at + 6);
     assert!(out.join("final/model.safetensors").is_file());
+    let reused = std::fs::metadata(&tokens).unwrap().modified().unwrap();
+    assert_eq!(written, reused, "the token file was rewritten on resume");
 }
 
 #[test]
@@ -281,7 +291,10 @@ fn fine_tunes_an_existing_model_on_chat_data() {
     let body = "[data]\ntrain = [\"chat.jsonl\"]\nseq_len = 32\neval_fraction = 0.1\n\n\
                 [train]\nsteps = 12\nbatch = 4\nlr = 5e-3\nwarmup = 2\neval_every = 6\n\
                 eval_sequences = 4\n";
-    for (name, extra) in [("full", ""), ("lora", "\n[lora]\nr = 4\nalpha = 8\n")] {
+    for (name, extra) in [
+        ("full", ""),
+        ("lora", "\n[lora]\nr = 4\nalpha = 8\ndropout = 0.05\n"),
+    ] {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, format!("{body}{extra}")).unwrap();
         let out = dir.path().join(name);

@@ -26,5 +26,5 @@ pub use candle_core::{DType, Device, Module, Tensor, D};
 pub use candle_nn;
 pub use error::{Error, Result};
 pub use linear::{Embedding, Linear};
-pub use lora::LoraAdapter;
+pub use lora::{DropoutState, LoraAdapter, LoraDropout};
 pub use norm::RmsNorm;

@@ -255,6 +255,14 @@ impl Llama {
         Ok(())
     }
 
+    /// The switch shared by this model's LoRA adapters' dropout (None without dropout): the
+    /// trainer turns it on for training micro-batches and off for evaluation.
+    pub fn lora_dropout(&self) -> Option<std::sync::Arc<lmkit_core::DropoutState>> {
+        self.kernel_linears()
+            .iter()
+            .find_map(|l| l.lora()?.dropout.as_ref().map(|d| d.state.clone()))
+    }
+
     /// Whether this model runs on lmkit's native CPU path (all weights have kernels).
     pub fn is_native(&self) -> bool {
         self.native.is_some()

@@ -1,17 +1,17 @@
 //! Training sequences packed from a token stream: sequence `i` is tokens
 //! `[i·len, i·len + len + 1)` (inputs are its first `len`, targets its last `len`), so every
 //! token is predicted once per epoch. The order of sequences is shuffled per epoch by a seeded
-//! permutation, so a run is reproducible.
+//! permutation, so a run is reproducible. The tokens are in memory or in a memory-mapped token
+//! file ([`Tokens`]).
 
 use lmkit_core::{Device, Tensor};
 
+use crate::tokens::Tokens;
 use crate::{Error, Result};
 
 pub struct Sequences {
-    tokens: Vec<u32>,
-    /// Which tokens are training targets (1) and which only context (0): chat/SFT data trains
-    /// on the assistant's tokens only. `None`: every token is a target.
-    mask: Option<Vec<u8>>,
+    /// The stream; chat/SFT data marks the tokens that are only context (see [`Tokens`]).
+    tokens: Tokens,
     len: usize,
     order: Vec<usize>,
     next: usize,
@@ -22,6 +22,16 @@ pub struct Sequences {
 impl Sequences {
     /// Sequences of `len` predictions from `tokens`; `seed` drives the shuffle.
     pub fn new(tokens: Vec<u32>, len: usize, seed: u64) -> Result<Self> {
+        Self::from_tokens(Tokens::from_vec(tokens, None)?, len, seed)
+    }
+
+    /// [`Sequences::new`] with a target mask, one entry per token (see [`Sequences::batch_masked`]).
+    pub fn with_mask(tokens: Vec<u32>, mask: Vec<u8>, len: usize, seed: u64) -> Result<Self> {
+        Self::from_tokens(Tokens::from_vec(tokens, Some(&mask))?, len, seed)
+    }
+
+    /// Sequences over a token stream in memory or in a token file.
+    pub fn from_tokens(tokens: Tokens, len: usize, seed: u64) -> Result<Self> {
         if len == 0 {
             return Err(Error::Option {
                 option: "seq_len".into(),
@@ -36,9 +46,13 @@ impl Sequences {
                 len
             )));
         }
+        if tokens.masked() && !tokens.packed().iter().any(|&v| Tokens::is_target(v)) {
+            return Err(Error::Data(
+                "no token is a training target (chat data without assistant turns?)".into(),
+            ));
+        }
         let mut s = Self {
             tokens,
-            mask: None,
             len,
             order: (0..n).collect(),
             next: 0,
@@ -46,25 +60,6 @@ impl Sequences {
             seed,
         };
         s.shuffle();
-        Ok(s)
-    }
-
-    /// [`Sequences::new`] with a target mask, one entry per token (see [`Sequences::batch_masked`]).
-    pub fn with_mask(tokens: Vec<u32>, mask: Vec<u8>, len: usize, seed: u64) -> Result<Self> {
-        if mask.len() != tokens.len() {
-            return Err(Error::Data(format!(
-                "{} mask entries for {} tokens",
-                mask.len(),
-                tokens.len()
-            )));
-        }
-        if !mask.iter().any(|&m| m != 0) {
-            return Err(Error::Data(
-                "no token is a training target (chat data without assistant turns?)".into(),
-            ));
-        }
-        let mut s = Self::new(tokens, len, seed)?;
-        s.mask = Some(mask);
         Ok(s)
     }
 
@@ -155,17 +150,19 @@ impl Sequences {
 
     fn rows(&self, starts: &[usize]) -> Result<(Tensor, Option<Tensor>)> {
         let (b, len) = (starts.len(), self.len);
+        let all = self.tokens.packed();
         let mut ids = Vec::with_capacity(b * (len + 1));
         for &s in starts {
-            ids.extend_from_slice(&self.tokens[s..s + len + 1]);
+            ids.extend(all[s..s + len + 1].iter().map(|&v| Tokens::id(v)));
         }
         let ids = Tensor::from_vec(ids, (b, len + 1), &Device::Cpu)?;
-        let mask = match &self.mask {
-            None => None,
-            Some(m) => {
+        let mask = match self.tokens.masked() {
+            false => None,
+            true => {
                 let v: Vec<f32> = starts
                     .iter()
-                    .flat_map(|&s| m[s + 1..s + len + 1].iter().map(|&x| f32::from(x)))
+                    .flat_map(|&s| all[s + 1..s + len + 1].iter())
+                    .map(|&v| f32::from(u8::from(Tokens::is_target(v))))
                     .collect();
                 Some(Tensor::from_vec(v, (b, len), &Device::Cpu)?)
             }

@@ -282,7 +282,15 @@ pub fn train(
             idx.extend(order.pop());
         }
         let lr = cfg.schedule.lr(step);
-        let out = policy_loss(policy, data, &idx, cfg.beta, pad)?;
+        let dropout = policy.lora_dropout();
+        if let Some(d) = &dropout {
+            d.train(step as u64);
+        }
+        let out = policy_loss(policy, data, &idx, cfg.beta, pad);
+        if let Some(d) = &dropout {
+            d.eval();
+        }
+        let out = out?;
         let grads = out.loss.backward()?;
         let norm = opt.grad_norm(&grads)?;
         let scale = cfg.clip.map_or(1.0, |c| crate::adamw::clip_scale(norm, c));

@@ -5,6 +5,7 @@
 //!   gradient clipping;
 //! - [`params`]: a model's trainable variables, from existing weights or a fresh initialization;
 //! - [`data`]: packing token streams into fixed-length training sequences;
+//! - [`tokens`]: token streams in memory or in memory-mapped token files (corpora larger than RAM);
 //! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
 //! - [`export`]: the trained model as an HF folder;
@@ -25,6 +26,7 @@ pub mod params;
 pub mod prefs;
 pub mod schedule;
 pub mod sft;
+pub mod tokens;
 pub mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};

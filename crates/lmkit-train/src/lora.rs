@@ -7,7 +7,11 @@
 //! Initialization as PEFT's default: `A ~ U(−1/√in, 1/√in)` (Kaiming-uniform with `a = √5`),
 //! `B = 0`; `scale = α / r`.
 //!
-//! Deviations: no LoRA dropout yet (`dropout` must be 0); the base must be dense f32 (load with
+//! Dropout as PEFT's `lora_dropout` (on the adapter's input, training only; masks from a
+//! counter-based generator keyed by the seed and the micro-batch, see `lmkit_core::lora`).
+//!
+//! Deviations: PEFT draws dropout masks from torch's generator, so masks (not their
+//! statistics) differ from PEFT's; the base must be dense f32 (load with
 //! `--dequantize`), because gradients flow through the frozen base layers to reach earlier
 //! adapters and lmkit's quantized kernels have no backward yet.
 
@@ -43,8 +47,8 @@ impl LoraConfig {
         if self.r == 0 {
             return bad("rank r must be at least 1");
         }
-        if self.dropout != 0.0 {
-            return bad("LoRA dropout is not implemented yet; use 0");
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout must be in [0, 1)");
         }
         if self.targets.is_empty() {
             return bad("no target modules");
@@ -69,6 +73,7 @@ pub fn attach(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
     };
     let mut vars = Vec::new();
     let mut hits = 0;
+    let state = lmkit_core::DropoutState::new(seed ^ 0xD20F_0A7E);
     model.update_linears(|name, l| {
         if !matches!(l.weight(), Weight::Dense(_)) {
             return Err(lmkit_models::Error::Unsupported(format!(
@@ -94,6 +99,11 @@ pub fn attach(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
             a: a.as_tensor().clone(),
             b: b.as_tensor().clone(),
             scale: cfg.alpha / cfg.r as f64,
+            dropout: (cfg.dropout > 0.0).then(|| lmkit_core::LoraDropout {
+                p: cfg.dropout as f32,
+                id: hits as u64,
+                state: state.clone(),
+            }),
         };
         vars.push((peft_name(name, "A"), a));
         vars.push((peft_name(name, "B"), b));
@@ -170,6 +180,8 @@ pub fn load_peft(dir: &Path, model: &mut Llama) -> Result<LoraConfig> {
                 a: a.to_dtype(lmkit_core::DType::F32)?,
                 b: b.to_dtype(lmkit_core::DType::F32)?,
                 scale,
+                // A loaded adapter is for inference or merging: no dropout.
+                dropout: None,
             })?)),
             _ => Ok(None),
         }

@@ -217,7 +217,11 @@ impl Trainer {
             let mut grads: Option<GradStore> = None;
             let (mut loss_sum, mut tokens): (Option<Tensor>, usize) = (None, 0);
             let mut phases = PhaseClock::new(self.t.model.device());
-            for _ in 0..cfg.accumulate {
+            let dropout = self.t.model.lora_dropout();
+            for micro in 0..cfg.accumulate {
+                if let Some(d) = &dropout {
+                    d.train((step * cfg.accumulate + micro) as u64);
+                }
                 let (ids, mask) = data.batch_masked(cfg.batch)?; // (b, t + 1), (b, t)
                 tokens += ids.dims()[0] * (ids.dims()[1] - 1);
                 let l = loss_masked(&self.t.model, &ids, mask.as_ref())?;
@@ -232,6 +236,9 @@ impl Trainer {
                     None => grads = Some(g),
                     Some(acc) => accumulate(acc, g, &self.t)?,
                 }
+            }
+            if let Some(d) = &dropout {
+                d.eval();
             }
             let grads = grads.ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
             // 3. Average over micro-batches, then clip the global norm (on the device).
