@@ -120,30 +120,31 @@ pub fn sequence_logps(model: &Llama, ids: &Tensor, completion: &Tensor) -> Resul
     Ok(Tensor::zeros(b, DType::F32, dev)?.index_add(&row, &nll.neg()?, 0)?)
 }
 
-/// Summed completion log-probs of each row, computed without building a gradient graph (the
-/// reference model, evaluation): through `Llama::forward` and whatever path the model's cache
-/// selects (lmkit's native CPU path when it has one), one row at a time.
-pub fn sequence_logps_eval(model: &Llama, ids: &Tensor, completion: &Tensor) -> Result<Vec<f32>> {
-    let b = ids.dims2()?.0;
-    let mut out = Vec::with_capacity(b);
-    for i in 0..b {
-        let row = ids.get(i)?;
-        let mask = completion.get(i)?.to_vec1::<u32>()?;
-        // Only up to the last completion token matters.
-        let end = mask
-            .iter()
-            .rposition(|&m| m == 1)
-            .map_or(1, |p| p + 1)
-            .max(2);
-        let x = row.narrow(0, 0, end - 1)?.unsqueeze(0)?;
-        let logits = model.forward(&x, &mut model.new_cache())?.squeeze(0)?; // (end−1, v)
-        let logp = log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
-        let tok = row.to_vec1::<u32>()?;
-        let s: f32 = (1..end)
-            .filter(|&j| mask[j] == 1)
-            .map(|j| logp[j - 1][tok[j] as usize])
-            .sum();
-        out.push(s);
+/// Pairs per batch when scoring without training (reference log-probs, evaluation).
+const SCORE_PAIRS: usize = 8;
+
+/// Each pair's summed completion log-probs `(chosen, rejected)` under `model`, without
+/// training: through [`sequence_logps`] (so the reference and the policy's first step compute
+/// the same numbers), in batches of pairs of similar length (less padding).
+pub fn pair_logps(
+    model: &Llama,
+    pairs: &[crate::prefs::TokenPair],
+    pad: u32,
+) -> Result<Vec<(f32, f32)>> {
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.sort_by_key(|&i| pairs[i].chosen.0.len().max(pairs[i].rejected.0.len()));
+    let mut out = vec![(0f32, 0f32); pairs.len()];
+    for idx in order.chunks(SCORE_PAIRS) {
+        let mut seqs: Vec<_> = idx.iter().map(|&i| &pairs[i].chosen).collect();
+        seqs.extend(idx.iter().map(|&i| &pairs[i].rejected));
+        let (ids, mask) = crate::prefs::pad(&seqs, pad)?;
+        let lp = sequence_logps(model, &ids, &mask)?
+            .detach()
+            .to_vec1::<f32>()?;
+        let n = idx.len();
+        for (k, &i) in idx.iter().enumerate() {
+            out[i] = (lp[k], lp[n + k]);
+        }
     }
     Ok(out)
 }
@@ -186,12 +187,7 @@ impl PrefData {
         pairs: Vec<crate::prefs::TokenPair>,
         pad: u32,
     ) -> Result<Self> {
-        let mut reference = Vec::with_capacity(pairs.len());
-        for p in &pairs {
-            let (ids, mask) = crate::prefs::pad(&[&p.chosen, &p.rejected], pad)?;
-            let v = sequence_logps_eval(reference_model, &ids, &mask)?;
-            reference.push((v[0], v[1]));
-        }
+        let reference = pair_logps(reference_model, &pairs, pad)?;
         Ok(Self { pairs, reference })
     }
 
@@ -232,13 +228,7 @@ fn policy_loss(
 /// DPO metrics of `policy` on every pair of `data` (no gradients kept).
 pub fn evaluate(policy: &Llama, data: &PrefData, beta: f64, pad: u32) -> Result<DpoMetrics> {
     let dev = policy.device();
-    let (mut pc, mut pr) = (Vec::new(), Vec::new());
-    for p in &data.pairs {
-        let (ids, mask) = crate::prefs::pad(&[&p.chosen, &p.rejected], pad)?;
-        let v = sequence_logps_eval(policy, &ids, &mask)?;
-        pc.push(v[0]);
-        pr.push(v[1]);
-    }
+    let (pc, pr): (Vec<f32>, Vec<f32>) = pair_logps(policy, &data.pairs, pad)?.into_iter().unzip();
     let rc: Vec<f32> = data.reference.iter().map(|r| r.0).collect();
     let rr: Vec<f32> = data.reference.iter().map(|r| r.1).collect();
     let t = |v: Vec<f32>| Tensor::new(v, dev);
