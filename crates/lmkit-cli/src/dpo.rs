@@ -10,13 +10,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lmkit::train::dpo::{self, DpoConfig, PrefData};
 use lmkit::train::lora::{self, LoraConfig};
 use lmkit::train::prefs;
-use lmkit::train::{AdamWConfig, Decay, Schedule};
+use lmkit::train::{AdamWConfig, Decay, Schedule, Trainable};
 
 use crate::common::ModelArgs;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit dpo --data pairs.jsonl --steps 200 --out runs/dpo\n  lmkit dpo --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --limit 512 --eval-pairs 64 --out runs/hh\n\nThe model is loaded dequantized (f32): the adapters' gradients flow through the frozen base\nlayers. The reference log-probs are computed once, before training, on the same base model."
+    after_help = "Examples:\n  lmkit dpo --data pairs.jsonl --lora --steps 200 --out runs/dpo\n  lmkit dpo --data pairs.jsonl --steps 200 --out runs/dpo-full      # full fine-tuning\n  lmkit dpo --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --lora --limit 512 --eval-pairs 64 --out runs/hh\n\nThe model is loaded dequantized (f32); with --lora the adapters' gradients flow through the\nfrozen base layers. The reference log-probs are computed once, before training, on the same base model."
 )]
 pub struct Args {
     /// Preference pairs: .jsonl or .jsonl.gz.
@@ -48,15 +48,19 @@ pub struct Args {
     /// Tokens per sequence (prompt cut from the left).
     #[arg(long, default_value_t = 256)]
     pub max_len: usize,
-    #[arg(long, default_value_t = 8)]
+    /// Train LoRA adapters (saved in PEFT's layout under OUT/adapter); without it, every
+    /// weight trains (full fine-tuning; the model is saved as an HF folder under OUT/final).
+    #[arg(long)]
+    pub lora: bool,
+    #[arg(long, default_value_t = 8, requires = "lora")]
     pub lora_r: usize,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, requires = "lora")]
     pub lora_alpha: f64,
     /// Dropout on the adapters' inputs while training (PEFT's lora_dropout), in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, requires = "lora")]
     pub lora_dropout: f64,
     /// Comma-separated module names that get adapters.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj", requires = "lora")]
     pub targets: String,
     /// Evaluate every this many steps (and at the end).
     #[arg(long, default_value_t = 20)]
@@ -114,7 +118,7 @@ pub fn main(a: Args) -> Result<()> {
     spinner.finish_and_clear();
 
     let mut policy = m.model.clone();
-    let lcfg = LoraConfig {
+    let lcfg = a.lora.then(|| LoraConfig {
         r: a.lora_r,
         alpha: a.lora_alpha,
         dropout: a.lora_dropout,
@@ -124,8 +128,15 @@ pub fn main(a: Args) -> Result<()> {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect(),
+    });
+    let vars = match &lcfg {
+        Some(c) => lora::attach(&mut policy, c, a.seed)?,
+        None => {
+            let t = Trainable::from_model(&m.model)?;
+            policy = t.model;
+            t.params
+        }
     };
-    let vars = lora::attach(&mut policy, &lcfg, a.seed)?;
     let steps = a.steps as usize;
     let cfg = DpoConfig {
         beta: a.beta,
@@ -193,8 +204,18 @@ pub fn main(a: Args) -> Result<()> {
     if let Some(e) = write_err {
         bail!("{}: {e}", metrics_path.display());
     }
-    let adapter = a.out.join("adapter");
-    lora::save_peft(&adapter, &lcfg, &m.path.display().to_string(), &vars)?;
+    let saved = match &lcfg {
+        Some(c) => {
+            let dir = a.out.join("adapter");
+            lora::save_peft(&dir, c, &m.path.display().to_string(), &vars)?;
+            dir
+        }
+        None => {
+            let dir = a.out.join("final");
+            lmkit::train::export::save_hf_model(&dir, &policy, &m.tokenizer)?;
+            dir
+        }
+    };
     let after = logs.last().and_then(|l| l.eval.clone());
     let summary = serde_json::json!({
         "train_pairs": train.pairs.len(),
@@ -202,7 +223,8 @@ pub fn main(a: Args) -> Result<()> {
         "steps": logs.len(),
         "eval_before": before,
         "eval_after": after,
-        "adapter": adapter.display().to_string(),
+        "saved": saved.display().to_string(),
+        "lora": a.lora,
         "metrics": metrics_path.display().to_string(),
     });
     if a.json {
@@ -218,7 +240,7 @@ pub fn main(a: Args) -> Result<()> {
         };
         println!("held-out before: {}", f(&before));
         println!("held-out after:  {}", f(&after));
-        println!("adapter: {}", adapter.display());
+        println!("saved: {}", saved.display());
     }
     Ok(())
 }

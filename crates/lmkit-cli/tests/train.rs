@@ -223,36 +223,61 @@ fn dpo_writes_a_peft_adapter_and_metrics() {
         .collect();
     let data = dir.path().join("pairs.jsonl");
     std::fs::write(&data, pairs).unwrap();
-    let out = dir.path().join("dpo");
+    for lora in [true, false] {
+        let out = dir.path().join(if lora { "dpo-lora" } else { "dpo-full" });
+        let mut args = vec![
+            "dpo".to_string(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--steps".into(),
+            "4".into(),
+            "--batch".into(),
+            "2".into(),
+            "--eval-pairs".into(),
+            "4".into(),
+            "--eval-every".into(),
+            "2".into(),
+            "--json".into(),
+            "-t".into(),
+            "1".into(),
+        ];
+        if lora {
+            args.extend(["--lora", "--lora-r", "2", "--lora-dropout", "0.1"].map(String::from));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = lmkit(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(s["train_pairs"], 8);
+        assert!(s["eval_after"]["rewards_accuracies"].as_f64().is_some());
+        if lora {
+            assert!(out.join("adapter/adapter_config.json").is_file());
+            assert!(out.join("adapter/adapter_model.safetensors").is_file());
+        } else {
+            // The fully fine-tuned model is an HF folder that loads.
+            assert!(out.join("final/model.safetensors").is_file());
+            let f = out.join("final");
+            let o = lmkit(&["info", "--model", f.to_str().unwrap(), "--json"]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        assert_eq!(metrics(&out).len(), 4);
+    }
+    // LoRA options need --lora.
     let o = lmkit(&[
         "dpo",
         "--data",
         data.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
         "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--batch",
-        "2",
-        "--eval-pairs",
-        "4",
-        "--eval-every",
-        "2",
+        dir.path().join("x").to_str().unwrap(),
         "--lora-r",
-        "2",
-        "--json",
-        "-t",
-        "1",
+        "4",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(s["train_pairs"], 8);
-    assert!(s["eval_after"]["rewards_accuracies"].as_f64().is_some());
-    assert!(out.join("adapter/adapter_config.json").is_file());
-    assert!(out.join("adapter/adapter_model.safetensors").is_file());
-    assert_eq!(metrics(&out).len(), 4);
+    assert_eq!(o.status.code(), Some(2));
+    let out = dir.path().join("dpo");
     // Too few pairs to hold any out: a clear error.
     let o = lmkit(&[
         "dpo",
