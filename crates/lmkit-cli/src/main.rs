@@ -11,6 +11,7 @@ mod logits;
 mod plot;
 mod ppl;
 mod run;
+mod scaling;
 mod tokenizer;
 mod train;
 mod train_data;
@@ -48,7 +49,7 @@ enum Command {
     Fetch(fetch::Args),
     /// Pretrain a Llama-family model from scratch on text (checkpoints, --resume, HF export).
     Train(train::Args),
-    /// Align a model to preference pairs with DPO and LoRA (PEFT adapter out).
+    /// Align a model to preference pairs with DPO (full fine-tuning, or LoRA with --lora).
     Dpo(dpo::Args),
     Logits(logits::Args),
     Plot(plot::Args),
@@ -56,6 +57,9 @@ enum Command {
     /// Tokenizers: `lmkit tokenizer train`.
     #[command(subcommand)]
     Tokenizer(tokenizer::Command),
+    /// The data-constrained scaling law: predict, compute-optimal allocation, fit.
+    #[command(subcommand)]
+    Scaling(scaling::Command),
 }
 
 fn main() {
@@ -72,6 +76,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     keep_freed_memory();
+    quiet_on_closed_pipe();
     let threads = match &cli.command {
         Command::Run(a) => a.model.threads,
         Command::Chat(a) => a.model.threads,
@@ -85,6 +90,7 @@ fn main() {
         Command::Plot(_) => None,
         Command::Export(a) => a.model.threads,
         Command::Tokenizer(_) => None,
+        Command::Scaling(_) => None,
     }
     .map(|t| t as usize)
     .unwrap_or_else(lmkit::core::threads::default_threads);
@@ -102,6 +108,7 @@ fn main() {
         Command::Plot(a) => plot::main(a),
         Command::Export(a) => export::main(a),
         Command::Tokenizer(c) => tokenizer::main(c),
+        Command::Scaling(c) => scaling::main(c),
     })
     .map_err(anyhow::Error::from)
     .and_then(|r| r);
@@ -130,5 +137,15 @@ fn keep_freed_memory() {
         if !ok {
             tracing::debug!("mallopt refused the allocator settings; keeping the defaults");
         }
+    }
+}
+
+/// Exits quietly when stdout is a closed pipe (`lmkit … --json | head`), as Unix tools do,
+/// instead of panicking on the failed write (Rust ignores SIGPIPE by default).
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

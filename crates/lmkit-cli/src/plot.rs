@@ -20,16 +20,18 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
-/// One line of a chart: a name and its (step, value) points.
-struct Series {
-    name: String,
-    points: Vec<(f64, f64)>,
+/// One line (or, with `dots`, one scatter) of a chart: a name and its (x, value) points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    pub dots: bool,
 }
 
-/// One panel: a title and its lines.
-struct Chart {
-    title: String,
-    series: Vec<Series>,
+/// One panel: a title, the x axis' label and its lines.
+pub struct Chart {
+    pub title: String,
+    pub x_label: String,
+    pub series: Vec<Series>,
 }
 
 /// `(step, value)` for every record where `pick` finds a finite number.
@@ -42,6 +44,7 @@ fn series(records: &[Value], name: &str, pick: impl Fn(&Value) -> Option<f64>) -
     Series {
         name: name.into(),
         points,
+        dots: false,
     }
 }
 
@@ -58,6 +61,7 @@ fn charts(records: &[Value]) -> Vec<Chart> {
             ("reward margin", "rewards_margins"),
         ] {
             out.push(Chart {
+                x_label: "step".into(),
                 title: title.into(),
                 series: vec![
                     series(records, "train", |r| r["train"][key].as_f64()),
@@ -66,6 +70,7 @@ fn charts(records: &[Value]) -> Vec<Chart> {
             });
         }
         out.push(Chart {
+            x_label: "step".into(),
             title: "sequence log-probs (train)".into(),
             series: vec![
                 series(records, "chosen", |r| r["train"]["logps_chosen"].as_f64()),
@@ -76,6 +81,7 @@ fn charts(records: &[Value]) -> Vec<Chart> {
         });
     } else {
         out.push(Chart {
+            x_label: "step".into(),
             title: "loss".into(),
             series: vec![
                 series(records, "train", |r| r["loss"].as_f64()),
@@ -83,6 +89,7 @@ fn charts(records: &[Value]) -> Vec<Chart> {
             ],
         });
         out.push(Chart {
+            x_label: "step".into(),
             title: "learning rate".into(),
             series: vec![series(records, "lr", |r| r["lr"].as_f64())],
         });
@@ -180,9 +187,10 @@ fn panel(svg: &mut String, c: &Chart, y0: f64) {
     }
     let _ = writeln!(
         svg,
-        r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">step</text>"#,
+        r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"#,
         (l + r) / 2.0,
-        b + 30.0
+        b + 30.0,
+        escape(&c.x_label)
     );
     for (i, s) in c.series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -191,14 +199,15 @@ fn panel(svg: &mut String, c: &Chart, y0: f64) {
             .iter()
             .map(|&(x, v)| format!("{:.1},{:.1}", px(x), py(v)))
             .collect();
-        if pts.len() == 1 {
-            let (x, v) = s.points[0];
-            let _ = writeln!(
-                svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
-                px(x),
-                py(v)
-            );
+        if pts.len() == 1 || s.dots {
+            for &(x, v) in &s.points {
+                let _ = writeln!(
+                    svg,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                    px(x),
+                    py(v)
+                );
+            }
         } else {
             let _ = writeln!(
                 svg,
@@ -221,7 +230,7 @@ fn panel(svg: &mut String, c: &Chart, y0: f64) {
 }
 
 /// The SVG document for `charts`, stacked vertically.
-fn render(charts: &[Chart], title: &str) -> String {
+pub fn render(charts: &[Chart], title: &str) -> String {
     let height = H * charts.len() as f64 + 30.0;
     let mut svg = format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif">
@@ -236,7 +245,7 @@ fn render(charts: &[Chart], title: &str) -> String {
     svg
 }
 
-fn escape(s: &str) -> String {
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -267,11 +276,16 @@ pub fn main(a: Args) -> Result<()> {
         .out
         .unwrap_or_else(|| metrics.with_file_name("metrics.svg"));
     let svg = render(&charts, &escape(&metrics.display().to_string()));
-    let tmp = out.with_extension(format!("svg.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, svg).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("cannot write {}", out.display()))?;
+    write_svg(&out, &svg)?;
     println!("{}", out.display());
     Ok(())
+}
+
+/// Writes an SVG file atomically (temp file, rename).
+pub fn write_svg(out: &std::path::Path, svg: &str) -> Result<()> {
+    let tmp = out.with_extension(format!("svg.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, svg).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ pub mod default_model;
 pub use lmkit_core as core;
 pub use lmkit_core::threads::set_threads;
 pub use lmkit_core::{Device, Tensor};
+pub use lmkit_data as data;
 pub use lmkit_eval as eval;
 pub use lmkit_eval::{perplexity, PplOptions, PplReport};
 pub use lmkit_formats as formats;
