@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod common;
+mod data;
 mod dpo;
 mod export;
 mod fetch;
@@ -60,6 +61,9 @@ enum Command {
     /// The data-constrained scaling law: predict, compute-optimal allocation, fit.
     #[command(subcommand)]
     Scaling(scaling::Command),
+    /// Data selection: `lmkit data select` (DSIR), `lmkit data kl`.
+    #[command(subcommand)]
+    Data(data::Command),
 }
 
 fn main() {
@@ -91,6 +95,7 @@ fn main() {
         Command::Export(a) => a.model.threads,
         Command::Tokenizer(_) => None,
         Command::Scaling(_) => None,
+        Command::Data(c) => data::threads(c),
     }
     .map(|t| t as usize)
     .unwrap_or_else(lmkit::core::threads::default_threads);
@@ -109,6 +114,7 @@ fn main() {
         Command::Export(a) => export::main(a),
         Command::Tokenizer(c) => tokenizer::main(c),
         Command::Scaling(c) => scaling::main(c),
+        Command::Data(c) => data::main(c),
     })
     .map_err(anyhow::Error::from)
     .and_then(|r| r);

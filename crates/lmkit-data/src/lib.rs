@@ -1,9 +1,14 @@
 //! lmkit-data: what to train on.
 //!
+//! - [`corpus`]: text/JSONL files (plain or gzip) and folders read as streams of records;
+//! - [`dsir`]: DSIR importance resampling (Xie et al., NeurIPS 2023): hashed n-gram features,
+//!   importance weights against a target, Gumbel top-k selection, the KL-reduction metric;
 //! - [`scaling`]: the data-constrained scaling law of Muennighoff et al. (NeurIPS 2023): loss
 //!   for a model size, a token budget and a unique-data budget; the compute-optimal allocation
 //!   under repetition; refitting its constants to one's own runs.
 
+pub mod corpus;
+pub mod dsir;
 pub mod error;
 pub mod scaling;
 
