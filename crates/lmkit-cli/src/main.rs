@@ -136,10 +136,13 @@ fn keep_freed_memory() {
         const LARGE: i32 = 1 << 30;
         // SAFETY: mallopt only changes allocator parameters; called before any other thread
         // exists.
-        let ok = unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        let (a, b) = unsafe {
+            (
+                libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE),
+                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX),
+            )
         };
+        let ok = a == 1 && b == 1;
         if !ok {
             tracing::debug!("mallopt refused the allocator settings; keeping the defaults");
         }

@@ -284,8 +284,11 @@ pub fn main(a: Args) -> Result<()> {
 /// Writes an SVG file atomically (temp file, rename).
 pub fn write_svg(out: &std::path::Path, svg: &str) -> Result<()> {
     let tmp = out.with_extension(format!("svg.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, svg).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))
+    let r = std::fs::write(&tmp, svg).and_then(|()| std::fs::rename(&tmp, out));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.with_context(|| format!("cannot write {}", out.display()))
 }
 
 #[cfg(test)]

@@ -15,7 +15,10 @@ use lmkit::train::sft;
 use lmkit::train::tokens::{Sink, Tokens};
 use serde::{Deserialize, Serialize};
 
-/// Text files are tokenized in pieces of about this many bytes, cut after a line end.
+/// Text files are tokenized in pieces of about this many bytes, cut after a line end (a single
+/// line is never cut, so a file without line breaks is read whole). Tokenizing pieces apart can
+/// differ from tokenizing the whole file at the cuts (e.g. a `\n\n` pair split in two), once
+/// per megabyte.
 const PIECE: usize = 1 << 20;
 
 /// One training document.
@@ -250,6 +253,9 @@ pub fn token_file(
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    // The manifest goes first: a kill between the token file and its manifest must not leave
+    // an old manifest vouching for new tokens.
+    let _ = std::fs::remove_file(&manifest_path);
     let bar = crate::common::byte_bar(total, "tokenizing");
     let mut t = Tokenizing::new(tok);
     Tokens::write(out, |sink| {
@@ -270,8 +276,19 @@ pub fn token_file(
 /// Identifies a tokenizer's vocabulary and rules (a hash of its serialized form).
 fn tokenizer_fingerprint(tok: &LoadedTokenizer) -> String {
     use sha2::{Digest, Sha256};
-    let json = tok.tokenizer.to_string(false).unwrap_or_default();
-    let h = Sha256::digest(json.as_bytes());
+    let mut h = Sha256::new();
+    // The token-file format, the vocabulary and rules, and what chat rendering and EOS
+    // placement depend on.
+    h.update(b"lmkit-tokens-v1\0");
+    h.update(
+        tok.tokenizer
+            .to_string(false)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    h.update(tok.chat_template.as_deref().unwrap_or("").as_bytes());
+    h.update(format!("{:?}", tok.special).as_bytes());
+    let h = h.finalize();
     h.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 

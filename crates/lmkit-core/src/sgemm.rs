@@ -40,12 +40,19 @@ impl<'a> View<'a> {
         }
     }
 
-    /// The largest index read, +1 (0 for an empty matrix).
-    fn extent(&self) -> usize {
-        if self.rows == 0 || self.cols == 0 {
-            return 0;
+    /// The largest index read, +1 (0 for an empty matrix); None when it overflows or a stride
+    /// does not fit an `isize`.
+    fn extent(&self) -> Option<usize> {
+        if self.rs > isize::MAX as usize || self.cs > isize::MAX as usize {
+            return None;
         }
-        (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
+        if self.rows == 0 || self.cols == 0 {
+            return Some(0);
+        }
+        (self.rows - 1)
+            .checked_mul(self.rs)?
+            .checked_add((self.cols - 1).checked_mul(self.cs)?)?
+            .checked_add(1)
     }
 }
 
@@ -60,8 +67,14 @@ pub fn sgemm(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool) -> Result<
     if rhs.rows != k {
         return Err(bad(&format!("rhs has {} rows", rhs.rows)));
     }
-    if dst.len() < m * n || lhs.data.len() < lhs.extent() || rhs.data.len() < rhs.extent() {
-        return Err(bad("a buffer too short for its view"));
+    let fits = |v: &View| v.extent().is_some_and(|e| e <= v.data.len());
+    let mn = m
+        .checked_mul(n)
+        .filter(|&mn| mn <= dst.len() && n <= isize::MAX as usize);
+    if mn.is_none() || !fits(&lhs) || !fits(&rhs) {
+        return Err(bad(
+            "a buffer too short for its view (or sizes that overflow)",
+        ));
     }
     if m == 0 || n == 0 {
         return Ok(());
@@ -142,6 +155,13 @@ mod tests {
         }
         let mut short = vec![0f32; 3];
         assert!(sgemm(&mut short, lhs[0], rhs[0], false).is_err());
+        // Strides whose extent overflows are refused, not wrapped.
+        let huge = View {
+            rs: usize::MAX / 2,
+            ..lhs[0]
+        };
+        let mut d = vec![0f32; m * n];
+        assert!(sgemm(&mut d, huge, rhs[0], false).is_err());
         Ok(())
     }
 }

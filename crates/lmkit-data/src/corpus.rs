@@ -69,7 +69,7 @@ pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn is_jsonl(path: &Path) -> bool {
     let name = path.to_string_lossy();
     let name = name.strip_suffix(".gz").unwrap_or(&name);
-    name.ends_with(".jsonl") || name.ends_with(".json")
+    name.ends_with(".jsonl")
 }
 
 fn open(path: &Path) -> Result<Box<dyn BufRead + Send>> {

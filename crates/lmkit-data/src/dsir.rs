@@ -22,7 +22,9 @@
 //! index), so a selection is reproducible and independent of threads (the reference draws from
 //! numpy's unseeded global generator); `\w` is Rust's alphanumeric-or-underscore, which differs
 //! from Python's `str.isalnum` only on combining marks of some scripts; the KL reduction uses
-//! the same `1e-8` inside the logarithms as the weights (the reference has no KL code).
+//! the same `1e-8` inside the logarithms as the weights (the reference has no KL code); the
+//! raw distribution is counted over the whole pool (the reference's default fits it on the
+//! first `100,000 × buckets` features, which for pools of its size is most of them).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -117,8 +117,10 @@ impl Law {
         (g * c.powf(self.beta / s), c.powf(self.alpha / s) / g)
     }
 
-    /// `D'` for `tokens` tokens drawn from `unique` unique ones.
+    /// `D'` for `tokens` tokens drawn from `unique` unique ones (at most `tokens` of them can
+    /// be seen).
     pub fn effective_data(&self, tokens: f64, unique: f64) -> f64 {
+        let unique = unique.min(tokens);
         let r = (tokens / unique - 1.0).max(0.0);
         unique + unique * decayed(r, self.rd_star)
     }
@@ -131,8 +133,9 @@ impl Law {
     }
 
     /// The predicted loss of `params` parameters trained on `tokens` tokens, `unique` of them
-    /// unique.
+    /// unique (`unique` above `tokens` counts as `tokens`: the rest is never seen).
     pub fn loss(&self, params: f64, tokens: f64, unique: f64) -> f64 {
+        let unique = unique.min(tokens);
         let n = self.effective_params(params, unique);
         let d = self.effective_data(tokens, unique);
         self.e + self.a / n.powf(self.alpha) + self.b / d.powf(self.beta)
@@ -253,7 +256,7 @@ fn huber(r: f64) -> f64 {
 /// `log L` predicted for a run, as a log-sum-exp (stable for any constants).
 fn log_loss(p: &[f64; 7], run: &Run) -> f64 {
     let law = Law::from_logs(*p);
-    let n = law.effective_params(run.params, run.unique);
+    let n = law.effective_params(run.params, run.unique.min(run.tokens));
     let d = law.effective_data(run.tokens, run.unique);
     let terms = [p[0] - p[3] * n.ln(), p[1] - p[4] * d.ln(), p[2]];
     let m = terms.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
@@ -455,6 +458,8 @@ mod tests {
         assert!((law.effective_data(40.0 * u, u) / u - 15.167465).abs() < 1e-6);
         assert!(law.effective_data(1e6 * u, u) / u <= 1.0 + law.rd_star);
         assert!(law.optimal_allocation(-1.0, u).is_err());
+        // More unique tokens than seen ones: only the seen ones count.
+        assert_eq!(law.loss(1e9, 2e10, 1e12), law.loss(1e9, 2e10, 2e10));
         Ok(())
     }
 

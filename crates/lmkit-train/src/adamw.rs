@@ -213,6 +213,9 @@ fn cpu_update(
     let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
     let (bc1, bc2, eps, lr) = (bc1 as f32, bc2 as f32, c.eps as f32, lr as f32);
     let n = p.elem_count();
+    if g.elem_count() != n || s.m.elem_count() != n || s.v.elem_count() != n {
+        return Ok(None);
+    }
     let (mut theta, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     let done = with_f32(p, |p| {
         with_f32(g, |g| {
@@ -241,7 +244,7 @@ fn cpu_update(
             })
         })
     });
-    if !matches!(done, Some(Some(Some(Some(()))))) || g.elem_count() != n {
+    if !matches!(done, Some(Some(Some(Some(()))))) {
         return Ok(None);
     }
     let dims = p.dims();

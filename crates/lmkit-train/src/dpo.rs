@@ -83,6 +83,11 @@ pub fn dpo_loss(
 /// # Shapes
 /// `ids`, `completion`: `(b, t)` → `(b,)`.
 pub fn sequence_logps(model: &Llama, ids: &Tensor, completion: &Tensor) -> Result<Tensor> {
+    logps(model, ids, completion, true)
+}
+
+/// [`sequence_logps`]; without `grad`, the output layer prepares no gradients.
+fn logps(model: &Llama, ids: &Tensor, completion: &Tensor, grad: bool) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let dev = model.device();
     let mask = completion.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?; // (b, t−1)
@@ -95,6 +100,11 @@ pub fn sequence_logps(model: &Llama, ids: &Tensor, completion: &Tensor) -> Resul
     };
     // The fused head on the completion's positions only; each row's sum by index_add.
     let h = model.forward_train_hidden(&ids.narrow(1, 0, t - 1)?)?; // (b, t−1, c)
+    let (h, w) = match grad {
+        true => (h, w.clone()),
+        false => (h.detach(), w.detach()),
+    };
+    let w = &w;
     let c = h.dims()[2];
     let keep: Vec<u32> = mask
         .flatten_all()?

@@ -130,6 +130,15 @@ fn cpu_pass(
 ) -> Result<head_cpu::Pass> {
     let (v, c) = w.dims2()?;
     let ys = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let n = h.dims2()?.0;
+    if ys.len() != n || coef.len() != n || w.dims2()?.1 != h.dims2()?.1 {
+        return Err(crate::Error::Data(format!(
+            "output layer: {n} hidden rows, {} targets, {} row weights, weight {:?}",
+            ys.len(),
+            coef.len(),
+            w.dims()
+        )));
+    }
     if let Some(y) = ys.iter().find(|&&y| y as usize >= v) {
         return Err(crate::Error::Data(format!(
             "target token {y} is outside the output layer's {v} rows"

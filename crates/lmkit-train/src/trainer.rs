@@ -48,11 +48,27 @@ pub struct StepLog {
 /// Mean next-token cross-entropy over the targets where `mask (b, t)` is 1 (chat/SFT data:
 /// the assistant's tokens), or over all of them without a mask.
 pub fn loss_masked(model: &Llama, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    loss_masked_with(model, ids, mask, true)
+}
+
+/// [`loss_masked`]; without `grad`, the output layer skips the gradients it would otherwise
+/// prepare in its forward pass (evaluation).
+fn loss_masked_with(
+    model: &Llama,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    grad: bool,
+) -> Result<Tensor> {
     // A dense output layer without an adapter or bias: the fused, chunked head + loss.
     if let Some(w) = crate::head_loss::dense_head(model) {
         let (b, t1) = ids.dims2()?;
         let t = t1 - 1;
         let h = model.forward_train_hidden(&ids.narrow(1, 0, t)?)?; // (b, t, c)
+        let (h, w) = match grad {
+            true => (h, w.clone()),
+            false => (h.detach(), w.detach()),
+        };
+        let w = &w;
         let c = h.dims()[2];
         let targets = ids.narrow(1, 1, t)?.flatten_all()?;
         let weights = match mask {
@@ -109,7 +125,7 @@ pub fn evaluate(model: &Llama, data: &Sequences, n: usize, batch: usize) -> Resu
             Some(m) => m.sum_all()?.to_scalar::<f32>()? as f64,
             None => b as f64,
         };
-        let l = loss_masked(model, &ids.narrow(0, start, b)?, m.as_ref())?;
+        let l = loss_masked_with(model, &ids.narrow(0, start, b)?, m.as_ref(), false)?;
         sum += l.to_scalar::<f32>()? as f64 * w;
         count += w;
     }
@@ -171,6 +187,15 @@ impl<'a> PhaseClock<'a> {
     }
 }
 
+/// Turns LoRA dropout off when dropped.
+struct DropoutOff(std::sync::Arc<lmkit_core::DropoutState>);
+
+impl Drop for DropoutOff {
+    fn drop(&mut self) {
+        self.0.eval();
+    }
+}
+
 /// A training run in progress: the model, its optimizer, and the steps taken.
 pub struct Trainer {
     pub t: Trainable,
@@ -218,6 +243,8 @@ impl Trainer {
             let (mut loss_sum, mut tokens): (Option<Tensor>, usize) = (None, 0);
             let mut phases = PhaseClock::new(self.t.model.device());
             let dropout = self.t.model.lora_dropout();
+            // Dropout is on for this step's micro-batches only, whatever way they end.
+            let _off = dropout.as_ref().map(|d| DropoutOff(d.clone()));
             for micro in 0..cfg.accumulate {
                 if let Some(d) = &dropout {
                     d.train((step * cfg.accumulate + micro) as u64);
