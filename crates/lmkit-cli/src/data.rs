@@ -20,7 +20,7 @@ pub enum Command {
 
 #[derive(clap::Args, Clone)]
 pub struct Common {
-    /// Target data: files or folders (text: a document per line; .jsonl: --field).
+    /// Target data: files or folders (text: a document per line; .jsonl: --field; .gz/.zst).
     #[arg(long, num_args = 1.., required = true)]
     pub target: Vec<PathBuf>,
     /// The raw pool: files or folders.
@@ -157,6 +157,12 @@ fn select(a: SelectArgs) -> Result<()> {
         bail!(
             "--n {} is larger than the raw pool ({raw_records} documents)",
             a.n
+        );
+    }
+    if a.out.extension().is_some_and(|e| e == "zst") {
+        bail!(
+            "{}: zstd output is not supported; write plain or .gz",
+            a.out.display()
         );
     }
     let bar = crate::common::bar(raw_records, "scoring");

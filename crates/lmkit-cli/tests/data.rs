@@ -122,6 +122,31 @@ fn selects_target_like_records_whole() {
         std::fs::read_to_string(&p).unwrap()
     };
     assert_eq!(run("7", "a.jsonl"), run("7", "b.jsonl"));
+    // The same pool zstd-compressed gives the same top-k selection.
+    let zst = dir.path().join("pool.jsonl.zst");
+    let packed = ruzstd::encoding::compress_to_vec(
+        pool.as_bytes(),
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    std::fs::write(&zst, packed).unwrap();
+    let plain = dir.path().join("z.jsonl");
+    let o = lmkit(&[
+        "data",
+        "select",
+        "--target",
+        target.to_str().unwrap(),
+        "--raw",
+        zst.to_str().unwrap(),
+        "--n",
+        "20",
+        "--top-k",
+        "--min-length",
+        "5",
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), gunzip(&out));
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Reading corpora as streams of records: text files (one record per non-blank line) and JSONL
-//! (one record per line, its text in a named field), plain or gzip-compressed (`.gz`), or
-//! folders of them (recursively, in name order). A record keeps its raw line, so a selection
+//! (one record per line, its text in a named field), plain, gzip- (`.gz`) or
+//! zstd-compressed (`.zst`, single-frame), or folders of them (recursively, in name order). A record keeps its raw line, so a selection
 //! can be written back in the input's own layout with every field.
 
 use std::io::{BufRead, BufReader, Read};
@@ -65,19 +65,26 @@ pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Whether a file holds JSONL (by its name, ignoring a `.gz`).
+/// Whether a file holds JSONL (by its name, ignoring a `.gz` or `.zst`).
 pub fn is_jsonl(path: &Path) -> bool {
     let name = path.to_string_lossy();
-    let name = name.strip_suffix(".gz").unwrap_or(&name);
+    let name = name
+        .strip_suffix(".gz")
+        .or_else(|| name.strip_suffix(".zst"))
+        .unwrap_or(&name);
     name.ends_with(".jsonl")
 }
 
 fn open(path: &Path) -> Result<Box<dyn BufRead + Send>> {
     let f = std::fs::File::open(path).map_err(|e| io(path, e))?;
-    let r: Box<dyn Read + Send> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(f))
-    } else {
-        Box::new(f)
+    let ext = path.extension().and_then(|e| e.to_str());
+    let r: Box<dyn Read + Send> = match ext {
+        Some("gz") => Box::new(flate2::read::MultiGzDecoder::new(f)),
+        Some("zst") => Box::new(
+            ruzstd::decoding::StreamingDecoder::new(f)
+                .map_err(|e| io(path, format!("not a zstd file: {e}")))?,
+        ),
+        _ => Box::new(f),
     };
     Ok(Box::new(BufReader::with_capacity(1 << 20, r)))
 }
