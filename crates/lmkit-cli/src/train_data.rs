@@ -37,30 +37,9 @@ pub struct Fields<'a> {
     pub pair: (&'a str, &'a str),
 }
 
-/// Every file under `paths` (folders recursively, sorted).
+/// Every file under `paths` (folders recursively, sorted): the library's walker.
 pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-        if p.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("cannot read folder {}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
-            entries.sort();
-            for e in entries {
-                walk(&e, out)?;
-            }
-        } else if p.is_file() {
-            out.push(p.to_path_buf());
-        } else {
-            bail!("{}: no such file or folder", p.display());
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    for p in paths {
-        walk(p, &mut out)?;
-    }
-    Ok(out)
+    Ok(lmkit::data::corpus::files(paths)?)
 }
 
 /// Streams the documents of `files` to `each`: a `.jsonl` file gives one per line, anything

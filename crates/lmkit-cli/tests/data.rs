@@ -13,6 +13,26 @@ fn lmkit(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `lmkit data select` of 20 records of at least 5 words, plus `extra`.
+fn select(target: &Path, raw: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "data",
+        "select",
+        "--target",
+        target.to_str().unwrap(),
+        "--raw",
+        raw.to_str().unwrap(),
+        "--n",
+        "20",
+        "--min-length",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    lmkit(&args)
+}
+
 fn gz(path: &Path, text: &str) {
     let f = std::fs::File::create(path).unwrap();
     let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::default());
@@ -51,22 +71,7 @@ fn selects_target_like_records_whole() {
     let raw = dir.path().join("pool.jsonl.gz");
     gz(&raw, &pool);
     let out = dir.path().join("sel.jsonl.gz");
-    let o = lmkit(&[
-        "data",
-        "select",
-        "--target",
-        target.to_str().unwrap(),
-        "--raw",
-        raw.to_str().unwrap(),
-        "--n",
-        "20",
-        "--top-k",
-        "--min-length",
-        "5",
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let o = select(&target, &raw, &out, &["--top-k", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
@@ -102,22 +107,7 @@ fn selects_target_like_records_whole() {
     // Sampling (not top-k) with a seed is reproducible.
     let run = |seed: &str, name: &str| {
         let p = dir.path().join(name);
-        let o = lmkit(&[
-            "data",
-            "select",
-            "--target",
-            target.to_str().unwrap(),
-            "--raw",
-            raw.to_str().unwrap(),
-            "--n",
-            "20",
-            "--min-length",
-            "5",
-            "--seed",
-            seed,
-            "--out",
-            p.to_str().unwrap(),
-        ]);
+        let o = select(&target, &raw, &p, &["--seed", seed]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         std::fs::read_to_string(&p).unwrap()
     };
@@ -130,21 +120,7 @@ fn selects_target_like_records_whole() {
     );
     std::fs::write(&zst, packed).unwrap();
     let plain = dir.path().join("z.jsonl");
-    let o = lmkit(&[
-        "data",
-        "select",
-        "--target",
-        target.to_str().unwrap(),
-        "--raw",
-        zst.to_str().unwrap(),
-        "--n",
-        "20",
-        "--top-k",
-        "--min-length",
-        "5",
-        "--out",
-        plain.to_str().unwrap(),
-    ]);
+    let o = select(&target, &zst, &plain, &["--top-k"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_to_string(&plain).unwrap(), gunzip(&out));
 }
