@@ -7,8 +7,13 @@
 //! - [`RmsNorm`], [`Embedding`]: the small layers every Llama-family model needs;
 //! - [`testing`] (feature `testing`): tolerance helpers for tests.
 
+pub mod attn_softmax;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda_ops;
 pub mod device;
+mod elem;
+pub mod embed_grad;
 pub mod error;
 pub mod frozen;
 pub mod fused;
@@ -19,6 +24,7 @@ pub mod sgemm;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod threads;
+pub mod xent;
 
 pub use candle_core as candle;
 pub use candle_core::quantized::{GgmlDType, QTensor};

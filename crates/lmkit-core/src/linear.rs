@@ -645,7 +645,7 @@ impl Embedding {
         match &self.table {
             Weight::Dense(t) => {
                 let flat = ids.flatten_all().op("embedding ids")?;
-                let rows = t.index_select(&flat, 0).op("embedding")?;
+                let rows = crate::embed_grad::embedding_rows(t, &flat)?;
                 let mut shape = ids.dims().to_vec();
                 shape.push(self.hidden);
                 rows.reshape(shape).op("embedding reshape")

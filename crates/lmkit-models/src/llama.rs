@@ -11,8 +11,8 @@
 
 use lmkit_core::candle_nn::ops::softmax_last_dim;
 use lmkit_core::candle_nn::rotary_emb::rope;
-use lmkit_core::fused;
 use lmkit_core::linear::Weight;
+use lmkit_core::{attn_softmax, fused};
 use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor};
 
 use crate::cache::KvCache;
@@ -548,12 +548,12 @@ impl Llama {
         let (b, t) = self.check_ids(ids, 0)?;
         let ids = &self.on_device(ids)?;
         let (cos, sin) = self.rope_tables(0, t)?;
-        let mask = causal_mask(t, 0, &self.device, self.dtype)?;
         let mut x = self.embed.forward(ids)?.to_dtype(DType::F32)?; // (b, t, c)
         for blk in &self.blocks {
             let h = self.lowp(blk.attn_norm.forward_diff(&x)?)?;
             let rope = Rope::Diff(&cos, &sin);
-            let h = self.attention(&blk.attn, &h, (b, t), rope, mask.as_ref(), None)?;
+            // The causal mask is part of the training softmax.
+            let h = self.attention(&blk.attn, &h, (b, t), rope, None, None)?;
             x = (x + h.to_dtype(DType::F32)?)?;
             let h = self.lowp(blk.mlp_norm.forward_diff(&x)?)?;
             let h = mlp(&blk.mlp, &h)?;
@@ -597,20 +597,22 @@ impl Llama {
         // Grouped-query attention without copying kv: q heads j·g..j·g+g share kv head j.
         let q = q.reshape((b, kh, g * t, d))?; // (b, k, g·t, d)
         let scale = 1.0 / (d as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (b, k, g·t, T)
-        let att = match mask {
-            Some(m) => att
-                .reshape((b, kh, g, t, total))?
-                .broadcast_add(m)?
-                .reshape((b, kh, g * t, total))?,
-            None => att,
-        };
+        let att = q.matmul(&k.t()?)?; // (b, k, g·t, T)
         let att = match rope {
-            Rope::Fused(..) => softmax_last_dim(&att)?,
-            // Training: in f32 whatever the compute dtype (as autocast does).
-            Rope::Diff(..) => {
-                fused::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+            Rope::Fused(..) => {
+                let att = (att * scale)?;
+                let att = match mask {
+                    Some(m) => att
+                        .reshape((b, kh, g, t, total))?
+                        .broadcast_add(m)?
+                        .reshape((b, kh, g * t, total))?,
+                    None => att,
+                };
+                softmax_last_dim(&att)?
             }
+            // Training: scale, causal mask and softmax in one op with a backward, computed in
+            // f32 whatever the storage dtype (as autocast does).
+            Rope::Diff(..) => attn_softmax::causal_softmax(&att, t, total - t, scale)?,
         };
         let y = att.matmul(&v.contiguous()?)?; // (b, k, g·t, d)
         let y = y

@@ -60,10 +60,10 @@ impl AdamW {
         let slots = params
             .into_iter()
             .map(|(var, decay)| {
-                let z = var.as_tensor().zeros_like()?;
+                // Two buffers: on CUDA the moments are updated in place.
                 Ok(Slot {
-                    m: z.clone(),
-                    v: z,
+                    m: var.as_tensor().zeros_like()?,
+                    v: var.as_tensor().zeros_like()?,
                     var,
                     decay,
                 })
@@ -119,7 +119,12 @@ impl AdamW {
         let mut sum: Option<Tensor> = None;
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                let sq = g.to_dtype(lmkit_core::DType::F32)?.sqr()?.sum_all()?;
+                // Rows first: a whole-tensor sum is one GPU block (0.24 ms for 1.5M values).
+                let sq = g.to_dtype(lmkit_core::DType::F32)?.sqr()?;
+                let sq = match sq.rank() {
+                    0 | 1 => sq.sum_all()?,
+                    _ => sq.sum(lmkit_core::D::Minus1)?.sum_all()?,
+                };
                 sum = Some(match sum {
                     Some(acc) => (acc + sq)?,
                     None => sq,
@@ -167,6 +172,10 @@ impl AdamW {
             if let Some((theta, m, v)) = cpu_update(s, g, scale, lr, &c, (bc1, bc2))? {
                 s.var.set(&theta)?;
                 (s.m, s.v) = (m, v);
+                continue;
+            }
+            #[cfg(feature = "cuda")]
+            if cuda_update(s, g, scale, lr, &c, (bc1, bc2))? {
                 continue;
             }
             let g = match scale {
@@ -250,6 +259,39 @@ fn cpu_update(
     let dims = p.dims();
     let t = |x: Vec<f32>| Tensor::from_vec(x, dims, p.device());
     Ok(Some((t(theta)?, t(m)?, t(v)?)))
+}
+
+/// The same update as one CUDA kernel per parameter, in place
+/// (`lmkit_core::cuda_ops::adamw_in_place`); false when it does not apply.
+#[cfg(feature = "cuda")]
+fn cuda_update(
+    s: &Slot,
+    g: &Tensor,
+    scale: &Scale,
+    lr: f64,
+    c: &AdamWConfig,
+    (bc1, bc2): (f64, f64),
+) -> Result<bool> {
+    use lmkit_core::cuda_ops::{adamw_in_place, AdamStep, GradScale};
+    let decay = match s.decay && c.weight_decay != 0.0 {
+        true => (1.0 - lr * c.weight_decay) as f32,
+        false => 1.0,
+    };
+    let h = AdamStep {
+        lr: lr as f32,
+        beta1: c.beta1 as f32,
+        beta2: c.beta2 as f32,
+        bc1: bc1 as f32,
+        bc2: bc2 as f32,
+        eps: c.eps as f32,
+        decay,
+    };
+    let k = match scale {
+        Scale::Host(x) => GradScale::Host(*x as f32),
+        Scale::Device(t) => GradScale::Device(t),
+    };
+    let g = g.contiguous()?;
+    Ok(adamw_in_place(s.var.as_tensor(), &s.m, &s.v, &g, k, h)?)
 }
 
 /// A gradient multiplier: a host number or a scalar tensor on the device.

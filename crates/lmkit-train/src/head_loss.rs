@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use lmkit_core::candle::CustomOp3;
-use lmkit_core::{DType, Tensor, D};
+use lmkit_core::{xent, DType, Tensor};
 
 use crate::head_cpu::{self, CHUNK};
 use crate::Result;
@@ -40,16 +40,14 @@ pub fn output_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
     let dev = h.device();
     let targets = targets.to_dtype(DType::U32)?.to_device(dev)?;
-    let (hd, wd) = (h.detach(), w.detach());
-    let mut parts = Vec::with_capacity(n.div_ceil(CHUNK));
-    for start in (0..n).step_by(CHUNK) {
-        let len = CHUNK.min(n - start);
-        let z = logits(&hd.narrow(0, start, len)?, &wd)?; // (len, v) f32
-        let lse = log_sum_exp(&z)?; // (len,)
-        let picked = z
-            .gather(&targets.narrow(0, start, len)?.unsqueeze(1)?, 1)?
-            .squeeze(1)?;
-        parts.push((lse - picked)?);
+    let hd = h.detach();
+    let wl = w.detach().to_dtype(h.dtype())?; // the products in h's dtype
+    let chunk = chunk_rows(h, wl.dims2()?.0);
+    let mut parts = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let z = hd.narrow(0, start, len)?.matmul(&wl.t()?)?; // (len, v)
+        parts.push(xent::row_nll(&z, &targets.narrow(0, start, len)?)?);
     }
     let nll = match parts.len() {
         0 => Tensor::zeros(0, DType::F32, dev)?,
@@ -248,21 +246,6 @@ pub fn kept_rows(m: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::new(idx, m.device())?))
 }
 
-/// `h Wᵀ` in h's dtype, as f32.
-fn logits(h: &Tensor, w: &Tensor) -> lmkit_core::candle::Result<Tensor> {
-    h.matmul(&w.to_dtype(h.dtype())?.t()?)?.to_dtype(DType::F32)
-}
-
-fn log_sum_exp(z: &Tensor) -> lmkit_core::candle::Result<Tensor> {
-    let max = z.max_keepdim(D::Minus1)?;
-    let s = z
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?;
-    (s + max)?.squeeze(1)
-}
-
 /// The backward pass of [`output_nll`] (the forward copies the computed values).
 struct HeadNll {
     targets: Tensor,
@@ -287,21 +270,22 @@ impl CustomOp3 for HeadNll {
         let n = hd.dims2()?.0;
         let want_dw = w.track_op();
         let g = g.to_dtype(DType::F32)?;
-        let w32 = wd.to_dtype(DType::F32)?;
+        // Products in h's dtype (bf16 under mixed precision: tensor cores on a GPU), the
+        // softmax in f32 inside the cross-entropy op, ∂W summed in f32.
+        let wl = wd.to_dtype(hd.dtype())?;
+        let chunk = chunk_rows(&hd, wl.dims2()?.0);
         let mut dh = Vec::new();
         let mut dw: Option<Tensor> = None;
-        for start in (0..n).step_by(CHUNK) {
-            let len = CHUNK.min(n - start);
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
             let hc = hd.narrow(0, start, len)?;
-            let z = logits(&hc, &wd)?;
-            let p = candle_softmax(&z)?;
-            let y = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
-            let minus_one = Tensor::full(-1f32, (len, 1), z.device())?;
-            let dz = p.scatter_add(&y, &minus_one, 1)?; // p − onehot
-            let dz = dz.broadcast_mul(&g.narrow(0, start, len)?.unsqueeze(1)?)?; // (len, v)
-            dh.push(dz.matmul(&w32)?.to_dtype(hd.dtype())?);
+            let z = hc.matmul(&wl.t()?)?; // (len, v)
+            let y = self.targets.narrow(0, start, len)?;
+            let dz = xent::row_nll_grad(&z, &y, &g.narrow(0, start, len)?)
+                .map_err(|e| lmkit_core::candle::Error::msg(e.to_string()))?;
+            dh.push(dz.matmul(&wl)?);
             if want_dw {
-                let part = dz.t()?.matmul(&hc.to_dtype(DType::F32)?)?; // (v, c)
+                let part = dz.t()?.matmul(&hc)?.to_dtype(DType::F32)?; // (v, c)
                 dw = Some(match dw {
                     Some(acc) => (acc + part)?,
                     None => part,
@@ -320,8 +304,14 @@ impl CustomOp3 for HeadNll {
     }
 }
 
-fn candle_softmax(z: &Tensor) -> lmkit_core::candle::Result<Tensor> {
-    lmkit_core::candle_nn::ops::softmax_last_dim(z)
+/// Rows per chunk of the recomputing path: [`CHUNK`] on the CPU; on a GPU as many as keep a
+/// chunk's logits under 2²⁸ values (512 MB in bf16), which keeps its GEMMs large.
+fn chunk_rows(h: &Tensor, vocab: usize) -> usize {
+    if h.device().is_cpu() {
+        CHUNK
+    } else {
+        ((1usize << 28) / vocab.max(1)).max(CHUNK)
+    }
 }
 
 #[cfg(test)]
@@ -329,7 +319,7 @@ mod tests {
     use super::*;
     use lmkit_core::candle::Var;
     use lmkit_core::candle_nn::loss::cross_entropy;
-    use lmkit_core::Device;
+    use lmkit_core::{Device, D};
 
     fn vals(n: usize, s: f32, k: f32) -> Vec<f32> {
         (0..n).map(|i| (i as f32 * k).sin() * s).collect()

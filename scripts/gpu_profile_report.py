@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Summaries for `scripts/gpu-check profile`.
+
+    gpu_profile_report.py parity WORK   training losses: f32 GPU vs f32 CPU (bar 1e-3), bf16 GPU
+                                        vs f32 CPU (for information)
+    gpu_profile_report.py speed WORK    lmkit vs PyTorch training tokens/s and MFU (113M config)
+    gpu_profile_report.py kernels OUT   Nsight Compute per-kernel summaries (ncu-*.csv in OUT),
+                                        aggregated by kernel name, the costliest first
+"""
+
+import csv
+import io
+import json
+import statistics
+import sys
+
+
+def parity(work):
+    def losses(name):
+        try:
+            return [json.loads(line)["loss"] for line in open(f"{work}/{name}/metrics.jsonl")]
+        except OSError as e:
+            print(f"  {name}: no losses ({e})")
+            return []
+    ref = losses("small-cpu-f32")
+    for name, bar in [("small-cuda-f32", 1e-3), ("small-cuda-bf16", None)]:
+        got = losses(name)
+        if not ref or len(got) != len(ref):
+            print(f"  {name}: {len(got)} losses vs {len(ref)} on the CPU")
+            continue
+        d = max(abs(a - b) for a, b in zip(ref, got))
+        verdict = "" if bar is None else (" PASS" if d <= bar else " FAIL") + f" at {bar:g}"
+        print(f"  training parity {name} vs small-cpu-f32: {len(got)} steps, max |d loss| "
+              f"{d:.2e}{verdict}; first {got[0]:.4f}, last {got[-1]:.4f} (cpu {ref[-1]:.4f})")
+
+
+def speed(work):
+    n, layers, hidden, seq = 113265408, 12, 768, 1024
+    flops, peak = 6 * n + 12 * layers * hidden * seq, 989.4e12
+    logs = [json.loads(line) for line in open(f"{work}/big/metrics.jsonl")]
+    lm = statistics.median(rec["tokens_per_sec"] for rec in logs[4:])
+    pt = json.load(open(f"{work}/torch.json"))["tokens_per_sec"]
+    for name, tps in [("lmkit", lm), ("pytorch (sdpa)", pt)]:
+        print(f"  {name:<16} {tps:>9.0f} tok/s  MFU {100 * tps * flops / peak:5.1f}%")
+    print(f"  ratio lmkit/pytorch {lm / pt:.3f}")
+
+
+def kernels(out):
+    for name in ["train", "decode"]:
+        try:
+            text = open(f"{out}/ncu-{name}.csv").read()
+        except OSError as e:
+            print(f"ncu {name}: no result ({e})")
+            continue
+        start = text.find('"Process ID"')
+        rows = list(csv.reader(io.StringIO(text[max(start, 0):])))
+        if not rows:
+            print(f"ncu {name}: empty")
+            continue
+        head = rows[0]
+        try:
+            ki, ci, vi, ui = (head.index(k) for k in
+                              ["Kernel Name", "Invocations", "Average", "Metric Unit"])
+        except ValueError:
+            print(f"ncu {name}: unexpected columns {head[:14]}")
+            print(text[:2000])
+            continue
+        scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3,
+                 "ms": 1e3}
+        agg = {}
+        for r in rows[1:]:
+            if len(r) <= max(ki, ci, vi, ui):
+                continue
+            try:
+                count = int(r[ci].replace(",", ""))
+                avg = float(r[vi].replace(",", "")) * scale.get(r[ui], 1.0)
+            except ValueError:
+                continue
+            a = agg.setdefault(r[ki][:90], [0, 0.0])
+            a[0] += count
+            a[1] += count * avg
+        total = sum(v[1] for v in agg.values()) or 1.0
+        count = sum(v[0] for v in agg.values())
+        print(f"ncu {name}: {count} kernels, {total / 1e3:.1f} ms GPU time in all")
+        for k, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:30]:
+            print(f"  {t / 1e3:8.2f} ms {100 * t / total:5.1f}% {c:6d}x  {k}")
+
+
+if __name__ == "__main__":
+    {"parity": parity, "speed": speed, "kernels": kernels}[sys.argv[1]](sys.argv[2])
