@@ -62,8 +62,12 @@ pub struct SelectArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// The n highest weights instead of importance resampling.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "random")]
     pub top_k: bool,
+    /// A uniform random sample of the eligible documents instead (the baseline to compare a
+    /// selection with; the target still sets the reported KL reduction).
+    #[arg(long)]
+    pub random: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Documents with fewer words are never selected (the reference's default).
@@ -150,6 +154,7 @@ fn select(a: SelectArgs) -> Result<()> {
     let rs = Resample {
         n: a.n as usize,
         top_k: a.top_k,
+        uniform: a.random,
         seed: a.seed,
         min_length: a.min_length,
     };

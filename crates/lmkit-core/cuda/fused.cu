@@ -203,3 +203,42 @@ extern "C" __global__ void embedding_bwd_f32(const float* g, const uint32_t* ids
     if ((int64_t)id < v) atomicAdd(dw + (int64_t)id * c + (i - r * c), g[i]);
   }
 }
+
+// RMSNorm backward over rows of c: with r = (mean(x²) + eps)^(−½), x̂ = x·r, gw = g ⊙ w:
+// dx = r · (gw − x̂ · mean(x̂ ⊙ gw)), and dw = Σ_rows g ⊙ x̂, here as per-block partial sums
+// `part (gridDim.x, c)` that the caller adds up. Rows are strided over the blocks; each thread
+// keeps its columns' partial dw in registers (c ≤ RMS_MAX_COLS_PER_THREAD · blockDim.x).
+#define RMS_MAX_COLS_PER_THREAD 16
+extern "C" __global__ void rms_norm_bwd_f32(const float* x, const float* w, const float* g,
+                                            float* dx, float* part, int64_t rows, int c,
+                                            float eps) {
+  float acc[RMS_MAX_COLS_PER_THREAD];
+#pragma unroll
+  for (int k = 0; k < RMS_MAX_COLS_PER_THREAD; ++k) acc[k] = 0.f;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float* xr = x + row * c;
+    const float* gr = g + row * c;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) ss += xr[j] * xr[j];
+    ss = block_sum(ss);
+    const float r = rsqrtf(ss / c + eps);
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dot += xr[j] * r * gr[j] * w[j];
+    dot = block_sum(dot) / c;
+    float* dr = dx + row * c;
+#pragma unroll
+    for (int k = 0; k < RMS_MAX_COLS_PER_THREAD; ++k) {
+      const int j = threadIdx.x + k * blockDim.x;
+      if (j < c) {
+        const float xh = xr[j] * r;
+        dr[j] = r * (gr[j] * w[j] - xh * dot);
+        acc[k] += gr[j] * xh;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < RMS_MAX_COLS_PER_THREAD; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    if (j < c) part[(int64_t)blockIdx.x * c + j] = acc[k];
+  }
+}

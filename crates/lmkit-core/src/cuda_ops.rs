@@ -306,3 +306,50 @@ pub(crate) fn embedding_grad(
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
+
+/// Threads per block of the RMSNorm backward kernel, and the most columns it takes.
+pub(crate) const RMS_THREADS: usize = 256;
+pub(crate) const RMS_MAX_COLS: usize = 16 * RMS_THREADS;
+
+/// RMSNorm's backward: `(rows + blocks, c)` f32 holding ∂x in its first `rows` rows and the
+/// per-block partial sums of ∂w in the rest.
+pub(crate) fn rms_norm_bwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    rows: usize,
+    c: usize,
+    eps: f32,
+) -> Result<(CudaStorage, usize)> {
+    if c > RMS_MAX_COLS {
+        candle_core::bail!("rms_norm_bwd: {c} columns, at most {RMS_MAX_COLS}")
+    }
+    let dev = x.0.device().clone();
+    let f = dev.get_or_load_custom_func("rms_norm_bwd_f32", "lmkit_fused", PTX)?;
+    let blocks = rows.clamp(1, 132 * 4);
+    let (xv, wv, gv) = (
+        view::<f32>(x.0, x.1)?,
+        view::<f32>(w.0, w.1)?,
+        view::<f32>(g.0, g.1)?,
+    );
+    // SAFETY: the kernel writes every ∂x element and every partial sum.
+    let out = unsafe { dev.alloc::<f32>((rows + blocks) * c)? };
+    {
+        let dx = out.slice(0..rows * c);
+        let part = out.slice(rows * c..);
+        let (rows_i, c_i) = (rows as i64, int(c, "columns")?);
+        let mut b = f.builder();
+        b.arg(&xv);
+        b.arg(&wv);
+        b.arg(&gv);
+        b.arg(&dx);
+        b.arg(&part);
+        b.arg(&rows_i);
+        b.arg(&c_i);
+        b.arg(&eps);
+        let cfg = launch_cfg(blocks, RMS_THREADS as u32)?;
+        // SAFETY: the argument list matches rms_norm_bwd_f32 in fused.cu.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), blocks))
+}

@@ -12,6 +12,9 @@
 //! RoPE     y = rot(θ)·x (a rotation per pair): dx = rot(−θ)·g
 //! ```
 //!
+//! RMSNorm's backward runs as one pass (lmkit's `rms_norm_bwd` CUDA kernel, or its CPU twin
+//! here), not as the tensor ops the formula reads as.
+//!
 //! Deviations: none in the math. The forward costs one extra copy of the result, because a
 //! custom op must return storage it owns.
 
@@ -196,15 +199,119 @@ impl CustomOp3 for RmsGrad {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = x.dim(D::Minus1)?;
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?; // (.., 1)
-        let xh = x.broadcast_mul(&r)?;
-        let gw = g.broadcast_mul(w)?;
-        let m = (&xh * &gw)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw - xh.broadcast_mul(&m)?)?.broadcast_mul(&r)?;
-        let dw = (g * &xh)?.reshape(((), c))?.sum(0)?;
+        let rows = x.elem_count() / c.max(1);
+        let (xc, wc, gc) = (
+            x.contiguous()?,
+            w.contiguous()?,
+            g.to_dtype(DType::F32)?.contiguous()?,
+        );
+        if x.device().is_cuda() && c > 16 * 256 {
+            // Wider than lmkit's kernel takes: tensor ops.
+            let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+                .sqrt()?
+                .recip()?;
+            let xh = xc.broadcast_mul(&r)?;
+            let gw = gc.broadcast_mul(&wc)?;
+            let m = (&xh * &gw)?.mean_keepdim(D::Minus1)?;
+            let dx = (gw - xh.broadcast_mul(&m)?)?.broadcast_mul(&r)?;
+            let dw = (&gc * &xh)?.reshape(((), c))?.sum(0)?;
+            return Ok((Some(dx), Some(dw), None));
+        }
+        // One pass (lmkit's kernel on CUDA, its twin on the CPU): ∂x rows, then ∂w partials.
+        let out = xc.apply_op3_no_bwd(&wc, &gc, &RmsBwd { eps: self.eps })?;
+        let parts = out.dim(0)? - rows;
+        let dx = out.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = out.narrow(0, rows, parts)?.sum(0)?;
         Ok((Some(dx), Some(dw), None))
+    }
+}
+
+/// [`rms_norm`]'s backward in one pass over f32 `x (…, c)`, `w (c,)` and `g`: a `(rows + k, c)`
+/// result with ∂x in the first rows and k partial sums of ∂w after them.
+struct RmsBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsBwd {
+    fn name(&self) -> &'static str {
+        "rms_norm_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        lx: &Layout,
+        w: &candle_core::CpuStorage,
+        lw: &Layout,
+        g: &candle_core::CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        use candle_core::CpuStorage as S;
+        use rayon::prelude::*;
+        let (S::F32(x), S::F32(w), S::F32(g)) = (x, w, g) else {
+            candle_core::bail!("rms_norm_bwd: f32 inputs")
+        };
+        let c = crate::elem::last_dim(lx);
+        let (x, w, g) = (
+            crate::elem::contiguous(x, lx)?,
+            crate::elem::contiguous(w, lw)?,
+            crate::elem::contiguous(g, lg)?,
+        );
+        if w.len() != c || g.len() != x.len() {
+            candle_core::bail!(
+                "rms_norm_bwd: {} values, {} weights, {} gradients",
+                x.len(),
+                w.len(),
+                g.len()
+            )
+        }
+        let rows = x.len() / c;
+        let eps = self.eps as f32;
+        let mut out = vec![0f32; (rows + 1) * c];
+        let (dx, dw) = out.split_at_mut(rows * c);
+        let partial = dx
+            .par_chunks_mut(c)
+            .zip(x.par_chunks(c).zip(g.par_chunks(c)))
+            .fold(
+                || vec![0f32; c],
+                |mut acc, (d, (xr, gr))| {
+                    let ss: f32 = xr.iter().map(|v| v * v).sum();
+                    let r = 1.0 / (ss / c as f32 + eps).sqrt();
+                    let dot: f32 = (0..c).map(|j| xr[j] * r * gr[j] * w[j]).sum::<f32>() / c as f32;
+                    for j in 0..c {
+                        let xh = xr[j] * r;
+                        d[j] = r * (gr[j] * w[j] - xh * dot);
+                        acc[j] += gr[j] * xh;
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; c],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(p, q)| *p += q);
+                    a
+                },
+            );
+        dw.copy_from_slice(&partial);
+        Ok((S::F32(out), Shape::from((rows + 1, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
+        g: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let c = crate::elem::last_dim(lx);
+        let rows = lx.shape().elem_count() / c;
+        let (out, parts) =
+            crate::cuda_ops::rms_norm_bwd((x, lx), (w, lw), (g, lg), rows, c, self.eps as f32)?;
+        Ok((out, Shape::from((rows + parts, c))))
     }
 }
 

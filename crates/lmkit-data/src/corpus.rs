@@ -90,7 +90,8 @@ fn open(path: &Path) -> Result<Box<dyn BufRead + Send>> {
 }
 
 /// Streams the records of `files` to `each` in order, in batches of up to `batch` (so the
-/// caller can process a batch in parallel). Returns what was read.
+/// caller can process a batch in parallel). Lines are read in order; JSONL lines are parsed in
+/// parallel, a batch at a time. Returns what was read.
 pub fn for_each_batch(
     files: &[PathBuf],
     layout: &Layout,
@@ -98,64 +99,126 @@ pub fn for_each_batch(
     each: &mut dyn FnMut(Vec<Record>) -> Result<()>,
 ) -> Result<ReadStats> {
     let mut stats = ReadStats::default();
-    let mut buf = Vec::with_capacity(batch);
     for f in files {
         let jsonl = is_jsonl(f);
         let mut r = open(f)?;
-        let mut line = String::new();
+        let mut lines: Vec<(u64, String)> = Vec::with_capacity(batch);
         let mut no = 0u64;
         loop {
-            line.clear();
+            let mut line = String::new();
             let n = r
                 .read_line(&mut line)
                 .map_err(|e| io(f, format!("line {}: {e}", no + 1)))?;
+            if n > 0 {
+                no += 1;
+                stats.bytes += n as u64;
+                let end = line.trim_end_matches(['\n', '\r']).len();
+                line.truncate(end);
+                if !line.trim().is_empty() {
+                    lines.push((no, line));
+                }
+            }
+            if lines.len() == batch || (n == 0 && !lines.is_empty()) {
+                let recs = parse_batch(std::mem::take(&mut lines), jsonl, layout, f, &mut stats)?;
+                stats.records += recs.len() as u64;
+                each(recs)?;
+            }
             if n == 0 {
                 break;
             }
-            no += 1;
-            stats.bytes += n as u64;
-            let raw = line.trim_end_matches(['\n', '\r']);
-            if raw.trim().is_empty() {
-                continue;
-            }
-            let text = if jsonl {
-                match json_text(raw, &layout.field) {
-                    Ok(t) => t,
-                    Err(_) if layout.skip_bad => {
-                        stats.skipped += 1;
-                        continue;
-                    }
-                    Err(why) => {
-                        return Err(Error::Invalid {
-                            what: format!("{}:{no}", f.display()),
-                            why,
-                        })
-                    }
-                }
-            } else {
-                raw.to_string()
-            };
-            stats.records += 1;
-            buf.push(Record {
-                line: raw.to_string(),
-                text,
-            });
-            if buf.len() == batch {
-                each(std::mem::replace(&mut buf, Vec::with_capacity(batch)))?;
-            }
         }
-    }
-    if !buf.is_empty() {
-        each(buf)?;
     }
     Ok(stats)
 }
 
+/// The records of a batch of `(line number, line)`: JSONL lines parsed in parallel, the first
+/// malformed one an error (or each skipped and counted, with `skip_bad`).
+fn parse_batch(
+    lines: Vec<(u64, String)>,
+    jsonl: bool,
+    layout: &Layout,
+    f: &Path,
+    stats: &mut ReadStats,
+) -> Result<Vec<Record>> {
+    use rayon::prelude::*;
+    if !jsonl {
+        return Ok(lines
+            .into_iter()
+            .map(|(_, line)| Record {
+                text: line.clone(),
+                line,
+            })
+            .collect());
+    }
+    let parsed: Vec<std::result::Result<Record, (u64, String)>> = lines
+        .into_par_iter()
+        .map(|(no, line)| match json_text(&line, &layout.field) {
+            Ok(text) => Ok(Record { line, text }),
+            Err(why) => Err((no, why)),
+        })
+        .collect();
+    let mut out = Vec::with_capacity(parsed.len());
+    for p in parsed {
+        match p {
+            Ok(r) => out.push(r),
+            Err(_) if layout.skip_bad => stats.skipped += 1,
+            Err((no, why)) => {
+                return Err(Error::Invalid {
+                    what: format!("{}:{no}", f.display()),
+                    why,
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The string field `field` of the JSON object `line`, the other fields skipped unparsed.
 fn json_text(line: &str, field: &str) -> std::result::Result<String, String> {
-    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
-    match v.get(field) {
-        Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(format!("field `{field}` is not a string")),
-        None => Err(format!("no field `{field}`")),
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    use std::borrow::Cow;
+
+    #[derive(Debug)]
+    enum Found {
+        Text(String),
+        NotString,
+        Missing,
+    }
+    struct Field<'f>(&'f str);
+    impl<'de> Visitor<'de> for Field<'_> {
+        type Value = Found;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Found, A::Error> {
+            let mut found = Found::Missing;
+            while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                if k == self.0 && matches!(found, Found::Missing) {
+                    found = match m.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(s) => Found::Text(s),
+                        _ => Found::NotString,
+                    };
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Field<'_> {
+        type Value = Found;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Found, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(line);
+    let found = Field(field)
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|_| v))
+        .map_err(|e| format!("not a JSON object ({e})"))?;
+    match found {
+        Found::Text(s) => Ok(s),
+        Found::NotString => Err(format!("field `{field}` is not a string")),
+        Found::Missing => Err(format!("no field `{field}`")),
     }
 }

@@ -24,7 +24,10 @@
 //! from Python's `str.isalnum` only on combining marks of some scripts; the KL reduction uses
 //! the same `1e-8` inside the logarithms as the weights (the reference has no KL code); the
 //! raw distribution is counted over the whole pool (the reference's default fits it on the
-//! first `100,000 × buckets` features, which for pools of its size is most of them).
+//! first `100,000 × buckets` features, which for pools of its size is most of them). Buckets
+//! are memoized per thread under a 64-bit hash of the n-gram's words: two distinct n-grams
+//! with the same 64-bit key would share a bucket, a chance of about n²/2⁶⁵ for n distinct
+//! n-grams (3·10⁻⁶ for ten million).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -71,27 +74,84 @@ fn is_space(c: char) -> bool {
 /// `re.findall(r"\w+|[^\w\s]+", text.lower())`.
 pub fn words(text: &str) -> Vec<String> {
     let lower = text.to_lowercase();
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut cur_word = false;
-    for c in lower.chars() {
+    let mut spans = Vec::new();
+    word_spans(&lower, &mut spans);
+    spans
+        .iter()
+        .map(|&(a, b)| lower[a..b].to_string())
+        .collect()
+}
+
+/// The byte ranges of [`words`] in an already lowercased text, appended to `out`.
+fn word_spans(lower: &str, out: &mut Vec<(usize, usize)>) {
+    let mut start: Option<(usize, bool)> = None;
+    for (i, c) in lower.char_indices() {
         if is_space(c) {
-            if !cur.is_empty() {
-                out.push(std::mem::take(&mut cur));
+            if let Some((a, _)) = start.take() {
+                out.push((a, i));
             }
             continue;
         }
         let w = is_word(c);
-        if !cur.is_empty() && w != cur_word {
-            out.push(std::mem::take(&mut cur));
+        match start {
+            Some((a, kind)) if kind != w => {
+                out.push((a, i));
+                start = Some((i, w));
+            }
+            Some(_) => {}
+            None => start = Some((i, w)),
         }
-        cur_word = w;
-        cur.push(c);
     }
-    if !cur.is_empty() {
-        out.push(cur);
+    if let Some((a, _)) = start {
+        out.push((a, lower.len()));
     }
-    out
+}
+
+/// `int.from_bytes(d, "big") % m` of a SHA-256 digest, eight bytes at a time.
+fn digest_mod(d: &[u8], m: u64) -> u32 {
+    let m = u128::from(m);
+    let r = d.chunks(8).fold(0u128, |r, c| {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        ((r << (8 * c.len())) | u128::from(u64::from_be_bytes(b) >> (8 * (8 - c.len())))) % m
+    });
+    r as u32
+}
+
+/// A per-thread, direct-mapped memo of n-gram buckets: text repeats (Zipf), SHA-256 need not.
+/// Slots are keyed by a 64-bit hash of the n-gram's words; see the module's deviations.
+struct Memo {
+    buckets: u32,
+    keys: Vec<u64>,
+    vals: Vec<u32>,
+}
+
+/// Slots of a thread's memo (12 bytes each).
+const MEMO_SLOTS: usize = 1 << 20;
+const EMPTY: u32 = u32::MAX;
+
+thread_local! {
+    static MEMO: std::cell::RefCell<Memo> = const { std::cell::RefCell::new(Memo {
+        buckets: 0,
+        keys: Vec::new(),
+        vals: Vec::new(),
+    }) };
+}
+
+/// A 64-bit hash of a word (fixed seed: the same in every thread and run).
+fn word_key(w: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x5d51_72a9).hash_one(w)
+}
+
+/// The key of an n-gram from its words' keys (order matters).
+fn gram_key(keys: &[u64]) -> u64 {
+    let mut z = (keys.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for &k in keys {
+        z = (z.rotate_left(23) ^ k).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z ^= z >> 29;
+    }
+    z
 }
 
 impl Features {
@@ -108,33 +168,46 @@ impl Features {
 
     /// The bucket of one n-gram.
     pub fn bucket(&self, gram: &str) -> u32 {
-        let digest = Sha256::digest(gram.as_bytes());
-        let m = u64::from(self.buckets);
-        digest
-            .iter()
-            .fold(0u64, |r, &b| (r * 256 + u64::from(b)) % m) as u32
+        digest_mod(&Sha256::digest(gram.as_bytes()), u64::from(self.buckets))
     }
 
     /// The buckets of every feature of `text` appended to `out`; returns the word count.
     pub fn hash_into(&self, text: &str, out: &mut Vec<u32>) -> usize {
-        let w = words(text);
-        for u in &w {
-            out.push(self.bucket(u));
-        }
-        let mut gram = String::new();
-        for n in 2..=self.ngrams {
-            for win in w.windows(n) {
-                gram.clear();
-                for (i, t) in win.iter().enumerate() {
-                    if i > 0 {
-                        gram.push(' ');
-                    }
-                    gram.push_str(t);
-                }
-                out.push(self.bucket(&gram));
+        let lower = text.to_lowercase();
+        let mut spans = Vec::new();
+        word_spans(&lower, &mut spans);
+        let keys: Vec<u64> = spans.iter().map(|&(a, b)| word_key(&lower[a..b])).collect();
+        MEMO.with(|memo| {
+            let mut memo = memo.borrow_mut();
+            if memo.buckets != self.buckets || memo.keys.len() != MEMO_SLOTS {
+                memo.buckets = self.buckets;
+                memo.keys = vec![0; MEMO_SLOTS];
+                memo.vals = vec![EMPTY; MEMO_SLOTS];
             }
-        }
-        w.len()
+            let mut gram = String::new();
+            for n in 1..=self.ngrams {
+                for (win, ks) in spans.windows(n).zip(keys.windows(n)) {
+                    let key = gram_key(ks);
+                    let slot = (key >> 44) as usize & (MEMO_SLOTS - 1);
+                    if memo.keys[slot] == key && memo.vals[slot] != EMPTY {
+                        out.push(memo.vals[slot]);
+                        continue;
+                    }
+                    gram.clear();
+                    for (i, &(a, b)) in win.iter().enumerate() {
+                        if i > 0 {
+                            gram.push(' ');
+                        }
+                        gram.push_str(&lower[a..b]);
+                    }
+                    let b = self.bucket(&gram);
+                    memo.keys[slot] = key;
+                    memo.vals[slot] = b;
+                    out.push(b);
+                }
+            }
+        });
+        spans.len()
     }
 }
 
@@ -343,6 +416,9 @@ pub struct Resample {
     pub n: usize,
     /// The n largest weights instead of sampling.
     pub top_k: bool,
+    /// A uniform random sample instead (the weights ignored): the baseline a selection is
+    /// compared with, under the same length filter.
+    pub uniform: bool,
     pub seed: u64,
     /// Documents with fewer words are never selected (the reference's default: 100).
     pub min_length: usize,
@@ -354,9 +430,10 @@ impl Resample {
         if words < self.min_length {
             return None;
         }
-        Some(match self.top_k {
-            true => log_weight,
-            false => log_weight + gumbel(self.seed, index),
+        Some(match (self.uniform, self.top_k) {
+            (true, _) => gumbel(self.seed, index),
+            (false, true) => log_weight,
+            (false, false) => log_weight + gumbel(self.seed, index),
         })
     }
 }
@@ -503,6 +580,24 @@ mod tests {
         let mut v = Vec::new();
         assert_eq!(f.hash_into("Alice went to the store", &mut v), 5);
         assert_eq!(v.len(), 9); // 5 unigrams + 4 bigrams
+        assert_eq!(v[0], 6720);
+        assert_eq!(v[5], 114);
+        // Again, from the memo.
+        let mut again = Vec::new();
+        f.hash_into("alice WENT to the store", &mut again);
+        assert_eq!(v, again);
+    }
+
+    /// The eight-bytes-at-a-time remainder is the big-endian number's remainder.
+    #[test]
+    fn digest_remainder_matches_bytewise() {
+        for k in 0..200u32 {
+            let d = Sha256::digest(k.to_le_bytes());
+            for m in [1u64, 7, 10_000, 65_537, 4_294_967_291] {
+                let slow = d.iter().fold(0u64, |r, &b| (r * 256 + u64::from(b)) % m) as u32;
+                assert_eq!(digest_mod(&d, m), slow);
+            }
+        }
     }
 
     /// Documents like the target get the largest weights; top-k keeps the k largest, and the
@@ -531,6 +626,7 @@ mod tests {
         let rs = Resample {
             n: 2,
             top_k: true,
+            uniform: false,
             seed: 0,
             min_length: 1,
         };
@@ -558,6 +654,7 @@ mod tests {
             let rs = Resample {
                 n: 1,
                 top_k: false,
+                uniform: false,
                 seed,
                 min_length: 0,
             };
@@ -571,5 +668,25 @@ mod tests {
         }
         let share = heavy as f64 / trials as f64;
         assert!((share - 0.75).abs() < 0.015, "{share}");
+        // Uniform: the weights are ignored, each document wins half the time.
+        let mut first = 0;
+        for seed in 0..trials {
+            let rs = Resample {
+                n: 1,
+                top_k: false,
+                uniform: true,
+                seed,
+                min_length: 0,
+            };
+            let mut top = TopK::new(1);
+            for (i, w) in [1f64, 3.0].iter().enumerate() {
+                if let Some(k) = rs.key(i as u64, w.ln(), 1) {
+                    top.offer(i as u64, k);
+                }
+            }
+            first += usize::from(top.indices() == [0]);
+        }
+        let share = first as f64 / trials as f64;
+        assert!((share - 0.5).abs() < 0.015, "{share}");
     }
 }
