@@ -1,6 +1,8 @@
 //! lmkit-data: what to train on.
 //!
 //! - [`corpus`]: text/JSONL files (plain or gzip) and folders read as streams of records;
+//! - [`doremi`]: DoReMi's Group-DRO domain reweighting (Xie et al., NeurIPS 2023): the
+//!   weight update from per-token excess losses, their running mean, the proxy's token weights;
 //! - [`dsir`]: DSIR importance resampling (Xie et al., NeurIPS 2023): hashed n-gram features,
 //!   importance weights against a target, Gumbel top-k selection, the KL-reduction metric;
 //! - [`scaling`]: the data-constrained scaling law of Muennighoff et al. (NeurIPS 2023): loss
@@ -8,6 +10,7 @@
 //!   under repetition; refitting its constants to one's own runs.
 
 pub mod corpus;
+pub mod doremi;
 pub mod dsir;
 pub mod error;
 pub mod scaling;

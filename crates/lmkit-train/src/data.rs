@@ -63,6 +63,11 @@ impl Sequences {
         Ok(s)
     }
 
+    /// Predictions per sequence.
+    pub fn seq_len(&self) -> usize {
+        self.len
+    }
+
     /// Sequences per epoch.
     pub fn len(&self) -> usize {
         self.order.len()

@@ -5,6 +5,7 @@
 //!   gradient clipping;
 //! - [`params`]: a model's trainable variables, from existing weights or a fresh initialization;
 //! - [`data`]: packing token streams into fixed-length training sequences;
+//! - [`mixture`]: a weighted mixture of data domains (hand-set or DoReMi weights);
 //! - [`tokens`]: token streams in memory or in memory-mapped token files (corpora larger than RAM);
 //! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
@@ -22,6 +23,7 @@ pub mod export;
 mod head_cpu;
 pub mod head_loss;
 pub mod lora;
+pub mod mixture;
 pub mod params;
 pub mod prefs;
 pub mod schedule;
