@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lmkit::core::DType;
 use lmkit::formats::tokenizer::LoadedTokenizer;
-use lmkit::train::data::Sequences;
+use lmkit::train::data::{Batches, Sequences};
+use lmkit::train::mixture::Mixture;
+use lmkit::train::tokens::Tokens;
 use lmkit::train::{
     checkpoint, export, lora, AdamWConfig, Decay, Schedule, TrainConfig, Trainable, Trainer,
 };
@@ -21,7 +23,7 @@ use serde::Deserialize;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
+    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [data.domains]  name = [\"files or folders\"], ... instead of train: a mixture, each batch row\n           from domain d with probability weights[d]; [data.weights] name = w (default uniform;\n           e.g. DoReMi's). Evaluation then uses data.eval only.\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
 )]
 pub struct Args {
     /// Run configuration, TOML or JSON.
@@ -106,7 +108,14 @@ struct ModelSection {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct DataSection {
+    #[serde(default)]
     train: Vec<PathBuf>,
+    /// Named domains (instead of `train`): each batch row comes from domain `d` with
+    /// probability `weights[d]` (uniform when no weights are given).
+    #[serde(default)]
+    domains: std::collections::BTreeMap<String, Vec<PathBuf>>,
+    #[serde(default)]
+    weights: std::collections::BTreeMap<String, f64>,
     #[serde(default)]
     eval: Vec<PathBuf>,
     #[serde(default = "d_eval_fraction")]
@@ -240,6 +249,43 @@ fn read_config(path: &Path) -> Result<RunConfig> {
             );
         }
     }
+    let d = &cfg.data;
+    match (d.train.is_empty(), d.domains.is_empty()) {
+        (true, true) => bail!(
+            "{}: `data.train` or `data.domains` is required",
+            path.display()
+        ),
+        (false, false) => bail!(
+            "{}: `data.train` and `data.domains` exclude each other",
+            path.display()
+        ),
+        _ => {}
+    }
+    if let Some(n) = d.domains.keys().find(|n| {
+        n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    }) {
+        bail!(
+            "{}: domain name `{n}`: use letters, digits, `-` and `_`",
+            path.display()
+        );
+    }
+    if let Some(n) = d.weights.keys().find(|n| !d.domains.contains_key(*n)) {
+        bail!("{}: `data.weights.{n}` names no domain", path.display());
+    }
+    if !d.weights.is_empty() {
+        if let Some(n) = d.domains.keys().find(|n| !d.weights.contains_key(*n)) {
+            bail!(
+                "{}: domain `{n}` has no weight in `data.weights`",
+                path.display()
+            );
+        }
+    }
+    if let Some((n, w)) = d.weights.iter().find(|(_, w)| !w.is_finite() || **w < 0.0) {
+        bail!("{}: `data.weights.{n}` = {w}: must be ≥ 0", path.display());
+    }
     if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
         bail!("{}: `data.eval_fraction` must be in [0, 1)", path.display());
     }
@@ -353,28 +399,75 @@ pub fn main(a: Args) -> Result<()> {
     // Tokenized as a stream into token files under DIR/data (memory-mapped; reused when the
     // sources and the tokenizer are unchanged).
     let data_dir = a.out.join("data");
-    let all = token_file(&tok, &train_paths, &fields, &data_dir.join("train.tokens"))?;
-    let (train_tokens, eval_tokens) = if rc.data.eval.is_empty() {
-        let n = (all.len() as f64 * rc.data.eval_fraction) as usize;
-        all.split_at(all.len() - n)
-    } else {
-        let paths: Vec<PathBuf> = rc.data.eval.iter().map(rel).collect();
-        let eval = token_file(&tok, &paths, &fields, &data_dir.join("eval.tokens"))?;
-        (all, eval)
-    };
-    if train_tokens.is_empty() {
-        bail!(
-            "the training data is empty: {}",
-            train_paths
+    // Domains: a token file each, mixed by weight; evaluation only on `data.eval`.
+    let mut mixture = None;
+    if !rc.data.domains.is_empty() {
+        let mut parts = Vec::new();
+        for (i, (name, paths)) in rc.data.domains.iter().enumerate() {
+            let paths: Vec<PathBuf> = paths.iter().map(rel).collect();
+            let toks = token_file(
+                &tok,
+                &paths,
+                &fields,
+                &data_dir.join(format!("domain-{name}.tokens")),
+            )?;
+            let seqs =
+                Sequences::from_tokens(toks, rc.data.seq_len, rc.train.seed.wrapping_add(i as u64))
+                    .with_context(|| format!("domain `{name}`"))?;
+            let w = rc.data.weights.get(name).copied().unwrap_or(1.0);
+            parts.push((name.clone(), seqs, w));
+        }
+        let m = Mixture::new(parts, rc.train.seed)?;
+        eprintln!(
+            "domains: {}",
+            m.names()
                 .iter()
-                .map(|p| p.display().to_string())
+                .zip(m.weights())
+                .map(|(n, w)| format!("{n} {w:.3}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        mixture = Some(m);
     }
+    let eval_tokens = if !rc.data.eval.is_empty() {
+        let paths: Vec<PathBuf> = rc.data.eval.iter().map(rel).collect();
+        Some(token_file(
+            &tok,
+            &paths,
+            &fields,
+            &data_dir.join("eval.tokens"),
+        )?)
+    } else {
+        None
+    };
     let t = &rc.train;
-    let mut data = Sequences::from_tokens(train_tokens, rc.data.seq_len, t.seed)?;
-    let eval = Sequences::from_tokens(eval_tokens, rc.data.seq_len, 0).ok();
+    let (mut data, eval_tokens): (Box<dyn Batches>, Option<Tokens>) = match mixture {
+        Some(m) => (Box::new(m), eval_tokens),
+        None => {
+            let all = token_file(&tok, &train_paths, &fields, &data_dir.join("train.tokens"))?;
+            let (train_tokens, eval_tokens) = match eval_tokens {
+                Some(e) => (all, Some(e)),
+                None => {
+                    let n = (all.len() as f64 * rc.data.eval_fraction) as usize;
+                    let (a, b) = all.split_at(all.len() - n);
+                    (a, Some(b))
+                }
+            };
+            if train_tokens.is_empty() {
+                bail!(
+                    "the training data is empty: {}",
+                    train_paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let seqs = Sequences::from_tokens(train_tokens, rc.data.seq_len, t.seed)?;
+            (Box::new(seqs), eval_tokens)
+        }
+    };
+    let eval = eval_tokens.and_then(|e| Sequences::from_tokens(e, rc.data.seq_len, 0).ok());
 
     // Model and trainer: from scratch, full fine-tuning, or LoRA adapters.
     let mut lora_cfg = None;
@@ -438,7 +531,7 @@ pub fn main(a: Args) -> Result<()> {
     if a.resume {
         match checkpoint::latest(&ckpts) {
             Some(c) => {
-                checkpoint::load(&c, &mut tr, &mut data)?;
+                checkpoint::load(&c, &mut tr, data.as_mut())?;
                 eprintln!("resumed from {} (step {})", c.display(), tr.step());
             }
             None => eprintln!("no checkpoint in {}: starting fresh", ckpts.display()),
@@ -446,7 +539,7 @@ pub fn main(a: Args) -> Result<()> {
     }
     eprintln!(
         "{params} parameters, {} training sequences of {} tokens, {} ({dtype:?}), {threads} threads",
-        data.len(),
+        data.sequences(),
         rc.data.seq_len,
         lmkit::core::device::device_name(&device),
     );
@@ -476,7 +569,7 @@ pub fn main(a: Args) -> Result<()> {
     let mut last_eval = None;
     let mut failure = None;
     let logs = tr.run(
-        &mut data,
+        data.as_mut(),
         eval.as_ref(),
         usize::MAX,
         &mut |tr, data, log| {

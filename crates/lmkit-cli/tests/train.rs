@@ -430,3 +430,69 @@ fn trains_a_tokenizer_then_a_model_with_it() {
     let o = lmkit(&["tokenizer", "train", "--vocab-size", "300", "--out", "x"]);
     assert!(!o.status.success());
 }
+
+/// `[data.domains]` with `[data.weights]`: the run mixes the domains, logs their weights,
+/// resumes, and bad domain configs are clear errors.
+#[test]
+fn trains_on_weighted_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), 1, 0, "");
+    let d = dir.path();
+    let code: String = (0..300)
+        .map(|i| format!("x = f({i}) + g[{}]\n", i % 9))
+        .collect();
+    std::fs::write(d.join("code.txt"), code).unwrap();
+    let cfg = |data: &str| {
+        let text = format!(
+            "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
+             num_kv_heads = 2\nmax_position_embeddings = 64\n\n[data]\nseq_len = 16\n\
+             tokenizer = \"tok.gguf\"\n{data}\n\n[train]\nsteps = 6\nbatch = 4\nlr = 3e-3\n\
+             warmup = 1\ncheckpoint_every = 3\n"
+        );
+        let p = d.join("mix.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let out = d.join("mix-out");
+    let train = |p: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--config", p.to_str().unwrap(), "--out"];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        lmkit(&args)
+    };
+    let good = cfg(
+        "[data.domains]\nprose = [\"train.txt\"]\ncode = [\"code.txt\"]\n\
+         [data.weights]\nprose = 3.0\ncode = 1.0",
+    );
+    let o = train(&good, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("domains: code 0.250, prose 0.750"), "{e}");
+    assert_eq!(metrics(&out).len(), 6);
+    assert!(out.join("data/domain-code.tokens").is_file());
+    // A resumed run starts from its last checkpoint (step 6: nothing left to do).
+    let o = train(&good, &["--resume"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed"));
+    let bad = |data: &str, want: &str| {
+        let _ = std::fs::remove_dir_all(&out);
+        let o = train(&cfg(data), &[]);
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.contains(want), "want `{want}` in: {e}");
+    };
+    bad(
+        "[data.domains]\nprose = [\"train.txt\"]\n[data.weights]\nweb = 1.0",
+        "names no domain",
+    );
+    bad(
+        "[data.domains]\nprose = [\"train.txt\"]\ncode = [\"code.txt\"]\n[data.weights]\nprose = 1.0",
+        "has no weight",
+    );
+    bad("[data.domains]\n\"a b\" = [\"train.txt\"]", "domain name");
+    bad(
+        "train = [\"train.txt\"]\n[data.domains]\nx = [\"code.txt\"]",
+        "exclude each other",
+    );
+    bad("", "`data.train` or `data.domains`");
+}

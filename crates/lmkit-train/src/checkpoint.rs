@@ -13,7 +13,7 @@ use lmkit_core::candle::safetensors;
 use lmkit_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::Sequences;
+use crate::data::{Batches, DataPosition};
 use crate::trainer::{TrainConfig, Trainer};
 use crate::{Error, Result};
 
@@ -22,6 +22,9 @@ struct State {
     step: usize,
     epoch: usize,
     next: usize,
+    /// A mixture's position (then `epoch` and `next` are 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mixture: Option<DataPosition>,
     config: TrainConfig,
 }
 
@@ -70,7 +73,7 @@ pub fn latest(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Writes a checkpoint of `tr` and `data` into `dir`; keeps the newest `keep` (at least 1).
-pub fn save(dir: &Path, tr: &Trainer, data: &Sequences, keep: usize) -> Result<PathBuf> {
+pub fn save(dir: &Path, tr: &Trainer, data: &dyn Batches, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let step = tr.step();
     let fin = dir.join(format!("step-{step:08}"));
@@ -87,11 +90,15 @@ pub fn save(dir: &Path, tr: &Trainer, data: &Sequences, keep: usize) -> Result<P
         opt.insert(format!("m.{n}"), m.clone());
         opt.insert(format!("v.{n}"), v.clone());
     }
-    let (epoch, next) = data.position();
+    let (epoch, next, mixture) = match data.data_position() {
+        DataPosition::Single { epoch, next } => (epoch, next, None),
+        m => (0, 0, Some(m)),
+    };
     let state = State {
         step,
         epoch,
         next,
+        mixture,
         config: tr.cfg.clone(),
     };
     let write = || -> Result<()> {
@@ -124,7 +131,7 @@ pub fn save(dir: &Path, tr: &Trainer, data: &Sequences, keep: usize) -> Result<P
 }
 
 /// Restores `tr` and `data` from checkpoint directory `ckpt`.
-pub fn load(ckpt: &Path, tr: &mut Trainer, data: &mut Sequences) -> Result<()> {
+pub fn load(ckpt: &Path, tr: &mut Trainer, data: &mut dyn Batches) -> Result<()> {
     let read = |name: &str| -> Result<HashMap<String, Tensor>> {
         let p = ckpt.join(name);
         safetensors::load(&p, &Device::Cpu).map_err(|e| io(&p, e))
@@ -159,6 +166,12 @@ pub fn load(ckpt: &Path, tr: &mut Trainer, data: &mut Sequences) -> Result<()> {
         ));
     }
     tr.opt.restore(state.step, moments)?;
-    data.seek((state.epoch, state.next))?;
+    match &state.mixture {
+        Some(m) => data.seek_to(m)?,
+        None => data.seek_to(&DataPosition::Single {
+            epoch: state.epoch,
+            next: state.next,
+        })?,
+    }
     Ok(())
 }

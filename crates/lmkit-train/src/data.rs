@@ -9,6 +9,56 @@ use lmkit_core::{Device, Tensor};
 use crate::tokens::Tokens;
 use crate::{Error, Result};
 
+/// Where a stream of training batches stands, for checkpoints: a single stream's
+/// `(epoch, taken)`, or a mixture's rows drawn and each domain's position.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum DataPosition {
+    Single {
+        epoch: usize,
+        next: usize,
+    },
+    Mixture {
+        drawn: u64,
+        domains: Vec<(usize, usize)>,
+    },
+}
+
+/// A source of training batches: [`Sequences`], or a [`crate::mixture::Mixture`] of them.
+pub trait Batches {
+    /// The next `b` rows `(b, len + 1)` and, for masked data, the targets' mask `(b, len)`.
+    fn next_batch(&mut self, b: usize) -> Result<(Tensor, Option<Tensor>)>;
+    fn data_position(&self) -> DataPosition;
+    /// Moves to a saved position (the same data, lengths and seeds).
+    fn seek_to(&mut self, p: &DataPosition) -> Result<()>;
+    /// Sequences in one pass over the data (over every domain of a mixture).
+    fn sequences(&self) -> usize;
+}
+
+impl Batches for Sequences {
+    fn sequences(&self) -> usize {
+        self.len()
+    }
+
+    fn next_batch(&mut self, b: usize) -> Result<(Tensor, Option<Tensor>)> {
+        self.batch_masked(b)
+    }
+
+    fn data_position(&self) -> DataPosition {
+        let (epoch, next) = self.position();
+        DataPosition::Single { epoch, next }
+    }
+
+    fn seek_to(&mut self, p: &DataPosition) -> Result<()> {
+        match p {
+            DataPosition::Single { epoch, next } => self.seek((*epoch, *next)),
+            DataPosition::Mixture { .. } => Err(Error::Data(
+                "the checkpoint was written for a mixture of domains, this run has one data stream"
+                    .into(),
+            )),
+        }
+    }
+}
+
 pub struct Sequences {
     /// The stream; chat/SFT data marks the tokens that are only context (see [`Tokens`]).
     tokens: Tokens,

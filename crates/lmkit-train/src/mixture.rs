@@ -6,7 +6,7 @@
 
 use lmkit_core::Tensor;
 
-use crate::data::Sequences;
+use crate::data::{Batches, DataPosition, Sequences};
 use crate::{Error, Result};
 
 pub struct Mixture {
@@ -152,6 +152,32 @@ impl Mixture {
         }
         self.drawn = drawn;
         Ok(())
+    }
+}
+
+impl Batches for Mixture {
+    fn sequences(&self) -> usize {
+        self.domains.iter().map(|s| s.len()).sum()
+    }
+
+    fn next_batch(&mut self, b: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let (ids, mask, _) = self.batch_masked(b)?;
+        Ok((ids, mask))
+    }
+
+    fn data_position(&self) -> DataPosition {
+        let (drawn, domains) = self.position();
+        DataPosition::Mixture { drawn, domains }
+    }
+
+    fn seek_to(&mut self, p: &DataPosition) -> Result<()> {
+        match p {
+            DataPosition::Mixture { drawn, domains } => self.seek((*drawn, domains.clone())),
+            DataPosition::Single { .. } => Err(Error::Data(
+                "the checkpoint was written for one data stream, this run has a mixture of domains"
+                    .into(),
+            )),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use lmkit_models::Llama;
 use serde::{Deserialize, Serialize};
 
 use crate::adamw::{AdamW, AdamWConfig};
-use crate::data::Sequences;
+use crate::data::{Batches, Sequences};
 use crate::params::Trainable;
 use crate::schedule::Schedule;
 use crate::{Error, Result};
@@ -225,10 +225,10 @@ impl Trainer {
     /// may ask to stop by returning false.
     pub fn run(
         &mut self,
-        data: &mut Sequences,
+        data: &mut dyn Batches,
         eval: Option<&Sequences>,
         until: usize,
-        on_step: &mut dyn FnMut(&Self, &Sequences, &StepLog) -> bool,
+        on_step: &mut dyn FnMut(&Self, &dyn Batches, &StepLog) -> bool,
     ) -> Result<Vec<StepLog>> {
         let cfg = self.cfg.clone();
         let mut logs = Vec::new();
@@ -249,7 +249,7 @@ impl Trainer {
                 if let Some(d) = &dropout {
                     d.train((step * cfg.accumulate + micro) as u64);
                 }
-                let (ids, mask) = data.batch_masked(cfg.batch)?; // (b, t + 1), (b, t)
+                let (ids, mask) = data.next_batch(cfg.batch)?; // (b, t + 1), (b, t)
                 tokens += ids.dims()[0] * (ids.dims()[1] - 1);
                 let l = loss_masked(&self.t.model, &ids, mask.as_ref())?;
                 phases.lap("forward")?;
@@ -320,7 +320,7 @@ impl Trainer {
 /// logs.
 pub fn train(
     t: &mut Trainable,
-    data: &mut Sequences,
+    data: &mut dyn Batches,
     eval: Option<&Sequences>,
     cfg: &TrainConfig,
     on_step: &mut dyn FnMut(&StepLog),

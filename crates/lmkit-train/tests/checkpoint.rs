@@ -95,3 +95,54 @@ fn a_damaged_checkpoint_is_a_clear_error() {
         .to_string();
     assert!(e.contains("state.json"), "{e}");
 }
+
+/// A run on a mixture of two domains resumes exactly too, and a single-stream run refuses
+/// its checkpoint.
+#[test]
+fn a_mixture_resumes_exactly() {
+    use lmkit_train::mixture::Mixture;
+    let mixture = || {
+        let a: Vec<u32> = (0..300u32).map(|i| (i * 3) % 50).collect();
+        let b: Vec<u32> = (0..300u32).map(|i| 50 + (i * i) % 47).collect();
+        Mixture::new(
+            vec![
+                ("a".into(), Sequences::new(a, 24, 1).unwrap(), 2.0),
+                ("b".into(), Sequences::new(b, 24, 2).unwrap(), 1.0),
+            ],
+            9,
+        )
+        .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _) = setup(1);
+    let mut data = mixture();
+    let mut full = Vec::new();
+    a.run(&mut data, None, usize::MAX, &mut |tr, data, log| {
+        full.push(log.loss);
+        if log.step == 5 {
+            checkpoint::save(dir.path(), tr, data, 2).unwrap();
+        }
+        true
+    })
+    .unwrap();
+    let last = checkpoint::latest(dir.path()).unwrap();
+    let (mut b, mut single) = setup(99);
+    let e = checkpoint::load(&last, &mut b, &mut single)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mixture"), "{e}");
+    let (mut b, _) = setup(99);
+    let mut data_b = mixture();
+    checkpoint::load(&last, &mut b, &mut data_b).unwrap();
+    let rest: Vec<f64> = b
+        .run(&mut data_b, None, usize::MAX, &mut |_, _, _| true)
+        .unwrap()
+        .iter()
+        .map(|l| l.loss)
+        .collect();
+    assert_eq!(
+        rest,
+        full[5..],
+        "resumed mixture losses equal the uninterrupted run"
+    );
+}
