@@ -646,47 +646,33 @@ mod tests {
     }
 
     /// Gumbel-top-k samples in proportion to the weights: with weights 1:3, the heavier of two
-    /// documents is chosen about 3/4 of the time over many seeds.
+    /// documents is chosen about 3/4 of the time over many seeds; `uniform` ignores them.
     #[test]
     fn gumbel_top_1_samples_in_proportion() {
-        let (mut heavy, trials) = (0, 20_000);
-        for seed in 0..trials {
-            let rs = Resample {
-                n: 1,
-                top_k: false,
-                uniform: false,
-                seed,
-                min_length: 0,
-            };
-            let mut top = TopK::new(1);
-            for (i, w) in [1f64, 3.0].iter().enumerate() {
-                if let Some(k) = rs.key(i as u64, w.ln(), 1) {
-                    top.offer(i as u64, k);
+        let trials = 20_000;
+        let share_of_heavy = |uniform: bool| {
+            let mut heavy = 0;
+            for seed in 0..trials {
+                let rs = Resample {
+                    n: 1,
+                    top_k: false,
+                    uniform,
+                    seed,
+                    min_length: 0,
+                };
+                let mut top = TopK::new(1);
+                for (i, w) in [1f64, 3.0].iter().enumerate() {
+                    if let Some(k) = rs.key(i as u64, w.ln(), 1) {
+                        top.offer(i as u64, k);
+                    }
                 }
+                heavy += usize::from(top.indices() == [1]);
             }
-            heavy += usize::from(top.indices() == [1]);
-        }
-        let share = heavy as f64 / trials as f64;
+            heavy as f64 / trials as f64
+        };
+        let share = share_of_heavy(false);
         assert!((share - 0.75).abs() < 0.015, "{share}");
-        // Uniform: the weights are ignored, each document wins half the time.
-        let mut first = 0;
-        for seed in 0..trials {
-            let rs = Resample {
-                n: 1,
-                top_k: false,
-                uniform: true,
-                seed,
-                min_length: 0,
-            };
-            let mut top = TopK::new(1);
-            for (i, w) in [1f64, 3.0].iter().enumerate() {
-                if let Some(k) = rs.key(i as u64, w.ln(), 1) {
-                    top.offer(i as u64, k);
-                }
-            }
-            first += usize::from(top.indices() == [0]);
-        }
-        let share = first as f64 / trials as f64;
+        let share = share_of_heavy(true);
         assert!((share - 0.5).abs() < 0.015, "{share}");
     }
 }

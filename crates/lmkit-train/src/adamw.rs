@@ -196,6 +196,14 @@ impl AdamW {
     }
 }
 
+/// The parameter's decoupled weight-decay factor `1 − lr·λ` (1 when it does not decay).
+fn decay_factor(s: &Slot, c: &AdamWConfig, lr: f64) -> f32 {
+    match s.decay && c.weight_decay != 0.0 {
+        true => (1.0 - lr * c.weight_decay) as f32,
+        false => 1.0,
+    }
+}
+
 /// The same update in one pass over f32 CPU buffers (candle's op-by-op form reads and writes
 /// each parameter-sized tensor about ten times): the new parameter and moments, or None when
 /// the tensors are not all contiguous f32 on the CPU.
@@ -215,10 +223,7 @@ fn cpu_update(
         Scale::Host(x) => *x as f32,
         Scale::Device(x) => x.to_dtype(lmkit_core::DType::F32)?.to_scalar::<f32>()?,
     };
-    let decay = match s.decay && c.weight_decay != 0.0 {
-        true => (1.0 - lr * c.weight_decay) as f32,
-        false => 1.0,
-    };
+    let decay = decay_factor(s, c, lr);
     let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
     let (bc1, bc2, eps, lr) = (bc1 as f32, bc2 as f32, c.eps as f32, lr as f32);
     let n = p.elem_count();
@@ -273,10 +278,7 @@ fn cuda_update(
     (bc1, bc2): (f64, f64),
 ) -> Result<bool> {
     use lmkit_core::cuda_ops::{adamw_in_place, AdamStep, GradScale};
-    let decay = match s.decay && c.weight_decay != 0.0 {
-        true => (1.0 - lr * c.weight_decay) as f32,
-        false => 1.0,
-    };
+    let decay = decay_factor(s, c, lr);
     let h = AdamStep {
         lr: lr as f32,
         beta1: c.beta1 as f32,
