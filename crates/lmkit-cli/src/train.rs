@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lmkit::core::DType;
 use lmkit::formats::tokenizer::LoadedTokenizer;
 use lmkit::train::data::{Batches, Sequences};
+use lmkit::train::dro::DroBatches;
 use lmkit::train::mixture::Mixture;
 use lmkit::train::tokens::Tokens;
 use lmkit::train::{
@@ -23,7 +24,7 @@ use serde::Deserialize;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [data.domains]  name = [\"files or folders\"], ... instead of train: a mixture, each batch row\n           from domain d with probability weights[d]; [data.weights] name = w (default uniform;\n           e.g. DoReMi's). Evaluation then uses data.eval only.\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
+    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [data.domains]  name = [\"files or folders\"], ... instead of train: a mixture, each batch row\n           from domain d with probability weights[d]; [data.weights] name = w (default uniform),\n           or weights_from = \"DIR/domain_weights.json\" of a --doremi-reference run. Evaluation then\n           uses data.eval only.\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
 )]
 pub struct Args {
     /// Run configuration, TOML or JSON.
@@ -56,6 +57,18 @@ pub struct Args {
     /// Print the final summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// DoReMi: train this run as the proxy model against this reference model (trained first
+    /// on the same `[data.domains]`), learning domain weights by Group DRO. They are written
+    /// to OUT/domain_weights.json: the average (what a later run's `data.weights_from` reads)
+    /// and every step's weights and excess losses.
+    #[arg(long)]
+    pub doremi_reference: Option<PathBuf>,
+    /// DoReMi's step size η.
+    #[arg(long, default_value_t = 1.0, requires = "doremi_reference")]
+    pub doremi_eta: f64,
+    /// DoReMi's smoothing c toward uniform weights.
+    #[arg(long, default_value_t = 1e-3, requires = "doremi_reference")]
+    pub doremi_smoothing: f64,
 }
 
 #[derive(Deserialize, Debug)]
@@ -116,6 +129,8 @@ struct DataSection {
     domains: std::collections::BTreeMap<String, Vec<PathBuf>>,
     #[serde(default)]
     weights: std::collections::BTreeMap<String, f64>,
+    /// The domain weights of a DoReMi run (its `domain_weights.json`, field `average`).
+    weights_from: Option<PathBuf>,
     #[serde(default)]
     eval: Vec<PathBuf>,
     #[serde(default = "d_eval_fraction")]
@@ -220,7 +235,7 @@ fn d_keep() -> usize {
 fn read_config(path: &Path) -> Result<RunConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let cfg: RunConfig = if path.extension().is_some_and(|e| e == "json") {
+    let mut cfg: RunConfig = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).with_context(|| format!("{}: bad config", path.display()))?
     } else {
         toml::from_str(&text).with_context(|| format!("{}: bad config", path.display()))?
@@ -247,6 +262,31 @@ fn read_config(path: &Path) -> Result<RunConfig> {
                 cfg.data.seq_len,
                 m.max_position_embeddings
             );
+        }
+    }
+    if let Some(f) = cfg.data.weights_from.clone() {
+        if !cfg.data.weights.is_empty() {
+            bail!(
+                "{}: `data.weights` and `data.weights_from` exclude each other",
+                path.display()
+            );
+        }
+        let f = match f.is_absolute() {
+            true => f,
+            false => path.parent().unwrap_or(Path::new(".")).join(f),
+        };
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", f.display()))?;
+        let Some(avg) = v.get("average").and_then(|a| a.as_object()) else {
+            bail!("{}: no `average` domain weights", f.display());
+        };
+        for (k, w) in avg {
+            let Some(w) = w.as_f64() else {
+                bail!("{}: `average.{k}` is not a number", f.display());
+            };
+            cfg.data.weights.insert(k.clone(), w);
         }
     }
     let d = &cfg.data;
@@ -441,8 +481,8 @@ pub fn main(a: Args) -> Result<()> {
         None
     };
     let t = &rc.train;
-    let (mut data, eval_tokens): (Box<dyn Batches>, Option<Tokens>) = match mixture {
-        Some(m) => (Box::new(m), eval_tokens),
+    let (source, eval_tokens): (Result<Mixture, Sequences>, Option<Tokens>) = match mixture {
+        Some(m) => (Ok(m), eval_tokens),
         None => {
             let all = token_file(&tok, &train_paths, &fields, &data_dir.join("train.tokens"))?;
             let (train_tokens, eval_tokens) = match eval_tokens {
@@ -464,7 +504,7 @@ pub fn main(a: Args) -> Result<()> {
                 );
             }
             let seqs = Sequences::from_tokens(train_tokens, rc.data.seq_len, t.seed)?;
-            (Box::new(seqs), eval_tokens)
+            (Err(seqs), eval_tokens)
         }
     };
     let eval = eval_tokens.and_then(|e| Sequences::from_tokens(e, rc.data.seq_len, 0).ok());
@@ -524,6 +564,33 @@ pub fn main(a: Args) -> Result<()> {
         eval_sequences: t.eval_sequences,
     };
     let params = model.num_parameters();
+    // DoReMi: the proxy is this run's model; batches carry Group-DRO token weights.
+    let mut data: Box<dyn Batches> = if let Some(r) = &a.doremi_reference {
+        if a.resume {
+            bail!("--doremi-reference cannot --resume: the domain weights start over");
+        }
+        if !rc.data.weights.is_empty() {
+            bail!("--doremi-reference learns the domain weights: leave out `data.weights`");
+        }
+        let reference = lmkit::load_on(r, lmkit::LoadOptions::default(), &device)
+            .with_context(|| format!("cannot load the reference model {}", r.display()))?;
+        let Ok(mix) = source else {
+            bail!("--doremi-reference needs `[data.domains]` in the config");
+        };
+        let dro = DroBatches::new(
+            mix,
+            model.model.clone(),
+            reference.model,
+            a.doremi_eta,
+            a.doremi_smoothing,
+        )?;
+        Box::new(dro)
+    } else {
+        match source {
+            Ok(m) => Box::new(m),
+            Err(s) => Box::new(s),
+        }
+    };
     let mut tr = Trainer::new(model, tc)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
@@ -603,6 +670,18 @@ pub fn main(a: Args) -> Result<()> {
     pb.finish_and_clear();
     if let Some(e) = failure {
         return Err(e);
+    }
+    if let Some(report) = data.report() {
+        let path = a.out.join("domain_weights.json");
+        let text = serde_json::to_string_pretty(&report)?;
+        lmkit::formats::write::atomic_write(&path, |w| w.write_all(text.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!(
+            "DoReMi domain weights (average over {} updates): {} → {}",
+            report["updates"],
+            report["average"],
+            path.display()
+        );
     }
 
     // The trained model as an HF folder (LoRA: the PEFT adapter, and the merged model), and

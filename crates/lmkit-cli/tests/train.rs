@@ -474,6 +474,35 @@ fn trains_on_weighted_domains() {
     let o = train(&good, &["--resume"]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("resumed"));
+    // DoReMi: a proxy run against the trained model as the reference learns weights, and a
+    // later run reads them.
+    let uniform = cfg("[data.domains]\nprose = [\"train.txt\"]\ncode = [\"code.txt\"]");
+    let dro_out = d.join("dro-out");
+    let reference = out.join("final");
+    let o = lmkit(&[
+        "train",
+        "--config",
+        uniform.to_str().unwrap(),
+        "--out",
+        dro_out.to_str().unwrap(),
+        "--doremi-reference",
+        reference.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dro_out.join("domain_weights.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["updates"], 6);
+    assert_eq!(report["steps"].as_array().unwrap().len(), 6);
+    let avg = report["average"].as_object().unwrap();
+    let total: f64 = avg.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-9, "{report}");
+    let from = cfg("weights_from = \"dro-out/domain_weights.json\"\n\
+                    [data.domains]\nprose = [\"train.txt\"]\ncode = [\"code.txt\"]");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = train(&from, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && e.contains("domains: code"), "{e}");
     let bad = |data: &str, want: &str| {
         let _ = std::fs::remove_dir_all(&out);
         let o = train(&cfg(data), &[]);

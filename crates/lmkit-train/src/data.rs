@@ -32,6 +32,10 @@ pub trait Batches {
     fn seek_to(&mut self, p: &DataPosition) -> Result<()>;
     /// Sequences in one pass over the data (over every domain of a mixture).
     fn sequences(&self) -> usize;
+    /// What the source learned while it ran, if anything (DoReMi's domain weights).
+    fn report(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 impl Batches for Sequences {

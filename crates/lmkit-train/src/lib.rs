@@ -6,6 +6,7 @@
 //! - [`params`]: a model's trainable variables, from existing weights or a fresh initialization;
 //! - [`data`]: packing token streams into fixed-length training sequences;
 //! - [`mixture`]: a weighted mixture of data domains (hand-set or DoReMi weights);
+//! - [`dro`]: DoReMi's proxy training: Group-DRO token weights from excess losses;
 //! - [`tokens`]: token streams in memory or in memory-mapped token files (corpora larger than RAM);
 //! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
@@ -18,6 +19,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod data;
 pub mod dpo;
+pub mod dro;
 pub mod error;
 pub mod export;
 mod head_cpu;
