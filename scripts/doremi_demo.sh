@@ -10,7 +10,8 @@
 # worst). docs/results.md quotes it.
 #
 #   scripts/doremi_demo.sh [OUT_DIR] [STEPS]      (defaults runs/doremi-demo, 200)
-#   LMKIT (default target/release/lmkit), PYTHON, THREADS (default 2)
+#   LMKIT (default target/release/lmkit), PYTHON, THREADS (default 2), ETA (DoReMi's step
+#   size, default 1 as in the paper)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/doremi-demo}"
@@ -81,7 +82,7 @@ T=(-t "${THREADS:-2}")
 config uniform ""
 [ -d "$out/uniform/final" ] || "$lmkit" train --config "$out/uniform.toml" --out "$out/uniform" "${T[@]}" 2>"$out/uniform.log"
 [ -f "$out/proxy/domain_weights.json" ] || "$lmkit" train --config "$out/uniform.toml" --out "$out/proxy" \
-  --doremi-reference "$out/uniform/final" "${T[@]}" 2>"$out/proxy.log"
+  --doremi-reference "$out/uniform/final" --doremi-eta "${ETA:-1}" "${T[@]}" 2>"$out/proxy.log"
 config doremi 'weights_from = "proxy/domain_weights.json"'
 [ -d "$out/doremi/final" ] || "$lmkit" train --config "$out/doremi.toml" --out "$out/doremi" "${T[@]}" 2>"$out/doremi.log"
 for run in uniform doremi; do
