@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # DoReMi at small scale: five real domains from the pool of scripts/dsir_pool.py (Wikipedia,
 # Bible, Python code, benchmark questions, GSM8K), each capped and split into training text
-# and held-out text. Then, with one config and seed:
-#   1. the reference: a small Llama trained on the uniform mixture (also the baseline);
-#   2. the proxy: the same shape trained against the reference by Group DRO
-#      (`lmkit train --doremi-reference`), which writes the learned domain weights;
-#   3. the main run: the same shape and steps on the reweighted mixture;
-# and the held-out perplexity of the baseline and the main run on every domain (average and
-# worst). docs/results.md quotes it.
+# and held-out text, and a BPE tokenizer of 8,192 tokens trained on the training text (so the
+# output layer does not dominate a small model's compute). Then:
+#   1. `lmkit data doremi`: the reference (a small Llama trained on the uniform mixture) and the
+#      proxy (the same shape, trained against the reference by Group DRO), which writes the
+#      learned domain weights and their plot;
+#   2. for every seed in SEEDS: the baseline on the uniform mixture and the main run on the
+#      reweighted mixture, the same shape and steps;
+# and the held-out perplexity of every baseline and main run on every domain (mean over the
+# seeds; the average and the worst domain). docs/results.md quotes it.
 #
-#   scripts/doremi_demo.sh [OUT_DIR] [STEPS]      (defaults runs/doremi-demo, 200)
+#   scripts/doremi_demo.sh [OUT_DIR] [STEPS]      (defaults runs/doremi-demo, 1000)
 #   LMKIT (default target/release/lmkit), PYTHON, THREADS (default 2), ETA (DoReMi's step
-#   size, default 1 as in the paper)
+#   size, default 1 as in the paper), SEEDS (default "1 2 3")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/doremi-demo}"
-steps="${2:-200}"
+steps="${2:-1000}"
 lmkit="${LMKIT:-target/release/lmkit}"
 py="${PYTHON:-python3}"
 dir="${DSIR_DIR:-$HOME/.cache/lmkit/dsir}"
@@ -51,7 +53,9 @@ for g, ds in docs.items():
         f.write("\n".join(held[:2000]) + "\n")
     print(f"{g}: {len(train)} training documents ({size} chars), {min(len(held), 2000)} held out")
 PY
-config() { # name extra-data-lines
+[ -f "$out/tok8k/tokenizer.json" ] || "$lmkit" tokenizer train "$out"/*.train.jsonl --vocab-size 8192 \
+  --out "$out/tok8k" 2>"$out/tokenizer.log"
+config() { # name seed extra-data-lines
   cat >"$out/$1.toml" <<TOML
 [model]
 hidden_size = 256
@@ -61,8 +65,9 @@ num_heads = 4
 num_kv_heads = 2
 max_position_embeddings = 128
 [data]
+tokenizer = "tok8k"
 seq_len = 128
-$2
+$3
 [data.domains]
 wiki = ["wiki.train.jsonl"]
 bible = ["bible.train.jsonl"]
@@ -75,32 +80,45 @@ batch = 8
 lr = 2e-3
 min_lr = 2e-4
 warmup = 20
-seed = 1
+seed = $2
 TOML
 }
 T=(-t "${THREADS:-2}")
-config uniform ""
-[ -d "$out/uniform/final" ] || "$lmkit" train --config "$out/uniform.toml" --out "$out/uniform" "${T[@]}" 2>"$out/uniform.log"
-[ -f "$out/proxy/domain_weights.json" ] || "$lmkit" train --config "$out/uniform.toml" --out "$out/proxy" \
-  --doremi-reference "$out/uniform/final" --doremi-eta "${ETA:-1}" "${T[@]}" 2>"$out/proxy.log"
-config doremi 'weights_from = "proxy/domain_weights.json"'
-[ -d "$out/doremi/final" ] || "$lmkit" train --config "$out/doremi.toml" --out "$out/doremi" "${T[@]}" 2>"$out/doremi.log"
-for run in uniform doremi; do
-  for g in wiki bible code bench gsm8k; do
-    "$lmkit" ppl "$out/$g.heldout.txt" --model "$out/$run/final" --ctx 128 --max-windows 200 \
-      "${T[@]}" --json >"$out/ppl-$run-$g.json"
+seeds=(${SEEDS:-1 2 3})
+config uniform "${seeds[0]}" ""
+[ -f "$out/doremi/domain_weights.json" ] || "$lmkit" data doremi --proxy-config "$out/uniform.toml" \
+  --out "$out/doremi" --eta "${ETA:-1}" "${T[@]}" 2>"$out/doremi.log"
+for s in "${seeds[@]}"; do
+  config "uniform-$s" "$s" ""
+  config "reweighted-$s" "$s" 'weights_from = "doremi/domain_weights.json"'
+  for run in "uniform-$s" "reweighted-$s"; do
+    [ -d "$out/$run/final" ] || "$lmkit" train --config "$out/$run.toml" --out "$out/$run" "${T[@]}" \
+      2>"$out/$run.log"
+    for g in wiki bible code bench gsm8k; do
+      [ -f "$out/ppl-$run-$g.json" ] || "$lmkit" ppl "$out/$g.heldout.txt" --model "$out/$run/final" \
+        --ctx 128 --max-windows 200 "${T[@]}" --json >"$out/ppl-$run-$g.json"
+    done
   done
 done
-"$py" - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
+"$py" - "$out" "${seeds[@]}" <<'PY'
+import json, math, statistics, sys
+out, seeds = sys.argv[1], sys.argv[2:]
 doms = ["wiki", "bible", "code", "bench", "gsm8k"]
-w = json.load(open(f"{out}/proxy/domain_weights.json"))["average"]
+w = json.load(open(f"{out}/doremi/domain_weights.json"))["average"]
 print("DoReMi weights: " + ", ".join(f"{d} {w[d]:.3f}" for d in doms))
-for run in ["uniform", "doremi"]:
-    p = {d: json.load(open(f"{out}/ppl-{run}-{d}.json"))["ppl"] for d in doms}
-    avg = sum(p.values()) / len(p)
-    worst = max(p.values())
-    print(f"{run:>8}: " + "  ".join(f"{d} {p[d]:.1f}" for d in doms)
-          + f"  | average {avg:.1f}, worst {worst:.1f}")
+for mix in ["uniform", "reweighted"]:
+    rows = []
+    for s in seeds:
+        p = {d: json.load(open(f"{out}/ppl-{mix}-{s}-{d}.json"))["ppl"] for d in doms}
+        rows.append(p)
+        avg = sum(p.values()) / len(p)
+        geo = math.exp(sum(math.log(v) for v in p.values()) / len(p))
+        print(f"{mix:>10} seed {s}: " + "  ".join(f"{d} {p[d]:.1f}" for d in doms)
+              + f"  | average {avg:.1f}, geometric {geo:.1f}, worst {max(p.values()):.1f}")
+    mean = {d: statistics.mean(r[d] for r in rows) for d in doms}
+    sd = {d: statistics.stdev(r[d] for r in rows) if len(rows) > 1 else 0.0 for d in doms}
+    avg = [sum(r.values()) / len(r) for r in rows]
+    worst = [max(r.values()) for r in rows]
+    print(f"{mix:>10} mean:   " + "  ".join(f"{d} {mean[d]:.1f}±{sd[d]:.1f}" for d in doms)
+          + f"  | average {statistics.mean(avg):.1f}, worst {statistics.mean(worst):.1f}")
 PY

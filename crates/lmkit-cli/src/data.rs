@@ -16,11 +16,14 @@ pub enum Command {
     Select(SelectArgs),
     /// The KL reduction of a selection: KL(target‖raw) − KL(target‖selected), hashed n-grams.
     Kl(KlArgs),
+    /// Learn domain weights with DoReMi: a reference model, then a proxy trained by Group DRO.
+    Doremi(crate::doremi::Args),
 }
 
 #[derive(clap::Args, Clone)]
 pub struct Common {
-    /// Target data: files or folders (text: a document per line; .jsonl: --field; .gz/.zst).
+    /// Target data: files or folders (text: a document per line; .jsonl and .parquet: --field;
+    /// .gz/.zst).
     #[arg(long, num_args = 1.., required = true)]
     pub target: Vec<PathBuf>,
     /// The raw pool: files or folders.
@@ -35,6 +38,10 @@ pub struct Common {
     /// Hash buckets of the features.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub buckets: u32,
+    /// N-grams of this tokenizer's tokens instead of words: a .gguf, an HF folder, a
+    /// tokenizer.json, or `default` (the default model's). --min-length then counts tokens.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Laplace smoothing of the target's distribution.
     #[arg(long, default_value_t = 0.0)]
     pub laplace: f64,
@@ -50,7 +57,7 @@ pub struct Common {
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit data select --target wiki/valid.txt --raw pool/ --n 100000 --out selected.jsonl\n  lmkit data select --target t.jsonl --raw pool.jsonl.gz --n 5000 --top-k --min-length 20 --out s.jsonl --json\n\nEach selected record is written whole (its raw line, every field), in the pool's order;\nan output ending in .gz is gzip-compressed. The output is written atomically."
+    after_help = "Examples:\n  lmkit data select --target wiki/valid.txt --raw pool/ --n 100000 --out selected.jsonl\n  lmkit data select --target t.jsonl --raw pool.jsonl.gz --n 5000 --top-k --min-length 20 --out s.jsonl --json\n\nEach selected record is written whole (its raw line, every field), in the pool's order;\nan output ending in .gz is gzip-, one in .zst zstd-compressed; a Parquet pool gives a .parquet\noutput with the pool's schema. The output is written atomically."
 )]
 pub struct SelectArgs {
     #[command(flatten)]
@@ -91,6 +98,7 @@ pub fn threads(c: &Command) -> Option<u32> {
     match c {
         Command::Select(a) => a.common.threads,
         Command::Kl(a) => a.common.threads,
+        Command::Doremi(a) => a.threads,
     }
 }
 
@@ -98,14 +106,31 @@ pub fn main(c: Command) -> Result<()> {
     match c {
         Command::Select(a) => select(a),
         Command::Kl(a) => kl(a),
+        Command::Doremi(a) => crate::doremi::main(a),
     }
 }
 
 /// The estimator from the target and the pool, and what each pass read.
 fn estimator(c: &Common) -> Result<(Estimator, Features, Layout, Vec<PathBuf>, serde_json::Value)> {
+    let tokenizer = match &c.tokenizer {
+        None => None,
+        Some(p) => {
+            let tok = if p.as_os_str() == "default" {
+                crate::train_data::load_tokenizer(None)?
+            } else {
+                crate::train_data::load_tokenizer(Some(p))?
+            };
+            let t: std::sync::Arc<dyn dsir::Tokenize> = std::sync::Arc::new(Units {
+                tok,
+                name: p.display().to_string(),
+            });
+            Some(t)
+        }
+    };
     let f = Features {
         ngrams: c.ngrams as usize,
         buckets: c.buckets,
+        tokenizer,
     };
     f.check()?;
     if !(c.laplace >= 0.0 && c.laplace.is_finite()) {
@@ -140,6 +165,76 @@ fn estimator(c: &Common) -> Result<(Estimator, Features, Layout, Vec<PathBuf>, s
     Ok((est, f, layout, rfiles, info))
 }
 
+/// The selected rows of a Parquet pool, every column, as one Parquet file (atomically); the
+/// selection's feature counts.
+#[cfg(feature = "parquet")]
+fn write_parquet(
+    out: &std::path::Path,
+    files: &[PathBuf],
+    layout: &Layout,
+    f: &Features,
+    indices: &[u64],
+) -> Result<dsir::Counts> {
+    let mut counts = dsir::Counts::new(f.buckets);
+    let mut v = Vec::new();
+    let mut failure = None;
+    lmkit::formats::write::atomic_write(out, |w| {
+        let r = lmkit::data::parquet::write_selected(files, layout, indices, w, &mut |r| {
+            v.clear();
+            f.hash_into(&r.text, &mut v);
+            counts.add(&v);
+        });
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let msg = e.to_string();
+                failure = Some(e);
+                Err(std::io::Error::other(msg))
+            }
+        }
+    })
+    .map_err(|e| match failure.take() {
+        Some(f) => anyhow::Error::from(f),
+        None => e.into(),
+    })?;
+    Ok(counts)
+}
+
+#[cfg(not(feature = "parquet"))]
+fn write_parquet(
+    out: &std::path::Path,
+    _: &[PathBuf],
+    _: &Layout,
+    _: &Features,
+    _: &[u64],
+) -> Result<dsir::Counts> {
+    bail!(
+        "{}: Parquet output is not built in (lmkit-cli's `parquet` feature)",
+        out.display()
+    )
+}
+
+/// A tokenizer's ids as DSIR's units.
+struct Units {
+    tok: lmkit::formats::tokenizer::LoadedTokenizer,
+    name: String,
+}
+
+impl dsir::Tokenize for Units {
+    fn ids(&self, text: &str) -> Vec<u32> {
+        // A text the tokenizer rejects has no units (and so no features).
+        self.tok
+            .tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}
+
 fn list(p: &[PathBuf]) -> String {
     p.iter()
         .map(|p| p.display().to_string())
@@ -164,40 +259,54 @@ fn select(a: SelectArgs) -> Result<()> {
             a.n
         );
     }
-    if a.out.extension().is_some_and(|e| e == "zst") {
-        bail!(
-            "{}: zstd output is not supported; write plain or .gz",
-            a.out.display()
-        );
-    }
     let bar = crate::common::bar(raw_records, "scoring");
     let sel = dsir::select(&rfiles, &layout, &f, &est, &rs, &mut |done| {
         bar.set_position(done)
     })?;
     bar.finish_and_clear();
     // Pass 3: the selected records, whole, into a temp file renamed at the end.
-    let gz = a.out.extension().is_some_and(|e| e == "gz");
+    let ext = a
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    let (gz, zst, pq) = (ext == "gz", ext == "zst", ext == "parquet");
     let mut counts = None;
-    lmkit::formats::write::atomic_write(&a.out, |w| {
-        let write_all = |sink: &mut dyn Write| {
-            dsir::write_selected(&rfiles, &layout, &f, &sel.indices, &mut |r| {
-                writeln!(sink, "{}", r.line).map_err(|e| lmkit::data::Error::Invalid {
-                    what: "output".into(),
-                    why: e.to_string(),
+    if pq {
+        counts = Some(write_parquet(&a.out, &rfiles, &layout, &f, &sel.indices)?);
+    } else {
+        if let Some(p) = rfiles.iter().find(|p| corpus::is_parquet(p)) {
+            bail!(
+                "{}: a Parquet pool is written as Parquet: name the output *.parquet",
+                p.display()
+            );
+        }
+        lmkit::formats::write::atomic_write(&a.out, |w| {
+            let write_all = |sink: &mut dyn Write| {
+                dsir::write_selected(&rfiles, &layout, &f, &sel.indices, &mut |r| {
+                    writeln!(sink, "{}", r.line).map_err(|e| lmkit::data::Error::Invalid {
+                        what: "output".into(),
+                        why: e.to_string(),
+                    })
                 })
-            })
-            .map_err(|e| std::io::Error::other(e.to_string()))
-        };
-        counts = Some(if gz {
-            let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::default());
-            let c = write_all(&mut enc)?;
-            enc.finish()?;
-            c
-        } else {
-            write_all(w)?
-        });
-        Ok(())
-    })?;
+                .map_err(|e| std::io::Error::other(e.to_string()))
+            };
+            counts = Some(if gz {
+                let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::default());
+                let c = write_all(&mut enc)?;
+                enc.finish()?;
+                c
+            } else if zst {
+                let mut enc = lmkit::data::zst::Writer::new(w);
+                let c = write_all(&mut enc)?;
+                enc.finish()?;
+                c
+            } else {
+                write_all(w)?
+            });
+            Ok(())
+        })?;
+    }
     let Some(counts) = counts else {
         bail!("no selection written");
     };

@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod common;
 mod data;
+mod doremi;
 mod dpo;
 mod export;
 mod fetch;
@@ -61,7 +62,7 @@ enum Command {
     /// The data-constrained scaling law: predict, compute-optimal allocation, fit.
     #[command(subcommand)]
     Scaling(scaling::Command),
-    /// Data selection: `lmkit data select` (DSIR), `lmkit data kl`.
+    /// Data: `lmkit data select` (DSIR), `lmkit data kl`, `lmkit data doremi` (domain weights).
     #[command(subcommand)]
     Data(data::Command),
 }

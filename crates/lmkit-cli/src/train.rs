@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text or .jsonl files or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [data.domains]  name = [\"files or folders\"], ... instead of train: a mixture, each batch row\n           from domain d with probability weights[d]; [data.weights] name = w (default uniform),\n           or weights_from = \"DIR/domain_weights.json\" of a --doremi-reference run. Evaluation then\n           uses data.eval only.\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
+    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text, .jsonl or .parquet files (.gz/.zst too) or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [data.domains]  name = [\"files or folders\"], ... instead of train: a mixture, each batch row\n           from domain d with probability weights[d]; [data.weights] name = w (default uniform),\n           or weights_from = \"DIR/domain_weights.json\" of a --doremi-reference run. Evaluation then\n           uses data.eval only.\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
 )]
 pub struct Args {
     /// Run configuration, TOML or JSON.
@@ -69,6 +69,10 @@ pub struct Args {
     /// DoReMi's smoothing c toward uniform weights.
     #[arg(long, default_value_t = 1e-3, requires = "doremi_reference")]
     pub doremi_smoothing: f64,
+    /// Domains replacing the config's `[data.domains]` (`lmkit data doremi --domains`), each
+    /// `(name, path)`; paths as given (relative to the working folder).
+    #[arg(skip)]
+    pub domains: Vec<(String, PathBuf)>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -232,7 +236,7 @@ fn d_keep() -> usize {
     3
 }
 
-fn read_config(path: &Path) -> Result<RunConfig> {
+fn read_config(path: &Path, domains: &[(String, PathBuf)]) -> Result<RunConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut cfg: RunConfig = if path.extension().is_some_and(|e| e == "json") {
@@ -240,6 +244,19 @@ fn read_config(path: &Path) -> Result<RunConfig> {
     } else {
         toml::from_str(&text).with_context(|| format!("{}: bad config", path.display()))?
     };
+    if !domains.is_empty() {
+        // Given on the command line: relative to the working folder, not to the config.
+        let cwd = std::env::current_dir().context("cannot read the working folder")?;
+        cfg.data.train.clear();
+        cfg.data.domains.clear();
+        for (name, p) in domains {
+            cfg.data
+                .domains
+                .entry(name.clone())
+                .or_default()
+                .push(cwd.join(p));
+        }
+    }
     let t = &cfg.train;
     for (name, v) in [
         ("train.steps", t.steps),
@@ -356,6 +373,27 @@ fn scratch_config(m: &ModelSection, tok: &LoadedTokenizer, path: &Path) -> Resul
 }
 
 pub fn main(a: Args) -> Result<()> {
+    let summary = run(&a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "step {}: train loss {}, eval loss {} → {}",
+            summary["steps"],
+            summary["train_loss"]
+                .as_f64()
+                .map_or("-".into(), |l| format!("{l:.4}")),
+            summary["eval_loss"]
+                .as_f64()
+                .map_or("-".into(), |e| format!("{e:.4} (ppl {:.2})", e.exp())),
+            summary["model"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Trains as `a` says; the summary (steps, losses, where the model went) for the caller to print.
+pub fn run(a: &Args) -> Result<serde_json::Value> {
     let threads = a
         .threads
         .map(|t| t as usize)
@@ -367,7 +405,7 @@ pub fn main(a: Args) -> Result<()> {
         (None, true) => DType::F32,
         (None, false) => DType::BF16,
     };
-    let rc = read_config(&a.config)?;
+    let rc = read_config(&a.config, &a.domains)?;
     let base = a.config.parent().unwrap_or(Path::new(".")).to_path_buf();
     let rel = |p: &PathBuf| {
         if p.is_absolute() {
@@ -707,7 +745,7 @@ pub fn main(a: Args) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let last = logs.last();
-    let summary = serde_json::json!({
+    Ok(serde_json::json!({
         "steps": tr.step(),
         "parameters": params,
         "train_loss": last.map(|l| l.loss),
@@ -716,17 +754,5 @@ pub fn main(a: Args) -> Result<()> {
         "eval_ppl": last_eval.map(f64::exp),
         "model": final_dir.display().to_string(),
         "metrics": metrics_path.display().to_string(),
-    });
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        println!(
-            "step {}: train loss {}, eval loss {} → {}",
-            tr.step(),
-            last.map_or("-".into(), |l| format!("{:.4}", l.loss)),
-            last_eval.map_or("-".into(), |e| format!("{e:.4} (ppl {:.2})", e.exp())),
-            final_dir.display()
-        );
-    }
-    Ok(())
+    }))
 }

@@ -42,8 +42,9 @@ pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(lmkit::data::corpus::files(paths)?)
 }
 
-/// Streams the documents of `files` to `each`: a `.jsonl` file gives one per line, anything
-/// else is one text document (handed over in pieces). A JSONL line is a conversation if it has
+/// Streams the documents of `files` to `each`: a `.jsonl` file gives one per line, a Parquet
+/// file one per row (its `fields.text` column), anything else is one text document (handed over
+/// in pieces); `.gz` and `.zst` files are decompressed. A JSONL line is a conversation if it has
 /// `messages`, or both fields of `fields.pair`; else its `fields.text`.
 pub fn for_each_document(
     files: &[PathBuf],
@@ -51,10 +52,33 @@ pub fn for_each_document(
     each: &mut dyn FnMut(Doc) -> Result<()>,
 ) -> Result<()> {
     for f in files {
-        let file =
-            std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
-        let mut r = std::io::BufReader::new(file);
-        let jsonl = f.extension().is_some_and(|e| e == "jsonl");
+        if lmkit::data::corpus::is_parquet(f) {
+            let layout = lmkit::data::corpus::Layout {
+                field: fields.text.to_string(),
+                skip_bad: false,
+            };
+            lmkit::data::corpus::for_each_batch(
+                std::slice::from_ref(f),
+                &layout,
+                1024,
+                &mut |b| {
+                    for r in b {
+                        each(Doc::Text {
+                            text: r.text,
+                            end: true,
+                        })
+                        .map_err(|e| lmkit::data::Error::Invalid {
+                            what: f.display().to_string(),
+                            why: format!("{e:#}"),
+                        })?;
+                    }
+                    Ok(())
+                },
+            )?;
+            continue;
+        }
+        let mut r = lmkit::data::corpus::open(f)?;
+        let jsonl = lmkit::data::corpus::is_jsonl(f);
         let mut buf = String::new();
         let mut line_no = 0;
         loop {

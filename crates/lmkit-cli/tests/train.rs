@@ -525,3 +525,169 @@ fn trains_on_weighted_domains() {
     );
     bad("", "`data.train` or `data.domains`");
 }
+
+/// `lmkit data doremi`: the reference and the proxy in one command, domains from the command
+/// line, the weights as JSON and a plot; a second call reuses the reference.
+#[test]
+fn data_doremi_learns_weights_in_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), 1, 0, "");
+    let d = dir.path();
+    let code: String = (0..300)
+        .map(|i| format!("x = f({i}) + g[{}]\n", i % 9))
+        .collect();
+    std::fs::write(d.join("code.txt"), code).unwrap();
+    let cfg = d.join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
+         num_kv_heads = 2\nmax_position_embeddings = 64\n\n[data]\nseq_len = 16\n\
+         tokenizer = \"tok.gguf\"\n\n[train]\nsteps = 5\nbatch = 4\nlr = 3e-3\nwarmup = 1\n",
+    )
+    .unwrap();
+    let out = d.join("doremi");
+    let prose = format!("prose={}", d.join("train.txt").display());
+    let code = format!("code={}", d.join("code.txt").display());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "data",
+            "doremi",
+            "--proxy-config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--domains",
+            &prose,
+            &code,
+        ];
+        args.extend_from_slice(extra);
+        lmkit(&args)
+    };
+    let o = run(&["--json"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("1/2") && e.contains("2/2"), "{e}");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let avg = r["average"].as_object().unwrap();
+    assert_eq!(avg.len(), 2);
+    let total: f64 = avg.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-9, "{r}");
+    assert_eq!(r["updates"], 5);
+    assert!(out.join("reference/final/config.json").is_file());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("domain_weights.json")).unwrap()).unwrap();
+    assert_eq!(report["average"], r["average"]);
+    let svg = std::fs::read_to_string(out.join("domain_weights.svg")).unwrap();
+    assert!(svg.contains("<polyline") && svg.contains("prose"), "{svg}");
+    // Again: the reference is reused, the proxy retrained (same seed: same weights).
+    let o = run(&["--json"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success() && e.contains("reusing the reference"),
+        "{e}"
+    );
+    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(again["average"], r["average"]);
+    // Bad options are named.
+    for (extra, want) in [
+        (&["--eta", "0"][..], "--eta"),
+        (&["--smoothing", "2"][..], "--smoothing"),
+    ] {
+        let o = run(extra);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(want), "{e}");
+    }
+    let o = lmkit(&[
+        "data",
+        "doremi",
+        "--proxy-config",
+        cfg.to_str().unwrap(),
+        "--out",
+        "x",
+        "--domains",
+        "wiki",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("NAME=PATH"), "{e}");
+    // No domains anywhere: the config's error.
+    let o = lmkit(&[
+        "data",
+        "doremi",
+        "--proxy-config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.join("none").to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("data.domains"), "{e}");
+}
+
+/// Training text from Parquet (a DSIR selection of the pyarrow-written fixture pool) and from a
+/// gzip file; a null text in a Parquet row is named.
+#[test]
+fn trains_on_parquet_and_compressed_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d, 1, 0, "");
+    let pool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parquet");
+    let sel = d.join("sel.parquet");
+    let o = lmkit(&[
+        "data",
+        "select",
+        "--target",
+        d.join("train.txt").to_str().unwrap(),
+        "--raw",
+        pool.to_str().unwrap(),
+        "--n",
+        "100",
+        "--min-length",
+        "1",
+        "--skip-bad",
+        "--out",
+        sel.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gz = d.join("more.txt.gz");
+    let f = std::fs::File::create(&gz).unwrap();
+    let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+    std::io::Write::write_all(&mut e, "the dog sat on the mat. ".repeat(200).as_bytes()).unwrap();
+    e.finish().unwrap();
+    let run = |train: &str| {
+        let cfg = format!(
+            "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
+             max_position_embeddings = 64\n\n[data]\ntrain = [{train}]\nseq_len = 16\n\
+             tokenizer = \"tok.gguf\"\n\n[train]\nsteps = 2\nbatch = 2\nlr = 1e-3\n"
+        );
+        let p = d.join("pq.toml");
+        std::fs::write(&p, cfg).unwrap();
+        let out = d.join("pq-out");
+        let _ = std::fs::remove_dir_all(&out);
+        lmkit(&[
+            "train",
+            "--config",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = run("\"sel.parquet\", \"more.txt.gz\"");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    // 100 rows of about 10 words plus 1,200 words of text: well over 100 sequences of 16.
+    let seqs: usize = e
+        .split(" training sequences")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(seqs > 100, "{e}");
+    let o = run(&format!(
+        "\"{}\"",
+        pool.join("train-00000-of-00002.parquet").display()
+    ));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("row 8") && e.contains("null"),
+        "{e}"
+    );
+}

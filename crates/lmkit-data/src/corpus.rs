@@ -1,6 +1,6 @@
 //! Reading corpora as streams of records: text files (one record per non-blank line) and JSONL
 //! (one record per line, its text in a named field), plain, gzip- (`.gz`) or
-//! zstd-compressed (`.zst`, single-frame), or folders of them (recursively, in name order). A record keeps its raw line, so a selection
+//! zstd-compressed (`.zst`, any number of frames), or folders of them (recursively, in name order). A record keeps its raw line, so a selection
 //! can be written back in the input's own layout with every field.
 
 use std::io::{BufRead, BufReader, Read};
@@ -75,14 +75,15 @@ pub fn is_jsonl(path: &Path) -> bool {
     name.ends_with(".jsonl")
 }
 
-fn open(path: &Path) -> Result<Box<dyn BufRead + Send>> {
+/// A buffered reader of a file's bytes, decompressed by its name (`.gz`, `.zst`).
+pub fn open(path: &Path) -> Result<Box<dyn BufRead + Send>> {
     let f = std::fs::File::open(path).map_err(|e| io(path, e))?;
     let ext = path.extension().and_then(|e| e.to_str());
     let r: Box<dyn Read + Send> = match ext {
         Some("gz") => Box::new(flate2::read::MultiGzDecoder::new(f)),
         Some("zst") => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(f)
-                .map_err(|e| io(path, format!("not a zstd file: {e}")))?,
+            crate::zst::Reader::new(BufReader::with_capacity(1 << 16, f))
+                .map_err(|e| io(path, e))?,
         ),
         _ => Box::new(f),
     };
@@ -100,6 +101,10 @@ pub fn for_each_batch(
 ) -> Result<ReadStats> {
     let mut stats = ReadStats::default();
     for f in files {
+        if is_parquet(f) {
+            parquet_batches(f, layout, &mut stats, each)?;
+            continue;
+        }
         let jsonl = is_jsonl(f);
         let mut r = open(f)?;
         let mut lines: Vec<(u64, String)> = Vec::with_capacity(batch);
@@ -129,6 +134,40 @@ pub fn for_each_batch(
         }
     }
     Ok(stats)
+}
+
+/// Whether a file is Parquet (by its name).
+pub fn is_parquet(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "parquet")
+}
+
+#[cfg(feature = "parquet")]
+fn parquet_batches(
+    f: &Path,
+    layout: &Layout,
+    stats: &mut ReadStats,
+    each: &mut dyn FnMut(Vec<Record>) -> Result<()>,
+) -> Result<()> {
+    let mut records = 0u64;
+    crate::parquet::for_each_batch(f, layout, stats, &mut |recs| {
+        records += recs.len() as u64;
+        each(recs)
+    })?;
+    stats.records += records;
+    Ok(())
+}
+
+#[cfg(not(feature = "parquet"))]
+fn parquet_batches(
+    f: &Path,
+    _: &Layout,
+    _: &mut ReadStats,
+    _: &mut dyn FnMut(Vec<Record>) -> Result<()>,
+) -> Result<()> {
+    Err(io(
+        f,
+        "Parquet support is not built in (lmkit-data's `parquet` feature)",
+    ))
 }
 
 /// The records of a batch of `(line number, line)`: JSONL lines parsed in parallel, the first

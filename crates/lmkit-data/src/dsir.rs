@@ -14,7 +14,12 @@
 //! select the k largest  log w(x) + G_x,  G_x ~ Gumbel(0, 1)   (sampling ∝ w without replacement)
 //! ```
 //!
-//! or the k largest `log w(x)` (`top_k`). Documents shorter than `min_length` words are never
+//! With a tokenizer (`Features::tokenizer`, an lmkit extension) the units are its tokens instead
+//! of lowercased words: an n-gram is its token ids in decimal joined by one space, hashed the
+//! same way, and `min_length` counts tokens. The selection then sees what a model trained on it
+//! sees (case, code indentation, sub-word pieces).
+//!
+//! Otherwise the k largest `log w(x)` (`top_k`). Documents shorter than `min_length` words are never
 //! selected. The KL reduction of a selection `S` (the paper's data metric, §5) is
 //! `KL(p̂_tgt ‖ p̂_raw) − KL(p̂_tgt ‖ p̂_S)` over the same hashed features.
 //!
@@ -44,20 +49,53 @@ use crate::{Error, Result};
 /// The epsilon inside the logarithms, as the reference.
 const EPS: f64 = 1e-8;
 
+/// Splits a text into token ids: n-grams of tokens instead of words (`Features::tokenizer`).
+pub trait Tokenize: Send + Sync {
+    /// The token ids of `text`, without special tokens.
+    fn ids(&self, text: &str) -> Vec<u32>;
+    /// A short name for reports (the tokenizer's path).
+    fn name(&self) -> String;
+}
+
 /// How documents become hashed n-gram features.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct Features {
     /// Largest n-gram order (unigrams are always in).
     pub ngrams: usize,
     pub buckets: u32,
+    /// N-grams of this tokenizer's tokens (case kept; an n-gram is its ids in decimal, joined
+    /// by spaces) instead of lowercased words. `min_length` then counts tokens.
+    #[serde(rename = "tokenizer", serialize_with = "tokenizer_name")]
+    pub tokenizer: Option<std::sync::Arc<dyn Tokenize>>,
+}
+
+fn tokenizer_name<S: serde::Serializer>(
+    t: &Option<std::sync::Arc<dyn Tokenize>>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&t.name()),
+        None => s.serialize_none(),
+    }
+}
+
+impl std::fmt::Debug for Features {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Features")
+            .field("ngrams", &self.ngrams)
+            .field("buckets", &self.buckets)
+            .field("tokenizer", &self.tokenizer.as_ref().map(|t| t.name()))
+            .finish()
+    }
 }
 
 impl Default for Features {
-    /// The reference's defaults: unigrams and bigrams, 10,000 buckets.
+    /// The reference's defaults: unigrams and bigrams of words, 10,000 buckets.
     fn default() -> Self {
         Self {
             ngrams: 2,
             buckets: 10_000,
+            tokenizer: None,
         }
     }
 }
@@ -121,7 +159,8 @@ fn digest_mod(d: &[u8], m: u64) -> u32 {
 /// A per-thread, direct-mapped memo of n-gram buckets: text repeats (Zipf), SHA-256 need not.
 /// Slots are keyed by a 64-bit hash of the n-gram's words; see the module's deviations.
 struct Memo {
-    buckets: u32,
+    /// The bucket count in the low bits, and bit 32 set for token (not word) keys.
+    mode: u64,
     keys: Vec<u64>,
     vals: Vec<u32>,
 }
@@ -132,7 +171,7 @@ const EMPTY: u32 = u32::MAX;
 
 thread_local! {
     static MEMO: std::cell::RefCell<Memo> = const { std::cell::RefCell::new(Memo {
-        buckets: 0,
+        mode: 0,
         keys: Vec::new(),
         vals: Vec::new(),
     }) };
@@ -171,22 +210,52 @@ impl Features {
         digest_mod(&Sha256::digest(gram.as_bytes()), u64::from(self.buckets))
     }
 
-    /// The buckets of every feature of `text` appended to `out`; returns the word count.
+    /// The buckets of every feature of `text` appended to `out`; returns the unit count (words,
+    /// or tokens with a tokenizer).
     pub fn hash_into(&self, text: &str, out: &mut Vec<u32>) -> usize {
-        let lower = text.to_lowercase();
-        let mut spans = Vec::new();
-        word_spans(&lower, &mut spans);
-        let keys: Vec<u64> = spans.iter().map(|&(a, b)| word_key(&lower[a..b])).collect();
+        match &self.tokenizer {
+            None => {
+                let lower = text.to_lowercase();
+                let mut spans = Vec::new();
+                word_spans(&lower, &mut spans);
+                let keys: Vec<u64> = spans.iter().map(|&(a, b)| word_key(&lower[a..b])).collect();
+                self.hash_grams(&keys, false, out, |i, gram| {
+                    gram.push_str(&lower[spans[i].0..spans[i].1])
+                });
+                spans.len()
+            }
+            Some(t) => {
+                let ids = t.ids(text);
+                let keys: Vec<u64> = ids.iter().map(|&id| mix(u64::from(id))).collect();
+                self.hash_grams(&keys, true, out, |i, gram| {
+                    use std::fmt::Write as _;
+                    let _ = write!(gram, "{}", ids[i]);
+                });
+                ids.len()
+            }
+        }
+    }
+
+    /// Every n-gram of the units with these keys, through the memo; `unit(i, gram)` appends
+    /// unit `i`'s text to the n-gram's string when its bucket must be computed.
+    fn hash_grams(
+        &self,
+        keys: &[u64],
+        tokens: bool,
+        out: &mut Vec<u32>,
+        unit: impl Fn(usize, &mut String),
+    ) {
+        let mode = u64::from(self.buckets) | (u64::from(tokens) << 32);
         MEMO.with(|memo| {
             let mut memo = memo.borrow_mut();
-            if memo.buckets != self.buckets || memo.keys.len() != MEMO_SLOTS {
-                memo.buckets = self.buckets;
+            if memo.mode != mode || memo.keys.len() != MEMO_SLOTS {
+                memo.mode = mode;
                 memo.keys = vec![0; MEMO_SLOTS];
                 memo.vals = vec![EMPTY; MEMO_SLOTS];
             }
             let mut gram = String::new();
             for n in 1..=self.ngrams {
-                for (win, ks) in spans.windows(n).zip(keys.windows(n)) {
+                for (start, ks) in keys.windows(n).enumerate() {
                     let key = gram_key(ks);
                     let slot = (key >> 44) as usize & (MEMO_SLOTS - 1);
                     if memo.keys[slot] == key && memo.vals[slot] != EMPTY {
@@ -194,11 +263,11 @@ impl Features {
                         continue;
                     }
                     gram.clear();
-                    for (i, &(a, b)) in win.iter().enumerate() {
-                        if i > 0 {
+                    for i in start..start + n {
+                        if i > start {
                             gram.push(' ');
                         }
-                        gram.push_str(&lower[a..b]);
+                        unit(i, &mut gram);
                     }
                     let b = self.bucket(&gram);
                     memo.keys[slot] = key;
@@ -207,7 +276,6 @@ impl Features {
                 }
             }
         });
-        spans.len()
     }
 }
 
@@ -517,8 +585,15 @@ pub fn select(
         return Err(Error::Invalid {
             what: "n".into(),
             why: format!(
-                "{} documents asked for, but only {eligible} of the pool's {} have at least {} words",
-                rs.n, stats.records, rs.min_length
+                "{} documents asked for, but only {eligible} of the pool's {} have at least {} {}",
+                rs.n,
+                stats.records,
+                rs.min_length,
+                if f.tokenizer.is_some() {
+                    "tokens"
+                } else {
+                    "words"
+                }
             ),
         });
     }

@@ -13,6 +13,9 @@ pub mod corpus;
 pub mod doremi;
 pub mod dsir;
 pub mod error;
+#[cfg(feature = "parquet")]
+pub mod parquet;
 pub mod scaling;
+pub mod zst;
 
 pub use error::{Error, Result};
