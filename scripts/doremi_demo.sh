@@ -90,6 +90,10 @@ config uniform "${seeds[0]}" ""
   --out "$out/doremi" --eta "${ETA:-1}" "${T[@]}" 2>"$out/doremi.log"
 for s in "${seeds[@]}"; do
   config "uniform-$s" "$s" ""
+  # The first seed's baseline is the reference itself (the same config and seed).
+  if [ "$s" = "${seeds[0]}" ] && [ ! -d "$out/uniform-$s/final" ]; then
+    mkdir -p "$out/uniform-$s" && cp -r "$out/doremi/reference/final" "$out/uniform-$s/final"
+  fi
   config "reweighted-$s" "$s" 'weights_from = "doremi/domain_weights.json"'
   for run in "uniform-$s" "reweighted-$s"; do
     [ -d "$out/$run/final" ] || "$lmkit" train --config "$out/$run.toml" --out "$out/$run" "${T[@]}" \

@@ -163,8 +163,8 @@ fn domain_names(report: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Two panels from a `domain_weights.json`: each domain's weight after every update (with the
-/// running average as the end point's meaning), and its excess loss λ.
+/// Three panels from a `domain_weights.json`: each domain's weight α after every update, its
+/// running average ᾱ (what the main run uses: the last point), and its excess loss λ.
 pub fn charts(report: &Value) -> Vec<Chart> {
     let names = domain_names(report);
     let steps = report["steps"].as_array().cloned().unwrap_or_default();
@@ -181,19 +181,38 @@ pub fn charts(report: &Value) -> Vec<Chart> {
             dots: false,
         }
     };
-    let mut weights: Vec<Series> = names.iter().map(|n| pick("weights", n)).collect();
-    // The running average ᾱ, what the main run uses: one dotted line per domain would crowd
-    // the panel, so the final average goes in the legend name instead.
-    for s in &mut weights {
-        if let Some(avg) = report["average"][&s.name].as_f64() {
-            s.name = format!("{} (average {avg:.3})", s.name);
-        }
-    }
+    let weights: Vec<Series> = names.iter().map(|n| pick("weights", n)).collect();
+    let running: Vec<Series> = weights
+        .iter()
+        .map(|s| {
+            let mut sum = 0.0;
+            let points = s
+                .points
+                .iter()
+                .enumerate()
+                .map(|(i, &(x, v))| {
+                    sum += v;
+                    (x, sum / (i + 1) as f64)
+                })
+                .collect();
+            let last = report["average"][&s.name].as_f64().unwrap_or(f64::NAN);
+            Series {
+                name: format!("{} {last:.3}", s.name),
+                points,
+                dots: false,
+            }
+        })
+        .collect();
     vec![
         Chart {
-            title: "domain weight α".into(),
+            title: "domain weight α after each update".into(),
             x_label: "update".into(),
             series: weights,
+        },
+        Chart {
+            title: "running average ᾱ (the learned weights)".into(),
+            x_label: "update".into(),
+            series: running,
         },
         Chart {
             title: "excess loss λ (proxy − reference, clipped at 0)".into(),
@@ -223,9 +242,10 @@ mod tests {
             ]
         });
         let c = charts(&report);
-        assert_eq!(c.len(), 2);
+        assert_eq!(c.len(), 3);
         assert_eq!(c[0].series[0].points, vec![(1.0, 0.6), (2.0, 0.8)]);
-        assert_eq!(c[0].series[1].name, "b (average 0.300)");
-        assert_eq!(c[1].series[1].points, vec![(1.0, 0.0), (2.0, 0.1)]);
+        assert_eq!(c[1].series[0].points, vec![(1.0, 0.6), (2.0, 0.7)]);
+        assert_eq!(c[1].series[1].name, "b 0.300");
+        assert_eq!(c[2].series[1].points, vec![(1.0, 0.0), (2.0, 0.1)]);
     }
 }

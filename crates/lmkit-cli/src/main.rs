@@ -6,6 +6,7 @@ mod common;
 mod data;
 mod doremi;
 mod dpo;
+mod eval;
 mod export;
 mod fetch;
 mod info;
@@ -43,6 +44,8 @@ enum Command {
     Chat(chat::Args),
     /// Perplexity of a text file over fixed windows (llama.cpp's scoring convention).
     Ppl(ppl::Args),
+    /// Benchmarks (HellaSwag, ARC, PIQA, BoolQ, Winogrande, OpenBookQA, MMLU) scored as lm-evaluation-harness does.
+    Eval(eval::Args),
     /// Prompt-processing and generation speed, like llama-bench (pp512 / tg128).
     Bench(bench::Args),
     /// Architecture, parameter count, tensor types and sizes of a model.
@@ -88,6 +91,7 @@ fn main() {
         Command::Ppl(a) => a.model.threads,
         Command::Bench(a) => a.model.threads,
         Command::Info(a) => a.model.threads,
+        Command::Eval(a) => a.model.threads,
         Command::Fetch(_) => None,
         Command::Train(a) => a.threads,
         Command::Dpo(a) => a.model.threads,
@@ -107,6 +111,7 @@ fn main() {
         Command::Ppl(a) => ppl::main(a),
         Command::Bench(a) => bench::main(a),
         Command::Info(a) => info::main(a),
+        Command::Eval(a) => eval::main(a),
         Command::Fetch(a) => fetch::main(a),
         Command::Train(a) => train::main(a),
         Command::Dpo(a) => dpo::main(a),

@@ -1,6 +1,7 @@
 //! `lmkit plot RUN_DIR`: the curves of a run's `metrics.jsonl` as one SVG file. A `train` run
 //! gives train/eval loss and the learning rate; a `dpo` run gives loss, reward accuracy, reward
-//! margin and the chosen/rejected log-probs, train and held-out.
+//! margin and the chosen/rejected log-probs, train and held-out; a DoReMi folder (or its
+//! `domain_weights.json`) gives the domain weights, their running average and the excess losses.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use serde_json::Value;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit plot runs/tiny             # writes runs/tiny/metrics.svg\n  lmkit plot runs/dpo --out dpo.svg"
+    after_help = "Examples:\n  lmkit plot runs/tiny             # writes runs/tiny/metrics.svg\n  lmkit plot runs/dpo --out dpo.svg\n  lmkit plot runs/doremi            # DoReMi: writes runs/doremi/domain_weights.svg"
 )]
 pub struct Args {
     /// A run folder (with metrics.jsonl) or a metrics .jsonl file.
@@ -132,7 +133,10 @@ fn labels(ts: &[f64]) -> Vec<String> {
     ts.iter().map(|t| format!("{t:.decimals$}")).collect()
 }
 
-const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+const COLORS: [&str; 10] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
 const W: f64 = 560.0;
 const H: f64 = 300.0;
 
@@ -215,16 +219,42 @@ fn panel(svg: &mut String, c: &Chart, y0: f64) {
                 pts.join(" ")
             );
         }
-        // The legend sits above the plot, right-aligned, one entry per series.
-        let lx = r - 90.0 * (c.series.len() - i) as f64;
-        let ly = t - 8.0;
+    }
+    legend(svg, c, (l, r, t));
+}
+
+/// The legend: one row above the plot, right-aligned, when it fits; else a column inside the
+/// plot's top-left corner on a white box.
+fn legend(svg: &mut String, c: &Chart, (l, r, t): (f64, f64, f64)) {
+    let width = |s: &Series| 30.0 + 6.5 * s.name.chars().count() as f64;
+    let total: f64 = c.series.iter().map(width).sum();
+    let row = total <= r - l;
+    if !row {
+        let w = c.series.iter().map(width).fold(0.0, f64::max);
         let _ = writeln!(
             svg,
-            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}" font-size="11">{}</text>"#,
+            r##"<rect x="{}" y="{}" width="{w:.1}" height="{}" fill="white" fill-opacity="0.85" stroke="#ccc"/>"##,
+            l + 4.0,
+            t + 4.0,
+            16.0 * c.series.len() as f64 + 6.0
+        );
+    }
+    let mut x = r - total;
+    for (i, s) in c.series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let (lx, ly) = if row {
+            (x, t - 8.0)
+        } else {
+            (l + 10.0, t + 16.0 + 16.0 * i as f64)
+        };
+        x += width(s);
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{lx:.1}" y1="{ly}" x2="{:.1}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{:.1}" y="{}" font-size="11">{}</text>"#,
             lx + 18.0,
             lx + 22.0,
             ly + 4.0,
-            s.name
+            escape(&s.name)
         );
     }
 }
@@ -252,6 +282,37 @@ pub fn escape(s: &str) -> String {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    // A DoReMi folder (`lmkit data doremi`'s output) or its weights file.
+    let weights = if a.run.is_dir() {
+        a.run.join("domain_weights.json")
+    } else {
+        a.run.clone()
+    };
+    if weights
+        .file_name()
+        .is_some_and(|n| n == "domain_weights.json")
+        && weights.is_file()
+        && !a.run.join("metrics.jsonl").is_file()
+    {
+        let text = std::fs::read_to_string(&weights)
+            .with_context(|| format!("cannot read {}", weights.display()))?;
+        let report: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not JSON", weights.display()))?;
+        let charts = crate::doremi::charts(&report);
+        if charts
+            .iter()
+            .all(|c| c.series.iter().all(|s| s.points.is_empty()))
+        {
+            bail!("{}: no DoReMi updates to plot", weights.display());
+        }
+        let out = a
+            .out
+            .unwrap_or_else(|| weights.with_file_name("domain_weights.svg"));
+        let svg = render(&charts, &escape(&weights.display().to_string()));
+        write_svg(&out, &svg)?;
+        println!("{}", out.display());
+        return Ok(());
+    }
     let metrics = if a.run.is_dir() {
         a.run.join("metrics.jsonl")
     } else {

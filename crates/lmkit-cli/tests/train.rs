@@ -579,6 +579,22 @@ fn data_doremi_learns_weights_in_one_command() {
     assert_eq!(report["average"], r["average"]);
     let svg = std::fs::read_to_string(out.join("domain_weights.svg")).unwrap();
     assert!(svg.contains("<polyline") && svg.contains("prose"), "{svg}");
+    // `lmkit plot` redraws it from the folder.
+    let redraw = d.join("redraw.svg");
+    let o = lmkit(&[
+        "plot",
+        out.to_str().unwrap(),
+        "--out",
+        redraw.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(&redraw)
+            .unwrap()
+            .matches("<polyline")
+            .count(),
+        6
+    );
     // Again: the reference is reused, the proxy retrained (same seed: same weights).
     let o = run(&["--json"]);
     let e = String::from_utf8_lossy(&o.stderr).into_owned();

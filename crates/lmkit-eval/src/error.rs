@@ -6,6 +6,10 @@ pub enum Error {
     Model(#[from] lmkit_models::Error),
     #[error("invalid option `{option}`: {why}")]
     Option { option: String, why: String },
+    #[error("{0}")]
+    Data(String),
+    #[error("task `{task}`: {why}")]
+    Task { task: String, why: String },
     #[error("the text has {tokens} tokens, fewer than one window of {ctx}; use a longer text or a smaller --ctx")]
     TooShort { tokens: usize, ctx: usize },
 }

@@ -1,7 +1,11 @@
-//! lmkit-eval: perplexity (and, later, the benchmark harness, probes and analyses).
+//! lmkit-eval: perplexity and the benchmark harness (tasks as data, log-likelihood scoring as
+//! lm-evaluation-harness does it).
 
 pub mod error;
+pub mod harness;
+pub mod loglik;
 pub mod perplexity;
+pub mod task;
 
 pub use error::{Error, Result};
 pub use perplexity::{perplexity, PplOptions, PplReport};

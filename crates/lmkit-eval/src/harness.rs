@@ -1,0 +1,239 @@
+//! Scoring a task's items and aggregating lm-evaluation-harness's metrics
+//! (`lm_eval/api/task.py` `process_results`, `api/metrics.py`):
+//! - `acc`: the choice with the highest log-likelihood is the gold one (first index on ties);
+//! - `acc_norm`: the same after dividing each log-likelihood by its choice's length in
+//!   characters (Unicode code points, the delimiter not counted);
+//! - each metric's standard error is `sample_stddev / √n` (Bessel-corrected).
+
+use std::collections::BTreeMap;
+
+use lmkit_formats::tokenizer::LoadedTokenizer;
+use lmkit_models::Llama;
+use serde::Serialize;
+
+use crate::loglik::{encode_pair, score_shared};
+use crate::task::{Item, TaskSpec};
+use crate::Result;
+
+/// One item's outcome (`--log-samples`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub doc_id: usize,
+    pub item: Item,
+    /// Each choice's summed log-likelihood.
+    pub logprobs: Vec<f64>,
+    /// Continuation tokens per choice.
+    pub tokens: Vec<usize>,
+    pub pred: usize,
+    pub pred_norm: usize,
+    pub acc: f64,
+    pub acc_norm: f64,
+}
+
+/// A metric's mean over the items and its standard error.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Metric {
+    pub value: f64,
+    pub stderr: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskResult {
+    pub task: String,
+    pub items: usize,
+    pub metrics: BTreeMap<String, Metric>,
+    /// Items whose input was cut from the left to fit the model's context.
+    pub truncated: usize,
+    pub seconds: f64,
+    pub items_per_sec: f64,
+    #[serde(skip)]
+    pub samples: Vec<Sample>,
+}
+
+/// `np.argmax`: the first index of the largest value.
+fn argmax(v: &[f64]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// Mean and `sample_stddev / √n`.
+pub fn mean_stderr(xs: &[f64]) -> Metric {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n.max(1.0);
+    let stderr = if xs.len() > 1 {
+        (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() / n.sqrt()
+    } else {
+        f64::NAN
+    };
+    Metric {
+        value: mean,
+        stderr,
+    }
+}
+
+/// A group's metric from its subtasks' (lm-evaluation-harness `aggregate_subtask_metrics` with
+/// `weight_by_size`, and `pooled_sample_stderr`): the size-weighted mean, and
+/// `√(Σ (nᵢ − 1)·seᵢ²·nᵢ / (Σ nᵢ − k) / Σ nᵢ)`.
+pub fn aggregate(parts: &[(usize, Metric)]) -> Metric {
+    let total: usize = parts.iter().map(|(n, _)| n).sum();
+    let value = parts.iter().map(|(n, m)| *n as f64 * m.value).sum::<f64>() / total.max(1) as f64;
+    let k = parts.len();
+    let pooled: f64 = parts
+        .iter()
+        .map(|(n, m)| (*n as f64 - 1.0) * m.stderr.powi(2) * *n as f64)
+        .sum::<f64>()
+        / (total as f64 - k as f64);
+    Metric {
+        value,
+        stderr: (pooled / total as f64).sqrt(),
+    }
+}
+
+/// One item's scores: each choice's log-likelihood and token count, and whether any input was
+/// cut to fit `max_length`.
+pub struct ItemScores {
+    pub logprobs: Vec<f64>,
+    pub tokens: Vec<usize>,
+    pub truncated: bool,
+}
+
+/// Scores one item: every (context, continuation) request, the contexts shared where they are.
+pub fn score_item(
+    model: &Llama,
+    tok: &LoadedTokenizer,
+    item: &Item,
+    max_length: usize,
+) -> Result<ItemScores> {
+    let mut out = ItemScores {
+        logprobs: Vec::new(),
+        tokens: Vec::new(),
+        truncated: false,
+    };
+    let mut add = |(scores, cut): (Vec<crate::loglik::Score>, bool)| {
+        out.truncated |= cut;
+        for s in scores {
+            out.logprobs.push(s.logprob);
+            out.tokens.push(s.tokens);
+        }
+    };
+    if item.contexts.len() == 1 {
+        // One context, a continuation per choice: the context's tokens are the same for all.
+        let enc: Vec<_> = item
+            .continuations
+            .iter()
+            .map(|c| encode_pair(tok, &item.contexts[0], c))
+            .collect::<Result<_>>()?;
+        if enc.iter().all(|e| e.context == enc[0].context) {
+            let conts: Vec<Vec<u32>> = enc.iter().map(|e| e.continuation.clone()).collect();
+            add(score_shared(model, &enc[0].context, &conts, max_length)?);
+        } else {
+            for e in &enc {
+                add(score_shared(
+                    model,
+                    &e.context,
+                    std::slice::from_ref(&e.continuation),
+                    max_length,
+                )?);
+            }
+        }
+    } else {
+        // A context per choice, one continuation (Winogrande).
+        for ctx in &item.contexts {
+            let e = encode_pair(tok, ctx, &item.continuations[0])?;
+            add(score_shared(
+                model,
+                &e.context,
+                std::slice::from_ref(&e.continuation),
+                max_length,
+            )?);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a task's items; `progress(done, total)` after each.
+pub fn evaluate(
+    model: &Llama,
+    tok: &LoadedTokenizer,
+    task: &TaskSpec,
+    items: &[Item],
+    max_length: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TaskResult> {
+    let t0 = std::time::Instant::now();
+    let mut samples = Vec::with_capacity(items.len());
+    let mut truncated = 0;
+    for (i, item) in items.iter().enumerate() {
+        let ItemScores {
+            logprobs,
+            tokens,
+            truncated: cut,
+        } = score_item(model, tok, item, max_length)?;
+        truncated += usize::from(cut);
+        let pred = argmax(&logprobs);
+        let normed: Vec<f64> = logprobs
+            .iter()
+            .zip(&item.choices)
+            .map(|(lp, c)| lp / c.chars().count().max(1) as f64)
+            .collect();
+        let pred_norm = argmax(&normed);
+        samples.push(Sample {
+            doc_id: i,
+            item: item.clone(),
+            logprobs,
+            tokens,
+            pred,
+            pred_norm,
+            acc: f64::from(u8::from(pred == item.gold)),
+            acc_norm: f64::from(u8::from(pred_norm == item.gold)),
+        });
+        progress(i + 1, items.len());
+    }
+    let mut metrics = BTreeMap::new();
+    for m in &task.metrics {
+        let xs: Vec<f64> = samples
+            .iter()
+            .map(|s| if m == "acc_norm" { s.acc_norm } else { s.acc })
+            .collect();
+        metrics.insert(m.clone(), mean_stderr(&xs));
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(TaskResult {
+        task: task.name.clone(),
+        items: samples.len(),
+        metrics,
+        truncated,
+        seconds,
+        items_per_sec: samples.len() as f64 / seconds.max(1e-9),
+        samples,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_and_stderr_follow_numpy_and_the_harness() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+        let m = mean_stderr(&[1.0, 0.0, 1.0, 1.0]);
+        assert!((m.value - 0.75).abs() < 1e-12);
+        // sample_stddev = sqrt(0.75/3) = 0.5; / sqrt(4) = 0.25
+        assert!((m.stderr - 0.25).abs() < 1e-12);
+        assert!(mean_stderr(&[1.0]).stderr.is_nan());
+        // Pooling two halves of one sample gives the whole sample's mean.
+        let (a, b) = ([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]);
+        let g = aggregate(&[(4, mean_stderr(&a)), (4, mean_stderr(&b))]);
+        assert!((g.value - 0.5).abs() < 1e-12);
+        // (3·0.0625·4 + 3·0.0625·4) / (8 − 2) / 8 = 0.03125
+        assert!((g.stderr - 0.03125f64.sqrt()).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,175 @@
+//! Log-likelihood requests, scored as lm-evaluation-harness's HF backend scores them
+//! (`lm_eval/api/model.py` `TemplateLM._encode_pair`, `models/huggingface.py`
+//! `_loglikelihood_tokens`), so acc and acc_norm compare with its numbers:
+//! - trailing whitespace of the context moves to the front of the continuation;
+//! - the continuation's tokens are those of `encode(context + continuation)` after
+//!   `encode(context)`'s length (BOS first when the tokenizer adds one, as HF's `encode` does);
+//! - an empty context becomes the BOS (else EOS) token;
+//! - input longer than the model's context keeps its last `max_length` tokens;
+//! - the score is `Σ log softmax(logits)[token]` over the continuation, and `greedy` says
+//!   whether every continuation token is the argmax at its position.
+//!
+//! Requests that share a context (a question's answer choices) run the context once: its KV
+//! cache is kept and each continuation runs on top of it, then the cache is cut back.
+
+use lmkit_core::Tensor;
+use lmkit_formats::tokenizer::LoadedTokenizer;
+use lmkit_models::Llama;
+
+use crate::{Error, Result};
+
+/// One request's tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub context: Vec<u32>,
+    pub continuation: Vec<u32>,
+}
+
+/// A request's score.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Score {
+    /// `Σ log p(continuation token)`.
+    pub logprob: f64,
+    /// Every continuation token was the model's top choice.
+    pub greedy: bool,
+    /// Continuation tokens scored.
+    pub tokens: usize,
+}
+
+/// `_encode_pair`: the context's and the continuation's tokens.
+pub fn encode_pair(tok: &LoadedTokenizer, context: &str, continuation: &str) -> Result<Encoded> {
+    let trimmed = context.trim_end();
+    let moved = &context[trimmed.len()..];
+    let continuation = format!("{moved}{continuation}");
+    let context = trimmed;
+    let enc = |s: &str| -> Result<Vec<u32>> {
+        tok.encode_with_bos(s)
+            .map_err(|e| Error::Data(format!("cannot tokenize: {e}")))
+    };
+    if context.is_empty() {
+        let prefix = tok
+            .special
+            .bos
+            .or(tok.special.eos)
+            .ok_or_else(|| Error::Data("an empty context needs a BOS or EOS token".into()))?;
+        let cont = tok
+            .encode(&continuation)
+            .map_err(|e| Error::Data(format!("cannot tokenize: {e}")))?;
+        return Ok(Encoded {
+            context: vec![prefix],
+            continuation: cont,
+        });
+    }
+    let whole = enc(&format!("{context}{continuation}"))?;
+    let ctx = enc(context)?;
+    let cut = ctx.len().min(whole.len());
+    Ok(Encoded {
+        context: ctx,
+        continuation: whole[cut..].to_vec(),
+    })
+}
+
+/// `log softmax(row)[target]` and whether `target` is the row's argmax (first index on ties).
+fn logprob(row: &[f32], target: usize) -> (f64, bool) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let sum: f64 = row.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let lp = f64::from(row[target] - max) - sum.ln();
+    let arg = row
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0;
+    (lp, arg == target)
+}
+
+/// The model's hidden states for `ids` on top of `cache`, `(t, c)` rows as one tensor.
+fn hidden(model: &Llama, ids: &[u32], cache: &mut lmkit_models::KvCache) -> Result<Tensor> {
+    let x = Tensor::from_vec(ids.to_vec(), (1, ids.len()), model.device())?;
+    let h = model.forward_hidden(&x, cache)?;
+    Ok(h.squeeze(0)?)
+}
+
+/// Log-probabilities of `rows (n, c)` of hidden states predicting `targets`.
+fn score_rows(model: &Llama, rows: &Tensor, targets: &[u32]) -> Result<Score> {
+    let logits = model
+        .lm_head()
+        .forward(rows)
+        .map_err(lmkit_models::Error::from)?
+        .to_dtype(lmkit_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let v = logits.len() / targets.len().max(1);
+    let (mut total, mut greedy) = (0.0, true);
+    for (row, &t) in logits.chunks_exact(v).zip(targets) {
+        let (lp, top) = logprob(row, t as usize);
+        total += lp;
+        greedy &= top;
+    }
+    Ok(Score {
+        logprob: total,
+        greedy,
+        tokens: targets.len(),
+    })
+}
+
+/// Scores requests that share one context: the context runs once (left-truncated as a whole
+/// with the longest continuation when they do not fit `max_length`; the flag says so).
+pub fn score_shared(
+    model: &Llama,
+    context: &[u32],
+    continuations: &[Vec<u32>],
+    max_length: usize,
+) -> Result<(Vec<Score>, bool)> {
+    if context.is_empty() {
+        return Err(Error::Data("a request has no context tokens".into()));
+    }
+    if let Some(i) = continuations.iter().position(|c| c.is_empty()) {
+        return Err(Error::Data(format!(
+            "continuation {i} has no tokens (an empty answer choice?)"
+        )));
+    }
+    let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
+    if longest > max_length {
+        return Err(Error::Data(format!(
+            "a continuation of {longest} tokens does not fit the model's context of {max_length}"
+        )));
+    }
+    // Input = (context + continuation)[-(max_length + 1):][:-1].
+    let keep = (max_length + 1 - longest).min(context.len());
+    let truncated = keep < context.len();
+    let context = &context[context.len() - keep..];
+    let mut cache = model.new_cache();
+    let h = hidden(model, context, &mut cache)?;
+    let last = h.narrow(0, context.len() - 1, 1)?;
+    let mut out = Vec::with_capacity(continuations.len());
+    for c in continuations {
+        let rows = if c.len() > 1 {
+            let h = hidden(model, &c[..c.len() - 1], &mut cache)?;
+            cache.truncate(context.len())?;
+            Tensor::cat(&[&last, &h], 0)?
+        } else {
+            last.clone()
+        };
+        out.push(score_rows(model, &rows, c)?);
+    }
+    Ok((out, truncated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprob_is_log_softmax_and_argmax_takes_the_first() {
+        let (lp, top) = logprob(&[1.0, 2.0, 3.0], 2);
+        let want = 3.0 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        assert!((lp - want).abs() < 1e-6 && top);
+        assert!(!logprob(&[5.0, 5.0], 1).1 && logprob(&[5.0, 5.0], 0).1);
+    }
+}

@@ -1,0 +1,629 @@
+//! Benchmark tasks as data: a small TOML file per task says where the items come from, how an
+//! item becomes a prompt, its answer choices and its gold answer, as lm-evaluation-harness's
+//! task YAMLs do (templates and expressions are Jinja, rendered by minijinja), so a task's
+//! prompts are the harness's prompts. The built-in tasks are in `tasks/*.toml`.
+//!
+//! Fields:
+//! - `name`; `dataset`: a folder of the evaluation data (`<dataset>/<config>/<split>`) or a
+//!   file (`.jsonl`, `.parquet`, `.arrow`) relative to the data root; `fewshot_dataset` likewise;
+//! - `kind`: `multiple_choice` (one context, a continuation per choice) or `multiple_input`
+//!   (a context per choice, one continuation: Winogrande's partial scoring);
+//! - `preprocess`: a built-in item transform (`hellaswag`, `winogrande`), as the harness's
+//!   `process_docs`;
+//! - `text`: the prompt template; `choices`: an expression giving the list of choices (for
+//!   `multiple_input`, the contexts); `target`: an expression giving the gold choice's index
+//!   (or its text); `continuation` (`multiple_input` only): the shared continuation;
+//! - `description` (a template put before everything), `target_delimiter` (" "),
+//!   `fewshot_delimiter` ("\n\n"), `num_fewshot` (0), `fewshot_sampler` (`first_n`).
+//!
+//! Expressions may use the filter `index_of(x)`: a list's first index of `x`.
+
+use minijinja::{Environment, Value};
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    MultipleChoice,
+    MultipleInput,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    FirstN,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub name: String,
+    pub dataset: String,
+    #[serde(default)]
+    pub fewshot_dataset: Option<String>,
+    pub kind: Kind,
+    #[serde(default)]
+    pub preprocess: Option<String>,
+    pub text: String,
+    pub choices: String,
+    pub target: String,
+    #[serde(default)]
+    pub continuation: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "space")]
+    pub target_delimiter: String,
+    #[serde(default = "blank_line")]
+    pub fewshot_delimiter: String,
+    #[serde(default)]
+    pub num_fewshot: usize,
+    #[serde(default = "first_n")]
+    pub fewshot_sampler: Sampler,
+    /// Metrics reported (`acc`, `acc_norm`).
+    pub metrics: Vec<String>,
+}
+
+fn space() -> String {
+    " ".into()
+}
+fn blank_line() -> String {
+    "\n\n".into()
+}
+fn first_n() -> Sampler {
+    Sampler::FirstN
+}
+
+/// The built-in tasks: (name, TOML).
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("hellaswag", include_str!("../tasks/hellaswag.toml")),
+    ("arc_easy", include_str!("../tasks/arc_easy.toml")),
+    ("arc_challenge", include_str!("../tasks/arc_challenge.toml")),
+    ("piqa", include_str!("../tasks/piqa.toml")),
+    ("boolq", include_str!("../tasks/boolq.toml")),
+    ("winogrande", include_str!("../tasks/winogrande.toml")),
+    ("openbookqa", include_str!("../tasks/openbookqa.toml")),
+];
+
+/// MMLU's 57 subjects by the harness's category groups.
+pub const MMLU: &[(&str, &[&str])] = &[
+    (
+        "mmlu_stem",
+        &[
+            "abstract_algebra",
+            "anatomy",
+            "astronomy",
+            "college_biology",
+            "college_chemistry",
+            "college_computer_science",
+            "college_mathematics",
+            "college_physics",
+            "computer_security",
+            "conceptual_physics",
+            "electrical_engineering",
+            "elementary_mathematics",
+            "high_school_biology",
+            "high_school_chemistry",
+            "high_school_computer_science",
+            "high_school_mathematics",
+            "high_school_physics",
+            "high_school_statistics",
+            "machine_learning",
+        ],
+    ),
+    (
+        "mmlu_other",
+        &[
+            "business_ethics",
+            "clinical_knowledge",
+            "college_medicine",
+            "global_facts",
+            "human_aging",
+            "management",
+            "marketing",
+            "medical_genetics",
+            "miscellaneous",
+            "nutrition",
+            "professional_accounting",
+            "professional_medicine",
+            "virology",
+        ],
+    ),
+    (
+        "mmlu_social_sciences",
+        &[
+            "econometrics",
+            "high_school_geography",
+            "high_school_government_and_politics",
+            "high_school_macroeconomics",
+            "high_school_microeconomics",
+            "high_school_psychology",
+            "human_sexuality",
+            "professional_psychology",
+            "public_relations",
+            "security_studies",
+            "sociology",
+            "us_foreign_policy",
+        ],
+    ),
+    (
+        "mmlu_humanities",
+        &[
+            "formal_logic",
+            "high_school_european_history",
+            "high_school_us_history",
+            "high_school_world_history",
+            "international_law",
+            "jurisprudence",
+            "logical_fallacies",
+            "moral_disputes",
+            "moral_scenarios",
+            "philosophy",
+            "prehistory",
+            "professional_law",
+            "world_religions",
+        ],
+    ),
+];
+
+/// The tasks a name stands for: a built-in task, `mmlu_<subject>`, or a group (`mmlu`,
+/// `mmlu_stem`, …) as its subtasks.
+pub fn expand(name: &str) -> Result<Vec<TaskSpec>> {
+    let subject = |s: &str| -> Result<TaskSpec> {
+        let text = include_str!("../tasks/mmlu.toml")
+            .replace("{subject_words}", &s.replace('_', " "))
+            .replace("{subject}", s);
+        TaskSpec::parse(&text, &format!("mmlu_{s}"))
+    };
+    if name == "mmlu" {
+        return MMLU
+            .iter()
+            .flat_map(|(_, s)| s.iter())
+            .map(|s| subject(s))
+            .collect();
+    }
+    if let Some((_, subjects)) = MMLU.iter().find(|(g, _)| *g == name) {
+        return subjects.iter().map(|s| subject(s)).collect();
+    }
+    if let Some(s) = name.strip_prefix("mmlu_") {
+        if MMLU.iter().any(|(_, subs)| subs.contains(&s)) {
+            return Ok(vec![subject(s)?]);
+        }
+    }
+    Ok(vec![TaskSpec::builtin(name)?])
+}
+
+/// The groups a subtask belongs to (`mmlu_anatomy` → `mmlu_stem`, `mmlu`).
+pub fn groups_of(task: &str) -> Vec<&'static str> {
+    let Some(s) = task.strip_prefix("mmlu_") else {
+        return Vec::new();
+    };
+    match MMLU.iter().find(|(_, subs)| subs.contains(&s)) {
+        Some((g, _)) => vec![*g, "mmlu"],
+        None => Vec::new(),
+    }
+}
+
+impl TaskSpec {
+    /// Parses a task file's text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let t: TaskSpec = toml::from_str(text).map_err(|e| Error::Task {
+            task: origin.into(),
+            why: e.to_string(),
+        })?;
+        if t.kind == Kind::MultipleInput && t.continuation.is_none() {
+            return Err(Error::Task {
+                task: origin.into(),
+                why: "`multiple_input` needs `continuation`".into(),
+            });
+        }
+        if let Some(m) = t
+            .metrics
+            .iter()
+            .find(|m| !["acc", "acc_norm"].contains(&m.as_str()))
+        {
+            return Err(Error::Task {
+                task: origin.into(),
+                why: format!("unknown metric `{m}` (known: acc, acc_norm)"),
+            });
+        }
+        if let Some(p) = &t.preprocess {
+            if !["hellaswag", "winogrande"].contains(&p.as_str()) {
+                return Err(Error::Task {
+                    task: origin.into(),
+                    why: format!("unknown preprocess `{p}` (known: hellaswag, winogrande)"),
+                });
+            }
+        }
+        Ok(t)
+    }
+
+    /// A built-in task by name.
+    pub fn builtin(name: &str) -> Result<Self> {
+        match BUILTIN.iter().find(|(n, _)| *n == name) {
+            Some((n, text)) => Self::parse(text, n),
+            None => Err(Error::Task {
+                task: name.into(),
+                why: format!(
+                    "no such task (built in: {}; or give a task .toml file)",
+                    BUILTIN
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
+    }
+}
+
+/// One item made ready: its prompt, its choices and the gold index.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Item {
+    /// The context (multiple choice) or the contexts, one per choice (multiple input).
+    pub contexts: Vec<String>,
+    /// The continuations: one per choice (multiple choice) or the one shared.
+    pub continuations: Vec<String>,
+    /// The choices as the metric sees them (acc_norm divides by their length in characters).
+    pub choices: Vec<String>,
+    pub gold: usize,
+}
+
+/// A JSON item as a template value.
+fn to_value(j: &Json) -> Value {
+    match j {
+        Json::Null => Value::from(()),
+        Json::Bool(b) => Value::from(*b),
+        Json::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(f)) => Value::from(f),
+            _ => Value::from(n.to_string()),
+        },
+        Json::String(s) => Value::from(s.as_str()),
+        Json::Array(a) => Value::from(a.iter().map(to_value).collect::<Vec<_>>()),
+        Json::Object(o) => Value::from_pairs(o.iter().map(|(k, v)| (k.as_str(), to_value(v)))),
+    }
+}
+
+fn index_of(list: Value, x: Value) -> std::result::Result<Value, minijinja::Error> {
+    let it = list.try_iter()?;
+    for (i, v) in it.enumerate() {
+        if v == x {
+            return Ok(Value::from(i));
+        }
+    }
+    Err(minijinja::Error::new(
+        minijinja::ErrorKind::InvalidOperation,
+        format!("{x} is not in the list"),
+    ))
+}
+
+/// Renders and evaluates a task's templates.
+pub struct Renderer {
+    env: Environment<'static>,
+}
+
+impl Default for Renderer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Renderer {
+    pub fn new() -> Self {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+            .keep_trailing_newline(true)
+            .build()
+        {
+            env.set_syntax(syntax);
+        }
+        env.add_filter("index_of", index_of);
+        Self { env }
+    }
+
+    fn render(&self, t: &TaskSpec, template: &str, doc: &Json) -> Result<String> {
+        self.env
+            .render_str(template, to_value(doc))
+            .map_err(|e| Error::Task {
+                task: t.name.clone(),
+                why: format!("template `{template}`: {e}"),
+            })
+    }
+
+    fn eval(&self, t: &TaskSpec, expr: &str, doc: &Json) -> Result<Value> {
+        let bad = |e: minijinja::Error| Error::Task {
+            task: t.name.clone(),
+            why: format!("expression `{expr}`: {e}"),
+        };
+        self.env
+            .compile_expression(expr)
+            .map_err(bad)?
+            .eval(to_value(doc))
+            .map_err(bad)
+    }
+
+    fn strings(&self, t: &TaskSpec, expr: &str, doc: &Json) -> Result<Vec<String>> {
+        let v = self.eval(t, expr, doc)?;
+        let it = v.try_iter().map_err(|e| Error::Task {
+            task: t.name.clone(),
+            why: format!("`{expr}` is not a list: {e}"),
+        })?;
+        Ok(it
+            .map(|x| match x.as_str() {
+                Some(s) => s.to_string(),
+                None => x.to_string(),
+            })
+            .collect())
+    }
+
+    /// The gold index: an integer, a digit string, or a choice's text.
+    fn gold(&self, t: &TaskSpec, doc: &Json, choices: &[String]) -> Result<usize> {
+        let v = self.eval(t, &t.target, doc)?;
+        let bad = |why: String| Error::Task {
+            task: t.name.clone(),
+            why,
+        };
+        let idx = if let Some(i) = v.as_i64() {
+            usize::try_from(i).ok()
+        } else if let Some(s) = v.as_str() {
+            s.trim()
+                .parse::<usize>()
+                .ok()
+                .or_else(|| choices.iter().position(|c| c == s))
+        } else if v.kind() == minijinja::value::ValueKind::Bool {
+            Some(usize::from(v.is_true()))
+        } else {
+            None
+        };
+        match idx {
+            Some(i) if i < choices.len() => Ok(i),
+            _ => Err(bad(format!(
+                "the gold answer `{v}` is not one of the {} choices",
+                choices.len()
+            ))),
+        }
+    }
+
+    /// A few-shot example's text: the prompt, the delimiter and its gold answer.
+    fn shot(&self, t: &TaskSpec, doc: &Json) -> Result<String> {
+        let doc = preprocess(t, doc)?;
+        let choices = self.strings(t, &t.choices, &doc)?;
+        let gold = self.gold(t, &doc, &choices)?;
+        Ok(match t.kind {
+            Kind::MultipleChoice => format!(
+                "{}{}{}",
+                self.render(t, &t.text, &doc)?,
+                t.target_delimiter,
+                choices[gold]
+            ),
+            Kind::MultipleInput => {
+                let cont = self.render(t, t.continuation.as_deref().unwrap_or(""), &doc)?;
+                format!("{}{}{cont}", choices[gold], t.target_delimiter)
+            }
+        })
+    }
+
+    /// Builds an item from a raw dataset row and its few-shot examples.
+    pub fn item(&self, t: &TaskSpec, raw: &Json, shots: &[Json]) -> Result<Item> {
+        let doc = preprocess(t, raw)?;
+        let mut prefix = self.render(t, &t.description, &doc)?;
+        for s in shots {
+            prefix.push_str(&self.shot(t, s)?);
+            prefix.push_str(&t.fewshot_delimiter);
+        }
+        let choices = self.strings(t, &t.choices, &doc)?;
+        if choices.is_empty() {
+            return Err(Error::Task {
+                task: t.name.clone(),
+                why: "an item has no choices".into(),
+            });
+        }
+        let gold = self.gold(t, &doc, &choices)?;
+        Ok(match t.kind {
+            Kind::MultipleChoice => Item {
+                contexts: vec![format!("{prefix}{}", self.render(t, &t.text, &doc)?)],
+                continuations: choices
+                    .iter()
+                    .map(|c| format!("{}{c}", t.target_delimiter))
+                    .collect(),
+                choices,
+                gold,
+            },
+            Kind::MultipleInput => {
+                let cont = self.render(t, t.continuation.as_deref().unwrap_or(""), &doc)?;
+                Item {
+                    contexts: choices.iter().map(|c| format!("{prefix}{c}")).collect(),
+                    continuations: vec![format!("{}{cont}", t.target_delimiter)],
+                    choices,
+                    gold,
+                }
+            }
+        })
+    }
+}
+
+/// HellaSwag's `preprocess` (lm-evaluation-harness `tasks/hellaswag/utils.py`), literally:
+/// strip, ` [title]` → `. `, bracketed spans removed, one pass of double spaces to one.
+pub fn hellaswag_clean(text: &str) -> String {
+    let t = text.trim().replace(" [title]", ". ");
+    let mut out = String::with_capacity(t.len());
+    let mut rest = t.as_str();
+    // `re.sub("\\[.*?\\]", "", text)`: each `[` up to the nearest `]` after it.
+    while let Some(a) = rest.find('[') {
+        match rest[a + 1..].find(']') {
+            Some(b) => {
+                out.push_str(&rest[..a]);
+                rest = &rest[a + 1 + b + 1..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out.replace("  ", " ")
+}
+
+/// Python's `str.capitalize`: the first character upper-cased, the rest lower-cased.
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f
+            .to_uppercase()
+            .chain(c.flat_map(char::to_lowercase))
+            .collect(),
+        None => String::new(),
+    }
+}
+
+fn field<'a>(t: &TaskSpec, doc: &'a Json, k: &str) -> Result<&'a str> {
+    doc[k].as_str().ok_or_else(|| Error::Task {
+        task: t.name.clone(),
+        why: format!("an item has no string field `{k}`"),
+    })
+}
+
+/// The built-in item transforms.
+fn preprocess(t: &TaskSpec, doc: &Json) -> Result<Json> {
+    let mut d = doc.clone();
+    match t.preprocess.as_deref() {
+        None => {}
+        Some("hellaswag") => {
+            let ctx = format!(
+                "{} {}",
+                field(t, doc, "ctx_a")?,
+                capitalize(field(t, doc, "ctx_b")?)
+            );
+            let endings = doc["endings"].as_array().ok_or_else(|| Error::Task {
+                task: t.name.clone(),
+                why: "an item has no list `endings`".into(),
+            })?;
+            d["query"] = Json::from(hellaswag_clean(&format!(
+                "{}: {ctx}",
+                field(t, doc, "activity_label")?
+            )));
+            d["choices"] = Json::from(
+                endings
+                    .iter()
+                    .map(|e| hellaswag_clean(e.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>(),
+            );
+            d["gold"] =
+                Json::from(field(t, doc, "label")?.trim().parse::<u64>().map_err(|_| {
+                    Error::Task {
+                        task: t.name.clone(),
+                        why: "`label` is not a number".into(),
+                    }
+                })?);
+        }
+        Some("winogrande") => {
+            let s = field(t, doc, "sentence")?;
+            let idx = s.find('_').ok_or_else(|| Error::Task {
+                task: t.name.clone(),
+                why: format!("sentence without `_`: {s}"),
+            })?;
+            let (o1, o2) = (field(t, doc, "option1")?, field(t, doc, "option2")?);
+            d["contexts"] = Json::from(vec![
+                format!("{}{o1}", &s[..idx]),
+                format!("{}{o2}", &s[..idx]),
+            ]);
+            d["suffix"] = Json::from(s[idx + 1..].trim());
+            d["gold"] = Json::from(match field(t, doc, "answer")? {
+                "1" => 0,
+                "2" => 1,
+                a => {
+                    return Err(Error::Task {
+                        task: t.name.clone(),
+                        why: format!("`answer` is `{a}`, not 1 or 2"),
+                    })
+                }
+            });
+        }
+        Some(p) => {
+            return Err(Error::Task {
+                task: t.name.clone(),
+                why: format!("unknown preprocess `{p}`"),
+            })
+        }
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hellaswag_cleaning_matches_the_harness() {
+        assert_eq!(
+            hellaswag_clean("Roof shingle removal: A man is sitting on a roof. He"),
+            "Roof shingle removal: A man is sitting on a roof. He"
+        );
+        assert_eq!(
+            hellaswag_clean("[header] How to x [title] Do y."),
+            " How to x. Do y."
+        );
+        // strip() runs before the bracket removal: a leading space can remain.
+        assert_eq!(hellaswag_clean("[step] Many people  do"), " Many people do");
+        assert_eq!(capitalize("tHE man"), "The man");
+    }
+
+    #[test]
+    fn builtin_tasks_parse_and_render() {
+        let r = Renderer::new();
+        for (name, _) in BUILTIN {
+            TaskSpec::builtin(name).unwrap();
+        }
+        let arc = TaskSpec::builtin("arc_easy").unwrap();
+        let doc = serde_json::json!({"question": "Which is a gas?", "answerKey": "B",
+            "choices": {"text": ["ice", "steam"], "label": ["A", "B"]}});
+        let it = r.item(&arc, &doc, &[]).unwrap();
+        assert_eq!(it.contexts, ["Question: Which is a gas?\nAnswer:"]);
+        assert_eq!(it.continuations, [" ice", " steam"]);
+        assert_eq!(it.gold, 1);
+        let wg = TaskSpec::builtin("winogrande").unwrap();
+        let doc = serde_json::json!({"sentence": "Sarah was a better lawyer than Maria so _ always got the easier cases.",
+            "option1": "Sarah", "option2": "Maria", "answer": "2"});
+        let it = r.item(&wg, &doc, &[]).unwrap();
+        assert_eq!(
+            it.contexts[1],
+            "Sarah was a better lawyer than Maria so Maria"
+        );
+        assert_eq!(it.continuations, [" always got the easier cases."]);
+        assert_eq!(it.gold, 1);
+        let mm = expand("mmlu").unwrap();
+        assert_eq!(mm.len(), 57);
+        assert_eq!(expand("mmlu_stem").unwrap().len(), 19);
+        assert_eq!(groups_of("mmlu_anatomy"), ["mmlu_stem", "mmlu"]);
+        let anatomy = &expand("mmlu_anatomy").unwrap()[0];
+        let q = serde_json::json!({"question": " What is it? ", "choices": ["a", "b", "c", "d"], "answer": 2});
+        let it = r.item(anatomy, &q, std::slice::from_ref(&q)).unwrap();
+        assert_eq!(
+            it.contexts[0],
+            "The following are multiple choice questions (with answers) about anatomy.\n\n\
+             What is it?\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n\
+             What is it?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+        );
+        assert_eq!(it.continuations, [" A", " B", " C", " D"]);
+        let bq = TaskSpec::builtin("boolq").unwrap();
+        let doc = serde_json::json!({"passage": "P.", "question": "is it", "answer": true});
+        let it = r.item(&bq, &doc, &[]).unwrap();
+        assert_eq!(it.contexts, ["P.\nQuestion: is it?\nAnswer:"]);
+        assert_eq!(it.gold, 1);
+        // A missing field is named.
+        let e = r
+            .item(&arc, &serde_json::json!({"question": "q"}), &[])
+            .unwrap_err();
+        assert!(e.to_string().contains("arc_easy"), "{e}");
+        assert!(TaskSpec::builtin("nope")
+            .unwrap_err()
+            .to_string()
+            .contains("hellaswag"));
+        let e = TaskSpec::parse("name = \"x\"\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.toml") && e.contains("missing field"), "{e}");
+    }
+}
