@@ -14,7 +14,7 @@ use crate::common::{bar, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit eval --tasks hellaswag,arc_easy,piqa --limit 500\n  lmkit eval --tasks my_task.toml --data items.jsonl --json --log-samples samples.jsonl\n\nBuilt-in tasks: hellaswag, arc_easy, arc_challenge, piqa, boolq, winogrande, openbookqa, mmlu\n(57 subjects, 5-shot; or mmlu_stem, mmlu_humanities, ..., mmlu_<subject>).\nA task file is TOML (see crates/lmkit-eval/tasks/*.toml). Each choice's log-likelihood is\nscored after its context (shared across the choices); acc picks the highest, acc_norm the\nhighest per character, with the standard error of the mean."
+    after_help = "Examples:\n  lmkit eval --tasks hellaswag,arc_easy,piqa --limit 500\n  lmkit eval --tasks my_task.toml --data items.jsonl --json --log-samples samples.jsonl\n\nBuilt-in tasks: hellaswag, arc_easy, arc_challenge, piqa, boolq, winogrande, openbookqa,\nlambada_openai (perplexity and greedy acc), mmlu\n(57 subjects, 5-shot; or mmlu_stem, mmlu_humanities, ..., mmlu_<subject>).\nA task file is TOML (see crates/lmkit-eval/tasks/*.toml). Each choice's log-likelihood is\nscored after its context (shared across the choices); acc picks the highest, acc_norm the\nhighest per character, with the standard error of the mean."
 )]
 pub struct Args {
     /// Comma-separated task names or task .toml files.
@@ -51,7 +51,8 @@ fn load_rows(path: &Path) -> Result<Vec<serde_json::Value>> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.extension()
-                    .is_some_and(|e| e == "arrow" || e == "parquet" || e == "jsonl")
+                    .is_some_and(|e| e == "arrow" || e == "parquet")
+                    || lmkit::data::corpus::is_jsonl(p)
             })
             .collect();
         f.sort();
@@ -66,8 +67,9 @@ fn load_rows(path: &Path) -> Result<Vec<serde_json::Value>> {
     };
     let mut rows = Vec::new();
     for f in files {
-        if f.extension().is_some_and(|e| e == "jsonl") {
-            let text = std::fs::read_to_string(&f)
+        if lmkit::data::corpus::is_jsonl(&f) {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut lmkit::data::corpus::open(&f)?, &mut text)
                 .with_context(|| format!("cannot read {}", f.display()))?;
             for (i, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {

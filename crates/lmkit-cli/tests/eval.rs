@@ -1,8 +1,9 @@
 //! `lmkit eval` against lm-evaluation-harness, and its errors.
 //!
-//! Fixture: `tests/fixtures/lmeval_smollm2.json`, made by `scripts/fixtures/make_lmeval_fixture.py`:
-//! lm-eval 0.4.13's HF backend on the default model as transformers dequantizes it (f32), on
-//! the first 200 items of seven tasks, with every choice's log-likelihood.
+//! Fixtures: `tests/fixtures/lmeval_smollm2*.json`, made by
+//! `scripts/fixtures/make_lmeval_fixture.py`: lm-eval 0.4.13's HF backend on the default model as
+//! transformers dequantizes it (f32), with every choice's log-likelihood: the first 200 items of
+//! seven multiple-choice tasks, 5 items of each MMLU subject (5-shot), 200 LAMBADA passages.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -29,16 +30,14 @@ fn repo_file(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-#[test]
-fn matches_lm_evaluation_harness_on_the_default_model() {
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_file("tests/fixtures/lmeval_smollm2.json")).unwrap(),
-    )
-    .unwrap();
-    let tasks: Vec<String> = fx["tasks"].as_object().unwrap().keys().cloned().collect();
+/// Runs `lmkit eval` on `tasks` (first `items` each, f32 weights) and checks every choice's
+/// log-likelihood and every item's outcome against the lm-eval fixture `fixture`.
+fn compare(fixture: &str, tasks: &[&str], items: usize) {
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_file(fixture)).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let samples = dir.path().join("samples.jsonl");
-    let limit = ITEMS.to_string();
+    let limit = items.to_string();
     let o = lmkit(&[
         "eval",
         "--tasks",
@@ -58,29 +57,28 @@ fn matches_lm_evaluation_harness_on_the_default_model() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    for t in &tasks {
+    for t in tasks {
         let want = fx["tasks"][t]["items"].as_array().unwrap();
         let got: Vec<&serde_json::Value> = lines.iter().filter(|s| s["task"] == *t).collect();
-        assert_eq!(got.len(), ITEMS, "{t}");
+        assert_eq!(got.len(), items, "{t}");
         let (mut worst, mut same_acc, mut acc) = (0f64, 0, 0.0);
         for (g, w) in got.iter().zip(want) {
-            let (gl, wl) = (
-                g["logprobs"].as_array().unwrap(),
-                w["lls"].as_array().unwrap(),
-            );
+            let (gl, wl) = (g["logprobs"].as_array().unwrap(), w["lls"].as_array().unwrap());
             assert_eq!(gl.len(), wl.len(), "{t} item {}", w["doc_id"]);
             for (a, b) in gl.iter().zip(wl) {
                 worst = worst.max((a.as_f64().unwrap() - b.as_f64().unwrap()).abs());
             }
-            same_acc += usize::from(g["acc"].as_f64() == w["acc"].as_f64());
+            // Multiple choice: lm-eval's acc; LAMBADA: its greedy flag.
+            let theirs = match w.get("greedy").filter(|_| fx["tasks"][t]["perplexity"].is_number()) {
+                Some(gr) => f64::from(u8::from(gr[0].as_bool().unwrap())),
+                None => w["acc"].as_f64().unwrap(),
+            };
+            same_acc += usize::from(g["acc"].as_f64() == Some(theirs));
             acc += g["acc"].as_f64().unwrap();
         }
         assert!(worst < MAX_LL_DIFF, "{t}: max |Δll| {worst}");
         // Equal log-likelihoods up to 2e-3 can still flip a near-tie; allow one item.
-        assert!(
-            same_acc + 1 >= ITEMS,
-            "{t}: {same_acc} of {ITEMS} items agree"
-        );
+        assert!(same_acc + 1 >= items, "{t}: {same_acc} of {items} items agree");
         let reported = r["results"]
             .as_array()
             .unwrap()
@@ -89,8 +87,28 @@ fn matches_lm_evaluation_harness_on_the_default_model() {
             .unwrap()["metrics"]["acc"]["value"]
             .as_f64()
             .unwrap();
-        assert!((reported - acc / ITEMS as f64).abs() < 1e-12, "{t}");
+        assert!((reported - acc / items as f64).abs() < 1e-12, "{t}");
     }
+}
+
+#[test]
+fn matches_lm_evaluation_harness_on_the_default_model() {
+    compare(
+        "tests/fixtures/lmeval_smollm2.json",
+        &["hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"],
+        ITEMS,
+    );
+}
+
+/// MMLU 5-shot (the dev split's first five as examples) and LAMBADA's greedy accuracy.
+#[test]
+fn matches_lm_evaluation_harness_on_mmlu_and_lambada() {
+    compare(
+        "tests/fixtures/lmeval_smollm2_mmlu.json",
+        &["mmlu_anatomy", "mmlu_high_school_us_history"],
+        5,
+    );
+    compare("tests/fixtures/lmeval_smollm2_lambada.json", &["lambada_openai"], ITEMS);
 }
 
 fn tiny(dir: &Path) -> PathBuf {

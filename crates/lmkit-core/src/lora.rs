@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use crate::error::OpContext;
 use crate::Result;
+use lmkit_rand::mix;
 
 /// A low-rank adapter on one linear layer.
 #[derive(Debug, Clone)]
@@ -75,14 +76,6 @@ impl DropoutState {
             .load(Ordering::Relaxed)
             .then(|| mix(self.seed ^ mix(self.round.load(Ordering::Relaxed))))
     }
-}
-
-/// splitmix64's finalizer: a well-mixed 64-bit hash.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl LoraDropout {

@@ -45,6 +45,7 @@ use sha2::{Digest, Sha256};
 
 use crate::corpus::{self, Layout, ReadStats, Record};
 use crate::{Error, Result};
+use lmkit_rand::mix;
 
 /// The epsilon inside the logarithms, as the reference.
 const EPS: f64 = 1e-8;
@@ -385,14 +386,6 @@ pub fn kl(p: &[f64], q: &[f64]) -> f64 {
         .filter(|(p, _)| **p > 0.0)
         .map(|(p, q)| p * ((p + EPS).ln() - (q + EPS).ln()))
         .sum()
-}
-
-/// splitmix64's finalizer.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A standard Gumbel sample for document `index`: `−ln(−ln u)`, `u ∈ (0, 1)` from

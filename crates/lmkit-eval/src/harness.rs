@@ -12,7 +12,7 @@ use lmkit_models::Llama;
 use serde::Serialize;
 
 use crate::loglik::{encode_pair, score_shared};
-use crate::task::{Item, TaskSpec};
+use crate::task::{Item, Kind, TaskSpec};
 use crate::Result;
 
 /// One item's outcome (`--log-samples`).
@@ -24,6 +24,8 @@ pub struct Sample {
     pub logprobs: Vec<f64>,
     /// Continuation tokens per choice.
     pub tokens: Vec<usize>,
+    /// Whether greedy decoding gives each continuation.
+    pub greedy: Vec<bool>,
     pub pred: usize,
     pub pred_norm: usize,
     pub acc: f64,
@@ -79,6 +81,31 @@ pub fn mean_stderr(xs: &[f64]) -> Metric {
     }
 }
 
+/// `exp(−mean(ll))` over items, and its standard error by bootstrap: 1,000 resamples with
+/// replacement (a fixed-seed generator), the resampled perplexities' sample deviation.
+/// Deviation: lm-evaluation-harness resamples 100,000 times with Python's `random`, so its
+/// stderr differs in the last digits.
+pub fn perplexity(lls: &[f64]) -> Metric {
+    let n = lls.len();
+    let ppl = |sum: f64| (-sum / n.max(1) as f64).exp();
+    let value = ppl(lls.iter().sum());
+    if n < 2 {
+        return Metric {
+            value,
+            stderr: f64::NAN,
+        };
+    }
+    let mut rng = lmkit_rand::SplitMix64::new(0x853c_49e6_748f_ea9b);
+    let mut next = || rng.next_u64();
+    let draws: Vec<f64> = (0..1000)
+        .map(|_| ppl((0..n).map(|_| lls[(next() % n as u64) as usize]).sum()))
+        .collect();
+    Metric {
+        value,
+        stderr: mean_stderr(&draws).stderr * (draws.len() as f64).sqrt(),
+    }
+}
+
 /// A group's metric from its subtasks' (lm-evaluation-harness `aggregate_subtask_metrics` with
 /// `weight_by_size`, and `pooled_sample_stderr`): the size-weighted mean, and
 /// `√(Σ (nᵢ − 1)·seᵢ²·nᵢ / (Σ nᵢ − k) / Σ nᵢ)`.
@@ -102,6 +129,7 @@ pub fn aggregate(parts: &[(usize, Metric)]) -> Metric {
 pub struct ItemScores {
     pub logprobs: Vec<f64>,
     pub tokens: Vec<usize>,
+    pub greedy: Vec<bool>,
     pub truncated: bool,
 }
 
@@ -115,6 +143,7 @@ pub fn score_item(
     let mut out = ItemScores {
         logprobs: Vec::new(),
         tokens: Vec::new(),
+        greedy: Vec::new(),
         truncated: false,
     };
     let mut add = |(scores, cut): (Vec<crate::loglik::Score>, bool)| {
@@ -122,6 +151,7 @@ pub fn score_item(
         for s in scores {
             out.logprobs.push(s.logprob);
             out.tokens.push(s.tokens);
+            out.greedy.push(s.greedy);
         }
     };
     if item.contexts.len() == 1 {
@@ -175,6 +205,7 @@ pub fn evaluate(
         let ItemScores {
             logprobs,
             tokens,
+            greedy,
             truncated: cut,
         } = score_item(model, tok, item, max_length)?;
         truncated += usize::from(cut);
@@ -185,20 +216,33 @@ pub fn evaluate(
             .map(|(lp, c)| lp / c.chars().count().max(1) as f64)
             .collect();
         let pred_norm = argmax(&normed);
+        let (acc, acc_norm) = match task.kind {
+            Kind::Loglikelihood => (f64::from(u8::from(greedy.iter().all(|g| *g))), f64::NAN),
+            _ => (
+                f64::from(u8::from(pred == item.gold)),
+                f64::from(u8::from(pred_norm == item.gold)),
+            ),
+        };
         samples.push(Sample {
             doc_id: i,
             item: item.clone(),
             logprobs,
             tokens,
+            greedy,
             pred,
             pred_norm,
-            acc: f64::from(u8::from(pred == item.gold)),
-            acc_norm: f64::from(u8::from(pred_norm == item.gold)),
+            acc,
+            acc_norm,
         });
         progress(i + 1, items.len());
     }
     let mut metrics = BTreeMap::new();
     for m in &task.metrics {
+        if m == "perplexity" {
+            let lls: Vec<f64> = samples.iter().map(|s| s.logprobs[0]).collect();
+            metrics.insert(m.clone(), perplexity(&lls));
+            continue;
+        }
         let xs: Vec<f64> = samples
             .iter()
             .map(|s| if m == "acc_norm" { s.acc_norm } else { s.acc })

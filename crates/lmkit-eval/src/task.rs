@@ -6,8 +6,10 @@
 //! Fields:
 //! - `name`; `dataset`: a folder of the evaluation data (`<dataset>/<config>/<split>`) or a
 //!   file (`.jsonl`, `.parquet`, `.arrow`) relative to the data root; `fewshot_dataset` likewise;
-//! - `kind`: `multiple_choice` (one context, a continuation per choice) or `multiple_input`
-//!   (a context per choice, one continuation: Winogrande's partial scoring);
+//! - `kind`: `multiple_choice` (one context, a continuation per choice), `multiple_input`
+//!   (a context per choice, one continuation: Winogrande's partial scoring) or `loglikelihood`
+//!   (one context and one continuation, LAMBADA: `acc` is greedy agreement, `perplexity` is
+//!   `exp(−mean log-likelihood)`); `item_field`: the row's field holding the item;
 //! - `preprocess`: a built-in item transform (`hellaswag`, `winogrande`), as the harness's
 //!   `process_docs`;
 //! - `text`: the prompt template; `choices`: an expression giving the list of choices (for
@@ -29,6 +31,9 @@ use crate::{Error, Result};
 pub enum Kind {
     MultipleChoice,
     MultipleInput,
+    /// One context, one continuation: its log-likelihood (perplexity) and whether greedy
+    /// decoding would produce it (acc), as LAMBADA.
+    Loglikelihood,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -47,8 +52,13 @@ pub struct TaskSpec {
     pub kind: Kind,
     #[serde(default)]
     pub preprocess: Option<String>,
+    /// Each row's item is this field of the row (request dumps keep the item under `doc`).
+    #[serde(default)]
+    pub item_field: Option<String>,
     pub text: String,
+    #[serde(default)]
     pub choices: String,
+    #[serde(default)]
     pub target: String,
     #[serde(default)]
     pub continuation: Option<String>,
@@ -85,6 +95,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("boolq", include_str!("../tasks/boolq.toml")),
     ("winogrande", include_str!("../tasks/winogrande.toml")),
     ("openbookqa", include_str!("../tasks/openbookqa.toml")),
+    (
+        "lambada_openai",
+        include_str!("../tasks/lambada_openai.toml"),
+    ),
 ];
 
 /// MMLU's 57 subjects by the harness's category groups.
@@ -213,21 +227,27 @@ impl TaskSpec {
             task: origin.into(),
             why: e.to_string(),
         })?;
-        if t.kind == Kind::MultipleInput && t.continuation.is_none() {
-            return Err(Error::Task {
-                task: origin.into(),
-                why: "`multiple_input` needs `continuation`".into(),
-            });
+        let bad = |why: &str| Error::Task {
+            task: origin.into(),
+            why: why.into(),
+        };
+        if t.kind != Kind::MultipleChoice && t.continuation.is_none() {
+            return Err(bad(
+                "`multiple_input` and `loglikelihood` need `continuation`",
+            ));
         }
-        if let Some(m) = t
-            .metrics
-            .iter()
-            .find(|m| !["acc", "acc_norm"].contains(&m.as_str()))
-        {
-            return Err(Error::Task {
-                task: origin.into(),
-                why: format!("unknown metric `{m}` (known: acc, acc_norm)"),
-            });
+        if t.kind != Kind::Loglikelihood && (t.choices.is_empty() || t.target.is_empty()) {
+            return Err(bad("multiple-choice tasks need `choices` and `target`"));
+        }
+        let known: &[&str] = match t.kind {
+            Kind::Loglikelihood => &["acc", "perplexity"],
+            _ => &["acc", "acc_norm"],
+        };
+        if let Some(m) = t.metrics.iter().find(|m| !known.contains(&m.as_str())) {
+            return Err(bad(&format!(
+                "unknown metric `{m}` for this kind (known: {})",
+                known.join(", ")
+            )));
         }
         if let Some(p) = &t.preprocess {
             if !["hellaswag", "winogrande"].contains(&p.as_str()) {
@@ -400,7 +420,7 @@ impl Renderer {
                 t.target_delimiter,
                 choices[gold]
             ),
-            Kind::MultipleInput => {
+            Kind::MultipleInput | Kind::Loglikelihood => {
                 let cont = self.render(t, t.continuation.as_deref().unwrap_or(""), &doc)?;
                 format!("{}{}{cont}", choices[gold], t.target_delimiter)
             }
@@ -409,7 +429,33 @@ impl Renderer {
 
     /// Builds an item from a raw dataset row and its few-shot examples.
     pub fn item(&self, t: &TaskSpec, raw: &Json, shots: &[Json]) -> Result<Item> {
+        let raw = match &t.item_field {
+            Some(f) => raw.get(f).ok_or_else(|| Error::Task {
+                task: t.name.clone(),
+                why: format!("a row has no field `{f}`"),
+            })?,
+            None => raw,
+        };
         let doc = preprocess(t, raw)?;
+        if t.kind == Kind::Loglikelihood {
+            let mut prefix = self.render(t, &t.description, &doc)?;
+            for s in shots {
+                let s = preprocess(t, s)?;
+                prefix.push_str(&self.render(t, &t.text, &s)?);
+                prefix.push_str(&self.render(t, t.continuation.as_deref().unwrap_or(""), &s)?);
+                prefix.push_str(&t.fewshot_delimiter);
+            }
+            return Ok(Item {
+                contexts: vec![format!("{prefix}{}", self.render(t, &t.text, &doc)?)],
+                continuations: vec![self.render(
+                    t,
+                    t.continuation.as_deref().unwrap_or(""),
+                    &doc,
+                )?],
+                choices: Vec::new(),
+                gold: 0,
+            });
+        }
         let mut prefix = self.render(t, &t.description, &doc)?;
         for s in shots {
             prefix.push_str(&self.shot(t, s)?);
@@ -433,7 +479,7 @@ impl Renderer {
                 choices,
                 gold,
             },
-            Kind::MultipleInput => {
+            Kind::MultipleInput | Kind::Loglikelihood => {
                 let cont = self.render(t, t.continuation.as_deref().unwrap_or(""), &doc)?;
                 Item {
                     contexts: choices.iter().map(|c| format!("{prefix}{c}")).collect(),

@@ -91,13 +91,8 @@ impl Sampler {
     }
 
     fn next_f64(&mut self) -> f64 {
-        // SplitMix64.
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        self.state = self.state.wrapping_add(lmkit_rand::GAMMA);
+        lmkit_rand::unit_f64(lmkit_rand::finalize(self.state))
     }
 
     /// Picks the next token from `logits` (`(v,)`), given the tokens so far.

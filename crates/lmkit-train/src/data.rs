@@ -159,14 +159,10 @@ impl Sequences {
     fn shuffle(&mut self) {
         self.order = (0..self.order.len()).collect();
         // Fisher–Yates with a splitmix64 stream keyed by (seed, epoch).
-        let mut x = self.seed ^ (self.epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut next = || {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
+        let mut rng = lmkit_rand::SplitMix64::new(
+            self.seed ^ (self.epoch as u64).wrapping_mul(lmkit_rand::GAMMA),
+        );
+        let mut next = || rng.next_u64();
         for i in (1..self.order.len()).rev() {
             let j = (next() % (i as u64 + 1)) as usize;
             self.order.swap(i, j);

@@ -183,13 +183,10 @@ impl Batches for Mixture {
 
 /// A uniform number in [0, 1) from (seed, index): splitmix64 of the pair, top 53 bits.
 fn unit(seed: u64, index: u64) -> f64 {
-    let mut z = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    let z = seed
+        .wrapping_mul(lmkit_rand::GAMMA)
         .wrapping_add(index.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
+    lmkit_rand::unit_f64(lmkit_rand::finalize(z))
 }
 
 #[cfg(test)]
