@@ -63,13 +63,19 @@ fn compare(fixture: &str, tasks: &[&str], items: usize) {
         assert_eq!(got.len(), items, "{t}");
         let (mut worst, mut same_acc, mut acc) = (0f64, 0, 0.0);
         for (g, w) in got.iter().zip(want) {
-            let (gl, wl) = (g["logprobs"].as_array().unwrap(), w["lls"].as_array().unwrap());
+            let (gl, wl) = (
+                g["logprobs"].as_array().unwrap(),
+                w["lls"].as_array().unwrap(),
+            );
             assert_eq!(gl.len(), wl.len(), "{t} item {}", w["doc_id"]);
             for (a, b) in gl.iter().zip(wl) {
                 worst = worst.max((a.as_f64().unwrap() - b.as_f64().unwrap()).abs());
             }
             // Multiple choice: lm-eval's acc; LAMBADA: its greedy flag.
-            let theirs = match w.get("greedy").filter(|_| fx["tasks"][t]["perplexity"].is_number()) {
+            let theirs = match w
+                .get("greedy")
+                .filter(|_| fx["tasks"][t]["perplexity"].is_number())
+            {
                 Some(gr) => f64::from(u8::from(gr[0].as_bool().unwrap())),
                 None => w["acc"].as_f64().unwrap(),
             };
@@ -78,7 +84,10 @@ fn compare(fixture: &str, tasks: &[&str], items: usize) {
         }
         assert!(worst < MAX_LL_DIFF, "{t}: max |Δll| {worst}");
         // Equal log-likelihoods up to 2e-3 can still flip a near-tie; allow one item.
-        assert!(same_acc + 1 >= items, "{t}: {same_acc} of {items} items agree");
+        assert!(
+            same_acc + 1 >= items,
+            "{t}: {same_acc} of {items} items agree"
+        );
         let reported = r["results"]
             .as_array()
             .unwrap()
@@ -95,7 +104,15 @@ fn compare(fixture: &str, tasks: &[&str], items: usize) {
 fn matches_lm_evaluation_harness_on_the_default_model() {
     compare(
         "tests/fixtures/lmeval_smollm2.json",
-        &["hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"],
+        &[
+            "hellaswag",
+            "arc_easy",
+            "arc_challenge",
+            "piqa",
+            "boolq",
+            "winogrande",
+            "openbookqa",
+        ],
         ITEMS,
     );
 }
@@ -108,7 +125,11 @@ fn matches_lm_evaluation_harness_on_mmlu_and_lambada() {
         &["mmlu_anatomy", "mmlu_high_school_us_history"],
         5,
     );
-    compare("tests/fixtures/lmeval_smollm2_lambada.json", &["lambada_openai"], ITEMS);
+    compare(
+        "tests/fixtures/lmeval_smollm2_lambada.json",
+        &["lambada_openai"],
+        ITEMS,
+    );
 }
 
 fn tiny(dir: &Path) -> PathBuf {
