@@ -46,15 +46,35 @@ pub struct Args {
 /// The rows of a dataset folder (its .arrow/.parquet/.jsonl files in name order) or file.
 fn load_rows(path: &Path) -> Result<Vec<serde_json::Value>> {
     let files = if path.is_dir() {
-        let mut f: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|e| e == "arrow" || e == "parquet")
-                    || lmkit::data::corpus::is_jsonl(p)
-            })
-            .collect();
+        // A `datasets` folder lists its data files in state.json; anything else there (the
+        // `cache-*.arrow` files that `Dataset.map` writes) is not data.
+        let listed: Option<Vec<PathBuf>> = std::fs::read_to_string(path.join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v["_data_files"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|f| f["filename"].as_str().map(|n| path.join(n)))
+                        .collect()
+                })
+            });
+        let mut f: Vec<PathBuf> = match listed {
+            Some(l) if !l.is_empty() => l,
+            _ => std::fs::read_dir(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let cache = p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("cache-"));
+                    !cache
+                        && (p
+                            .extension()
+                            .is_some_and(|e| e == "arrow" || e == "parquet")
+                            || lmkit::data::corpus::is_jsonl(p))
+                })
+                .collect(),
+        };
         f.sort();
         if f.is_empty() {
             bail!("{}: no .arrow, .parquet or .jsonl files", path.display());
@@ -119,6 +139,10 @@ fn groups(results: &[TaskResult]) -> Vec<(String, usize, String, harness::Metric
     }
     let mut out = Vec::new();
     for (g, rs) in by {
+        // A group is reported only when all its subtasks ran.
+        if rs.len() != lmkit::eval::task::group_size(g) {
+            continue;
+        }
         let n: usize = rs.iter().map(|r| r.items).sum();
         let parts: Vec<(usize, harness::Metric)> = rs
             .iter()
@@ -142,7 +166,9 @@ pub fn main(a: Args) -> Result<()> {
             if let Some(k) = a.num_fewshot {
                 s.num_fewshot = k;
             }
-            specs.push(s);
+            if !specs.iter().any(|x: &TaskSpec| x.name == s.name) {
+                specs.push(s);
+            }
         }
     }
     let root = match &a.data {
@@ -171,6 +197,13 @@ pub fn main(a: Args) -> Result<()> {
         };
         let rows = load_rows(&path).with_context(|| format!("task `{}`", spec.name))?;
         let shots: Vec<serde_json::Value> = if spec.num_fewshot > 0 {
+            if root.is_file() {
+                bail!(
+                    "task `{}`: {} few-shot examples need the task's few-shot data, but --data is one file; give --num-fewshot 0 or a data folder",
+                    spec.name,
+                    spec.num_fewshot
+                );
+            }
             let Some(fs) = &spec.fewshot_dataset else {
                 bail!(
                     "task `{}`: {} few-shot examples asked, but the task has no `fewshot_dataset`",
@@ -178,7 +211,8 @@ pub fn main(a: Args) -> Result<()> {
                     spec.num_fewshot
                 );
             };
-            let pool = load_rows(&root.join(fs))?;
+            let pool = load_rows(&root.join(fs))
+                .with_context(|| format!("task `{}`: few-shot examples", spec.name))?;
             match spec.fewshot_sampler {
                 Sampler::FirstN => pool.into_iter().take(spec.num_fewshot).collect(),
             }
@@ -186,6 +220,18 @@ pub fn main(a: Args) -> Result<()> {
             Vec::new()
         };
         let n = a.limit.unwrap_or(rows.len()).min(rows.len());
+        if n == 0 {
+            bail!(
+                "task `{}`: no items to score in {}{}",
+                spec.name,
+                path.display(),
+                if a.limit == Some(0) {
+                    " (--limit 0)"
+                } else {
+                    ""
+                }
+            );
+        }
         let items = rows[..n]
             .iter()
             .enumerate()

@@ -176,6 +176,36 @@ fn task_files_and_bad_input() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["results"][0]["items"], 2);
+    // A dataset folder: its data files only (not the `cache-*` files `datasets` leaves there).
+    let folder = d.join("data/items");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(&items, folder.join("data-00000.jsonl")).unwrap();
+    std::fs::write(folder.join("cache-0123.jsonl"), "not json\n").unwrap();
+    let in_folder = task(
+        "folder.toml",
+        "name = \"mine\"\ndataset = \"items\"\nkind = \"multiple_choice\"\n\
+         text = \"Q: {{ q }}\"\nchoices = \"opts\"\ntarget = \"gold\"\nmetrics = [\"acc\"]\n",
+    );
+    let o = run(&in_folder, &d.join("data"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["results"][0]["items"], 2);
+    let o = lmkit(&[
+        "eval",
+        "--tasks",
+        good.to_str().unwrap(),
+        "--data",
+        items.to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+        "--limit",
+        "0",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("no items") && e.contains("--limit 0"),
+        "{e}"
+    );
     let acc = r["results"][0]["metrics"]["acc"]["value"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
     let fails = |o: Output, want: &str| {

@@ -198,8 +198,8 @@ pub fn write_selected<W: Write + Send>(
 
 /// Every row of a table file as a JSON object, column by column: a Parquet file, or an Arrow
 /// IPC stream or file (`.arrow`, as HF `datasets` caches and `save_to_disk` write them).
-/// Strings, numbers, booleans, nulls, lists and structs map to their JSON forms; other column
-/// types are an error naming the column.
+/// Strings, numbers, booleans, nulls, lists and structs map to their JSON forms; columns of
+/// other types read as nulls.
 pub fn rows(path: &Path) -> Result<Vec<serde_json::Value>> {
     let batches: Vec<RecordBatch> = if is_parquet(path) {
         let f = File::open(path).map_err(|e| err(path, e))?;

@@ -100,6 +100,8 @@ impl<R: BufRead> Read for Reader<R> {
 pub struct Writer<W: Write> {
     inner: W,
     buf: Vec<u8>,
+    /// Frames written so far.
+    frames: usize,
 }
 
 impl<W: Write> Writer<W> {
@@ -107,22 +109,25 @@ impl<W: Write> Writer<W> {
         Self {
             inner,
             buf: Vec::with_capacity(FRAME),
+            frames: 0,
         }
     }
 
     fn flush_frame(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+        if self.buf.is_empty() && self.frames > 0 {
             return Ok(());
         }
         // Compressing from memory into memory: the encoder's reads and writes cannot fail.
         let mut frame = Vec::with_capacity(self.buf.len() / 3);
         compress(self.buf.as_slice(), &mut frame, CompressionLevel::Fastest);
         self.inner.write_all(&frame)?;
+        self.frames += 1;
         self.buf.clear();
         Ok(())
     }
 
-    /// Writes the last frame and returns the inner writer.
+    /// Writes the last frame (an empty one if nothing was written, so the file is a valid,
+    /// empty stream) and returns the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
         self.flush_frame()?;
         self.inner.flush()?;
@@ -191,8 +196,14 @@ mod tests {
         let r = Reader::new(io::BufReader::new(&z[..z.len() / 2]))
             .and_then(|mut r| r.read_to_end(&mut back));
         assert!(r.is_err(), "a cut stream must not read as complete");
-        // Empty input makes no frame at all; an empty frame list is not a stream.
+        // Empty input makes one empty frame, which reads back as nothing.
         let z = Writer::new(Vec::new()).finish().unwrap();
-        assert!(z.is_empty());
+        assert!(!z.is_empty());
+        let mut back = Vec::new();
+        Reader::new(io::BufReader::new(z.as_slice()))
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back.is_empty());
     }
 }

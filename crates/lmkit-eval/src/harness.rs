@@ -113,6 +113,12 @@ pub fn aggregate(parts: &[(usize, Metric)]) -> Metric {
     let total: usize = parts.iter().map(|(n, _)| n).sum();
     let value = parts.iter().map(|(n, m)| *n as f64 * m.value).sum::<f64>() / total.max(1) as f64;
     let k = parts.len();
+    if total <= k {
+        return Metric {
+            value,
+            stderr: f64::NAN,
+        };
+    }
     let pooled: f64 = parts
         .iter()
         .map(|(n, m)| (*n as f64 - 1.0) * m.stderr.powi(2) * *n as f64)

@@ -129,11 +129,6 @@ pub fn score_shared(
     if context.is_empty() {
         return Err(Error::Data("a request has no context tokens".into()));
     }
-    if let Some(i) = continuations.iter().position(|c| c.is_empty()) {
-        return Err(Error::Data(format!(
-            "continuation {i} has no tokens (an empty answer choice?)"
-        )));
-    }
     let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
     if longest > max_length {
         return Err(Error::Data(format!(
@@ -149,6 +144,16 @@ pub fn score_shared(
     let last = h.narrow(0, context.len() - 1, 1)?;
     let mut out = Vec::with_capacity(continuations.len());
     for c in continuations {
+        // No tokens to score (the continuation merged into the context's last token): as
+        // lm-eval, an empty sum, greedy.
+        if c.is_empty() {
+            out.push(Score {
+                logprob: 0.0,
+                greedy: true,
+                tokens: 0,
+            });
+            continue;
+        }
         let rows = if c.len() > 1 {
             let h = hidden(model, &c[..c.len() - 1], &mut cache)?;
             cache.truncate(context.len())?;

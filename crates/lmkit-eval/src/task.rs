@@ -209,6 +209,16 @@ pub fn expand(name: &str) -> Result<Vec<TaskSpec>> {
     Ok(vec![TaskSpec::builtin(name)?])
 }
 
+/// How many subtasks a group has (0 for a name that is not a group).
+pub fn group_size(group: &str) -> usize {
+    if group == "mmlu" {
+        return MMLU.iter().map(|(_, s)| s.len()).sum();
+    }
+    MMLU.iter()
+        .find(|(g, _)| *g == group)
+        .map_or(0, |(_, s)| s.len())
+}
+
 /// The groups a subtask belongs to (`mmlu_anatomy` → `mmlu_stem`, `mmlu`).
 pub fn groups_of(task: &str) -> Vec<&'static str> {
     let Some(s) = task.strip_prefix("mmlu_") else {
@@ -410,6 +420,13 @@ impl Renderer {
 
     /// A few-shot example's text: the prompt, the delimiter and its gold answer.
     fn shot(&self, t: &TaskSpec, doc: &Json) -> Result<String> {
+        let doc = match &t.item_field {
+            Some(f) => doc.get(f).ok_or_else(|| Error::Task {
+                task: t.name.clone(),
+                why: format!("a few-shot row has no field `{f}`"),
+            })?,
+            None => doc,
+        };
         let doc = preprocess(t, doc)?;
         let choices = self.strings(t, &t.choices, &doc)?;
         let gold = self.gold(t, &doc, &choices)?;
@@ -440,6 +457,10 @@ impl Renderer {
         if t.kind == Kind::Loglikelihood {
             let mut prefix = self.render(t, &t.description, &doc)?;
             for s in shots {
+                let s = match &t.item_field {
+                    Some(f) => s.get(f).unwrap_or(s),
+                    None => s,
+                };
                 let s = preprocess(t, s)?;
                 prefix.push_str(&self.render(t, &t.text, &s)?);
                 prefix.push_str(&self.render(t, t.continuation.as_deref().unwrap_or(""), &s)?);
