@@ -2,8 +2,8 @@
 """`lmkit eval` vs the lm-evaluation-harness fixture, item by item (docs/results.md's table).
 
     lmkit eval --tasks hellaswag,arc_easy,arc_challenge,piqa,boolq,winogrande,openbookqa \
-        --limit 200 --dequantize --json --log-samples /tmp/lmkit-samples.jsonl > /tmp/lmkit.json
-    python3 scripts/compare_lmeval.py tests/fixtures/lmeval_smollm2.json /tmp/lmkit-samples.jsonl
+        --limit 200 --dequantize --log-samples samples.jsonl
+    python3 scripts/compare_lmeval.py tests/fixtures/lmeval_smollm2.json samples.jsonl
 """
 import json
 import sys

@@ -241,6 +241,24 @@ pub fn rows(path: &Path) -> Result<Vec<serde_json::Value>> {
     Ok(out)
 }
 
+/// A list column's values as JSON arrays (either offset width).
+fn list_column<O: arrow_array::OffsetSizeTrait>(
+    path: &Path,
+    name: &str,
+    l: &arrow_array::GenericListArray<O>,
+) -> Result<Vec<serde_json::Value>> {
+    let inner = json_column(path, name, l.values().as_ref())?;
+    let offs = l.value_offsets();
+    Ok((0..l.len())
+        .map(|i| match l.is_null(i) {
+            true => serde_json::Value::Null,
+            false => {
+                serde_json::Value::Array(inner[offs[i].as_usize()..offs[i + 1].as_usize()].to_vec())
+            }
+        })
+        .collect())
+}
+
 /// One column's values as JSON.
 fn json_column(path: &Path, name: &str, col: &dyn Array) -> Result<Vec<serde_json::Value>> {
     use arrow_array::cast::AsArray;
@@ -320,28 +338,8 @@ fn json_column(path: &Path, name: &str, col: &dyn Array) -> Result<Vec<serde_jso
             .map(|v| num(v.map(f64::from)))
             .collect(),
         D::Float64 => col.as_primitive::<Float64Type>().iter().map(num).collect(),
-        D::List(_) => {
-            let l = col.as_list::<i32>();
-            let inner = json_column(path, name, l.values().as_ref())?;
-            let offs = l.value_offsets();
-            (0..n)
-                .map(|i| match l.is_null(i) {
-                    true => J::Null,
-                    false => J::Array(inner[offs[i] as usize..offs[i + 1] as usize].to_vec()),
-                })
-                .collect()
-        }
-        D::LargeList(_) => {
-            let l = col.as_list::<i64>();
-            let inner = json_column(path, name, l.values().as_ref())?;
-            let offs = l.value_offsets();
-            (0..n)
-                .map(|i| match l.is_null(i) {
-                    true => J::Null,
-                    false => J::Array(inner[offs[i] as usize..offs[i + 1] as usize].to_vec()),
-                })
-                .collect()
-        }
+        D::List(_) => list_column(path, name, col.as_list::<i32>())?,
+        D::LargeList(_) => list_column(path, name, col.as_list::<i64>())?,
         D::Struct(fields) => {
             let s = col.as_struct();
             let mut parts = Vec::with_capacity(fields.len());
