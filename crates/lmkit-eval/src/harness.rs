@@ -139,6 +139,20 @@ pub struct ItemScores {
     pub truncated: bool,
 }
 
+/// One request on its own.
+fn score_one(
+    model: &Llama,
+    e: crate::loglik::Encoded,
+    max_length: usize,
+) -> Result<(Vec<crate::loglik::Score>, bool)> {
+    score_shared(
+        model,
+        &e.context,
+        std::slice::from_ref(&e.continuation),
+        max_length,
+    )
+}
+
 /// Scores one item: every (context, continuation) request, the contexts shared where they are.
 pub fn score_item(
     model: &Llama,
@@ -167,27 +181,28 @@ pub fn score_item(
             .iter()
             .map(|c| encode_pair(tok, &item.contexts[0], c))
             .collect::<Result<_>>()?;
-        if enc.iter().all(|e| e.context == enc[0].context) {
+        let Some(first) = enc.first() else {
+            return Ok(out);
+        };
+        let same = enc.iter().all(|e| e.context == first.context);
+        // Sharing is exact while nothing is cut; when the input must be cut, each choice keeps
+        // as much context as its own continuation allows, as the harness does.
+        let longest = enc.iter().map(|e| e.continuation.len()).max().unwrap_or(0);
+        let fits = first.context.len() + longest <= max_length + 1;
+        if same && fits {
             let conts: Vec<Vec<u32>> = enc.iter().map(|e| e.continuation.clone()).collect();
-            add(score_shared(model, &enc[0].context, &conts, max_length)?);
+            add(score_shared(model, &first.context, &conts, max_length)?);
         } else {
-            for e in &enc {
-                add(score_shared(
-                    model,
-                    &e.context,
-                    std::slice::from_ref(&e.continuation),
-                    max_length,
-                )?);
+            for e in enc {
+                add(score_one(model, e, max_length)?);
             }
         }
     } else {
         // A context per choice, one continuation (Winogrande).
         for ctx in &item.contexts {
-            let e = encode_pair(tok, ctx, &item.continuations[0])?;
-            add(score_shared(
+            add(score_one(
                 model,
-                &e.context,
-                std::slice::from_ref(&e.continuation),
+                encode_pair(tok, ctx, &item.continuations[0])?,
                 max_length,
             )?);
         }

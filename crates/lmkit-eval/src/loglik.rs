@@ -119,7 +119,8 @@ fn score_rows(model: &Llama, rows: &Tensor, targets: &[u32]) -> Result<Score> {
 }
 
 /// Scores requests that share one context: the context runs once (left-truncated as a whole
-/// with the longest continuation when they do not fit `max_length`; the flag says so).
+/// with the longest continuation when they do not fit `max_length`; the flag says so; the
+/// harness scores choices one by one when cutting is needed, so each keeps its own context).
 pub fn score_shared(
     model: &Llama,
     context: &[u32],
