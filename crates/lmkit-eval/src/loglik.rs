@@ -70,10 +70,8 @@ pub fn encode_pair(tok: &LoadedTokenizer, context: &str, continuation: &str) -> 
 }
 
 /// `log softmax(row)[target]` and whether `target` is the row's argmax (first index on ties).
-fn logprob(row: &[f32], target: usize) -> (f64, bool) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let sum: f64 = row.iter().map(|&x| f64::from(x - max).exp()).sum();
-    let lp = f64::from(row[target] - max) - sum.ln();
+fn logprob(buf: &mut Vec<f32>, row: &[f32], target: usize) -> (f64, bool) {
+    let lp = -crate::perplexity::row_nll(buf, row, target);
     let arg = row
         .iter()
         .enumerate()
@@ -105,9 +103,9 @@ fn score_rows(model: &Llama, rows: &Tensor, targets: &[u32]) -> Result<Score> {
         .flatten_all()?
         .to_vec1::<f32>()?;
     let v = logits.len() / targets.len().max(1);
-    let (mut total, mut greedy) = (0.0, true);
+    let (mut total, mut greedy, mut buf) = (0.0, true, Vec::new());
     for (row, &t) in logits.chunks_exact(v).zip(targets) {
-        let (lp, top) = logprob(row, t as usize);
+        let (lp, top) = logprob(&mut buf, row, t as usize);
         total += lp;
         greedy &= top;
     }
@@ -173,9 +171,10 @@ mod tests {
 
     #[test]
     fn logprob_is_log_softmax_and_argmax_takes_the_first() {
-        let (lp, top) = logprob(&[1.0, 2.0, 3.0], 2);
+        let mut b = Vec::new();
+        let (lp, top) = logprob(&mut b, &[1.0, 2.0, 3.0], 2);
         let want = 3.0 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
         assert!((lp - want).abs() < 1e-6 && top);
-        assert!(!logprob(&[5.0, 5.0], 1).1 && logprob(&[5.0, 5.0], 0).1);
+        assert!(!logprob(&mut b, &[5.0, 5.0], 1).1 && logprob(&mut b, &[5.0, 5.0], 0).1);
     }
 }

@@ -69,18 +69,21 @@ pub struct PplReport {
 /// `logsumexp(row) − row[target]`, with the max subtracted first.
 fn nlls(logits: &[f32], v: usize, targets: &[usize]) -> Vec<f64> {
     use rayon::prelude::*;
-    let isa = lmkit_kernels::isa();
     logits
         .par_chunks_exact(v)
         .zip(targets.par_iter())
-        .map_init(Vec::new, |buf, (row, &target)| {
-            buf.clear();
-            buf.extend_from_slice(row);
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let sum = lmkit_kernels::ops::softmax_unnormalized(isa, buf) as f64;
-            sum.ln() + max as f64 - row[target] as f64
-        })
+        .map_init(Vec::new, |buf, (row, &target)| row_nll(buf, row, target))
         .collect()
+}
+
+/// `−log softmax(row)[target] = logsumexp(row) − row[target]`, the max subtracted first
+/// (`buf` is scratch space).
+pub(crate) fn row_nll(buf: &mut Vec<f32>, row: &[f32], target: usize) -> f64 {
+    buf.clear();
+    buf.extend_from_slice(row);
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let sum = lmkit_kernels::ops::softmax_unnormalized(lmkit_kernels::isa(), buf) as f64;
+    sum.ln() + max as f64 - row[target] as f64
 }
 
 /// Computes perplexity of `tokens`; `progress(done_windows, total_windows)` is called after each
