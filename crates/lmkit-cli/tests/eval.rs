@@ -268,3 +268,170 @@ fn task_files_and_bad_input() {
     fails(run(&good, &items), "item 0");
     fails(run(&good, &d.join("missing.jsonl")), "missing.jsonl");
 }
+
+#[test]
+fn generation_tasks_and_their_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = tiny(d);
+    let items = d.join("gen.jsonl");
+    std::fs::write(
+        &items,
+        "{\"q\": \"2 and 3\", \"a\": \"5\"}\n{\"q\": \"1 and 1\", \"a\": \"2\"}\n",
+    )
+    .unwrap();
+    let task = |body: &str| {
+        let p = d.join("gen.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let base = "name = \"sums\"\ndataset = \"gen.jsonl\"\nkind = \"generate_until\"\n\
+         text = \"Q: {{ q }}\\nA:\"\ntarget = \"{{ a }}\"\nuntil = [\"\\n\"]\nmax_gen_toks = 4\n\
+         metrics = [\"exact_match\", \"token_edit_distance\", \"per_token_acc\", \"target_logprob\", \"brier_score\"]\n";
+    let run = |task: &Path| {
+        let samples = d.join("s.jsonl");
+        let o = lmkit(&[
+            "eval",
+            "--tasks",
+            task.to_str().unwrap(),
+            "--data",
+            items.to_str().unwrap(),
+            "--model",
+            m.to_str().unwrap(),
+            "--json",
+            "--log-samples",
+            samples.to_str().unwrap(),
+        ]);
+        let s = std::fs::read_to_string(&samples).unwrap_or_default();
+        (o, s)
+    };
+    let (o, samples) = run(&task(&format!(
+        "{base}filters = [{{ name = \"num\", regex = \"([0-9]+)\" }}]\n"
+    )));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let met = &r["results"][0]["metrics"];
+    for k in [
+        "exact_match,num",
+        "token_edit_distance",
+        "per_token_acc",
+        "target_logprob",
+        "brier_score",
+    ] {
+        assert!(met[k]["value"].is_number(), "{k}: {met}");
+    }
+    let acc = met["per_token_acc"]["value"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(met["target_logprob"]["value"].as_f64().unwrap() < 0.0);
+    let brier = met["brier_score"]["value"].as_f64().unwrap();
+    assert!((0.0..=2.0).contains(&brier), "{brier}");
+    let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    assert!(first["generation"]["output"].is_string(), "{first}");
+    assert_eq!(first["item"]["target"], "5");
+    let fails = |o: Output, want: &str| {
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(
+            e.contains(want) && !e.contains("panicked"),
+            "want `{want}` in: {e}"
+        );
+    };
+    // A pattern the regex engine cannot take is named.
+    fails(
+        run(&task(&format!(
+            "{base}filters = [{{ name = \"num\", regex = \"(?<=x)y\" }}]\n"
+        )))
+        .0,
+        "(?<=x)y",
+    );
+    fails(
+        run(&task(
+            &base.replace("max_gen_toks = 4", "max_gen_toks = 100000"),
+        ))
+        .0,
+        "leaves no room",
+    );
+    fails(
+        run(&task(&base.replace("target = \"{{ a }}\"\n", ""))).0,
+        "needs `target`",
+    );
+    fails(
+        lmkit(&[
+            "eval",
+            "--tasks",
+            "arithmetic_mul_12",
+            "--model",
+            m.to_str().unwrap(),
+        ]),
+        "digits must be",
+    );
+}
+
+/// GSM8K chain of thought (8 fixed examples, greedy generation, two answer extractions) on the
+/// first items: the same generated text and the same extracted answers as lm-eval.
+#[test]
+fn matches_lm_evaluation_harness_on_gsm8k_cot() {
+    const N: usize = 8;
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("tests/fixtures/lmeval_smollm2_gsm8k.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples.jsonl");
+    let o = lmkit(&[
+        "eval",
+        "--tasks",
+        "gsm8k_cot",
+        "--limit",
+        &N.to_string(),
+        "--dequantize",
+        "--json",
+        "--log-samples",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours: Vec<serde_json::Value> = std::fs::read_to_string(&samples)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ours.len(), N);
+    let (mut same_text, mut same_answer, mut compared) = (0, 0, 0);
+    for w in fx["tasks"]["gsm8k_cot"]["items"].as_array().unwrap() {
+        let id = w["doc_id"].as_u64().unwrap() as usize;
+        if id >= N {
+            continue;
+        }
+        let g = &ours[id]["generation"];
+        let (_, answer, hit) = g["answers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a[0].as_str().unwrap(),
+                    a[1].as_str().unwrap(),
+                    a[2].as_bool().unwrap(),
+                )
+            })
+            .find(|a| a.0 == w["filter"])
+            .unwrap();
+        compared += 1;
+        // Greedy decoding can part ways at a near tie; allow one item of N to differ.
+        same_answer += usize::from(
+            answer == w["answer"] && f64::from(u8::from(hit)) == w["exact_match"].as_f64().unwrap(),
+        );
+        if w["filter"] == "strict-match" {
+            same_text += usize::from(
+                g["output"].as_str().unwrap().trim() == w["output"].as_str().unwrap().trim(),
+            );
+        }
+    }
+    assert_eq!(compared, 2 * N);
+    assert!(same_text >= N - 1, "{same_text} of {N} outputs identical");
+    assert!(
+        same_answer >= 2 * N - 2,
+        "{same_answer} of {} answers identical",
+        2 * N
+    );
+}

@@ -4,6 +4,9 @@
 pub enum Error {
     #[error(transparent)]
     Model(#[from] lmkit_models::Error),
+    /// Boxed: generation errors are large and rare.
+    #[error(transparent)]
+    Generate(Box<lmkit_generate::Error>),
     #[error("invalid option `{option}`: {why}")]
     Option { option: String, why: String },
     #[error("{0}")]
@@ -17,6 +20,12 @@ pub enum Error {
 impl From<lmkit_core::candle::Error> for Error {
     fn from(e: lmkit_core::candle::Error) -> Self {
         Error::Model(e.into())
+    }
+}
+
+impl From<lmkit_generate::Error> for Error {
+    fn from(e: lmkit_generate::Error) -> Self {
+        Error::Generate(Box::new(e))
     }
 }
 

@@ -11,7 +11,8 @@ use lmkit_formats::tokenizer::LoadedTokenizer;
 use lmkit_models::Llama;
 use serde::Serialize;
 
-use crate::loglik::{encode_pair, score_shared};
+use crate::generation::{edit_distance, Scorer};
+use crate::loglik::{encode_pair, score_on_cache, score_shared};
 use crate::task::{Item, Kind, TaskSpec};
 use crate::Result;
 
@@ -30,6 +31,25 @@ pub struct Sample {
     pub pred_norm: usize,
     pub acc: f64,
     pub acc_norm: f64,
+    /// Multiple choice: `Σ_i (softmax(logprobs)_i − [i = gold])²`.
+    pub brier: f64,
+    /// Generation tasks: the output and its scores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenSample>,
+}
+
+/// A generation item's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenSample {
+    pub output: String,
+    /// Each filter's extracted answer and whether it matched the target exactly.
+    pub answers: Vec<(String, String, bool)>,
+    pub token_edit_distance: f64,
+    pub per_token_acc: f64,
+    pub target_logprob: f64,
+    pub brier_score: f64,
+    /// Prompt tokens taken from the previous item's cache (a shared few-shot prefix).
+    pub prompt_tokens_reused: usize,
 }
 
 /// A metric's mean over the items and its standard error.
@@ -219,6 +239,9 @@ pub fn evaluate(
     max_length: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TaskResult> {
+    if task.kind == Kind::GenerateUntil {
+        return evaluate_generation(model, tok, task, items, max_length, progress);
+    }
     let t0 = std::time::Instant::now();
     let mut samples = Vec::with_capacity(items.len());
     let mut truncated = 0;
@@ -244,6 +267,7 @@ pub fn evaluate(
                 f64::from(u8::from(pred_norm == item.gold)),
             ),
         };
+        let brier = brier(&logprobs, item.gold);
         samples.push(Sample {
             doc_id: i,
             item: item.clone(),
@@ -254,6 +278,8 @@ pub fn evaluate(
             pred_norm,
             acc,
             acc_norm,
+            brier,
+            generation: None,
         });
         progress(i + 1, items.len());
     }
@@ -266,12 +292,37 @@ pub fn evaluate(
         }
         let xs: Vec<f64> = samples
             .iter()
-            .map(|s| if m == "acc_norm" { s.acc_norm } else { s.acc })
+            .map(|s| match m.as_str() {
+                "acc_norm" => s.acc_norm,
+                "brier_score" => s.brier,
+                _ => s.acc,
+            })
             .collect();
         metrics.insert(m.clone(), mean_stderr(&xs));
     }
+    Ok(finish(task, samples, metrics, truncated, t0))
+}
+
+/// The Brier score of the choices' softmax against the gold choice.
+fn brier(logprobs: &[f64], gold: usize) -> f64 {
+    let max = logprobs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = logprobs.iter().map(|l| (l - max).exp()).sum();
+    logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, l)| ((l - max).exp() / z - f64::from(u8::from(i == gold))).powi(2))
+        .sum()
+}
+
+fn finish(
+    task: &TaskSpec,
+    samples: Vec<Sample>,
+    metrics: BTreeMap<String, Metric>,
+    truncated: usize,
+    t0: std::time::Instant,
+) -> TaskResult {
     let seconds = t0.elapsed().as_secs_f64();
-    Ok(TaskResult {
+    TaskResult {
         task: task.name.clone(),
         items: samples.len(),
         metrics,
@@ -279,7 +330,152 @@ pub fn evaluate(
         seconds,
         items_per_sec: samples.len() as f64 / seconds.max(1e-9),
         samples,
-    })
+    }
+}
+
+/// Runs a generation task: per item, the target scored with teacher forcing on the prompt's
+/// cache, then greedy generation from the same cache (consecutive items share their few-shot
+/// prefix's cache), the answers extracted and matched.
+fn evaluate_generation(
+    model: &Llama,
+    tok: &LoadedTokenizer,
+    task: &TaskSpec,
+    items: &[Item],
+    max_length: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TaskResult> {
+    use lmkit_generate::generate::Session;
+    use lmkit_generate::{generate, GenerateOptions, SamplingParams};
+    let t0 = std::time::Instant::now();
+    let bad = |why: String| crate::Error::Task {
+        task: task.name.clone(),
+        why,
+    };
+    let scorer = Scorer::new(&task.filters, &task.exact_match).map_err(bad)?;
+    if task.max_gen_toks >= max_length {
+        return Err(bad(format!(
+            "max_gen_toks {} leaves no room for a prompt in {max_length} tokens",
+            task.max_gen_toks
+        )));
+    }
+    let opts = GenerateOptions {
+        sampling: SamplingParams::greedy(),
+        max_tokens: task.max_gen_toks,
+        stop: task.until.clone(),
+        stop_at_eos: true,
+        truncate_prompt: false,
+    };
+    let enc = |s: &str| -> Result<Vec<u32>> {
+        tok.encode(s)
+            .map_err(|e| crate::Error::Data(format!("cannot tokenize: {e}")))
+    };
+    let mut session = Session::new(model);
+    let (mut samples, mut truncated) = (Vec::with_capacity(items.len()), 0);
+    for (i, item) in items.iter().enumerate() {
+        let target = item.target.clone().unwrap_or_default();
+        // Teacher forcing: the target after its context, the context cut from the left to fit.
+        let pair = encode_pair(tok, &item.contexts[0], &item.continuations[0])?;
+        let cont = &pair.continuation;
+        if cont.len() > max_length {
+            return Err(bad(format!(
+                "item {i}: a target of {} tokens does not fit {max_length}",
+                cont.len()
+            )));
+        }
+        let keep = (max_length + 1 - cont.len()).min(pair.context.len());
+        let mut cut = keep < pair.context.len();
+        let ctx = &pair.context[pair.context.len() - keep..];
+        let (last, _) = session.feed(model, ctx)?;
+        let forced = if cont.is_empty() {
+            crate::loglik::score_logits(&[], &[])
+        } else {
+            score_on_cache(model, &mut session.cache, ctx.len(), &last, cont)?
+        };
+        // Generation: the prompt keeps its last `max_length − max_gen_toks` tokens.
+        let prompt = tok
+            .encode_with_bos(&item.contexts[0])
+            .map_err(|e| crate::Error::Data(format!("cannot tokenize: {e}")))?;
+        let room = max_length - task.max_gen_toks;
+        cut |= prompt.len() > room;
+        let prompt = &prompt[prompt.len().saturating_sub(room)..];
+        let g = generate(model, tok, &mut session, prompt, &opts, &mut |_| true)?;
+        truncated += usize::from(cut);
+        let answers: Vec<(String, String, bool)> = scorer
+            .extract(&g.text)
+            .into_iter()
+            .map(|(name, a)| {
+                let hit = scorer.exact_match(&a, &target);
+                (name, a, hit)
+            })
+            .collect();
+        // The first extraction's tokens against the target's (a fallback is no answer).
+        let answer = match answers.first() {
+            Some((f, a, _)) if !scorer.is_fallback(f, a) => a.trim().to_string(),
+            _ => String::new(),
+        };
+        let distance = edit_distance(&enc(&answer)?, &enc(target.trim())?);
+        let n = forced.tokens.max(1) as f64;
+        samples.push(Sample {
+            doc_id: i,
+            item: item.clone(),
+            logprobs: vec![forced.logprob],
+            tokens: vec![forced.tokens],
+            greedy: vec![forced.greedy],
+            pred: 0,
+            pred_norm: 0,
+            acc: f64::NAN,
+            acc_norm: f64::NAN,
+            brier: f64::NAN,
+            generation: Some(GenSample {
+                output: g.text,
+                answers,
+                token_edit_distance: distance as f64,
+                per_token_acc: forced.correct as f64 / n,
+                target_logprob: forced.logprob,
+                brier_score: forced.brier / n,
+                prompt_tokens_reused: g.prompt_tokens - g.prompt_tokens_run,
+            }),
+        });
+        progress(i + 1, items.len());
+    }
+    let gens: Vec<&GenSample> = samples
+        .iter()
+        .filter_map(|s| s.generation.as_ref())
+        .collect();
+    let mut metrics = BTreeMap::new();
+    for m in &task.metrics {
+        if m == "exact_match" {
+            for (k, (name, _, _)) in gens
+                .first()
+                .map_or(&[][..], |g| &g.answers[..])
+                .iter()
+                .enumerate()
+            {
+                let xs: Vec<f64> = gens
+                    .iter()
+                    .map(|g| f64::from(u8::from(g.answers[k].2)))
+                    .collect();
+                let key = if name.is_empty() {
+                    m.clone()
+                } else {
+                    format!("{m},{name}")
+                };
+                metrics.insert(key, mean_stderr(&xs));
+            }
+            continue;
+        }
+        let xs: Vec<f64> = gens
+            .iter()
+            .map(|g| match m.as_str() {
+                "token_edit_distance" => g.token_edit_distance,
+                "per_token_acc" => g.per_token_acc,
+                "target_logprob" => g.target_logprob,
+                _ => g.brier_score,
+            })
+            .collect();
+        metrics.insert(m.clone(), mean_stderr(&xs));
+    }
+    Ok(finish(task, samples, metrics, truncated, t0))
 }
 
 #[cfg(test)]

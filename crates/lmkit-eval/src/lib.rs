@@ -1,7 +1,9 @@
 //! lmkit-eval: perplexity and the benchmark harness (tasks as data, log-likelihood scoring as
 //! lm-evaluation-harness does it).
 
+pub mod arithmetic;
 pub mod error;
+pub mod generation;
 pub mod harness;
 pub mod loglik;
 pub mod perplexity;

@@ -34,6 +34,10 @@ pub struct Score {
     pub greedy: bool,
     /// Continuation tokens scored.
     pub tokens: usize,
+    /// Continuation tokens that were the model's top choice.
+    pub correct: usize,
+    /// `Σ_tokens Σ_v (p_v − [v = token])²`: the Brier score summed over the continuation.
+    pub brier: f64,
 }
 
 /// `_encode_pair`: the context's and the continuation's tokens.
@@ -69,9 +73,14 @@ pub fn encode_pair(tok: &LoadedTokenizer, context: &str, continuation: &str) -> 
     })
 }
 
-/// `log softmax(row)[target]` and whether `target` is the row's argmax (first index on ties).
-fn logprob(buf: &mut Vec<f32>, row: &[f32], target: usize) -> (f64, bool) {
+/// One position's score of `target`: `log softmax(row)[target]`, whether `target` is the
+/// row's argmax (first index on ties), and the Brier score `Σ_v (p_v − [v = target])²`.
+fn token_score(buf: &mut Vec<f32>, row: &[f32], target: usize) -> (f64, bool, f64) {
     let lp = -crate::perplexity::row_nll(buf, row, target);
+    // `row_nll` leaves `exp(row − max)` in `buf`.
+    let sum: f64 = buf.iter().map(|&e| f64::from(e)).sum();
+    let sq: f64 = buf.iter().map(|&e| f64::from(e) * f64::from(e)).sum();
+    let brier = sq / (sum * sum) - 2.0 * lp.exp() + 1.0;
     let arg = row
         .iter()
         .enumerate()
@@ -83,7 +92,7 @@ fn logprob(buf: &mut Vec<f32>, row: &[f32], target: usize) -> (f64, bool) {
             }
         })
         .0;
-    (lp, arg == target)
+    (lp, arg == target, brier)
 }
 
 /// The model's hidden states for `ids` on top of `cache`, `(t, c)` rows as one tensor.
@@ -93,27 +102,59 @@ fn hidden(model: &Llama, ids: &[u32], cache: &mut lmkit_models::KvCache) -> Resu
     Ok(h.squeeze(0)?)
 }
 
-/// Log-probabilities of `rows (n, c)` of hidden states predicting `targets`.
-fn score_rows(model: &Llama, rows: &Tensor, targets: &[u32]) -> Result<Score> {
-    let logits = model
+/// Logits `(n, v)` of hidden-state rows `(n, c)`, flattened.
+pub fn logits_of(model: &Llama, rows: &Tensor) -> Result<Vec<f32>> {
+    Ok(model
         .lm_head()
         .forward(rows)
         .map_err(lmkit_models::Error::from)?
         .to_dtype(lmkit_core::DType::F32)?
         .flatten_all()?
-        .to_vec1::<f32>()?;
+        .to_vec1::<f32>()?)
+}
+
+/// Scores `targets` against logit rows (one row per target, flattened).
+pub fn score_logits(logits: &[f32], targets: &[u32]) -> Score {
     let v = logits.len() / targets.len().max(1);
-    let (mut total, mut greedy, mut buf) = (0.0, true, Vec::new());
-    for (row, &t) in logits.chunks_exact(v).zip(targets) {
-        let (lp, top) = logprob(&mut buf, row, t as usize);
-        total += lp;
-        greedy &= top;
-    }
-    Ok(Score {
-        logprob: total,
-        greedy,
+    let mut buf = Vec::new();
+    let mut s = Score {
+        logprob: 0.0,
+        greedy: true,
         tokens: targets.len(),
-    })
+        correct: 0,
+        brier: 0.0,
+    };
+    for (row, &t) in logits.chunks_exact(v.max(1)).zip(targets) {
+        let (lp, top, brier) = token_score(&mut buf, row, t as usize);
+        s.logprob += lp;
+        s.greedy &= top;
+        s.correct += usize::from(top);
+        s.brier += brier;
+    }
+    s
+}
+
+/// Scores `continuation` after a context already in `cache` whose last position gave
+/// `last_logits`; the cache is cut back to the context afterwards.
+pub fn score_on_cache(
+    model: &Llama,
+    cache: &mut lmkit_models::KvCache,
+    context_len: usize,
+    last_logits: &[f32],
+    continuation: &[u32],
+) -> Result<Score> {
+    let mut logits = last_logits.to_vec();
+    if continuation.len() > 1 {
+        let h = hidden(model, &continuation[..continuation.len() - 1], cache)?;
+        cache.truncate(context_len)?;
+        logits.extend(logits_of(model, &h)?);
+    }
+    Ok(score_logits(&logits, continuation))
+}
+
+/// Log-probabilities of `rows (n, c)` of hidden states predicting `targets`.
+fn score_rows(model: &Llama, rows: &Tensor, targets: &[u32]) -> Result<Score> {
+    Ok(score_logits(&logits_of(model, rows)?, targets))
 }
 
 /// Scores requests that share one context: the context runs once (left-truncated as a whole
@@ -150,6 +191,8 @@ pub fn score_shared(
                 logprob: 0.0,
                 greedy: true,
                 tokens: 0,
+                correct: 0,
+                brier: 0.0,
             });
             continue;
         }
@@ -170,11 +213,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn logprob_is_log_softmax_and_argmax_takes_the_first() {
+    fn token_score_is_log_softmax_argmax_and_brier() {
         let mut b = Vec::new();
-        let (lp, top) = logprob(&mut b, &[1.0, 2.0, 3.0], 2);
-        let want = 3.0 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
-        assert!((lp - want).abs() < 1e-6 && top);
-        assert!(!logprob(&mut b, &[5.0, 5.0], 1).1 && logprob(&mut b, &[5.0, 5.0], 0).1);
+        let (lp, top, brier) = token_score(&mut b, &[1.0, 2.0, 3.0], 2);
+        let z = 1f64.exp() + 2f64.exp() + 3f64.exp();
+        assert!((lp - (3.0 - z.ln())).abs() < 1e-6 && top);
+        let p: Vec<f64> = [1f64, 2.0, 3.0].iter().map(|x| x.exp() / z).collect();
+        let want = p[0].powi(2) + p[1].powi(2) + (p[2] - 1.0).powi(2);
+        assert!((brier - want).abs() < 1e-6, "{brier} vs {want}");
+        assert!(!token_score(&mut b, &[5.0, 5.0], 1).1 && token_score(&mut b, &[5.0, 5.0], 0).1);
+        // Certain and right: 0; certain and wrong: 2.
+        assert!(token_score(&mut b, &[0.0, 100.0], 1).2.abs() < 1e-9);
+        assert!((token_score(&mut b, &[0.0, 100.0], 0).2 - 2.0).abs() < 1e-9);
     }
 }

@@ -34,6 +34,10 @@ pub enum Kind {
     /// One context, one continuation: its log-likelihood (perplexity) and whether greedy
     /// decoding would produce it (acc), as LAMBADA.
     Loglikelihood,
+    /// Greedy generation until a stop string, answers extracted by `filters` and compared with
+    /// the target by exact match; next to it the continuous metrics of the target (see
+    /// [`crate::generation`]).
+    GenerateUntil,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -46,6 +50,7 @@ pub enum Sampler {
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     pub name: String,
+    #[serde(default)]
     pub dataset: String,
     #[serde(default)]
     pub fewshot_dataset: Option<String>,
@@ -72,8 +77,31 @@ pub struct TaskSpec {
     pub num_fewshot: usize,
     #[serde(default = "first_n")]
     pub fewshot_sampler: Sampler,
-    /// Metrics reported (`acc`, `acc_norm`).
+    /// Metrics reported (`acc`, `acc_norm`; see [`TaskSpec::parse`] for each kind's).
     pub metrics: Vec<String>,
+    /// Few-shot examples written in the task itself (used before `fewshot_dataset`).
+    #[serde(default)]
+    pub fewshot_samples: Vec<Json>,
+    /// Items made by a generator instead of read from `dataset`.
+    #[serde(default)]
+    pub generator: Option<crate::arithmetic::Generator>,
+    /// `generate_until`: stop strings (the tokenizer's end-of-text also stops).
+    #[serde(default)]
+    pub until: Vec<String>,
+    /// `generate_until`: most new tokens.
+    #[serde(default = "max_gen_toks")]
+    pub max_gen_toks: usize,
+    /// `generate_until`: answer extractions, each reported as `exact_match,<name>`; none means
+    /// the whole output is the answer (`exact_match`).
+    #[serde(default)]
+    pub filters: Vec<crate::generation::Filter>,
+    /// `generate_until`: how exact match compares the answer with the target.
+    #[serde(default)]
+    pub exact_match: crate::generation::ExactMatch,
+}
+
+fn max_gen_toks() -> usize {
+    256
 }
 
 fn space() -> String {
@@ -99,7 +127,20 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "lambada_openai",
         include_str!("../tasks/lambada_openai.toml"),
     ),
+    ("gsm8k_cot", include_str!("../tasks/gsm8k_cot.toml")),
 ];
+
+/// The arithmetic task `arithmetic_<op>_<digits>`.
+fn arithmetic(op: crate::arithmetic::Op, digits: u32) -> Result<TaskSpec> {
+    let text = include_str!("../tasks/arithmetic.toml")
+        .replace("{op_word}", op.word())
+        .replace("{op}", op.name())
+        .replace("{digits}", &digits.to_string());
+    TaskSpec::parse(&text, &format!("arithmetic_{}_{digits}", op.name()))
+}
+
+/// The digit counts the `arithmetic` groups run.
+pub const ARITHMETIC_DIGITS: std::ops::RangeInclusive<u32> = 1..=6;
 
 /// MMLU's 57 subjects by the harness's category groups.
 pub const MMLU: &[(&str, &[&str])] = &[
@@ -206,6 +247,35 @@ pub fn expand(name: &str) -> Result<Vec<TaskSpec>> {
             return Ok(vec![subject(s)?]);
         }
     }
+    use crate::arithmetic::{Op, MAX_DIGITS};
+    let ops: &[Op] = match name {
+        "arithmetic" => &[Op::Add, Op::Mul],
+        "arithmetic_add" => &[Op::Add],
+        "arithmetic_mul" => &[Op::Mul],
+        _ => &[],
+    };
+    if !ops.is_empty() {
+        return ops
+            .iter()
+            .flat_map(|&op| ARITHMETIC_DIGITS.map(move |k| arithmetic(op, k)))
+            .collect();
+    }
+    for op in [Op::Add, Op::Mul] {
+        let k = name
+            .strip_prefix("arithmetic_")
+            .and_then(|r| r.strip_prefix(op.name()))
+            .and_then(|r| r.strip_prefix('_'))
+            .and_then(|d| d.parse::<u32>().ok());
+        if let Some(k) = k {
+            if !(1..=MAX_DIGITS).contains(&k) {
+                return Err(Error::Task {
+                    task: name.into(),
+                    why: format!("digits must be 1..={MAX_DIGITS}"),
+                });
+            }
+            return Ok(vec![arithmetic(op, k)?]);
+        }
+    }
     Ok(vec![TaskSpec::builtin(name)?])
 }
 
@@ -241,17 +311,32 @@ impl TaskSpec {
             task: origin.into(),
             why: why.into(),
         };
-        if t.kind != Kind::MultipleChoice && t.continuation.is_none() {
-            return Err(bad(
-                "`multiple_input` and `loglikelihood` need `continuation`",
-            ));
+        if t.dataset.is_empty() && t.generator.is_none() {
+            return Err(bad("missing field `dataset` (or a `generator`)"));
         }
-        if t.kind != Kind::Loglikelihood && (t.choices.is_empty() || t.target.is_empty()) {
-            return Err(bad("multiple-choice tasks need `choices` and `target`"));
+        match t.kind {
+            Kind::MultipleInput | Kind::Loglikelihood if t.continuation.is_none() => {
+                return Err(bad(
+                    "`multiple_input` and `loglikelihood` need `continuation`",
+                ));
+            }
+            Kind::MultipleChoice | Kind::MultipleInput
+                if t.choices.is_empty() || t.target.is_empty() =>
+            {
+                return Err(bad("multiple-choice tasks need `choices` and `target`"));
+            }
+            Kind::GenerateUntil if t.target.is_empty() => {
+                return Err(bad("`generate_until` needs `target`"));
+            }
+            Kind::GenerateUntil if t.max_gen_toks == 0 => {
+                return Err(bad("`max_gen_toks` must be at least 1"));
+            }
+            _ => {}
         }
         let known: &[&str] = match t.kind {
             Kind::Loglikelihood => &["acc", "perplexity"],
-            _ => &["acc", "acc_norm"],
+            Kind::GenerateUntil => crate::generation::METRICS,
+            _ => &["acc", "acc_norm", "brier_score"],
         };
         if let Some(m) = t.metrics.iter().find(|m| !known.contains(&m.as_str())) {
             return Err(bad(&format!(
@@ -259,6 +344,10 @@ impl TaskSpec {
                 known.join(", ")
             )));
         }
+        for f in &t.filters {
+            f.check().map_err(|why| bad(&why))?;
+        }
+        t.exact_match.check().map_err(|why| bad(&why))?;
         if let Some(p) = &t.preprocess {
             if !["hellaswag", "winogrande"].contains(&p.as_str()) {
                 return Err(Error::Task {
@@ -277,7 +366,8 @@ impl TaskSpec {
             None => Err(Error::Task {
                 task: name.into(),
                 why: format!(
-                    "no such task (built in: {}; or give a task .toml file)",
+                    "no such task (built in: {}, mmlu (and its groups and subjects), \
+                     arithmetic (arithmetic_add_<k>, arithmetic_mul_<k>); or give a task .toml file)",
                     BUILTIN
                         .iter()
                         .map(|(n, _)| *n)
@@ -299,6 +389,9 @@ pub struct Item {
     /// The choices as the metric sees them (acc_norm divides by their length in characters).
     pub choices: Vec<String>,
     pub gold: usize,
+    /// `generate_until`: the gold answer's text (the continuation without the delimiter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 /// A JSON item as a template value.
@@ -418,29 +511,39 @@ impl Renderer {
         }
     }
 
-    /// A few-shot example's text: the prompt, the delimiter and its gold answer.
+    /// A few-shot example's text: the prompt, the delimiter and its gold answer. A row from a
+    /// request dump keeps its item under `item_field`; the task's own samples do not.
     fn shot(&self, t: &TaskSpec, doc: &Json) -> Result<String> {
         let doc = match &t.item_field {
-            Some(f) => doc.get(f).ok_or_else(|| Error::Task {
-                task: t.name.clone(),
-                why: format!("a few-shot row has no field `{f}`"),
-            })?,
+            Some(f) => doc.get(f).unwrap_or(doc),
             None => doc,
         };
         let doc = preprocess(t, doc)?;
-        let choices = self.strings(t, &t.choices, &doc)?;
-        let gold = self.gold(t, &doc, &choices)?;
+        let cont = || self.render(t, t.continuation.as_deref().unwrap_or(""), &doc);
         Ok(match t.kind {
-            Kind::MultipleChoice => format!(
+            Kind::MultipleChoice => {
+                let choices = self.strings(t, &t.choices, &doc)?;
+                let gold = self.gold(t, &doc, &choices)?;
+                format!(
+                    "{}{}{}",
+                    self.render(t, &t.text, &doc)?,
+                    t.target_delimiter,
+                    choices[gold]
+                )
+            }
+            Kind::MultipleInput => {
+                let choices = self.strings(t, &t.choices, &doc)?;
+                let gold = self.gold(t, &doc, &choices)?;
+                format!("{}{}{}", choices[gold], t.target_delimiter, cont()?)
+            }
+            // The harness's `loglikelihood` requests carry no delimiter.
+            Kind::Loglikelihood => format!("{}{}", self.render(t, &t.text, &doc)?, cont()?),
+            Kind::GenerateUntil => format!(
                 "{}{}{}",
                 self.render(t, &t.text, &doc)?,
                 t.target_delimiter,
-                choices[gold]
+                self.render(t, &t.target, &doc)?
             ),
-            Kind::MultipleInput | Kind::Loglikelihood => {
-                let cont = self.render(t, t.continuation.as_deref().unwrap_or(""), &doc)?;
-                format!("{}{}{cont}", choices[gold], t.target_delimiter)
-            }
         })
     }
 
@@ -454,33 +557,33 @@ impl Renderer {
             None => raw,
         };
         let doc = preprocess(t, raw)?;
-        if t.kind == Kind::Loglikelihood {
-            let mut prefix = self.render(t, &t.description, &doc)?;
-            for s in shots {
-                let s = match &t.item_field {
-                    Some(f) => s.get(f).unwrap_or(s),
-                    None => s,
-                };
-                let s = preprocess(t, s)?;
-                prefix.push_str(&self.render(t, &t.text, &s)?);
-                prefix.push_str(&self.render(t, t.continuation.as_deref().unwrap_or(""), &s)?);
-                prefix.push_str(&t.fewshot_delimiter);
-            }
-            return Ok(Item {
-                contexts: vec![format!("{prefix}{}", self.render(t, &t.text, &doc)?)],
-                continuations: vec![self.render(
-                    t,
-                    t.continuation.as_deref().unwrap_or(""),
-                    &doc,
-                )?],
-                choices: Vec::new(),
-                gold: 0,
-            });
-        }
         let mut prefix = self.render(t, &t.description, &doc)?;
         for s in shots {
             prefix.push_str(&self.shot(t, s)?);
             prefix.push_str(&t.fewshot_delimiter);
+        }
+        let cont = || self.render(t, t.continuation.as_deref().unwrap_or(""), &doc);
+        match t.kind {
+            Kind::Loglikelihood => {
+                return Ok(Item {
+                    contexts: vec![format!("{prefix}{}", self.render(t, &t.text, &doc)?)],
+                    continuations: vec![cont()?],
+                    choices: Vec::new(),
+                    gold: 0,
+                    target: None,
+                })
+            }
+            Kind::GenerateUntil => {
+                let target = self.render(t, &t.target, &doc)?;
+                return Ok(Item {
+                    contexts: vec![format!("{prefix}{}", self.render(t, &t.text, &doc)?)],
+                    continuations: vec![format!("{}{target}", t.target_delimiter)],
+                    choices: Vec::new(),
+                    gold: 0,
+                    target: Some(target),
+                });
+            }
+            Kind::MultipleChoice | Kind::MultipleInput => {}
         }
         let choices = self.strings(t, &t.choices, &doc)?;
         if choices.is_empty() {
@@ -490,8 +593,8 @@ impl Renderer {
             });
         }
         let gold = self.gold(t, &doc, &choices)?;
-        Ok(match t.kind {
-            Kind::MultipleChoice => Item {
+        Ok(if t.kind == Kind::MultipleChoice {
+            Item {
                 contexts: vec![format!("{prefix}{}", self.render(t, &t.text, &doc)?)],
                 continuations: choices
                     .iter()
@@ -499,15 +602,16 @@ impl Renderer {
                     .collect(),
                 choices,
                 gold,
-            },
-            Kind::MultipleInput | Kind::Loglikelihood => {
-                let cont = self.render(t, t.continuation.as_deref().unwrap_or(""), &doc)?;
-                Item {
-                    contexts: choices.iter().map(|c| format!("{prefix}{c}")).collect(),
-                    continuations: vec![format!("{}{cont}", t.target_delimiter)],
-                    choices,
-                    gold,
-                }
+                target: None,
+            }
+        } else {
+            let cont = cont()?;
+            Item {
+                contexts: choices.iter().map(|c| format!("{prefix}{c}")).collect(),
+                continuations: vec![format!("{}{cont}", t.target_delimiter)],
+                choices,
+                gold,
+                target: None,
             }
         })
     }
@@ -679,6 +783,30 @@ mod tests {
         let it = r.item(&bq, &doc, &[]).unwrap();
         assert_eq!(it.contexts, ["P.\nQuestion: is it?\nAnswer:"]);
         assert_eq!(it.gold, 1);
+        // GSM8K CoT: the task's own examples, the target cut from the full solution.
+        let gs = TaskSpec::builtin("gsm8k_cot").unwrap();
+        assert_eq!(gs.fewshot_samples.len(), 8);
+        let doc = serde_json::json!({"doc": {"question": "How many?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"}});
+        let it = r.item(&gs, &doc, &gs.fewshot_samples[..2]).unwrap();
+        assert!(it.contexts[0].starts_with("Q: There are 15 trees in the grove."));
+        assert!(it.contexts[0].contains("The answer is 6.\n\nQ: If there are 3 cars"));
+        assert!(it.contexts[0].ends_with("The answer is 5.\n\nQ: How many?\nA:"));
+        assert_eq!(it.target.as_deref(), Some("4"));
+        assert_eq!(it.continuations, [" 4"]);
+        let ar = &expand("arithmetic_mul_3").unwrap()[0];
+        let rows = ar.generator.as_ref().unwrap().rows(false).unwrap();
+        let it = r.item(ar, &rows[0], &[]).unwrap();
+        let (a, b) = (
+            rows[0]["a"].as_u64().unwrap(),
+            rows[0]["b"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            it.contexts[0],
+            format!("Question: What is {a} times {b}?\nAnswer:")
+        );
+        assert_eq!(it.target, Some((a * b).to_string()));
+        assert_eq!(expand("arithmetic").unwrap().len(), 12);
+        assert!(expand("arithmetic_add_10").is_err());
         // A missing field is named.
         let e = r
             .item(&arc, &serde_json::json!({"question": "q"}), &[])

@@ -185,3 +185,41 @@ fn native_and_reference_paths_decode_the_same_tokens() {
         );
     }
 }
+
+/// The generation tasks' teacher forcing on a prompt's cache scores as the fresh path does,
+/// and the model's own greedy tokens are all its top choices (per-token accuracy 1).
+#[test]
+fn teacher_forcing_on_the_cache_matches_the_fresh_path() {
+    use lmkit::eval::loglik::{score_on_cache, score_shared};
+    let m = lmkit::load(&common::default_model(), LoadOptions::default()).unwrap();
+    let ctx = m
+        .tokenizer
+        .encode_with_bos("Question: What is 12 plus 30?\nAnswer:")
+        .unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 6,
+        sampling: SamplingParams::greedy(),
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let mut s = Session::new(&m.model);
+    let g = lmkit::generate(&m.model, &m.tokenizer, &mut s, &ctx, &opts, &mut |_| true).unwrap();
+    assert_eq!(g.tokens.len(), 6);
+    let mut s = Session::new(&m.model);
+    let (last, _) = s.feed(&m.model, &ctx).unwrap();
+    let on_cache = score_on_cache(&m.model, &mut s.cache, ctx.len(), &last, &g.tokens).unwrap();
+    assert_eq!(on_cache.correct, 6);
+    assert!(on_cache.greedy && on_cache.brier < 6.0 && on_cache.brier > 0.0);
+    let (fresh, _) = score_shared(&m.model, &ctx, std::slice::from_ref(&g.tokens), 2048).unwrap();
+    assert!(
+        (fresh[0].logprob - on_cache.logprob).abs() < 1e-3,
+        "{} vs {}",
+        fresh[0].logprob,
+        on_cache.logprob
+    );
+    assert!((fresh[0].brier - on_cache.brier).abs() < 1e-3);
+    // The cache was cut back: the next item's prompt reuses exactly the context.
+    let (again, reused) = s.feed(&m.model, &ctx).unwrap();
+    assert_eq!(reused, ctx.len() - 1);
+    assert!((again[0] - last[0]).abs() < 1e-3);
+}
