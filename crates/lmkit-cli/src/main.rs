@@ -12,6 +12,7 @@ mod export;
 mod fetch;
 mod info;
 mod logits;
+mod parity;
 mod plot;
 mod ppl;
 mod run;
@@ -60,8 +61,8 @@ enum Command {
     Logits(logits::Args),
     Plot(plot::Args),
     Export(export::Args),
-    /// Tokenizers: `lmkit tokenizer train`.
-    #[command(subcommand)]
+    /// Tokenizers: `lmkit tokenizer train`, `lmkit tokenizers parity`.
+    #[command(subcommand, alias = "tokenizers")]
     Tokenizer(tokenizer::Command),
     /// The data-constrained scaling law: predict, compute-optimal allocation, fit.
     #[command(subcommand)]

@@ -1,5 +1,6 @@
 //! `lmkit tokenizer train`: a new byte-level BPE tokenizer from text, for pretraining from
-//! scratch (`[data] tokenizer = "DIR"` in a `lmkit train` config).
+//! scratch (`[data] tokenizer = "DIR"` in a `lmkit train` config); `lmkit tokenizers parity`
+//! (see `parity.rs`).
 
 use std::path::PathBuf;
 
@@ -15,6 +16,9 @@ pub enum Command {
         after_help = "Examples:\n  lmkit tokenizer train corpus/ --vocab-size 8192 --out tok8k\n  lmkit train --config run.toml --out runs/x      # with [data] tokenizer = \"tok8k\""
     )]
     Train(TrainArgs),
+    /// Tokenization premium across languages on parallel text (Petrov et al., "Language Model
+    /// Tokenizers Introduce Unfairness Between Languages").
+    Parity(crate::parity::Args),
 }
 
 #[derive(clap::Args)]
@@ -39,6 +43,7 @@ pub struct TrainArgs {
 pub fn main(c: Command) -> Result<()> {
     match c {
         Command::Train(a) => train(a),
+        Command::Parity(a) => crate::parity::main(a),
     }
 }
 

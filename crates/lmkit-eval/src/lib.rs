@@ -8,6 +8,7 @@ pub mod harness;
 pub mod loglik;
 pub mod perplexity;
 pub mod task;
+pub mod tokenizer_parity;
 
 pub use error::{Error, Result};
 pub use perplexity::{perplexity, PplOptions, PplReport};

@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hf;
 pub mod names;
 pub mod tokenizer;
+pub mod tokenizer_gguf;
 pub mod tokenizer_train;
 pub mod write;
 

@@ -8,14 +8,7 @@
 
 use std::path::Path;
 
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{Merges, Vocab, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, Tokenizer};
 
 use crate::gguf::GgufFile;
 use crate::{Error, Result};
@@ -79,6 +72,13 @@ impl LoadedTokenizer {
         self.tokenizer.token_to_id(s)
     }
 
+    /// The unknown token's id, for vocabularies that have one (`<unk>`, `[UNK]`).
+    pub fn unk_id(&self) -> Option<u32> {
+        ["<unk>", "[UNK]", "<UNK>", "<|unk|>"]
+            .iter()
+            .find_map(|s| self.tokenizer.token_to_id(s))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
@@ -123,68 +123,22 @@ impl LoadedTokenizer {
         })
     }
 
-    /// Builds the tokenizer from GGUF metadata (`tokenizer.ggml.*`).
+    /// Builds the tokenizer from GGUF metadata (`tokenizer.ggml.*`): byte-level BPE (`gpt2`),
+    /// SentencePiece BPE (`llama`), `gemma4`, SentencePiece unigram (`t5`) or WordPiece
+    /// (`bert`), as llama.cpp builds them (see [`crate::tokenizer_gguf`]).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let path = gguf.path();
         let model = gguf.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(Error::Unsupported {
-                path: path.into(),
-                why: format!(
-                    "tokenizer model `{model}` (lmkit builds byte-level BPE `gpt2` tokenizers from GGUF; pass an HF folder with tokenizer.json for others)"
-                ),
-            });
-        }
-        let tokens = gguf.get_array("tokenizer.ggml.tokens")?;
-        let mut vocab: Vocab = Vocab::default();
-        let mut strings = Vec::with_capacity(tokens.len());
-        for (i, t) in tokens.iter().enumerate() {
-            let s = t.as_str().ok_or_else(|| Error::Field {
-                path: path.into(),
-                field: "tokenizer.ggml.tokens".into(),
-                why: format!("item {i} is not a string"),
-            })?;
-            vocab.insert(s.to_string(), i as u32);
-            strings.push(s.to_string());
-        }
-        let mut merges: Merges = Vec::new();
-        if let Some(m) = gguf.get("tokenizer.ggml.merges").and_then(|v| v.as_array()) {
-            for (i, item) in m.iter().enumerate() {
-                let pair = item
-                    .as_str()
-                    .and_then(|s| s.split_once(' '))
-                    .ok_or_else(|| Error::Field {
-                        path: path.into(),
-                        field: "tokenizer.ggml.merges".into(),
-                        why: format!("item {i} is not `left right`"),
-                    })?;
-                merges.push((pair.0.to_string(), pair.1.to_string()));
-            }
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(false)
-            .build()
-            .map_err(|e| Error::Tokenizer(format!("{}: building BPE: {e}", path.display())))?;
-        let mut tokenizer = Tokenizer::new(bpe);
-        let pre = gguf
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
-        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        let v = crate::tokenizer_gguf::vocabulary(gguf)?;
+        let mut tokenizer = crate::tokenizer_gguf::build(gguf, model, &v)?;
+        let strings = &v.tokens;
 
         // Control (3) and user-defined (4) tokens are matched before BPE, as llama.cpp does.
         let mut added = Vec::new();
-        if let Some(types) = gguf
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-        {
-            for (i, t) in types.iter().enumerate() {
-                if matches!(t.as_i64(), Some(3) | Some(4)) {
-                    if let Some(s) = strings.get(i) {
-                        added.push(AddedToken::from(s.clone(), true));
-                    }
+        for (i, t) in v.types.iter().enumerate() {
+            if matches!(t, 3 | 4) {
+                if let Some(s) = strings.get(i) {
+                    added.push(AddedToken::from(s.clone(), true));
                 }
             }
         }
@@ -340,32 +294,4 @@ fn finish_special(tokenizer: &Tokenizer, special: &mut SpecialTokens) {
     }
     special.stop.sort_unstable();
     special.stop.dedup();
-}
-
-/// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` name.
-fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
-    let byte_level_no_regex = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false));
-    Ok(match pre {
-        // SmolLM / StarCoder: digits split one by one, then GPT-2 byte-level.
-        "smollm" | "starcoder" | "refact" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            byte_level(),
-        ])),
-        // Llama 3 / Qwen2 style regex, then byte-level without its own regex.
-        "llama3" | "llama-bpe" | "qwen2" | "smaug-bpe" | "dbrx" => {
-            let re = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-            let split = Split::new(
-                SplitPattern::Regex(re.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
-            PreTokenizerWrapper::Sequence(Sequence::new(vec![
-                PreTokenizerWrapper::Split(split),
-                byte_level_no_regex(),
-            ]))
-        }
-        _ => byte_level(),
-    })
 }

@@ -33,6 +33,8 @@ pub enum FetchError {
         status: String,
         stderr: String,
     },
+    #[error("`{command}` failed: {why}")]
+    Tool { command: String, why: String },
     #[error("{path}: not a valid wheel: {why}")]
     Wheel { path: PathBuf, why: String },
     #[error("{path}: sha256 {got} does not match the expected {want}; the download is corrupt (delete it and retry)")]
@@ -109,6 +111,16 @@ fn pip_command() -> Option<Vec<String>> {
 
 /// `pip download --no-deps PACKAGE -d DIR`, which must produce `wheel`.
 pub(crate) fn pip_download(package: &str, dir: &Path, wheel: &Path) -> Result<(), FetchError> {
+    pip_download_with(package, dir, wheel, &[])
+}
+
+/// `pip download --no-deps <extra> package -d dir`, which must produce `file`.
+pub(crate) fn pip_download_with(
+    package: &str,
+    dir: &Path,
+    wheel: &Path,
+    extra: &[&str],
+) -> Result<(), FetchError> {
     let pip = pip_command().ok_or(FetchError::NoPip)?;
     tracing::info!("downloading {package} with pip");
     let out = Command::new(&pip[0])
@@ -119,9 +131,9 @@ pub(crate) fn pip_download(package: &str, dir: &Path, wheel: &Path) -> Result<()
             "--disable-pip-version-check",
             "--progress-bar",
             "off",
-            package,
-            "-d",
         ])
+        .args(extra)
+        .args([package, "-d"])
         .arg(dir)
         .stdin(std::process::Stdio::null())
         .output()

@@ -33,6 +33,7 @@
 
 pub mod default_model;
 pub mod eval_data;
+pub mod parity_data;
 
 pub use lmkit_core as core;
 pub use lmkit_core::threads::set_threads;
