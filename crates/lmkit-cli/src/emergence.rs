@@ -28,7 +28,7 @@ use crate::train;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit eval emergence --out runs/emergence\n  lmkit eval emergence --out runs/emergence --widths 16,32,64,128,192 --steps 3000 --max-digits 4\n\nEach model is OUT/w<width>/final; finished models are reused when the command runs again."
+    after_help = "Examples:\n  lmkit eval emergence --out runs/emergence\n  lmkit eval emergence --out runs/emergence --widths 16,32,64,128 --steps 3000 --max-digits 4\n\nEach model is OUT/w<width>/final; finished models are reused when the command runs again."
 )]
 pub struct Args {
     /// Output folder.
@@ -36,16 +36,16 @@ pub struct Args {
     pub out: PathBuf,
     /// Model widths (hidden sizes, multiples of 16); depth grows with width (one layer per 32,
     /// at least one), heads are 16 wide, the MLP is 4× the width.
-    #[arg(long, value_delimiter = ',', default_value = "16,32,64,96,128,192")]
+    #[arg(long, value_delimiter = ',', default_value = "16,32,48,64,96,128")]
     pub widths: Vec<usize>,
     /// Training steps per model (batch 32 × 64 tokens).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 5000)]
     pub steps: usize,
     /// Operation: add or mul.
     #[arg(long, default_value = "add")]
     pub op: String,
     /// Train and score k-digit problems for k = 1..=max_digits.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=6))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=6))]
     pub max_digits: u32,
     /// Scored items per digit count.
     #[arg(long, default_value_t = 300)]
@@ -147,8 +147,23 @@ pub fn main(a: Args) -> Result<()> {
     for &w in &a.widths {
         let dir = out.join(format!("w{w}"));
         let cfg = out.join(format!("w{w}.toml"));
-        if !dir.join("final").is_dir() {
-            std::fs::write(&cfg, config(w, a.steps, a.seed))?;
+        let text = format!(
+            "# lmkit eval emergence: {} problems of 1..={} digits\n{}",
+            op.name(),
+            a.max_digits,
+            config(w, a.steps, a.seed)
+        );
+        if dir.join("final").is_dir() {
+            // Reuse a finished model only if it was trained as asked now.
+            if std::fs::read_to_string(&cfg).ok().as_deref() != Some(text.as_str()) {
+                bail!(
+                    "{} was trained with other settings than these (see {}); use another --out",
+                    dir.display(),
+                    cfg.display()
+                );
+            }
+        } else {
+            std::fs::write(&cfg, &text)?;
             eprintln!("training width {w} ({} steps)", a.steps);
             train::run(&train::Args {
                 config: cfg,

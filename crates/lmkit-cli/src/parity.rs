@@ -252,7 +252,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// A heat map: languages down, tokenizers across, each cell its premium, coloured on a log
 /// scale (white at 1, red at 16 and above, blue below 1); grey: more than 10% unknown tokens.
 fn heat_map(langs: &[Declaration], columns: &[(String, Vec<Cell>)]) -> String {
-    let (cw, ch, left, top) = (64.0, 18.0, 260.0, 120.0);
+    let (cw, ch, left, top) = (64.0, 18.0, 260.0, 150.0);
     let w = left + cw * columns.len() as f64 + 80.0;
     let h = top + ch * langs.len() as f64 + 40.0;
     let mut s = format!(
@@ -317,7 +317,12 @@ fn colour(p: f64) -> String {
         let f = (-t / 2.0).min(1.0);
         (255.0 * (1.0 - 0.6 * f), 255.0 * (1.0 - 0.4 * f), 255.0)
     };
-    format!("#{:02x}{:02x}{:02x}", r as u8, g as u8, b as u8)
+    format!(
+        "#{:02x}{:02x}{:02x}",
+        r.round() as u8,
+        g.round() as u8,
+        b.round() as u8
+    )
 }
 
 #[cfg(test)]
