@@ -52,19 +52,23 @@ fn premiums_are_token_ratios_on_shared_articles() {
         &[(2, "Everyone is entitled. Everyone is entitled.")],
     );
     let out = d.join("out");
-    let o = lmkit(&[
-        "tokenizers",
-        "parity",
-        "--udhr",
-        d.to_str().unwrap(),
-        "--tokenizers",
-        tok.to_str().unwrap(),
-        "--langs",
-        "eng,dbl",
-        "--json",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let udhr = d.to_str().unwrap();
+    let parity = |tok: &str, langs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "tokenizers",
+            "parity",
+            "--udhr",
+            udhr,
+            "--tokenizers",
+            tok,
+            "--langs",
+            langs,
+        ];
+        args.extend_from_slice(extra);
+        lmkit(&args)
+    };
+    let tok = tok.to_str().unwrap();
+    let o = parity(tok, "eng,dbl", &["--json", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let cells = r["tokenizers"][0]["cells"].as_array().unwrap();
@@ -79,34 +83,14 @@ fn premiums_are_token_ratios_on_shared_articles() {
     assert!(e < cells[0]["tokens"].as_f64().unwrap());
     assert!(out.join("parity.svg").is_file() && out.join("parity.json").is_file());
     // A language that is not there, and a tokenizer that is not there, are named.
-    let o = lmkit(&[
-        "tokenizers",
-        "parity",
-        "--udhr",
-        d.to_str().unwrap(),
-        "--tokenizers",
-        tok.to_str().unwrap(),
-        "--langs",
-        "xyz",
-    ]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("`xyz`") && !e.contains("panicked"),
-        "{e}"
-    );
-    let o = lmkit(&[
-        "tokenizers",
-        "parity",
-        "--udhr",
-        d.to_str().unwrap(),
-        "--tokenizers",
-        "/no/such.gguf",
-        "--langs",
-        "dbl",
-    ]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("/no/such.gguf") && !e.contains("panicked"),
-        "{e}"
-    );
+    for (o, want) in [
+        (parity(tok, "xyz", &[]), "`xyz`"),
+        (parity("/no/such.gguf", "dbl", &[]), "/no/such.gguf"),
+    ] {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && e.contains(want) && !e.contains("panicked"),
+            "{e}"
+        );
+    }
 }

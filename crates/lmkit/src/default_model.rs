@@ -214,3 +214,20 @@ fn extract_verified(
     std::fs::rename(&tmp, target).map_err(io(target))?;
     Ok(())
 }
+
+/// Checks a downloaded file against its pinned sha256; a mismatching file is deleted.
+pub(crate) fn check_sha256(path: &Path, want: &str) -> Result<(), FetchError> {
+    let mut hasher = Sha256::new();
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    std::io::copy(&mut f, &mut hasher).map_err(io(path))?;
+    let got = format!("{:x}", hasher.finalize());
+    if got != want {
+        let _ = std::fs::remove_file(path);
+        return Err(FetchError::Checksum {
+            path: path.into(),
+            got,
+            want: want.into(),
+        });
+    }
+    Ok(())
+}

