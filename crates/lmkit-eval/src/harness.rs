@@ -12,7 +12,7 @@ use lmkit_models::Llama;
 use serde::Serialize;
 
 use crate::generation::{edit_distance, Scorer};
-use crate::loglik::{encode_pair, score_on_cache, score_shared};
+use crate::loglik::{encode_pair, score_on_cache, LoglikScorer};
 use crate::task::{Item, Kind, TaskSpec};
 use crate::Result;
 
@@ -159,75 +159,34 @@ pub struct ItemScores {
     pub truncated: bool,
 }
 
-/// One request on its own.
-fn score_one(
-    model: &Llama,
-    e: crate::loglik::Encoded,
-    max_length: usize,
-) -> Result<(Vec<crate::loglik::Score>, bool)> {
-    score_shared(
-        model,
-        &e.context,
-        std::slice::from_ref(&e.continuation),
-        max_length,
-    )
-}
-
-/// Scores one item: every (context, continuation) request, the contexts shared where they are.
+/// Scores one item: every (context, continuation) request, the tokens they share run once.
 pub fn score_item(
-    model: &Llama,
+    scorer: &mut LoglikScorer,
     tok: &LoadedTokenizer,
     item: &Item,
     max_length: usize,
 ) -> Result<ItemScores> {
-    let mut out = ItemScores {
-        logprobs: Vec::new(),
-        tokens: Vec::new(),
-        greedy: Vec::new(),
-        truncated: false,
-    };
-    let mut add = |(scores, cut): (Vec<crate::loglik::Score>, bool)| {
-        out.truncated |= cut;
-        for s in scores {
-            out.logprobs.push(s.logprob);
-            out.tokens.push(s.tokens);
-            out.greedy.push(s.greedy);
-        }
-    };
-    if item.contexts.len() == 1 {
-        // One context, a continuation per choice: the context's tokens are the same for all.
-        let enc: Vec<_> = item
-            .continuations
+    // One context and a continuation per choice, or a context per choice and one continuation
+    // (Winogrande).
+    let requests: Vec<_> = if item.contexts.len() == 1 {
+        item.continuations
             .iter()
             .map(|c| encode_pair(tok, &item.contexts[0], c))
-            .collect::<Result<_>>()?;
-        let Some(first) = enc.first() else {
-            return Ok(out);
-        };
-        let same = enc.iter().all(|e| e.context == first.context);
-        // Sharing is exact while nothing is cut; when the input must be cut, each choice keeps
-        // as much context as its own continuation allows, as the harness does.
-        let longest = enc.iter().map(|e| e.continuation.len()).max().unwrap_or(0);
-        let fits = first.context.len() + longest <= max_length + 1;
-        if same && fits {
-            let conts: Vec<Vec<u32>> = enc.iter().map(|e| e.continuation.clone()).collect();
-            add(score_shared(model, &first.context, &conts, max_length)?);
-        } else {
-            for e in enc {
-                add(score_one(model, e, max_length)?);
-            }
-        }
+            .collect::<Result<_>>()?
     } else {
-        // A context per choice, one continuation (Winogrande).
-        for ctx in &item.contexts {
-            add(score_one(
-                model,
-                encode_pair(tok, ctx, &item.continuations[0])?,
-                max_length,
-            )?);
-        }
-    }
-    Ok(out)
+        let cont = item.continuations.first().map_or("", String::as_str);
+        item.contexts
+            .iter()
+            .map(|ctx| encode_pair(tok, ctx, cont))
+            .collect::<Result<_>>()?
+    };
+    let (scores, truncated) = scorer.score(&requests, max_length)?;
+    Ok(ItemScores {
+        logprobs: scores.iter().map(|s| s.logprob).collect(),
+        tokens: scores.iter().map(|s| s.tokens).collect(),
+        greedy: scores.iter().map(|s| s.greedy).collect(),
+        truncated,
+    })
 }
 
 /// Runs a task's items; `progress(done, total)` after each.
@@ -245,13 +204,14 @@ pub fn evaluate(
     let t0 = std::time::Instant::now();
     let mut samples = Vec::with_capacity(items.len());
     let mut truncated = 0;
+    let mut scorer = LoglikScorer::new(model);
     for (i, item) in items.iter().enumerate() {
         let ItemScores {
             logprobs,
             tokens,
             greedy,
             truncated: cut,
-        } = score_item(model, tok, item, max_length)?;
+        } = score_item(&mut scorer, tok, item, max_length)?;
         truncated += usize::from(cut);
         let pred = argmax(&logprobs);
         let normed: Vec<f64> = logprobs

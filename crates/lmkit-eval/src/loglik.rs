@@ -9,12 +9,13 @@
 //! - the score is `Σ log softmax(logits)[token]` over the continuation, and `greedy` says
 //!   whether every continuation token is the argmax at its position.
 //!
-//! Requests that share a context (a question's answer choices) run the context once: its KV
-//! cache is kept and each continuation runs on top of it, then the cache is cut back.
+//! Requests that share tokens (a question's answer choices, few-shot examples) run them once:
+//! see [`LoglikScorer`].
 
 use lmkit_core::Tensor;
 use lmkit_formats::tokenizer::LoadedTokenizer;
 use lmkit_models::Llama;
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -105,10 +106,7 @@ fn hidden(model: &Llama, ids: &[u32], cache: &mut lmkit_models::KvCache) -> Resu
 /// Logits `(n, v)` of hidden-state rows `(n, c)`, flattened.
 pub fn logits_of(model: &Llama, rows: &Tensor) -> Result<Vec<f32>> {
     Ok(model
-        .lm_head()
-        .forward(rows)
-        .map_err(lmkit_models::Error::from)?
-        .to_dtype(lmkit_core::DType::F32)?
+        .logits_of_hidden(rows)?
         .flatten_all()?
         .to_vec1::<f32>()?)
 }
@@ -117,15 +115,24 @@ pub fn logits_of(model: &Llama, rows: &Tensor) -> Result<Vec<f32>> {
 pub fn score_logits(logits: &[f32], targets: &[u32]) -> Score {
     let v = logits.len() / targets.len().max(1);
     let mut buf = Vec::new();
+    let rows: Vec<_> = logits
+        .chunks_exact(v.max(1))
+        .zip(targets)
+        .map(|(row, &t)| token_score(&mut buf, row, t as usize))
+        .collect();
+    sum_scores(&rows)
+}
+
+/// A continuation's score from its tokens' `(log p, top choice, Brier)`, summed in order.
+fn sum_scores(rows: &[(f64, bool, f64)]) -> Score {
     let mut s = Score {
         logprob: 0.0,
         greedy: true,
-        tokens: targets.len(),
+        tokens: rows.len(),
         correct: 0,
         brier: 0.0,
     };
-    for (row, &t) in logits.chunks_exact(v.max(1)).zip(targets) {
-        let (lp, top, brier) = token_score(&mut buf, row, t as usize);
+    for &(lp, top, brier) in rows {
         s.logprob += lp;
         s.greedy &= top;
         s.correct += usize::from(top);
@@ -152,65 +159,229 @@ pub fn score_on_cache(
     Ok(score_logits(&logits, continuation))
 }
 
-/// Log-probabilities of `rows (n, c)` of hidden states predicting `targets`.
-fn score_rows(model: &Llama, rows: &Tensor, targets: &[u32]) -> Result<Score> {
-    Ok(score_logits(&logits_of(model, rows)?, targets))
-}
-
-/// Scores requests that share one context: the context runs once (left-truncated as a whole
-/// with the longest continuation when they do not fit `max_length`; the flag says so; the
-/// harness scores choices one by one when cutting is needed, so each keeps its own context).
-pub fn score_shared(
-    model: &Llama,
-    context: &[u32],
-    continuations: &[Vec<u32>],
-    max_length: usize,
-) -> Result<(Vec<Score>, bool)> {
-    if context.is_empty() {
+/// The model input of a request as lm-eval builds it:
+/// `(context + continuation)[-(max_length + 1):][:-1]`, whether it was cut, and the first
+/// position whose logits are scored (the continuation is predicted by the input's last
+/// `continuation.len()` positions).
+fn request_input(e: &Encoded, max_length: usize) -> Result<(Vec<u32>, bool, usize)> {
+    if e.context.is_empty() {
         return Err(Error::Data("a request has no context tokens".into()));
     }
-    let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
-    if longest > max_length {
+    let n = e.continuation.len();
+    if n > max_length {
         return Err(Error::Data(format!(
-            "a continuation of {longest} tokens does not fit the model's context of {max_length}"
+            "a continuation of {n} tokens does not fit the model's context of {max_length}"
         )));
     }
-    // Input = (context + continuation)[-(max_length + 1):][:-1].
-    let keep = (max_length + 1 - longest).min(context.len());
-    let truncated = keep < context.len();
-    let context = &context[context.len() - keep..];
-    let mut cache = model.new_cache();
-    let h = hidden(model, context, &mut cache)?;
-    let last = h.narrow(0, context.len() - 1, 1)?;
-    let mut out = Vec::with_capacity(continuations.len());
-    for c in continuations {
-        // No tokens to score (the continuation merged into the context's last token): as
-        // lm-eval, an empty sum, greedy.
-        if c.is_empty() {
-            out.push(Score {
-                logprob: 0.0,
-                greedy: true,
-                tokens: 0,
-                correct: 0,
-                brier: 0.0,
-            });
-            continue;
+    let whole = e.context.len() + n;
+    let skip = whole.saturating_sub(max_length + 1);
+    let input: Vec<u32> = e
+        .context
+        .iter()
+        .chain(&e.continuation)
+        .skip(skip)
+        .take(whole - skip - 1)
+        .copied()
+        .collect();
+    let first = input.len() - n;
+    Ok((input, skip > 0, first))
+}
+
+/// Scores log-likelihood requests with as little recomputation as exactness allows: the
+/// requests of one call (a question's choices) share their longest common token prefix, which
+/// runs once, and their remainders run as branches on top of it, all in one batch (tree
+/// attention: each branch sees the prefix and its own tokens only); a prefix also shared with
+/// the previous call (few-shot examples) stays in the KV cache between calls. Every request is scored exactly as if run
+/// alone from an empty cache.
+pub struct LoglikScorer<'m> {
+    model: &'m Llama,
+    cache: lmkit_models::KvCache,
+    /// The tokens in `cache`.
+    cached: Vec<u32>,
+}
+
+impl<'m> LoglikScorer<'m> {
+    pub fn new(model: &'m Llama) -> Self {
+        Self {
+            model,
+            cache: model.new_cache(),
+            cached: Vec::new(),
         }
-        let rows = if c.len() > 1 {
-            let h = hidden(model, &c[..c.len() - 1], &mut cache)?;
-            cache.truncate(context.len())?;
-            Tensor::cat(&[&last, &h], 0)?
-        } else {
-            last.clone()
-        };
-        out.push(score_rows(model, &rows, c)?);
     }
-    Ok((out, truncated))
+
+    /// Scores `requests`; the flag says whether any input was cut to fit `max_length`.
+    pub fn score(&mut self, requests: &[Encoded], max_length: usize) -> Result<(Vec<Score>, bool)> {
+        let mut prepared = Vec::with_capacity(requests.len());
+        for e in requests {
+            prepared.push(request_input(e, max_length)?);
+        }
+        let cut = prepared.iter().any(|p| p.1);
+        // Requests with something to score; an empty continuation (merged into the context's
+        // last token) scores an empty sum, greedy, as in lm-eval.
+        let live: Vec<usize> = (0..requests.len())
+            .filter(|&r| !requests[r].continuation.is_empty())
+            .collect();
+        let empty = Score {
+            logprob: 0.0,
+            greedy: true,
+            tokens: 0,
+            correct: 0,
+            brier: 0.0,
+        };
+        let mut out = vec![empty; requests.len()];
+        let Some(&r0) = live.first() else {
+            return Ok((out, cut));
+        };
+        let first_input = &prepared[r0].0;
+        let shared = live.iter().fold(first_input.len(), |n, &r| {
+            common_prefix(&first_input[..n], &prepared[r].0)
+        });
+        let first_scored = live.iter().map(|&r| prepared[r].2).min().unwrap_or(0);
+        // Reuse the cache up to the first scored position (rows before it are not needed).
+        let reuse = common_prefix(&self.cached, &first_input[..shared]).min(first_scored);
+        self.cache.truncate(reuse)?;
+        self.cached.truncate(reuse);
+        let trunk = &first_input[reuse..shared];
+        let branches: Vec<&[u32]> = live.iter().map(|&r| &prepared[r].0[shared..]).collect();
+        let rows = self
+            .model
+            .forward_tree_hidden(trunk, &branches, &mut self.cache)?;
+        self.cached.extend_from_slice(trunk);
+        // Each request's scored rows: from the trunk below `shared`, else from its branch.
+        let mut index = Vec::new();
+        let mut offset = trunk.len();
+        for (&r, b) in live.iter().zip(&branches) {
+            let (input, _, first) = &prepared[r];
+            for pos in *first..input.len() {
+                index.push(if pos < shared {
+                    (pos - reuse) as u32
+                } else {
+                    (offset + pos - shared) as u32
+                });
+            }
+            offset += b.len();
+        }
+        let n = index.len();
+        let index = Tensor::from_vec(index, n, rows.device())?;
+        let rows = rows.index_select(&index, 0)?.to_dtype(self.model.dtype())?;
+        let logits = logits_of(self.model, &rows)?;
+        // Every row's token score on the thread pool, then each request's sum in order.
+        let v = logits.len() / n.max(1);
+        let targets: Vec<u32> = live
+            .iter()
+            .flat_map(|&r| requests[r].continuation.iter().copied())
+            .collect();
+        let per_row: Vec<(f64, bool, f64)> = logits
+            .par_chunks(v.max(1))
+            .zip(targets.par_iter())
+            .map_init(Vec::new, |buf, (row, &t)| token_score(buf, row, t as usize))
+            .collect();
+        let mut at = 0;
+        for &r in &live {
+            let k = requests[r].continuation.len();
+            out[r] = sum_scores(&per_row[at..at + k]);
+            at += k;
+        }
+        Ok((out, cut))
+    }
+}
+
+/// Length of the longest common prefix.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lmkit_core::GgmlDType;
+    use lmkit_models::{LlamaConfig, LoadOptions};
+
+    fn tiny(dtype: GgmlDType) -> Llama {
+        let p = std::env::temp_dir().join(format!(
+            "lmkit-loglik-{}-{dtype:?}.gguf",
+            std::process::id()
+        ));
+        lmkit_models::testing::write_tiny_gguf(&p, &LlamaConfig::tiny(), 7, dtype).unwrap();
+        let m = lmkit_models::load(&p, LoadOptions::default())
+            .unwrap()
+            .model;
+        std::fs::remove_file(&p).unwrap();
+        m
+    }
+
+    /// A request run on its own from an empty cache, every position at once.
+    fn alone(model: &Llama, e: &Encoded, max_length: usize) -> Score {
+        let (input, _, first) = request_input(e, max_length).unwrap();
+        let mut cache = model.new_cache();
+        let h = hidden(model, &input, &mut cache).unwrap();
+        let rows = h.narrow(0, first, input.len() - first).unwrap();
+        score_logits(&logits_of(model, &rows).unwrap(), &e.continuation)
+    }
+
+    fn req(context: &[u32], continuation: &[u32]) -> Encoded {
+        Encoded {
+            context: context.to_vec(),
+            continuation: continuation.to_vec(),
+        }
+    }
+
+    #[test]
+    fn shared_prefixes_and_the_kept_cache_score_as_each_request_alone() {
+        let ids: Vec<u32> = (0..80).map(|i| (i * 37 + 11) % 100).collect();
+        let few_shot = &ids[..20];
+        let q1 = [few_shot, &ids[20..27]].concat();
+        let q2 = [few_shot, &ids[30..34]].concat();
+        let calls: Vec<(Vec<Encoded>, usize)> = vec![
+            // Choices of one question: a common first token, one continuation the others
+            // extend, a one-token and an empty continuation.
+            (
+                vec![
+                    req(&q1, &ids[40..45]),
+                    req(&q1, &ids[40..43]),
+                    req(&q1, &ids[50..51]),
+                    req(&q1, &[]),
+                    req(&q1, &ids[52..70]),
+                ],
+                64,
+            ),
+            // The next question shares the few-shot prefix (kept in the cache).
+            (vec![req(&q2, &ids[60..62]), req(&q2, &ids[62..66])], 64),
+            // Winogrande: contexts sharing a prefix, one continuation.
+            (
+                vec![req(&ids[..25], &ids[70..76]), req(&ids[..23], &ids[70..76])],
+                64,
+            ),
+            // Inputs cut from the left to fit, each by its own amount.
+            (vec![req(&q1, &ids[40..45]), req(&q1, &ids[52..70])], 24),
+            // The same question twice in a row: everything reused.
+            (vec![req(&q1, &ids[40..45]), req(&q1, &ids[50..51])], 64),
+            (vec![req(&q1, &ids[40..45]), req(&q1, &ids[50..51])], 64),
+        ];
+        for dtype in [GgmlDType::F32, GgmlDType::Q4_1] {
+            let model = tiny(dtype);
+            let mut scorer = LoglikScorer::new(&model);
+            for (k, (requests, max_length)) in calls.iter().enumerate() {
+                let (got, cut) = scorer.score(requests, *max_length).unwrap();
+                assert_eq!(cut, *max_length == 24, "call {k}");
+                for (r, (g, e)) in got.iter().zip(requests).enumerate() {
+                    let want = alone(&model, e, *max_length);
+                    assert_eq!(g.tokens, e.continuation.len());
+                    assert_eq!(
+                        (g.tokens, g.correct),
+                        (want.tokens, want.correct),
+                        "call {k} request {r}"
+                    );
+                    let tol = 1e-4 * (1.0 + want.logprob.abs());
+                    assert!(
+                        (g.logprob - want.logprob).abs() < tol
+                            && (g.brier - want.brier).abs() < tol,
+                        "{dtype:?} call {k} request {r}: {g:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn token_score_is_log_softmax_argmax_and_brier() {

@@ -12,7 +12,8 @@
 //! reference is [`attend`] with `Isa::Scalar`.
 
 use crate::dot::Isa;
-use crate::ops::softmax_unnormalized;
+use crate::ops::softmax_unnormalized_skipping;
+use std::ops::Range;
 
 /// Positions per key block.
 pub const KEY_BLOCK: usize = 16;
@@ -50,7 +51,31 @@ pub fn attend(
     scores: &mut [f32],
     outs: &mut [&mut [f32]],
 ) {
-    let nq = qs.len().min(lens.len()).min(outs.len()).min(MAX_QUERIES);
+    const NONE: [Range<usize>; MAX_QUERIES] = [0..0, 0..0, 0..0, 0..0];
+    attend_skipping(isa, qs, lens, &NONE, keys, values, scale, scores, outs);
+}
+
+/// As [`attend`], query `q` not seeing the positions in `skips[q]` either: several
+/// continuations laid one after another in the cache after a shared context each see the context
+/// and their own earlier tokens, not the other continuations (tree attention).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_skipping(
+    isa: Isa,
+    qs: &[&[f32]],
+    lens: &[usize],
+    skips: &[Range<usize>],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    outs: &mut [&mut [f32]],
+) {
+    let nq = qs
+        .len()
+        .min(lens.len())
+        .min(skips.len())
+        .min(outs.len())
+        .min(MAX_QUERIES);
     if nq == 0 {
         return;
     }
@@ -76,12 +101,13 @@ pub fn attend(
     }
     // Unnormalized weights; each output is divided by its sum at the end.
     let mut sums = [1f32; MAX_QUERIES];
-    for ((row, &len), sum) in scores
+    for (((row, &len), skip), sum) in scores
         .chunks_exact_mut(stride)
         .zip(lens)
+        .zip(skips)
         .zip(sums.iter_mut())
     {
-        *sum = softmax_unnormalized(isa, &mut row[..len]);
+        *sum = softmax_unnormalized_skipping(isa, &mut row[..len], skip.clone());
         row[len..].iter_mut().for_each(|v| *v = 0.0);
     }
     if !simd::weighted_sum(isa, scores, stride, max, values, d, &mut outs[..nq]) {
@@ -358,16 +384,41 @@ mod tests {
                 }
             }
             let scale = 1.0 / (d as f32).sqrt();
-            for isa in crate::dot::available() {
+            // Without skips, and with each query skipping a different middle range (tree
+            // attention), which must match the definition over the positions left.
+            let skip_sets: [Vec<Range<usize>>; 2] = [
+                vec![0..0; nq],
+                lens.iter()
+                    .enumerate()
+                    .map(|(q, &len)| (len / 3 + q % 2)..(len / 2 + q).min(len.saturating_sub(1)))
+                    .collect(),
+            ];
+            for (isa, skips) in crate::dot::available()
+                .into_iter()
+                .flat_map(|isa| skip_sets.iter().map(move |s| (isa, s)))
+            {
                 let mut scratch = vec![f32::NAN; scratch_len(nq, max)];
                 let mut outs: Vec<Vec<f32>> = vec![vec![f32::NAN; d]; nq];
                 let qr: Vec<&[f32]> = qs.iter().map(|q| q.as_slice()).collect();
                 let mut or: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-                attend(isa, &qr, lens, &keys, &v, scale, &mut scratch, &mut or);
+                attend_skipping(
+                    isa,
+                    &qr,
+                    lens,
+                    skips,
+                    &keys,
+                    &v,
+                    scale,
+                    &mut scratch,
+                    &mut or,
+                );
                 for (q, &len) in lens.iter().enumerate() {
-                    // Reference in f64.
+                    // Reference in f64; skipped positions weigh nothing.
                     let s: Vec<f64> = (0..len)
                         .map(|j| {
+                            if skips[q].contains(&j) {
+                                return f64::NEG_INFINITY;
+                            }
                             (0..d)
                                 .map(|i| (qs[q][i] * kr[j * d + i]) as f64)
                                 .sum::<f64>()

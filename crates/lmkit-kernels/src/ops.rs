@@ -82,6 +82,21 @@ pub fn softmax_unnormalized(isa: Isa, x: &mut [f32]) -> f32 {
     exp_shifted(isa, x, max)
 }
 
+/// As [`softmax_unnormalized`] with the entries in `skip` masked out: they become 0 and take
+/// no part in the maximum or the sum (a query that must not see those positions).
+pub fn softmax_unnormalized_skipping(isa: Isa, x: &mut [f32], skip: std::ops::Range<usize>) -> f32 {
+    let lo = skip.start.min(x.len());
+    let hi = skip.end.clamp(lo, x.len());
+    if lo == hi {
+        return softmax_unnormalized(isa, x);
+    }
+    let (head, rest) = x.split_at_mut(lo);
+    let (masked, tail) = rest.split_at_mut(hi - lo);
+    let max = row_max(head).max(row_max(tail));
+    masked.iter_mut().for_each(|v| *v = 0.0);
+    exp_shifted(isa, head, max) + exp_shifted(isa, tail, max)
+}
+
 /// `x ← exp(x − shift)`; returns the sum.
 fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]

@@ -212,6 +212,27 @@ pub fn packed_rows(
                 }
             };
             let mut t = 0;
+            // AVX-512's 32 vector registers hold eight tokens' accumulators: each weight
+            // chunk is loaded and unpacked once per eight tokens.
+            while isa == Isa::Avx512 && t + 8 <= n {
+                let v = avx2::group(
+                    isa,
+                    p,
+                    g,
+                    [
+                        act(t),
+                        act(t + 1),
+                        act(t + 2),
+                        act(t + 3),
+                        act(t + 4),
+                        act(t + 5),
+                        act(t + 6),
+                        act(t + 7),
+                    ],
+                );
+                put(t, &v);
+                t += 8;
+            }
             while t + 4 <= n {
                 let v = avx2::group(isa, p, g, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
                 put(t, &v);
@@ -429,7 +450,13 @@ mod tests {
     fn packed_equals_row_major_on_every_isa() {
         let mut rng = Rng(5);
         for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
-            for &(rows, cols, n) in &[(19, 64, 1), (8, 96, 3), (37, 576, 9), (64, 32, 4)] {
+            for &(rows, cols, n) in &[
+                (19, 64, 1),
+                (8, 96, 3),
+                (37, 576, 9),
+                (64, 32, 4),
+                (24, 64, 13),
+            ] {
                 let (bytes, _) = random_matrix(format, rows, cols, &mut rng);
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
                 let w = QMatrix {

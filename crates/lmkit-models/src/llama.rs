@@ -268,12 +268,22 @@ impl Llama {
         self.native.is_some()
     }
 
-    fn native_forward(&self, ids: &Tensor, cache: &mut KvCache, want: Want) -> Result<Vec<f32>> {
+    fn native_forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        want: Want,
+        branches: &[usize],
+    ) -> Result<Vec<f32>> {
         let consts = self
             .native
             .as_ref()
             .ok_or_else(|| Error::Unsupported("this model has no native CPU path".into()))?;
-        let (b, _) = self.check_ids(ids, cache.len())?;
+        let (b, _) = if branches.is_empty() {
+            self.check_ids(ids, cache.len())?
+        } else {
+            self.check_ids(ids, 0)?
+        };
         if b != 1 {
             return Err(Error::Unsupported(format!(
                 "the native CPU path runs one sequence at a time, got a batch of {b} \
@@ -296,7 +306,79 @@ impl Llama {
             ffn: self.cfg.intermediate_size,
             vocab: self.cfg.vocab_size,
         };
-        native::forward(dims, consts, &data, &emb, nc, want)
+        native::forward(dims, consts, &data, &emb, nc, want, branches)
+    }
+
+    /// Logits `(n, v)` f32 of final hidden states `(n, c)` (as `forward_hidden` returns them):
+    /// the output layer, on the native thread team when the model has the native path.
+    pub fn logits_of_hidden(&self, rows: &Tensor) -> Result<Tensor> {
+        if self.native.is_some() && rows.device().is_cpu() && rows.rank() == 2 {
+            if let Some(head) = self.lm_head.kernel_data()? {
+                let (n, c) = rows.dims2()?;
+                let x = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let v = self.cfg.vocab_size;
+                let y = native::head_logits(&head, &x, c, v)?;
+                return Ok(Tensor::from_vec(y, (n, v), &self.device)?);
+            }
+        }
+        Ok(self.lm_head.forward(rows)?.to_dtype(DType::F32)?)
+    }
+
+    /// Final hidden states of a tree on top of the cached context: `trunk` continues the cache,
+    /// and each branch continues the trunk as if run alone after it. Returns `(trunk + Σ len,
+    /// c)` f32 rows: the trunk's, then the branches' one after another. The cache keeps the
+    /// trunk. The native path runs the whole tree as one batch (tree attention), the reference
+    /// path the trunk and then each branch.
+    pub fn forward_tree_hidden(
+        &self,
+        trunk: &[u32],
+        branches: &[&[u32]],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let p0 = cache.len();
+        let longest = branches.iter().map(|b| b.len()).max().unwrap_or(0);
+        let needed = p0 + trunk.len() + longest;
+        if needed > self.cfg.max_position_embeddings {
+            return Err(Error::ContextOverflow {
+                needed,
+                context: self.cfg.max_position_embeddings,
+            });
+        }
+        let branches: Vec<&[u32]> = branches.iter().copied().filter(|b| !b.is_empty()).collect();
+        let total = trunk.len() + branches.iter().map(|b| b.len()).sum::<usize>();
+        let c = self.cfg.hidden_size;
+        if total == 0 {
+            return Ok(Tensor::zeros((0, c), DType::F32, &self.device)?);
+        }
+        let keep = p0 + trunk.len();
+        if cache.is_native() {
+            let mut starts = Vec::with_capacity(branches.len());
+            let mut ids = trunk.to_vec();
+            for b in &branches {
+                starts.push(ids.len());
+                ids.extend_from_slice(b);
+            }
+            let x = Tensor::from_vec(ids, (1, total), &Device::Cpu)?;
+            let h = self.native_forward(&x, cache, Want::Hidden, &starts);
+            cache.truncate(if h.is_ok() { keep } else { p0 })?;
+            return Ok(Tensor::from_vec(h?, (total, c), &self.device)?);
+        }
+        let mut rows = Vec::with_capacity(branches.len() + 1);
+        for (i, b) in std::iter::once(trunk)
+            .chain(branches.iter().copied())
+            .enumerate()
+        {
+            if b.is_empty() {
+                continue;
+            }
+            let x = Tensor::from_vec(b.to_vec(), (1, b.len()), &Device::Cpu)?;
+            let h = self.forward_hidden(&x, cache);
+            if h.is_err() || i > 0 {
+                cache.truncate(if i > 0 { keep } else { p0 })?;
+            }
+            rows.push(h?.squeeze(0)?.to_dtype(DType::F32)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -467,7 +549,7 @@ impl Llama {
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         if cache.is_native() {
             let t = ids.dims2()?.1;
-            let h = self.native_forward(ids, cache, Want::Hidden)?;
+            let h = self.native_forward(ids, cache, Want::Hidden, &[])?;
             return Ok(Tensor::from_vec(
                 h,
                 (1, t, self.cfg.hidden_size),
@@ -515,7 +597,7 @@ impl Llama {
     /// `ids`: `(b, t)` u32 → `(b, v)` f32.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         if cache.is_native() {
-            let logits = self.native_forward(ids, cache, Want::LastLogits)?;
+            let logits = self.native_forward(ids, cache, Want::LastLogits, &[])?;
             return Ok(Tensor::from_vec(
                 logits,
                 (1, self.cfg.vocab_size),

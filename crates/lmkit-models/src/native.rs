@@ -171,6 +171,12 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
 
 /// Runs `ids` (one sequence) after the cached positions and appends them to the cache.
 /// `embedded` is the `(t, c)` token embeddings.
+///
+/// `branches` (sorted token indices; empty for one sequence) makes a tree: the tokens before
+/// `branches[0] = b` are a trunk that continues the cache, and each branch continues the trunk
+/// on its own: a token of the branch starting at `s` sits at position `p0 + b + (i − s)` and
+/// attends to the cache, the trunk and its own branch's earlier tokens only (tree attention).
+/// All branches land in the cache one after another; the caller cuts it back.
 pub(crate) fn forward(
     dims: Dims,
     consts: &Consts,
@@ -178,6 +184,7 @@ pub(crate) fn forward(
     embedded: &[f32],
     cache: &mut NativeCache,
     want: Want,
+    branches: &[usize],
 ) -> Result<Vec<f32>> {
     let Dims {
         layers,
@@ -195,6 +202,19 @@ pub(crate) fn forward(
             embedded.len(),
             weights.len()
         )));
+    }
+    if branches.windows(2).any(|w| w[0] >= w[1]) || branches.last().is_some_and(|&b| b >= t) {
+        return Err(Error::Unsupported(format!(
+            "native forward: branch starts {branches:?} for {t} tokens"
+        )));
+    }
+    // Tokens each token does not see, from its own position: `gap[i]` tokens before its
+    // branch (the other branches before it); 0 on the trunk.
+    let trunk = branches.first().copied().unwrap_or(t);
+    let mut gap = vec![0usize; t];
+    for (k, &b) in branches.iter().enumerate() {
+        let end = branches.get(k + 1).copied().unwrap_or(t);
+        gap[b..end].iter_mut().for_each(|g| *g = b - trunk);
     }
     let views: Vec<WeightView> = weights
         .iter()
@@ -231,7 +251,8 @@ pub(crate) fn forward(
     let half = d / 2;
     s.cos.clear();
     s.sin.clear();
-    for p in p0..total {
+    for (i, &gp) in gap.iter().enumerate() {
+        let p = p0 + i - gp;
         for &fr in &consts.inv_freq {
             let a = p as f32 * fr;
             s.cos.push(a.cos());
@@ -363,17 +384,20 @@ pub(crate) fn forward(
                     let n = p0 + tokens.end; // positions the last query sees
                     let mut qs = [&[][..]; attn::MAX_QUERIES];
                     let mut lens = [0usize; attn::MAX_QUERIES];
+                    let mut skips: [std::ops::Range<usize>; attn::MAX_QUERIES] = Default::default();
                     let mut outs: [&mut [f32]; attn::MAX_QUERIES] = Default::default();
                     for (k, i) in tokens.clone().enumerate() {
                         qs[k] = qkv.slice(i * qkv_w + hq * d, d);
                         lens[k] = p0 + i + 1;
+                        skips[k] = p0 + trunk..p0 + trunk + gap[i];
                         outs[k] = att.slice_mut(i * hd + hq * d, d);
                     }
                     let nq = tokens.len();
-                    attn::attend(
+                    attn::attend_skipping(
                         isa,
                         &qs[..nq],
                         &lens[..nq],
+                        &skips[..nq],
                         keys[slot].slice(0, attn::key_buffer_len(n, d)),
                         values[slot].slice(0, n * d),
                         scale,
@@ -469,6 +493,47 @@ pub(crate) fn forward(
     drop(values);
     cache.len = total;
     Ok(std::mem::take(&mut cache.s.out))
+}
+
+/// `(n, vocab)` logits of `n` final-normed hidden rows `(n, c)` on the thread team (many rows
+/// at once: scoring a continuation).
+pub(crate) fn head_logits(
+    head: &KernelData,
+    rows: &[f32],
+    c: usize,
+    vocab: usize,
+) -> Result<Vec<f32>> {
+    let n = rows.len() / c.max(1);
+    if c == 0 || rows.len() != n * c || !c.is_multiple_of(BLOCK) {
+        return Err(Error::Unsupported(format!(
+            "native head: {} values for hidden {c}",
+            rows.len()
+        )));
+    }
+    let head = head.view()?;
+    let isa = lmkit_kernels::isa();
+    let mut acts = vec![
+        A8Block::default();
+        if head.wants_blocks() {
+            n * c / BLOCK
+        } else {
+            0
+        }
+    ];
+    if head.wants_blocks() {
+        for (x, a) in rows.chunks_exact(c).zip(acts.chunks_exact_mut(c / BLOCK)) {
+            quantize_into(x, a);
+        }
+    }
+    let mut out = vec![0f32; n * vocab];
+    let o = SharedMut::new(&mut out);
+    team::run(1, |tm| {
+        // SAFETY: chunks are disjoint weight rows, so each output index is written once.
+        tm.for_chunks(vocab, chunk_rows(vocab, tm.n()), |r| unsafe {
+            head.rows_into(isa, rows, &acts, n, r, |ti, r, v| o.set(ti * vocab + r, v));
+        });
+    });
+    Ok(out)
 }
 
 /// Wall-clock time per kind of operation inside the native forward pass, summed over calls

@@ -125,6 +125,71 @@ fn native_decoding_matches_native_prefill_and_forward_last() {
     }
 }
 
+/// Hidden states of `ids` after a context already in `cache`, the cache cut back after.
+fn hidden_after(m: &Llama, cache: &mut lmkit_models::KvCache, ids: &[u32]) -> Tensor {
+    let p0 = cache.len();
+    let h = m
+        .forward_hidden(&row(ids), cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    cache.truncate(p0).unwrap();
+    h
+}
+
+#[test]
+fn a_tree_matches_each_branch_run_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [GgmlDType::F32, GgmlDType::Q4_1] {
+        let m = tiny(dtype, dir.path());
+        let all = ids(70);
+        let (context, trunk) = (&all[..9], &all[9..15]);
+        // Lengths across the 4-query attention groups and the 16-position key blocks; one
+        // branch longer than the context, one empty.
+        let branches: Vec<&[u32]> =
+            vec![&all[15..22], &all[22..23], &[], &all[23..42], &all[42..47]];
+        for (native, with_trunk) in [(true, true), (true, false), (false, true), (false, false)] {
+            let trunk = if with_trunk { trunk } else { &[][..] };
+            let mut cache = if native {
+                m.new_cache()
+            } else {
+                m.new_reference_cache()
+            };
+            m.forward_hidden(&row(context), &mut cache).unwrap();
+            let tree = m.forward_tree_hidden(trunk, &branches, &mut cache).unwrap();
+            assert_eq!(cache.len(), 9 + trunk.len(), "the cache keeps the trunk");
+            // The same rows, each branch run alone after context + trunk.
+            let mut alone = vec![];
+            let mut c2 = if native {
+                m.new_cache()
+            } else {
+                m.new_reference_cache()
+            };
+            m.forward_hidden(&row(context), &mut c2).unwrap();
+            if !trunk.is_empty() {
+                alone.push(hidden_after(&m, &mut c2, trunk));
+                m.forward_hidden(&row(trunk), &mut c2).unwrap();
+            }
+            for b in branches.iter().filter(|b| !b.is_empty()) {
+                alone.push(hidden_after(&m, &mut c2, b));
+            }
+            let alone = Tensor::cat(&alone, 0).unwrap();
+            assert_eq!(tree.dims(), &[trunk.len() + 32, m.config().hidden_size]);
+            let d = max_abs_diff(&tree, &alone).unwrap();
+            assert!(
+                d < FLOAT_TOL,
+                "{dtype:?} native={native} trunk={with_trunk}: tree vs alone {d}"
+            );
+        }
+        // A branch reaching past the context window is refused and the cache is untouched.
+        let mut cache = m.new_cache();
+        m.forward_hidden(&row(context), &mut cache).unwrap();
+        let long: Vec<u32> = ids(m.config().max_position_embeddings);
+        assert!(m.forward_tree_hidden(trunk, &[&long], &mut cache).is_err());
+        assert_eq!(cache.len(), 9);
+    }
+}
+
 #[test]
 fn native_results_do_not_depend_on_the_thread_count() {
     let dir = tempfile::tempdir().unwrap();

@@ -190,7 +190,7 @@ fn native_and_reference_paths_decode_the_same_tokens() {
 /// and the model's own greedy tokens are all its top choices (per-token accuracy 1).
 #[test]
 fn teacher_forcing_on_the_cache_matches_the_fresh_path() {
-    use lmkit::eval::loglik::{score_on_cache, score_shared};
+    use lmkit::eval::loglik::{score_on_cache, Encoded, LoglikScorer};
     let m = lmkit::load(&common::default_model(), LoadOptions::default()).unwrap();
     let ctx = m
         .tokenizer
@@ -210,7 +210,11 @@ fn teacher_forcing_on_the_cache_matches_the_fresh_path() {
     let on_cache = score_on_cache(&m.model, &mut s.cache, ctx.len(), &last, &g.tokens).unwrap();
     assert_eq!(on_cache.correct, 6);
     assert!(on_cache.greedy && on_cache.brier < 6.0 && on_cache.brier > 0.0);
-    let (fresh, _) = score_shared(&m.model, &ctx, std::slice::from_ref(&g.tokens), 2048).unwrap();
+    let request = Encoded {
+        context: ctx.clone(),
+        continuation: g.tokens.clone(),
+    };
+    let (fresh, _) = LoglikScorer::new(&m.model).score(&[request], 2048).unwrap();
     assert!(
         (fresh[0].logprob - on_cache.logprob).abs() < 1e-3,
         "{} vs {}",
