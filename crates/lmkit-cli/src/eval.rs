@@ -250,7 +250,9 @@ pub fn main(a: Args) -> Result<()> {
         };
         let rows = match &spec.generator {
             Some(g) if a.data.is_none() => g.rows(false)?,
-            _ => load_rows(&path).with_context(|| format!("task `{}`", spec.name))?,
+            _ => load_rows(&path)
+                .and_then(|rows| Ok(spec.select_rows(rows)?))
+                .with_context(|| format!("task `{}`", spec.name))?,
         };
         let shots = few_shot(spec, &root, a.data.is_some())?;
         let n = a.limit.unwrap_or(rows.len()).min(rows.len());

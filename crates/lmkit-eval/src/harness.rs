@@ -174,7 +174,9 @@ pub fn score_item(
             .map(|c| encode_pair(tok, &item.contexts[0], c))
             .collect::<Result<_>>()?
     } else {
-        let cont = item.continuations.first().map_or("", String::as_str);
+        let cont = item.continuations.first().ok_or_else(|| {
+            crate::Error::Data("an item with a context per choice has no continuation".into())
+        })?;
         item.contexts
             .iter()
             .map(|ctx| encode_pair(tok, ctx, cont))

@@ -327,6 +327,24 @@ mod tests {
     }
 
     #[test]
+    fn inputs_are_cut_from_the_left_as_the_harness_does() {
+        // (context + continuation)[-(max_length + 1):][:-1]; scored from the continuation's
+        // first predicting position.
+        let e = req(&[1, 2, 3, 4, 5, 6], &[7, 8, 9]);
+        assert_eq!(
+            request_input(&e, 100).unwrap(),
+            (vec![1, 2, 3, 4, 5, 6, 7, 8], false, 5)
+        );
+        assert_eq!(
+            request_input(&e, 5).unwrap(),
+            (vec![4, 5, 6, 7, 8], true, 2)
+        );
+        assert_eq!(request_input(&e, 3).unwrap(), (vec![6, 7, 8], true, 0));
+        assert!(request_input(&e, 2).is_err());
+        assert!(request_input(&req(&[], &[1]), 8).is_err());
+    }
+
+    #[test]
     fn shared_prefixes_and_the_kept_cache_score_as_each_request_alone() {
         let ids: Vec<u32> = (0..80).map(|i| (i * 37 + 11) % 100).collect();
         let few_shot = &ids[..20];
@@ -360,6 +378,19 @@ mod tests {
         ];
         for dtype in [GgmlDType::F32, GgmlDType::Q4_1] {
             let model = tiny(dtype);
+            // Choices cut to the whole context window, each by its own amount: the tree holds
+            // more tokens than the window has positions.
+            let window = model.config().max_position_embeddings;
+            let long: Vec<u32> = (0..window as u32 + 40)
+                .map(|i| (i * 13 + 5) % 100)
+                .collect();
+            let requests = [req(&long, &ids[40..70]), req(&long, &ids[50..53])];
+            let (got, cut) = LoglikScorer::new(&model).score(&requests, window).unwrap();
+            assert!(cut);
+            for (g, e) in got.iter().zip(&requests) {
+                let want = alone(&model, e, window);
+                assert!((g.logprob - want.logprob).abs() < 1e-4 * (1.0 + want.logprob.abs()));
+            }
             let mut scorer = LoglikScorer::new(&model);
             for (k, (requests, max_length)) in calls.iter().enumerate() {
                 let (got, cut) = scorer.score(requests, *max_length).unwrap();

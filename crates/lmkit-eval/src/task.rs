@@ -9,7 +9,8 @@
 //! - `kind`: `multiple_choice` (one context, a continuation per choice), `multiple_input`
 //!   (a context per choice, one continuation: Winogrande's partial scoring) or `loglikelihood`
 //!   (one context and one continuation, LAMBADA: `acc` is greedy agreement, `perplexity` is
-//!   `exp(−mean log-likelihood)`); `item_field`: the row's field holding the item;
+//!   `exp(−mean log-likelihood)`); `item_field`: the row's field holding the item; `unique`: a
+//!   row field whose repeated values are dropped (request dumps list an item once per request);
 //! - `preprocess`: a built-in item transform (`hellaswag`, `winogrande`), as the harness's
 //!   `process_docs`;
 //! - `text`: the prompt template; `choices`: an expression giving the list of choices (for
@@ -60,6 +61,10 @@ pub struct TaskSpec {
     /// Each row's item is this field of the row (request dumps keep the item under `doc`).
     #[serde(default)]
     pub item_field: Option<String>,
+    /// Keep only the first row of each value of this row field (a request dump lists an item
+    /// once per request, and its unconditional requests as extra rows).
+    #[serde(default)]
+    pub unique: Option<String>,
     pub text: String,
     #[serde(default)]
     pub choices: String,
@@ -98,6 +103,28 @@ pub struct TaskSpec {
     /// `generate_until`: how exact match compares the answer with the target.
     #[serde(default)]
     pub exact_match: crate::generation::ExactMatch,
+}
+
+impl TaskSpec {
+    /// The task's items among a dataset's rows, in order (see `unique`); a row without the
+    /// `unique` field is an error naming it.
+    pub fn select_rows(&self, rows: Vec<Json>) -> Result<Vec<Json>> {
+        let Some(field) = &self.unique else {
+            return Ok(rows);
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, r) in rows.into_iter().enumerate() {
+            let key = r.get(field).ok_or_else(|| Error::Task {
+                task: self.name.clone(),
+                why: format!("row {i} has no field `{field}` (the task's `unique`)"),
+            })?;
+            if seen.insert(key.to_string()) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn max_gen_toks() -> usize {
@@ -747,13 +774,28 @@ mod tests {
         for (name, _) in BUILTIN {
             TaskSpec::builtin(name).unwrap();
         }
+        // ARC and OpenBookQA: rows of a request dump, each item listed once per request.
         let arc = TaskSpec::builtin("arc_easy").unwrap();
-        let doc = serde_json::json!({"question": "Which is a gas?", "answerKey": "B",
-            "choices": {"text": ["ice", "steam"], "label": ["A", "B"]}});
-        let it = r.item(&arc, &doc, &[]).unwrap();
-        assert_eq!(it.contexts, ["Question: Which is a gas?\nAnswer:"]);
+        let row = |id: &str, q: &str| {
+            serde_json::json!({"native_id": id, "doc_id": 0, "doc": {"query": q,
+                "choices": ["ice", "steam"], "gold": 1}})
+        };
+        let q = "Question: Which is a gas?\nAnswer:";
+        let rows = vec![row("a", q), row("a", q), row("b", q), row("a", q)];
+        let rows = arc.select_rows(rows).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1]["native_id"], "b");
+        let it = r.item(&arc, &rows[0], &[]).unwrap();
+        assert_eq!(it.contexts, [q]);
         assert_eq!(it.continuations, [" ice", " steam"]);
         assert_eq!(it.gold, 1);
+        let e = arc
+            .select_rows(vec![serde_json::json!({"doc": {}})])
+            .unwrap_err();
+        assert!(e.to_string().contains("native_id"), "{e}");
+        let ob = TaskSpec::builtin("openbookqa").unwrap();
+        let it = r.item(&ob, &rows[0], &[]).unwrap();
+        assert_eq!(it.contexts, ["Which is a gas?"]);
         let wg = TaskSpec::builtin("winogrande").unwrap();
         let doc = serde_json::json!({"sentence": "Sarah was a better lawyer than Maria so _ always got the easier cases.",
             "option1": "Sarah", "option2": "Maria", "answer": "2"});
@@ -809,7 +851,7 @@ mod tests {
         assert!(expand("arithmetic_add_10").is_err());
         // A missing field is named.
         let e = r
-            .item(&arc, &serde_json::json!({"question": "q"}), &[])
+            .item(&arc, &serde_json::json!({"doc": {"query": "q"}}), &[])
             .unwrap_err();
         assert!(e.to_string().contains("arc_easy"), "{e}");
         assert!(TaskSpec::builtin("nope")

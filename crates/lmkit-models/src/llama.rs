@@ -279,10 +279,11 @@ impl Llama {
             .native
             .as_ref()
             .ok_or_else(|| Error::Unsupported("this model has no native CPU path".into()))?;
+        // A tree holds more tokens than positions: `forward_tree_hidden` checks its depth.
         let (b, _) = if branches.is_empty() {
             self.check_ids(ids, cache.len())?
         } else {
-            self.check_ids(ids, 0)?
+            self.check_ids(ids, None)?
         };
         if b != 1 {
             return Err(Error::Unsupported(format!(
@@ -512,9 +513,12 @@ impl Llama {
         ))
     }
 
-    fn check_ids(&self, ids: &Tensor, offset: usize) -> Result<(usize, usize)> {
+    /// `(batch, tokens)` of `ids`, checked: token ids in the vocabulary and, unless `offset`
+    /// is `None` (a tree, whose positions its caller checks), `offset + t` positions within the
+    /// context.
+    fn check_ids(&self, ids: &Tensor, offset: impl Into<Option<usize>>) -> Result<(usize, usize)> {
         let (b, t) = ids.dims2()?;
-        let needed = offset + t;
+        let needed = offset.into().map_or(0, |o| o + t);
         if needed > self.cfg.max_position_embeddings {
             return Err(Error::ContextOverflow {
                 needed,

@@ -191,6 +191,25 @@ fn a_tree_matches_each_branch_run_alone() {
 }
 
 #[test]
+fn the_output_layer_on_the_team_matches_the_linear_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [GgmlDType::F32, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let m = tiny(dtype, dir.path());
+        let h = m
+            .forward_hidden(&row(&ids(11)), &mut m.new_cache())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let team = m.logits_of_hidden(&h).unwrap();
+        let linear = m.lm_head().forward(&h).unwrap();
+        assert_eq!(team.dims(), &[11, m.config().vocab_size]);
+        let d = max_abs_diff(&team, &linear).unwrap();
+        // Both quantize the activations the same way for quantized heads.
+        assert!(d < FLOAT_TOL * range(&linear).max(1.0), "{dtype:?}: {d}");
+    }
+}
+
+#[test]
 fn native_results_do_not_depend_on_the_thread_count() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(GgmlDType::Q8_0, dir.path());
