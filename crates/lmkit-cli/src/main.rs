@@ -15,6 +15,7 @@ mod logits;
 mod parity;
 mod plot;
 mod ppl;
+mod quantize;
 mod run;
 mod scaling;
 mod tokenizer;
@@ -61,6 +62,8 @@ enum Command {
     Logits(logits::Args),
     Plot(plot::Args),
     Export(export::Args),
+    /// Post-training quantization to 2/3/4 bits: RTN, GPTQ (LDLQ) or QuIP (incoherence processing).
+    Quantize(quantize::Args),
     /// Tokenizers: `lmkit tokenizer train`, `lmkit tokenizers parity`.
     #[command(subcommand, alias = "tokenizers")]
     Tokenizer(tokenizer::Command),
@@ -103,6 +106,7 @@ fn main() {
         Command::Logits(a) => a.model.threads,
         Command::Plot(_) => None,
         Command::Export(a) => a.model.threads,
+        Command::Quantize(a) => a.model.threads,
         Command::Tokenizer(_) => None,
         Command::Scaling(_) => None,
         Command::Data(c) => data::threads(c),
@@ -123,6 +127,7 @@ fn main() {
         Command::Logits(a) => logits::main(a),
         Command::Plot(a) => plot::main(a),
         Command::Export(a) => export::main(a),
+        Command::Quantize(a) => quantize::main(a),
         Command::Tokenizer(c) => tokenizer::main(c),
         Command::Scaling(c) => scaling::main(c),
         Command::Data(c) => data::main(c),

@@ -290,3 +290,122 @@ fn devices_dtypes_batches_and_logits() {
     let o = lmkit(&["export", "--model", m, "--type", "q3_x", "--out", q8]);
     fails_with(&o, "GGUF type `q3_x`");
 }
+
+#[test]
+fn quantize_a_tiny_model_and_run_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    let text = dir.path().join("calib.txt");
+    std::fs::write(&text, "the cat sat on the mat and the dog ran. ".repeat(40)).unwrap();
+    let calib = text.to_str().unwrap();
+    let out = dir.path().join("q.gguf");
+    let o = lmkit(&[
+        "quantize",
+        "--model",
+        m,
+        "--method",
+        "gptq",
+        "--bits",
+        "3",
+        "--calib",
+        calib,
+        "--calib-ctx",
+        "32",
+        "--calib-windows",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["layers"].as_array().unwrap().len(), 14);
+    assert_eq!(v["calib_tokens"], 128);
+    let bpw = v["bits_per_weight_layers"].as_f64().unwrap();
+    assert!(bpw > 3.0 && bpw < 3.6, "{bpw}");
+    assert!(v["mean_rel_error"].as_f64().unwrap() > 0.0);
+    let o = lmkit(&["info", "--model", out.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("LB3"));
+    let o = lmkit(&[
+        "ppl",
+        calib,
+        "--model",
+        out.to_str().unwrap(),
+        "--ctx",
+        "32",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["ppl"].as_f64().unwrap().is_finite());
+
+    // Bad input: clear errors, no output file left behind.
+    let bad_out = dir.path().join("bad.gguf");
+    let bo = bad_out.to_str().unwrap();
+    let q = |extra: &[&str]| {
+        let mut args = vec!["quantize", "--model", m, "--out", bo];
+        args.extend_from_slice(extra);
+        lmkit(&args)
+    };
+    fails_with(&q(&["--bits", "5", "--method", "rtn"]), "2, 3 or 4");
+    fails_with(&q(&["--method", "awq"]), "expected rtn, gptq or quip");
+    fails_with(
+        &q(&["--method", "gptq", "--calib", calib, "--calib-ctx", "4096"]),
+        "longer than the model's context",
+    );
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    fails_with(
+        &q(&[
+            "--method",
+            "gptq",
+            "--calib",
+            empty.to_str().unwrap(),
+            "--calib-ctx",
+            "32",
+        ]),
+        "less than one window",
+    );
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "the cat").unwrap();
+    fails_with(
+        &q(&[
+            "--method",
+            "quip",
+            "--calib",
+            short.to_str().unwrap(),
+            "--calib-ctx",
+            "64",
+        ]),
+        "less than one window",
+    );
+    let missing = dir.path().join("no-such-dir").join("q.gguf");
+    let o = lmkit(&[
+        "quantize",
+        "--model",
+        m,
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--out",
+        missing.to_str().unwrap(),
+    ]);
+    fails_with(&o, "does not exist");
+    let jsonl = dir.path().join("c.jsonl");
+    std::fs::write(&jsonl, "{\"text\": \"a\"}\n{\"body\": \"b\"}\n").unwrap();
+    fails_with(
+        &q(&[
+            "--method",
+            "gptq",
+            "--calib",
+            jsonl.to_str().unwrap(),
+            "--calib-ctx",
+            "32",
+        ]),
+        "no string field `text`",
+    );
+    assert!(!bad_out.exists());
+}

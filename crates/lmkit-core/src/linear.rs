@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Module, Storage, StorageRef, Tensor};
 
-use lmkit_kernels::{Dense, Packed, QFormat, QMatrix, WeightView};
+use lmkit_kernels::{Dense, LowBitLinear, Packed, QFormat, QMatrix, WeightView};
 
 use crate::error::OpContext;
 use crate::lora::LoraAdapter;
@@ -27,6 +27,8 @@ pub enum Weight {
     /// Block-quantized with rows interleaved for lmkit's CPU kernels (Q4_0, Q4_1, Q8_0 on the
     /// CPU are stored this way; [`Packed::unpack`] gives back the GGUF bytes).
     Packed(Arc<Packed>),
+    /// 2–4-bit codes between optional Hadamard rotations (lmkit-quant's RTN, GPTQ, QuIP).
+    LowBit(Arc<LowBitLinear>),
 }
 
 impl Weight {
@@ -93,6 +95,7 @@ impl Weight {
             Weight::Dense(t) => t.dims2().op("weight dims"),
             Weight::Quantized(q) => q.shape().dims2().op("weight dims"),
             Weight::Packed(p) => Ok((p.rows, p.cols)),
+            Weight::LowBit(l) => Ok((l.w.rows, l.w.cols)),
         }
     }
 
@@ -102,6 +105,7 @@ impl Weight {
             Weight::Dense(t) => format!("{:?}", t.dtype()).to_uppercase(),
             Weight::Quantized(q) => ggml_type_name(q.dtype()).to_string(),
             Weight::Packed(p) => format!("{:?}", p.format),
+            Weight::LowBit(l) => lowbit_type_name(l),
         }
     }
 
@@ -111,6 +115,7 @@ impl Weight {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Quantized(q) => q.storage_size_in_bytes(),
             Weight::Packed(p) => p.size_in_bytes(),
+            Weight::LowBit(l) => l.size_in_bytes(),
         }
     }
 
@@ -126,8 +131,24 @@ impl Weight {
                 }
                 Tensor::from_vec(v, (p.rows, p.cols), &candle_core::Device::Cpu).op("dequantize")
             }
+            Weight::LowBit(l) => Tensor::from_vec(
+                l.dequantize(),
+                (l.w.rows, l.w.cols),
+                &candle_core::Device::Cpu,
+            )
+            .op("dequantize"),
         }
     }
+}
+
+/// lmkit's name for a low-bit layer: `LB2`/`LB3`/`LB4`, `+R` when it has rotations (QuIP).
+pub fn lowbit_type_name(l: &LowBitLinear) -> String {
+    let rot = if l.input.is_some() || l.output.is_some() {
+        "+R"
+    } else {
+        ""
+    };
+    format!("LB{}{rot}", l.w.bits)
 }
 
 /// GGUF's name for a block type.
@@ -253,6 +274,23 @@ fn native_matmul(
     Tensor::from_vec(y, shape, x.device()).op("qmatmul output")
 }
 
+/// `y = x Wᵀ` for a low-bit layer (rotations, 8-bit activations, integer dot products).
+///
+/// # Shapes
+/// `x`: `(.., in)` → `(.., out)`.
+fn lowbit_matmul(l: &LowBitLinear, x: &Tensor) -> Result<Tensor> {
+    let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+    let n: usize = lead.iter().product();
+    let xs = input_rows(x)?;
+    let mut y = vec![0f32; n * l.w.rows];
+    l.matmul(&xs, n, &mut y);
+    let mut shape = lead;
+    shape.push(l.w.rows);
+    Tensor::from_vec(y, shape, x.device())
+        .and_then(|y| y.to_dtype(x.dtype()))
+        .op("low-bit matmul output")
+}
+
 /// `y + b`, with `b` cast to `y`'s dtype (mixed precision).
 fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
@@ -300,7 +338,9 @@ impl Linear {
             Weight::Packed(p) => return Self::packed(p, bias),
             Weight::Quantized(q) => Arc::try_unwrap(q)
                 .map_err(|_| Error::Unsupported("shared quantized weight".into()))?,
-            Weight::Dense(_) => return Err(Error::Unsupported("dense weight".into())),
+            Weight::Dense(_) | Weight::LowBit(_) => {
+                return Err(Error::Unsupported("dense or low-bit weight".into()))
+            }
         };
         let (out_features, in_features) = weight.shape().dims2().op("linear weight")?;
         check_bias(&bias, out_features)?;
@@ -335,6 +375,20 @@ impl Linear {
         })
     }
 
+    /// A layer on a low-bit weight (see [`Weight::LowBit`]).
+    pub fn lowbit(weight: Arc<LowBitLinear>, bias: Option<Tensor>) -> Result<Self> {
+        check_bias(&bias, weight.w.rows)?;
+        Ok(Self {
+            out_features: weight.w.rows,
+            in_features: weight.w.cols,
+            weight: Weight::LowBit(weight),
+            native: None,
+            matmul: None,
+            bias,
+            lora: None,
+        })
+    }
+
     /// # Shapes
     /// `x`: `(.., in)` → `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -356,6 +410,7 @@ impl Linear {
             });
         }
         let y = match (&self.weight, &self.matmul) {
+            (Weight::LowBit(l), _) => lowbit_matmul(l, x)?,
             (Weight::Packed(_), _) => {
                 let base = Self {
                     lora: None,
@@ -476,6 +531,7 @@ impl Linear {
         let (rows, cols) = (self.out_features, self.in_features);
         match (&self.weight, self.native) {
             (Weight::Packed(p), _) => Ok(Some(KernelData::Packed(p))),
+            (Weight::LowBit(l), _) => Ok(Some(KernelData::LowBit(l))),
             (Weight::Quantized(q), Some(native)) => Ok(Some(KernelData::Bytes {
                 native,
                 data: q.data().op("kernel weights")?,
@@ -544,6 +600,8 @@ impl Linear {
 /// borrows it as a [`WeightView`].
 pub enum KernelData<'a> {
     Packed(&'a Packed),
+    /// Codes and the layer's rotations (the native path applies them around the product).
+    LowBit(&'a LowBitLinear),
     Bytes {
         native: Native,
         data: Cow<'a, [u8]>,
@@ -560,9 +618,26 @@ pub enum KernelData<'a> {
 }
 
 impl KernelData<'_> {
+    /// The rotation applied to the input before the product (QuIP layers).
+    pub fn input_rotation(&self) -> Option<&lmkit_kernels::Rotation> {
+        match self {
+            KernelData::LowBit(l) => l.input.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The rotation whose transpose is applied to the product's output (QuIP layers).
+    pub fn output_rotation(&self) -> Option<&lmkit_kernels::Rotation> {
+        match self {
+            KernelData::LowBit(l) => l.output.as_ref(),
+            _ => None,
+        }
+    }
+
     pub fn view(&self) -> Result<WeightView<'_>> {
         let v = match self {
             KernelData::Packed(p) => WeightView::Packed(p),
+            KernelData::LowBit(l) => WeightView::LowBit(&l.w),
             KernelData::Bytes {
                 native: Native::Quant(format),
                 data,
@@ -672,6 +747,9 @@ impl Embedding {
                 shape.push(self.hidden);
                 Tensor::from_vec(v, shape, ids.device()).op("embedding")
             }
+            Weight::LowBit(_) => Err(Error::Unsupported(
+                "a low-bit embedding table (embeddings keep a block format)".into(),
+            )),
         }
     }
 
@@ -695,6 +773,7 @@ impl Embedding {
         match &self.table {
             Weight::Dense(t) => Linear::dense(t.clone(), None),
             Weight::Packed(p) => Linear::packed(p.clone(), None),
+            Weight::LowBit(l) => Linear::lowbit(l.clone(), None),
             Weight::Quantized(q) => {
                 let native = native_format(q.dtype(), &q.device());
                 let matmul = match native {

@@ -118,6 +118,74 @@ impl Value {
     }
 }
 
+/// First GGUF type code of lmkit's own tensor types: `LB2`, `LB3`, `LB4` are
+/// `LOWBIT_CODE + 2..=4` (low-bit codes, see `lmkit_kernels::lowbit` and docs/formats.md).
+pub const LOWBIT_CODE: u32 = 1000;
+
+/// A tensor's storage type: a GGML type or one of lmkit's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TensorType {
+    Ggml(GgmlDType),
+    /// 2-, 3- or 4-bit codes in blocks of 32 (`4·bits` bytes per block).
+    LowBit(u8),
+}
+
+impl From<GgmlDType> for TensorType {
+    fn from(t: GgmlDType) -> Self {
+        TensorType::Ggml(t)
+    }
+}
+
+impl TensorType {
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            c if (LOWBIT_CODE + 2..=LOWBIT_CODE + 4).contains(&c) => {
+                Some(TensorType::LowBit((c - LOWBIT_CODE) as u8))
+            }
+            c => ggml_dtype(c).map(TensorType::Ggml),
+        }
+    }
+
+    pub fn code(self) -> u32 {
+        match self {
+            TensorType::Ggml(t) => ggml_code(t),
+            TensorType::LowBit(b) => LOWBIT_CODE + u32::from(b),
+        }
+    }
+
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            TensorType::Ggml(t) => t.block_size(),
+            TensorType::LowBit(_) => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            TensorType::Ggml(t) => t.type_size(),
+            TensorType::LowBit(b) => 4 * b as usize,
+        }
+    }
+
+    /// The GGML type, if it is one.
+    pub fn ggml(self) -> Option<GgmlDType> {
+        match self {
+            TensorType::Ggml(t) => Some(t),
+            TensorType::LowBit(_) => None,
+        }
+    }
+
+    /// `F32`, `Q4_1`, `LB2`, ...
+    pub fn name(self) -> String {
+        match self {
+            TensorType::Ggml(t) => lmkit_core::linear::ggml_type_name(t).into(),
+            TensorType::LowBit(b) => format!("LB{b}"),
+        }
+    }
+}
+
 /// GGML tensor type codes lmkit knows, with block geometry.
 pub fn ggml_dtype(code: u32) -> Option<GgmlDType> {
     Some(match code {
@@ -167,7 +235,7 @@ pub struct TensorInfo {
     pub name: String,
     /// GGML order: `dims[0]` is the innermost (contiguous) dimension.
     pub dims: Vec<usize>,
-    pub dtype: GgmlDType,
+    pub dtype: TensorType,
     /// Offset from the start of the data section.
     pub offset: usize,
     pub size_in_bytes: usize,
@@ -396,7 +464,7 @@ impl GgufFile {
                 })?);
             }
             let code = c.u32(&name)?;
-            let dtype = ggml_dtype(code).ok_or_else(|| Error::Unsupported {
+            let dtype = TensorType::from_code(code).ok_or_else(|| Error::Unsupported {
                 path: path.clone(),
                 why: format!("tensor `{name}` has GGML type {code}, which lmkit cannot read"),
             })?;
@@ -554,13 +622,20 @@ impl GgufFile {
     /// A tensor as a candle `QTensor` in its stored type, row-major shape.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let info = self.info_or_missing(name)?;
-        qtensor_from_ggml(info.dtype, self.tensor_bytes(info), info.shape(), device).map_err(
-            |source| Error::Tensor {
+        let dtype = info.dtype.ggml().ok_or_else(|| Error::Unsupported {
+            path: self.path.clone(),
+            why: format!(
+                "tensor `{name}` is lmkit's {} type, not a GGML block type",
+                info.dtype.name()
+            ),
+        })?;
+        qtensor_from_ggml(dtype, self.tensor_bytes(info), info.shape(), device).map_err(|source| {
+            Error::Tensor {
                 path: self.path.clone(),
                 tensor: name.into(),
                 source: Box::new(source),
-            },
-        )
+            }
+        })
     }
 
     /// A tensor dequantized to f32, row-major shape.

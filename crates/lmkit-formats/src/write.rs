@@ -8,9 +8,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::GgmlDType;
-
-use crate::gguf::{ggml_code, Value, DEFAULT_ALIGNMENT};
+use crate::gguf::{TensorType, Value, DEFAULT_ALIGNMENT};
 use crate::{Error, Result};
 
 /// Writes a file atomically: `write` fills a buffered temp file, which is synced and renamed.
@@ -46,7 +44,7 @@ pub fn atomic_write(
 pub struct GgufTensor<'a> {
     pub name: String,
     pub shape: Vec<usize>,
-    pub dtype: GgmlDType,
+    pub dtype: TensorType,
     pub data: std::borrow::Cow<'a, [u8]>,
 }
 
@@ -125,7 +123,7 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[GgufTens
             for d in t.shape.iter().rev() {
                 counted.write_all(&(*d as u64).to_le_bytes())?;
             }
-            counted.write_all(&ggml_code(t.dtype).to_le_bytes())?;
+            counted.write_all(&t.dtype.code().to_le_bytes())?;
             counted.write_all(&(offset as u64).to_le_bytes())?;
             offset = (offset + t.data.len()).div_ceil(align) * align;
         }

@@ -5,6 +5,7 @@ use std::ops::Range;
 use crate::act::A8Block;
 use crate::dense::{self, Dense};
 use crate::dot::Isa;
+use crate::lowbit::{lowbit_rows, LowBit};
 use crate::matmul::{qrows, QMatrix};
 use crate::packed::{packed_rows, Packed};
 use crate::{Error, Result, BLOCK};
@@ -16,6 +17,8 @@ pub enum WeightView<'a> {
     Quant(QMatrix<'a>),
     /// Block-quantized, rows interleaved (see [`crate::packed`]).
     Packed(&'a Packed),
+    /// 2–4-bit codes with per-group affine scales ([`crate::lowbit`]); 8-bit activations.
+    LowBit(&'a LowBit),
     /// f32 or f16; runs against f32 activations.
     Dense {
         w: Dense<'a>,
@@ -29,6 +32,7 @@ impl WeightView<'_> {
         match self {
             WeightView::Quant(q) => q.rows,
             WeightView::Packed(p) => p.rows,
+            WeightView::LowBit(w) => w.rows,
             WeightView::Dense { rows, .. } => *rows,
         }
     }
@@ -37,13 +41,17 @@ impl WeightView<'_> {
         match self {
             WeightView::Quant(q) => q.cols,
             WeightView::Packed(p) => p.cols,
+            WeightView::LowBit(w) => w.cols,
             WeightView::Dense { cols, .. } => *cols,
         }
     }
 
     /// Whether the input must be quantized to [`A8Block`]s first.
     pub fn wants_blocks(&self) -> bool {
-        matches!(self, WeightView::Quant(_) | WeightView::Packed(_))
+        matches!(
+            self,
+            WeightView::Quant(_) | WeightView::Packed(_) | WeightView::LowBit(_)
+        )
     }
 
     /// Checks that the storage holds `rows × cols` values (and whole blocks).
@@ -54,6 +62,7 @@ impl WeightView<'_> {
                 cols.is_multiple_of(BLOCK) && q.data.len() == rows * q.row_bytes()
             }
             WeightView::Packed(_) => true, // checked by `Packed::pack`
+            WeightView::LowBit(_) => true, // checked by `LowBit::new`
             WeightView::Dense { w, .. } => w.len() == rows * cols,
         };
         if ok {
@@ -80,6 +89,7 @@ impl WeightView<'_> {
         match self {
             WeightView::Quant(q) => qrows(isa, q, acts, n, rows, emit),
             WeightView::Packed(p) => packed_rows(isa, p, acts, n, rows, emit),
+            WeightView::LowBit(w) => lowbit_rows(isa, w, acts, n, rows, emit),
             WeightView::Dense { w, cols, .. } => dense::rows(isa, *w, *cols, x, n, rows, emit),
         }
     }

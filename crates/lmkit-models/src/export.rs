@@ -16,8 +16,11 @@ use lmkit_formats::tokenizer::LoadedTokenizer;
 use lmkit_formats::write::{write_gguf, GgufTensor};
 
 use crate::config::{LlamaConfig, RopeScaling};
-use crate::weights::permute_for_gguf;
+use crate::weights::{permute_for_gguf, LOWBIT_IN, LOWBIT_OUT, LOWBIT_SCALE};
 use crate::{Error, Llama, Result};
+use lmkit_core::linear::Weight;
+use lmkit_formats::gguf::TensorType;
+use lmkit_kernels::LowBitLinear;
 
 /// The matrix types GGUF export writes.
 pub const EXPORT_TYPES: [(&str, GgmlDType); 6] = [
@@ -51,8 +54,22 @@ pub fn save_gguf(
     tok: &LoadedTokenizer,
     wtype: GgmlDType,
 ) -> Result<()> {
+    save_gguf_with(path, model, tok, &|_| wtype, Vec::new())
+}
+
+/// [`save_gguf`] with a type per matrix (`wtype_of(hf_name)`) and extra metadata. Low-bit
+/// layers (lmkit-quant's output) are written in lmkit's own `LB2`/`LB3`/`LB4` types with their
+/// companion tensors, whatever `wtype_of` says (docs/formats.md).
+pub fn save_gguf_with(
+    path: &Path,
+    model: &Llama,
+    tok: &LoadedTokenizer,
+    wtype_of: &dyn Fn(&str) -> GgmlDType,
+    extra: Vec<(String, Value)>,
+) -> Result<()> {
     let cfg = model.config();
     let a = arch(cfg);
+    let wtype = wtype_of("model.embed_tokens.weight");
     let mut meta = hyperparameters(cfg);
     meta.push(("general.name".into(), Value::String("lmkit export".into())));
     meta.push(("general.file_type".into(), Value::U32(file_type(wtype))));
@@ -80,6 +97,7 @@ pub fn save_gguf(
         meta.push(("general.quantization_version".into(), Value::U32(2)));
     }
     meta.extend(tok.gguf_metadata()?);
+    meta.extend(extra);
 
     let permute = a == "llama";
     let heads_of = |name: &str| -> Option<usize> {
@@ -95,6 +113,11 @@ pub fn save_gguf(
     };
     let mut tensors = Vec::new();
     for (name, w) in model.named_weights() {
+        if let Weight::LowBit(l) = w {
+            tensors.extend(lowbit_tensors(&name, l)?);
+            continue;
+        }
+        let wtype = wtype_of(&name);
         let (rows, cols) = w.dims2()?;
         let mut v = w.to_f32()?.flatten_all()?.to_vec1::<f32>()?;
         if let Some(h) = heads_of(&name) {
@@ -122,6 +145,41 @@ pub fn save_gguf(
     Ok(())
 }
 
+/// A low-bit layer as GGUF tensors: the codes, `(a, b)` scales as f16 `(rows, groups, 2)`,
+/// and the rotation diagonals as f16. Rows stay in HF order.
+fn lowbit_tensors(hf: &str, l: &LowBitLinear) -> Result<Vec<GgufTensor<'static>>> {
+    let name = hf_to_gguf(hf)
+        .ok_or_else(|| Error::Unsupported(format!("no GGUF name for tensor `{hf}`")))?;
+    let (rows, cols) = (l.w.rows, l.w.cols);
+    let f16s = |v: &mut dyn Iterator<Item = f32>| -> Vec<u8> {
+        v.flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+            .collect()
+    };
+    let mut out = vec![GgufTensor {
+        name: name.clone(),
+        shape: vec![rows, cols],
+        dtype: TensorType::LowBit(l.w.bits),
+        data: Cow::Owned(l.w.codes.clone()),
+    }];
+    out.push(GgufTensor {
+        name: format!("{name}{LOWBIT_SCALE}"),
+        shape: vec![rows, l.w.groups(), 2],
+        dtype: GgmlDType::F16.into(),
+        data: Cow::Owned(f16s(&mut l.w.scales.iter().flatten().copied())),
+    });
+    for (suffix, rot) in [(LOWBIT_IN, &l.input), (LOWBIT_OUT, &l.output)] {
+        if let Some(r) = rot {
+            out.push(GgufTensor {
+                name: format!("{name}{suffix}"),
+                shape: vec![r.len()],
+                dtype: GgmlDType::F16.into(),
+                data: Cow::Owned(f16s(&mut r.diag.iter().copied())),
+            });
+        }
+    }
+    Ok(out)
+}
+
 fn tensor(
     hf: &str,
     shape: Vec<usize>,
@@ -134,7 +192,7 @@ fn tensor(
     Ok(GgufTensor {
         name,
         shape,
-        dtype,
+        dtype: dtype.into(),
         data: Cow::Owned(q.data()?.into_owned()),
     })
 }

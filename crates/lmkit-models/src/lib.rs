@@ -26,7 +26,7 @@ use lmkit_formats::tokenizer::LoadedTokenizer;
 pub use cache::KvCache;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
-pub use llama::Llama;
+pub use llama::{Llama, CAPTURE_SITES};
 pub use weights::{open_source, LoadOptions, WeightSource};
 
 /// A model ready to run: weights, tokenizer and chat template.
@@ -59,9 +59,7 @@ pub fn load_on(path: &Path, opts: LoadOptions, device: &Device) -> Result<Loaded
             let tok = LoadedTokenizer::from_gguf(g)?;
             let mut types: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
             for t in &g.tensors {
-                let e = types
-                    .entry(lmkit_core::linear::ggml_type_name(t.dtype).to_string())
-                    .or_default();
+                let e = types.entry(t.dtype.name()).or_default();
                 e.0 += 1;
                 e.1 += t.size_in_bytes;
             }

@@ -60,6 +60,18 @@ pub struct Llama {
     native: Option<Consts>,
 }
 
+/// The linear layers of a block grouped by the input they read, in forward order: capture site
+/// name and the HF module names (relative to `model.layers.{i}.`) that read it.
+pub const CAPTURE_SITES: [(&str, &[&str]); 4] = [
+    (
+        "qkv",
+        &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ),
+    ("o", &["self_attn.o_proj"]),
+    ("gate_up", &["mlp.gate_proj", "mlp.up_proj"]),
+    ("down", &["mlp.down_proj"]),
+];
+
 /// RoPE inverse frequencies `θ^(-2i/d)`, with optional scaling.
 fn inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     let d = cfg.head_dim;
@@ -172,10 +184,15 @@ impl Llama {
 
     /// The native path's constants, if every weight has a CPU kernel.
     fn native_consts(&self) -> Result<Option<Consts>> {
-        if !self.device.is_cpu()
-            || self.dtype != DType::F32
-            || native::kernel_data(&self.kernel_linears())?.is_none()
-        {
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return Ok(None);
+        }
+        let linears = self.kernel_linears();
+        let Some(data) = native::kernel_data(&linears)? else {
+            return Ok(None);
+        };
+        let rin: Vec<_> = data.iter().map(|d| d.input_rotation()).collect();
+        if native::check_rotations(&rin, self.blocks.len()).is_err() {
             return Ok(None);
         }
         let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
@@ -546,6 +563,74 @@ impl Llama {
         Ok(ids.to_device(&self.device)?)
     }
 
+    /// Token embeddings `(b, t, c)` in f32: the input of block 0 (calibration).
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        self.check_ids(ids, 0)?;
+        let ids = &self.on_device(ids)?;
+        Ok(self.embed.forward(ids)?.to_dtype(DType::F32)?)
+    }
+
+    /// Block `l` on the reference path over whole sequences (no cache): `x (b, t, c)` f32 in,
+    /// the next residual stream out. `capture(site, input)` sees the input of each group of
+    /// linear layers, named by [`CAPTURE_SITES`]: `qkv` (q/k/v), `o`, `gate_up` (gate/up),
+    /// `down` (post-training quantization collects Hessians here).
+    pub fn block_forward(
+        &self,
+        l: usize,
+        x: &Tensor,
+        capture: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let blk = self.blocks.get(l).ok_or_else(|| {
+            Error::Unsupported(format!("block {l} of a {}-block model", self.blocks.len()))
+        })?;
+        let (b, t, _) = x.dims3()?;
+        let (cos, sin) = self.rope_tables(0, t)?;
+        let mask = causal_mask(t, 0, &self.device, self.dtype)?;
+        let h = self.lowp(blk.attn_norm.forward(x)?)?;
+        capture("qkv", &h)?;
+        let h = self.attention(
+            &blk.attn,
+            &h,
+            (b, t),
+            Rope::Fused(&cos, &sin),
+            mask.as_ref(),
+            None,
+        )?;
+        capture("o", &h)?;
+        let x = (x + blk.attn.o.forward(&h)?.to_dtype(DType::F32)?)?;
+        let h = self.lowp(blk.mlp_norm.forward(&x)?)?;
+        capture("gate_up", &h)?;
+        let gu = Linear::forward_many(&[&blk.mlp.gate, &blk.mlp.up], &h)?;
+        let m = (gu[0].silu()? * &gu[1])?;
+        capture("down", &m)?;
+        Ok((&x + blk.mlp.down.forward(&m)?.to_dtype(DType::F32)?)?)
+    }
+
+    /// Number of transformer blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// A linear layer by HF module name (`model.layers.3.mlp.up_proj`, `lm_head`).
+    pub fn linear(&self, name: &str) -> Option<&Linear> {
+        if name == "lm_head" {
+            return Some(&self.lm_head);
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (i, module) = rest.split_once('.')?;
+        let b = self.blocks.get(i.parse::<usize>().ok()?)?;
+        Some(match module {
+            "self_attn.q_proj" => &b.attn.q,
+            "self_attn.k_proj" => &b.attn.k,
+            "self_attn.v_proj" => &b.attn.v,
+            "self_attn.o_proj" => &b.attn.o,
+            "mlp.gate_proj" => &b.mlp.gate,
+            "mlp.up_proj" => &b.mlp.up,
+            "mlp.down_proj" => &b.mlp.down,
+            _ => return None,
+        })
+    }
+
     /// Final hidden states (after the last norm).
     ///
     /// # Shapes
@@ -571,6 +656,7 @@ impl Llama {
             let h = self.lowp(blk.attn_norm.forward(&x)?)?;
             let rope = Rope::Fused(&cos, &sin);
             let h = self.attention(&blk.attn, &h, (b, t), rope, mask.as_ref(), Some((i, cache)))?;
+            let h = blk.attn.o.forward(&h)?;
             x = (x + h.to_dtype(DType::F32)?)?;
             let h = self.lowp(blk.mlp_norm.forward(&x)?)?;
             let h = mlp(&blk.mlp, &h)?;
@@ -640,6 +726,7 @@ impl Llama {
             let rope = Rope::Diff(&cos, &sin);
             // The causal mask is part of the training softmax.
             let h = self.attention(&blk.attn, &h, (b, t), rope, None, None)?;
+            let h = blk.attn.o.forward(&h)?;
             x = (x + h.to_dtype(DType::F32)?)?;
             let h = self.lowp(blk.mlp_norm.forward_diff(&x)?)?;
             let h = mlp(&blk.mlp, &h)?;
@@ -648,7 +735,8 @@ impl Llama {
         self.lowp(self.norm.forward_diff(&x)?)
     }
 
-    /// Attention of `x (b, t, c)`; with a cache, its layer's keys and values are extended.
+    /// Attention of `x (b, t, c)` before the output projection (`(b, t, h·d)`); with a cache,
+    /// its layer's keys and values are extended.
     fn attention(
         &self,
         a: &Attention,
@@ -704,8 +792,8 @@ impl Llama {
         let y = y
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
-            .reshape((b, t, h * d))?; // (b, t, c)
-        Ok(a.o.forward(&y)?)
+            .reshape((b, t, h * d))?; // (b, t, h·d)
+        Ok(y)
     }
 }
 

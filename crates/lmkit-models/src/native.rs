@@ -24,7 +24,7 @@ use lmkit_core::linear::KernelData;
 use lmkit_core::Linear;
 use lmkit_kernels::act::{quantize_into, A8Block};
 use lmkit_kernels::team::{self, SharedMut, Team};
-use lmkit_kernels::{attn, ops, WeightView, BLOCK};
+use lmkit_kernels::{attn, ops, Rotation, WeightView, BLOCK};
 
 use crate::{Error, Result};
 
@@ -74,6 +74,8 @@ struct Scratch {
     att: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// Products of layers with an output rotation, before it is applied.
+    rot: Vec<f32>,
     scores: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -220,6 +222,11 @@ pub(crate) fn forward(
         .iter()
         .map(|w| w.view())
         .collect::<std::result::Result<_, _>>()?;
+    // Low-bit layers with rotations (QuIP): layers that read one input share its rotation
+    // (checked by `check_rotations`), so it is applied once where that input is quantized.
+    let rin: Vec<Option<&Rotation>> = weights.iter().map(|w| w.input_rotation()).collect();
+    let rout: Vec<Option<&Rotation>> = weights.iter().map(|w| w.output_rotation()).collect();
+    check_rotations(&rin, layers)?;
     let isa = lmkit_kernels::isa();
     let (hd, kd) = (h * d, kh * d);
     let g = h / kh;
@@ -247,6 +254,9 @@ pub(crate) fn forward(
     grow(&mut s.att, t * hd);
     grow(&mut s.gate, t * f);
     grow(&mut s.up, t * f);
+    if rout.iter().any(|r| r.is_some()) {
+        grow(&mut s.rot, t * c);
+    }
     grow(&mut s.scores, members * scratch);
     let half = d / 2;
     s.cos.clear();
@@ -274,6 +284,7 @@ pub(crate) fn forward(
     let att = SharedMut::new(&mut s.att);
     let gate = SharedMut::new(&mut s.gate);
     let up = SharedMut::new(&mut s.up);
+    let rot = SharedMut::new(&mut s.rot);
     let scores = SharedMut::new(&mut s.scores);
     let out = SharedMut::new(&mut s.out);
     let keys: Vec<SharedMut<f32>> = cache.keys.iter_mut().map(|b| SharedMut::new(b)).collect();
@@ -284,29 +295,54 @@ pub(crate) fn forward(
     // SAFETY (all `unsafe` below): every phase writes disjoint ranges of the shared buffers
     // (split by token, by weight row or by (token, head)), reads only what earlier phases wrote,
     // and ends at a barrier before any other member reads it; ranges are bounds-checked.
-    let norm_phase = |tm: &Team, w: &[f32], blocks: bool| unsafe {
+    let norm_phase = |tm: &Team, w: &[f32], blocks: bool, r: Option<&Rotation>| unsafe {
         for i in tm.split(t, 1) {
             let xo = xn.slice_mut(i * c, c);
             ops::rmsnorm(x.slice(i * c, c), w, consts.eps, xo);
+            if let Some(r) = r {
+                r.apply(xo);
+            }
             if blocks {
                 quantize_into(xo, acts.slice_mut(i * (c / BLOCK), c / BLOCK));
             }
         }
         tm.barrier();
     };
-    // `y += W x` into the residual stream (o and down projections).
-    let residual_phase =
-        |tm: &Team, w: &WeightView, input: SharedMut<f32>, blocks: SharedMut<A8Block>| unsafe {
-            let k = w.cols();
-            let xs = input.slice(0, t * k);
-            let a = blocks.slice(0, if w.wants_blocks() { t * k / BLOCK } else { 0 });
-            tm.for_chunks(c, chunk_rows(c, tm.n()), |rows| {
-                w.rows_into(isa, xs, a, t, rows, |ti, r, v| {
-                    x.set(ti * c + r, x.get(ti * c + r) + v)
+    // `y += W x` into the residual stream (o and down projections); with an output rotation
+    // `y += Rₒᵀ (Ŵ x)`, the product gathered first.
+    let residual_phase = |tm: &Team,
+                          w: &WeightView,
+                          r: Option<&Rotation>,
+                          input: SharedMut<f32>,
+                          blocks: SharedMut<A8Block>| unsafe {
+        let k = w.cols();
+        let xs = input.slice(0, t * k);
+        let a = blocks.slice(0, if w.wants_blocks() { t * k / BLOCK } else { 0 });
+        match r {
+            None => {
+                tm.for_chunks(c, chunk_rows(c, tm.n()), |rows| {
+                    w.rows_into(isa, xs, a, t, rows, |ti, r, v| {
+                        x.set(ti * c + r, x.get(ti * c + r) + v)
+                    });
                 });
-            });
-            tm.barrier();
-        };
+                tm.barrier();
+            }
+            Some(ro) => {
+                tm.for_chunks(c, chunk_rows(c, tm.n()), |rows| {
+                    w.rows_into(isa, xs, a, t, rows, |ti, r, v| rot.set(ti * c + r, v));
+                });
+                tm.barrier();
+                for i in tm.split(t, 1) {
+                    let z = rot.slice_mut(i * c, c);
+                    ro.apply_t(z);
+                    for (j, v) in z.iter().enumerate() {
+                        x.set(i * c + j, x.get(i * c + j) + v);
+                    }
+                }
+                tm.barrier();
+            }
+        }
+    };
 
     team::run(layers * 5 + 1, |tm| unsafe {
         let mut clock = profile::Clock::new(tm.id() == 0);
@@ -315,10 +351,12 @@ pub(crate) fn forward(
             let (wq, wk, wv, wo, wg, wu, wd) =
                 (&lw[0], &lw[1], &lw[2], &lw[3], &lw[4], &lw[5], &lw[6]);
             // A
+            let li = l * 7;
             norm_phase(
                 tm,
                 &consts.attn_norm[l],
                 wq.wants_blocks() || wk.wants_blocks() || wv.wants_blocks(),
+                rin[li],
             );
             clock.lap(profile::Op::Norm);
             // B
@@ -340,6 +378,28 @@ pub(crate) fn forward(
                     }
                 });
                 tm.barrier();
+                // Output rotations: q, k, v per token, before RoPE (the bias was added to the
+                // product: undo and redo it around the rotation).
+                if rout[li..li + 3].iter().any(|r| r.is_some()) {
+                    for item in tm.split(t * 3, 1) {
+                        let (i, m) = (item / 3, item % 3);
+                        let Some(ro) = rout[li + m] else { continue };
+                        let (off, n) = [(0, hd), (hd, kd), (hd + kd, kd)][m];
+                        let seg = qkv.slice_mut(i * qkv_w + off, n);
+                        if let Some(b) = bias {
+                            seg.iter_mut()
+                                .zip(&b[off..off + n])
+                                .for_each(|(v, b)| *v -= b);
+                        }
+                        ro.apply_t(seg);
+                        if let Some(b) = bias {
+                            seg.iter_mut()
+                                .zip(&b[off..off + n])
+                                .for_each(|(v, b)| *v += b);
+                        }
+                    }
+                    tm.barrier();
+                }
             }
             clock.lap(profile::Op::Qkv);
             // C
@@ -409,6 +469,9 @@ pub(crate) fn forward(
             tm.barrier();
             if wo.wants_blocks() {
                 for i in tm.split(t, 1) {
+                    if let Some(r) = rin[li + 3] {
+                        r.apply(att.slice_mut(i * hd, hd));
+                    }
                     quantize_into(
                         att.slice(i * hd, hd),
                         acts.slice_mut(i * (hd / BLOCK), hd / BLOCK),
@@ -418,17 +481,48 @@ pub(crate) fn forward(
             }
             clock.lap(profile::Op::Attention);
             // E
-            residual_phase(tm, wo, att, acts);
+            residual_phase(tm, wo, rout[li + 3], att, acts);
             clock.lap(profile::Op::O);
             // F
             norm_phase(
                 tm,
                 &consts.mlp_norm[l],
                 wg.wants_blocks() || wu.wants_blocks(),
+                rin[li + 4],
             );
             clock.lap(profile::Op::Norm);
             // G
-            {
+            if rout[li + 4].is_some() || rout[li + 5].is_some() || rin[li + 6].is_some() {
+                // Rotations span whole rows: products first, then per token the output
+                // rotations, silu·up, the down projection's input rotation and quantization.
+                let xs = xn.slice(0, t * c);
+                let a = acts.slice(0, t * c / BLOCK);
+                tm.for_chunks(f, chunk_rows(f, tm.n()), |rows| {
+                    wg.rows_into(isa, xs, a, t, rows.clone(), |ti, r, v| {
+                        gate.set(ti * f + r, v)
+                    });
+                    wu.rows_into(isa, xs, a, t, rows, |ti, r, v| up.set(ti * f + r, v));
+                });
+                tm.barrier();
+                for ti in tm.split(t, 1) {
+                    let gr = gate.slice_mut(ti * f, f);
+                    let ur = up.slice_mut(ti * f, f);
+                    if let Some(r) = rout[li + 4] {
+                        r.apply_t(gr);
+                    }
+                    if let Some(r) = rout[li + 5] {
+                        r.apply_t(ur);
+                    }
+                    ops::silu_mul(isa, gr, ur);
+                    if let Some(r) = rin[li + 6] {
+                        r.apply(gr);
+                    }
+                    if wd.wants_blocks() {
+                        quantize_into(gr, acts_ffn.slice_mut(ti * (f / BLOCK), f / BLOCK));
+                    }
+                }
+                tm.barrier();
+            } else {
                 let xs = xn.slice(0, t * c);
                 let a = acts.slice(0, t * c / BLOCK);
                 let down_blocks = wd.wants_blocks();
@@ -453,7 +547,7 @@ pub(crate) fn forward(
             }
             clock.lap(profile::Op::GateUp);
             // H
-            residual_phase(tm, wd, gate, acts_ffn);
+            residual_phase(tm, wd, rout[li + 6], gate, acts_ffn);
             clock.lap(profile::Op::Down);
         }
         // Final norm and head.
@@ -493,6 +587,23 @@ pub(crate) fn forward(
     drop(values);
     cache.len = total;
     Ok(std::mem::take(&mut cache.s.out))
+}
+
+/// Checks that the layers reading one input share its rotation (q/k/v; gate/up) and that the
+/// output layer has none: the forward rotates each input once.
+pub(crate) fn check_rotations(rin: &[Option<&Rotation>], layers: usize) -> Result<()> {
+    for l in 0..layers {
+        let r = &rin[l * 7..l * 7 + 7];
+        if r[0] != r[1] || r[0] != r[2] || r[4] != r[5] {
+            return Err(Error::Unsupported(format!(
+                "layer {l}: layers reading one input have different input rotations"
+            )));
+        }
+    }
+    if rin.get(layers * 7).is_some_and(|r| r.is_some()) {
+        return Err(Error::Unsupported("a rotated output layer".into()));
+    }
+    Ok(())
 }
 
 /// `(n, vocab)` logits of `n` final-normed hidden rows `(n, c)` on the thread team (many rows

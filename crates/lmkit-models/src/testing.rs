@@ -136,7 +136,7 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDTy
         tensors.push(GgufTensor {
             name: gname,
             shape,
-            dtype,
+            dtype: dtype.into(),
             data: std::borrow::Cow::Owned(q.data()?.into_owned()),
         });
     }

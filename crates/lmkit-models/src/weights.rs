@@ -4,13 +4,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use lmkit_core::candle::quantized::ggml_file::qtensor_from_ggml;
 use lmkit_core::linear::Weight;
 use lmkit_core::{DType, Device, Embedding, GgmlDType, Linear, Tensor};
-use lmkit_formats::gguf::GgufFile;
+use lmkit_formats::gguf::{GgufFile, TensorType};
 use lmkit_formats::hf::HfCheckpoint;
 use lmkit_formats::names::hf_to_gguf;
+use lmkit_kernels::{LowBit, LowBitLinear, Rotation};
 
 use crate::{Error, Result};
 
@@ -109,23 +111,35 @@ impl WeightSource {
         let name = Self::gguf_name(g, hf)?;
         let info = g.tensor_info(&name).ok_or_else(|| self.missing(hf))?;
         self.check_shape(hf, &info.shape(), &[shape.0, shape.1])?;
+        let dtype = match info.dtype {
+            TensorType::Ggml(t) => t,
+            TensorType::LowBit(bits) => {
+                let l = Arc::new(lowbit_layer(g, &name, info, bits, shape)?);
+                return if opts.dequantize || !device.is_cpu() {
+                    dense(Weight::LowBit(l).to_f32()?.to_device(device)?, opts)
+                } else {
+                    Ok(Weight::LowBit(l))
+                };
+            }
+        };
         let bytes = g.tensor_bytes(info);
         let bytes: std::borrow::Cow<[u8]> = match unpermute_heads {
             Some(heads) => std::borrow::Cow::Owned(unpermute_rows(bytes, shape.0, heads)),
             None => std::borrow::Cow::Borrowed(bytes),
         };
-        let q = qtensor_from_ggml(info.dtype, &bytes, vec![shape.0, shape.1], device).map_err(
-            |source| lmkit_formats::Error::Tensor {
-                path: g.path().into(),
-                tensor: name.clone(),
-                source: Box::new(source),
-            },
-        )?;
+        let q =
+            qtensor_from_ggml(dtype, &bytes, vec![shape.0, shape.1], device).map_err(|source| {
+                lmkit_formats::Error::Tensor {
+                    path: g.path().into(),
+                    tensor: name.clone(),
+                    source: Box::new(source),
+                }
+            })?;
         g.release(info);
         // On the CPU F16 stays f16 (lmkit has an f16 kernel); F32 and BF16 run as dense f32.
         // On a GPU every float format is a dense tensor in the compute dtype.
-        let float = matches!(info.dtype, GgmlDType::F32 | GgmlDType::BF16)
-            || (info.dtype == GgmlDType::F16 && !device.is_cpu());
+        let float = matches!(dtype, GgmlDType::F32 | GgmlDType::BF16)
+            || (dtype == GgmlDType::F16 && !device.is_cpu());
         if opts.dequantize || float {
             dense(q.dequantize(device)?, opts)
         } else {
@@ -161,6 +175,7 @@ impl WeightSource {
         Ok(match w {
             Weight::Dense(t) => Linear::dense(t, b)?,
             Weight::Packed(p) => Linear::packed(p, b)?,
+            Weight::LowBit(l) => Linear::lowbit(l, b)?,
             Weight::Quantized(q) => {
                 let q = std::sync::Arc::try_unwrap(q).map_err(|_| {
                     Error::Core(lmkit_core::Error::Unsupported(
@@ -181,6 +196,69 @@ impl WeightSource {
     ) -> Result<Embedding> {
         Ok(Embedding::new(self.weight(hf, shape, None, opts, device)?)?)
     }
+}
+
+/// Suffixes of the companion tensors of a low-bit layer `<name>` (docs/formats.md): its
+/// `(a, b)` scale pairs `(rows, groups, 2)` and the diagonals of its input and output rotations.
+pub const LOWBIT_SCALE: &str = ".lb_scale";
+pub const LOWBIT_IN: &str = ".lb_in";
+pub const LOWBIT_OUT: &str = ".lb_out";
+
+/// Reads a low-bit layer: codes `<name>` and its companion tensors. Low-bit layers are stored
+/// in HF row order (q/k are not permuted: a row permutation does not commute with the output
+/// rotation).
+fn lowbit_layer(
+    g: &GgufFile,
+    name: &str,
+    info: &lmkit_formats::gguf::TensorInfo,
+    bits: u8,
+    (rows, cols): (usize, usize),
+) -> Result<LowBitLinear> {
+    let cpu = Device::Cpu;
+    let vec_of = |suffix: &str| -> Result<Option<Vec<f32>>> {
+        let full = format!("{name}{suffix}");
+        if g.tensor_info(&full).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(
+            g.tensor_f32(&full, &cpu)?.flatten_all()?.to_vec1::<f32>()?,
+        ))
+    };
+    let bad = |why: String| {
+        Error::Format(lmkit_formats::Error::Field {
+            path: g.path().into(),
+            field: name.into(),
+            why,
+        })
+    };
+    let scales = vec_of(LOWBIT_SCALE)?
+        .ok_or_else(|| bad(format!("missing its scale tensor `{name}{LOWBIT_SCALE}`")))?;
+    if scales.is_empty() || scales.len() % (2 * rows) != 0 {
+        return Err(bad(format!(
+            "{} scale values for {rows} rows (expected rows × groups × 2)",
+            scales.len()
+        )));
+    }
+    let groups = scales.len() / (2 * rows);
+    let group = cols / groups.max(1);
+    let pairs = scales.chunks_exact(2).map(|p| [p[0], p[1]]).collect();
+    let codes = g.tensor_bytes(info).to_vec();
+    let w = LowBit::new(bits, rows, cols, group, codes, pairs).map_err(|e| bad(e.to_string()))?;
+    let rot = |suffix: &str, n: usize| -> Result<Option<Rotation>> {
+        match vec_of(suffix)? {
+            None => Ok(None),
+            Some(d) if d.len() == n => Rotation::new(d)
+                .map(Some)
+                .ok_or_else(|| bad(format!("no Hadamard transform of width {n}"))),
+            Some(d) => Err(bad(format!(
+                "`{name}{suffix}` has {} values, expected {n}",
+                d.len()
+            ))),
+        }
+    };
+    let input = rot(LOWBIT_IN, cols)?;
+    let output = rot(LOWBIT_OUT, rows)?;
+    LowBitLinear::new(w, input, output).map_err(|e| bad(e.to_string()))
 }
 
 /// A dense weight in the load's dtype.

@@ -49,4 +49,5 @@ pub use lmkit_generate::{generate, FinishReason, GenerateOptions, Generation, Sa
 pub use lmkit_kernels as kernels;
 pub use lmkit_models as models;
 pub use lmkit_models::{load, load_on, Llama, LlamaConfig, LoadOptions, LoadedModel};
+pub use lmkit_quant as quant;
 pub use lmkit_train as train;

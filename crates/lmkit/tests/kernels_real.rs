@@ -16,7 +16,7 @@ fn simd_matches_scalar_on_every_weight_of_the_default_model() {
     let g = GgufFile::open(common::default_model()).unwrap();
     let mut checked = 0;
     for info in &g.tensors {
-        let format = match lmkit::core::linear::ggml_type_name(info.dtype) {
+        let format = match info.dtype.name().as_str() {
             "Q4_0" => QFormat::Q4_0,
             "Q4_1" => QFormat::Q4_1,
             "Q8_0" => QFormat::Q8_0,
