@@ -26,7 +26,7 @@ model=$("$bin" info --json | python3 -c 'import json,sys; print(json.load(sys.st
   "$bin" export --dequantize --type f32 --out "$out/f32.gguf"
   score "$out/f32.gguf" f32
 }
-for method in rtn gptq quip; do
+for method in quip gptq rtn; do
   for bits in 4 3 2; do
     tag=$method$bits
     [ -s "$out/$tag.ppl-wikitext.json" ] && continue

@@ -207,6 +207,55 @@ impl Rotation {
         }
     }
 
+    /// [`Rotation::apply`] on every row of a row-major `(rows, n)` matrix: sixteen rows at a
+    /// time are transposed into a scratch block and transformed as its columns, so every inner
+    /// loop runs over sixteen contiguous values.
+    pub fn apply_rows(&self, x: &mut [f32]) {
+        self.rows(x, false)
+    }
+
+    /// [`Rotation::apply_t`] on every row of a row-major `(rows, n)` matrix.
+    pub fn apply_t_rows(&self, x: &mut [f32]) {
+        self.rows(x, true)
+    }
+
+    fn rows(&self, x: &mut [f32], transpose: bool) {
+        const TILE: usize = 16;
+        let n = self.len();
+        if n == 0 {
+            return;
+        }
+        let mut buf = Vec::new();
+        for chunk in x.chunks_mut(n * TILE) {
+            let k = chunk.len() / n;
+            if k == 1 {
+                if transpose {
+                    self.apply_t(chunk)
+                } else {
+                    self.apply(chunk)
+                }
+                continue;
+            }
+            buf.clear();
+            buf.resize(n * k, 0f32);
+            for (t, row) in chunk.chunks_exact(n).enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    buf[i * k + t] = *v;
+                }
+            }
+            if transpose {
+                self.apply_t_cols(&mut buf, k)
+            } else {
+                self.apply_cols(&mut buf, k)
+            }
+            for (t, row) in chunk.chunks_exact_mut(n).enumerate() {
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = buf[i * k + t];
+                }
+            }
+        }
+    }
+
     /// [`Rotation::apply`] on every column of a row-major `(n, k)` matrix.
     pub fn apply_cols(&self, x: &mut [f32], k: usize) {
         for (row, d) in x.chunks_exact_mut(k).zip(&self.diag) {
@@ -311,6 +360,32 @@ mod tests {
             }
             for (a, b) in cols.iter().zip(&each) {
                 assert!((a - b).abs() < 1e-3, "columns {a} {b}");
+            }
+            // Rows at once (tiles of 16 and a remainder) equal one row at a time.
+            let r = Rotation::new(
+                (0..n)
+                    .map(|i| if i % 3 == 0 { -1.5 } else { 0.5 })
+                    .collect(),
+            )
+            .unwrap();
+            for rows in [1, 17, 35] {
+                let x: Vec<f32> = (0..rows * n)
+                    .map(|i| ((i * 7 % 23) as f32) - 11.0)
+                    .collect();
+                for transpose in [false, true] {
+                    let mut a = x.clone();
+                    let mut b = x.clone();
+                    if transpose {
+                        r.apply_t_rows(&mut a);
+                        b.chunks_mut(n).for_each(|v| r.apply_t(v));
+                    } else {
+                        r.apply_rows(&mut a);
+                        b.chunks_mut(n).for_each(|v| r.apply(v));
+                    }
+                    for (u, v) in a.iter().zip(&b) {
+                        assert!((u - v).abs() < 1e-3, "rows {u} {v}");
+                    }
+                }
             }
         }
     }

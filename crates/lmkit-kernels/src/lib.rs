@@ -27,6 +27,7 @@ pub mod f16;
 pub mod gemm;
 pub mod hadamard;
 pub mod lowbit;
+pub mod lowbit_lanes;
 pub mod matmul;
 pub mod ops;
 pub mod packed;

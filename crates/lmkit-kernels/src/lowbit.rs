@@ -15,6 +15,9 @@
 //! Against 8-bit activation blocks (`x ≈ d·q_a`, [`A8Block`]) a row's product is exact integer
 //! sums times float scales: `Σ_i w_i x_i = Σ_g [a_g · Σ_{blocks ∈ g} d·Σ q_i q_a,i + b_g · Σ_{blocks ∈ g} s]`
 //! with `s = d·Σ q_a` the block's sum.
+//!
+//! The SIMD kernels read a copy with eight rows interleaved ([`crate::lowbit_lanes`]); this
+//! row-major layout is the file format and the scalar reference.
 
 use std::ops::Range;
 
@@ -81,6 +84,10 @@ pub struct LowBit {
     pub codes: Vec<u8>,
     /// `(a, b)` per `(row, group)`, row-major: `rows × cols/group` pairs.
     pub scales: Vec<[f32; 2]>,
+    /// The codes and scales with eight rows interleaved, for the SIMD kernels
+    /// ([`crate::lowbit_lanes`]).
+    pub(crate) lanes: Vec<u8>,
+    pub(crate) lane_scales: Vec<f32>,
 }
 
 impl LowBit {
@@ -121,14 +128,19 @@ impl LowBit {
                 cols / group
             ));
         }
-        Ok(Self {
+        let mut w = Self {
             bits,
             rows,
             cols,
             group,
             codes,
             scales,
-        })
+            lanes: Vec::new(),
+            lane_scales: Vec::new(),
+        };
+        w.lanes = crate::lowbit_lanes::interleave(&w);
+        w.lane_scales = crate::lowbit_lanes::lane_scales(&w);
+        Ok(w)
     }
 
     /// Packs a row-major `(rows, cols)` array of codes.
@@ -328,6 +340,39 @@ pub fn lowbit_rows(
         acts.len()
     );
     #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && rows.start.is_multiple_of(crate::lowbit_lanes::GROUP) {
+        use crate::lowbit_lanes::{avx2::group, GROUP};
+        let act = |t: usize| &acts[t * nb..(t + 1) * nb];
+        for g in rows.start / GROUP..end.div_ceil(GROUP) {
+            let valid = (end - g * GROUP).min(GROUP);
+            let mut put = |t0: usize, v: &[[f32; GROUP]]| {
+                for (k, row) in v.iter().enumerate() {
+                    for (lane, &y) in row.iter().enumerate().take(valid) {
+                        emit(t0 + k, g * GROUP + lane, y);
+                    }
+                }
+            };
+            let mut t = 0;
+            while isa == Isa::Avx512 && t + 8 <= n {
+                let a = [0, 1, 2, 3, 4, 5, 6, 7].map(|k| act(t + k));
+                put(t, &group(isa, w, g, a));
+                t += 8;
+            }
+            while t + 4 <= n {
+                put(
+                    t,
+                    &group(isa, w, g, [act(t), act(t + 1), act(t + 2), act(t + 3)]),
+                );
+                t += 4;
+            }
+            while t < n {
+                put(t, &group(isa, w, g, [act(t)]));
+                t += 1;
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {
         for r in rows.start..end {
             let mut t = 0;
@@ -507,7 +552,7 @@ mod tests {
                     })
                     .collect();
                 let w = LowBit::from_codes(bits, rows, cols, group, &q, scales).unwrap();
-                let n = 6;
+                let n = 11;
                 let x: Vec<f32> = (0..n * cols)
                     .map(|_| (rng(&mut s) % 2001) as f32 / 1000.0 - 1.0)
                     .collect();
@@ -527,9 +572,18 @@ mod tests {
                             row.iter().zip(&xq[t * cols..]).map(|(a, b)| a * b).sum();
                     }
                 }
-                for isa in available() {
-                    let mut got = vec![f32::NAN; n * rows];
-                    lowbit_rows(isa, &w, &acts, n, 0..rows, |t, r, v| got[t * rows + r] = v);
+                // Whole groups of 8 rows (the interleaved kernels) and a range that starts
+                // inside a group (the row-by-row kernels).
+                for (isa, start) in available().into_iter().flat_map(|i| [(i, 0), (i, 3)]) {
+                    let mut got = want.clone();
+                    for t in 0..n {
+                        for r in start..rows {
+                            got[t * rows + r] = f32::NAN;
+                        }
+                    }
+                    lowbit_rows(isa, &w, &acts, n, start..rows, |t, r, v| {
+                        got[t * rows + r] = v
+                    });
                     for (g, e) in got.iter().zip(&want) {
                         assert!(
                             (g - e).abs() <= 1e-4 * (1.0 + e.abs()),

@@ -296,12 +296,15 @@ pub(crate) fn forward(
     // (split by token, by weight row or by (token, head)), reads only what earlier phases wrote,
     // and ends at a barrier before any other member reads it; ranges are bounds-checked.
     let norm_phase = |tm: &Team, w: &[f32], blocks: bool, r: Option<&Rotation>| unsafe {
-        for i in tm.split(t, 1) {
+        let mine = tm.split(t, 1);
+        for i in mine.clone() {
+            ops::rmsnorm(x.slice(i * c, c), w, consts.eps, xn.slice_mut(i * c, c));
+        }
+        if let Some(r) = r {
+            r.apply_rows(xn.slice_mut(mine.start * c, mine.len() * c));
+        }
+        for i in mine {
             let xo = xn.slice_mut(i * c, c);
-            ops::rmsnorm(x.slice(i * c, c), w, consts.eps, xo);
-            if let Some(r) = r {
-                r.apply(xo);
-            }
             if blocks {
                 quantize_into(xo, acts.slice_mut(i * (c / BLOCK), c / BLOCK));
             }
@@ -332,10 +335,10 @@ pub(crate) fn forward(
                     w.rows_into(isa, xs, a, t, rows, |ti, r, v| rot.set(ti * c + r, v));
                 });
                 tm.barrier();
-                for i in tm.split(t, 1) {
-                    let z = rot.slice_mut(i * c, c);
-                    ro.apply_t(z);
-                    for (j, v) in z.iter().enumerate() {
+                let mine = tm.split(t, 1);
+                ro.apply_t_rows(rot.slice_mut(mine.start * c, mine.len() * c));
+                for i in mine {
+                    for (j, v) in rot.slice(i * c, c).iter().enumerate() {
                         x.set(i * c + j, x.get(i * c + j) + v);
                     }
                 }
@@ -381,21 +384,32 @@ pub(crate) fn forward(
                 // Output rotations: q, k, v per token, before RoPE (the bias was added to the
                 // product: undo and redo it around the rotation).
                 if rout[li..li + 3].iter().any(|r| r.is_some()) {
-                    for item in tm.split(t * 3, 1) {
-                        let (i, m) = (item / 3, item % 3);
+                    let mine = tm.split(t, 1);
+                    let mut seg = Vec::new();
+                    let parts = [(0, hd), (hd, kd), (hd + kd, kd)];
+                    for (m, (off, n)) in parts.into_iter().enumerate() {
                         let Some(ro) = rout[li + m] else { continue };
-                        let (off, n) = [(0, hd), (hd, kd), (hd + kd, kd)][m];
-                        let seg = qkv.slice_mut(i * qkv_w + off, n);
-                        if let Some(b) = bias {
-                            seg.iter_mut()
-                                .zip(&b[off..off + n])
-                                .for_each(|(v, b)| *v -= b);
+                        // This member's tokens' segments, rotated together and put back.
+                        seg.clear();
+                        for i in mine.clone() {
+                            seg.extend_from_slice(qkv.slice(i * qkv_w + off, n));
+                            if let Some(b) = bias {
+                                let k = seg.len() - n;
+                                seg[k..]
+                                    .iter_mut()
+                                    .zip(&b[off..off + n])
+                                    .for_each(|(v, b)| *v -= b);
+                            }
                         }
-                        ro.apply_t(seg);
-                        if let Some(b) = bias {
-                            seg.iter_mut()
-                                .zip(&b[off..off + n])
-                                .for_each(|(v, b)| *v += b);
+                        ro.apply_t_rows(&mut seg);
+                        for (k, i) in mine.clone().enumerate() {
+                            let out = qkv.slice_mut(i * qkv_w + off, n);
+                            out.copy_from_slice(&seg[k * n..(k + 1) * n]);
+                            if let Some(b) = bias {
+                                out.iter_mut()
+                                    .zip(&b[off..off + n])
+                                    .for_each(|(v, b)| *v += b);
+                            }
                         }
                     }
                     tm.barrier();
@@ -468,10 +482,11 @@ pub(crate) fn forward(
             });
             tm.barrier();
             if wo.wants_blocks() {
-                for i in tm.split(t, 1) {
-                    if let Some(r) = rin[li + 3] {
-                        r.apply(att.slice_mut(i * hd, hd));
-                    }
+                let mine = tm.split(t, 1);
+                if let Some(r) = rin[li + 3] {
+                    r.apply_rows(att.slice_mut(mine.start * hd, mine.len() * hd));
+                }
+                for i in mine {
                     quantize_into(
                         att.slice(i * hd, hd),
                         acts.slice_mut(i * (hd / BLOCK), hd / BLOCK),
@@ -504,19 +519,22 @@ pub(crate) fn forward(
                     wu.rows_into(isa, xs, a, t, rows, |ti, r, v| up.set(ti * f + r, v));
                 });
                 tm.barrier();
-                for ti in tm.split(t, 1) {
-                    let gr = gate.slice_mut(ti * f, f);
-                    let ur = up.slice_mut(ti * f, f);
-                    if let Some(r) = rout[li + 4] {
-                        r.apply_t(gr);
-                    }
-                    if let Some(r) = rout[li + 5] {
-                        r.apply_t(ur);
-                    }
-                    ops::silu_mul(isa, gr, ur);
-                    if let Some(r) = rin[li + 6] {
-                        r.apply(gr);
-                    }
+                let mine = tm.split(t, 1);
+                let (g0, len) = (mine.start * f, mine.len() * f);
+                if let Some(r) = rout[li + 4] {
+                    r.apply_t_rows(gate.slice_mut(g0, len));
+                }
+                if let Some(r) = rout[li + 5] {
+                    r.apply_t_rows(up.slice_mut(g0, len));
+                }
+                for ti in mine.clone() {
+                    ops::silu_mul(isa, gate.slice_mut(ti * f, f), up.slice(ti * f, f));
+                }
+                if let Some(r) = rin[li + 6] {
+                    r.apply_rows(gate.slice_mut(g0, len));
+                }
+                for ti in mine {
+                    let gr = gate.slice(ti * f, f);
                     if wd.wants_blocks() {
                         quantize_into(gr, acts_ffn.slice_mut(ti * (f / BLOCK), f / BLOCK));
                     }
