@@ -73,15 +73,8 @@ pub(crate) mod avx2 {
     use crate::act::A8Block;
     use crate::dot::Isa;
     use crate::lowbit::{block_bytes, LowBit};
+    use crate::packed::avx2::bcast;
     use crate::BLOCK;
-
-    /// Four activation bytes `4c..4c+4` of a block in every 32-bit lane.
-    #[inline(always)]
-    unsafe fn bcast(a: &A8Block, byte: usize) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(
-            a.qs.as_ptr().add(byte) as *const i32
-        ))
-    }
 
     macro_rules! group_kernel {
         ($name:ident, $features:literal, |$acc:ident, $u:ident, $s:ident| $dp:expr) => {

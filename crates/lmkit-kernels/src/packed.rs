@@ -292,7 +292,7 @@ pub fn matmul_many(ws: &[&Packed], x: &[f32], n: usize, ys: &mut [&mut [f32]]) -
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -303,7 +303,7 @@ mod avx2 {
 
     /// Four activation bytes `4c..4c+4` of a block in every 32-bit lane.
     #[inline(always)]
-    unsafe fn bcast(a: &A8Block, byte: usize) -> __m256i {
+    pub(crate) unsafe fn bcast(a: &A8Block, byte: usize) -> __m256i {
         _mm256_set1_epi32(std::ptr::read_unaligned(
             a.qs.as_ptr().add(byte) as *const i32
         ))

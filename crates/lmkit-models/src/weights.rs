@@ -233,7 +233,7 @@ fn lowbit_layer(
     };
     let scales = vec_of(LOWBIT_SCALE)?
         .ok_or_else(|| bad(format!("missing its scale tensor `{name}{LOWBIT_SCALE}`")))?;
-    if scales.is_empty() || scales.len() % (2 * rows) != 0 {
+    if rows == 0 || scales.is_empty() || scales.len() % (2 * rows) != 0 {
         return Err(bad(format!(
             "{} scale values for {rows} rows (expected rows × groups × 2)",
             scales.len()

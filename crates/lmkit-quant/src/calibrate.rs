@@ -16,7 +16,7 @@ use std::sync::Arc;
 use lmkit_core::{Device, Linear, Tensor};
 use lmkit_models::{Llama, CAPTURE_SITES};
 
-use crate::{ldlq, Error, Hessian, LowBitLinear, Quantizer, Result, Target};
+use crate::{ldlq, Error, Hessian, Quantizer, Result, Target};
 
 /// What one quantized layer came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,6 +175,3 @@ pub fn layer_bits_per_weight(reports: &[LayerReport]) -> f64 {
     let weights: usize = reports.iter().map(|r| r.rows * r.cols).sum();
     8.0 * bytes as f64 / weights.max(1) as f64
 }
-
-/// Re-exported for callers building layers by hand.
-pub type QuantizedLayer = LowBitLinear;
