@@ -25,12 +25,17 @@ pub struct Args {
     /// Measured repetitions per test.
     #[arg(short, long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub reps: u32,
-    /// Sequences run side by side (pp: B prompts in one batch; tg: B sequences decoded in
-    /// lockstep). Above 1 the model runs on the reference (batched) path.
+    /// Sequences run side by side (pp: B prompts in one call; tg: B sequences decoded in
+    /// lockstep, one call per step, as the server batches them). Native models run lmkit's
+    /// batched kernels; others the reference (candle) path.
     #[arg(short, long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch: u32,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// tg under each KV-cache policy listed (e.g. `--kv full,h2o --kv-budget 0.2 -n 2000`),
+    /// with the most KV bytes held.
+    #[command(flatten)]
+    pub kv: crate::kv::KvArgs,
     /// Also time each kind of operation (norm, matmuls, attention, ...) for one prompt batch
     /// and one decoding step, and show where the time goes.
     #[arg(long)]
@@ -117,6 +122,11 @@ struct Row {
     tokens_per_sec_mean: f64,
     tokens_per_sec_sd: f64,
     samples: Vec<f64>,
+    /// tg: the KV-cache policy and the most bytes of keys and values held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_peak_bytes: Option<usize>,
 }
 
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
@@ -141,6 +151,14 @@ fn cache_for(model: &Llama, batch: usize) -> lmkit::models::KvCache {
 /// `batch` prompts of `ids` through an empty cache; tokens/s over all of them. The clock stops
 /// when the device has finished (GPU work is asynchronous).
 fn pp(model: &Llama, ids: &[u32], batch: usize) -> Result<f64> {
+    if batch > 1 && model.is_native() {
+        let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let seqs = vec![ids; batch];
+        let t = Instant::now();
+        model.forward_batch_last(&seqs, &mut refs)?;
+        return Ok((batch * ids.len()) as f64 / t.elapsed().as_secs_f64());
+    }
     let x = Tensor::new(ids, model.device())?
         .unsqueeze(0)?
         .repeat((batch, 1))?;
@@ -154,8 +172,30 @@ fn pp(model: &Llama, ids: &[u32], batch: usize) -> Result<f64> {
 
 /// `batch` sequences decoded in lockstep, one token each per step, waiting for the logits of
 /// every step as a sampler would.
-fn tg(model: &Llama, ids: &[u32], batch: usize) -> Result<f64> {
+fn tg(model: &Llama, ids: &[u32], batch: usize, kv: Option<&KvPolicyRef>) -> Result<(f64, usize)> {
+    if batch > 1 && model.is_native() {
+        let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
+        if let Some(p) = kv {
+            for c in &mut caches {
+                c.set_policy(p.clone())?;
+                c.plan(ids.len());
+            }
+        }
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let t = Instant::now();
+        for id in ids {
+            let step = vec![std::slice::from_ref(id); batch];
+            model.forward_batch_last(&step, &mut refs)?;
+        }
+        let rate = (batch * ids.len()) as f64 / t.elapsed().as_secs_f64();
+        let peak = caches.iter().map(|c| c.kv_bytes().1).sum();
+        return Ok((rate, peak));
+    }
     let mut cache = cache_for(model, batch);
+    if let Some(p) = kv {
+        cache.set_policy(p.clone())?;
+        cache.plan(ids.len());
+    }
     lmkit::core::device::synchronize(model.device())?;
     let t = Instant::now();
     for &id in ids {
@@ -163,8 +203,11 @@ fn tg(model: &Llama, ids: &[u32], batch: usize) -> Result<f64> {
         let _ = model.forward_last(&x, &mut cache)?;
         lmkit::core::device::synchronize(model.device())?;
     }
-    Ok((batch * ids.len()) as f64 / t.elapsed().as_secs_f64())
+    let rate = (batch * ids.len()) as f64 / t.elapsed().as_secs_f64();
+    Ok((rate, cache.kv_bytes().1))
 }
+
+type KvPolicyRef = std::sync::Arc<dyn lmkit::models::KvPolicy>;
 
 /// `pp512`, or `pp512 x16` for a batch.
 fn test_name(kind: &str, n: usize, batch: usize) -> String {
@@ -187,6 +230,8 @@ fn stats(name: String, n: usize, xs: Vec<f64>) -> Row {
         tokens_per_sec_mean: mean,
         tokens_per_sec_sd: var.sqrt(),
         samples: xs,
+        kv: None,
+        kv_peak_bytes: None,
     }
 }
 
@@ -216,11 +261,26 @@ pub fn main(a: Args) -> Result<()> {
     }
     if a.n_gen > 0 {
         let ids = tokens(a.n_gen, cfg.vocab_size);
-        tg(&m.model, &ids[..a.n_gen.min(8)], batch)?;
-        let xs = (0..a.reps)
-            .map(|_| tg(&m.model, &ids, batch))
-            .collect::<Result<Vec<_>>>()?;
-        rows.push(stats(test_name("tg", a.n_gen, batch), a.n_gen, xs));
+        let policies = a.kv.policies()?;
+        let named = policies.len() > 1 || policies.iter().any(|(_, b)| b.is_some());
+        for (p, budget) in policies {
+            let kv = budget.is_some().then_some(&p);
+            tg(&m.model, &ids[..a.n_gen.min(8)], batch, kv)?;
+            let runs = (0..a.reps)
+                .map(|_| tg(&m.model, &ids, batch, kv))
+                .collect::<Result<Vec<_>>>()?;
+            let mut name = test_name("tg", a.n_gen, batch);
+            if named {
+                name = format!("{name} {}", p.name());
+            }
+            let peak = runs.iter().map(|r| r.1).max();
+            let mut row = stats(name, a.n_gen, runs.into_iter().map(|r| r.0).collect());
+            if named {
+                row.kv = Some(p.name());
+                row.kv_peak_bytes = peak;
+            }
+            rows.push(row);
+        }
     }
     let w = work(&m.model, a.n_prompt);
     let rate = |test: &str| {
@@ -248,7 +308,7 @@ pub fn main(a: Args) -> Result<()> {
         }
         if a.n_gen > 0 {
             let ids = tokens(a.n_gen, cfg.vocab_size);
-            let r = profiled(|| tg(&m.model, &ids, 1), a.n_gen)?;
+            let r = profiled(|| Ok(tg(&m.model, &ids, 1, None)?.0), a.n_gen)?;
             report.insert("tg (per token)".into(), serde_json::to_value(r)?);
         }
     }
@@ -286,8 +346,12 @@ pub fn main(a: Args) -> Result<()> {
         println!("device: {device} ({dtype}), threads: {threads}, batch: {batch}");
         println!("{:<12} {:>18}", "test", "tokens/s");
         for r in &rows {
+            let kv = r
+                .kv_peak_bytes
+                .map(|b| format!("  peak KV {:.2} MB", b as f64 / 1e6))
+                .unwrap_or_default();
             println!(
-                "{:<12} {:>10.2} ± {:<6.2}",
+                "{:<12} {:>10.2} ± {:<6.2}{kv}",
                 r.test, r.tokens_per_sec_mean, r.tokens_per_sec_sd
             );
         }

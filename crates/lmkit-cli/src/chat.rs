@@ -22,6 +22,8 @@ pub struct Args {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub kv: crate::kv::KvArgs,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -29,7 +31,10 @@ pub fn main(a: Args) -> Result<()> {
     opts.sampling.validate()?;
     let m = a.model.load()?;
     let ctx = m.model.config().max_position_embeddings;
-    let mut session = Session::new(&m.model);
+    let mut session = match a.kv.single()? {
+        Some(p) => Session::with_policy(&m.model, p)?,
+        None => Session::new(&m.model),
+    };
     let mut history: Vec<Message> = vec![];
     if let Some(s) = &a.system {
         history.push(Message::new("system", s));

@@ -11,6 +11,7 @@ mod eval;
 mod export;
 mod fetch;
 mod info;
+mod kv;
 mod logits;
 mod parity;
 mod plot;
@@ -18,6 +19,7 @@ mod ppl;
 mod quantize;
 mod run;
 mod scaling;
+mod serve;
 mod tokenizer;
 mod train;
 mod train_data;
@@ -64,6 +66,9 @@ enum Command {
     Export(export::Args),
     /// Post-training quantization to 2/3/4 bits: RTN, GPTQ (LDLQ) or QuIP (incoherence processing).
     Quantize(quantize::Args),
+    /// An OpenAI-compatible server (chat and text completions, streaming) with continuous
+    /// batching and per-request KV-cache policies.
+    Serve(serve::Args),
     /// Tokenizers: `lmkit tokenizer train`, `lmkit tokenizers parity`.
     #[command(subcommand, alias = "tokenizers")]
     Tokenizer(tokenizer::Command),
@@ -107,6 +112,7 @@ fn main() {
         Command::Plot(_) => None,
         Command::Export(a) => a.model.threads,
         Command::Quantize(a) => a.model.threads,
+        Command::Serve(a) => a.model.threads,
         Command::Tokenizer(_) => None,
         Command::Scaling(_) => None,
         Command::Data(c) => data::threads(c),
@@ -128,6 +134,7 @@ fn main() {
         Command::Plot(a) => plot::main(a),
         Command::Export(a) => export::main(a),
         Command::Quantize(a) => quantize::main(a),
+        Command::Serve(a) => serve::main(a),
         Command::Tokenizer(c) => tokenizer::main(c),
         Command::Scaling(c) => scaling::main(c),
         Command::Data(c) => data::main(c),

@@ -84,6 +84,8 @@ pub struct Args {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub kv: crate::kv::KvArgs,
     /// Print one JSON object (text, tokens, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
@@ -104,7 +106,10 @@ pub fn main(a: Args) -> Result<()> {
         a.prompt.clone()
     };
     let ids = m.tokenizer.encode_with_bos(&text)?;
-    let mut session = Session::new(&m.model);
+    let mut session = match a.kv.single()? {
+        Some(p) => Session::with_policy(&m.model, p)?,
+        None => Session::new(&m.model),
+    };
     let mut stdout = std::io::stdout();
     let json = a.json;
     let out = lmkit::generate(
@@ -130,6 +135,10 @@ pub fn main(a: Args) -> Result<()> {
             "finish_reason": format!("{:?}", out.finish).to_lowercase(),
             "prompt_tokens_per_sec": out.prompt_tokens_per_sec(),
             "gen_tokens_per_sec": out.gen_tokens_per_sec(),
+            "kv_policy": session.cache.policy().map_or("full".into(), |p| p.name()),
+            "kv_entries": session.cache.entries(),
+            "kv_bytes": session.cache.kv_bytes().0,
+            "kv_peak_bytes": session.cache.kv_bytes().1,
             "tokens": out.tokens,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);

@@ -209,7 +209,7 @@ fn devices_dtypes_batches_and_logits() {
         "dtype",
     );
 
-    // Batched bench on the reference path: one row per test, tokens/s over all sequences.
+    // Batched bench (native batched kernels): one row per test, tokens/s over all sequences.
     let o = lmkit(&[
         "bench", "--model", m, "-p", "8", "-n", "4", "-r", "1", "-b", "3", "--json",
     ]);
@@ -341,9 +341,52 @@ fn quantize_a_tiny_model_and_run_it() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["ppl"].as_f64().unwrap().is_finite());
 
+    // A low-bit file is dequantized (rotations undone) and can be quantized again.
+    let again = dir.path().join("again.gguf");
+    let o = lmkit(&[
+        "quantize",
+        "--model",
+        out.to_str().unwrap(),
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(again.exists());
+
     // Bad input: clear errors, no output file left behind.
     let bad_out = dir.path().join("bad.gguf");
     let bo = bad_out.to_str().unwrap();
+    // A tensor type lmkit cannot dequantize (GGML type 16, IQ2_XXS): the error names the
+    // file, the tensor and the type.
+    let mut bytes = std::fs::read(&out).unwrap();
+    let name = b"blk.0.attn_q.weight";
+    let at = (8..bytes.len() - name.len())
+        .find(|&i| {
+            &bytes[i..i + name.len()] == name
+                && bytes[i - 8..i] == (name.len() as u64).to_le_bytes()
+        })
+        .expect("tensor info of blk.0.attn_q.weight");
+    let dims = at + name.len();
+    let n_dims = u32::from_le_bytes(bytes[dims..dims + 4].try_into().unwrap()) as usize;
+    let ty = dims + 4 + 8 * n_dims;
+    bytes[ty..ty + 4].copy_from_slice(&16u32.to_le_bytes());
+    let iq2 = dir.path().join("iq2.gguf");
+    std::fs::write(&iq2, &bytes).unwrap();
+    let o = lmkit(&[
+        "quantize",
+        "--model",
+        iq2.to_str().unwrap(),
+        "--method",
+        "rtn",
+        "--out",
+        bo,
+    ]);
+    fails_with(&o, "tensor `blk.0.attn_q.weight` has GGML type 16");
+    fails_with(&o, "iq2.gguf");
     let q = |extra: &[&str]| {
         let mut args = vec!["quantize", "--model", m, "--out", bo];
         args.extend_from_slice(extra);
@@ -408,4 +451,148 @@ fn quantize_a_tiny_model_and_run_it() {
         "no string field `text`",
     );
     assert!(!bad_out.exists());
+}
+
+#[test]
+fn kv_cache_policies_in_ppl_run_and_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the cat sat on the mat and the dog ran far away. ".repeat(30),
+    )
+    .unwrap();
+    let t = text.to_str().unwrap();
+    let svg = dir.path().join("kv.svg");
+
+    // Streaming perplexity: the full cache first, then each policy with its agreement.
+    let o = lmkit(&[
+        "ppl",
+        t,
+        "--model",
+        m,
+        "--ctx",
+        "48",
+        "--max-windows",
+        "2",
+        "--kv",
+        "window,h2o",
+        "--kv-budget",
+        "0.25,8",
+        "--plot",
+        svg.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let names: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "full",
+            "window 25%",
+            "window 8 tokens",
+            "h2o 25%",
+            "h2o 8 tokens"
+        ]
+    );
+    assert_eq!(runs[0]["final_entries"], 47.0);
+    assert!(runs[0]["top1_agreement"].is_null());
+    for r in &runs[1..] {
+        let a = r["top1_agreement"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{r}");
+        assert!(
+            r["peak_kv_bytes"].as_u64() < runs[0]["peak_kv_bytes"].as_u64(),
+            "{r}"
+        );
+        assert!(r["ppl"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(runs[2]["final_entries"], 8.0);
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.contains("h2o") && plot.contains("window") && plot.contains("</svg>"));
+
+    // Generation keeps the cache within a token budget.
+    let o = lmkit(&[
+        "run",
+        "--model",
+        m,
+        "hello there",
+        "-n",
+        "40",
+        "--ignore-eos",
+        "--kv",
+        "h2o",
+        "--kv-budget",
+        "8",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kv_policy"], "h2o 8 tokens");
+    assert_eq!(v["kv_entries"], 8);
+    assert_eq!(v["completion_tokens"], 40);
+
+    // bench: one tg row per policy, with the KV bytes held.
+    let o = lmkit(&[
+        "bench",
+        "--model",
+        m,
+        "-p",
+        "0",
+        "-n",
+        "32",
+        "-r",
+        "1",
+        "--kv",
+        "full,h2o",
+        "--kv-budget",
+        "0.25",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["kv"], "h2o 25%");
+    assert!(rows[1]["kv_peak_bytes"].as_u64() < rows[0]["kv_peak_bytes"].as_u64());
+
+    // Bad options: clear errors.
+    fails_with(
+        &lmkit(&["run", "--model", m, "hi", "--kv", "lru"]),
+        "expected full, window or h2o",
+    );
+    fails_with(
+        &lmkit(&["run", "--model", m, "hi", "--kv", "h2o", "--kv-budget", "0"]),
+        "at least 1",
+    );
+    fails_with(
+        &lmkit(&["run", "--model", m, "hi", "--kv-budget", "0.5"]),
+        "add --kv",
+    );
+    fails_with(
+        &lmkit(&[
+            "run",
+            "--model",
+            m,
+            "hi",
+            "--kv",
+            "h2o",
+            "--kv-budget",
+            "0.1,0.2",
+        ]),
+        "one policy",
+    );
+    fails_with(
+        &lmkit(&[
+            "run", "--model", m, "hi", "--kv", "h2o", "--dtype", "bf16", "-n", "2",
+        ]),
+        "native CPU path",
+    );
+    fails_with(
+        &lmkit(&["ppl", t, "--model", m, "--plot", "x.svg"]),
+        "add --kv",
+    );
 }

@@ -14,6 +14,8 @@ pub enum Error {
         new: usize,
         context: usize,
     },
+    #[error("KV cache: {0}")]
+    Kv(String),
     #[error("empty prompt: nothing to condition on")]
     EmptyPrompt,
 }

@@ -3,11 +3,12 @@
 //! A [`Session`] keeps the cache and the tokens it holds; a new prompt that shares a prefix with
 //! them (the next turn of a chat) only runs the new tokens.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use lmkit_core::Tensor;
 use lmkit_formats::tokenizer::LoadedTokenizer;
-use lmkit_models::{KvCache, Llama};
+use lmkit_models::{KvCache, KvPolicy, Llama};
 
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::{StopMatcher, StopState};
@@ -85,6 +86,17 @@ impl Session {
         }
     }
 
+    /// A session whose cache evicts under `policy` (see `lmkit_models::kv_policy`; H2O keeps
+    /// heavy hitters and a recent window).
+    pub fn with_policy(model: &Llama, policy: Arc<dyn KvPolicy>) -> Result<Self> {
+        let mut cache = model.new_cache();
+        cache.set_policy(policy)?;
+        Ok(Self {
+            cache,
+            tokens: vec![],
+        })
+    }
+
     /// Runs `ids` through the model, reusing the cached common prefix; returns the logits of the
     /// last position `(v,)` and how many tokens came from the cache.
     pub fn feed(&mut self, model: &Llama, ids: &[u32]) -> Result<(Vec<f32>, usize)> {
@@ -140,6 +152,8 @@ pub fn generate(
     }
     let mut sampler = Sampler::new(opts.sampling.clone())?;
     let stops = StopMatcher::new(opts.stop.clone());
+    // A KV budget given as a share resolves against the whole generation.
+    session.cache.plan(prompt.len() + opts.max_tokens);
     let t0 = Instant::now();
     let (mut logits, reused) = session.feed(model, prompt)?;
     let prompt_run = prompt.len() - reused;

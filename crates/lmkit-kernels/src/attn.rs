@@ -58,6 +58,10 @@ pub fn attend(
 /// As [`attend`], query `q` not seeing the positions in `skips[q]` either: several
 /// continuations laid one after another in the cache after a shared context each see the context
 /// and their own earlier tokens, not the other continuations (tree attention).
+///
+/// On return `scores[q · stride ..][..lens[q]]` (`stride = max(lens)` rounded up to
+/// [`KEY_BLOCK`]) holds query `q`'s unnormalized attention weights and the result's entry `q`
+/// their sum: the attention probabilities are their ratio (what H2O accumulates).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_skipping(
     isa: Isa,
@@ -69,15 +73,16 @@ pub fn attend_skipping(
     scale: f32,
     scores: &mut [f32],
     outs: &mut [&mut [f32]],
-) {
+) -> [f32; MAX_QUERIES] {
     let nq = qs
         .len()
         .min(lens.len())
         .min(skips.len())
         .min(outs.len())
         .min(MAX_QUERIES);
+    let mut sums = [1f32; MAX_QUERIES];
     if nq == 0 {
-        return;
+        return sums;
     }
     let d = qs[0].len();
     let max = lens[..nq].iter().copied().max().unwrap_or(0);
@@ -100,7 +105,6 @@ pub fn attend_skipping(
         }
     }
     // Unnormalized weights; each output is divided by its sum at the end.
-    let mut sums = [1f32; MAX_QUERIES];
     for (((row, &len), skip), sum) in scores
         .chunks_exact_mut(stride)
         .zip(lens)
@@ -124,6 +128,7 @@ pub fn attend_skipping(
         let inv = 1.0 / sum;
         out.iter_mut().for_each(|o| *o *= inv);
     }
+    sums
 }
 
 mod simd {

@@ -5,10 +5,12 @@
 //! kernels, and [`KvCache::new`] gives the candle tensors of the reference path (any device,
 //! batches). The cache kind decides which forward path a call takes.
 
+use std::sync::Arc;
+
 use lmkit_core::Tensor;
 
 use crate::native::NativeCache;
-use crate::{Error, Result};
+use crate::{Error, KvPolicy, Result};
 
 #[derive(Debug, Clone)]
 enum Inner {
@@ -17,11 +19,13 @@ enum Inner {
     Native(Box<NativeCache>),
 }
 
-/// Full (unbounded) KV cache.
+/// The KV cache: full (unbounded) unless an eviction policy is set
+/// ([`KvCache::set_policy`], native caches).
 #[derive(Debug, Clone)]
 pub struct KvCache {
     inner: Inner,
     len: usize,
+    policy: Option<Arc<dyn KvPolicy>>,
 }
 
 impl Default for KvCache {
@@ -36,6 +40,7 @@ impl KvCache {
         Self {
             inner: Inner::Tensors(vec![None; num_layers]),
             len: 0,
+            policy: None,
         }
     }
 
@@ -43,6 +48,7 @@ impl KvCache {
         Self {
             inner: Inner::Native(Box::new(cache)),
             len: 0,
+            policy: None,
         }
     }
 
@@ -58,7 +64,104 @@ impl KvCache {
         }
     }
 
-    /// Positions cached so far.
+    /// Sets the eviction policy (see [`crate::kv_policy`]). Only a native cache can evict, and
+    /// only from its first token on; a full-cache policy is accepted anywhere.
+    pub fn set_policy(&mut self, policy: Arc<dyn KvPolicy>) -> Result<()> {
+        if policy.capacity(usize::MAX / 2, 0) == usize::MAX {
+            self.policy = None;
+            return Ok(());
+        }
+        if !self.is_empty() {
+            return Err(Error::Kv(format!(
+                "set the policy `{}` before the first token",
+                policy.name()
+            )));
+        }
+        match &mut self.inner {
+            Inner::Native(c) => c.track(policy.needs_scores()),
+            Inner::Tensors(_) => {
+                return Err(Error::Kv(format!(
+                    "the policy `{}` needs the native CPU path (a GGUF or HF model on the CPU \
+                     in f32, one sequence at a time)",
+                    policy.name()
+                )))
+            }
+        }
+        self.policy = Some(policy);
+        Ok(())
+    }
+
+    /// Makes an empty native cache start at position `pos`: its first token is rotated as the
+    /// token at `pos` of a longer sequence whose earlier entries were dropped.
+    pub fn start_at(&mut self, pos: usize) -> Result<()> {
+        let ok = match &mut self.inner {
+            Inner::Native(c) => c.start_at(pos),
+            Inner::Tensors(_) => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Kv(
+                "only an empty native cache can start at a later position".into(),
+            ))
+        }
+    }
+
+    /// Positions and accumulated attention of each entry of (`layer`, `kv_head`) under a
+    /// policy that keeps scores (H2O).
+    pub fn head_scores(&self, layer: usize, kv_head: usize) -> Option<(Vec<u32>, Vec<f32>)> {
+        match &self.inner {
+            Inner::Native(c) => c.head_scores(layer, kv_head),
+            Inner::Tensors(_) => None,
+        }
+    }
+
+    /// The sequence length this cache is planned for (prompt plus new tokens, or a perplexity
+    /// window), which a budget given as a share resolves against; 0: unknown (then the share is
+    /// of the tokens seen so far).
+    pub fn plan(&mut self, len: usize) {
+        if let Inner::Native(c) = &mut self.inner {
+            c.plan(len);
+        }
+    }
+
+    /// The eviction policy, if one is set.
+    pub fn policy(&self) -> Option<&Arc<dyn KvPolicy>> {
+        self.policy.as_ref()
+    }
+
+    /// Applies the policy after a forward call.
+    pub(crate) fn evict(&mut self) {
+        if let (Some(p), Inner::Native(c)) = (&self.policy, &mut self.inner) {
+            c.evict(p.as_ref());
+        }
+    }
+
+    /// Entries each layer's heads hold now: [`KvCache::len`] unless a policy evicted some.
+    pub fn entries(&self) -> usize {
+        match &self.inner {
+            Inner::Native(c) => c.entries(),
+            Inner::Tensors(_) => self.len,
+        }
+    }
+
+    /// Bytes of keys and values held now, and the most held at once (native caches; the
+    /// tensor cache reports its current size for both).
+    pub fn kv_bytes(&self) -> (usize, usize) {
+        match &self.inner {
+            Inner::Native(c) => (c.bytes_used(), c.peak_bytes()),
+            Inner::Tensors(layers) => {
+                let b = layers
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+                    .sum();
+                (b, b)
+            }
+        }
+    }
+
+    /// Tokens seen so far: the position the next token takes.
     pub fn len(&self) -> usize {
         match &self.inner {
             Inner::Native(c) => c.len(),

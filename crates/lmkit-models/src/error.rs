@@ -31,6 +31,8 @@ pub enum Error {
     ContextOverflow { needed: usize, context: usize },
     #[error("{0}")]
     Unsupported(String),
+    #[error("KV cache: {0}")]
+    Kv(String),
     #[error("token id {id} is out of range for vocabulary size {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
 }

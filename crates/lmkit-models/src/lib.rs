@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod kv_policy;
 pub mod llama;
 pub mod native;
 #[cfg(any(test, feature = "testing"))]
@@ -26,6 +27,7 @@ use lmkit_formats::tokenizer::LoadedTokenizer;
 pub use cache::KvCache;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
+pub use kv_policy::KvPolicy;
 pub use llama::{Llama, CAPTURE_SITES};
 pub use weights::{open_source, LoadOptions, WeightSource};
 

@@ -315,7 +315,74 @@ impl Llama {
         let nc = cache
             .native_mut()
             .ok_or_else(|| Error::Unsupported("not a native cache".into()))?;
-        let dims = Dims {
+        let out = native::forward(self.dims(), consts, &data, &emb, nc, want, branches)?;
+        cache.evict();
+        Ok(out)
+    }
+
+    /// Several sequences in one native call (continuous batching): `ids[s]` continues
+    /// `caches[s]`; returns the logits of each sequence's last token. Every weight matrix is read
+    /// once for all the tokens, so decoding `n` sequences together costs far less than `n` calls;
+    /// prompts and decoding steps can share a call. Each cache applies its own eviction policy.
+    pub fn forward_batch_last(
+        &self,
+        ids: &[&[u32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Vec<f32>>> {
+        let consts = self
+            .native
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("this model has no native CPU path".into()))?;
+        if ids.len() != caches.len() || ids.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "forward_batch_last: {} sequences for {} caches",
+                ids.len(),
+                caches.len()
+            )));
+        }
+        let mut all = Vec::with_capacity(ids.iter().map(|s| s.len()).sum());
+        for (s, c) in ids.iter().zip(caches.iter()) {
+            if s.is_empty() {
+                return Err(Error::Unsupported(
+                    "forward_batch_last: an empty sequence".into(),
+                ));
+            }
+            let row = Tensor::new(*s, &Device::Cpu)?.unsqueeze(0)?;
+            self.check_ids(&row, c.len())?;
+            all.extend_from_slice(s);
+        }
+        let counts: Vec<usize> = ids.iter().map(|s| s.len()).collect();
+        let x = Tensor::new(all.as_slice(), &self.device)?;
+        let emb = self.embed.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let linears = self.kernel_linears();
+        let data = native::kernel_data(&linears)?
+            .ok_or_else(|| Error::Unsupported("a weight lost its kernel".into()))?;
+        let mut natives = Vec::with_capacity(caches.len());
+        for c in caches.iter_mut() {
+            natives.push(c.native_mut().ok_or_else(|| {
+                Error::Unsupported("forward_batch_last needs native caches (new_cache)".into())
+            })?);
+        }
+        let out = native::forward_seqs(
+            self.dims(),
+            consts,
+            &data,
+            &emb,
+            &mut natives,
+            &counts,
+            Want::LastLogits,
+            &[],
+        )?;
+        drop(natives);
+        for c in caches.iter_mut() {
+            c.evict();
+        }
+        let v = self.cfg.vocab_size;
+        Ok(out.chunks_exact(v).map(|r| r.to_vec()).collect())
+    }
+
+    fn dims(&self) -> Dims {
+        Dims {
             layers: self.cfg.num_layers,
             hidden: self.cfg.hidden_size,
             heads: self.cfg.num_heads,
@@ -323,8 +390,7 @@ impl Llama {
             head_dim: self.cfg.head_dim,
             ffn: self.cfg.intermediate_size,
             vocab: self.cfg.vocab_size,
-        };
-        native::forward(dims, consts, &data, &emb, nc, want, branches)
+        }
     }
 
     /// Logits `(n, v)` f32 of final hidden states `(n, c)` (as `forward_hidden` returns them):
@@ -432,6 +498,7 @@ impl Llama {
         if self.native.is_some() {
             KvCache::native(NativeCache::new(
                 self.cfg.num_layers,
+                self.cfg.num_heads,
                 self.cfg.num_kv_heads,
                 self.cfg.head_dim,
             ))

@@ -59,7 +59,22 @@ pub struct NativeCache {
     /// `[layer · kv_heads + head]` → `(positions, d)`.
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// Entries per slot (every slot holds the same number).
     len: usize,
+    /// Tokens seen: the next token's position. Equals `len` until a policy evicts.
+    pos: usize,
+    /// Per slot, each entry's position; kept only once `track` is set (an eviction policy).
+    positions: Vec<Vec<u32>>,
+    /// Per `layer · heads + query head`, the attention each entry has received (H2O's score).
+    scores: Vec<Vec<f32>>,
+    heads: usize,
+    kv_heads: usize,
+    track: bool,
+    score: bool,
+    /// Most bytes keys and values held at once (see [`NativeCache::bytes_used`]).
+    peak: usize,
+    /// Planned sequence length (what a budget share resolves against; 0: unknown).
+    planned: usize,
     s: Scratch,
 }
 
@@ -83,37 +98,231 @@ struct Scratch {
 }
 
 impl NativeCache {
-    pub(crate) fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+    pub(crate) fn new(layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Self {
         Self {
             head_dim,
             keys: vec![Vec::new(); layers * kv_heads],
             values: vec![Vec::new(); layers * kv_heads],
             len: 0,
+            pos: 0,
+            positions: vec![Vec::new(); layers * kv_heads],
+            scores: vec![Vec::new(); layers * heads],
+            heads,
+            kv_heads,
+            track: false,
+            score: false,
+            peak: 0,
+            planned: 0,
             s: Scratch::default(),
         }
     }
 
+    /// Tokens seen so far (the next position).
+    #[allow(clippy::misnamed_getters)]
     pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    /// Entries each (layer, KV head) holds: [`NativeCache::len`] until a policy evicts.
+    pub fn entries(&self) -> usize {
         self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.pos == 0
     }
 
-    /// Drops positions past `len`.
-    pub fn truncate(&mut self, len: usize) {
-        if len < self.len {
-            self.len = len;
-            let n = len * self.head_dim;
-            let nk = attn::key_buffer_len(len, self.head_dim);
-            self.keys.iter_mut().for_each(|k| k.truncate(nk));
-            self.values.iter_mut().for_each(|v| v.truncate(n));
+    /// Keeps each entry's position (and, with `scores`, its accumulated attention) so a policy
+    /// can evict. Set before the first token.
+    pub(crate) fn track(&mut self, scores: bool) {
+        if self.pos == 0 {
+            self.track = true;
+            self.score = scores;
         }
     }
 
+    /// Drops positions from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.pos {
+            return;
+        }
+        if !self.track {
+            // The entries are the consecutive positions `pos − len .. pos`.
+            let base = self.pos - self.len;
+            self.cut(len.saturating_sub(base));
+        } else {
+            // Evicted entries are in no order: drop those at positions `len..` one by one.
+            for slot in 0..self.positions.len() {
+                let gone: Vec<usize> = (0..self.len)
+                    .rev()
+                    .filter(|&e| self.positions[slot][e] as usize >= len)
+                    .collect();
+                for e in gone {
+                    self.swap_remove(slot, e);
+                }
+            }
+            // Every slot held one entry per position it kept; a slot can now hold fewer than
+            // another, so cut all to the smallest (dropping their oldest).
+            let keep = (0..self.positions.len())
+                .map(|sl| self.slot_len(sl))
+                .min()
+                .unwrap_or(0);
+            for slot in 0..self.positions.len() {
+                while self.slot_len(slot) > keep {
+                    let e = (0..self.slot_len(slot))
+                        .min_by_key(|&e| self.positions[slot][e])
+                        .unwrap_or(0);
+                    self.swap_remove(slot, e);
+                }
+            }
+            self.cut(keep);
+        }
+        self.pos = len;
+    }
+
+    fn slot_len(&self, slot: usize) -> usize {
+        self.positions[slot].len().min(self.len)
+    }
+
+    /// Keeps the first `len` entries of every slot.
+    fn cut(&mut self, len: usize) {
+        self.len = len;
+        let n = len * self.head_dim;
+        let nk = attn::key_buffer_len(len, self.head_dim);
+        self.keys.iter_mut().for_each(|k| k.truncate(nk));
+        self.values.iter_mut().for_each(|v| v.truncate(n));
+        self.positions.iter_mut().for_each(|p| p.truncate(len));
+        self.scores.iter_mut().for_each(|p| p.truncate(len));
+    }
+
+    /// Moves entry `last` of `slot` into `e` (keys, values, positions and its query heads'
+    /// scores) and shortens the slot's position list; the caller fixes `len`.
+    fn swap_remove(&mut self, slot: usize, e: usize) {
+        let d = self.head_dim;
+        let last = self.positions[slot].len() - 1;
+        if e != last {
+            let k = &mut self.keys[slot];
+            for c in 0..d {
+                k[attn::key_index(e, c, d)] = k[attn::key_index(last, c, d)];
+            }
+            self.values[slot].copy_within(last * d..(last + 1) * d, e * d);
+            self.positions[slot][e] = self.positions[slot][last];
+        }
+        self.positions[slot].pop();
+        let g = self.heads / self.kv_heads;
+        let (l, hk) = (slot / self.kv_heads, slot % self.kv_heads);
+        for hq in hk * g..(hk + 1) * g {
+            let sc = &mut self.scores[l * self.heads + hq];
+            if last < sc.len() {
+                sc[e] = sc[last];
+                sc.truncate(last);
+            }
+        }
+    }
+
+    /// Evicts entries `policy` chooses until every slot is within its capacity.
+    pub(crate) fn evict(&mut self, policy: &dyn crate::KvPolicy) {
+        let cap = policy.capacity(self.pos, self.planned);
+        if self.len <= cap || !self.track {
+            return;
+        }
+        let n = self.len - cap;
+        let kv_heads = self.kv_heads;
+        let g = self.heads / kv_heads;
+        let mut sum = Vec::new();
+        let mut out = Vec::new();
+        for slot in 0..self.keys.len() {
+            let (l, hk) = (slot / kv_heads, slot % kv_heads);
+            if self.score {
+                sum.clear();
+                sum.resize(self.len, 0.0f32);
+                for hq in hk * g..(hk + 1) * g {
+                    for (s, v) in sum.iter_mut().zip(&self.scores[l * self.heads + hq]) {
+                        *s += v;
+                    }
+                }
+            }
+            out.clear();
+            let view = crate::kv_policy::HeadView {
+                positions: &self.positions[slot][..self.len],
+                scores: self.score.then_some(&sum[..]),
+                seen: self.pos,
+            };
+            policy.evict(&view, n, &mut out);
+            out.sort_unstable();
+            out.dedup();
+            out.retain(|&e| e < self.len);
+            // Exactly `n` per slot, so every slot keeps one length: top up with the oldest.
+            if out.len() < n {
+                let rest: Vec<usize> = (0..self.len)
+                    .filter(|e| out.binary_search(e).is_err())
+                    .collect();
+                let mut by_age = rest.clone();
+                by_age.sort_by_key(|&e| self.positions[slot][e]);
+                out.extend(by_age.into_iter().take(n - out.len()));
+                out.sort_unstable();
+            }
+            for &e in out.iter().take(n).rev() {
+                self.swap_remove(slot, e);
+            }
+        }
+        self.cut(cap);
+    }
+
+    pub(crate) fn plan(&mut self, len: usize) {
+        self.planned = len;
+    }
+
+    /// Starts an empty cache at position `pos` (its first token takes that position).
+    pub(crate) fn start_at(&mut self, pos: usize) -> bool {
+        if self.pos != 0 {
+            return false;
+        }
+        self.pos = pos;
+        true
+    }
+
+    /// Each entry's position and accumulated attention (summed over the query heads that read
+    /// it) in (`layer`, `kv_head`), when scores are kept.
+    pub fn head_scores(&self, layer: usize, kv_head: usize) -> Option<(Vec<u32>, Vec<f32>)> {
+        if !self.score || kv_head >= self.kv_heads {
+            return None;
+        }
+        let slot = layer * self.kv_heads + kv_head;
+        let positions = self.positions.get(slot)?[..self.len].to_vec();
+        let g = self.heads / self.kv_heads;
+        let mut sum = vec![0f32; self.len];
+        for hq in kv_head * g..(kv_head + 1) * g {
+            for (s, v) in sum
+                .iter_mut()
+                .zip(self.scores.get(layer * self.heads + hq)?)
+            {
+                *s += v;
+            }
+        }
+        Some((positions, sum))
+    }
+
+    /// Bytes keys and values hold now (entries in use, not spare capacity).
+    pub fn bytes_used(&self) -> usize {
+        (self
+            .keys
+            .iter()
+            .chain(&self.values)
+            .map(|b| b.len())
+            .sum::<usize>())
+            * 4
+    }
+
+    /// The most [`NativeCache::bytes_used`] has been, including the entries a forward call adds
+    /// before its eviction.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak
+    }
+
     pub fn clear(&mut self) {
-        self.truncate(0);
+        self.cut(0);
+        self.pos = 0;
     }
 
     /// Reserves room for `positions` in total, so a known context never reallocates.
@@ -188,6 +397,35 @@ pub(crate) fn forward(
     want: Want,
     branches: &[usize],
 ) -> Result<Vec<f32>> {
+    let t = embedded.len() / dims.hidden.max(1);
+    forward_seqs(
+        dims,
+        consts,
+        weights,
+        embedded,
+        &mut [cache],
+        &[t],
+        want,
+        branches,
+    )
+}
+
+/// Several sequences in one call (continuous batching): `counts[s]` consecutive tokens of
+/// `embedded` continue `caches[s]`. Every matrix product runs once over all the tokens; each
+/// token attends only to its own sequence's cache. With [`Want::LastLogits`] the result is the
+/// logits of each sequence's last token, `(sequences, v)`. The first cache's scratch buffers
+/// serve the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_seqs(
+    dims: Dims,
+    consts: &Consts,
+    weights: &[KernelData],
+    embedded: &[f32],
+    caches: &mut [&mut NativeCache],
+    counts: &[usize],
+    want: Want,
+    branches: &[usize],
+) -> Result<Vec<f32>> {
     let Dims {
         layers,
         hidden: c,
@@ -203,6 +441,17 @@ pub(crate) fn forward(
             "native forward: {} embedded values for hidden {c}, {} weights for {layers} layers",
             embedded.len(),
             weights.len()
+        )));
+    }
+    let nseq = caches.len();
+    if nseq == 0
+        || counts.len() != nseq
+        || counts.contains(&0)
+        || counts.iter().sum::<usize>() != t
+        || (nseq > 1 && !branches.is_empty())
+    {
+        return Err(Error::Unsupported(format!(
+            "native forward: {t} tokens split as {counts:?} over {nseq} caches"
         )));
     }
     if branches.windows(2).any(|w| w[0] >= w[1]) || branches.last().is_some_and(|&b| b >= t) {
@@ -231,19 +480,50 @@ pub(crate) fn forward(
     let (hd, kd) = (h * d, kh * d);
     let g = h / kh;
     let qkv_w = hd + 2 * kd;
-    let p0 = cache.len;
-    let total = p0 + t;
+    // Per sequence: first token, cached entries, next position; per token: its sequence.
+    let mut starts = Vec::with_capacity(nseq);
+    let mut sid = Vec::with_capacity(t);
+    for (k, &n) in counts.iter().enumerate() {
+        starts.push(sid.len());
+        sid.extend(std::iter::repeat_n(k, n));
+    }
+    let p0s: Vec<usize> = caches.iter().map(|c| c.len).collect();
+    let pos0s: Vec<usize> = caches.iter().map(|c| c.pos).collect();
+    if caches[0].track && !branches.is_empty() {
+        return Err(Error::Unsupported(
+            "a KV cache with an eviction policy cannot run a token tree".into(),
+        ));
+    }
     let members = rayon::current_num_threads().max(1);
 
     // Buffers: sized once per shape, reused across calls.
-    for b in cache.keys.iter_mut() {
-        b.resize(attn::key_buffer_len(total, d), 0.0);
+    let mut longest = 0;
+    for (k, cache) in caches.iter_mut().enumerate() {
+        let (p0, pos0, n) = (p0s[k], pos0s[k], counts[k]);
+        let total = p0 + n;
+        longest = longest.max(total);
+        for b in cache.keys.iter_mut() {
+            b.resize(attn::key_buffer_len(total, d), 0.0);
+        }
+        for b in cache.values.iter_mut() {
+            b.resize(total * d, 0.0);
+        }
+        if cache.track {
+            for p in cache.positions.iter_mut() {
+                p.extend((pos0..pos0 + n).map(|p| p as u32));
+            }
+        }
+        if cache.score {
+            for sc in cache.scores.iter_mut() {
+                sc.resize(total, 0.0);
+            }
+        }
     }
-    for b in cache.values.iter_mut() {
-        b.resize(total * d, 0.0);
-    }
-    let scratch = attn::scratch_len(attn::MAX_QUERIES, total);
-    let s = &mut cache.s;
+    let score_of: Vec<bool> = caches.iter().map(|c| c.score).collect();
+    let score = score_of.iter().any(|&s| s);
+    let scratch = attn::scratch_len(attn::MAX_QUERIES, longest);
+    let mut scratch_bufs = std::mem::take(&mut caches[0].s);
+    let s = &mut scratch_bufs;
     let wide = c.max(hd);
     grow(&mut s.x, t * c);
     s.x[..t * c].copy_from_slice(embedded);
@@ -262,7 +542,7 @@ pub(crate) fn forward(
     s.cos.clear();
     s.sin.clear();
     for (i, &gp) in gap.iter().enumerate() {
-        let p = p0 + i - gp;
+        let p = pos0s[sid[i]] + i - starts[sid[i]] - gp;
         for &fr in &consts.inv_freq {
             let a = p as f32 * fr;
             s.cos.push(a.cos());
@@ -271,7 +551,7 @@ pub(crate) fn forward(
     }
     let out_len = match want {
         Want::Hidden => t * c,
-        Want::LastLogits => vocab,
+        Want::LastLogits => nseq * vocab,
     };
     s.out.clear();
     s.out.resize(out_len, 0.0);
@@ -287,8 +567,28 @@ pub(crate) fn forward(
     let rot = SharedMut::new(&mut s.rot);
     let scores = SharedMut::new(&mut s.scores);
     let out = SharedMut::new(&mut s.out);
-    let keys: Vec<SharedMut<f32>> = cache.keys.iter_mut().map(|b| SharedMut::new(b)).collect();
-    let values: Vec<SharedMut<f32>> = cache.values.iter_mut().map(|b| SharedMut::new(b)).collect();
+    let shared = |v: &mut Vec<Vec<f32>>| -> Vec<SharedMut<f32>> {
+        v.iter_mut().map(|b| SharedMut::new(b)).collect()
+    };
+    let mut keys = Vec::with_capacity(nseq);
+    let mut values = Vec::with_capacity(nseq);
+    let mut acc = Vec::with_capacity(nseq);
+    for cache in caches.iter_mut() {
+        keys.push(shared(&mut cache.keys));
+        values.push(shared(&mut cache.values));
+        acc.push(shared(&mut cache.scores));
+    }
+    // Attention work: runs of up to MAX_QUERIES consecutive tokens of one sequence.
+    let qb = attn::MAX_QUERIES;
+    let mut blocks: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    for (k, (&st, &n)) in starts.iter().zip(counts).enumerate() {
+        let mut i = st;
+        while i < st + n {
+            let e = (i + qb).min(st + n);
+            blocks.push((k, i..e));
+            i = e;
+        }
+    }
     let (cos, sin) = (&s.cos, &s.sin);
     let scale = 1.0 / (d as f32).sqrt();
 
@@ -436,48 +736,75 @@ pub(crate) fn forward(
                         &sin[i * half..(i + 1) * half],
                     );
                     let slot = l * kh + hk;
+                    let sq = sid[i];
+                    let at = p0s[sq] + i - starts[sq];
                     for (c, &v) in k.iter().enumerate() {
-                        keys[slot].set(attn::key_index(p0 + i, c, d), v);
+                        keys[sq][slot].set(attn::key_index(at, c, d), v);
                     }
-                    values[slot]
-                        .slice_mut((p0 + i) * d, d)
+                    values[sq][slot]
+                        .slice_mut(at * d, d)
                         .copy_from_slice(qkv.slice(i * qkv_w + hd + kd + hk * d, d));
                 }
             }
             tm.barrier();
             clock.lap(profile::Op::Rope);
             // D: up to MAX_QUERIES consecutive tokens of one head share each key/value load.
-            let qb = attn::MAX_QUERIES;
-            let items = t.div_ceil(qb) * h;
-            tm.for_chunks(items, (items / (tm.n() * 8)).max(1), |r| {
+            let nb = blocks.len();
+            let items = nb * h;
+            // With scores (H2O) one member takes all of a head's queries, so each query head's
+            // accumulator has one writer: items go head-major in chunks of a whole head.
+            let chunk = if score {
+                nb
+            } else {
+                (items / (tm.n() * 8)).max(1)
+            };
+            tm.for_chunks(items, chunk, |r| {
                 let sc = scores.slice_mut(tm.id() * scratch, scratch);
                 for item in r {
-                    let (bi, hq) = (item / h, item % h);
+                    let (bi, hq) = if score {
+                        (item % nb, item / nb)
+                    } else {
+                        (item / h, item % h)
+                    };
                     let slot = l * kh + hq / g;
-                    let tokens = bi * qb..((bi + 1) * qb).min(t);
-                    let n = p0 + tokens.end; // positions the last query sees
+                    let (sq, tokens) = (blocks[bi].0, blocks[bi].1.clone());
+                    let (p0, st) = (p0s[sq], starts[sq]);
+                    let n = p0 + tokens.end - st; // positions the last query sees
                     let mut qs = [&[][..]; attn::MAX_QUERIES];
                     let mut lens = [0usize; attn::MAX_QUERIES];
                     let mut skips: [std::ops::Range<usize>; attn::MAX_QUERIES] = Default::default();
                     let mut outs: [&mut [f32]; attn::MAX_QUERIES] = Default::default();
                     for (k, i) in tokens.clone().enumerate() {
                         qs[k] = qkv.slice(i * qkv_w + hq * d, d);
-                        lens[k] = p0 + i + 1;
+                        lens[k] = p0 + i - st + 1;
                         skips[k] = p0 + trunk..p0 + trunk + gap[i];
                         outs[k] = att.slice_mut(i * hd + hq * d, d);
                     }
                     let nq = tokens.len();
-                    attn::attend_skipping(
+                    let sums = attn::attend_skipping(
                         isa,
                         &qs[..nq],
                         &lens[..nq],
                         &skips[..nq],
-                        keys[slot].slice(0, attn::key_buffer_len(n, d)),
-                        values[slot].slice(0, n * d),
+                        keys[sq][slot].slice(0, attn::key_buffer_len(n, d)),
+                        values[sq][slot].slice(0, n * d),
                         scale,
                         sc,
                         &mut outs[..nq],
                     );
+                    if score_of[sq] {
+                        // H2O: add each query's attention row to its head's scores.
+                        let a = acc[sq][l * h + hq].slice_mut(0, n);
+                        let stride = n.next_multiple_of(attn::KEY_BLOCK);
+                        for k in 0..nq {
+                            let inv = 1.0 / sums[k];
+                            let row = &sc[k * stride..k * stride + lens[k]];
+                            a[..lens[k]]
+                                .iter_mut()
+                                .zip(row)
+                                .for_each(|(a, &w)| *a += w * inv);
+                        }
+                    }
                 }
             });
             tm.barrier();
@@ -582,19 +909,27 @@ pub(crate) fn forward(
                 }
             }
             Want::LastLogits => {
-                let i = t - 1;
-                if tm.id() == 0 {
-                    let xo = xn.slice_mut(0, c);
+                // Each sequence's last token, gathered into rows 0..nseq.
+                for k in tm.split(nseq, 1) {
+                    let i = starts[k] + counts[k] - 1;
+                    let xo = xn.slice_mut(k * c, c);
                     ops::rmsnorm(x.slice(i * c, c), &consts.norm, consts.eps, xo);
                     if head.wants_blocks() {
-                        quantize_into(xo, acts.slice_mut(0, c / BLOCK));
+                        quantize_into(xo, acts.slice_mut(k * (c / BLOCK), c / BLOCK));
                     }
                 }
                 tm.barrier();
-                let xs = xn.slice(0, c);
-                let a = acts.slice(0, if head.wants_blocks() { c / BLOCK } else { 0 });
+                let xs = xn.slice(0, nseq * c);
+                let nblk = if head.wants_blocks() {
+                    nseq * c / BLOCK
+                } else {
+                    0
+                };
+                let a = acts.slice(0, nblk);
                 tm.for_chunks(vocab, chunk_rows(vocab, tm.n()), |rows| {
-                    head.rows_into(isa, xs, a, 1, rows, |_, r, v| out.set(r, v));
+                    head.rows_into(isa, xs, a, nseq, rows, |ti, r, v| {
+                        out.set(ti * vocab + r, v)
+                    });
                 });
                 tm.barrier();
             }
@@ -603,8 +938,15 @@ pub(crate) fn forward(
     });
     drop(keys);
     drop(values);
-    cache.len = total;
-    Ok(std::mem::take(&mut cache.s.out))
+    drop(acc);
+    for (k, cache) in caches.iter_mut().enumerate() {
+        cache.len = p0s[k] + counts[k];
+        cache.pos = pos0s[k] + counts[k];
+        cache.peak = cache.peak.max(cache.bytes_used());
+    }
+    let result = std::mem::take(&mut scratch_bufs.out);
+    caches[0].s = scratch_bufs;
+    Ok(result)
 }
 
 /// Checks that the layers reading one input share its rotation (q/k/v; gate/up) and that the

@@ -1,0 +1,521 @@
+//! Continuous batching: one thread owns the model and runs every active request's next tokens in
+//! one batched forward call per step (`Llama::forward_batch_last`), so each weight matrix is
+//! read once per step for all of them. Requests join between steps (their prompts are read in
+//! chunks, sharing steps with the others' decoding) and leave as soon as they finish or their
+//! receiver goes away (the client disconnected), which frees their slot and KV cache at once.
+//!
+//! The queue in front is bounded: [`EngineHandle::submit`] refuses a request when it is full
+//! rather than letting latency grow without limit.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use lmkit_formats::tokenizer::LoadedTokenizer;
+use lmkit_models::{KvCache, KvPolicy, Llama};
+
+use crate::generate::{FinishReason, GenerateOptions};
+use crate::sampler::Sampler;
+use crate::stop::{StopMatcher, StopState};
+use crate::{Error, Result};
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Requests decoded together at most (the "slots").
+    pub max_batch: usize,
+    /// Requests waiting for a slot at most; beyond it `submit` answers `QueueFull`.
+    pub max_queue: usize,
+    /// Prompt tokens read per step at most, over all requests (the rest wait a step).
+    pub prefill_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            max_queue: 64,
+            prefill_tokens: 512,
+        }
+    }
+}
+
+/// One generated token, with log-probabilities when asked for.
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub id: u32,
+    /// `log p(id)` under the model (before temperature and truncation).
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What a request's sink receives.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// New text (may be empty while a stop string or a UTF-8 sequence is pending) and the tokens
+    /// generated since the last event.
+    Text {
+        piece: String,
+        tokens: Vec<TokenInfo>,
+    },
+    /// The request finished.
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request failed (the message says why).
+    Failed(String),
+}
+
+/// A request's receiver of events: returns `false` when nobody listens any more (the request
+/// is then cancelled). An empty `Text` event (no piece, no tokens) is only a liveness probe,
+/// sent while a request reads its prompt: answer it without passing it on.
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+/// A generation request.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub opts: GenerateOptions,
+    /// Top log-probabilities to report per token (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+    /// KV-cache policy for this request (`None`: the full cache).
+    pub kv: Option<Arc<dyn KvPolicy>>,
+    pub sink: Sink,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    QueueFull,
+    Stopped,
+}
+
+/// Counters the server exports.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub queued: AtomicUsize,
+    pub active: AtomicUsize,
+    pub steps: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub finished: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub failed: AtomicU64,
+    /// Bytes of keys and values held by the active requests after the last step.
+    pub kv_bytes: AtomicU64,
+}
+
+/// The submitting side of an engine; cheap to clone. When every handle is dropped the engine
+/// finishes its active requests and its thread ends.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Job>,
+    stats: Arc<EngineStats>,
+    context: usize,
+    max_batch: usize,
+}
+
+impl EngineHandle {
+    /// Queues `job`, or refuses it at once when the queue is full or the engine stopped.
+    pub fn submit(&self, job: Job) -> std::result::Result<(), Refused> {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => Refused::QueueFull,
+                    TrySendError::Disconnected(_) => Refused::Stopped,
+                })
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// The model's context length: a prompt plus its new tokens must fit.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+}
+
+/// Starts the engine thread for `model` (which must run on lmkit's native CPU path).
+pub fn start(
+    model: Arc<Llama>,
+    tokenizer: Arc<LoadedTokenizer>,
+    cfg: EngineConfig,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    if !model.is_native() {
+        return Err(Error::Kv(
+            "continuous batching runs on the native CPU path (a GGUF or HF model on the CPU, \
+             f32 compute)"
+                .into(),
+        ));
+    }
+    if cfg.max_batch == 0 || cfg.prefill_tokens == 0 {
+        return Err(Error::Option {
+            option: "max_batch / prefill_tokens".into(),
+            why: "must be at least 1".into(),
+        });
+    }
+    let (tx, rx) = sync_channel(cfg.max_queue);
+    let stats = Arc::new(EngineStats::default());
+    let handle = EngineHandle {
+        tx,
+        stats: stats.clone(),
+        context: model.config().max_position_embeddings,
+        max_batch: cfg.max_batch,
+    };
+    let thread = std::thread::Builder::new()
+        .name("lmkit-engine".into())
+        .spawn(move || run(&model, &tokenizer, &cfg, &rx, &stats))
+        .map_err(|e| Error::Kv(format!("cannot start the engine thread: {e}")))?;
+    Ok((handle, thread))
+}
+
+/// One request in flight.
+struct Seq {
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    fed: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    stops: StopMatcher,
+    opts: GenerateOptions,
+    logprobs: Option<usize>,
+    out: Vec<u32>,
+    history: Vec<u32>,
+    text: String,
+    emitted: usize,
+    /// The last sampled token, to run next step.
+    pending: Option<u32>,
+    /// Tokens generated since the last event.
+    fresh: Vec<TokenInfo>,
+    sink: Sink,
+}
+
+impl Seq {
+    /// The sequence for `job`, or the reason it cannot run and its sink (to report it).
+    #[allow(clippy::result_large_err)]
+    fn new(model: &Llama, job: Job) -> std::result::Result<Self, (Error, Sink)> {
+        let Job {
+            prompt,
+            opts,
+            logprobs,
+            kv,
+            sink,
+        } = job;
+        let ctx = model.config().max_position_embeddings;
+        let checked = (|| -> Result<(KvCache, Sampler)> {
+            if prompt.is_empty() {
+                return Err(Error::EmptyPrompt);
+            }
+            if prompt.len() + opts.max_tokens > ctx {
+                return Err(Error::PromptTooLong {
+                    prompt: prompt.len(),
+                    new: opts.max_tokens,
+                    context: ctx,
+                });
+            }
+            let mut cache = model.new_cache();
+            if let Some(p) = kv {
+                cache.set_policy(p)?;
+            }
+            cache.plan(prompt.len() + opts.max_tokens);
+            Ok((cache, Sampler::new(opts.sampling.clone())?))
+        })();
+        let (cache, sampler) = match checked {
+            Ok(c) => c,
+            Err(e) => return Err((e, sink)),
+        };
+        Ok(Self {
+            sampler,
+            stops: StopMatcher::new(opts.stop.clone()),
+            history: prompt.clone(),
+            prompt,
+            fed: 0,
+            cache,
+            opts,
+            logprobs,
+            out: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            pending: None,
+            fresh: Vec::new(),
+            sink,
+        })
+    }
+
+    /// Handles the logits after the whole prompt and every generated token: samples, checks the
+    /// stop rules, emits. Returns `Some(reason)` when finished, `Err` when the client left.
+    fn advance(
+        &mut self,
+        tok: &LoadedTokenizer,
+        mut logits: Vec<f32>,
+    ) -> std::result::Result<Option<FinishReason>, ()> {
+        let info = self.logprobs.map(|k| logprob_info(&logits, k));
+        let next = self.sampler.sample(&mut logits, &self.history);
+        if self.opts.stop_at_eos && tok.special.stop.contains(&next) {
+            return Ok(Some(FinishReason::Stop));
+        }
+        self.out.push(next);
+        self.history.push(next);
+        self.fresh.push(match info {
+            Some((lp_of, top)) => TokenInfo {
+                id: next,
+                logprob: lp_of(next),
+                top,
+            },
+            None => TokenInfo {
+                id: next,
+                logprob: f32::NAN,
+                top: vec![],
+            },
+        });
+        self.text = tok.decode(&self.out).unwrap_or_default();
+        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+        let settled = self.text.trim_end_matches('\u{FFFD}').len();
+        match self.stops.check(&self.text[..settled]) {
+            StopState::Stop { at } => {
+                let piece = self.text[self.emitted.min(at)..at].to_string();
+                self.emit(piece)?;
+                self.text.truncate(at);
+                return Ok(Some(FinishReason::Stop));
+            }
+            StopState::Continue { emit_to } => {
+                if emit_to > self.emitted {
+                    let piece = self.text[self.emitted..emit_to].to_string();
+                    self.emitted = emit_to;
+                    self.emit(piece)?;
+                }
+            }
+        }
+        if self.out.len() >= self.opts.max_tokens {
+            let rest = self.text[self.emitted.min(self.text.len())..].to_string();
+            self.emitted = self.text.len();
+            self.emit(rest)?;
+            return Ok(Some(FinishReason::Length));
+        }
+        self.pending = Some(next);
+        Ok(None)
+    }
+
+    fn emit(&mut self, piece: String) -> std::result::Result<(), ()> {
+        if piece.is_empty() && self.fresh.is_empty() {
+            return Ok(());
+        }
+        let tokens = std::mem::take(&mut self.fresh);
+        if (self.sink)(Event::Text { piece, tokens }) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+/// `log softmax(logits)` of any token (a closure) and the `k` most likely tokens.
+#[allow(clippy::type_complexity)]
+fn logprob_info(logits: &[f32], k: usize) -> (Box<dyn Fn(u32) -> f32>, Vec<(u32, f32)>) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
+    }
+    let mut top: Vec<(u32, f32)> = idx[..k]
+        .iter()
+        .map(|&i| (i, logits[i as usize] - lse))
+        .collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let lp: Vec<f32> = logits.iter().map(|&x| x - lse).collect();
+    (
+        Box::new(move |i| lp.get(i as usize).copied().unwrap_or(f32::NEG_INFINITY)),
+        top,
+    )
+}
+
+fn run(
+    model: &Llama,
+    tok: &LoadedTokenizer,
+    cfg: &EngineConfig,
+    rx: &Receiver<Job>,
+    stats: &EngineStats,
+) {
+    let mut active: Vec<Seq> = Vec::new();
+    let mut open = true;
+    loop {
+        // Admit waiting requests while there are free slots.
+        while open && active.len() < cfg.max_batch {
+            let job = if active.is_empty() {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => {
+                        open = false;
+                        break;
+                    }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
+            match Seq::new(model, job) {
+                Ok(s) => {
+                    stats
+                        .prompt_tokens
+                        .fetch_add(s.prompt.len() as u64, Ordering::Relaxed);
+                    active.push(s);
+                }
+                Err((e, mut sink)) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    sink(Event::Failed(e.to_string()));
+                }
+            }
+        }
+        stats.active.store(active.len(), Ordering::Relaxed);
+        if active.is_empty() {
+            if open {
+                continue;
+            }
+            return;
+        }
+        step(model, tok, cfg, &mut active, stats);
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats.active.store(active.len(), Ordering::Relaxed);
+        let kv: usize = active.iter().map(|s| s.cache.kv_bytes().0).sum();
+        stats.kv_bytes.store(kv as u64, Ordering::Relaxed);
+    }
+}
+
+/// One batched forward call over every request that has work this step, then sampling.
+fn step(
+    model: &Llama,
+    tok: &LoadedTokenizer,
+    cfg: &EngineConfig,
+    active: &mut Vec<Seq>,
+    stats: &EngineStats,
+) {
+    let t0 = Instant::now();
+    // Decoding requests first (one token each), then prompt chunks within the budget.
+    let mut budget = cfg.prefill_tokens;
+    let mut plan: Vec<(usize, Vec<u32>)> = Vec::new();
+    for (i, s) in active.iter().enumerate() {
+        if let Some(t) = s.pending {
+            plan.push((i, vec![t]));
+        }
+    }
+    for (i, s) in active.iter().enumerate() {
+        if s.pending.is_none() && s.fed < s.prompt.len() && budget > 0 {
+            let n = (s.prompt.len() - s.fed).min(budget);
+            budget -= n;
+            plan.push((i, s.prompt[s.fed..s.fed + n].to_vec()));
+        }
+    }
+    if plan.is_empty() {
+        return;
+    }
+    plan.sort_by_key(|p| p.0);
+    let ids: Vec<&[u32]> = plan.iter().map(|p| p.1.as_slice()).collect();
+    let mut caches: Vec<&mut KvCache> = Vec::with_capacity(plan.len());
+    {
+        let mut k = 0;
+        for (i, s) in active.iter_mut().enumerate() {
+            if k < plan.len() && plan[k].0 == i {
+                caches.push(&mut s.cache);
+                k += 1;
+            }
+        }
+    }
+    let result = model.forward_batch_last(&ids, &mut caches);
+    drop(caches);
+    let logits = match result {
+        Ok(l) => l,
+        Err(e) => {
+            // Everything in this step fails; the rest go on.
+            let msg = e.to_string();
+            for &(i, _) in plan.iter().rev() {
+                let mut s = active.remove(i);
+                (s.sink)(Event::Failed(msg.clone()));
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+    };
+    let mut done: Vec<(usize, Option<FinishReason>)> = Vec::new();
+    for ((i, run), l) in plan.iter().zip(logits) {
+        let s = &mut active[*i];
+        if s.pending.take().is_none() {
+            s.fed += run.len();
+            if s.fed < s.prompt.len() {
+                continue;
+            }
+        }
+        match s.advance(tok, l) {
+            Ok(None) => {}
+            Ok(Some(f)) => done.push((*i, Some(f))),
+            Err(()) => done.push((*i, None)),
+        }
+    }
+    // Sinks that went away since their last event (a client that disconnected while its
+    // request was still reading its prompt).
+    for (i, s) in active.iter_mut().enumerate() {
+        if done.iter().all(|d| d.0 != i)
+            && !s.fed_all()
+            && !(s.sink)(Event::Text {
+                piece: String::new(),
+                tokens: vec![],
+            })
+        {
+            done.push((i, None));
+        }
+    }
+    done.sort_by_key(|d| std::cmp::Reverse(d.0));
+    for (i, finish) in done {
+        let mut s = active.remove(i);
+        stats
+            .generated_tokens
+            .fetch_add(s.out.len() as u64, Ordering::Relaxed);
+        match finish {
+            Some(f) => {
+                (s.sink)(Event::Done {
+                    finish: f,
+                    prompt_tokens: s.prompt.len(),
+                    completion_tokens: s.out.len(),
+                });
+                stats.finished.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    tracing::trace!(
+        "step: {} sequences, {:.1} ms",
+        ids.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+}
+
+impl Seq {
+    fn fed_all(&self) -> bool {
+        self.fed >= self.prompt.len()
+    }
+}
