@@ -146,6 +146,12 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8], own: &[&str]) -> Resul
         )
         .with_code("unknown_parameter"));
     }
+    if let Some((field, want, got)) = wrong_kind(map) {
+        return Err(ApiError::invalid(
+            Some(field),
+            format!("`{field}` must be {want}, got {got}"),
+        ));
+    }
     serde_json::from_value(v).map_err(|e| {
         let msg = e.to_string();
         // serde names the field in backticks for missing fields; otherwise no param.
@@ -193,4 +199,63 @@ impl Content {
             }
         }
     }
+}
+
+/// The JSON kind each field takes (`logprobs` is a boolean for chat, an integer for text
+/// completions: checked by serde).
+const KINDS: &[(&str, &str)] = &[
+    ("model", "a string"),
+    ("user", "a string"),
+    ("kv", "a string"),
+    ("kv_budget", "a string"),
+    ("max_tokens", "an integer"),
+    ("max_completion_tokens", "an integer"),
+    ("seed", "an integer"),
+    ("n", "an integer"),
+    ("top_logprobs", "an integer"),
+    ("temperature", "a number"),
+    ("top_p", "a number"),
+    ("frequency_penalty", "a number"),
+    ("presence_penalty", "a number"),
+    ("kv_recent", "a number"),
+    ("stream", "a boolean"),
+    ("ignore_eos", "a boolean"),
+    ("echo", "a boolean"),
+    ("messages", "an array"),
+    ("stream_options", "an object"),
+];
+
+/// The first field whose JSON kind is wrong: `(field, expected, found)`.
+fn wrong_kind(map: &serde_json::Map<String, Value>) -> Option<(&str, &'static str, &'static str)> {
+    let found = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    for (k, v) in map {
+        let Some(&(_, want)) = KINDS.iter().find(|(n, _)| n == k) else {
+            continue;
+        };
+        let ok = match want {
+            _ if v.is_null() => true,
+            "a string" => v.is_string(),
+            "an integer" => v.is_u64(),
+            "a number" => v.is_number(),
+            "a boolean" => v.is_boolean(),
+            "an array" => v.is_array(),
+            _ => v.is_object(),
+        };
+        if !ok {
+            let got = if want == "an integer" && v.is_number() {
+                "a negative or fractional number"
+            } else {
+                found(v)
+            };
+            return Some((k.as_str(), want, got));
+        }
+    }
+    None
 }

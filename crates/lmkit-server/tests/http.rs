@@ -267,7 +267,12 @@ fn bad_requests_get_openai_errors() {
     );
     assert_eq!(json(&b)["error"]["param"], "frobnicate");
     let (st, b) = chat(p, r#", "max_tokens": "ten""#);
-    error_of(st, &b, 400, "invalid");
+    error_of(st, &b, 400, "`max_tokens` must be an integer, got a string");
+    assert_eq!(json(&b)["error"]["param"], "max_tokens");
+    let (st, b) = chat(p, r#", "temperature": -1.5"#);
+    error_of(st, &b, 400, "temperature");
+    let (st, b) = chat(p, r#", "stream": "yes""#);
+    error_of(st, &b, 400, "`stream` must be a boolean");
     let (st, b) = post(br#"{"model": "tiny", "messages": []}"#);
     error_of(st, &b, 400, "at least one message");
     let (st, b) = post(br#"{"model": "tiny"}"#);
