@@ -30,6 +30,10 @@ pub struct Args {
     /// Prompt tokens read per step, over all requests.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub prefill_tokens: u32,
+    /// Prompts kept (keys and values) for later requests that start the same way: the chat
+    /// template's system prompt, a shared preamble; 0 turns it off.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub prefix_cache: u32,
     /// Model id reported by /v1/models (default: the file name).
     #[arg(long)]
     pub model_id: Option<String>,
@@ -62,6 +66,7 @@ pub fn main(a: Args) -> Result<()> {
             max_batch: a.max_batch as usize,
             max_queue: a.max_queue as usize,
             prefill_tokens: a.prefill_tokens as usize,
+            prefix_cache: a.prefix_cache as usize,
         },
     )?;
     let state = Arc::new(AppState::new(

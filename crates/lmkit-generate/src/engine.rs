@@ -29,6 +29,9 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Prompt tokens read per step at most, over all requests (the rest wait a step).
     pub prefill_tokens: usize,
+    /// Prompts whose keys and values are kept for later requests that start the same way (a
+    /// chat template's system prompt, a shared few-shot preamble); 0 turns this off.
+    pub prefix_cache: usize,
 }
 
 impl Default for EngineConfig {
@@ -37,6 +40,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             max_queue: 64,
             prefill_tokens: 512,
+            prefix_cache: 8,
         }
     }
 }
@@ -100,6 +104,8 @@ pub struct EngineStats {
     pub active: AtomicUsize,
     pub steps: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead of being run.
+    pub prompt_tokens_cached: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub finished: AtomicU64,
     pub cancelled: AtomicU64,
@@ -201,12 +207,73 @@ struct Seq {
     /// Tokens generated since the last event.
     fresh: Vec<TokenInfo>,
     sink: Sink,
+    /// Whether this prompt may be kept in the prefix cache once read (no eviction policy).
+    cacheable: bool,
+}
+
+/// Recently read prompts and their caches, most recent first.
+#[derive(Default)]
+struct Prefixes {
+    entries: std::collections::VecDeque<(Vec<u32>, KvCache)>,
+}
+
+/// Fewest shared tokens worth reusing.
+const MIN_PREFIX: usize = 8;
+
+impl Prefixes {
+    /// The longest cached prefix of `prompt` (leaving at least its last token to run): its
+    /// length and a copy of its cache cut to it.
+    fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+        let limit = prompt.len().saturating_sub(1);
+        let (i, n) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _))| {
+                let n = t.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                (i, n.min(limit))
+            })
+            .max_by_key(|&(_, n)| n)?;
+        if n < MIN_PREFIX {
+            return None;
+        }
+        let mut cache = self.entries[i].1.snapshot()?;
+        cache.truncate(n).ok()?;
+        // Most recently used first.
+        if let Some(e) = self.entries.remove(i) {
+            self.entries.push_front(e);
+        }
+        Some((n, cache))
+    }
+
+    fn insert(&mut self, prompt: &[u32], cache: &KvCache, max: usize) {
+        if max == 0 || prompt.len() < MIN_PREFIX {
+            return;
+        }
+        // Already covered by an entry that extends it.
+        if self
+            .entries
+            .iter()
+            .any(|(t, _)| t.len() >= prompt.len() && t[..prompt.len()] == *prompt)
+        {
+            return;
+        }
+        let Some(snap) = cache.snapshot() else { return };
+        self.entries
+            .retain(|(t, _)| !(t.len() < prompt.len() && prompt[..t.len()] == **t));
+        self.entries.push_front((prompt.to_vec(), snap));
+        self.entries.truncate(max);
+    }
 }
 
 impl Seq {
     /// The sequence for `job`, or the reason it cannot run and its sink (to report it).
     #[allow(clippy::result_large_err)]
-    fn new(model: &Llama, job: Job) -> std::result::Result<Self, (Error, Sink)> {
+    fn new(
+        model: &Llama,
+        job: Job,
+        prefixes: &mut Prefixes,
+    ) -> std::result::Result<Self, (Error, Sink)> {
         let Job {
             prompt,
             opts,
@@ -215,7 +282,8 @@ impl Seq {
             sink,
         } = job;
         let ctx = model.config().max_position_embeddings;
-        let checked = (|| -> Result<(KvCache, Sampler)> {
+        let cacheable = kv.is_none();
+        let checked = (|| -> Result<(KvCache, Sampler, usize)> {
             if prompt.is_empty() {
                 return Err(Error::EmptyPrompt);
             }
@@ -226,14 +294,21 @@ impl Seq {
                     context: ctx,
                 });
             }
-            let mut cache = model.new_cache();
-            if let Some(p) = kv {
-                cache.set_policy(p)?;
-            }
+            let (mut cache, fed) = match kv {
+                Some(p) => {
+                    let mut c = model.new_cache();
+                    c.set_policy(p)?;
+                    (c, 0)
+                }
+                None => match prefixes.lookup(&prompt) {
+                    Some((n, c)) => (c, n),
+                    None => (model.new_cache(), 0),
+                },
+            };
             cache.plan(prompt.len() + opts.max_tokens);
-            Ok((cache, Sampler::new(opts.sampling.clone())?))
+            Ok((cache, Sampler::new(opts.sampling.clone())?, fed))
         })();
-        let (cache, sampler) = match checked {
+        let (cache, sampler, fed) = match checked {
             Ok(c) => c,
             Err(e) => return Err((e, sink)),
         };
@@ -242,7 +317,7 @@ impl Seq {
             stops: StopMatcher::new(opts.stop.clone()),
             history: prompt.clone(),
             prompt,
-            fed: 0,
+            fed,
             cache,
             opts,
             logprobs,
@@ -252,6 +327,7 @@ impl Seq {
             pending: None,
             fresh: Vec::new(),
             sink,
+            cacheable,
         })
     }
 
@@ -354,6 +430,7 @@ fn run(
     stats: &EngineStats,
 ) {
     let mut active: Vec<Seq> = Vec::new();
+    let mut prefixes = Prefixes::default();
     let mut open = true;
     loop {
         // Admit waiting requests while there are free slots.
@@ -377,11 +454,14 @@ fn run(
                 }
             };
             stats.queued.fetch_sub(1, Ordering::Relaxed);
-            match Seq::new(model, job) {
+            match Seq::new(model, job, &mut prefixes) {
                 Ok(s) => {
                     stats
                         .prompt_tokens
                         .fetch_add(s.prompt.len() as u64, Ordering::Relaxed);
+                    stats
+                        .prompt_tokens_cached
+                        .fetch_add(s.fed as u64, Ordering::Relaxed);
                     active.push(s);
                 }
                 Err((e, mut sink)) => {
@@ -397,7 +477,7 @@ fn run(
             }
             return;
         }
-        step(model, tok, cfg, &mut active, stats);
+        step(model, tok, cfg, &mut active, stats, &mut prefixes);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.active.store(active.len(), Ordering::Relaxed);
         let kv: usize = active.iter().map(|s| s.cache.kv_bytes().0).sum();
@@ -412,6 +492,7 @@ fn step(
     cfg: &EngineConfig,
     active: &mut Vec<Seq>,
     stats: &EngineStats,
+    prefixes: &mut Prefixes,
 ) {
     let t0 = Instant::now();
     // Decoding requests first (one token each), then prompt chunks within the budget.
@@ -467,6 +548,10 @@ fn step(
             if s.fed < s.prompt.len() {
                 continue;
             }
+            // The whole prompt is in the cache: keep it for requests that start alike.
+            if s.cacheable {
+                prefixes.insert(&s.prompt, &s.cache, cfg.prefix_cache);
+            }
         }
         match s.advance(tok, l) {
             Ok(None) => {}
@@ -490,6 +575,8 @@ fn step(
     done.sort_by_key(|d| std::cmp::Reverse(d.0));
     for (i, finish) in done {
         let mut s = active.remove(i);
+        // Counted before the client hears it is done, so what it reads next is current.
+        stats.active.store(active.len(), Ordering::Relaxed);
         stats
             .generated_tokens
             .fetch_add(s.out.len() as u64, Ordering::Relaxed);

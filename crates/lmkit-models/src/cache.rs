@@ -52,6 +52,23 @@ impl KvCache {
         }
     }
 
+    /// A copy of the cached keys and values (without a native cache's scratch buffers), to
+    /// continue from later: a prefix cache shared by requests that start alike. `None` under an
+    /// eviction policy (its entries no longer stand for a plain prefix).
+    pub fn snapshot(&self) -> Option<Self> {
+        if self.policy.is_some() {
+            return None;
+        }
+        Some(Self {
+            inner: match &self.inner {
+                Inner::Native(c) => Inner::Native(Box::new(c.snapshot())),
+                Inner::Tensors(t) => Inner::Tensors(t.clone()),
+            },
+            len: self.len,
+            policy: None,
+        })
+    }
+
     /// Whether this cache drives the native CPU path.
     pub fn is_native(&self) -> bool {
         matches!(self.inner, Inner::Native(_))

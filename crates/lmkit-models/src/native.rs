@@ -269,6 +269,26 @@ impl NativeCache {
         self.cut(cap);
     }
 
+    /// A copy of the keys and values (not the scratch buffers), for a prefix cache.
+    pub(crate) fn snapshot(&self) -> Self {
+        Self {
+            head_dim: self.head_dim,
+            keys: self.keys.clone(),
+            values: self.values.clone(),
+            len: self.len,
+            pos: self.pos,
+            positions: self.positions.clone(),
+            scores: self.scores.clone(),
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            track: self.track,
+            score: self.score,
+            peak: self.peak,
+            planned: self.planned,
+            s: Scratch::default(),
+        }
+    }
+
     pub(crate) fn plan(&mut self, len: usize) {
         self.planned = len;
     }

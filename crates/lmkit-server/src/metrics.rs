@@ -99,6 +99,11 @@ impl Metrics {
                 ld(&engine.prompt_tokens),
             ),
             (
+                "lmkit_prompt_tokens_cached_total",
+                "Prompt tokens taken from the prefix cache.",
+                ld(&engine.prompt_tokens_cached),
+            ),
+            (
                 "lmkit_generated_tokens_total",
                 "Tokens generated.",
                 ld(&engine.generated_tokens),
