@@ -112,6 +112,17 @@ pub struct EngineStats {
     pub failed: AtomicU64,
     /// Bytes of keys and values held by the active requests after the last step.
     pub kv_bytes: AtomicU64,
+    /// Whether the engine thread is running (false once it ended, normally or not).
+    pub alive: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the engine stopped when its thread ends, even by a panic.
+struct Alive<'a>(&'a EngineStats);
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Relaxed);
+    }
 }
 
 /// The submitting side of an engine; cheap to clone. When every handle is dropped the engine
@@ -175,6 +186,7 @@ pub fn start(
     }
     let (tx, rx) = sync_channel(cfg.max_queue);
     let stats = Arc::new(EngineStats::default());
+    stats.alive.store(true, Ordering::Relaxed);
     let handle = EngineHandle {
         tx,
         stats: stats.clone(),
@@ -287,6 +299,13 @@ impl Seq {
             if prompt.is_empty() {
                 return Err(Error::EmptyPrompt);
             }
+            let vocab = model.config().vocab_size;
+            if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::Model(lmkit_models::Error::TokenOutOfRange {
+                    id,
+                    vocab,
+                }));
+            }
             if prompt.len() + opts.max_tokens > ctx {
                 return Err(Error::PromptTooLong {
                     prompt: prompt.len(),
@@ -341,6 +360,12 @@ impl Seq {
         let info = self.logprobs.map(|k| logprob_info(&logits, k));
         let next = self.sampler.sample(&mut logits, &self.history);
         if self.opts.stop_at_eos && tok.special.stop.contains(&next) {
+            // Text held back as a possible start of a stop string is final now.
+            let settled = self.text.trim_end_matches('\u{FFFD}').len();
+            let rest = self.text[self.emitted.min(settled)..settled].to_string();
+            self.emitted = settled;
+            self.text.truncate(settled);
+            self.emit(rest)?;
             return Ok(Some(FinishReason::Stop));
         }
         self.out.push(next);
@@ -429,8 +454,10 @@ fn run(
     rx: &Receiver<Job>,
     stats: &EngineStats,
 ) {
+    let _alive = Alive(stats);
     let mut active: Vec<Seq> = Vec::new();
     let mut prefixes = Prefixes::default();
+    let mut scratch = lmkit_models::native::BatchScratch::default();
     let mut open = true;
     loop {
         // Admit waiting requests while there are free slots.
@@ -477,7 +504,15 @@ fn run(
             }
             return;
         }
-        step(model, tok, cfg, &mut active, stats, &mut prefixes);
+        step(
+            model,
+            tok,
+            cfg,
+            &mut active,
+            stats,
+            &mut prefixes,
+            &mut scratch,
+        );
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.active.store(active.len(), Ordering::Relaxed);
         let kv: usize = active.iter().map(|s| s.cache.kv_bytes().0).sum();
@@ -493,6 +528,7 @@ fn step(
     active: &mut Vec<Seq>,
     stats: &EngineStats,
     prefixes: &mut Prefixes,
+    scratch: &mut lmkit_models::native::BatchScratch,
 ) {
     let t0 = Instant::now();
     // Decoding requests first (one token each), then prompt chunks within the budget.
@@ -525,13 +561,28 @@ fn step(
             }
         }
     }
-    let result = model.forward_batch_last(&ids, &mut caches);
+    // A panic in the forward pass fails this step's requests, not the server.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.forward_batch_last_with(&ids, &mut caches, Some(&mut *scratch))
+    }));
     drop(caches);
+    let result = match result {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(p) => {
+            *scratch = Default::default();
+            Err(format!(
+                "internal error: {}",
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "the forward pass panicked".into())
+            ))
+        }
+    };
     let logits = match result {
         Ok(l) => l,
-        Err(e) => {
+        Err(msg) => {
             // Everything in this step fails; the rest go on.
-            let msg = e.to_string();
             for &(i, _) in plan.iter().rev() {
                 let mut s = active.remove(i);
                 (s.sink)(Event::Failed(msg.clone()));
@@ -604,5 +655,124 @@ fn step(
 impl Seq {
     fn fed_all(&self) -> bool {
         self.fed >= self.prompt.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmkit_core::GgmlDType;
+    use lmkit_models::testing::write_tiny_gguf;
+    use lmkit_models::{load, LlamaConfig, LoadOptions};
+    use std::sync::Mutex;
+
+    fn one_hot(v: usize, id: u32) -> Vec<f32> {
+        let mut l = vec![0.0; v];
+        l[id as usize] = 10.0;
+        l
+    }
+
+    #[test]
+    fn end_of_turn_flushes_text_held_back_for_a_stop_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.gguf");
+        write_tiny_gguf(&p, &LlamaConfig::tiny(), 1, GgmlDType::F32).unwrap();
+        let m = load(&p, LoadOptions::default()).unwrap();
+        let tok = &m.tokenizer;
+        let v = m.model.config().vocab_size;
+        // A token with visible text, and a stop string it is a proper prefix of.
+        let id = (3..v as u32)
+            .find(|&i| tok.decode(&[i]).is_ok_and(|s| s.trim().len() >= 2))
+            .unwrap();
+        let text = tok.decode(&[id]).unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = events.clone();
+        let job = Job {
+            prompt: vec![id, id],
+            opts: GenerateOptions {
+                sampling: crate::SamplingParams::greedy(),
+                max_tokens: 8,
+                stop: vec![format!("{text}QQQ")],
+                ..Default::default()
+            },
+            logprobs: None,
+            kv: None,
+            sink: Box::new(move |e| {
+                ev.lock().unwrap().push(e);
+                true
+            }),
+        };
+        let mut prefixes = Prefixes::default();
+        let Ok(mut s) = Seq::new(&m.model, job, &mut prefixes) else {
+            panic!("a valid job")
+        };
+        assert_eq!(s.advance(tok, one_hot(v, id)), Ok(None));
+        // Held back: it may be the start of the stop string.
+        assert!(events.lock().unwrap().is_empty());
+        let eos = *tok.special.stop.first().unwrap();
+        assert_eq!(
+            s.advance(tok, one_hot(v, eos)),
+            Ok(Some(FinishReason::Stop))
+        );
+        let got = events.lock().unwrap();
+        match got.as_slice() {
+            [Event::Text { piece, tokens }] => {
+                assert_eq!(piece, &text);
+                assert_eq!(tokens.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_request_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.gguf");
+        write_tiny_gguf(&p, &LlamaConfig::tiny(), 1, GgmlDType::Q8_0).unwrap();
+        let m = load(&p, LoadOptions::default()).unwrap();
+        let v = m.model.config().vocab_size as u32;
+        let (h, thread) = start(
+            Arc::new(m.model),
+            Arc::new(m.tokenizer),
+            EngineConfig::default(),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (k, prompt) in [vec![5, 6, 7], vec![5, v + 3], vec![8, 9]]
+            .into_iter()
+            .enumerate()
+        {
+            let tx = tx.clone();
+            h.submit(Job {
+                prompt,
+                opts: GenerateOptions {
+                    max_tokens: 6,
+                    ..Default::default()
+                },
+                logprobs: Some(2),
+                kv: None,
+                sink: Box::new(move |e| tx.send((k, e)).is_ok()),
+            })
+            .unwrap();
+        }
+        let mut ends = [None, None, None];
+        while ends.iter().any(|e| e.is_none()) {
+            let (k, e) = rx.recv().unwrap();
+            match e {
+                Event::Done { .. } => ends[k] = Some("done".to_string()),
+                Event::Failed(msg) => ends[k] = Some(msg),
+                Event::Text { tokens, .. } => {
+                    assert!(tokens.iter().all(|t| t.logprob <= 0.0 && t.top.len() == 2))
+                }
+            }
+        }
+        assert_eq!(ends[0].as_deref(), Some("done"));
+        assert!(
+            ends[1].as_deref().unwrap().contains("out of range"),
+            "{ends:?}"
+        );
+        assert_eq!(ends[2].as_deref(), Some("done"));
+        drop(h);
+        thread.join().unwrap();
     }
 }

@@ -329,6 +329,17 @@ impl Llama {
         ids: &[&[u32]],
         caches: &mut [&mut KvCache],
     ) -> Result<Vec<Vec<f32>>> {
+        self.forward_batch_last_with(ids, caches, None)
+    }
+
+    /// [`Llama::forward_batch_last`] with scratch buffers the caller keeps across calls (a
+    /// serving engine), rather than the first cache's.
+    pub fn forward_batch_last_with(
+        &self,
+        ids: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        scratch: Option<&mut native::BatchScratch>,
+    ) -> Result<Vec<Vec<f32>>> {
         let consts = self
             .native
             .as_ref()
@@ -372,6 +383,7 @@ impl Llama {
             &counts,
             Want::LastLogits,
             &[],
+            scratch,
         )?;
         drop(natives);
         for c in caches.iter_mut() {

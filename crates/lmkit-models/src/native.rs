@@ -427,14 +427,20 @@ pub(crate) fn forward(
         &[t],
         want,
         branches,
+        None,
     )
 }
+
+/// Scratch buffers for batched calls, owned by the caller (a serving engine), so no sequence's
+/// cache keeps buffers sized for the largest batch it once led.
+#[derive(Debug, Default)]
+pub struct BatchScratch(Scratch);
 
 /// Several sequences in one call (continuous batching): `counts[s]` consecutive tokens of
 /// `embedded` continue `caches[s]`. Every matrix product runs once over all the tokens; each
 /// token attends only to its own sequence's cache. With [`Want::LastLogits`] the result is the
-/// logits of each sequence's last token, `(sequences, v)`. The first cache's scratch buffers
-/// serve the call.
+/// logits of each sequence's last token, `(sequences, v)`. `buffers` (else the first cache's
+/// scratch buffers) serve the call.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_seqs(
     dims: Dims,
@@ -445,6 +451,7 @@ pub(crate) fn forward_seqs(
     counts: &[usize],
     want: Want,
     branches: &[usize],
+    buffers: Option<&mut BatchScratch>,
 ) -> Result<Vec<f32>> {
     let Dims {
         layers,
@@ -542,7 +549,10 @@ pub(crate) fn forward_seqs(
     let score_of: Vec<bool> = caches.iter().map(|c| c.score).collect();
     let score = score_of.iter().any(|&s| s);
     let scratch = attn::scratch_len(attn::MAX_QUERIES, longest);
-    let mut scratch_bufs = std::mem::take(&mut caches[0].s);
+    let (mut scratch_bufs, scratch_back) = match buffers {
+        Some(b) => (std::mem::take(&mut b.0), Some(b)),
+        None => (std::mem::take(&mut caches[0].s), None),
+    };
     let s = &mut scratch_bufs;
     let wide = c.max(hd);
     grow(&mut s.x, t * c);
@@ -965,7 +975,10 @@ pub(crate) fn forward_seqs(
         cache.peak = cache.peak.max(cache.bytes_used());
     }
     let result = std::mem::take(&mut scratch_bufs.out);
-    caches[0].s = scratch_bufs;
+    match scratch_back {
+        Some(b) => b.0 = scratch_bufs,
+        None => caches[0].s = scratch_bufs,
+    }
     Ok(result)
 }
 

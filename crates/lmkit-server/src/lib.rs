@@ -88,6 +88,19 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
+    if !st
+        .engine
+        .stats()
+        .alive
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        st.metrics.request("/health", 503);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "error", "reason": "the engine stopped"})),
+        )
+            .into_response();
+    }
     st.metrics.request("/health", 200);
     Json(serde_json::json!({"status": "ok"})).into_response()
 }

@@ -407,7 +407,16 @@ fn stream(
         let mut completion = 0usize;
         let mut first = true;
         while left > 0 {
-            let Some((i, e)) = rx.recv().await else {
+            // A client that hangs up before the first token (its prompt still queued or being
+            // read) is noticed here: returning drops `rx`, and the engine cancels the jobs.
+            let next = tokio::select! {
+                e = rx.recv() => e,
+                _ = tx.closed() => return,
+            };
+            let Some((i, e)) = next else {
+                let e = internal("the engine stopped");
+                let v = json!({"error": {"message": e.message, "type": e.kind, "param": null, "code": null}});
+                let _ = tx.send(Ok(SseEvent::default().data(v.to_string()))).await;
                 return;
             };
             let ev = match e {
