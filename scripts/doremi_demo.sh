@@ -13,7 +13,8 @@
 #
 #   scripts/doremi_demo.sh [OUT_DIR] [STEPS]      (defaults runs/doremi-demo, 1000)
 #   LMKIT (default target/release/lmkit), PYTHON, THREADS (default 2), ETA (DoReMi's step
-#   size, default 1 as in the paper), SEEDS (default "1 2 3")
+#   size, default 1 as in the paper), UPDATE_EVERY (batches pooled per weight update, default
+#   1 as in the paper), SEEDS (default "1 2 3")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/doremi-demo}"
@@ -87,7 +88,7 @@ T=(-t "${THREADS:-2}")
 seeds=(${SEEDS:-1 2 3})
 config uniform "${seeds[0]}" ""
 [ -f "$out/doremi/domain_weights.json" ] || "$lmkit" data doremi --proxy-config "$out/uniform.toml" \
-  --out "$out/doremi" --eta "${ETA:-1}" "${T[@]}" 2>"$out/doremi.log"
+  --out "$out/doremi" --eta "${ETA:-1}" --update-every "${UPDATE_EVERY:-1}" "${T[@]}" 2>"$out/doremi.log"
 for s in "${seeds[@]}"; do
   config "uniform-$s" "$s" ""
   # The first seed's baseline is the reference itself (the same config and seed).

@@ -39,6 +39,10 @@ pub struct Args {
     /// DoReMi's smoothing c toward uniform weights.
     #[arg(long, default_value_t = 1e-3)]
     pub smoothing: f64,
+    /// Pool the proxy's excess losses over this many batches per weight update (1: every
+    /// batch, as the paper; more: a larger effective batch for the update).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub update_every: u32,
     /// CPU worker threads (default: all cores).
     #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
@@ -71,6 +75,7 @@ fn train_args(a: &Args, out: PathBuf, reference: Option<PathBuf>) -> train::Args
         doremi_reference: reference,
         doremi_eta: a.eta,
         doremi_smoothing: a.smoothing,
+        doremi_update_every: a.update_every,
         domains: a.domains.clone(),
     }
 }

@@ -178,6 +178,7 @@ pub fn main(a: Args) -> Result<()> {
                 doremi_reference: None,
                 doremi_eta: 1.0,
                 doremi_smoothing: 1e-3,
+                doremi_update_every: 1,
                 domains: Vec::new(),
             })
             .with_context(|| format!("training width {w}"))?;

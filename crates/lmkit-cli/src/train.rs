@@ -69,6 +69,10 @@ pub struct Args {
     /// DoReMi's smoothing c toward uniform weights.
     #[arg(long, default_value_t = 1e-3, requires = "doremi_reference")]
     pub doremi_smoothing: f64,
+    /// DoReMi: pool the excess losses of this many batches into each weight update.
+    #[arg(long, default_value_t = 1, requires = "doremi_reference",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub doremi_update_every: u32,
     /// Domains replacing the config's `[data.domains]` (`lmkit data doremi --domains`), each
     /// `(name, path)`; paths as given (relative to the working folder).
     #[arg(skip)]
@@ -621,7 +625,8 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
             reference.model,
             a.doremi_eta,
             a.doremi_smoothing,
-        )?;
+        )?
+        .update_every(a.doremi_update_every as usize)?;
         Box::new(dro)
     } else {
         match source {

@@ -8,6 +8,10 @@
 //! become `α_{d(t)}`, scaled so that the trainer's weighted mean cross-entropy is
 //! `Σ_t α_{d(t)} ℓ_t / Σ_t α_{d(t)}`: the proxy's Group-DRO objective.
 //!
+//! With [`DroBatches::update_every`] `K > 1` the excess losses of `K` batches are pooled into
+//! one weight update (a larger effective batch for λ, as the paper's proxy sees 512 times more
+//! tokens per update than a small CPU run); the token weights use the latest α throughout.
+//!
 //! Deviations: the proxy's per-token losses come from a separate forward pass without a graph
 //! (one more forward per step than the reference code, which reuses the training forward).
 //! The DRO state is not checkpointed: a resumed run starts its weights over.
@@ -28,6 +32,9 @@ pub struct DroBatches {
     pub weights: DomainWeights,
     /// The weights α after each update, and the excess losses λ that made them.
     pub history: Vec<(Vec<f64>, Vec<f64>)>,
+    every: usize,
+    batches: usize,
+    pending: (Vec<f32>, Vec<usize>),
 }
 
 impl DroBatches {
@@ -48,7 +55,20 @@ impl DroBatches {
             reference,
             weights,
             history: Vec::new(),
+            every: 1,
+            batches: 0,
+            pending: (Vec::new(), Vec::new()),
         })
+    }
+
+    /// Pools the excess losses of `k ≥ 1` batches into each weight update (1: every batch, as
+    /// the paper).
+    pub fn update_every(mut self, k: usize) -> Result<Self> {
+        if k == 0 {
+            return Err(Error::Data("DoReMi: update every 0 batches".into()));
+        }
+        self.every = k;
+        Ok(self)
     }
 
     pub fn names(&self) -> &[String] {
@@ -89,18 +109,21 @@ impl Batches for DroBatches {
             .iter()
             .flat_map(|&d| std::iter::repeat_n(d, t))
             .collect();
-        let (mut excess, mut which) = (Vec::new(), Vec::new());
         for i in 0..rows * t {
             if keep[i] > 0.0 {
-                excess.push(lp[i] - lr[i]);
-                which.push(dom[i]);
+                self.pending.0.push(lp[i] - lr[i]);
+                self.pending.1.push(dom[i]);
             }
         }
-        self.weights
-            .update(&excess, &which)
-            .map_err(|e| Error::Data(e.to_string()))?;
-        self.history
-            .push((self.weights.weights.clone(), self.weights.scores.clone()));
+        self.batches += 1;
+        if self.batches.is_multiple_of(self.every) {
+            let (excess, which) = std::mem::take(&mut self.pending);
+            self.weights
+                .update(&excess, &which)
+                .map_err(|e| Error::Data(e.to_string()))?;
+            self.history
+                .push((self.weights.weights.clone(), self.weights.scores.clone()));
+        }
         // Token weights α_{d(t)} over the kept tokens, scaled to sum to their count.
         let alpha = self
             .weights
@@ -129,7 +152,7 @@ impl Batches for DroBatches {
         self.mix.sequences()
     }
 
-    /// `{"domains", "average", "final", "eta", "smoothing", "updates", "steps": [{"weights",
+    /// `{"domains", "average", "final", "eta", "smoothing", "updates", "update_every", "steps": [{"weights",
     /// "excess"}]}`; `average` (ᾱ) is DoReMi's output, as `[data.weights]` takes it.
     fn report(&self) -> Option<serde_json::Value> {
         let w = &self.weights;
@@ -152,6 +175,7 @@ impl Batches for DroBatches {
             "eta": w.eta,
             "smoothing": w.smoothing,
             "updates": w.updates,
+            "update_every": self.every,
             "steps": steps,
         }))
     }

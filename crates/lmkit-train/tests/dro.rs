@@ -67,3 +67,48 @@ fn excess_loss_moves_weight_to_the_domain_the_reference_knows() {
         w.scores
     );
 }
+
+#[test]
+fn pooled_updates_come_every_k_batches() {
+    let a: Vec<u32> = (0..800u32).map(|i| (i * 3) % 50).collect();
+    let b: Vec<u32> = (0..800u32).map(|i| 50 + (i * i + i / 7) % 47).collect();
+    let reference = Trainable::init(LlamaConfig::tiny(), 0.02, 1).unwrap();
+    let proxy = Trainable::init(LlamaConfig::tiny(), 0.02, 2).unwrap();
+    let mix = Mixture::new(
+        vec![
+            ("a".into(), Sequences::new(a, 24, 3).unwrap(), 1.0),
+            ("b".into(), Sequences::new(b, 24, 4).unwrap(), 1.0),
+        ],
+        5,
+    )
+    .unwrap();
+    let dro =
+        DroBatches::new(mix, proxy.model.clone(), reference.model.clone(), 1.0, 1e-3).unwrap();
+    assert!(DroBatches::update_every(dro, 0).is_err());
+    let mix = Mixture::new(
+        vec![
+            (
+                "a".into(),
+                Sequences::new((0..800u32).map(|i| i % 50).collect(), 24, 3).unwrap(),
+                1.0,
+            ),
+            (
+                "b".into(),
+                Sequences::new((0..800u32).map(|i| 50 + i % 47).collect(), 24, 4).unwrap(),
+                1.0,
+            ),
+        ],
+        5,
+    )
+    .unwrap();
+    let mut dro = DroBatches::new(mix, proxy.model.clone(), reference.model.clone(), 1.0, 1e-3)
+        .unwrap()
+        .update_every(4)
+        .unwrap();
+    for k in 1..=10 {
+        let (_, m) = dro.next_batch(2).unwrap();
+        assert!(m.is_some());
+        assert_eq!(dro.history.len(), k / 4, "after {k} batches");
+    }
+    assert!((dro.weights.weights.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+}
