@@ -414,8 +414,7 @@ fn stream(
                 _ = tx.closed() => return,
             };
             let Some((i, e)) = next else {
-                let e = internal("the engine stopped");
-                let v = json!({"error": {"message": e.message, "type": e.kind, "param": null, "code": null}});
+                let v = internal("the engine stopped").body();
                 let _ = tx.send(Ok(SseEvent::default().data(v.to_string()))).await;
                 return;
             };
@@ -473,8 +472,7 @@ fn stream(
                     chunk(choice, None)
                 }
                 Event::Failed(msg) => {
-                    let e = internal(&msg);
-                    let v = json!({"error": {"message": e.message, "type": e.kind, "param": null, "code": null}});
+                    let v = internal(&msg).body();
                     let _ = tx.send(Ok(SseEvent::default().data(v.to_string()))).await;
                     return;
                 }
