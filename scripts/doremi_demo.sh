@@ -14,7 +14,9 @@
 #   scripts/doremi_demo.sh [OUT_DIR] [STEPS]      (defaults runs/doremi-demo, 1000)
 #   LMKIT (default target/release/lmkit), PYTHON, THREADS (default 2), ETA (DoReMi's step
 #   size, default 1 as in the paper), UPDATE_EVERY (batches pooled per weight update, default
-#   1 as in the paper), SEEDS (default "1 2 3")
+#   1 as in the paper), ROUNDS (iterated DoReMi: up to this many rounds, default 1), SEEDS
+#   (default "1 2 3"), MIXTURES (more fixed mixtures to train and score beside the two, e.g.
+#   "hand=0.27,0.25,0.29,0.1,0.09": NAME=weights of wiki, bible, code, bench, gsm8k)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/doremi-demo}"
@@ -88,15 +90,25 @@ T=(-t "${THREADS:-2}")
 seeds=(${SEEDS:-1 2 3})
 config uniform "${seeds[0]}" ""
 [ -f "$out/doremi/domain_weights.json" ] || "$lmkit" data doremi --proxy-config "$out/uniform.toml" \
-  --out "$out/doremi" --eta "${ETA:-1}" --update-every "${UPDATE_EVERY:-1}" "${T[@]}" 2>"$out/doremi.log"
+  --out "$out/doremi" --eta "${ETA:-1}" --update-every "${UPDATE_EVERY:-1}" --rounds "${ROUNDS:-1}" "${T[@]}" 2>"$out/doremi.log"
 for s in "${seeds[@]}"; do
   config "uniform-$s" "$s" ""
   # The first seed's baseline is the reference itself (the same config and seed).
+  # (Iterated: round 1's reference.)
+  ref="$out/doremi/reference/final"
+  [ "${ROUNDS:-1}" = 1 ] || ref="$out/doremi/round-1/reference/final"
   if [ "$s" = "${seeds[0]}" ] && [ ! -d "$out/uniform-$s/final" ]; then
-    mkdir -p "$out/uniform-$s" && cp -r "$out/doremi/reference/final" "$out/uniform-$s/final"
+    mkdir -p "$out/uniform-$s" && cp -r "$ref" "$out/uniform-$s/final"
   fi
   config "reweighted-$s" "$s" 'weights_from = "doremi/domain_weights.json"'
-  for run in "uniform-$s" "reweighted-$s"; do
+  runs=("uniform-$s" "reweighted-$s")
+  for m in ${MIXTURES:-}; do
+    IFS=, read -r w1 w2 w3 w4 w5 <<<"${m#*=}"
+    config "${m%%=*}-$s" "$s" "$(printf '[data.weights]\nwiki = %s\nbible = %s\ncode = %s\nbench = %s\ngsm8k = %s' \
+      "$w1" "$w2" "$w3" "$w4" "$w5")"
+    runs+=("${m%%=*}-$s")
+  done
+  for run in "${runs[@]}"; do
     [ -d "$out/$run/final" ] || "$lmkit" train --config "$out/$run.toml" --out "$out/$run" "${T[@]}" \
       2>"$out/$run.log"
     for g in wiki bible code bench gsm8k; do
@@ -105,13 +117,15 @@ for s in "${seeds[@]}"; do
     done
   done
 done
-"$py" - "$out" "${seeds[@]}" <<'PY'
+mixes="uniform reweighted"
+for m in ${MIXTURES:-}; do mixes="$mixes ${m%%=*}"; done
+"$py" - "$out" "$mixes" "${seeds[@]}" <<'PY'
 import json, math, statistics, sys
-out, seeds = sys.argv[1], sys.argv[2:]
+out, mixes, seeds = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 doms = ["wiki", "bible", "code", "bench", "gsm8k"]
 w = json.load(open(f"{out}/doremi/domain_weights.json"))["average"]
 print("DoReMi weights: " + ", ".join(f"{d} {w[d]:.3f}" for d in doms))
-for mix in ["uniform", "reweighted"]:
+for mix in mixes:
     rows = []
     for s in seeds:
         p = {d: json.load(open(f"{out}/ppl-{mix}-{s}-{d}.json"))["ppl"] for d in doms}

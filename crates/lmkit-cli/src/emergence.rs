@@ -180,6 +180,7 @@ pub fn main(a: Args) -> Result<()> {
                 doremi_smoothing: 1e-3,
                 doremi_update_every: 1,
                 domains: Vec::new(),
+                weights_from: None,
             })
             .with_context(|| format!("training width {w}"))?;
         }

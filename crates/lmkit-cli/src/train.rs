@@ -77,6 +77,10 @@ pub struct Args {
     /// `(name, path)`; paths as given (relative to the working folder).
     #[arg(skip)]
     pub domains: Vec<(String, PathBuf)>,
+    /// Domain weights replacing the config's `[data.weights]`: the `average` of this
+    /// `domain_weights.json` (iterated DoReMi's reference runs).
+    #[arg(skip)]
+    pub weights_from: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -240,7 +244,11 @@ fn d_keep() -> usize {
     3
 }
 
-fn read_config(path: &Path, domains: &[(String, PathBuf)]) -> Result<RunConfig> {
+fn read_config(
+    path: &Path,
+    domains: &[(String, PathBuf)],
+    weights_from: Option<&Path>,
+) -> Result<RunConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut cfg: RunConfig = if path.extension().is_some_and(|e| e == "json") {
@@ -284,6 +292,12 @@ fn read_config(path: &Path, domains: &[(String, PathBuf)]) -> Result<RunConfig> 
                 m.max_position_embeddings
             );
         }
+    }
+    if let Some(w) = weights_from {
+        // Given by the caller: it replaces whatever weights the config names.
+        let cwd = std::env::current_dir().context("cannot read the working folder")?;
+        cfg.data.weights.clear();
+        cfg.data.weights_from = Some(cwd.join(w));
     }
     if let Some(f) = cfg.data.weights_from.clone() {
         if !cfg.data.weights.is_empty() {
@@ -409,7 +423,7 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
         (None, true) => DType::F32,
         (None, false) => DType::BF16,
     };
-    let rc = read_config(&a.config, &a.domains)?;
+    let rc = read_config(&a.config, &a.domains, a.weights_from.as_deref())?;
     let base = a.config.parent().unwrap_or(Path::new(".")).to_path_buf();
     let rel = |p: &PathBuf| {
         if p.is_absolute() {

@@ -638,6 +638,109 @@ fn data_doremi_learns_weights_in_one_command() {
     assert!(!o.status.success() && e.contains("data.domains"), "{e}");
 }
 
+/// Iterated DoReMi: round 2's reference trains on round 1's weights; `--converged` stops the
+/// rounds; a second call reuses the finished rounds.
+#[test]
+fn data_doremi_iterates_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), 1, 0, "");
+    let d = dir.path();
+    let code: String = (0..300)
+        .map(|i| format!("x = f({i}) + g[{}]\n", i % 9))
+        .collect();
+    std::fs::write(d.join("code.txt"), code).unwrap();
+    let cfg = d.join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
+         num_kv_heads = 2\nmax_position_embeddings = 64\n\n[data]\nseq_len = 16\n\
+         tokenizer = \"tok.gguf\"\n[data.domains]\nprose = [\"train.txt\"]\n\
+         code = [\"code.txt\"]\n\n[train]\nsteps = 4\nbatch = 4\nlr = 3e-3\nwarmup = 1\n",
+    )
+    .unwrap();
+    let out = d.join("iter");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "data",
+            "doremi",
+            "--proxy-config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        lmkit(&args)
+    };
+    // Up to 3 rounds, but any change ≤ 1 counts as converged: round 2 ends it.
+    let o = run(&["--rounds", "3", "--converged", "1"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{r}");
+    assert!(rounds[0]["moved"].is_null());
+    let moved = rounds[1]["moved"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&moved), "{r}");
+    assert!(!out.join("round-3").exists());
+    assert!(!e.contains("did not converge"), "{e}");
+    // Round 2's reference trained on round 1's average weights.
+    let w1 = rounds[0]["average"]["code"].as_f64().unwrap();
+    assert!(
+        e.contains("round 2/3: 1/2: the reference model, on the weights of"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("domains: code {w1:.3}")),
+        "want code {w1:.3} in: {e}"
+    );
+    for k in 1..=2 {
+        let rd = out.join(format!("round-{k}"));
+        assert!(rd.join("reference/final/config.json").is_file());
+        assert!(rd.join("domain_weights.svg").is_file());
+    }
+    // The top level holds the last round's weights and every round's.
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("domain_weights.json")).unwrap()).unwrap();
+    assert_eq!(top["average"], rounds[1]["average"]);
+    assert_eq!(top["average"], r["average"]);
+    assert_eq!(top["rounds"].as_array().unwrap().len(), 2);
+    let svg = std::fs::read_to_string(out.join("domain_weights.svg")).unwrap();
+    assert!(svg.contains("each round"), "{svg}");
+    // Again: both rounds are reused, nothing is trained.
+    let o = run(&["--rounds", "3", "--converged", "1"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("round 1/3: reusing") && e.contains("round 2/3: reusing"),
+        "{e}"
+    );
+    assert!(!e.contains("2/2: the proxy"), "{e}");
+    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(again["average"], r["average"]);
+    // Another step size: round 1 keeps its reference but learns new weights, so round 2's
+    // reference (trained on the old ones) is trained again.
+    let o = run(&["--rounds", "2", "--eta", "0.5", "--converged", "0"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    assert!(!e.contains("reusing the finished round"), "{e}");
+    assert!(e.contains("round 1/2: reusing the reference model"), "{e}");
+    assert!(
+        e.contains("trained on other weights: training it again"),
+        "{e}"
+    );
+    assert!(e.contains("round 2/2: 1/2: the reference model"), "{e}");
+    assert!(e.contains("did not converge in 2 rounds"), "{e}");
+    for (extra, want) in [
+        (&["--rounds", "0"][..], "--rounds"),
+        (&["--rounds", "2", "--converged", "2"][..], "--converged"),
+    ] {
+        let o = run(extra);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(want), "{e}");
+    }
+}
+
 /// Training text from Parquet (a DSIR selection of the pyarrow-written fixture pool) and from a
 /// gzip file; a null text in a Parquet row is named.
 #[test]
