@@ -429,7 +429,7 @@ pub fn charts(report: &Value) -> Vec<Chart> {
                         .iter()
                         .filter_map(|r| Some((r["round"].as_f64()?, r["average"][n].as_f64()?)))
                         .collect(),
-                    dots: true,
+                    dots: false,
                 })
                 .collect(),
         });
