@@ -526,13 +526,10 @@ fn trains_on_weighted_domains() {
     bad("", "`data.train` or `data.domains`");
 }
 
-/// `lmkit data doremi`: the reference and the proxy in one command, domains from the command
-/// line, the weights as JSON and a plot; a second call reuses the reference.
-#[test]
-fn data_doremi_learns_weights_in_one_command() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path(), 1, 0, "");
-    let d = dir.path();
+/// A tokenizer, prose (`train.txt`) and code (`code.txt`) in D, and a tiny proxy config
+/// (`proxy.toml`) with these extra `[data]` lines and steps.
+fn doremi_setup(d: &Path, data: &str, steps: usize) -> PathBuf {
+    setup(d, 1, 0, "");
     let code: String = (0..300)
         .map(|i| format!("x = f({i}) + g[{}]\n", i % 9))
         .collect();
@@ -540,11 +537,24 @@ fn data_doremi_learns_weights_in_one_command() {
     let cfg = d.join("proxy.toml");
     std::fs::write(
         &cfg,
-        "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
-         num_kv_heads = 2\nmax_position_embeddings = 64\n\n[data]\nseq_len = 16\n\
-         tokenizer = \"tok.gguf\"\n\n[train]\nsteps = 5\nbatch = 4\nlr = 3e-3\nwarmup = 1\n",
+        format!(
+            "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
+             num_kv_heads = 2\nmax_position_embeddings = 64\n\n[data]\nseq_len = 16\n\
+             tokenizer = \"tok.gguf\"\n{data}\n[train]\nsteps = {steps}\nbatch = 4\nlr = 3e-3\n\
+             warmup = 1\n"
+        ),
     )
     .unwrap();
+    cfg
+}
+
+/// `lmkit data doremi`: the reference and the proxy in one command, domains from the command
+/// line, the weights as JSON and a plot; a second call reuses the reference.
+#[test]
+fn data_doremi_learns_weights_in_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = doremi_setup(d, "", 5);
     let out = d.join("doremi");
     let prose = format!("prose={}", d.join("train.txt").display());
     let code = format!("code={}", d.join("code.txt").display());
@@ -643,21 +653,12 @@ fn data_doremi_learns_weights_in_one_command() {
 #[test]
 fn data_doremi_iterates_rounds() {
     let dir = tempfile::tempdir().unwrap();
-    setup(dir.path(), 1, 0, "");
     let d = dir.path();
-    let code: String = (0..300)
-        .map(|i| format!("x = f({i}) + g[{}]\n", i % 9))
-        .collect();
-    std::fs::write(d.join("code.txt"), code).unwrap();
-    let cfg = d.join("proxy.toml");
-    std::fs::write(
-        &cfg,
-        "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
-         num_kv_heads = 2\nmax_position_embeddings = 64\n\n[data]\nseq_len = 16\n\
-         tokenizer = \"tok.gguf\"\n[data.domains]\nprose = [\"train.txt\"]\n\
-         code = [\"code.txt\"]\n\n[train]\nsteps = 4\nbatch = 4\nlr = 3e-3\nwarmup = 1\n",
-    )
-    .unwrap();
+    let cfg = doremi_setup(
+        d,
+        "[data.domains]\nprose = [\"train.txt\"]\ncode = [\"code.txt\"]\n",
+        4,
+    );
     let out = d.join("iter");
     let run = |extra: &[&str]| {
         let mut args = vec![
