@@ -1,7 +1,8 @@
 //! `lmkit data doremi`: DoReMi's two small runs in one command (Xie et al., "DoReMi: Optimizing
 //! Data Mixtures Speeds Up Language Model Pretraining", arXiv 2305.10429). The reference model
 //! trains on the config's mixture (uniform unless `[data.weights]` says otherwise); the proxy, the
-//! same shape, trains against it by Group DRO and learns the domain weights. Written to OUT:
+//! same shape, samples the domains uniformly (the paper's §2) and trains against it by Group DRO,
+//! learning the domain weights. Written to OUT:
 //! `reference/`, `proxy/` (the two runs), `domain_weights.json` (the average weights ᾱ, which
 //! `lmkit train` reads through `data.weights_from`, and every step's weights and excess losses)
 //! and `domain_weights.svg` (their curves). With `--rounds R > 1`, iterated DoReMi: each round
@@ -19,7 +20,7 @@ use crate::train;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit data doremi --proxy-config proxy.toml --out runs/doremi\n  lmkit data doremi --proxy-config proxy.toml --domains wiki=wiki.jsonl code=code/ --out runs/doremi\n  lmkit train --config main.toml --out runs/main   # with [data] weights_from = \"../doremi/domain_weights.json\"\n\nThe config is `lmkit train`'s ([model], [data] with [data.domains], [train]); both runs use it.\nA finished reference (OUT/reference/final) is reused when the command runs again.\nIterated DoReMi (--rounds 3): round N's reference trains on round N-1's weights; the\nproxy always samples the config's mixture. Finished rounds are reused."
+    after_help = "Examples:\n  lmkit data doremi --proxy-config proxy.toml --out runs/doremi\n  lmkit data doremi --proxy-config proxy.toml --domains wiki=wiki.jsonl code=code/ --out runs/doremi\n  lmkit train --config main.toml --out runs/main   # with [data] weights_from = \"../doremi/domain_weights.json\"\n\nThe config is `lmkit train`'s ([model], [data] with [data.domains], [train]); both runs use it.\nThe reference trains on the config's mixture ([data.weights], uniform by default); the proxy\nsamples uniformly, as the paper's. A finished reference (OUT/reference/final) is reused when\nthe command runs again.\nIterated DoReMi (--rounds 3): round N's reference trains on round\nN-1's weights. Finished rounds are reused."
 )]
 pub struct Args {
     /// The proxy's (and the reference's) training config: `lmkit train`'s TOML or JSON.
@@ -87,11 +88,13 @@ fn train_args(
         model: None,
         gguf: None,
         json: false,
-        doremi_reference: reference,
         doremi_eta: a.eta,
         doremi_smoothing: a.smoothing,
         doremi_update_every: a.update_every,
         domains: a.domains.clone(),
+        // The proxy samples uniformly; the reference, the config's mixture or `weights_from`.
+        uniform: reference.is_some(),
+        doremi_reference: reference,
         weights_from,
     }
 }
@@ -171,8 +174,8 @@ pub fn main(a: Args) -> Result<()> {
 
 /// Iterated DoReMi (the paper's §2, used on GLaM in §3.2; the reference code's advice for a
 /// uniform reference mixture): round r's reference trains on round r − 1's average weights
-/// α_ref ← ᾱ, its proxy (sampling the config's mixture whatever α_ref is, as the paper's
-/// proxy samples uniformly) learns new ones against it, until ‖ᾱ − α_ref‖∞ ≤ `--converged`
+/// α_ref ← ᾱ, its proxy (sampling uniformly whatever α_ref is, as the paper's) learns new
+/// ones against it, until ‖ᾱ − α_ref‖∞ ≤ `--converged`
 /// or `--rounds` are done. Rounds live in OUT/round-R/; a finished round with the same DoReMi
 /// settings is reused when the command runs again.
 fn iterate(a: &Args) -> Result<(Value, Vec<Value>)> {

@@ -181,6 +181,7 @@ pub fn main(a: Args) -> Result<()> {
                 doremi_update_every: 1,
                 domains: Vec::new(),
                 weights_from: None,
+                uniform: false,
             })
             .with_context(|| format!("training width {w}"))?;
         }

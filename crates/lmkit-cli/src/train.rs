@@ -81,6 +81,10 @@ pub struct Args {
     /// `domain_weights.json` (iterated DoReMi's reference runs).
     #[arg(skip)]
     pub weights_from: Option<PathBuf>,
+    /// Sample the domains uniformly whatever weights the config gives (DoReMi's proxy, which
+    /// the paper samples uniformly "regardless of the reference domain weights").
+    #[arg(skip)]
+    pub uniform: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -248,6 +252,7 @@ fn read_config(
     path: &Path,
     domains: &[(String, PathBuf)],
     weights_from: Option<&Path>,
+    uniform: bool,
 ) -> Result<RunConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -292,6 +297,10 @@ fn read_config(
                 m.max_position_embeddings
             );
         }
+    }
+    if uniform {
+        cfg.data.weights.clear();
+        cfg.data.weights_from = None;
     }
     if let Some(w) = weights_from {
         // Given by the caller: it replaces whatever weights the config names.
@@ -423,7 +432,7 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
         (None, true) => DType::F32,
         (None, false) => DType::BF16,
     };
-    let rc = read_config(&a.config, &a.domains, a.weights_from.as_deref())?;
+    let rc = read_config(&a.config, &a.domains, a.weights_from.as_deref(), a.uniform)?;
     let base = a.config.parent().unwrap_or(Path::new(".")).to_path_buf();
     let rel = |p: &PathBuf| {
         if p.is_absolute() {

@@ -635,6 +635,27 @@ fn data_doremi_learns_weights_in_one_command() {
     ]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("NAME=PATH"), "{e}");
+    // A weighted reference mixture: the reference trains on it, the proxy samples uniformly.
+    let weighted = doremi_setup(d, "[data.weights]\nprose = 3.0\ncode = 1.0\n", 3);
+    let o = lmkit(&[
+        "data",
+        "doremi",
+        "--proxy-config",
+        weighted.to_str().unwrap(),
+        "--out",
+        out.join("weighted").to_str().unwrap(),
+        "--domains",
+        &prose,
+        &code,
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    let (reference, proxy) = e.split_once("2/2: the proxy").unwrap();
+    assert!(
+        reference.contains("domains: code 0.250, prose 0.750"),
+        "{e}"
+    );
+    assert!(proxy.contains("domains: code 0.500, prose 0.500"), "{e}");
     // No domains anywhere: the config's error.
     let o = lmkit(&[
         "data",
