@@ -548,6 +548,20 @@ fn doremi_setup(d: &Path, data: &str, steps: usize) -> PathBuf {
     cfg
 }
 
+/// `lmkit data doremi --proxy-config CFG --out OUT EXTRA…`.
+fn doremi(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "data",
+        "doremi",
+        "--proxy-config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    lmkit(&args)
+}
+
 /// `lmkit data doremi`: the reference and the proxy in one command, domains from the command
 /// line, the weights as JSON and a plot; a second call reuses the reference.
 #[test]
@@ -559,19 +573,9 @@ fn data_doremi_learns_weights_in_one_command() {
     let prose = format!("prose={}", d.join("train.txt").display());
     let code = format!("code={}", d.join("code.txt").display());
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "data",
-            "doremi",
-            "--proxy-config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--domains",
-            &prose,
-            &code,
-        ];
+        let mut args = vec!["--domains", &prose, &code];
         args.extend_from_slice(extra);
-        lmkit(&args)
+        doremi(&cfg, &out, &args)
     };
     let o = run(&["--json"]);
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -623,31 +627,16 @@ fn data_doremi_learns_weights_in_one_command() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && e.contains(want), "{e}");
     }
-    let o = lmkit(&[
-        "data",
-        "doremi",
-        "--proxy-config",
-        cfg.to_str().unwrap(),
-        "--out",
-        "x",
-        "--domains",
-        "wiki",
-    ]);
+    let o = doremi(&cfg, Path::new("x"), &["--domains", "wiki"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("NAME=PATH"), "{e}");
     // A weighted reference mixture: the reference trains on it, the proxy samples uniformly.
     let weighted = doremi_setup(d, "[data.weights]\nprose = 3.0\ncode = 1.0\n", 3);
-    let o = lmkit(&[
-        "data",
-        "doremi",
-        "--proxy-config",
-        weighted.to_str().unwrap(),
-        "--out",
-        out.join("weighted").to_str().unwrap(),
-        "--domains",
-        &prose,
-        &code,
-    ]);
+    let o = doremi(
+        &weighted,
+        &out.join("weighted"),
+        &["--domains", &prose, &code],
+    );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{e}");
     let (reference, proxy) = e.split_once("2/2: the proxy").unwrap();
@@ -657,14 +646,7 @@ fn data_doremi_learns_weights_in_one_command() {
     );
     assert!(proxy.contains("domains: code 0.500, prose 0.500"), "{e}");
     // No domains anywhere: the config's error.
-    let o = lmkit(&[
-        "data",
-        "doremi",
-        "--proxy-config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.join("none").to_str().unwrap(),
-    ]);
+    let o = doremi(&cfg, &out.join("none"), &[]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("data.domains"), "{e}");
 }
@@ -682,17 +664,9 @@ fn data_doremi_iterates_rounds() {
     );
     let out = d.join("iter");
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "data",
-            "doremi",
-            "--proxy-config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--json",
-        ];
+        let mut args = vec!["--json"];
         args.extend_from_slice(extra);
-        lmkit(&args)
+        doremi(&cfg, &out, &args)
     };
     // Up to 3 rounds, but any change ≤ 1 counts as converged: round 2 ends it.
     let o = run(&["--rounds", "3", "--converged", "1"]);
