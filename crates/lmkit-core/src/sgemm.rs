@@ -58,6 +58,16 @@ impl<'a> View<'a> {
 
 /// `dst = lhs · rhs` (or `dst += lhs · rhs` with `accumulate`), `dst` row-major `(m, n)`.
 pub fn sgemm(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool) -> Result<()> {
+    product(dst, lhs, rhs, accumulate, true)
+}
+
+/// [`sgemm`] on the calling thread only: for many small products that run in parallel
+/// themselves (one attention head each).
+pub fn sgemm_serial(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool) -> Result<()> {
+    product(dst, lhs, rhs, accumulate, false)
+}
+
+fn product(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool, threads: bool) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     let bad = |what: &str| Error::Shape {
         op: "sgemm".into(),
@@ -107,7 +117,10 @@ pub fn sgemm(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool) -> Result<
             false,
             false,
             false,
-            parallelism(m * n * k),
+            match threads {
+                true => parallelism(m * n * k),
+                false => gemm::Parallelism::None,
+            },
         );
     }
     Ok(())

@@ -685,6 +685,12 @@ impl Llama {
         Ok((&x + blk.mlp.down.forward(&m)?.to_dtype(DType::F32)?)?)
     }
 
+    /// RoPE's inverse frequencies `(head_dim / 2)`, scaling applied: position `p` rotates pair
+    /// `i` by `p · inv_freq[i]` (a training path that applies RoPE itself).
+    pub fn rope_inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// Number of transformer blocks.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()

@@ -8,6 +8,7 @@
 //! - [`mixture`]: a weighted mixture of data domains (hand-set or DoReMi weights);
 //! - [`dro`]: DoReMi's proxy training: Group-DRO token weights from excess losses;
 //! - [`tokens`]: token streams in memory or in memory-mapped token files (corpora larger than RAM);
+//! - [`body_cpu`]: the CPU f32 forward and backward of a dense model's blocks on plain buffers;
 //! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
 //! - [`export`]: the trained model as an HF folder;
@@ -16,6 +17,7 @@
 //! - [`prefs`]: preference pairs (prompt/chosen/rejected JSONL, HH-RLHF dialogues).
 
 pub mod adamw;
+pub mod body_cpu;
 pub mod checkpoint;
 pub mod data;
 pub mod dpo;

@@ -251,9 +251,16 @@ impl Trainer {
                 }
                 let (ids, mask) = data.next_batch(cfg.batch)?; // (b, t + 1), (b, t)
                 tokens += ids.dims()[0] * (ids.dims()[1] - 1);
-                let l = loss_masked(&self.t.model, &ids, mask.as_ref())?;
-                phases.lap("forward")?;
-                let g = l.backward()?;
+                // A dense f32 model on the CPU runs lmkit's own backward (`body_cpu`).
+                let (l, g) = match crate::body_cpu::loss_and_grads(&self.t, &ids, mask.as_ref())? {
+                    Some(lg) => lg,
+                    None => {
+                        let l = loss_masked(&self.t.model, &ids, mask.as_ref())?;
+                        phases.lap("forward")?;
+                        let g = l.backward()?;
+                        (l, g)
+                    }
+                };
                 phases.lap("backward")?;
                 loss_sum = Some(match loss_sum {
                     Some(s) => (s + l.detach())?,
