@@ -58,30 +58,51 @@ impl<'a> View<'a> {
 
 /// `dst = lhs · rhs` (or `dst += lhs · rhs` with `accumulate`), `dst` row-major `(m, n)`.
 pub fn sgemm(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool) -> Result<()> {
-    product(dst, lhs, rhs, accumulate, true)
+    product(dst, rhs.cols, lhs, rhs, accumulate, true)
 }
 
 /// [`sgemm`] on the calling thread only: for many small products that run in parallel
 /// themselves (one attention head each).
 pub fn sgemm_serial(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool) -> Result<()> {
-    product(dst, lhs, rhs, accumulate, false)
+    product(dst, rhs.cols, lhs, rhs, accumulate, false)
 }
 
-fn product(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool, threads: bool) -> Result<()> {
+/// [`sgemm_serial`] into rows `dst_rs` floats apart (a block of a wider matrix).
+pub fn sgemm_serial_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+) -> Result<()> {
+    product(dst, dst_rs, lhs, rhs, accumulate, false)
+}
+
+fn product(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+    threads: bool,
+) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     let bad = |what: &str| Error::Shape {
         op: "sgemm".into(),
-        expected: format!("({m}, {k}) · ({k}, {n}) into {} floats", m * n),
+        expected: format!("({m}, {k}) · ({k}, {n}) into rows {dst_rs} apart"),
         got: what.to_string(),
     };
     if rhs.rows != k {
         return Err(bad(&format!("rhs has {} rows", rhs.rows)));
     }
     let fits = |v: &View| v.extent().is_some_and(|e| e <= v.data.len());
-    let mn = m
-        .checked_mul(n)
-        .filter(|&mn| mn <= dst.len() && n <= isize::MAX as usize);
-    if mn.is_none() || !fits(&lhs) || !fits(&rhs) {
+    // The last element written is at (m − 1)·dst_rs + n − 1.
+    let end = m
+        .saturating_sub(1)
+        .checked_mul(dst_rs)
+        .and_then(|e| e.checked_add(n))
+        .filter(|&e| (m == 0 || e <= dst.len()) && dst_rs >= n && dst_rs <= isize::MAX as usize);
+    if end.is_none() || !fits(&lhs) || !fits(&rhs) {
         return Err(bad(
             "a buffer too short for its view (or sizes that overflow)",
         ));
@@ -91,12 +112,14 @@ fn product(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool, threads: boo
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return Ok(());
     }
     // SAFETY: the checks above keep every index each operand's strides reach inside its slice;
-    // `dst` is written row-major (row stride n, column stride 1) within `m · n`.
+    // `dst` is written with row stride `dst_rs` and column stride 1, up to `end`.
     unsafe {
         gemm::gemm(
             m,
@@ -104,7 +127,7 @@ fn product(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool, threads: boo
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
@@ -175,6 +198,23 @@ mod tests {
         };
         let mut d = vec![0f32; m * n];
         assert!(sgemm(&mut d, huge, rhs[0], false).is_err());
+
+        // Into a block of a wider matrix: the other columns stay as they were.
+        let wide = n + 5;
+        let mut d = vec![7f32; m * wide];
+        sgemm_serial_into(&mut d, wide, lhs[1], rhs[1], false)?;
+        for (i, row) in d.chunks(wide).enumerate() {
+            for (j, x) in row.iter().enumerate() {
+                match j < n {
+                    true => assert!((x - want[i * n + j]).abs() < 1e-4, "{x}"),
+                    false => assert_eq!(*x, 7.0),
+                }
+            }
+        }
+        // Rows closer than a row's width, or a buffer one float short, are refused.
+        assert!(sgemm_serial_into(&mut d, n - 1, lhs[0], rhs[0], false).is_err());
+        let mut d = vec![0f32; (m - 1) * wide + n - 1];
+        assert!(sgemm_serial_into(&mut d, wide, lhs[0], rhs[0], false).is_err());
         Ok(())
     }
 }

@@ -35,7 +35,7 @@ use lmkit_core::candle::backprop::GradStore;
 use lmkit_core::candle::Var;
 use lmkit_core::cpu::{read_f32, F32Values};
 use lmkit_core::linear::Weight;
-use lmkit_core::sgemm::{sgemm, sgemm_serial, View};
+use lmkit_core::sgemm::{sgemm, sgemm_serial, sgemm_serial_into, View};
 use lmkit_core::{DType, Device, Tensor};
 use lmkit_models::{Llama, LlamaConfig};
 use rayon::prelude::*;
@@ -637,6 +637,29 @@ fn head_view(x: &[f32], width: usize, d: usize, t: usize, bi: usize, hi: usize) 
     }
 }
 
+/// Query rows per block of attention: each block multiplies only the keys it may see.
+const BLOCK: usize = 64;
+
+/// Rows `r0..r1`, columns `0..r1` of a row-major `(·, t)` buffer.
+fn block(x: &[f32], t: usize, r0: usize, r1: usize) -> View<'_> {
+    View {
+        data: &x[r0 * t..],
+        rows: r1 - r0,
+        cols: r1,
+        rs: t,
+        cs: 1,
+    }
+}
+
+/// Rows `r0..r1` of a view.
+fn row_block(v: View<'_>, r0: usize, r1: usize) -> View<'_> {
+    View {
+        data: &v.data[r0 * v.rs..],
+        rows: r1 - r0,
+        ..v
+    }
+}
+
 /// Causal attention of `q (b·t, h·d)` over `k`, `v (b·t, kh·d)`: the probabilities
 /// `(b, h, t, t)` and the output `(b·t, h·d)`.
 fn attention_forward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -652,21 +675,24 @@ fn attention_forward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<
         .try_for_each(|(i, (pc, yc))| -> Result<()> {
             let (bi, hi) = (i / h, i % h);
             let j = hi / g;
-            let kv = head_view(k, kd, d, t, bi, j);
-            sgemm_serial(pc, head_view(q, hd, d, t, bi, hi), kv.t(), false)?;
-            for (r, row) in pc.chunks_mut(t).enumerate() {
-                let (seen, unseen) = row.split_at_mut(r + 1);
-                seen.iter_mut().for_each(|s| *s *= scale);
-                let inv = 1.0 / lmkit_kernels::ops::softmax_unnormalized(isa, seen);
-                seen.iter_mut().for_each(|s| *s *= inv);
-                unseen.fill(0.0);
+            let qh = head_view(q, hd, d, t, bi, hi);
+            let (kv, vv) = (head_view(k, kd, d, t, bi, j), head_view(v, kd, d, t, bi, j));
+            // Blocks of query rows see keys 0..r1 only: the masked triangle is never computed.
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(t);
+                let qb = row_block(qh, r0, r1);
+                let seen = View { rows: r1, ..kv };
+                sgemm_serial_into(&mut pc[r0 * t..], t, qb, seen.t(), false)?;
+                for (r, row) in (r0..r1).zip(pc[r0 * t..r1 * t].chunks_mut(t)) {
+                    let (seen, unseen) = row.split_at_mut(r + 1);
+                    seen.iter_mut().for_each(|s| *s *= scale);
+                    let inv = 1.0 / lmkit_kernels::ops::softmax_unnormalized(isa, seen);
+                    seen.iter_mut().for_each(|s| *s *= inv);
+                    unseen.fill(0.0);
+                }
+                let pb = block(pc, t, r0, r1);
+                sgemm_serial(&mut yc[r0 * d..r1 * d], pb, View { rows: r1, ..vv }, false)?;
             }
-            sgemm_serial(
-                yc,
-                View::rows(pc, t, t),
-                head_view(v, kd, d, t, bi, j),
-                false,
-            )?;
             Ok(())
         })?;
     let mut y = vec![0f32; dm.n * hd];
@@ -715,24 +741,42 @@ fn attention_backward(
             for r in 0..g {
                 let hi = j * g + r;
                 let pc = &p[(bi * h + hi) * t * t..][..t * t];
-                let dyv = head_view(dy, hd, d, t, bi, hi);
-                sgemm_serial(dvc, View::rows(pc, t, t).t(), dyv, r > 0)?;
-                sgemm_serial(&mut ds, dyv, vv.t(), false)?;
-                for (row, (dsr, pr)) in ds.chunks_mut(t).zip(pc.chunks(t)).enumerate() {
-                    let seen = row + 1;
-                    let dot: f32 = dsr[..seen]
-                        .iter()
-                        .zip(&pr[..seen])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    for (x, &pv) in dsr[..seen].iter_mut().zip(&pr[..seen]) {
-                        *x = scale * pv * (*x - dot);
+                let (qh, dyh) = (
+                    head_view(q, hd, d, t, bi, hi),
+                    head_view(dy, hd, d, t, bi, hi),
+                );
+                for r0 in (0..t).step_by(BLOCK) {
+                    let r1 = (r0 + BLOCK).min(t);
+                    let (qb, dyb) = (row_block(qh, r0, r1), row_block(dyh, r0, r1));
+                    let (ks, vs) = (View { rows: r1, ..kv }, View { rows: r1, ..vv });
+                    // dv += Pᵀ dy, dP = dy vᵀ.
+                    sgemm_serial(&mut dvc[..r1 * d], block(pc, t, r0, r1).t(), dyb, true)?;
+                    sgemm_serial_into(&mut ds[r0 * t..], t, dyb, vs.t(), false)?;
+                    // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)) on the seen columns.
+                    for (row, (dsr, pr)) in
+                        (r0..r1).zip(ds[r0 * t..].chunks_mut(t).zip(pc[r0 * t..].chunks(t)))
+                    {
+                        let seen = row + 1;
+                        let dot: f32 = dsr[..seen]
+                            .iter()
+                            .zip(&pr[..seen])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        for (x, &pv) in dsr[..seen].iter_mut().zip(&pr[..seen]) {
+                            *x = scale * pv * (*x - dot);
+                        }
+                        dsr[seen..r1].fill(0.0);
                     }
-                    dsr[seen..].fill(0.0);
+                    let dsb = block(&ds, t, r0, r1);
+                    // dq = dS k, dk += dSᵀ q.
+                    sgemm_serial(
+                        &mut dqc[(r * t + r0) * d..][..(r1 - r0) * d],
+                        dsb,
+                        ks,
+                        false,
+                    )?;
+                    sgemm_serial(&mut dkc[..r1 * d], dsb.t(), qb, true)?;
                 }
-                let dsv = View::rows(&ds, t, t);
-                sgemm_serial(&mut dqc[r * t * d..][..t * d], dsv, kv, false)?;
-                sgemm_serial(dkc, dsv.t(), head_view(q, hd, d, t, bi, hi), r > 0)?;
             }
             Ok(())
         })?;

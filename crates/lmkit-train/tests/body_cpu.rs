@@ -106,21 +106,29 @@ fn matches_the_autograd_path() -> Res {
     cfg.num_heads = 4;
     cfg.num_kv_heads = 1; // a group of 4 query heads per kv head
     let t = random(cfg.clone(), 3)?;
-    let ids = ids(&cfg, 3, 20)?;
-    let mask: Vec<f32> = (0..3 * 19).map(|i| ((i % 5) != 1) as u8 as f32).collect();
-    let mask = Tensor::from_vec(mask, (3, 19), &Device::Cpu)?;
-    for mask in [None, Some(&mask)] {
-        let (l, got) = loss_and_grads(&t, &ids, mask)?.expect("the native path applies");
-        let lw = loss_masked(&t.model, &ids, mask)?;
-        let want = lw.backward()?;
-        let (a, b) = (l.to_scalar::<f32>()?, lw.to_scalar::<f32>()?);
-        assert!((a - b).abs() < 1e-5, "loss {a} vs autograd {b}");
-        for (name, var) in &t.params {
-            let g = got.get(var.as_tensor()).expect("a gradient");
-            let w = want.get(var.as_tensor()).expect("a reference gradient");
-            let (err, scale) = rel_err(g, w)?;
-            assert!(scale > 0.0, "{name}: zero gradient");
-            assert!(err <= 1e-4 * scale, "{name}: {err} vs scale {scale}");
+    // 19 targets (one block of query rows), and 150 (three, the last partial).
+    for (b, t1) in [(3, 20), (2, 151)] {
+        let ids = ids(&cfg, b, t1)?;
+        let mask: Vec<f32> = (0..b * (t1 - 1))
+            .map(|i| ((i % 5) != 1) as u8 as f32)
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, t1 - 1), &Device::Cpu)?;
+        for mask in [None, Some(&mask)] {
+            let (l, got) = loss_and_grads(&t, &ids, mask)?.expect("the native path applies");
+            let lw = loss_masked(&t.model, &ids, mask)?;
+            let want = lw.backward()?;
+            let (a, b) = (l.to_scalar::<f32>()?, lw.to_scalar::<f32>()?);
+            assert!((a - b).abs() < 1e-5, "loss {a} vs autograd {b}");
+            for (name, var) in &t.params {
+                let g = got.get(var.as_tensor()).expect("a gradient");
+                let w = want.get(var.as_tensor()).expect("a reference gradient");
+                let (err, scale) = rel_err(g, w)?;
+                assert!(scale > 0.0, "{name}: zero gradient");
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{name} (t {t1}): {err} vs scale {scale}"
+                );
+            }
         }
     }
     Ok(())
