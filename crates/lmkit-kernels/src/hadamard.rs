@@ -17,6 +17,8 @@ pub struct Hadamard {
     n: usize,
     /// Dense Paley factors, outermost first: `(order, row-major ±1 entries)`.
     dense: Vec<(usize, Vec<f32>)>,
+    /// The same factors transposed (for `Hᵀ` in the vector paths).
+    dense_t: Vec<Vec<f32>>,
     /// The Sylvester (power of two) factor, innermost.
     pow2: usize,
     norm: f32,
@@ -76,9 +78,14 @@ impl Hadamard {
         if odd != 1 {
             return None;
         }
+        let dense_t = dense
+            .iter()
+            .map(|(a, m)| (0..a * a).map(|rc| m[(rc % a) * a + rc / a]).collect())
+            .collect();
         Some(Self {
             n,
             dense,
+            dense_t,
             pow2,
             norm: 1.0 / (n as f32).sqrt(),
         })
@@ -193,17 +200,37 @@ impl Rotation {
 
     /// `x ← H (d ⊙ x) / √n`.
     pub fn apply(&self, x: &mut [f32]) {
-        for (v, d) in x.iter_mut().zip(&self.diag) {
-            *v *= d;
-        }
-        self.h.apply(x);
+        self.one(x, false)
     }
 
     /// `x ← d ⊙ (Hᵀ x) / √n`.
     pub fn apply_t(&self, x: &mut [f32]) {
-        self.h.apply_t(x);
-        for (v, d) in x.iter_mut().zip(&self.diag) {
-            *v *= d;
+        self.one(x, true)
+    }
+
+    fn one(&self, x: &mut [f32], transpose: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if self.h.pow2 >= 4 && x.len() == self.len() && crate::isa() != crate::Isa::Scalar {
+            // SAFETY: a non-scalar `Isa` is only selected when the CPU has AVX2 and FMA; the
+            // power-of-two factor is at least 4 and `x` is one row.
+            unsafe { avx2::one_row(self, x, transpose) };
+            return;
+        }
+        self.one_scalar(x, transpose)
+    }
+
+    /// The reference of [`Rotation::apply`] and [`Rotation::apply_t`].
+    fn one_scalar(&self, x: &mut [f32], transpose: bool) {
+        if !transpose {
+            for (v, d) in x.iter_mut().zip(&self.diag) {
+                *v *= d;
+            }
+        }
+        self.h.run(x, 1, transpose);
+        if transpose {
+            for (v, d) in x.iter_mut().zip(&self.diag) {
+                *v *= d;
+            }
         }
     }
 
@@ -220,6 +247,17 @@ impl Rotation {
     }
 
     fn rows(&self, x: &mut [f32], transpose: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if self.len().is_multiple_of(8) && crate::isa() != crate::Isa::Scalar {
+            // SAFETY: a non-scalar `Isa` is only selected when the CPU has AVX2 and FMA.
+            unsafe { avx2::rows(self, x, transpose) };
+            return;
+        }
+        self.rows_scalar(x, transpose)
+    }
+
+    /// The reference of [`Rotation::apply_rows`] (and the path for widths not a multiple of 8).
+    fn rows_scalar(&self, x: &mut [f32], transpose: bool) {
         const TILE: usize = 16;
         let n = self.len();
         if n == 0 {
@@ -229,11 +267,7 @@ impl Rotation {
         for chunk in x.chunks_mut(n * TILE) {
             let k = chunk.len() / n;
             if k == 1 {
-                if transpose {
-                    self.apply_t(chunk)
-                } else {
-                    self.apply(chunk)
-                }
+                self.one_scalar(chunk, transpose);
                 continue;
             }
             buf.clear();
@@ -273,6 +307,241 @@ impl Rotation {
     }
 }
 
+/// Rows eight at a time: each 8 × 8 block is transposed in registers, so the transform runs on
+/// vectors that hold one value of each of eight rows (the scalar path's columns, without its
+/// element-by-element transposes). The input's diagonal and the output's scale are applied
+/// on the way in and out.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Rotation;
+
+    /// Tiles of fewer rows than this go one row at a time (measured: `benches/rotation.rs`).
+    const MIN_ROWS: usize = 5;
+
+    /// Transposes eight rows of eight lanes in place.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn transpose8(v: &mut [__m256; 8]) {
+        let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+        let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+        let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+        let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+        let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+        let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+        let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+        let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        v[0] = _mm256_permute2f128_ps::<0x20>(u0, u4);
+        v[1] = _mm256_permute2f128_ps::<0x20>(u1, u5);
+        v[2] = _mm256_permute2f128_ps::<0x20>(u2, u6);
+        v[3] = _mm256_permute2f128_ps::<0x20>(u3, u7);
+        v[4] = _mm256_permute2f128_ps::<0x31>(u0, u4);
+        v[5] = _mm256_permute2f128_ps::<0x31>(u1, u5);
+        v[6] = _mm256_permute2f128_ps::<0x31>(u2, u6);
+        v[7] = _mm256_permute2f128_ps::<0x31>(u3, u7);
+    }
+
+    /// The 4-point Walsh–Hadamard transform within each 128-bit lane group: `[a, b, c, d] →
+    /// [a+b+c+d, a−b+c−d, a+b−c−d, a−b−c+d]`, the butterflies of half-widths 1 and 2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn wht4(v: __m128) -> __m128 {
+        let odd = _mm_setr_ps(1.0, -1.0, 1.0, -1.0);
+        let high = _mm_setr_ps(1.0, 1.0, -1.0, -1.0);
+        let t = _mm_fmadd_ps(v, odd, _mm_permute_ps::<0b10_11_00_01>(v));
+        _mm_fmadd_ps(t, high, _mm_permute_ps::<0b01_00_11_10>(t))
+    }
+
+    /// [`Rotation::apply`] (or `apply_t`) of one row, on 4-lane vectors: the four innermost
+    /// values of the power-of-two axis share a vector, so every step but the first two
+    /// butterflies runs on whole vectors, in place.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; the power-of-two factor must be at least 4 and
+    /// `x.len() == r.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn one_row(r: &Rotation, x: &mut [f32], transpose: bool) {
+        let h = &r.h;
+        let n = r.len();
+        let nq = n / 4;
+        let ptr = x.as_mut_ptr();
+        // SAFETY (every load and store below): quad i < nq covers x[4i..4i + 4] within n.
+        let load = |i: usize| unsafe { _mm_loadu_ps(ptr.add(4 * i)) };
+        let store = |i: usize, v: __m128| unsafe { _mm_storeu_ps(ptr.add(4 * i), v) };
+        let diag = |i: usize| unsafe { _mm_loadu_ps(r.diag.as_ptr().add(4 * i)) };
+        // The input's diagonal and the butterflies of half-widths 1 and 2.
+        for i in 0..nq {
+            let v = if transpose {
+                load(i)
+            } else {
+                _mm_mul_ps(load(i), diag(i))
+            };
+            store(i, wht4(v));
+        }
+        // Butterflies of half-widths 4 and up, between vectors within each block of pow2.
+        let pq = h.pow2 / 4;
+        let mut half = 1;
+        while half < pq {
+            for b0 in (0..nq).step_by(2 * half) {
+                for i in b0..b0 + half {
+                    let (u, w) = (load(i), load(i + half));
+                    store(i, _mm_add_ps(u, w));
+                    store(i + half, _mm_sub_ps(u, w));
+                }
+            }
+            half *= 2;
+        }
+        // Each dense factor along its axis, `inner` vectors apart (innermost factor first).
+        let mut inner = pq;
+        let mut col = [_mm_setzero_ps(); 20];
+        for ((a, m), mt) in h.dense.iter().zip(&h.dense_t).rev() {
+            let (a, m) = (*a, if transpose { mt } else { m });
+            for o in 0..nq / (inner * a) {
+                let base = o * a * inner;
+                for j in 0..inner {
+                    for (c, v) in col.iter_mut().enumerate().take(a) {
+                        *v = load(base + c * inner + j);
+                    }
+                    for row in 0..a {
+                        let mut acc = _mm_setzero_ps();
+                        for (c, v) in col.iter().enumerate().take(a) {
+                            acc = _mm_fmadd_ps(_mm_set1_ps(m[row * a + c]), *v, acc);
+                        }
+                        store(base + row * inner + j, acc);
+                    }
+                }
+            }
+            inner *= a;
+        }
+        // The scale, and the output's diagonal.
+        let norm = _mm_set1_ps(h.norm);
+        for i in 0..nq {
+            let v = _mm_mul_ps(load(i), norm);
+            store(i, if transpose { _mm_mul_ps(v, diag(i)) } else { v });
+        }
+    }
+
+    /// [`Rotation::apply_rows`] (or `apply_t_rows`) for a width that is a multiple of 8.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `r.len()` must be a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows(r: &Rotation, x: &mut [f32], transpose: bool) {
+        let n = r.len();
+        let h = &r.h;
+        if x.len() < n * MIN_ROWS {
+            // Too few rows to fill the lanes: one row at a time (decoding).
+            for row in x.chunks_exact_mut(n) {
+                r.one(row, transpose);
+            }
+            return;
+        }
+        // The dense factors' entries as vectors, in the order `run` applies them (innermost
+        // first), transposed for `apply_t`.
+        let dense: Vec<(usize, Vec<__m256>)> = h
+            .dense
+            .iter()
+            .rev()
+            .map(|(a, m)| {
+                let a = *a;
+                let v = (0..a * a)
+                    .map(|rc| {
+                        let (row, col) = (rc / a, rc % a);
+                        _mm256_set1_ps(if transpose { m[col * a + row] } else { m[rc] })
+                    })
+                    .collect();
+                (a, v)
+            })
+            .collect();
+        let scale_in = |i: usize| if transpose { 1.0 } else { r.diag[i] };
+        let scale_out = |i: usize| h.norm * if transpose { r.diag[i] } else { 1.0 };
+        let mut buf = vec![_mm256_setzero_ps(); n];
+        for chunk in x.chunks_mut(n * 8) {
+            let k = chunk.len() / n;
+            if k < MIN_ROWS {
+                // Too few rows to fill the lanes: one row at a time (decoding).
+                for row in chunk.chunks_exact_mut(n) {
+                    r.one(row, transpose);
+                }
+                continue;
+            }
+            let ptr = chunk.as_mut_ptr();
+            // In: eight rows' values i0..i0 + 8 become eight vectors of one value per row.
+            for i0 in (0..n).step_by(8) {
+                let mut v = [_mm256_setzero_ps(); 8];
+                for (row, vr) in v.iter_mut().enumerate().take(k) {
+                    // SAFETY: row < k rows of n values each, i0 + 8 ≤ n.
+                    *vr = unsafe { _mm256_loadu_ps(ptr.add(row * n + i0)) };
+                }
+                transpose8(&mut v);
+                for (q, vq) in v.iter().enumerate() {
+                    buf[i0 + q] = _mm256_mul_ps(*vq, _mm256_set1_ps(scale_in(i0 + q)));
+                }
+            }
+            // The Sylvester factor: butterflies within each block of `pow2` vectors.
+            let p = h.pow2;
+            for block in buf.chunks_exact_mut(p) {
+                let mut half = 1;
+                while half < p {
+                    for pair in block.chunks_exact_mut(2 * half) {
+                        let (a, b) = pair.split_at_mut(half);
+                        for (u, w) in a.iter_mut().zip(b.iter_mut()) {
+                            let (s, d) = (_mm256_add_ps(*u, *w), _mm256_sub_ps(*u, *w));
+                            *u = s;
+                            *w = d;
+                        }
+                    }
+                    half *= 2;
+                }
+            }
+            // Each dense factor along its axis: `inner` vectors apart, `outer` blocks.
+            let mut inner = p;
+            for (a, m) in &dense {
+                let a = *a;
+                let outer = n / (inner * a);
+                let mut col = [_mm256_setzero_ps(); 20];
+                for o in 0..outer {
+                    let xs = &mut buf[o * a * inner..(o + 1) * a * inner];
+                    for j in 0..inner {
+                        for (c, v) in col.iter_mut().enumerate().take(a) {
+                            *v = xs[c * inner + j];
+                        }
+                        for row in 0..a {
+                            let mut acc = _mm256_setzero_ps();
+                            for (c, v) in col.iter().enumerate().take(a) {
+                                acc = _mm256_fmadd_ps(m[row * a + c], *v, acc);
+                            }
+                            xs[row * inner + j] = acc;
+                        }
+                    }
+                }
+                inner *= a;
+            }
+            // Out: scaled, transposed back into the rows.
+            for i0 in (0..n).step_by(8) {
+                let mut v = [_mm256_setzero_ps(); 8];
+                for (q, vq) in v.iter_mut().enumerate() {
+                    *vq = _mm256_mul_ps(buf[i0 + q], _mm256_set1_ps(scale_out(i0 + q)));
+                }
+                transpose8(&mut v);
+                for (row, vr) in v.iter().enumerate().take(k) {
+                    // SAFETY: as for the loads.
+                    unsafe { _mm256_storeu_ps(ptr.add(row * n + i0), *vr) };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +558,49 @@ mod tests {
             }
         }
         m
+    }
+
+    /// The vector path of `apply_rows`/`apply_t_rows` against the scalar one, on widths with
+    /// one or two dense factors of 12 and 20 and row counts with partial tiles.
+    #[test]
+    fn vector_rows_match_scalar_rows() {
+        for n in [8, 48, 192, 240, 1536, 5120] {
+            let diag: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+            let r = Rotation::new(diag).unwrap();
+            for rows in [1, 9, 20] {
+                let x: Vec<f32> = (0..rows * n)
+                    .map(|i| ((i * 31 % 113) as f32) * 0.1 - 5.0)
+                    .collect();
+                for transpose in [false, true] {
+                    let (mut a, mut b) = (x.clone(), x.clone());
+                    r.rows(&mut a, transpose);
+                    r.rows_scalar(&mut b, transpose);
+                    for (u, v) in a.iter().zip(&b) {
+                        assert!((u - v).abs() < 1e-4 * (1.0 + v.abs()), "n {n}: {u} vs {v}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vector path of one row's `apply`/`apply_t` against the scalar one.
+    #[test]
+    fn vector_row_matches_scalar_row() {
+        for n in [4, 12, 48, 192, 240, 576, 1536, 5120] {
+            let diag: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+            let r = Rotation::new(diag).unwrap();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 31 % 113) as f32) * 0.1 - 5.0)
+                .collect();
+            for transpose in [false, true] {
+                let (mut a, mut b) = (x.clone(), x.clone());
+                r.one(&mut a, transpose);
+                r.one_scalar(&mut b, transpose);
+                for (u, v) in a.iter().zip(&b) {
+                    assert!((u - v).abs() < 1e-4 * (1.0 + v.abs()), "n {n}: {u} vs {v}");
+                }
+            }
+        }
     }
 
     #[test]
