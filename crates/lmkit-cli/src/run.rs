@@ -30,6 +30,12 @@ pub struct SamplingArgs {
     pub repeat_penalty: f32,
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
+    /// OpenAI's frequency penalty over the generated tokens, in [-2, 2] (0 disables).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// OpenAI's presence penalty over the generated tokens, in [-2, 2] (0 disables).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -57,6 +63,8 @@ impl SamplingArgs {
                 min_p: self.min_p,
                 repeat_penalty: self.repeat_penalty,
                 repeat_last_n: self.repeat_last_n,
+                frequency_penalty: self.frequency_penalty,
+                presence_penalty: self.presence_penalty,
                 seed: self.seed,
             },
             max_tokens: self.max_tokens,

@@ -1,7 +1,13 @@
-//! Token sampling: greedy, temperature, top-k, top-p (nucleus), min-p, repetition penalty.
+//! Token sampling: greedy, temperature, top-k, top-p (nucleus), min-p, repetition penalty,
+//! OpenAI's frequency and presence penalties.
 //!
-//! Order of operations (as llama.cpp's default chain): repetition penalty on the raw logits →
-//! top-k → softmax with temperature → top-p → min-p → draw. Temperature 0 is greedy.
+//! Order of operations (as llama.cpp's default chain): repetition penalty, then frequency and
+//! presence penalties on the raw logits → top-k → softmax with temperature → top-p → min-p →
+//! draw. Temperature 0 is greedy (the penalties still apply).
+//!
+//! The frequency and presence penalties follow OpenAI's definition over the tokens generated so
+//! far (not the prompt), `logit[j] −= c[j]·frequency_penalty + [c[j] > 0]·presence_penalty`
+//! with `c[j]` how often token `j` was generated, as vLLM applies them.
 
 use crate::{Error, Result};
 
@@ -19,6 +25,10 @@ pub struct SamplingParams {
     /// 1.0 disables; > 1 penalizes tokens seen in the last `repeat_last_n`.
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// OpenAI's `frequency_penalty`, in [−2, 2]; 0 disables.
+    pub frequency_penalty: f32,
+    /// OpenAI's `presence_penalty`, in [−2, 2]; 0 disables.
+    pub presence_penalty: f32,
     pub seed: u64,
 }
 
@@ -31,6 +41,8 @@ impl Default for SamplingParams {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 42,
         }
     }
@@ -64,6 +76,14 @@ impl SamplingParams {
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
             return bad("repeat-penalty", "must be a finite number > 0");
         }
+        for (name, v) in [
+            ("frequency-penalty", self.frequency_penalty),
+            ("presence-penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(name, "must be between -2 and 2");
+            }
+        }
         Ok(())
     }
 }
@@ -74,6 +94,9 @@ pub struct Sampler {
     params: SamplingParams,
     state: u64,
     scratch: Vec<(f32, u32)>,
+    /// How often each token was sampled (the generated text's counts), for the frequency and
+    /// presence penalties.
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -83,6 +106,7 @@ impl Sampler {
             state: params.seed ^ 0x5DEE_CE66_D1CE_4E5B,
             params,
             scratch: Vec::new(),
+            counts: std::collections::HashMap::new(),
         })
     }
 
@@ -95,8 +119,17 @@ impl Sampler {
         lmkit_rand::unit_f64(lmkit_rand::finalize(self.state))
     }
 
-    /// Picks the next token from `logits` (`(v,)`), given the tokens so far.
+    /// Picks the next token from `logits` (`(v,)`), given the tokens so far (prompt and
+    /// generated); the token picked counts as generated from then on.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let next = self.pick(logits, history);
+        if self.params.frequency_penalty != 0.0 || self.params.presence_penalty != 0.0 {
+            *self.counts.entry(next).or_insert(0) += 1;
+        }
+        next
+    }
+
+    fn pick(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = self.params.clone();
         if p.repeat_penalty != 1.0 {
             let start = history.len().saturating_sub(p.repeat_last_n);
@@ -110,6 +143,13 @@ impl Sampler {
                     } else {
                         *l * p.repeat_penalty
                     };
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for (&id, &n) in &self.counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
                 }
             }
         }
@@ -191,6 +231,43 @@ pub fn argmax(xs: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// OpenAI's penalties count generated tokens only: the prompt in `history` is not
+    /// penalized; a generated token is, by presence once and by frequency per occurrence.
+    #[test]
+    fn frequency_and_presence_penalties_count_generated_tokens() {
+        let logits = [5.0f32, 4.0, 3.5, 0.0];
+        let run = |freq: f32, pres: f32, steps: usize| -> Vec<u32> {
+            let mut s = Sampler::new(SamplingParams {
+                frequency_penalty: freq,
+                presence_penalty: pres,
+                ..SamplingParams::greedy()
+            })
+            .unwrap();
+            (0..steps)
+                .map(|_| s.sample(&mut logits.clone(), &[0, 0, 0]))
+                .collect()
+        };
+        // Without penalties greedy repeats token 0, although the prompt is full of it.
+        assert_eq!(run(0.0, 0.0, 3), [0, 0, 0]);
+        // Presence 1.5: after one 0 (5 − 1.5 = 3.5 < 4) token 1; then 3.5, 2.5, 3.5: token 0
+        // wins its tie with token 2 (the first maximum).
+        assert_eq!(run(0.0, 1.5, 3), [0, 1, 0]);
+        // Frequency 0.6: 0 (5), 0 (4.4), 1 (4 > 3.8), then 0 (3.8 > 3.4 and 3.5).
+        assert_eq!(run(0.6, 0.0, 4), [0, 0, 1, 0]);
+        for bad in [2.5, -2.1, f32::NAN] {
+            let p = SamplingParams {
+                frequency_penalty: bad,
+                ..SamplingParams::default()
+            };
+            assert!(p.validate().is_err(), "{bad}");
+            let p = SamplingParams {
+                presence_penalty: bad,
+                ..SamplingParams::default()
+            };
+            assert!(p.validate().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn greedy_picks_argmax() {

@@ -112,10 +112,10 @@ pub(crate) fn plan(
         ("frequency_penalty", c.frequency_penalty),
         ("presence_penalty", c.presence_penalty),
     ] {
-        if v.is_some_and(|v| v != 0.0) {
+        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
             return Err(ApiError::invalid(
                 Some(name),
-                format!("`{name}` is not supported (only 0)"),
+                format!("`{name}` must be between -2 and 2"),
             ));
         }
     }
@@ -148,6 +148,8 @@ pub(crate) fn plan(
             min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: c.presence_penalty.unwrap_or(0.0),
             seed,
         },
         max_tokens,

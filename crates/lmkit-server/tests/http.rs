@@ -245,6 +245,30 @@ fn answers_streams_and_batches() {
         .fold(f64::MIN, f64::max);
     let chosen = lp["token_logprobs"][0].as_f64().unwrap();
     assert!((best - chosen).abs() < 1e-4, "{best} vs {chosen}");
+    // Frequency and presence penalties: greedy text repeats fewer tokens with them.
+    let repeats = |extra: &str| {
+        let body = format!(
+            r#"{{"model": "tiny", "prompt": "the dog", "max_tokens": 24, "logprobs": 0, "temperature": 0{extra}}}"#
+        );
+        let (st, body) = http(s.port, "POST", "/v1/completions", body.as_bytes(), &[]);
+        assert_eq!(st, 200, "{body}");
+        let v = json(&body);
+        let toks: Vec<String> = v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        let distinct: std::collections::HashSet<&String> = toks.iter().collect();
+        toks.len() - distinct.len()
+    };
+    let plain = repeats("");
+    let penalized = repeats(r#", "frequency_penalty": 2, "presence_penalty": 2"#);
+    eprintln!("greedy repeats: {plain} plain, {penalized} with penalties");
+    assert!(
+        penalized < plain || plain == 0,
+        "{penalized} vs {plain} repeats"
+    );
     // Per-request H2O.
     let (st, body) = chat(
         s.port,
@@ -299,6 +323,9 @@ fn bad_requests_get_openai_errors() {
     error_of(st, &b, 400, "maximum context length");
     let (st, b) = chat(p, r#", "temperature": 7"#);
     error_of(st, &b, 400, "temperature");
+    let (st, b) = chat(p, r#", "presence_penalty": 2.5"#);
+    error_of(st, &b, 400, "`presence_penalty` must be between -2 and 2");
+    assert_eq!(json(&b)["error"]["param"], "presence_penalty");
     let (st, b) = chat(p, r#", "kv": "lru""#);
     error_of(st, &b, 400, "expected full, window or h2o");
     let (st, b) = post(br#"{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}"#);
