@@ -16,7 +16,9 @@
 //! the `k − r` others with the largest `F` ("heavy hitters"): the greedy step of the paper's
 //! Algorithm 1, `S_i = (S_{i−1} ∪ {i}) \ {u}`, `u = argmin_{v not recent} F(v)`, which drops one
 //! position per step once the cache is full. `F` lives in lmkit-models' native cache, whose
-//! attention kernel adds each attention row to it as the kernel computes it.
+//! attention kernel adds each attention row to it as the kernel computes it; on the reference
+//! path (candle tensors, any device) the tensor cache adds each layer's attention rows, summed
+//! on the device.
 //!
 //! Deviations:
 //! - Grouped-query attention: a KV head is shared by `g` query heads, so the score of an entry is

@@ -190,22 +190,80 @@ fn h2o_stays_within_its_budget_and_keeps_the_recent_window() {
     }
     // Each head chooses its own heavy hitters.
     assert!(heavy.windows(2).any(|w| w[0] != w[1]), "{heavy:?}");
-    // A policy is set before the first token only; the reference cache cannot evict.
+    // A policy is set before the first token only.
     assert!(c
         .set_policy(policy("window", Budget::Tokens(4), 0.5).unwrap())
         .is_err());
-    let mut r = m.new_reference_cache();
-    let e = r
-        .set_policy(policy("h2o", Budget::Ratio(0.2), 0.5).unwrap())
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("native CPU path"), "{e}");
     // Rewinding past evicted entries keeps the cache usable.
     c.truncate(100).unwrap();
     assert_eq!(c.len(), 100);
     assert!(c.entries() <= 16);
     let again = stream(&m, &mut c, &x[100..110]);
     assert!(again.iter().flatten().all(|v| v.is_finite()));
+}
+
+/// The reference path (candle tensors: the GPU's path) under H2O keeps the entries the native
+/// path keeps and gives the same logits: a prompt at once, then token by token past the budget,
+/// then a rewind and more tokens.
+#[test]
+fn h2o_on_the_reference_path_matches_the_native_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path(), 2);
+    let cfg = m.config().clone();
+    let x = ids(70);
+    let h2o = || {
+        Arc::new(H2o {
+            budget: Budget::Tokens(16),
+            recent: 0.5,
+        })
+    };
+    let mut native = m.new_cache();
+    native.set_policy(h2o()).unwrap();
+    let mut reference = m.new_reference_cache();
+    reference.set_policy(h2o()).unwrap();
+    assert!(!reference.is_native());
+    let mut worst = 0f32;
+    let mut compare = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        for (u, v) in a.iter().zip(b) {
+            worst = worst.max(max_diff(u, v));
+        }
+    };
+    let first = |c: &mut KvCache| {
+        let l = m.forward_last(&row(&x[..12]), c).unwrap();
+        vec![l.flatten_all().unwrap().to_vec1::<f32>().unwrap()]
+    };
+    compare(&first(&mut native), &first(&mut reference));
+    compare(
+        &stream(&m, &mut native, &x[12..60]),
+        &stream(&m, &mut reference, &x[12..60]),
+    );
+    for c in [&native, &reference] {
+        assert_eq!((c.entries(), c.len()), (16, 60));
+    }
+    for l in 0..cfg.num_layers {
+        for h in 0..cfg.num_kv_heads {
+            let (mut p1, _) = native.head_scores(l, h).unwrap();
+            let (mut p2, s2) = reference.head_scores(l, h).unwrap();
+            p1.sort();
+            p2.sort();
+            assert_eq!(p1, p2, "layer {l} head {h}");
+            assert_eq!(s2.len(), 16);
+        }
+    }
+    native.truncate(55).unwrap();
+    reference.truncate(55).unwrap();
+    assert_eq!(native.entries(), reference.entries());
+    compare(
+        &stream(&m, &mut native, &x[55..70]),
+        &stream(&m, &mut reference, &x[55..70]),
+    );
+    assert!(worst < 1e-3, "logits differ by {worst}");
+    // A batch is refused under a policy; a full cache takes one.
+    let mut r = m.new_reference_cache();
+    r.set_policy(h2o()).unwrap();
+    let two = Tensor::new(&[[1u32, 2], [3, 4]], &Device::Cpu).unwrap();
+    let e = m.forward_last(&two, &mut r).unwrap_err().to_string();
+    assert!(e.contains("one sequence"), "{e}");
 }
 
 #[test]

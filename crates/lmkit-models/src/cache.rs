@@ -10,6 +10,7 @@ use std::sync::Arc;
 use lmkit_core::Tensor;
 
 use crate::native::NativeCache;
+use crate::tensor_evict::Tracked;
 use crate::{Error, KvPolicy, Result};
 
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct KvCache {
     inner: Inner,
     len: usize,
     policy: Option<Arc<dyn KvPolicy>>,
+    /// A tensor cache's entries under a policy (positions, scores).
+    tracked: Option<Box<Tracked>>,
 }
 
 impl Default for KvCache {
@@ -41,6 +44,7 @@ impl KvCache {
             inner: Inner::Tensors(vec![None; num_layers]),
             len: 0,
             policy: None,
+            tracked: None,
         }
     }
 
@@ -49,6 +53,7 @@ impl KvCache {
             inner: Inner::Native(Box::new(cache)),
             len: 0,
             policy: None,
+            tracked: None,
         }
     }
 
@@ -66,6 +71,7 @@ impl KvCache {
             },
             len: self.len,
             policy: None,
+            tracked: None,
         })
     }
 
@@ -81,8 +87,8 @@ impl KvCache {
         }
     }
 
-    /// Sets the eviction policy (see [`crate::kv_policy`]). Only a native cache can evict, and
-    /// only from its first token on; a full-cache policy is accepted anywhere.
+    /// Sets the eviction policy (see [`crate::kv_policy`]), from the first token on; a full-cache
+    /// policy is accepted anywhere. A tensor cache under a policy holds one sequence.
     pub fn set_policy(&mut self, policy: Arc<dyn KvPolicy>) -> Result<()> {
         if policy.capacity(usize::MAX / 2, 0) == usize::MAX {
             self.policy = None;
@@ -96,12 +102,8 @@ impl KvCache {
         }
         match &mut self.inner {
             Inner::Native(c) => c.track(policy.needs_scores()),
-            Inner::Tensors(_) => {
-                return Err(Error::Kv(format!(
-                    "the policy `{}` needs the native CPU path (a GGUF or HF model on the CPU \
-                     in f32, one sequence at a time)",
-                    policy.name()
-                )))
+            Inner::Tensors(layers) => {
+                self.tracked = Some(Box::new(Tracked::new(layers.len(), policy.needs_scores())))
             }
         }
         self.policy = Some(policy);
@@ -129,7 +131,20 @@ impl KvCache {
     pub fn head_scores(&self, layer: usize, kv_head: usize) -> Option<(Vec<u32>, Vec<f32>)> {
         match &self.inner {
             Inner::Native(c) => c.head_scores(layer, kv_head),
-            Inner::Tensors(_) => None,
+            Inner::Tensors(_) => self.tracked.as_ref()?.head(layer, kv_head),
+        }
+    }
+
+    /// Whether a forward call should add its attention rows to this tensor cache's scores.
+    pub(crate) fn wants_scores(&self) -> bool {
+        self.tracked.as_ref().is_some_and(|t| t.want_scores)
+    }
+
+    /// Adds `layer`'s attention rows `(1, k, rows, T)` to a tensor cache's scores.
+    pub(crate) fn add_scores(&mut self, layer: usize, att: &Tensor) -> Result<()> {
+        match &mut self.tracked {
+            Some(t) => t.add_scores(layer, att),
+            None => Ok(()),
         }
     }
 
@@ -140,6 +155,9 @@ impl KvCache {
         if let Inner::Native(c) = &mut self.inner {
             c.plan(len);
         }
+        if let Some(t) = &mut self.tracked {
+            t.planned = len;
+        }
     }
 
     /// The eviction policy, if one is set.
@@ -148,17 +166,20 @@ impl KvCache {
     }
 
     /// Applies the policy after a forward call.
-    pub(crate) fn evict(&mut self) {
-        if let (Some(p), Inner::Native(c)) = (&self.policy, &mut self.inner) {
-            c.evict(p.as_ref());
+    pub(crate) fn evict(&mut self) -> Result<()> {
+        match (&self.policy, &mut self.inner, &mut self.tracked) {
+            (Some(p), Inner::Native(c), _) => c.evict(p.as_ref()),
+            (Some(p), Inner::Tensors(layers), Some(t)) => t.evict(p.as_ref(), layers, self.len)?,
+            _ => {}
         }
+        Ok(())
     }
 
     /// Entries each layer's heads hold now: [`KvCache::len`] unless a policy evicted some.
     pub fn entries(&self) -> usize {
         match &self.inner {
             Inner::Native(c) => c.entries(),
-            Inner::Tensors(_) => self.len,
+            Inner::Tensors(_) => self.tracked.as_ref().map_or(self.len, |t| t.entries()),
         }
     }
 
@@ -195,6 +216,9 @@ impl KvCache {
             Inner::Tensors(layers) => layers.iter_mut().for_each(|l| *l = None),
             Inner::Native(c) => c.clear(),
         }
+        if let Some(t) = &mut self.tracked {
+            **t = t.cleared();
+        }
         self.len = 0;
     }
 
@@ -213,7 +237,15 @@ impl KvCache {
                 "a native KV cache cannot take tensors; make one with KvCache::new".into(),
             ));
         };
-        let t = k.dims()[2];
+        let (b, heads, t) = (k.dims()[0], k.dims()[1], k.dims()[2]);
+        if let Some(tr) = &mut self.tracked {
+            if b != 1 {
+                return Err(Error::Kv(format!(
+                    "a cache under an eviction policy holds one sequence, got a batch of {b}"
+                )));
+            }
+            tr.appended(layer, heads, self.len, t);
+        }
         let (k, v) = match layers.get(layer).cloned().flatten() {
             None => (k, v),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -234,6 +266,15 @@ impl KvCache {
             Inner::Native(c) => c.truncate(len),
             Inner::Tensors(layers) => {
                 if len >= self.len {
+                    return Ok(());
+                }
+                if len == 0 {
+                    self.clear();
+                    return Ok(());
+                }
+                if let Some(t) = &mut self.tracked {
+                    t.truncate(layers, len)?;
+                    self.len = len;
                     return Ok(());
                 }
                 for (k, v) in layers.iter_mut().flatten() {

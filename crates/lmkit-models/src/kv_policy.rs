@@ -6,7 +6,8 @@
 //! A policy is set on a [`KvCache`](crate::KvCache) with
 //! [`KvCache::set_policy`](crate::KvCache::set_policy). After every forward call the cache asks the
 //! policy for its capacity after `seen` tokens and, for each (layer, KV head) over it, which
-//! entries to evict. Every head keeps the same number of entries (its own choice of which), so the
+//! entries to evict. Both caches evict: the native CPU path's buffers and the reference path's
+//! tensors (any device, one sequence). Every head keeps the same number of entries (its own choice of which), so the
 //! cache has one length; positions keep their true RoPE rotation (no positional rolling).
 
 use std::fmt::Debug;

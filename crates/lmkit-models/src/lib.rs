@@ -14,6 +14,7 @@ pub mod export;
 pub mod kv_policy;
 pub mod llama;
 pub mod native;
+mod tensor_evict;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod weights;

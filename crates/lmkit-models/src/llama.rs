@@ -316,7 +316,7 @@ impl Llama {
             .native_mut()
             .ok_or_else(|| Error::Unsupported("not a native cache".into()))?;
         let out = native::forward(self.dims(), consts, &data, &emb, nc, want, branches)?;
-        cache.evict();
+        cache.evict()?;
         Ok(out)
     }
 
@@ -387,7 +387,7 @@ impl Llama {
         )?;
         drop(natives);
         for c in caches.iter_mut() {
-            c.evict();
+            c.evict()?;
         }
         let v = self.cfg.vocab_size;
         Ok(out.chunks_exact(v).map(|r| r.to_vec()).collect())
@@ -733,8 +733,10 @@ impl Llama {
         let offset = cache.len();
         let (b, t) = self.check_ids(ids, offset)?;
         let ids = &self.on_device(ids)?;
+        // RoPE takes the true positions; the mask, the entries held (fewer under eviction: the
+        // new tokens are the last ones and see every entry before them).
         let (cos, sin) = self.rope_tables(offset, t)?;
-        let mask = causal_mask(t, offset, &self.device, self.dtype)?;
+        let mask = causal_mask(t, cache.entries(), &self.device, self.dtype)?;
         // The residual stream stays f32; blocks compute in `self.dtype` (see `lowp`).
         let mut x = self.embed.forward(ids)?.to_dtype(DType::F32)?; // (b, t, c)
         for (i, blk) in self.blocks.iter().enumerate() {
@@ -747,6 +749,7 @@ impl Llama {
             let h = mlp(&blk.mlp, &h)?;
             x = (x + h.to_dtype(DType::F32)?)?;
         }
+        cache.evict()?;
         self.lowp(self.norm.forward(&x)?)
     }
 
@@ -848,9 +851,12 @@ impl Llama {
             .transpose(1, 2)?
             .contiguous()?; // (b, k, t, d)
         let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
-        let (k, v) = match cache {
-            Some((layer, cache)) => cache.append(layer, k, v)?, // (b, k, T, d)
-            None => (k, v),
+        let (k, v, cache) = match cache {
+            Some((layer, cache)) => {
+                let (k, v) = cache.append(layer, k, v)?; // (b, k, T, d)
+                (k, v, Some((layer, cache)))
+            }
+            None => (k, v, None),
         };
         let total = k.dims()[2];
         // Grouped-query attention without copying kv: q heads j·g..j·g+g share kv head j.
@@ -867,7 +873,14 @@ impl Llama {
                         .reshape((b, kh, g * t, total))?,
                     None => att,
                 };
-                softmax_last_dim(&att)?
+                let att = softmax_last_dim(&att)?;
+                // An eviction policy that ranks entries by attention (H2O) accumulates it.
+                if let Some((layer, c)) = cache {
+                    if c.wants_scores() {
+                        c.add_scores(layer, &att)?;
+                    }
+                }
+                att
             }
             // Training: scale, causal mask and softmax in one op with a backward, computed in
             // f32 whatever the storage dtype (as autocast does).
