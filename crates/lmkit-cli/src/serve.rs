@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use lmkit::generate_mod::engine::{self, EngineConfig};
 use lmkit_server::{AppState, ServerConfig};
 
@@ -47,9 +47,11 @@ pub struct Args {
 pub fn main(a: Args) -> Result<()> {
     let m = a.model.load()?;
     if !m.model.is_native() {
-        bail!(
-            "lmkit serve batches requests on the native CPU path; this model runs on the \
-             reference path (drop --dtype/--device/--dequantize)"
+        tracing::warn!(
+            "this model runs on the reference path ({:?}, {:?}): requests interleave but are \
+             not batched; on the CPU, drop --dtype/--dequantize for batched decoding",
+            m.model.device().location(),
+            m.model.dtype()
         );
     }
     let model_id = a.model_id.clone().unwrap_or_else(|| {

@@ -6,6 +6,10 @@
 //!
 //! The queue in front is bounded: [`EngineHandle::submit`] refuses a request when it is full
 //! rather than letting latency grow without limit.
+//!
+//! A model on the reference path (the GPU, `--dtype bf16`, formats without lmkit kernels) runs
+//! the same scheduler, but each request's step is its own forward call: requests interleave and
+//! share the device, without batched products.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -165,19 +169,13 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine thread for `model` (which must run on lmkit's native CPU path).
+/// Starts the engine thread for `model`: batched steps on lmkit's native CPU path, one forward
+/// call per request and step on the reference path (see the module doc).
 pub fn start(
     model: Arc<Llama>,
     tokenizer: Arc<LoadedTokenizer>,
     cfg: EngineConfig,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-    if !model.is_native() {
-        return Err(Error::Kv(
-            "continuous batching runs on the native CPU path (a GGUF or HF model on the CPU, \
-             f32 compute)"
-                .into(),
-        ));
-    }
     if cfg.max_batch == 0 || cfg.prefill_tokens == 0 {
         return Err(Error::Option {
             option: "max_batch / prefill_tokens".into(),
@@ -563,7 +561,11 @@ fn step(
     }
     // A panic in the forward pass fails this step's requests, not the server.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        model.forward_batch_last_with(&ids, &mut caches, Some(&mut *scratch))
+        if model.is_native() {
+            model.forward_batch_last_with(&ids, &mut caches, Some(&mut *scratch))
+        } else {
+            one_by_one(model, &ids, &mut caches)
+        }
     }));
     drop(caches);
     let result = match result {
@@ -656,6 +658,22 @@ impl Seq {
     fn fed_all(&self) -> bool {
         self.fed >= self.prompt.len()
     }
+}
+
+/// The reference path's step: each sequence's tokens in their own forward call; the logits
+/// of each one's last position.
+fn one_by_one(
+    model: &Llama,
+    ids: &[&[u32]],
+    caches: &mut [&mut KvCache],
+) -> lmkit_models::Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for (s, cache) in ids.iter().zip(caches.iter_mut()) {
+        let x = lmkit_core::Tensor::new(*s, model.device())?.unsqueeze(0)?;
+        let logits = model.forward_last(&x, cache)?;
+        out.push(logits.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

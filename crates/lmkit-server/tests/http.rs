@@ -16,15 +16,26 @@ use serde_json::Value;
 
 struct Server {
     port: u16,
+    native: bool,
     _rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
 
 fn start(max_batch: usize, max_queue: usize, api_key: Option<&str>) -> Server {
+    start_with(LoadOptions::default(), max_batch, max_queue, api_key)
+}
+
+fn start_with(
+    opts: LoadOptions,
+    max_batch: usize,
+    max_queue: usize,
+    api_key: Option<&str>,
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
     write_tiny_gguf(&p, &LlamaConfig::tiny(), 11, GgmlDType::Q8_0).unwrap();
-    let m = load(&p, LoadOptions::default()).unwrap();
+    let m = load(&p, opts).unwrap();
+    let native = m.model.is_native();
     let tok = Arc::new(m.tokenizer);
     let (handle, _thread) = engine::start(
         Arc::new(m.model),
@@ -63,6 +74,7 @@ fn start(max_batch: usize, max_queue: usize, api_key: Option<&str>) -> Server {
     ));
     Server {
         port,
+        native,
         _rt: rt,
         _dir: dir,
     }
@@ -170,6 +182,7 @@ fn metric(port: u16, name: &str) -> f64 {
 #[test]
 fn answers_streams_and_batches() {
     let s = start(4, 16, None);
+    assert!(s.native);
     let (st, body) = http(s.port, "GET", "/health", b"", &[]);
     assert_eq!(st, 200, "{body}");
     let (st, body) = http(s.port, "GET", "/v1/models", b"", &[]);
@@ -393,4 +406,54 @@ fn api_key_queue_limit_and_cancellation() {
     }
     let (st, b) = http(p, "POST", "/v1/chat/completions", body, &auth);
     assert_eq!(st, 200, "{b}");
+}
+
+/// A model on the reference path (f16 compute: the GPU's path) is served too, one forward call
+/// per request and step: greedy text is the same alone and among concurrent requests, streams
+/// match, and H2O runs on its tensor cache.
+#[test]
+fn serves_a_model_on_the_reference_path() {
+    let s = start_with(
+        LoadOptions {
+            dequantize: true,
+            dtype: Some(lmkit_core::DType::F16),
+        },
+        4,
+        16,
+        None,
+    );
+    assert!(!s.native);
+    let greedy = r#", "temperature": 0, "max_tokens": 10"#;
+    let (st, body) = chat(s.port, greedy);
+    assert_eq!(st, 200, "{body}");
+    let alone = json(&body)["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!alone.is_empty(), "{body}");
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let port = s.port;
+            std::thread::spawn(move || chat(port, greedy))
+        })
+        .collect();
+    for t in threads {
+        let (st, body) = t.join().unwrap();
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(
+            json(&body)["choices"][0]["message"]["content"],
+            alone.as_str()
+        );
+    }
+    let (st, body) = chat(
+        s.port,
+        r#", "temperature": 0, "max_tokens": 10, "stream": true"#,
+    );
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(stream_text(&body).0, alone);
+    let (st, body) = chat(
+        s.port,
+        r#", "max_tokens": 30, "kv": "h2o", "kv_budget": "8""#,
+    );
+    assert_eq!(st, 200, "{body}");
 }
