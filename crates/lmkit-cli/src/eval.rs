@@ -38,6 +38,11 @@ pub struct Args {
     pub max_length: Option<usize>,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// The KV cache under an eviction policy: each scored sequence streams through its own
+    /// cache one token at a time (slow: no shared prefixes, no batching), generation runs
+    /// under it. One policy and budget per run.
+    #[command(flatten)]
+    pub kv: crate::kv::KvArgs,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -233,6 +238,7 @@ pub fn main(a: Args) -> Result<()> {
             r?
         }
     };
+    let kv = a.kv.single()?;
     let m = a.model.load()?;
     let max_length = a
         .max_length
@@ -288,12 +294,13 @@ pub fn main(a: Args) -> Result<()> {
             }
         }
         let pb = bar(items.len() as u64, &spec.name);
-        let r = harness::evaluate(
+        let r = harness::evaluate_with(
             &m.model,
             &m.tokenizer,
             spec,
             &items,
             max_length,
+            kv.as_ref(),
             &mut |d, _| pb.set_position(d as u64),
         );
         pb.finish_and_clear();
@@ -335,6 +342,7 @@ pub fn main(a: Args) -> Result<()> {
             "model": m.path.display().to_string(),
             "limit": a.limit,
             "max_length": max_length,
+            "kv": kv.as_ref().map_or("full".to_string(), |p| p.name()),
             "results": results,
             "groups": g,
         });

@@ -6,9 +6,10 @@
 //! - each metric's standard error is `sample_stddev / √n` (Bessel-corrected).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use lmkit_formats::tokenizer::LoadedTokenizer;
-use lmkit_models::Llama;
+use lmkit_models::{KvPolicy, Llama};
 use serde::Serialize;
 
 use crate::generation::{edit_distance, Scorer};
@@ -200,13 +201,27 @@ pub fn evaluate(
     max_length: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TaskResult> {
+    evaluate_with(model, tok, task, items, max_length, None, progress)
+}
+
+/// [`evaluate`] with the KV cache under `kv` (`None`: the full cache): every scored sequence
+/// streams through its own evicting cache, and generation runs under the policy.
+pub fn evaluate_with(
+    model: &Llama,
+    tok: &LoadedTokenizer,
+    task: &TaskSpec,
+    items: &[Item],
+    max_length: usize,
+    kv: Option<&Arc<dyn KvPolicy>>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TaskResult> {
     if task.kind == Kind::GenerateUntil {
-        return evaluate_generation(model, tok, task, items, max_length, progress);
+        return evaluate_generation(model, tok, task, items, max_length, kv, progress);
     }
     let t0 = std::time::Instant::now();
     let mut samples = Vec::with_capacity(items.len());
     let mut truncated = 0;
-    let mut scorer = LoglikScorer::new(model);
+    let mut scorer = LoglikScorer::with_policy(model, kv.cloned());
     for (i, item) in items.iter().enumerate() {
         let ItemScores {
             logprobs,
@@ -304,6 +319,7 @@ fn evaluate_generation(
     task: &TaskSpec,
     items: &[Item],
     max_length: usize,
+    kv: Option<&Arc<dyn KvPolicy>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TaskResult> {
     use lmkit_generate::generate::Session;
@@ -347,11 +363,26 @@ fn evaluate_generation(
         let keep = (max_length + 1 - cont.len()).min(pair.context.len());
         let mut cut = keep < pair.context.len();
         let ctx = &pair.context[pair.context.len() - keep..];
-        let (last, _) = session.feed(model, ctx)?;
-        let forced = if cont.is_empty() {
-            crate::loglik::score_logits(&[], &[])
-        } else {
-            score_on_cache(model, &mut session.cache, ctx.len(), &last, cont)?
+        let forced = match kv {
+            // Under a policy: the target streamed through its own cache, and a fresh session
+            // for the generation (an evicted cache is no prefix to share).
+            Some(p) => {
+                session = Session::with_policy(model, p.clone())?;
+                let req = crate::loglik::Encoded {
+                    context: ctx.to_vec(),
+                    continuation: cont.clone(),
+                };
+                let mut s = LoglikScorer::with_policy(model, Some(p.clone()));
+                s.score(&[req], max_length)?.0[0]
+            }
+            None => {
+                let (last, _) = session.feed(model, ctx)?;
+                if cont.is_empty() {
+                    crate::loglik::score_logits(&[], &[])
+                } else {
+                    score_on_cache(model, &mut session.cache, ctx.len(), &last, cont)?
+                }
+            }
         };
         // Generation: the prompt keeps its last `max_length − max_gen_toks` tokens.
         let prompt = tok

@@ -12,9 +12,11 @@
 //! Requests that share tokens (a question's answer choices, few-shot examples) run them once:
 //! see [`LoglikScorer`].
 
+use std::sync::Arc;
+
 use lmkit_core::Tensor;
 use lmkit_formats::tokenizer::LoadedTokenizer;
-use lmkit_models::Llama;
+use lmkit_models::{KvPolicy, Llama};
 use rayon::prelude::*;
 
 use crate::{Error, Result};
@@ -193,19 +195,31 @@ fn request_input(e: &Encoded, max_length: usize) -> Result<(Vec<u32>, bool, usiz
 /// attention: each branch sees the prefix and its own tokens only); a prefix also shared with
 /// the previous call (few-shot examples) stays in the KV cache between calls. Every request is scored exactly as if run
 /// alone from an empty cache.
+///
+/// Under a KV-cache policy ([`LoglikScorer::with_policy`]) each request instead streams through
+/// its own evicting cache one token at a time, as a decoder under that policy reads it (the
+/// H2O paper's setting for its lm-evaluation-harness results), and nothing is shared.
 pub struct LoglikScorer<'m> {
     model: &'m Llama,
     cache: lmkit_models::KvCache,
     /// The tokens in `cache`.
     cached: Vec<u32>,
+    policy: Option<Arc<dyn KvPolicy>>,
 }
 
 impl<'m> LoglikScorer<'m> {
     pub fn new(model: &'m Llama) -> Self {
+        Self::with_policy(model, None)
+    }
+
+    /// A scorer whose requests stream through a cache under `policy` (`None`: the full cache,
+    /// shared prefixes).
+    pub fn with_policy(model: &'m Llama, policy: Option<Arc<dyn KvPolicy>>) -> Self {
         Self {
             model,
             cache: model.new_cache(),
             cached: Vec::new(),
+            policy,
         }
     }
 
@@ -216,6 +230,13 @@ impl<'m> LoglikScorer<'m> {
             prepared.push(request_input(e, max_length)?);
         }
         let cut = prepared.iter().any(|p| p.1);
+        if let Some(policy) = &self.policy {
+            let mut out = Vec::with_capacity(requests.len());
+            for (e, (input, _, first)) in requests.iter().zip(&prepared) {
+                out.push(self.streamed(policy, input, *first, &e.continuation)?);
+            }
+            return Ok((out, cut));
+        }
         // Requests with something to score; an empty continuation (merged into the context's
         // last token) scores an empty sum, greedy, as in lm-eval.
         let live: Vec<usize> = (0..requests.len())
@@ -286,6 +307,34 @@ impl<'m> LoglikScorer<'m> {
     }
 }
 
+impl LoglikScorer<'_> {
+    /// One request streamed token by token through a fresh cache under `policy`: the logits
+    /// of positions `first..` score the continuation.
+    fn streamed(
+        &self,
+        policy: &Arc<dyn KvPolicy>,
+        input: &[u32],
+        first: usize,
+        continuation: &[u32],
+    ) -> Result<Score> {
+        if continuation.is_empty() {
+            return Ok(sum_scores(&[]));
+        }
+        let mut cache = self.model.new_cache();
+        cache.set_policy(policy.clone())?;
+        cache.plan(input.len());
+        let mut logits = Vec::new();
+        for (i, &t) in input.iter().enumerate() {
+            let x = Tensor::from_vec(vec![t], (1, 1), self.model.device())?;
+            let row = self.model.forward_last(&x, &mut cache)?;
+            if i >= first {
+                logits.extend(row.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(score_logits(&logits, continuation))
+    }
+}
+
 /// Length of the longest common prefix.
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -298,8 +347,11 @@ mod tests {
     use lmkit_models::{LlamaConfig, LoadOptions};
 
     fn tiny(dtype: GgmlDType) -> Llama {
+        // One file per call: tests run in parallel.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let p = std::env::temp_dir().join(format!(
-            "lmkit-loglik-{}-{dtype:?}.gguf",
+            "lmkit-loglik-{}-{k}-{dtype:?}.gguf",
             std::process::id()
         ));
         lmkit_models::testing::write_tiny_gguf(&p, &LlamaConfig::tiny(), 7, dtype).unwrap();
@@ -323,6 +375,38 @@ mod tests {
         Encoded {
             context: context.to_vec(),
             continuation: continuation.to_vec(),
+        }
+    }
+
+    /// Under a KV policy whose budget never binds, streamed scores equal the shared-prefix
+    /// scorer's; a binding H2O budget changes them (and they stay finite).
+    #[test]
+    fn streamed_scores_under_a_policy() {
+        use lmkit_generate::h2o::H2o;
+        use lmkit_generate::kv::Budget;
+        let m = tiny(GgmlDType::F32);
+        let ids: Vec<u32> = (0..60).map(|i| (i * 37 + 11) % 100).collect();
+        let requests = vec![req(&ids[..40], &ids[40..46]), req(&ids[..40], &ids[46..49])];
+        let plain = LoglikScorer::new(&m).score(&requests, 256).unwrap().0;
+        let policy = |budget| -> Option<Arc<dyn KvPolicy>> {
+            Some(Arc::new(H2o {
+                budget,
+                recent: 0.5,
+            }))
+        };
+        let never = LoglikScorer::with_policy(&m, policy(Budget::Tokens(1000)))
+            .score(&requests, 256)
+            .unwrap()
+            .0;
+        let tight = LoglikScorer::with_policy(&m, policy(Budget::Tokens(8)))
+            .score(&requests, 256)
+            .unwrap()
+            .0;
+        for ((a, b), c) in plain.iter().zip(&never).zip(&tight) {
+            assert!((a.logprob - b.logprob).abs() < 1e-3, "{a:?} vs {b:?}");
+            assert_eq!((a.tokens, a.greedy), (b.tokens, b.greedy));
+            assert!(c.logprob.is_finite());
+            assert!((a.logprob - c.logprob).abs() > 1e-4, "{a:?} vs {c:?}");
         }
     }
 
