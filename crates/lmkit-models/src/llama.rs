@@ -838,6 +838,11 @@ impl Llama {
         let g = h / kh;
         // One pass for q, k and v (the input is quantized once): (b, t, h·d), (b, t, k·d) ×2.
         let qkv = Linear::forward_many(&[&a.q, &a.k, &a.v], x)?;
+        // Quantized products return f32: attention runs in the compute dtype, as RoPE's tables.
+        let qkv: Vec<Tensor> = qkv
+            .into_iter()
+            .map(|t| t.to_dtype(self.dtype))
+            .collect::<std::result::Result<_, _>>()?;
         let q = qkv[0]
             .reshape((b, t, h, d))?
             .transpose(1, 2)?
