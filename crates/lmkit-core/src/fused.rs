@@ -226,6 +226,47 @@ impl CustomOp3 for RmsGrad {
     }
 }
 
+/// RMSNorm's backward on row-major f32 slices `x`, `g (rows, c)` and `w (c,)`: writes ∂x into
+/// `dx` (adds to it with `accumulate`) and returns ∂w. ∂w is summed from fixed chunks of 64 rows
+/// in order, so the bits do not depend on the threads. (The CPU twin of the CUDA kernel, and
+/// the CPU training path's norm backward.)
+pub fn rms_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    accumulate: bool,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    const ROWS: usize = 64;
+    let c = w.len().max(1);
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c).zip(g.par_chunks(ROWS * c)))
+        .map(|(d, (xs, gs))| {
+            let mut acc = vec![0f32; c];
+            for ((d, xr), gr) in d.chunks_mut(c).zip(xs.chunks(c)).zip(gs.chunks(c)) {
+                let ss: f32 = xr.iter().map(|v| v * v).sum();
+                let r = 1.0 / (ss / c as f32 + eps).sqrt();
+                let dot: f32 = (0..c).map(|j| xr[j] * r * gr[j] * w[j]).sum::<f32>() / c as f32;
+                for j in 0..c {
+                    let xh = xr[j] * r;
+                    let v = r * (gr[j] * w[j] - xh * dot);
+                    d[j] = if accumulate { d[j] + v } else { v };
+                    acc[j] += gr[j] * xh;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut dw = vec![0f32; c];
+    for p in &partials {
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    dw
+}
+
 /// [`rms_norm`]'s backward in one pass over f32 `x (…, c)`, `w (c,)` and `g`: a `(rows + k, c)`
 /// result with ∂x in the first rows and k partial sums of ∂w after them.
 struct RmsBwd {
@@ -247,7 +288,6 @@ impl CustomOp3 for RmsBwd {
         lg: &Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         use candle_core::CpuStorage as S;
-        use rayon::prelude::*;
         let (S::F32(x), S::F32(w), S::F32(g)) = (x, w, g) else {
             candle_core::bail!("rms_norm_bwd: f32 inputs")
         };
@@ -266,33 +306,9 @@ impl CustomOp3 for RmsBwd {
             )
         }
         let rows = x.len() / c;
-        let eps = self.eps as f32;
         let mut out = vec![0f32; (rows + 1) * c];
         let (dx, dw) = out.split_at_mut(rows * c);
-        // ∂w from fixed chunks of rows summed in order: the same bits whatever the threads.
-        const ROWS: usize = 64;
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(ROWS * c)
-            .zip(x.par_chunks(ROWS * c).zip(g.par_chunks(ROWS * c)))
-            .map(|(d, (xs, gs))| {
-                let mut acc = vec![0f32; c];
-                for ((d, xr), gr) in d.chunks_mut(c).zip(xs.chunks(c)).zip(gs.chunks(c)) {
-                    let ss: f32 = xr.iter().map(|v| v * v).sum();
-                    let r = 1.0 / (ss / c as f32 + eps).sqrt();
-                    let dot: f32 = (0..c).map(|j| xr[j] * r * gr[j] * w[j]).sum::<f32>() / c as f32;
-                    for j in 0..c {
-                        let xh = xr[j] * r;
-                        d[j] = r * (gr[j] * w[j] - xh * dot);
-                        acc[j] += gr[j] * xh;
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut partial = vec![0f32; c];
-        for p in &partials {
-            partial.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-        }
+        let partial = rms_norm_backward(x, w, g, self.eps as f32, dx, false);
         dw.copy_from_slice(&partial);
         Ok((S::F32(out), Shape::from((rows + 1, c))))
     }

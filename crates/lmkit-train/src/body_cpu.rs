@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use lmkit_core::candle::backprop::GradStore;
 use lmkit_core::candle::Var;
 use lmkit_core::cpu::{read_f32, F32Values};
+use lmkit_core::fused::rms_norm_backward;
 use lmkit_core::linear::Weight;
 use lmkit_core::sgemm::{sgemm, sgemm_serial, sgemm_serial_into, View};
 use lmkit_core::{DType, Device, Tensor};
@@ -87,7 +88,6 @@ struct LayerW<'a> {
 /// What one block's backward needs from its forward.
 struct Stash {
     x: Vec<f32>,
-    r1: Vec<f32>,
     a1: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -96,7 +96,6 @@ struct Stash {
     p: Vec<f32>,
     y: Vec<f32>,
     xm: Vec<f32>,
-    r2: Vec<f32>,
     a2: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
@@ -250,7 +249,7 @@ pub fn loss_and_grads(
         stashes.push(s);
         x = out;
     }
-    let (hidden, rf) = rms_forward(&x, final_norm, dm.c, dm.eps);
+    let hidden = rms_forward(&x, final_norm, dm.c, dm.eps);
 
     // The output layer and the loss, through the head's own fused pass.
     let hv = Var::from_vec(hidden, (dm.n, dm.c), &Device::Cpu)?;
@@ -280,7 +279,7 @@ pub fn loss_and_grads(
     let mut dx = vec![0f32; dm.n * dm.c];
     out.push((
         "model.norm.weight".into(),
-        rms_backward(&x, &rf, final_norm, &dh, &mut dx, dm.c),
+        rms_norm_backward(&x, final_norm, &dh, dm.eps, &mut dx, true),
     ));
     drop((x, dh));
     for (i, (w, s)) in layers.iter().zip(stashes).enumerate().rev() {
@@ -337,7 +336,7 @@ fn layer_forward(
     sin: &[f32],
 ) -> Result<(Stash, Vec<f32>)> {
     let (n, c, f) = (dm.n, dm.c, dm.f);
-    let (a1, r1) = rms_forward(&x, w.n1, c, dm.eps);
+    let a1 = rms_forward(&x, w.n1, c, dm.eps);
     let mut q = linear(&a1, w.q, n, c, dm.hd())?;
     let mut k = linear(&a1, w.k, n, c, dm.kd())?;
     let mut v = linear(&a1, w.v, n, c, dm.kd())?;
@@ -353,7 +352,7 @@ fn layer_forward(
     xm.par_iter_mut()
         .zip(x.par_iter())
         .for_each(|(a, b)| *a += b);
-    let (a2, r2) = rms_forward(&xm, w.n2, c, dm.eps);
+    let a2 = rms_forward(&xm, w.n2, c, dm.eps);
     let g = linear(&a2, w.gate, n, c, f)?;
     let u = linear(&a2, w.up, n, c, f)?;
     let mut mid = g.clone();
@@ -364,7 +363,6 @@ fn layer_forward(
         .for_each(|(a, b)| *a += b);
     let stash = Stash {
         x,
-        r1,
         a1,
         q,
         k,
@@ -372,7 +370,6 @@ fn layer_forward(
         p,
         y,
         xm,
-        r2,
         a2,
         g,
         u,
@@ -435,7 +432,7 @@ fn layer_backward(
     )?;
     drop((dg, du));
     let mut dxm = dout;
-    let d_n2 = rms_backward(&s.xm, &s.r2, w.n2, &da2, &mut dxm, c);
+    let d_n2 = rms_norm_backward(&s.xm, w.n2, &da2, dm.eps, &mut dxm, true);
     drop(da2);
 
     // Attention: xm = x + y W_oᵀ.
@@ -455,26 +452,18 @@ fn layer_backward(
     let d_k = weight_grad(&dk, &s.a1, n, dm.kd(), c)?;
     let d_v = weight_grad(&dv, &s.a1, n, dm.kd(), c)?;
     let mut da1 = vec![0f32; n * c];
-    sgemm(
-        &mut da1,
-        View::rows(&dq, n, dm.hd()),
-        View::rows(w.q, dm.hd(), c),
-        false,
-    )?;
-    sgemm(
-        &mut da1,
-        View::rows(&dk, n, dm.kd()),
-        View::rows(w.k, dm.kd(), c),
-        true,
-    )?;
-    sgemm(
-        &mut da1,
-        View::rows(&dv, n, dm.kd()),
-        View::rows(w.v, dm.kd(), c),
-        true,
-    )?;
+    for (i, (dp, wp, m)) in [
+        (&dq, w.q, dm.hd()),
+        (&dk, w.k, dm.kd()),
+        (&dv, w.v, dm.kd()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        sgemm(&mut da1, View::rows(dp, n, m), View::rows(wp, m, c), i > 0)?;
+    }
     let mut dx = dxm;
-    let d_n1 = rms_backward(&s.x, &s.r1, w.n1, &da1, &mut dx, c);
+    let d_n1 = rms_norm_backward(&s.x, w.n1, &da1, dm.eps, &mut dx, true);
 
     let mut named = vec![
         (LAYER_NAMES[0], d_n1),
@@ -556,47 +545,13 @@ fn silu_mul(g: &mut [f32], u: &[f32]) {
         .for_each(|(g, u)| lmkit_kernels::ops::silu_mul(isa, g, u));
 }
 
-/// RMSNorm of each row of `x (n, c)`: the output and each row's `r`.
-fn rms_forward(x: &[f32], w: &[f32], c: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+/// RMSNorm of each row of `x (n, c)` (the inference kernel, on the thread pool).
+fn rms_forward(x: &[f32], w: &[f32], c: usize, eps: f32) -> Vec<f32> {
     let mut a = vec![0f32; x.len()];
-    let mut r = vec![0f32; x.len() / c.max(1)];
     a.par_chunks_mut(c)
-        .zip(r.par_iter_mut())
         .zip(x.par_chunks(c))
-        .for_each(|((a, r), x)| {
-            let ss: f32 = x.iter().map(|v| v * v).sum();
-            *r = 1.0 / (ss / c as f32 + eps).sqrt();
-            for ((o, v), g) in a.iter_mut().zip(x).zip(w) {
-                *o = v * *r * g;
-            }
-        });
-    (a, r)
-}
-
-/// RMSNorm's backward: adds the input's gradient into `dx` and returns the weight's.
-fn rms_backward(x: &[f32], r: &[f32], w: &[f32], da: &[f32], dx: &mut [f32], c: usize) -> Vec<f32> {
-    let partials = dx
-        .par_chunks_mut(c * GROUP)
-        .zip(x.par_chunks(c * GROUP).zip(r.par_chunks(GROUP)))
-        .zip(da.par_chunks(c * GROUP))
-        .map(|((dx, (x, r)), da)| {
-            let mut dw = vec![0f32; c];
-            for (((dx, x), &r), da) in dx.chunks_mut(c).zip(x.chunks(c)).zip(r).zip(da.chunks(c)) {
-                let mut dot = 0f32;
-                for i in 0..c {
-                    dot += x[i] * r * da[i] * w[i];
-                }
-                let mean = dot / c as f32;
-                for i in 0..c {
-                    let xh = x[i] * r;
-                    dx[i] += r * (da[i] * w[i] - xh * mean);
-                    dw[i] += da[i] * xh;
-                }
-            }
-            dw
-        })
-        .collect();
-    ordered_sum(partials, c)
+        .for_each(|(a, x)| lmkit_kernels::ops::rmsnorm(x, w, eps, a));
+    a
 }
 
 /// Rotates every head of every row of `x (b·t, width)` (heads of `d`) by RoPE at the row's
