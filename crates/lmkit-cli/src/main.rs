@@ -57,12 +57,17 @@ enum Command {
     Info(info::Args),
     /// Download the default model into the cache (done automatically when needed).
     Fetch(fetch::Args),
-    /// Pretrain a Llama-family model from scratch on text (checkpoints, --resume, HF export).
+    /// Train a Llama-family model: from scratch on text, or fine-tune one (full or LoRA) on chat
+    /// data (checkpoints, --resume, HF and GGUF export).
     Train(train::Args),
     /// Align a model to preference pairs with DPO (full fine-tuning, or LoRA with --lora).
     Dpo(dpo::Args),
+    /// A model's logits at every position of a text, saved as safetensors and compared with
+    /// another run's (CPU vs GPU, f32 vs bf16).
     Logits(logits::Args),
+    /// The curves of a run's metrics.jsonl (train, DPO, DoReMi) as an SVG file.
     Plot(plot::Args),
+    /// Write any model lmkit loads as a GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1).
     Export(export::Args),
     /// Post-training quantization to 2/3/4 bits: RTN, GPTQ (LDLQ) or QuIP (incoherence processing).
     Quantize(quantize::Args),

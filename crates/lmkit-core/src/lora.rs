@@ -79,28 +79,36 @@ impl DropoutState {
 }
 
 impl LoraDropout {
-    /// `x ⊙ k / (1 − p)` (a fresh mask per micro-batch), or `x` when dropout is off.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let Some(key) = self.state.key() else {
-            return Ok(x.clone());
-        };
+    /// This micro-batch's mask over `n` input elements (row-major): `0` for a dropped
+    /// element, `1 / (1 − p)` for a kept one; None when dropout is off (evaluation) or `p` is
+    /// 0. The same mask for the same (seed, micro-batch, adapter), whichever path asks.
+    pub fn mask(&self, n: usize) -> Option<Vec<f32>> {
+        let key = self.state.key()?;
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return None;
         }
         let key = mix(key ^ self.id.wrapping_mul(0xD6E8_FEB8_6659_FD93));
-        let n = x.elem_count();
         let (p, keep) = (self.p, 1.0 / (1.0 - self.p));
-        let mask: Vec<f32> = (0..n as u64)
-            .into_par_iter()
-            .map(|i| {
-                let u = (mix(key ^ i) >> 40) as f32 / (1u64 << 24) as f32;
-                if u < p {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
+        Some(
+            (0..n as u64)
+                .into_par_iter()
+                .map(|i| {
+                    let u = (mix(key ^ i) >> 40) as f32 / (1u64 << 24) as f32;
+                    if u < p {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// `x ⊙ k / (1 − p)` (a fresh mask per micro-batch), or `x` when dropout is off.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(mask) = self.mask(x.elem_count()) else {
+            return Ok(x.clone());
+        };
         let mask = Tensor::from_vec(mask, x.dims(), x.device())
             .and_then(|m| m.to_dtype(x.dtype()))
             .op("lora dropout mask")?;

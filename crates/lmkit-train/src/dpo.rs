@@ -15,6 +15,8 @@
 //! Deviations: none in the loss (the `sigmoid` loss type, no label smoothing); the other loss
 //! variants TRL offers (IPO, hinge, robust, …) are not implemented yet.
 
+use lmkit_core::candle::backprop::GradStore;
+use lmkit_core::candle::Var;
 use lmkit_core::candle_nn::ops::log_softmax;
 use lmkit_core::{DType, Tensor, D};
 use lmkit_models::Llama;
@@ -39,10 +41,15 @@ pub struct DpoMetrics {
     pub logps_rejected: f64,
 }
 
-/// `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`, stable for any `x`.
+/// `log σ(x) = −log(1 + e^{−x})`, with `x` clamped at −80 inside the exponential and the rest
+/// carried by a linear term (below −80, `log σ(x) = x` to f32 precision), so any `x` is finite.
+/// The formula is smooth at 0, so autograd gives σ(0) = ½ there, as torch's `logsigmoid` does.
+/// (The kinked form `min(x, 0) − log(1 + e^{−|x|})` got 1 at exactly 0, which is where every
+/// pair starts: the policy is the reference at DPO's first step.)
 fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    Ok((x.minimum(0f32)? - soft)?)
+    let e = x.maximum(-80f32)?.neg()?.exp()?; // e^{−x}, at most e^{80}
+    let tail = (x + 80.0)?.minimum(0f32)?; // x + 80 below −80, else 0
+    Ok(((e + 1.0)?.log()?.neg()? + tail)?)
 }
 
 fn mean(t: &Tensor) -> Result<f64> {
@@ -88,7 +95,7 @@ pub fn sequence_logps(model: &Llama, ids: &Tensor, completion: &Tensor) -> Resul
 
 /// [`sequence_logps`]; without `grad`, the output layer prepares no gradients.
 fn logps(model: &Llama, ids: &Tensor, completion: &Tensor, grad: bool) -> Result<Tensor> {
-    let (b, t) = ids.dims2()?;
+    let t = ids.dims2()?.1;
     let dev = model.device();
     let mask = completion.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?; // (b, t−1)
     let Some(w) = crate::head_loss::dense_head(model) else {
@@ -104,7 +111,15 @@ fn logps(model: &Llama, ids: &Tensor, completion: &Tensor, grad: bool) -> Result
         true => (h, w.clone()),
         false => (h.detach(), w.detach()),
     };
-    let w = &w;
+    logps_of_hidden(&h, &w, ids, completion)
+}
+
+/// [`sequence_logps`] from the final hidden states `h (b, t−1, c)` of `ids[.., :t−1]` and the
+/// dense output layer `w (v, c)`.
+fn logps_of_hidden(h: &Tensor, w: &Tensor, ids: &Tensor, completion: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let dev = h.device();
+    let mask = completion.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?; // (b, t−1)
     let c = h.dims()[2];
     let keep: Vec<u32> = mask
         .flatten_all()?
@@ -222,17 +237,40 @@ impl PrefData {
     }
 }
 
-fn policy_loss(
+/// The DPO loss of the pairs `idx` and its gradient for `vars`: through lmkit's own CPU
+/// backward of the blocks where it applies ([`crate::body_cpu`]), else candle's autograd.
+fn policy_loss_and_grads(
     policy: &Llama,
+    vars: &[Var],
     data: &PrefData,
     idx: &[usize],
     beta: f64,
     pad: u32,
-) -> Result<DpoOutput> {
+) -> Result<(DpoOutput, GradStore)> {
     let (ids, mask, rc, rr) = data.batch(idx, pad, policy.device())?;
-    let lp = sequence_logps(policy, &ids, &mask)?; // (2n,): chosen rows, then rejected
     let n = idx.len();
-    dpo_loss(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)
+    let t = ids.dims2()?.1;
+    let head = crate::head_loss::dense_head(policy);
+    let pass = match (head, t > 1) {
+        (Some(_), true) => crate::body_cpu::forward(policy, vars, &ids.narrow(1, 0, t - 1)?)?,
+        _ => None,
+    };
+    let (Some(pass), Some(w)) = (pass, head) else {
+        let lp = sequence_logps(policy, &ids, &mask)?; // (2n,): chosen rows, then rejected
+        let out = dpo_loss(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
+        let grads = out.loss.backward()?;
+        return Ok((out, grads));
+    };
+    let lp = logps_of_hidden(pass.hidden(), w, &ids, &mask)?;
+    let out = dpo_loss(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
+    let mut grads = out.loss.backward()?;
+    let dh = match grads.remove(pass.hidden()) {
+        Some(g) => g,
+        // No completion token in the batch: nothing flows back.
+        None => pass.hidden().zeros_like()?,
+    };
+    pass.backward(&dh, &mut grads)?;
+    Ok((out, grads))
 }
 
 /// DPO metrics of `policy` on every pair of `data` (no gradients kept).
@@ -261,7 +299,7 @@ pub fn train(
             why: "batch and the data must not be empty".into(),
         });
     }
-    let mut opt = crate::AdamW::new(vars.into_iter().map(|v| (v, true)).collect(), cfg.adamw)?;
+    let mut opt = crate::AdamW::new(vars.iter().map(|v| (v.clone(), true)).collect(), cfg.adamw)?;
     // A seeded order of the pairs, reshuffled each epoch.
     let mut order: Vec<usize> = Vec::new();
     let mut rng = cfg.seed | 1;
@@ -286,12 +324,11 @@ pub fn train(
         if let Some(d) = &dropout {
             d.train(step as u64);
         }
-        let out = policy_loss(policy, data, &idx, cfg.beta, pad);
+        let out = policy_loss_and_grads(policy, &vars, data, &idx, cfg.beta, pad);
         if let Some(d) = &dropout {
             d.eval();
         }
-        let out = out?;
-        let grads = out.loss.backward()?;
+        let (out, grads) = out?;
         let norm = opt.grad_norm(&grads)?;
         let scale = cfg.clip.map_or(1.0, |c| crate::adamw::clip_scale(norm, c));
         opt.step(&grads, lr, scale)?;

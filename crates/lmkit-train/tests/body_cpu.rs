@@ -141,15 +141,114 @@ fn other_models_take_the_autograd_path_and_bad_ids_are_refused() -> Res {
     // bf16 compute: not this path.
     let low = t.to_device(&Device::Cpu, DType::BF16)?;
     assert!(loss_and_grads(&low, &ids(&cfg, 1, 8)?, None)?.is_none());
-    let bad = Tensor::from_vec(vec![1u32, 2, cfg.vocab_size as u32], (1, 3), &Device::Cpu)?;
-    let Err(e) = loss_and_grads(&t, &bad, None) else {
-        panic!("an error")
-    };
-    assert!(e.to_string().contains("token id 128"), "{e}");
+    // Out of the vocabulary as an input, and as a target only.
+    for bad in [[1u32, 128, 2], [1, 2, 128]] {
+        let bad = Tensor::from_vec(bad.to_vec(), (1, 3), &Device::Cpu)?;
+        let Err(e) = loss_and_grads(&t, &bad, None) else {
+            panic!("an error")
+        };
+        let e = e.to_string();
+        assert!(e.contains("128") && e.contains("outside"), "{e}");
+    }
     let long = ids(&cfg, 1, cfg.max_position_embeddings + 2)?;
     let Err(e) = loss_and_grads(&t, &long, None) else {
         panic!("an error")
     };
     assert!(e.to_string().contains("context"), "{e}");
+    Ok(())
+}
+
+/// A model on plain tensors (nothing trains) with `cfg`'s random weights, LoRA adapters on
+/// `targets` (random A and B, so every adapter gradient is nonzero) and dropout at micro-batch
+/// 3: the adapters' variables.
+fn lora_model(
+    cfg: &LlamaConfig,
+    targets: &[&str],
+    dropout: f64,
+) -> Result<Trainable, Box<dyn std::error::Error>> {
+    let base = random(cfg.clone(), 9)?;
+    let plain: HashMap<String, Tensor> = base
+        .params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    let mut model = lmkit_models::Llama::load(
+        cfg.clone(),
+        &WeightSource::Map(plain),
+        lmkit_models::LoadOptions::default(),
+        &Device::Cpu,
+    )?;
+    let lc = lmkit_train::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        targets: targets.iter().map(|s| s.to_string()).collect(),
+    };
+    let params = lmkit_train::lora::attach(&mut model, &lc, 4)?;
+    for (i, (_, v)) in params.iter().enumerate() {
+        let x = v.as_tensor();
+        let n = x.elem_count();
+        let vals: Vec<f32> = (0..n)
+            .map(|j| ((i * 131 + j) as f32 * 0.37).sin() * 0.2)
+            .collect();
+        v.set(&Tensor::from_vec(vals, x.shape(), &Device::Cpu)?)?;
+    }
+    if let Some(d) = model.lora_dropout() {
+        d.train(3);
+    }
+    Ok(Trainable { model, params })
+}
+
+#[test]
+fn lora_matches_the_autograd_path() -> Res {
+    let mut cfg = LlamaConfig::tiny();
+    cfg.attention_bias = true; // frozen biases
+    cfg.num_heads = 4;
+    cfg.num_kv_heads = 2;
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    // Every layer kind with dropout; and an adapter on the last block only (the backward
+    // stops there).
+    for (targets, dropout) in [(&all[..], 0.2), (&["1.self_attn.v_proj"][..], 0.0)] {
+        let t = lora_model(&cfg, targets, dropout)?;
+        let (b, t1) = (2, 40);
+        let ids = ids(&cfg, b, t1)?;
+        let mask: Vec<f32> = (0..b * (t1 - 1))
+            .map(|i| (i % 3 != 0) as u8 as f32)
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, t1 - 1), &Device::Cpu)?;
+        let (l, got) = loss_and_grads(&t, &ids, Some(&mask))?.expect("the native path applies");
+        let lw = loss_masked(&t.model, &ids, Some(&mask))?;
+        let want = lw.backward()?;
+        let (a, b) = (l.to_scalar::<f32>()?, lw.to_scalar::<f32>()?);
+        assert!((a - b).abs() < 1e-5, "loss {a} vs autograd {b}");
+        assert_eq!(
+            t.params.len(),
+            2 * targets.len() * if targets.len() > 1 { 2 } else { 1 }
+        );
+        for (name, var) in &t.params {
+            let g = got.get(var.as_tensor()).expect("a gradient");
+            let w = want.get(var.as_tensor()).expect("a reference gradient");
+            let (err, scale) = rel_err(g, w)?;
+            assert!(scale > 0.0, "{name}: zero gradient");
+            assert!(
+                err <= GRAD_REL_TOL * scale,
+                "{name}: {err} vs scale {scale}"
+            );
+        }
+        // The frozen base gets no gradient.
+        for (name, w) in t.model.named_weights() {
+            if let lmkit_core::linear::Weight::Dense(w) = w {
+                assert!(got.get(w).is_none(), "{name} got a gradient");
+            }
+        }
+    }
     Ok(())
 }

@@ -62,6 +62,28 @@ fn the_gradient_raises_chosen_and_lowers_rejected() {
         gc.iter().all(|&x| x < 0.0) && gr.iter().all(|&x| x > 0.0),
         "{gc:?} {gr:?}"
     );
+    // At the first step the policy is the reference: every margin is exactly 0, and the
+    // gradient is torch's, −β σ(0) / n per chosen log-prob (not twice that).
+    let pc = Var::new(&[-5.0f32, -7.0], &Device::Cpu).unwrap();
+    let pr = Var::new(&[-6.0f32, -6.5], &Device::Cpu).unwrap();
+    let out = dpo_loss(
+        pc.as_tensor(),
+        pr.as_tensor(),
+        &pc.as_tensor().detach(),
+        &pr.as_tensor().detach(),
+        0.1,
+    )
+    .unwrap();
+    assert!((out.metrics.loss - std::f64::consts::LN_2).abs() < 1e-6);
+    let g = out.loss.backward().unwrap();
+    let gc = g.get(pc.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let gr = g.get(pr.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    for (c, r) in gc.iter().zip(&gr) {
+        assert!(
+            (c + 0.025).abs() < 1e-7 && (r - 0.025).abs() < 1e-7,
+            "{gc:?} {gr:?}"
+        );
+    }
     // Large margins stay finite (log-sigmoid is computed stably).
     let big = Tensor::new(&[1e4f32, -1e4], &Device::Cpu).unwrap();
     let z = Tensor::new(&[0f32, 0.0], &Device::Cpu).unwrap();
