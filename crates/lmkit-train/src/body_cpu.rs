@@ -204,7 +204,8 @@ pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
         }
     }
     let head = m.lm_head();
-    if head.lora().is_some() || head.bias().is_some() {
+    let dense_head = matches!(head.weight(), Weight::Dense(w) if f32_cpu(w));
+    if !dense_head || head.lora().is_some() || head.bias().is_some() {
         return false;
     }
     trainable

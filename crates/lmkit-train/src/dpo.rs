@@ -47,6 +47,7 @@ pub struct DpoMetrics {
 /// (The kinked form `min(x, 0) − log(1 + e^{−|x|})` got 1 at exactly 0, which is where every
 /// pair starts: the policy is the reference at DPO's first step.)
 fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let x = &x.to_dtype(DType::F32)?; // e^{80} overflows f16
     let e = x.maximum(-80f32)?.neg()?.exp()?; // e^{−x}, at most e^{80}
     let tail = (x + 80.0)?.minimum(0f32)?; // x + 80 below −80, else 0
     Ok(((e + 1.0)?.log()?.neg()? + tail)?)
@@ -264,12 +265,11 @@ fn policy_loss_and_grads(
     let lp = logps_of_hidden(pass.hidden(), w, &ids, &mask)?;
     let out = dpo_loss(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
     let mut grads = out.loss.backward()?;
-    let dh = match grads.remove(pass.hidden()) {
-        Some(g) => g,
-        // No completion token in the batch: nothing flows back.
-        None => pass.hidden().zeros_like()?,
-    };
-    pass.backward(&dh, &mut grads)?;
+    // No completion token in the batch: nothing flows back, and no variable gets a gradient
+    // (as on the autograd path, so AdamW leaves them alone).
+    if let Some(dh) = grads.remove(pass.hidden()) {
+        pass.backward(&dh, &mut grads)?;
+    }
     Ok((out, grads))
 }
 
