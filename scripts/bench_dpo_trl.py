@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import datasets
@@ -80,7 +81,7 @@ def main():
     model.hf_quantizer, model.is_quantized = None, False
     ds = datasets.Dataset.from_list(pairs(a.data, a.limit))
     cfg = trl.DPOConfig(
-        output_dir="/tmp/lmkit-bench-dpo-trl", per_device_train_batch_size=a.batch,
+        output_dir=tempfile.mkdtemp(prefix="lmkit-bench-dpo-trl-"), per_device_train_batch_size=a.batch,
         max_steps=2 + a.steps, max_length=a.max_len, truncation_mode="keep_end",
         precompute_ref_log_probs=True, beta=0.1, learning_rate=5e-4, lr_scheduler_type="cosine",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[],
