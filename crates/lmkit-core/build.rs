@@ -1,15 +1,27 @@
-//! With the `cuda` feature, compiles `cuda/fused.cu` to PTX with nvcc (from `CUDA_ROOT`'s
-//! `bin`, else the `PATH`), for `CUDA_COMPUTE_CAP` (default 80; the driver JIT-compiles PTX for
-//! newer GPUs). Without the feature it does nothing.
+//! With the `cuda` feature, compiles `cuda/fused.cu` and `cuda/decode.cu` to PTX with nvcc (from
+//! `CUDA_ROOT`'s `bin`, else the `PATH`), for `CUDA_COMPUTE_CAP` (default 80; the driver
+//! JIT-compiles PTX for newer GPUs). With `cuda-emu`, compiles `cuda/decode.cu` as C++ together
+//! with the CPU emulator of `cuda/emu/` (the tests run the kernels there). Without either
+//! feature it does nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=cuda/fused.cu");
+    println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
+    if std::env::var_os("CARGO_FEATURE_CUDA_EMU").is_some() {
+        cc::Build::new()
+            .cpp(true)
+            .std("c++17")
+            .opt_level(2)
+            .flag_if_supported("-Wno-unknown-pragmas")
+            .file("cuda/emu/emu.cpp")
+            .file("cuda/emu/decode_emu.cpp")
+            .compile("lmkit_cuda_emu");
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -20,26 +32,28 @@ fn main() {
         Some(root) => PathBuf::from(root).join("bin").join("nvcc"),
         None => PathBuf::from("nvcc"),
     };
-    let mut cmd = Command::new(&nvcc);
-    if let Some(root) = std::env::var_os("CUDA_ROOT") {
-        cmd.arg("-I").arg(PathBuf::from(root).join("include"));
-    }
-    let status = cmd
-        .args([
-            "--ptx",
-            "-O3",
-            &format!("-arch=compute_{cap}"),
-            "cuda/fused.cu",
-            "-o",
-        ])
-        .arg(out.join("fused.ptx"))
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("{} failed on cuda/fused.cu ({s})", nvcc.display()),
-        Err(e) => panic!(
-            "cannot run {} ({e}): build with scripts/build-cuda, or set CUDA_ROOT",
-            nvcc.display()
-        ),
+    for name in ["fused", "decode"] {
+        let mut cmd = Command::new(&nvcc);
+        if let Some(root) = std::env::var_os("CUDA_ROOT") {
+            cmd.arg("-I").arg(PathBuf::from(root).join("include"));
+        }
+        let status = cmd
+            .args([
+                "--ptx",
+                "-O3",
+                &format!("-arch=compute_{cap}"),
+                &format!("cuda/{name}.cu"),
+                "-o",
+            ])
+            .arg(out.join(format!("{name}.ptx")))
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("{} failed on cuda/{name}.cu ({s})", nvcc.display()),
+            Err(e) => panic!(
+                "cannot run {} ({e}): build with scripts/build-cuda, or set CUDA_ROOT",
+                nvcc.display()
+            ),
+        }
     }
 }

@@ -141,11 +141,15 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// A cache for `batch` sequences in lockstep: the model's own (the native CPU path's, or with
+/// `LMKIT_CUDA_DECODE=fused` on a GPU fused decoding's, which takes batches), else the
+/// reference path's.
 fn cache_for(model: &Llama, batch: usize) -> lmkit::models::KvCache {
-    match batch {
-        1 => model.new_cache(),
-        _ => model.new_reference_cache(),
+    let cache = model.new_cache();
+    if batch == 1 || cache.is_slab() {
+        return cache;
     }
+    model.new_reference_cache()
 }
 
 /// `batch` prompts of `ids` through an empty cache; tokens/s over all of them. The clock stops

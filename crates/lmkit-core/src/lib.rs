@@ -17,6 +17,7 @@ pub mod embed_grad;
 pub mod error;
 pub mod frozen;
 pub mod fused;
+pub mod launch;
 pub mod linear;
 pub mod lora;
 pub mod norm;

@@ -72,7 +72,7 @@ impl Generation {
 }
 
 /// A KV cache plus the tokens it holds.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Session {
     pub cache: KvCache,
     pub tokens: Vec<u32>,

@@ -7,22 +7,119 @@
 
 use std::sync::Arc;
 
-use lmkit_core::Tensor;
+use lmkit_core::{DType, Device, Tensor};
 
+use crate::fused_decode::FusedDecoder;
 use crate::native::NativeCache;
 use crate::tensor_evict::Tracked;
 use crate::{Error, KvPolicy, Result};
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Inner {
     /// Per layer: keys and values `(b, k, T, d)`.
     Tensors(Vec<Option<(Tensor, Tensor)>>),
     Native(Box<NativeCache>),
+    Slab(Box<Slab>),
+}
+
+/// Preallocated keys and values, written in place: per layer `(b, k, cap, d)` in the compute
+/// dtype. The cache of fused decoding (`crate::fused_decode`), whose step it keeps.
+pub(crate) struct Slab {
+    kv: Vec<(Tensor, Tensor)>,
+    layers: usize,
+    batch: usize,
+    cap: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+    /// Positions to allocate at first (see [`KvCache::reserve`]).
+    reserved: usize,
+    decoder: Option<Box<FusedDecoder>>,
+}
+
+impl std::fmt::Debug for Slab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slab")
+            .field("batch", &self.batch)
+            .field("cap", &self.cap)
+            .field("decoder", &self.decoder)
+            .finish()
+    }
+}
+
+impl Slab {
+    /// A copy of the keys and values (not the decoding step, which is rebuilt on demand).
+    fn copy(&self) -> Result<Slab> {
+        let kv = self
+            .kv
+            .iter()
+            .map(|(k, v)| Ok((k.copy()?, v.copy()?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Slab {
+            kv,
+            layers: self.layers,
+            batch: self.batch,
+            cap: self.cap,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            reserved: self.reserved,
+            decoder: None,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        self.kv
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Room for `need` positions of `batch` sequences, keeping the first `len`: the buffers
+    /// double when they grow (and the decoding step is rebuilt over the new ones).
+    fn ensure(&mut self, batch: usize, len: usize, need: usize) -> Result<()> {
+        if batch != self.batch {
+            if len > 0 {
+                return Err(Error::Kv(format!(
+                    "a cache of {} sequences got a batch of {batch}",
+                    self.batch
+                )));
+            }
+            self.kv.clear();
+            self.cap = 0;
+            self.batch = batch;
+        }
+        if need <= self.cap && self.kv.len() == self.layers {
+            return Ok(());
+        }
+        let cap = need
+            .max(self.cap * 2)
+            .max(self.reserved)
+            .max(64)
+            .next_multiple_of(64);
+        let shape = (batch, self.kv_heads, cap, self.head_dim);
+        let mut kv = Vec::with_capacity(self.layers);
+        for i in 0..self.layers {
+            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+            if let (true, Some((ok, ov))) = (len > 0, self.kv.get(i)) {
+                k.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                v.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            kv.push((k, v));
+        }
+        self.kv = kv;
+        self.cap = cap;
+        self.decoder = None;
+        Ok(())
+    }
 }
 
 /// The KV cache: full (unbounded) unless an eviction policy is set
 /// ([`KvCache::set_policy`], native caches).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     inner: Inner,
     len: usize,
@@ -48,6 +145,61 @@ impl KvCache {
         }
     }
 
+    /// A fused-decoding cache (see [`Slab`]); buffers are allocated by the first call.
+    pub(crate) fn new_slab(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            inner: Inner::Slab(Box::new(Slab {
+                kv: Vec::new(),
+                layers,
+                batch: 0,
+                cap: 0,
+                kv_heads,
+                head_dim,
+                dtype,
+                device: device.clone(),
+                reserved: 0,
+                decoder: None,
+            })),
+            len: 0,
+            policy: None,
+            tracked: None,
+        }
+    }
+
+    /// Whether this cache runs fused decoding (see [`crate::Llama::new_fused_cache`]).
+    pub fn is_slab(&self) -> bool {
+        matches!(self.inner, Inner::Slab(_))
+    }
+
+    /// A single-token step of fused decoding for `b` sequences (`ids` `(b, 1)`): logits
+    /// `(b, v)`.
+    pub(crate) fn fused_step(
+        &mut self,
+        model: &crate::Llama,
+        b: usize,
+        ids: &Tensor,
+    ) -> Result<Tensor> {
+        let len = self.len;
+        let Inner::Slab(s) = &mut self.inner else {
+            return Err(Error::Kv("fused decoding needs a slab cache".into()));
+        };
+        s.ensure(b, len, len + 1)?;
+        let decoder = match s.decoder.take() {
+            Some(d) if d.fits(b, s.cap) => d,
+            _ => Box::new(FusedDecoder::new(model, &s.kv, b, s.cap)?),
+        };
+        let decoder = s.decoder.insert(decoder);
+        let logits = decoder.step(model, ids, len, len)?;
+        self.len += 1;
+        Ok(logits)
+    }
+
     pub(crate) fn native(cache: NativeCache) -> Self {
         Self {
             inner: Inner::Native(Box::new(cache)),
@@ -68,6 +220,7 @@ impl KvCache {
             inner: match &self.inner {
                 Inner::Native(c) => Inner::Native(Box::new(c.snapshot())),
                 Inner::Tensors(t) => Inner::Tensors(t.clone()),
+                Inner::Slab(sl) => Inner::Slab(Box::new(sl.copy().ok()?)),
             },
             len: self.len,
             policy: None,
@@ -83,7 +236,7 @@ impl KvCache {
     pub(crate) fn native_mut(&mut self) -> Option<&mut NativeCache> {
         match &mut self.inner {
             Inner::Native(c) => Some(c),
-            Inner::Tensors(_) => None,
+            _ => None,
         }
     }
 
@@ -105,6 +258,12 @@ impl KvCache {
             Inner::Tensors(layers) => {
                 self.tracked = Some(Box::new(Tracked::new(layers.len(), policy.needs_scores())))
             }
+            // Eviction runs on the tensor cache: an empty slab becomes one.
+            Inner::Slab(s) => {
+                let layers = s.layers;
+                self.inner = Inner::Tensors(vec![None; layers]);
+                self.tracked = Some(Box::new(Tracked::new(layers, policy.needs_scores())));
+            }
         }
         self.policy = Some(policy);
         Ok(())
@@ -115,7 +274,7 @@ impl KvCache {
     pub fn start_at(&mut self, pos: usize) -> Result<()> {
         let ok = match &mut self.inner {
             Inner::Native(c) => c.start_at(pos),
-            Inner::Tensors(_) => false,
+            _ => false,
         };
         if ok {
             Ok(())
@@ -132,6 +291,7 @@ impl KvCache {
         match &self.inner {
             Inner::Native(c) => c.head_scores(layer, kv_head),
             Inner::Tensors(_) => self.tracked.as_ref()?.head(layer, kv_head),
+            Inner::Slab(_) => None,
         }
     }
 
@@ -180,6 +340,7 @@ impl KvCache {
         match &self.inner {
             Inner::Native(c) => c.entries(),
             Inner::Tensors(_) => self.tracked.as_ref().map_or(self.len, |t| t.entries()),
+            Inner::Slab(_) => self.len,
         }
     }
 
@@ -196,6 +357,7 @@ impl KvCache {
                     .sum();
                 (b, b)
             }
+            Inner::Slab(sl) => (sl.bytes(), sl.bytes()),
         }
     }
 
@@ -203,7 +365,7 @@ impl KvCache {
     pub fn len(&self) -> usize {
         match &self.inner {
             Inner::Native(c) => c.len(),
-            Inner::Tensors(_) => self.len,
+            Inner::Tensors(_) | Inner::Slab(_) => self.len,
         }
     }
 
@@ -215,6 +377,7 @@ impl KvCache {
         match &mut self.inner {
             Inner::Tensors(layers) => layers.iter_mut().for_each(|l| *l = None),
             Inner::Native(c) => c.clear(),
+            Inner::Slab(_) => {}
         }
         if let Some(t) = &mut self.tracked {
             **t = t.cleared();
@@ -222,16 +385,45 @@ impl KvCache {
         self.len = 0;
     }
 
-    /// Reserves room for `positions` in total (native caches; a no-op for tensors).
+    /// Reserves room for `positions` in total (native and fused-decoding caches; a no-op for
+    /// tensors).
     pub fn reserve(&mut self, positions: usize) {
-        if let Inner::Native(c) = &mut self.inner {
-            c.reserve(positions);
+        match &mut self.inner {
+            Inner::Native(c) => c.reserve(positions),
+            Inner::Slab(s) => s.reserved = s.reserved.max(positions),
+            Inner::Tensors(_) => {}
         }
     }
 
     /// Appends `(b, k, t, d)` keys and values to `layer` of a tensor cache; returns the whole
     /// `(b, k, T, d)` cache.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if let Inner::Slab(s) = &mut self.inner {
+            let (b, t) = (k.dims()[0], k.dims()[2]);
+            if layer == 0 {
+                s.ensure(b, self.len, self.len + t)?;
+            }
+            let (kc, vc) =
+                s.kv.get(layer)
+                    .ok_or_else(|| Error::Kv(format!("no layer {layer} in the cache")))?;
+            if kc.dims()[0] != b {
+                return Err(Error::Kv(format!(
+                    "a cache of {} sequences got a batch of {b}",
+                    kc.dims()[0]
+                )));
+            }
+            kc.slice_set(&k.contiguous()?, 2, self.len)?;
+            vc.slice_set(&v.contiguous()?, 2, self.len)?;
+            let total = self.len + t;
+            let out = (
+                kc.narrow(2, 0, total)?.contiguous()?,
+                vc.narrow(2, 0, total)?.contiguous()?,
+            );
+            if layer + 1 == s.layers {
+                self.len += t;
+            }
+            return Ok(out);
+        }
         let Inner::Tensors(layers) = &mut self.inner else {
             return Err(Error::Unsupported(
                 "a native KV cache cannot take tensors; make one with KvCache::new".into(),
@@ -264,6 +456,7 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         match &mut self.inner {
             Inner::Native(c) => c.truncate(len),
+            Inner::Slab(_) => self.len = self.len.min(len),
             Inner::Tensors(layers) => {
                 if len >= self.len {
                     return Ok(());

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod export;
+mod fused_decode;
 pub mod kv_policy;
 pub mod llama;
 pub mod native;

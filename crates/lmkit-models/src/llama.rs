@@ -17,6 +17,7 @@ use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
+use crate::fused_decode;
 use crate::native::{self, Consts, Dims, NativeCache, Want};
 use crate::weights::{LoadOptions, WeightSource};
 use crate::{Error, Result};
@@ -504,9 +505,34 @@ impl Llama {
         &self.lm_head
     }
 
+    /// The token embedding's table `(vocab, c)`.
+    pub fn embed_weight(&self) -> &Weight {
+        self.embed.weight()
+    }
+
+    /// Block `i`'s two RMSNorm weights (attention's, then the MLP's).
+    pub(crate) fn block_norms(&self, i: usize) -> Result<(&Tensor, &Tensor)> {
+        let b = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| Error::Unsupported(format!("no block {i}")))?;
+        Ok((b.attn_norm.weight(), b.mlp_norm.weight()))
+    }
+
+    /// The final RMSNorm's weight.
+    pub(crate) fn final_norm_weight(&self) -> &Tensor {
+        self.norm.weight()
+    }
+
     /// A fresh KV cache for this model: the native CPU path's when the model has one (see
     /// [`Llama::is_native`]), else the reference path's.
     pub fn new_cache(&self) -> KvCache {
+        if !self.device.is_cpu() && fused_decode::wanted() {
+            match self.new_fused_cache() {
+                Ok(c) => return c,
+                Err(e) => tracing::warn!("{e}; decoding on candle's ops"),
+            }
+        }
         if self.native.is_some() {
             KvCache::native(NativeCache::new(
                 self.cfg.num_layers,
@@ -517,6 +543,31 @@ impl Llama {
         } else {
             self.new_reference_cache()
         }
+    }
+
+    /// A KV cache whose single-token steps run lmkit's fused decoding kernels
+    /// (`crate::fused_decode`; a CUDA device, or the CPU emulator in tests); prompts run the
+    /// reference path on the same preallocated slab. The batch is set by the first call. An
+    /// error says why the model cannot decode this way.
+    pub fn new_fused_cache(&self) -> Result<KvCache> {
+        if let Some(why) = fused_decode::unsupported(self) {
+            return Err(Error::Unsupported(format!("fused decoding: {why}")));
+        }
+        let cfg = &self.cfg;
+        Ok(KvCache::new_slab(
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.dtype,
+            &self.device,
+        ))
+    }
+
+    /// One single-token step on the fused path: ids `(b, 1)` → logits `(b, v)` f32.
+    fn fused_step(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        // Checks the ids when they come from the host (see `check_ids`).
+        let (b, _) = self.check_ids(ids, cache.len())?;
+        cache.fused_step(self, b, ids)
     }
 
     /// A KV cache that runs the reference path (candle ops; any device, batches; the path
@@ -774,6 +825,9 @@ impl Llama {
     /// # Shapes
     /// `ids`: `(b, t)` u32 → `(b, v)` f32.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.is_slab() && ids.dims2()?.1 == 1 {
+            return self.fused_step(ids, cache);
+        }
         if cache.is_native() {
             let logits = self.native_forward(ids, cache, Want::LastLogits, &[])?;
             return Ok(Tensor::from_vec(

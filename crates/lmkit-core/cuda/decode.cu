@@ -1,0 +1,354 @@
+// lmkit's decoding kernels: one new token per sequence through a Llama block, each step a short
+// fixed chain of launches on preallocated buffers (a CUDA graph replays it; see
+// lmkit_models::fused_decode). Compiled to PTX by build.rs with the `cuda` feature, and as C++
+// for the CPU emulator with `cuda-emu` (cuda/emu/, which runs these same kernels in the tests).
+//
+// Activations are f32 rows `(b, ·)`; weights W are f32, bf16 or f16 `(n, k)` row-major; the KV
+// cache is `(b, kv_heads, cap, d)` in the compute dtype. All arithmetic is f32.
+//
+// dec_embed      x_j = E[id_j]                                          block per sequence
+// dec_rms_norm   out_j = x_j · (mean(x_j²) + ε)^(−½) ⊙ w                 block per sequence
+// dec_gemv       y_j = W x_j (+ bias) (+ res_j), W the rows of up to three matrices stacked
+//                (q, k, v read the same input); res may be y (a residual added in place).
+//                                                                        warp per output row
+// dec_gateup     m_j = silu(W_g x_j) ⊙ (W_u x_j)                         warp per output row
+// dec_rope_append  q_j ← rot(pos_j)·q_j; k_j ← rot(pos_j)·k_j, then k_j, v_j written at
+//                cache slot slot_j; rot rotates the pairs (i, i + d/2) by pos·θᵢ (HF's
+//                rotate-half layout).                                   block per (sequence, head)
+// dec_attn       y = softmax(s·q Kᵀ) V over the slot_j + 1 cached entries of q's kv head.
+//                                                                        block per (sequence, head)
+
+#ifdef LMKIT_EMU
+#include "emu/emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#define LMKIT_REG(name)
+#endif
+
+typedef float f32;
+typedef __nv_bfloat16 bf16;
+typedef __half f16;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(f16 x) { return __half2float(x); }
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void put(bf16* p, float v) { *p = __float2bfloat16(v); }
+__device__ __forceinline__ void put(f16* p, float v) { *p = __float2half(v); }
+
+// 16 bytes from `p` (16-byte aligned on the GPU; the emulator reads any address).
+template <typename T>
+__device__ __forceinline__ T load16(const void* p) {
+#ifdef LMKIT_EMU
+  T v;
+  memcpy(&v, p, sizeof(T));
+  return v;
+#else
+  return *reinterpret_cast<const T*>(p);
+#endif
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+#ifdef LMKIT_EMU
+  (void)p;
+  return true;
+#else
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide reductions (blockDim.x a multiple of 32); every thread gets the result.
+__device__ float block_sum(float v) {
+  __shared__ float sh[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) sh[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    float u = lane < nw ? sh[lane] : 0.f;
+    u = warp_sum(u);
+    if (lane == 0) sh[0] = u;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+__device__ float block_max(float v) {
+  __shared__ float sh[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) sh[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    float u = lane < nw ? sh[lane] : -INFINITY;
+    u = warp_max(u);
+    if (lane == 0) sh[0] = u;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Products with one row of W per warp.
+
+// acc[j] = W_row · x_j for the b ≤ NB rows x_j of `x` (row stride k), summed over the warp
+// (every lane gets the sums).
+template <typename W, int NB>
+__device__ __forceinline__ void row_dots(const W* __restrict__ w, const float* __restrict__ x,
+                                         int k, int b, float* acc) {
+  constexpr int V = 16 / sizeof(W);  // weights per 16-byte load
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < NB; j++) acc[j] = 0.f;
+  if (k % V == 0 && aligned16(w) && aligned16(x)) {
+    for (int c = lane * V; c < k; c += 32 * V) {
+      const uint4 raw = load16<uint4>(w + c);
+      W wv[V];
+      memcpy(wv, &raw, 16);
+      float wf[V];
+#pragma unroll
+      for (int e = 0; e < V; e++) wf[e] = to_f(wv[e]);
+#pragma unroll
+      for (int j = 0; j < NB; j++) {
+        if (j < b) {
+          const float* xr = x + (size_t)j * k + c;
+          float s = 0.f;
+#pragma unroll
+          for (int e = 0; e < V; e += 4) {
+            const float4 xv = load16<float4>(xr + e);
+            s += wf[e] * xv.x + wf[e + 1] * xv.y + wf[e + 2] * xv.z + wf[e + 3] * xv.w;
+          }
+          acc[j] += s;
+        }
+      }
+    }
+  } else {
+    for (int c = lane; c < k; c += 32) {
+      const float wf = to_f(w[c]);
+#pragma unroll
+      for (int j = 0; j < NB; j++)
+        if (j < b) acc[j] += wf * x[(size_t)j * k + c];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NB; j++) acc[j] = warp_sum(acc[j]);
+}
+
+template <typename W, int NB>
+__device__ void gemv(const W* w0, const W* w1, const W* w2, int n0, int n1, int n2,
+                     const float* b0, const float* b1, const float* b2, const float* x,
+                     const float* res, float* y, int k, int b) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int n = n0 + n1 + n2;
+  if (row >= n) return;
+  const W* w = w0;
+  const float* bias = b0;
+  int r = row;
+  if (row >= n0 + n1) {
+    w = w2;
+    bias = b2;
+    r = row - n0 - n1;
+  } else if (row >= n0) {
+    w = w1;
+    bias = b1;
+    r = row - n0;
+  }
+  float acc[NB];
+  row_dots<W, NB>(w + (size_t)r * k, x, k, b, acc);
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int j = 0; j < NB; j++) {
+      if (j < b) {
+        const size_t o = (size_t)j * n + row;
+        float v = acc[j];
+        if (bias) v += bias[r];
+        if (res) v += res[o];
+        y[o] = v;
+      }
+    }
+  }
+}
+
+template <typename W, int NB>
+__device__ void gateup(const W* wg, const W* wu, const float* x, float* m, int n, int k, int b) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  float g[NB], u[NB];
+  row_dots<W, NB>(wg + (size_t)row * k, x, k, b, g);
+  row_dots<W, NB>(wu + (size_t)row * k, x, k, b, u);
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int j = 0; j < NB; j++)
+      if (j < b) m[(size_t)j * n + row] = g[j] / (1.f + expf(-g[j])) * u[j];
+  }
+}
+
+#define GEMV(W, NB)                                                                             \
+  extern "C" __global__ void dec_gemv_##W##_##NB(                                               \
+      const W* w0, const W* w1, const W* w2, int n0, int n1, int n2, const float* b0,           \
+      const float* b1, const float* b2, const float* x, const float* res, float* y, int k,       \
+      int b) {                                                                                  \
+    gemv<W, NB>(w0, w1, w2, n0, n1, n2, b0, b1, b2, x, res, y, k, b);                           \
+  }                                                                                             \
+  LMKIT_REG(dec_gemv_##W##_##NB)                                                                \
+  extern "C" __global__ void dec_gateup_##W##_##NB(const W* wg, const W* wu, const float* x,    \
+                                                   float* m, int n, int k, int b) {             \
+    gateup<W, NB>(wg, wu, x, m, n, k, b);                                                       \
+  }                                                                                             \
+  LMKIT_REG(dec_gateup_##W##_##NB)
+
+#define GEMV_ALL(W) GEMV(W, 1) GEMV(W, 2) GEMV(W, 4) GEMV(W, 8) GEMV(W, 16)
+GEMV_ALL(f32)
+GEMV_ALL(bf16)
+GEMV_ALL(f16)
+
+// ---------------------------------------------------------------------------------------------
+// Per-sequence kernels.
+
+template <typename W>
+__device__ void embed(const W* e, const uint32_t* ids, float* x, int c) {
+  const W* row = e + (size_t)ids[blockIdx.x] * c;
+  float* out = x + (size_t)blockIdx.x * c;
+  for (int i = threadIdx.x; i < c; i += blockDim.x) out[i] = to_f(row[i]);
+}
+
+#define EMBED(W)                                                                                \
+  extern "C" __global__ void dec_embed_##W(const W* e, const uint32_t* ids, float* x, int c) {  \
+    embed<W>(e, ids, x, c);                                                                     \
+  }                                                                                             \
+  LMKIT_REG(dec_embed_##W)
+EMBED(f32)
+EMBED(bf16)
+EMBED(f16)
+
+extern "C" __global__ void dec_rms_norm(const float* x, const float* w, float* out, int c,
+                                        float eps) {
+  const float* xr = x + (size_t)blockIdx.x * c;
+  float* o = out + (size_t)blockIdx.x * c;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < c; i += blockDim.x) s += xr[i] * xr[i];
+  s = block_sum(s);
+  const float r = rsqrtf(s / (float)c + eps);
+  for (int i = threadIdx.x; i < c; i += blockDim.x) o[i] = xr[i] * r * w[i];
+}
+LMKIT_REG(dec_rms_norm)
+
+// qkv: (b, (hq + 2·hk)·d) rows [q heads | k heads | v heads]; q out: (b, hq, d).
+template <typename KV>
+__device__ void rope_append(const float* qkv, float* q, KV* kc, KV* vc, const int* pos,
+                            const int* slot, const float* inv_freq, int hq, int hk, int d,
+                            int cap) {
+  const int j = blockIdx.x, h = blockIdx.y, half = d / 2;
+  const float* row = qkv + (size_t)j * (hq + 2 * hk) * d;
+  const float p = (float)pos[j];
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float sn, cs;
+    sincosf(p * inv_freq[i], &sn, &cs);
+    if (h < hq) {
+      const float* src = row + (size_t)h * d;
+      const float x1 = src[i], x2 = src[i + half];
+      float* dst = q + ((size_t)j * hq + h) * d;
+      dst[i] = x1 * cs - x2 * sn;
+      dst[i + half] = x2 * cs + x1 * sn;
+    } else {
+      const int kh = h - hq;
+      const float* ks = row + (size_t)(hq + kh) * d;
+      const float* vs = row + (size_t)(hq + hk + kh) * d;
+      const size_t o = (((size_t)j * hk + kh) * cap + slot[j]) * d;
+      const float x1 = ks[i], x2 = ks[i + half];
+      put(kc + o + i, x1 * cs - x2 * sn);
+      put(kc + o + i + half, x2 * cs + x1 * sn);
+      put(vc + o + i, vs[i]);
+      put(vc + o + i + half, vs[i + half]);
+    }
+  }
+}
+
+// Launched with 128 threads (4 warps); d ≤ 256. scores: (b·hq, cap) scratch.
+template <typename KV>
+__device__ void attn(const float* q, const KV* kc, const KV* vc, const int* slot, float* scores,
+                     float* y, int hq, int hk, int d, int cap, float scale) {
+  __shared__ float qs[256];
+  __shared__ float part[4][256];
+  const int bh = blockIdx.x, j = bh / hq, h = bh % hq, kh = h / (hq / hk);
+  const int tid = threadIdx.x, bd = blockDim.x;
+  const int len = slot[j] + 1;
+  const size_t base = ((size_t)j * hk + kh) * cap * d;
+  const KV* K = kc + base;
+  const KV* V = vc + base;
+  float* s = scores + (size_t)bh * cap;
+  for (int i = tid; i < d; i += bd) qs[i] = q[(size_t)bh * d + i] * scale;
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int t = tid; t < len; t += bd) {
+    const KV* kr = K + (size_t)t * d;
+    float a = 0.f;
+    for (int i = 0; i < d; i++) a += qs[i] * to_f(kr[i]);
+    s[t] = a;
+    mx = fmaxf(mx, a);
+  }
+  mx = block_max(mx);
+  float sum = 0.f;
+  for (int t = tid; t < len; t += bd) {
+    const float e = expf(s[t] - mx);
+    s[t] = e;
+    sum += e;
+  }
+  sum = block_sum(sum);  // its barriers also publish s[]
+  const int lane = tid & 31, w = tid >> 5, nw = bd >> 5;
+  float acc[8];
+#pragma unroll
+  for (int e = 0; e < 8; e++) acc[e] = 0.f;
+  for (int t = w; t < len; t += nw) {
+    const float pt = s[t];
+    const KV* vr = V + (size_t)t * d;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const int i = lane + 32 * e;
+      if (i < d) acc[e] += pt * to_f(vr[i]);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 8; e++) {
+    const int i = lane + 32 * e;
+    if (i < d) part[w][i] = acc[e];
+  }
+  __syncthreads();
+  const float inv = 1.f / sum;
+  for (int i = tid; i < d; i += bd) {
+    float v = 0.f;
+    for (int u = 0; u < nw; u++) v += part[u][i];
+    y[(size_t)j * hq * d + (size_t)h * d + i] = v * inv;
+  }
+}
+
+#define PER_KV(KV)                                                                              \
+  extern "C" __global__ void dec_rope_append_##KV(                                              \
+      const float* qkv, float* q, KV* kc, KV* vc, const int* pos, const int* slot,              \
+      const float* inv_freq, int hq, int hk, int d, int cap) {                                  \
+    rope_append<KV>(qkv, q, kc, vc, pos, slot, inv_freq, hq, hk, d, cap);                       \
+  }                                                                                             \
+  LMKIT_REG(dec_rope_append_##KV)                                                               \
+  extern "C" __global__ void dec_attn_##KV(const float* q, const KV* kc, const KV* vc,          \
+                                           const int* slot, float* scores, float* y, int hq,    \
+                                           int hk, int d, int cap, float scale) {               \
+    attn<KV>(q, kc, vc, slot, scores, y, hq, hk, d, cap, scale);                                \
+  }                                                                                             \
+  LMKIT_REG(dec_attn_##KV)
+PER_KV(f32)
+PER_KV(bf16)
+PER_KV(f16)

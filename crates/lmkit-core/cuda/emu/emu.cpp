@@ -1,0 +1,168 @@
+// A CPU emulator for lmkit's CUDA kernels, for the tests (`cuda-emu` feature). Each block runs
+// on its own: every thread is a fiber (ucontext) and runs until it reaches __syncthreads, a
+// warp shuffle or its end; then the scheduler releases whichever barrier all of its live
+// threads have reached. A barrier that can never be released (divergent synchronization) is
+// reported as an error, never a hang. Grids run one block after another, so `__shared__`
+// (static) variables are per block.
+
+#include <ucontext.h>
+
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+
+dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace {
+
+enum State { RUN, WAIT_BLOCK, WAIT_WARP, DONE };
+
+struct Kernel {
+  int nargs;
+  void (*call)(void*, const uint64_t*);
+  void* fn;
+};
+
+std::map<std::string, Kernel>& registry() {
+  static std::map<std::string, Kernel> r;
+  return r;
+}
+
+struct Fiber {
+  ucontext_t ctx;
+  State state;
+};
+
+const size_t STACK = 256 * 1024;
+ucontext_t sched;
+std::vector<Fiber> fibers;
+// Fiber stacks, allocated once per thread index and never zero-filled (untouched pages cost
+// nothing).
+std::vector<std::unique_ptr<char[]>> stacks;
+std::vector<float> shfl;
+int cur = 0;
+const Kernel* kernel = nullptr;
+const uint64_t* kargs = nullptr;
+
+void fiber_main() {
+  kernel->call(kernel->fn, kargs);
+  fibers[cur].state = DONE;
+  swapcontext(&fibers[cur].ctx, &sched);
+}
+
+void wait(State s) {
+  fibers[cur].state = s;
+  swapcontext(&fibers[cur].ctx, &sched);
+}
+
+// Runs one block; false on a deadlock.
+bool run_block(int threads) {
+  for (int i = 0; i < threads; i++) {
+    Fiber& f = fibers[i];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stacks[i].get();
+    f.ctx.uc_stack.ss_size = STACK;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_main, 0);
+    f.state = RUN;
+  }
+  for (;;) {
+    for (int i = 0; i < threads; i++) {
+      if (fibers[i].state != RUN) continue;
+      cur = i;
+      threadIdx.x = (unsigned)i;
+      swapcontext(&sched, &fibers[i].ctx);
+    }
+    bool any = false, all_block = true;
+    for (int i = 0; i < threads; i++) {
+      if (fibers[i].state != DONE) any = true;
+      if (fibers[i].state != DONE && fibers[i].state != WAIT_BLOCK) all_block = false;
+    }
+    if (!any) return true;
+    if (all_block) {
+      for (int i = 0; i < threads; i++)
+        if (fibers[i].state == WAIT_BLOCK) fibers[i].state = RUN;
+      continue;
+    }
+    bool released = false;
+    for (int w0 = 0; w0 < threads; w0 += 32) {
+      bool live = false, all_warp = true;
+      for (int i = w0; i < w0 + 32 && i < threads; i++) {
+        if (fibers[i].state == DONE) continue;
+        live = true;
+        if (fibers[i].state != WAIT_WARP) all_warp = false;
+      }
+      if (live && all_warp) {
+        for (int i = w0; i < w0 + 32 && i < threads; i++)
+          if (fibers[i].state == WAIT_WARP) fibers[i].state = RUN;
+        released = true;
+      }
+    }
+    if (!released) return false;
+  }
+}
+
+}  // namespace
+
+void __syncthreads() { wait(WAIT_BLOCK); }
+
+float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  const int me = cur;
+  shfl[me] = v;
+  wait(WAIT_WARP);
+  const float r = shfl[(me & ~31) | ((me & 31) ^ lane_mask)];
+  wait(WAIT_WARP);
+  return r;
+}
+
+namespace lmkit_emu {
+void add_kernel(const char* name, int nargs, void (*call)(void*, const uint64_t*), void* fn) {
+  registry()[name] = Kernel{nargs, call, fn};
+}
+}  // namespace lmkit_emu
+
+// Runs kernel `name` over the grid (gx, gy) with `threads` threads per block; the arguments
+// are 64-bit slots (pointers, ints sign-extended, floats in the low 32 bits). Returns 0, or
+// writes why not into `err` and returns 1.
+extern "C" void lmkit_emu_decode_anchor();
+
+extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads,
+                                const uint64_t* args, int nargs, char* err, int errlen) {
+  lmkit_emu_decode_anchor();
+  auto it = registry().find(name);
+  if (it == registry().end()) {
+    snprintf(err, errlen, "no emulated kernel `%s`", name);
+    return 1;
+  }
+  if (it->second.nargs != nargs) {
+    snprintf(err, errlen, "kernel `%s` takes %d arguments, got %d", name, it->second.nargs,
+             nargs);
+    return 1;
+  }
+  if (threads == 0 || threads % 32 != 0 || threads > 1024) {
+    snprintf(err, errlen, "kernel `%s`: %u threads per block (want a multiple of 32, <= 1024)",
+             name, threads);
+    return 1;
+  }
+  kernel = &it->second;
+  kargs = args;
+  fibers.assign(threads, Fiber{});
+  while (stacks.size() < threads) stacks.emplace_back(new char[STACK]);
+  shfl.assign(threads, 0.f);
+  blockDim = dim3{threads, 1, 1};
+  gridDim = dim3{gx, gy, 1};
+  for (unsigned y = 0; y < gy; y++) {
+    for (unsigned x = 0; x < gx; x++) {
+      blockIdx = dim3{x, y, 0};
+      if (!run_block((int)threads)) {
+        snprintf(err, errlen, "kernel `%s`: block (%u, %u) deadlocked at a barrier", name, x, y);
+        return 1;
+      }
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,612 @@
+//! Decoding one token per sequence on a GPU as a short fixed chain of lmkit's own kernels
+//! (`lmkit-core/cuda/decode.cu`), replayed as a CUDA graph.
+//!
+//! candle's eager ops spend about 35 kernels per block on one new token (norms, casts, copies,
+//! cuBLAS GEMVs, the cache's concatenation), each with host-side work; at batch 1 that was
+//! 0.23× llama.cpp's CUDA decoding. Here a block is eight launches on preallocated buffers:
+//!
+//! ```text
+//! a  = RMSNorm(x) ⊙ w₁                              dec_rms_norm
+//! qkv = [W_q; W_k; W_v] a (+ biases)                dec_gemv (one warp per output row)
+//! q, k ← RoPE(pos); K[slot], V[slot] ← k, v         dec_rope_append
+//! y  = softmax(q Kᵀ/√d) V over slots 0..=slot      dec_attn (one block per head)
+//! x += W_o y                                        dec_gemv with the residual added in place
+//! a  = RMSNorm(x) ⊙ w₂                              dec_rms_norm
+//! m  = silu(W_g a) ⊙ (W_u a)                        dec_gateup
+//! x += W_d m                                        dec_gemv
+//! ```
+//!
+//! then the final norm and the output layer. Every buffer is a tensor allocated once per
+//! (batch, cache capacity), so the whole step is captured once into a CUDA graph and replayed:
+//! the token ids and positions are copied into their buffers before each replay.
+//!
+//! The cache is the preallocated slab of [`KvCache::new_slab`](crate::KvCache): keys and values
+//! `(b, kv_heads, cap, d)` in the compute dtype. Prompts (several tokens per call) run on the
+//! reference path, which writes the same slab in place; single-token calls of
+//! [`Llama::forward_last`](crate::Llama::forward_last) come here.
+//!
+//! Without a GPU the tests run these kernels on lmkit's CUDA emulator (feature `cuda-emu`)
+//! and compare the logits with the reference path's.
+//!
+//! Deviations from the reference path: activations stay f32 between the products (the
+//! reference path rounds them to the compute dtype), RoPE's angles are computed on the device
+//! in f32, and sums run in another order.
+
+use lmkit_core::launch::{kernel_suffix, Arg, Graph, Launcher};
+use lmkit_core::linear::Weight;
+use lmkit_core::{DType, Linear, Tensor};
+
+use crate::{Error, Llama, Result};
+
+/// Threads of the GEMV blocks (four warps, one output row each).
+const GEMV_THREADS: u32 = 128;
+/// Rows of x a GEMV launch takes at once (the kernels' largest batch template).
+const MAX_NB: usize = 16;
+
+/// A dense weight's tensor, or why the fused path cannot take it.
+fn dense<'a>(w: &'a Weight, what: &str) -> std::result::Result<&'a Tensor, String> {
+    match w {
+        Weight::Dense(t) => Ok(t),
+        other => Err(format!(
+            "{what} is {} (the fused path takes dense weights)",
+            other.type_name()
+        )),
+    }
+}
+
+/// Why `model` cannot decode on the fused path; None when it can.
+pub(crate) fn unsupported(model: &Llama) -> Option<String> {
+    let cfg = model.config();
+    let d = cfg.head_dim;
+    if d == 0 || !d.is_multiple_of(2) || d > 256 {
+        return Some(format!(
+            "head dimension {d} (the kernels take even ones up to 256)"
+        ));
+    }
+    if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
+        return Some("query heads not a multiple of the kv heads".into());
+    }
+    if Launcher::for_device(model.device()).is_none() {
+        return Some("the model is not on a CUDA device".into());
+    }
+    if let Err(e) = kernel_suffix(model.dtype()) {
+        return Some(e.to_string());
+    }
+    let check = || -> std::result::Result<(), String> {
+        let linear = |l: &Linear, what: &str| -> std::result::Result<DType, String> {
+            if l.lora().is_some() {
+                return Err(format!("{what} has a LoRA adapter"));
+            }
+            let t = dense(l.weight(), what)?;
+            kernel_suffix(t.dtype()).map_err(|e| e.to_string())?;
+            Ok(t.dtype())
+        };
+        for i in 0..cfg.num_layers {
+            let get = |n: &str| {
+                model
+                    .linear(&format!("model.layers.{i}.{n}"))
+                    .ok_or_else(|| format!("no layer {i}.{n}"))
+            };
+            let q = linear(get("self_attn.q_proj")?, "q_proj")?;
+            let k = linear(get("self_attn.k_proj")?, "k_proj")?;
+            let v = linear(get("self_attn.v_proj")?, "v_proj")?;
+            linear(get("self_attn.o_proj")?, "o_proj")?;
+            let g = linear(get("mlp.gate_proj")?, "gate_proj")?;
+            let u = linear(get("mlp.up_proj")?, "up_proj")?;
+            linear(get("mlp.down_proj")?, "down_proj")?;
+            if q != k || k != v || g != u {
+                return Err("q/k/v or gate/up weights of different dtypes".into());
+            }
+            if get("self_attn.o_proj")?.bias().is_some() || get("mlp.down_proj")?.bias().is_some() {
+                return Err("biases outside q/k/v".into());
+            }
+        }
+        let head = model.lm_head();
+        linear(head, "lm_head")?;
+        if head.bias().is_some() {
+            return Err("an output layer with a bias".into());
+        }
+        let e = dense(model.embed_weight(), "the token embedding")?;
+        kernel_suffix(e.dtype()).map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    check().err()
+}
+
+/// One block's weights: addresses, with the tensors kept alive in [`FusedDecoder::keep`].
+struct BlockPtrs {
+    n1: u64,
+    n2: u64,
+    q: u64,
+    k: u64,
+    v: u64,
+    bias: [u64; 3],
+    o: u64,
+    gate: u64,
+    up: u64,
+    down: u64,
+    /// The slab's keys and values of this layer.
+    kc: u64,
+    vc: u64,
+}
+
+/// The decoding step of one model over one slab (batch, capacity); rebuilt when either
+/// changes.
+pub(crate) struct FusedDecoder {
+    launcher: Launcher,
+    batch: usize,
+    cap: usize,
+    /// Dtype suffixes: q/k/v and gate/up share theirs (checked), and the KV cache's.
+    w_sfx: Vec<[&'static str; 4]>,
+    kv_sfx: &'static str,
+    embed_sfx: &'static str,
+    head_sfx: &'static str,
+    blocks: Vec<BlockPtrs>,
+    embed: u64,
+    final_norm: u64,
+    head: u64,
+    inv_freq: u64,
+    // Buffers.
+    ids: Tensor,
+    pos: Tensor,
+    slot: Tensor,
+    x: Tensor,
+    xn: Tensor,
+    qkv: Tensor,
+    q: Tensor,
+    att: Tensor,
+    scores: Tensor,
+    m: Tensor,
+    logits: Tensor,
+    /// Everything whose address a launch takes.
+    _keep: Vec<Tensor>,
+    graph: Option<Graph>,
+    /// Steps run so far (the first runs eagerly, loading the kernels; the second is captured).
+    steps: usize,
+    /// No graph: every step launches its kernels one by one.
+    eager: bool,
+}
+
+impl std::fmt::Debug for FusedDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusedDecoder")
+            .field("batch", &self.batch)
+            .field("cap", &self.cap)
+            .field("graph", &self.graph.is_some())
+            .finish()
+    }
+}
+
+impl FusedDecoder {
+    /// The step for `model` over the slab `kv` (per layer `(b, kh, cap, d)`).
+    pub(crate) fn new(
+        model: &Llama,
+        kv: &[(Tensor, Tensor)],
+        batch: usize,
+        cap: usize,
+    ) -> Result<Self> {
+        if let Some(why) = unsupported(model) {
+            return Err(Error::Unsupported(format!("fused decoding: {why}")));
+        }
+        let launcher = Launcher::for_device(model.device())
+            .ok_or_else(|| Error::Unsupported("fused decoding needs a CUDA device".into()))?;
+        let cfg = model.config();
+        let dev = model.device();
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (hq, hk, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut keep: Vec<Tensor> = Vec::new();
+        let addr = |t: &Tensor, keep: &mut Vec<Tensor>| -> Result<u64> {
+            let t = t.contiguous()?;
+            let p = launcher.ptr(&t)?;
+            keep.push(t);
+            Ok(p)
+        };
+        // Norm weights and biases as f32 vectors of their own.
+        let vector = |t: &Tensor, keep: &mut Vec<Tensor>| -> Result<u64> {
+            let t = t.to_dtype(DType::F32)?.copy()?;
+            let p = launcher.ptr(&t)?;
+            keep.push(t);
+            Ok(p)
+        };
+        let weight = |l: &Linear| -> Result<Tensor> {
+            match l.weight() {
+                Weight::Dense(t) => Ok(t.clone()),
+                w => Err(Error::Unsupported(format!(
+                    "fused decoding: a {} weight",
+                    w.type_name()
+                ))),
+            }
+        };
+        let layer = |i: usize, n: &str| -> Result<&Linear> {
+            model
+                .linear(&format!("model.layers.{i}.{n}"))
+                .ok_or_else(|| Error::Unsupported(format!("no layer {i}.{n}")))
+        };
+        let sfx = |t: &Tensor| Ok::<_, Error>(kernel_suffix(t.dtype())?);
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        let mut w_sfx = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let (n1, n2) = model.block_norms(i)?;
+            let [q, k, vv, o, g, u, dn] = [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ]
+            .map(|n| layer(i, n));
+            let (q, k, vv, o, g, u, dn) = (q?, k?, vv?, o?, g?, u?, dn?);
+            let mut bias = [0u64; 3];
+            for (slot, l) in bias.iter_mut().zip([q, k, vv]) {
+                if let Some(b) = l.bias() {
+                    *slot = vector(b, &mut keep)?;
+                }
+            }
+            let (wq, wo, wg, wd) = (weight(q)?, weight(o)?, weight(g)?, weight(dn)?);
+            w_sfx.push([sfx(&wq)?, sfx(&wo)?, sfx(&wg)?, sfx(&wd)?]);
+            let (kc, vc) = kv
+                .get(i)
+                .ok_or_else(|| Error::Kv(format!("the slab has no layer {i}")))?;
+            blocks.push(BlockPtrs {
+                n1: vector(n1, &mut keep)?,
+                n2: vector(n2, &mut keep)?,
+                q: addr(&wq, &mut keep)?,
+                k: addr(&weight(k)?, &mut keep)?,
+                v: addr(&weight(vv)?, &mut keep)?,
+                bias,
+                o: addr(&wo, &mut keep)?,
+                gate: addr(&wg, &mut keep)?,
+                up: addr(&weight(u)?, &mut keep)?,
+                down: addr(&wd, &mut keep)?,
+                kc: launcher.ptr(kc)?,
+                vc: launcher.ptr(vc)?,
+            });
+        }
+        let kv_dtype = kv.first().map(|(k, _)| k.dtype()).unwrap_or(model.dtype());
+        let embed_t = match model.embed_weight() {
+            Weight::Dense(t) => t.clone(),
+            w => {
+                return Err(Error::Unsupported(format!(
+                    "fused decoding: a {} embedding",
+                    w.type_name()
+                )))
+            }
+        };
+        let head_t = weight(model.lm_head())?;
+        let (embed_sfx, head_sfx) = (sfx(&embed_t)?, sfx(&head_t)?);
+        let embed = addr(&embed_t, &mut keep)?;
+        let head = addr(&head_t, &mut keep)?;
+        let final_norm = vector(model.final_norm_weight(), &mut keep)?;
+        let inv = Tensor::new(model.rope_inv_freq(), dev)?;
+        let inv_freq = addr(&inv, &mut keep)?;
+        let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, dev);
+        let b = batch;
+        Ok(Self {
+            batch,
+            cap,
+            w_sfx,
+            kv_sfx: kernel_suffix(kv_dtype)?,
+            embed_sfx,
+            head_sfx,
+            blocks,
+            embed,
+            final_norm,
+            head,
+            inv_freq,
+            ids: zeros(b, DType::U32)?,
+            pos: zeros(b, DType::U32)?,
+            slot: zeros(b, DType::U32)?,
+            x: zeros(b * c, DType::F32)?,
+            xn: zeros(b * c, DType::F32)?,
+            qkv: zeros(b * (hq + 2 * hk) * d, DType::F32)?,
+            q: zeros(b * hq * d, DType::F32)?,
+            att: zeros(b * hq * d, DType::F32)?,
+            scores: zeros(b * hq * cap, DType::F32)?,
+            m: zeros(b * f, DType::F32)?,
+            logits: zeros(b * v, DType::F32)?,
+            _keep: keep,
+            graph: None,
+            steps: 0,
+            eager: false,
+            launcher,
+        })
+    }
+
+    /// Whether this step was built for `batch` sequences over a slab of `cap` positions.
+    pub(crate) fn fits(&self, batch: usize, cap: usize) -> bool {
+        self.batch == batch && self.cap == cap
+    }
+
+    /// One step: token `ids[j]` (u32 on the model's device) of sequence j at RoPE position
+    /// `pos` and cache slot `slot` (the same for every sequence); returns the logits
+    /// `(b, vocab)` f32.
+    pub(crate) fn step(
+        &mut self,
+        model: &Llama,
+        ids: &Tensor,
+        pos: usize,
+        slot: usize,
+    ) -> Result<Tensor> {
+        let b = self.batch;
+        if ids.elem_count() != b {
+            return Err(Error::Kv(format!(
+                "a fused step for {b} sequences got {} tokens",
+                ids.elem_count()
+            )));
+        }
+        if slot >= self.cap {
+            return Err(Error::Kv(format!(
+                "cache slot {slot} is past the slab's {} positions",
+                self.cap
+            )));
+        }
+        let dev = model.device();
+        let as_u32 = |v: usize, what: &str| {
+            u32::try_from(v).map_err(|_| Error::Kv(format!("{what} {v} is too large")))
+        };
+        let (pos, slot) = (as_u32(pos, "position")?, as_u32(slot, "slot")?);
+        let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_device(dev)?;
+        self.ids.slice_set(&ids, 0, 0)?;
+        self.pos
+            .slice_set(&Tensor::new(vec![pos; b].as_slice(), dev)?, 0, 0)?;
+        self.slot
+            .slice_set(&Tensor::new(vec![slot; b].as_slice(), dev)?, 0, 0)?;
+        match (&self.graph, self.steps) {
+            (Some(g), _) => g.launch()?,
+            // The first step runs eagerly (it loads the kernels); the second is captured.
+            (None, 0) => self.launch_all(model)?,
+            (None, _) if self.eager => self.launch_all(model)?,
+            (None, _) => self.capture(model)?,
+        }
+        self.steps += 1;
+        Ok(self
+            .logits
+            .copy()?
+            .reshape((b, model.config().vocab_size))?)
+    }
+
+    /// Records the step's launches into a CUDA graph and replays it; where capturing fails
+    /// (or `LMKIT_CUDA_GRAPH=0`), this and later steps launch eagerly.
+    fn capture(&mut self, model: &Llama) -> Result<()> {
+        let graph: Result<Option<Graph>> =
+            if std::env::var("LMKIT_CUDA_GRAPH").is_ok_and(|v| v == "0") {
+                Ok(None)
+            } else {
+                match self.launcher.begin_capture() {
+                    Ok(true) => {
+                        let run = self.launch_all(model);
+                        let graph = self.launcher.end_capture();
+                        run.and(graph.map_err(Error::from))
+                    }
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            };
+        match graph {
+            Ok(Some(g)) => {
+                g.launch()?;
+                self.graph = Some(g);
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("CUDA graph capture failed ({e}); launching eagerly"),
+        }
+        self.eager = true;
+        self.launch_all(model)
+    }
+
+    /// The step's launches, in order.
+    fn launch_all(&self, model: &Llama) -> Result<()> {
+        let cfg = model.config();
+        let l = &self.launcher;
+        let b = self.batch;
+        let (c, f, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (hq, hk, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        let p = |t: &Tensor| l.ptr(t);
+        let (ids, pos, slot) = (p(&self.ids)?, p(&self.pos)?, p(&self.slot)?);
+        let (x, xn, qkv, q, att, scores, m, logits) = (
+            p(&self.x)?,
+            p(&self.xn)?,
+            p(&self.qkv)?,
+            p(&self.q)?,
+            p(&self.att)?,
+            p(&self.scores)?,
+            p(&self.m)?,
+            p(&self.logits)?,
+        );
+        let bu = u32::try_from(b).map_err(|_| Error::Kv(format!("a batch of {b}")))?;
+        let int = |v: usize, what: &str| Ok::<_, Error>(Arg::int(v, what)?);
+        l.launch(
+            &format!("dec_embed_{}", self.embed_sfx),
+            (bu, 1),
+            256,
+            &[
+                Arg::Ptr(self.embed),
+                Arg::Ptr(ids),
+                Arg::Ptr(x),
+                int(c, "width")?,
+            ],
+        )?;
+        let width = int(c, "width")?;
+        let norm = |w: u64| {
+            l.launch(
+                "dec_rms_norm",
+                (bu, 1),
+                256,
+                &[Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(xn), width, Arg::F32(eps)],
+            )
+        };
+        let rope_threads = (d / 2).div_ceil(32).clamp(1, 8) as u32 * 32;
+        let heads_grid = u32::try_from(hq + hk).map_err(|_| Error::Kv("too many heads".into()))?;
+        let scale = 1.0 / (d as f32).sqrt();
+        for (blk, sfx) in self.blocks.iter().zip(&self.w_sfx) {
+            norm(blk.n1)?;
+            self.gemv(
+                sfx[0],
+                [(blk.q, hq * d), (blk.k, hk * d), (blk.v, hk * d)],
+                blk.bias,
+                (xn, c),
+                None,
+                qkv,
+            )?;
+            l.launch(
+                &format!("dec_rope_append_{}", self.kv_sfx),
+                (bu, heads_grid),
+                rope_threads,
+                &[
+                    Arg::Ptr(qkv),
+                    Arg::Ptr(q),
+                    Arg::Ptr(blk.kc),
+                    Arg::Ptr(blk.vc),
+                    Arg::Ptr(pos),
+                    Arg::Ptr(slot),
+                    Arg::Ptr(self.inv_freq),
+                    int(hq, "heads")?,
+                    int(hk, "kv heads")?,
+                    int(d, "head dim")?,
+                    int(self.cap, "capacity")?,
+                ],
+            )?;
+            let bh = u32::try_from(b * hq).map_err(|_| Error::Kv("too many heads".into()))?;
+            l.launch(
+                &format!("dec_attn_{}", self.kv_sfx),
+                (bh, 1),
+                128,
+                &[
+                    Arg::Ptr(q),
+                    Arg::Ptr(blk.kc),
+                    Arg::Ptr(blk.vc),
+                    Arg::Ptr(slot),
+                    Arg::Ptr(scores),
+                    Arg::Ptr(att),
+                    int(hq, "heads")?,
+                    int(hk, "kv heads")?,
+                    int(d, "head dim")?,
+                    int(self.cap, "capacity")?,
+                    Arg::F32(scale),
+                ],
+            )?;
+            self.gemv(
+                sfx[1],
+                [(blk.o, c), (0, 0), (0, 0)],
+                [0; 3],
+                (att, hq * d),
+                Some(x),
+                x,
+            )?;
+            norm(blk.n2)?;
+            self.gateup(sfx[2], blk.gate, blk.up, xn, m, f, c)?;
+            self.gemv(
+                sfx[3],
+                [(blk.down, c), (0, 0), (0, 0)],
+                [0; 3],
+                (m, f),
+                Some(x),
+                x,
+            )?;
+        }
+        norm(self.final_norm)?;
+        self.gemv(
+            self.head_sfx,
+            [(self.head, vocab), (0, 0), (0, 0)],
+            [0; 3],
+            (xn, c),
+            None,
+            logits,
+        )
+    }
+
+    /// `y = [W₀; W₁; W₂] x (+ bias) (+ res)` for every sequence, in launches of up to
+    /// [`MAX_NB`] sequences; `x = (address, k)`.
+    fn gemv(
+        &self,
+        sfx: &str,
+        w: [(u64, usize); 3],
+        bias: [u64; 3],
+        (x, k): (u64, usize),
+        res: Option<u64>,
+        y: u64,
+    ) -> Result<()> {
+        let n: usize = w.iter().map(|(_, r)| r).sum();
+        let grid = blocks_for(n)?;
+        for (j0, nb) in chunks(self.batch) {
+            let at = |base: u64, width: usize| base + (j0 * width * 4) as u64;
+            let mut args = Vec::with_capacity(14);
+            args.extend(w.iter().map(|&(p, _)| Arg::Ptr(p)));
+            for (_, rows) in w {
+                args.push(Arg::int(rows, "rows")?);
+            }
+            args.extend(bias.iter().map(|&p| Arg::Ptr(p)));
+            args.push(Arg::Ptr(at(x, k)));
+            args.push(Arg::Ptr(res.map_or(0, |r| at(r, n))));
+            args.push(Arg::Ptr(at(y, n)));
+            args.push(Arg::int(k, "width")?);
+            args.push(Arg::int(nb, "batch")?);
+            self.launcher.launch(
+                &format!("dec_gemv_{sfx}_{}", template_nb(nb)),
+                (grid, 1),
+                GEMV_THREADS,
+                &args,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `m = silu(W_g x) ⊙ (W_u x)`, `x (b, k)`, `m (b, n)`.
+    #[allow(clippy::too_many_arguments)]
+    fn gateup(
+        &self,
+        sfx: &str,
+        wg: u64,
+        wu: u64,
+        x: u64,
+        m: u64,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let grid = blocks_for(n)?;
+        for (j0, nb) in chunks(self.batch) {
+            self.launcher.launch(
+                &format!("dec_gateup_{sfx}_{}", template_nb(nb)),
+                (grid, 1),
+                GEMV_THREADS,
+                &[
+                    Arg::Ptr(wg),
+                    Arg::Ptr(wu),
+                    Arg::Ptr(x + (j0 * k * 4) as u64),
+                    Arg::Ptr(m + (j0 * n * 4) as u64),
+                    Arg::int(n, "rows")?,
+                    Arg::int(k, "width")?,
+                    Arg::int(nb, "batch")?,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// GEMV blocks for `n` output rows (one warp each).
+fn blocks_for(n: usize) -> Result<u32> {
+    u32::try_from(n.div_ceil((GEMV_THREADS / 32) as usize))
+        .map_err(|_| Error::Kv(format!("{n} output rows")))
+}
+
+/// `(first sequence, count)` of each GEMV launch.
+fn chunks(batch: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..batch)
+        .step_by(MAX_NB)
+        .map(move |j0| (j0, (batch - j0).min(MAX_NB)))
+}
+
+/// The smallest batch template of the kernels that holds `nb` rows.
+fn template_nb(nb: usize) -> usize {
+    nb.next_power_of_two().clamp(1, MAX_NB)
+}
+
+/// Whether fused decoding is asked for: `LMKIT_CUDA_DECODE=fused`.
+pub(crate) fn wanted() -> bool {
+    std::env::var("LMKIT_CUDA_DECODE").is_ok_and(|v| v == "fused")
+}

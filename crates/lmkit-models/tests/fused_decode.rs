@@ -1,0 +1,228 @@
+//! Fused decoding (lmkit's CUDA decoding kernels, run here by the CPU emulator of the
+//! `cuda-emu` feature) against the reference path: the same logits at every step.
+
+use std::collections::HashMap;
+
+use lmkit_core::{DType, Device, Tensor};
+use lmkit_models::testing::random_weights;
+use lmkit_models::{KvCache, Llama, LlamaConfig, LoadOptions, WeightSource};
+
+fn model(cfg: &LlamaConfig, dtype: DType, bias: bool) -> Llama {
+    let mut tensors: HashMap<String, Tensor> = random_weights(cfg, 11)
+        .into_iter()
+        .map(|(n, s, v)| (n, Tensor::from_vec(v, s, &Device::Cpu).unwrap()))
+        .collect();
+    if bias {
+        let d = cfg.head_dim;
+        for i in 0..cfg.num_layers {
+            for (name, n) in [
+                ("q_proj", cfg.num_heads * d),
+                ("k_proj", cfg.num_kv_heads * d),
+                ("v_proj", cfg.num_kv_heads * d),
+            ] {
+                let b: Vec<f32> = (0..n)
+                    .map(|j| ((j * 7 + i) % 11) as f32 / 10.0 - 0.5)
+                    .collect();
+                tensors.insert(
+                    format!("model.layers.{i}.self_attn.{name}.bias"),
+                    Tensor::from_vec(b, n, &Device::Cpu).unwrap(),
+                );
+            }
+        }
+    }
+    let opts = LoadOptions {
+        dtype: Some(dtype),
+        ..Default::default()
+    };
+    Llama::load(cfg.clone(), &WeightSource::Map(tensors), opts, &Device::Cpu).unwrap()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Runs a prompt of `prompt` tokens per sequence and then `steps` single-token steps on both
+/// caches, feeding both the reference path's greedy tokens; returns the largest logit
+/// difference relative to the largest logit, and the share of equal argmaxes.
+fn compare(m: &Llama, batch: usize, prompt: usize, steps: usize, reserve: usize) -> (f32, f32) {
+    let vocab = m.config().vocab_size;
+    let mut reference = m.new_reference_cache();
+    let mut fused: KvCache = m.new_fused_cache().unwrap();
+    assert!(fused.is_slab());
+    if reserve > 0 {
+        fused.reserve(reserve);
+    }
+    let ids: Vec<u32> = (0..batch * prompt)
+        .map(|i| ((i * 37 + 5) % vocab) as u32)
+        .collect();
+    let mut x = Tensor::from_vec(ids, (batch, prompt), &Device::Cpu).unwrap();
+    let (mut worst, mut same, mut total) = (0f32, 0usize, 0usize);
+    for _ in 0..=steps {
+        let a = m.forward_last(&x, &mut reference).unwrap();
+        let b = m.forward_last(&x, &mut fused).unwrap();
+        assert_eq!(a.dims(), &[batch, vocab]);
+        assert_eq!(b.dims(), &[batch, vocab]);
+        let a: Vec<Vec<f32>> = a.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let b: Vec<Vec<f32>> = b.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let mut next = Vec::with_capacity(batch);
+        for (ra, rb) in a.iter().zip(&b) {
+            let scale = ra.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-6);
+            let d = ra
+                .iter()
+                .zip(rb)
+                .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+            assert!(d.is_finite(), "non-finite logits");
+            worst = worst.max(d / scale);
+            same += usize::from(argmax(ra) == argmax(rb));
+            total += 1;
+            next.push(argmax(ra));
+        }
+        x = Tensor::from_vec(next, (batch, 1), &Device::Cpu).unwrap();
+    }
+    assert_eq!(reference.len(), fused.len());
+    (worst, same as f32 / total as f32)
+}
+
+#[test]
+fn f32_steps_match_the_reference_path() {
+    let cfg = LlamaConfig::tiny(); // GQA 4/2, head 16
+    let m = model(&cfg, DType::F32, false);
+    let (d, same) = compare(&m, 1, 5, 6, 0);
+    assert!(d < 1e-4, "relative logit difference {d}");
+    assert_eq!(same, 1.0);
+    // Three sequences at once, and a first step straight from an empty cache.
+    let (d, same) = compare(&m, 3, 1, 4, 0);
+    assert!(d < 1e-4, "batch 3: {d}");
+    assert_eq!(same, 1.0);
+}
+
+#[test]
+fn bias_wide_heads_and_large_batches() {
+    // q/k/v biases (Qwen2), head 64 (two lanes' worth per warp), 18 sequences (two GEMV
+    // launches of 16 and 2).
+    let cfg = LlamaConfig {
+        hidden_size: 128,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 64,
+        attention_bias: true,
+        ..LlamaConfig::tiny()
+    };
+    let m = model(&cfg, DType::F32, true);
+    let (d, same) = compare(&m, 18, 3, 2, 0);
+    assert!(d < 1e-4, "relative logit difference {d}");
+    assert_eq!(same, 1.0);
+}
+
+#[test]
+fn odd_widths_take_the_scalar_loop() {
+    // Rows of 62 and 90 values are no multiple of a 16-byte load: the GEMVs' scalar loop.
+    let cfg = LlamaConfig {
+        hidden_size: 62,
+        intermediate_size: 90,
+        ..LlamaConfig::tiny()
+    };
+    let (d, same) = compare(&model(&cfg, DType::F32, false), 2, 3, 3, 0);
+    assert!(d < 1e-4, "f32: {d}");
+    assert_eq!(same, 1.0);
+    let (d, _) = compare(&model(&cfg, DType::BF16, false), 2, 3, 3, 0);
+    assert!(d < 0.05, "bf16: {d}");
+}
+
+#[test]
+fn the_slab_grows_during_decoding() {
+    // 64 positions at first; the 65th step reallocates, copies the cache and rebuilds the step.
+    let m = model(&LlamaConfig::tiny(), DType::F32, false);
+    let (d, same) = compare(&m, 2, 60, 8, 0);
+    assert!(d < 1e-4, "relative logit difference {d}");
+    assert_eq!(same, 1.0);
+}
+
+#[test]
+fn bf16_steps_track_the_reference_path() {
+    // The reference path rounds activations to bf16 between products; the fused path keeps
+    // them in f32, so the two differ by bf16 rounding only.
+    let m = model(&LlamaConfig::tiny(), DType::BF16, false);
+    let (d, same) = compare(&m, 2, 4, 6, 128);
+    assert!(d < 0.05, "relative logit difference {d}");
+    assert!(same >= 0.85, "argmax agreement {same}");
+}
+
+#[test]
+fn eviction_and_bad_tokens() {
+    let m = model(&LlamaConfig::tiny(), DType::F32, false);
+    // Eviction runs on the tensor cache: an empty fused cache turns into one.
+    let mut c = m.new_fused_cache().unwrap();
+    c.set_policy(std::sync::Arc::new(Window)).unwrap();
+    assert!(!c.is_slab());
+    let x = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8, 9, 10]], &Device::Cpu).unwrap();
+    m.forward_last(&x, &mut c).unwrap();
+    assert_eq!(c.entries(), 8);
+    let mut c = m.new_fused_cache().unwrap();
+    // A token outside the vocabulary is an error, not a kernel's out-of-bounds read.
+    let bad = Tensor::new(&[[500u32]], &Device::Cpu).unwrap();
+    let e = m.forward_last(&bad, &mut c).unwrap_err().to_string();
+    assert!(e.contains("500"), "{e}");
+}
+
+/// A window of 8 entries (the policies themselves live in lmkit-generate).
+#[derive(Debug)]
+struct Window;
+
+impl lmkit_models::KvPolicy for Window {
+    fn name(&self) -> String {
+        "window 8".into()
+    }
+    fn capacity(&self, _seen: usize, _planned: usize) -> usize {
+        8
+    }
+    fn evict(&self, head: &lmkit_models::kv_policy::HeadView, n: usize, out: &mut Vec<usize>) {
+        lmkit_models::kv_policy::oldest(head.positions, n, out);
+    }
+}
+
+#[test]
+fn the_emulator_rejects_bad_launches() {
+    use lmkit_core::launch::{Arg, Launcher};
+    let l = Launcher::for_device(&Device::Cpu).unwrap();
+    assert!(l.is_emulated());
+    let e = l
+        .launch("dec_nope", (1, 1), 32, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no emulated kernel `dec_nope`"), "{e}");
+    let e = l
+        .launch("dec_rms_norm", (1, 1), 32, &[Arg::I32(1)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("takes 5 arguments, got 1"), "{e}");
+    let x = Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap();
+    let w = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+    let out = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let args = [
+        Arg::Ptr(l.ptr(&x).unwrap()),
+        Arg::Ptr(l.ptr(&w).unwrap()),
+        Arg::Ptr(l.ptr(&out).unwrap()),
+        Arg::I32(2),
+        Arg::F32(0.0),
+    ];
+    let e = l
+        .launch("dec_rms_norm", (1, 1), 48, &args)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("multiple of 32"), "{e}");
+    // RMSNorm of (3, 4): rms = √12.5.
+    l.launch("dec_rms_norm", (1, 1), 64, &args).unwrap();
+    let got: Vec<f32> = out.to_vec1().unwrap();
+    let r = 12.5f32.sqrt();
+    assert!(
+        (got[0] - 3.0 / r).abs() < 1e-6 && (got[1] - 8.0 / r).abs() < 1e-6,
+        "{got:?}"
+    );
+}
