@@ -12,6 +12,7 @@
 //                (q, k, v read the same input); res may be y (a residual added in place).
 //                                                                        warp per output row
 // dec_gateup     m_j = silu(W_g x_j) ⊙ (W_u x_j)                         warp per output row
+// dec_qgemv, dec_qgateup, dec_qembed: the same with Q8_0 / Q4_1 weights (repacked, see below).
 // dec_rope_append  q_j ← rot(pos_j)·q_j; k_j ← rot(pos_j)·k_j, then k_j, v_j written at
 //                cache slot slot_j; rot rotates the pairs (i, i + d/2) by pos·θᵢ (HF's
 //                rotate-half layout).                                   block per (sequence, head)
@@ -215,6 +216,187 @@ __device__ void gateup(const W* wg, const W* wu, const float* x, float* m, int n
 GEMV_ALL(f32)
 GEMV_ALL(bf16)
 GEMV_ALL(f16)
+
+// ---------------------------------------------------------------------------------------------
+// Products with GGUF block-quantized weights, repacked at load into quants and f32 scales:
+//   Q8_0  q: int8 (n, k),           s: (n, k/32)          w = s·q
+//   Q4_1  q: uint8 (n, k/2), block j of a row in bytes 16j..16j+16, element i of the block in
+//         the low nibble of byte i (i < 16) or the high nibble of byte i − 16;
+//         s, m: (n, k/32)                                  w = s·q + m
+// k is a multiple of 32. A lane takes 16 bytes of quants at a time.
+
+enum QFmt { Q8_0 = 0, Q4_1 = 1 };
+
+template <int F, int NB>
+__device__ __forceinline__ void qrow_dots(const uint8_t* __restrict__ q, const float* __restrict__ s,
+                                          const float* __restrict__ m, const float* __restrict__ x,
+                                          int k, int b, float* acc) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < NB; j++) acc[j] = 0.f;
+  constexpr int PER = F == Q8_0 ? 16 : 32;  // values per 16 bytes of quants
+  const int chunks = k / PER;
+  for (int ch = lane; ch < chunks; ch += 32) {
+    const uint4 raw = load16<uint4>(q + (size_t)ch * 16);
+    uint8_t qb[16];
+    memcpy(qb, &raw, 16);
+    const int c0 = ch * PER;
+    const float sc = s[c0 / 32];
+    if (F == Q8_0) {
+      float wf[16];
+#pragma unroll
+      for (int e = 0; e < 16; e++) wf[e] = (float)(int8_t)qb[e];
+#pragma unroll
+      for (int j = 0; j < NB; j++) {
+        if (j < b) {
+          const float* xr = x + (size_t)j * k + c0;
+          float t = 0.f;
+#pragma unroll
+          for (int e = 0; e < 16; e += 4) {
+            const float4 xv = load16<float4>(xr + e);
+            t += wf[e] * xv.x + wf[e + 1] * xv.y + wf[e + 2] * xv.z + wf[e + 3] * xv.w;
+          }
+          acc[j] += sc * t;
+        }
+      }
+    } else {
+      const float mn = m[c0 / 32];
+      float lo[16], hi[16];
+#pragma unroll
+      for (int e = 0; e < 16; e++) {
+        lo[e] = (float)(qb[e] & 15);
+        hi[e] = (float)(qb[e] >> 4);
+      }
+#pragma unroll
+      for (int j = 0; j < NB; j++) {
+        if (j < b) {
+          const float* xr = x + (size_t)j * k + c0;
+          float t = 0.f, sx = 0.f;
+#pragma unroll
+          for (int e = 0; e < 16; e += 4) {
+            const float4 a = load16<float4>(xr + e);
+            const float4 c = load16<float4>(xr + 16 + e);
+            t += lo[e] * a.x + lo[e + 1] * a.y + lo[e + 2] * a.z + lo[e + 3] * a.w;
+            t += hi[e] * c.x + hi[e + 1] * c.y + hi[e + 2] * c.z + hi[e + 3] * c.w;
+            sx += a.x + a.y + a.z + a.w + c.x + c.y + c.z + c.w;
+          }
+          acc[j] += sc * t + mn * sx;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NB; j++) acc[j] = warp_sum(acc[j]);
+}
+
+// Bytes of quants per row.
+template <int F>
+__device__ __forceinline__ size_t qrow_bytes(int k) {
+  return F == Q8_0 ? (size_t)k : (size_t)k / 2;
+}
+
+template <int F, int NB>
+__device__ void qgemv(const uint8_t* q0, const uint8_t* q1, const uint8_t* q2, const float* s0,
+                      const float* s1, const float* s2, const float* m0, const float* m1,
+                      const float* m2, int n0, int n1, int n2, const float* b0, const float* b1,
+                      const float* b2, const float* x, const float* res, float* y, int k, int b) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int n = n0 + n1 + n2;
+  if (row >= n) return;
+  const uint8_t* q = q0;
+  const float *s = s0, *m = m0, *bias = b0;
+  int r = row;
+  if (row >= n0 + n1) {
+    q = q2, s = s2, m = m2, bias = b2, r = row - n0 - n1;
+  } else if (row >= n0) {
+    q = q1, s = s1, m = m1, bias = b1, r = row - n0;
+  }
+  const size_t blocks = (size_t)k / 32;
+  float acc[NB];
+  qrow_dots<F, NB>(q + (size_t)r * qrow_bytes<F>(k), s + r * blocks, m ? m + r * blocks : m, x, k,
+                   b, acc);
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int j = 0; j < NB; j++) {
+      if (j < b) {
+        const size_t o = (size_t)j * n + row;
+        float v = acc[j];
+        if (bias) v += bias[r];
+        if (res) v += res[o];
+        y[o] = v;
+      }
+    }
+  }
+}
+
+template <int F, int NB>
+__device__ void qgateup(const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su,
+                        const float* mg, const float* mu, const float* x, float* out, int n, int k,
+                        int b) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const size_t blocks = (size_t)k / 32, rb = qrow_bytes<F>(k);
+  float g[NB], u[NB];
+  qrow_dots<F, NB>(qg + row * rb, sg + row * blocks, mg ? mg + row * blocks : mg, x, k, b, g);
+  qrow_dots<F, NB>(qu + row * rb, su + row * blocks, mu ? mu + row * blocks : mu, x, k, b, u);
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int j = 0; j < NB; j++)
+      if (j < b) out[(size_t)j * n + row] = g[j] / (1.f + expf(-g[j])) * u[j];
+  }
+}
+
+#define QGEMV(NAME, F, NB)                                                                      \
+  extern "C" __global__ void dec_qgemv_##NAME##_##NB(                                           \
+      const uint8_t* q0, const uint8_t* q1, const uint8_t* q2, const float* s0, const float* s1, \
+      const float* s2, const float* m0, const float* m1, const float* m2, int n0, int n1,       \
+      int n2, const float* b0, const float* b1, const float* b2, const float* x,               \
+      const float* res, float* y, int k, int b) {                                               \
+    qgemv<F, NB>(q0, q1, q2, s0, s1, s2, m0, m1, m2, n0, n1, n2, b0, b1, b2, x, res, y, k, b);  \
+  }                                                                                             \
+  LMKIT_REG(dec_qgemv_##NAME##_##NB)                                                            \
+  extern "C" __global__ void dec_qgateup_##NAME##_##NB(                                         \
+      const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su, const float* mg,  \
+      const float* mu, const float* x, float* out, int n, int k, int b) {                       \
+    qgateup<F, NB>(qg, qu, sg, su, mg, mu, x, out, n, k, b);                                    \
+  }                                                                                             \
+  LMKIT_REG(dec_qgateup_##NAME##_##NB)
+
+#define QGEMV_ALL(NAME, F) \
+  QGEMV(NAME, F, 1) QGEMV(NAME, F, 2) QGEMV(NAME, F, 4) QGEMV(NAME, F, 8) QGEMV(NAME, F, 16)
+QGEMV_ALL(q8_0, Q8_0)
+QGEMV_ALL(q4_1, Q4_1)
+
+// Embedding rows of a repacked quantized table (layouts as above).
+template <int F>
+__device__ void qembed(const uint8_t* q, const float* s, const float* m, const uint32_t* ids,
+                       float* x, int c) {
+  const size_t id = ids[blockIdx.x];
+  const uint8_t* row = q + id * qrow_bytes<F>(c);
+  const float* sr = s + id * (c / 32);
+  float* out = x + (size_t)blockIdx.x * c;
+  for (int i = threadIdx.x; i < c; i += blockDim.x) {
+    const int blk = i / 32, e = i % 32;
+    if (F == Q8_0) {
+      out[i] = sr[blk] * (float)(int8_t)row[i];
+    } else {
+      const uint8_t byte = row[blk * 16 + (e & 15)];
+      const float v = (float)(e < 16 ? (byte & 15) : (byte >> 4));
+      out[i] = sr[blk] * v + m[id * (c / 32) + blk];
+    }
+  }
+}
+
+extern "C" __global__ void dec_qembed_q8_0(const uint8_t* q, const float* s, const float* m,
+                                           const uint32_t* ids, float* x, int c) {
+  qembed<Q8_0>(q, s, m, ids, x, c);
+}
+LMKIT_REG(dec_qembed_q8_0)
+extern "C" __global__ void dec_qembed_q4_1(const uint8_t* q, const float* s, const float* m,
+                                           const uint32_t* ids, float* x, int c) {
+  qembed<Q4_1>(q, s, m, ids, x, c);
+}
+LMKIT_REG(dec_qembed_q4_1)
 
 // ---------------------------------------------------------------------------------------------
 // Per-sequence kernels.

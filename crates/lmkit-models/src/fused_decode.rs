@@ -32,9 +32,14 @@
 //! reference path rounds them to the compute dtype), RoPE's angles are computed on the device
 //! in f32, and sums run in another order.
 
+mod weights;
+
 use lmkit_core::launch::{kernel_suffix, Arg, Graph, Launcher};
 use lmkit_core::linear::Weight;
-use lmkit_core::{DType, Linear, Tensor};
+use lmkit_core::{DType, GgmlDType, Linear, Tensor};
+use lmkit_kernels::matmul::QFormat;
+
+use weights::{mat, unsupported_weight, Mat};
 
 use crate::{Error, Llama, Result};
 
@@ -43,15 +48,29 @@ const GEMV_THREADS: u32 = 128;
 /// Rows of x a GEMV launch takes at once (the kernels' largest batch template).
 const MAX_NB: usize = 16;
 
-/// A dense weight's tensor, or why the fused path cannot take it.
-fn dense<'a>(w: &'a Weight, what: &str) -> std::result::Result<&'a Tensor, String> {
-    match w {
-        Weight::Dense(t) => Ok(t),
-        other => Err(format!(
-            "{what} is {} (the fused path takes dense weights)",
-            other.type_name()
-        )),
+/// The linear layers of a block, by HF module name (relative to the block), in launch order.
+const LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// The kind of a weight the kernels read (`bf16`, `q8_0`, ...), or why they cannot.
+fn kind_of(w: &Weight) -> std::result::Result<String, String> {
+    if let Some(why) = unsupported_weight(w) {
+        return Err(why);
     }
+    Ok(match w {
+        Weight::Dense(t) => format!("{:?}", t.dtype()),
+        Weight::Packed(p) if p.format == QFormat::Q8_0 => "Q8_0".into(),
+        Weight::Quantized(q) if q.dtype() == GgmlDType::Q8_0 => "Q8_0".into(),
+        // Q4_0 and Q4_1 both run the Q4_1 kernels.
+        _ => "Q4".into(),
+    })
 }
 
 /// Why `model` cannot decode on the fused path; None when it can.
@@ -73,32 +92,25 @@ pub(crate) fn unsupported(model: &Llama) -> Option<String> {
         return Some(e.to_string());
     }
     let check = || -> std::result::Result<(), String> {
-        let linear = |l: &Linear, what: &str| -> std::result::Result<DType, String> {
+        let linear = |l: &Linear, what: &str| -> std::result::Result<String, String> {
             if l.lora().is_some() {
                 return Err(format!("{what} has a LoRA adapter"));
             }
-            let t = dense(l.weight(), what)?;
-            kernel_suffix(t.dtype()).map_err(|e| e.to_string())?;
-            Ok(t.dtype())
+            kind_of(l.weight()).map_err(|e| format!("{what}: {e}"))
         };
         for i in 0..cfg.num_layers {
-            let get = |n: &str| {
-                model
+            let mut kinds = Vec::with_capacity(7);
+            for (j, n) in LINEARS.iter().enumerate() {
+                let l = model
                     .linear(&format!("model.layers.{i}.{n}"))
-                    .ok_or_else(|| format!("no layer {i}.{n}"))
-            };
-            let q = linear(get("self_attn.q_proj")?, "q_proj")?;
-            let k = linear(get("self_attn.k_proj")?, "k_proj")?;
-            let v = linear(get("self_attn.v_proj")?, "v_proj")?;
-            linear(get("self_attn.o_proj")?, "o_proj")?;
-            let g = linear(get("mlp.gate_proj")?, "gate_proj")?;
-            let u = linear(get("mlp.up_proj")?, "up_proj")?;
-            linear(get("mlp.down_proj")?, "down_proj")?;
-            if q != k || k != v || g != u {
-                return Err("q/k/v or gate/up weights of different dtypes".into());
+                    .ok_or_else(|| format!("no layer {i}.{n}"))?;
+                if l.bias().is_some() && j >= 3 {
+                    return Err(format!("a bias on {n}"));
+                }
+                kinds.push(linear(l, n)?);
             }
-            if get("self_attn.o_proj")?.bias().is_some() || get("mlp.down_proj")?.bias().is_some() {
-                return Err("biases outside q/k/v".into());
+            if kinds[0] != kinds[1] || kinds[1] != kinds[2] || kinds[4] != kinds[5] {
+                return Err("q/k/v or gate/up weights of different types".into());
             }
         }
         let head = model.lm_head();
@@ -106,25 +118,19 @@ pub(crate) fn unsupported(model: &Llama) -> Option<String> {
         if head.bias().is_some() {
             return Err("an output layer with a bias".into());
         }
-        let e = dense(model.embed_weight(), "the token embedding")?;
-        kernel_suffix(e.dtype()).map_err(|e| e.to_string())?;
+        kind_of(model.embed_weight()).map_err(|e| format!("the token embedding: {e}"))?;
         Ok(())
     };
     check().err()
 }
 
-/// One block's weights: addresses, with the tensors kept alive in [`FusedDecoder::keep`].
+/// One block's weights, with the tensors kept alive in [`FusedDecoder::_keep`].
 struct BlockPtrs {
     n1: u64,
     n2: u64,
-    q: u64,
-    k: u64,
-    v: u64,
+    /// q, k, v, o, gate, up, down.
+    mats: [Mat; 7],
     bias: [u64; 3],
-    o: u64,
-    gate: u64,
-    up: u64,
-    down: u64,
     /// The slab's keys and values of this layer.
     kc: u64,
     vc: u64,
@@ -136,15 +142,12 @@ pub(crate) struct FusedDecoder {
     launcher: Launcher,
     batch: usize,
     cap: usize,
-    /// Dtype suffixes: q/k/v and gate/up share theirs (checked), and the KV cache's.
-    w_sfx: Vec<[&'static str; 4]>,
+    /// The KV cache's dtype in the kernels' names.
     kv_sfx: &'static str,
-    embed_sfx: &'static str,
-    head_sfx: &'static str,
     blocks: Vec<BlockPtrs>,
-    embed: u64,
+    embed: Mat,
     final_norm: u64,
-    head: u64,
+    head: Mat,
     inv_freq: u64,
     // Buffers.
     ids: Tensor,
@@ -195,12 +198,6 @@ impl FusedDecoder {
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (hq, hk, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let mut keep: Vec<Tensor> = Vec::new();
-        let addr = |t: &Tensor, keep: &mut Vec<Tensor>| -> Result<u64> {
-            let t = t.contiguous()?;
-            let p = launcher.ptr(&t)?;
-            keep.push(t);
-            Ok(p)
-        };
         // Norm weights and biases as f32 vectors of their own.
         let vector = |t: &Tensor, keep: &mut Vec<Tensor>| -> Result<u64> {
             let t = t.to_dtype(DType::F32)?.copy()?;
@@ -208,88 +205,48 @@ impl FusedDecoder {
             keep.push(t);
             Ok(p)
         };
-        let weight = |l: &Linear| -> Result<Tensor> {
-            match l.weight() {
-                Weight::Dense(t) => Ok(t.clone()),
-                w => Err(Error::Unsupported(format!(
-                    "fused decoding: a {} weight",
-                    w.type_name()
-                ))),
-            }
-        };
-        let layer = |i: usize, n: &str| -> Result<&Linear> {
-            model
-                .linear(&format!("model.layers.{i}.{n}"))
-                .ok_or_else(|| Error::Unsupported(format!("no layer {i}.{n}")))
-        };
-        let sfx = |t: &Tensor| Ok::<_, Error>(kernel_suffix(t.dtype())?);
         let mut blocks = Vec::with_capacity(cfg.num_layers);
-        let mut w_sfx = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let (n1, n2) = model.block_norms(i)?;
-            let [q, k, vv, o, g, u, dn] = [
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            ]
-            .map(|n| layer(i, n));
-            let (q, k, vv, o, g, u, dn) = (q?, k?, vv?, o?, g?, u?, dn?);
+            let mut mats = Vec::with_capacity(7);
             let mut bias = [0u64; 3];
-            for (slot, l) in bias.iter_mut().zip([q, k, vv]) {
-                if let Some(b) = l.bias() {
+            for (j, n) in LINEARS.iter().enumerate() {
+                let l = model
+                    .linear(&format!("model.layers.{i}.{n}"))
+                    .ok_or_else(|| Error::Unsupported(format!("no layer {i}.{n}")))?;
+                mats.push(mat(l.weight(), &launcher, dev, &mut keep)?);
+                if let (Some(b), Some(slot)) = (l.bias(), bias.get_mut(j)) {
                     *slot = vector(b, &mut keep)?;
                 }
             }
-            let (wq, wo, wg, wd) = (weight(q)?, weight(o)?, weight(g)?, weight(dn)?);
-            w_sfx.push([sfx(&wq)?, sfx(&wo)?, sfx(&wg)?, sfx(&wd)?]);
+            let mats: [Mat; 7] = mats
+                .try_into()
+                .map_err(|_| Error::Unsupported("seven linear layers per block".into()))?;
             let (kc, vc) = kv
                 .get(i)
                 .ok_or_else(|| Error::Kv(format!("the slab has no layer {i}")))?;
             blocks.push(BlockPtrs {
                 n1: vector(n1, &mut keep)?,
                 n2: vector(n2, &mut keep)?,
-                q: addr(&wq, &mut keep)?,
-                k: addr(&weight(k)?, &mut keep)?,
-                v: addr(&weight(vv)?, &mut keep)?,
+                mats,
                 bias,
-                o: addr(&wo, &mut keep)?,
-                gate: addr(&wg, &mut keep)?,
-                up: addr(&weight(u)?, &mut keep)?,
-                down: addr(&wd, &mut keep)?,
                 kc: launcher.ptr(kc)?,
                 vc: launcher.ptr(vc)?,
             });
         }
         let kv_dtype = kv.first().map(|(k, _)| k.dtype()).unwrap_or(model.dtype());
-        let embed_t = match model.embed_weight() {
-            Weight::Dense(t) => t.clone(),
-            w => {
-                return Err(Error::Unsupported(format!(
-                    "fused decoding: a {} embedding",
-                    w.type_name()
-                )))
-            }
-        };
-        let head_t = weight(model.lm_head())?;
-        let (embed_sfx, head_sfx) = (sfx(&embed_t)?, sfx(&head_t)?);
-        let embed = addr(&embed_t, &mut keep)?;
-        let head = addr(&head_t, &mut keep)?;
+        let embed = mat(model.embed_weight(), &launcher, dev, &mut keep)?;
+        let head = mat(model.lm_head().weight(), &launcher, dev, &mut keep)?;
         let final_norm = vector(model.final_norm_weight(), &mut keep)?;
         let inv = Tensor::new(model.rope_inv_freq(), dev)?;
-        let inv_freq = addr(&inv, &mut keep)?;
+        let inv_freq = launcher.ptr(&inv)?;
+        keep.push(inv);
         let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, dev);
         let b = batch;
         Ok(Self {
             batch,
             cap,
-            w_sfx,
             kv_sfx: kernel_suffix(kv_dtype)?,
-            embed_sfx,
-            head_sfx,
             blocks,
             embed,
             final_norm,
@@ -419,17 +376,25 @@ impl FusedDecoder {
         );
         let bu = u32::try_from(b).map_err(|_| Error::Kv(format!("a batch of {b}")))?;
         let int = |v: usize, what: &str| Ok::<_, Error>(Arg::int(v, what)?);
-        l.launch(
-            &format!("dec_embed_{}", self.embed_sfx),
-            (bu, 1),
-            256,
-            &[
-                Arg::Ptr(self.embed),
-                Arg::Ptr(ids),
-                Arg::Ptr(x),
-                int(c, "width")?,
-            ],
-        )?;
+        let embed_args = |w: &[Arg]| {
+            let mut a = w.to_vec();
+            a.extend([Arg::Ptr(ids), Arg::Ptr(x), Arg::int(c, "width")?]);
+            Ok::<_, Error>(a)
+        };
+        match self.embed {
+            Mat::Dense { w, sfx } => l.launch(
+                &format!("dec_embed_{sfx}"),
+                (bu, 1),
+                256,
+                &embed_args(&[Arg::Ptr(w)])?,
+            )?,
+            Mat::Quant { q, s, m, fmt } => l.launch(
+                &format!("dec_qembed_{fmt}"),
+                (bu, 1),
+                256,
+                &embed_args(&[Arg::Ptr(q), Arg::Ptr(s), Arg::Ptr(m)])?,
+            )?,
+        }
         let width = int(c, "width")?;
         let norm = |w: u64| {
             l.launch(
@@ -442,11 +407,11 @@ impl FusedDecoder {
         let rope_threads = (d / 2).div_ceil(32).clamp(1, 8) as u32 * 32;
         let heads_grid = u32::try_from(hq + hk).map_err(|_| Error::Kv("too many heads".into()))?;
         let scale = 1.0 / (d as f32).sqrt();
-        for (blk, sfx) in self.blocks.iter().zip(&self.w_sfx) {
+        for blk in &self.blocks {
+            let [mq, mk, mv, mo, mg, mu, md] = blk.mats;
             norm(blk.n1)?;
             self.gemv(
-                sfx[0],
-                [(blk.q, hq * d), (blk.k, hk * d), (blk.v, hk * d)],
+                [(mq, hq * d), (mk, hk * d), (mv, hk * d)],
                 blk.bias,
                 (xn, c),
                 None,
@@ -490,28 +455,19 @@ impl FusedDecoder {
                 ],
             )?;
             self.gemv(
-                sfx[1],
-                [(blk.o, c), (0, 0), (0, 0)],
+                [(mo, c), (mo, 0), (mo, 0)],
                 [0; 3],
                 (att, hq * d),
                 Some(x),
                 x,
             )?;
             norm(blk.n2)?;
-            self.gateup(sfx[2], blk.gate, blk.up, xn, m, f, c)?;
-            self.gemv(
-                sfx[3],
-                [(blk.down, c), (0, 0), (0, 0)],
-                [0; 3],
-                (m, f),
-                Some(x),
-                x,
-            )?;
+            self.gateup(mg, mu, xn, m, f, c)?;
+            self.gemv([(md, c), (md, 0), (md, 0)], [0; 3], (m, f), Some(x), x)?;
         }
         norm(self.final_norm)?;
         self.gemv(
-            self.head_sfx,
-            [(self.head, vocab), (0, 0), (0, 0)],
+            [(self.head, vocab), (self.head, 0), (self.head, 0)],
             [0; 3],
             (xn, c),
             None,
@@ -520,11 +476,12 @@ impl FusedDecoder {
     }
 
     /// `y = [W₀; W₁; W₂] x (+ bias) (+ res)` for every sequence, in launches of up to
-    /// [`MAX_NB`] sequences; `x = (address, k)`.
+    /// [`MAX_NB`] sequences; `w` = (matrix, rows; rows 0 for an unused slot, which repeats
+    /// the first matrix), `x = (address, k)`. The three matrices share their kind (checked at
+    /// load).
     fn gemv(
         &self,
-        sfx: &str,
-        w: [(u64, usize); 3],
+        w: [(Mat, usize); 3],
         bias: [u64; 3],
         (x, k): (u64, usize),
         res: Option<u64>,
@@ -534,8 +491,31 @@ impl FusedDecoder {
         let grid = blocks_for(n)?;
         for (j0, nb) in chunks(self.batch) {
             let at = |base: u64, width: usize| base + (j0 * width * 4) as u64;
-            let mut args = Vec::with_capacity(14);
-            args.extend(w.iter().map(|&(p, _)| Arg::Ptr(p)));
+            let mut args = Vec::with_capacity(20);
+            let name = match w[0].0 {
+                Mat::Dense { sfx, .. } => {
+                    for (mat, _) in w {
+                        args.push(Arg::Ptr(match mat {
+                            Mat::Dense { w, .. } => w,
+                            Mat::Quant { q, .. } => q,
+                        }));
+                    }
+                    format!("dec_gemv_{sfx}_{}", template_nb(nb))
+                }
+                Mat::Quant { fmt, .. } => {
+                    for part in 0..3 {
+                        for (mat, _) in w {
+                            args.push(Arg::Ptr(match (mat, part) {
+                                (Mat::Quant { q, .. }, 0) => q,
+                                (Mat::Quant { s, .. }, 1) => s,
+                                (Mat::Quant { m, .. }, _) => m,
+                                (Mat::Dense { w, .. }, _) => w,
+                            }));
+                        }
+                    }
+                    format!("dec_qgemv_{fmt}_{}", template_nb(nb))
+                }
+            };
             for (_, rows) in w {
                 args.push(Arg::int(rows, "rows")?);
             }
@@ -545,44 +525,53 @@ impl FusedDecoder {
             args.push(Arg::Ptr(at(y, n)));
             args.push(Arg::int(k, "width")?);
             args.push(Arg::int(nb, "batch")?);
-            self.launcher.launch(
-                &format!("dec_gemv_{sfx}_{}", template_nb(nb)),
-                (grid, 1),
-                GEMV_THREADS,
-                &args,
-            )?;
+            self.launcher
+                .launch(&name, (grid, 1), GEMV_THREADS, &args)?;
         }
         Ok(())
     }
 
     /// `m = silu(W_g x) ⊙ (W_u x)`, `x (b, k)`, `m (b, n)`.
-    #[allow(clippy::too_many_arguments)]
-    fn gateup(
-        &self,
-        sfx: &str,
-        wg: u64,
-        wu: u64,
-        x: u64,
-        m: u64,
-        n: usize,
-        k: usize,
-    ) -> Result<()> {
+    fn gateup(&self, wg: Mat, wu: Mat, x: u64, m: u64, n: usize, k: usize) -> Result<()> {
         let grid = blocks_for(n)?;
         for (j0, nb) in chunks(self.batch) {
-            self.launcher.launch(
-                &format!("dec_gateup_{sfx}_{}", template_nb(nb)),
-                (grid, 1),
-                GEMV_THREADS,
-                &[
-                    Arg::Ptr(wg),
-                    Arg::Ptr(wu),
-                    Arg::Ptr(x + (j0 * k * 4) as u64),
-                    Arg::Ptr(m + (j0 * n * 4) as u64),
-                    Arg::int(n, "rows")?,
-                    Arg::int(k, "width")?,
-                    Arg::int(nb, "batch")?,
-                ],
-            )?;
+            let mut args = match (wg, wu) {
+                (Mat::Dense { w: g, .. }, Mat::Dense { w: u, .. }) => {
+                    vec![Arg::Ptr(g), Arg::Ptr(u)]
+                }
+                (
+                    Mat::Quant {
+                        q: qg,
+                        s: sg,
+                        m: mg,
+                        ..
+                    },
+                    Mat::Quant {
+                        q: qu,
+                        s: su,
+                        m: mu,
+                        ..
+                    },
+                ) => [qg, qu, sg, su, mg, mu].map(Arg::Ptr).to_vec(),
+                _ => {
+                    return Err(Error::Unsupported(
+                        "gate and up weights of different kinds".into(),
+                    ))
+                }
+            };
+            args.extend([
+                Arg::Ptr(x + (j0 * k * 4) as u64),
+                Arg::Ptr(m + (j0 * n * 4) as u64),
+                Arg::int(n, "rows")?,
+                Arg::int(k, "width")?,
+                Arg::int(nb, "batch")?,
+            ]);
+            let name = match wg {
+                Mat::Dense { sfx, .. } => format!("dec_gateup_{sfx}_{}", template_nb(nb)),
+                Mat::Quant { fmt, .. } => format!("dec_qgateup_{fmt}_{}", template_nb(nb)),
+            };
+            self.launcher
+                .launch(&name, (grid, 1), GEMV_THREADS, &args)?;
         }
         Ok(())
     }

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use lmkit_core::{DType, Device, Tensor};
-use lmkit_models::testing::random_weights;
-use lmkit_models::{KvCache, Llama, LlamaConfig, LoadOptions, WeightSource};
+use lmkit_core::{DType, Device, GgmlDType, Tensor};
+use lmkit_models::testing::{random_weights, write_tiny_gguf};
+use lmkit_models::{load, KvCache, Llama, LlamaConfig, LoadOptions, WeightSource};
 
 fn model(cfg: &LlamaConfig, dtype: DType, bias: bool) -> Llama {
     let mut tensors: HashMap<String, Tensor> = random_weights(cfg, 11)
@@ -51,8 +51,20 @@ fn argmax(row: &[f32]) -> u32 {
 /// caches, feeding both the reference path's greedy tokens; returns the largest logit
 /// difference relative to the largest logit, and the share of equal argmaxes.
 fn compare(m: &Llama, batch: usize, prompt: usize, steps: usize, reserve: usize) -> (f32, f32) {
+    compare_models(m, m, batch, prompt, steps, reserve)
+}
+
+/// [`compare`] with the reference path on `r` and fused decoding on `m`.
+fn compare_models(
+    r: &Llama,
+    m: &Llama,
+    batch: usize,
+    prompt: usize,
+    steps: usize,
+    reserve: usize,
+) -> (f32, f32) {
     let vocab = m.config().vocab_size;
-    let mut reference = m.new_reference_cache();
+    let mut reference = r.new_reference_cache();
     let mut fused: KvCache = m.new_fused_cache().unwrap();
     assert!(fused.is_slab());
     if reserve > 0 {
@@ -64,7 +76,7 @@ fn compare(m: &Llama, batch: usize, prompt: usize, steps: usize, reserve: usize)
     let mut x = Tensor::from_vec(ids, (batch, prompt), &Device::Cpu).unwrap();
     let (mut worst, mut same, mut total) = (0f32, 0usize, 0usize);
     for _ in 0..=steps {
-        let a = m.forward_last(&x, &mut reference).unwrap();
+        let a = r.forward_last(&x, &mut reference).unwrap();
         let b = m.forward_last(&x, &mut fused).unwrap();
         assert_eq!(a.dims(), &[batch, vocab]);
         assert_eq!(b.dims(), &[batch, vocab]);
@@ -133,6 +145,33 @@ fn odd_widths_take_the_scalar_loop() {
     assert_eq!(same, 1.0);
     let (d, _) = compare(&model(&cfg, DType::BF16, false), 2, 3, 3, 0);
     assert!(d < 0.05, "bf16: {d}");
+}
+
+#[test]
+fn quantized_weights_match_their_dequantized_model() {
+    // Q8_0, Q4_1 and Q4_0 files (the embedding and tied output layer too): fused decoding reads
+    // the blocks themselves, the reference path their dequantized f32 values. A one-token
+    // prompt keeps every step on the fused path (a longer prompt would run the quantized
+    // reference path, whose 8-bit activations differ).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::tiny();
+    for t in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4_0] {
+        let p = dir.path().join(format!("{t:?}.gguf"));
+        write_tiny_gguf(&p, &cfg, 5, t).unwrap();
+        let q = load(&p, LoadOptions::default()).unwrap().model;
+        let opts = LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        };
+        let f = load(&p, opts).unwrap().model;
+        assert!(q
+            .named_weights()
+            .iter()
+            .all(|(_, w)| w.type_name() != "F32"));
+        let (d, same) = compare_models(&f, &q, 3, 1, 6, 0);
+        assert!(d < 1e-4, "{t:?}: relative logit difference {d}");
+        assert_eq!(same, 1.0, "{t:?}");
+    }
 }
 
 #[test]
