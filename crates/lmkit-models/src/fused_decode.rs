@@ -34,6 +34,8 @@
 
 mod weights;
 
+use std::sync::{Arc, Mutex};
+
 use lmkit_core::launch::{kernel_suffix, Arg, Graph, Launcher};
 use lmkit_core::linear::Weight;
 use lmkit_core::{DType, GgmlDType, Linear, Tensor};
@@ -124,16 +126,126 @@ pub(crate) fn unsupported(model: &Llama) -> Option<String> {
     check().err()
 }
 
-/// One block's weights, with the tensors kept alive in [`FusedDecoder::_keep`].
-struct BlockPtrs {
+/// One block's weights, with the tensors kept alive in [`FusedWeights::_keep`].
+struct BlockWeights {
     n1: u64,
     n2: u64,
     /// q, k, v, o, gate, up, down.
     mats: [Mat; 7],
     bias: [u64; 3],
-    /// The slab's keys and values of this layer.
-    kc: u64,
-    vc: u64,
+}
+
+/// A model's weights as the kernels read them, built once per model (repacking quantized
+/// weights takes a copy through the host) and shared by every cache's decoding step.
+pub(crate) struct FusedWeights {
+    blocks: Vec<BlockWeights>,
+    embed: Mat,
+    final_norm: u64,
+    head: Mat,
+    inv_freq: u64,
+    /// Everything whose address a launch takes.
+    _keep: Vec<Tensor>,
+}
+
+impl std::fmt::Debug for FusedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusedWeights")
+            .field("blocks", &self.blocks.len())
+            .finish()
+    }
+}
+
+impl FusedWeights {
+    fn new(model: &Llama, launcher: &Launcher) -> Result<Self> {
+        if let Some(why) = unsupported(model) {
+            return Err(Error::Unsupported(format!("fused decoding: {why}")));
+        }
+        let cfg = model.config();
+        let dev = model.device();
+        let mut keep: Vec<Tensor> = Vec::new();
+        // Norm weights and biases as f32 vectors (the model's own when they are f32 already).
+        let vector = |t: &Tensor, keep: &mut Vec<Tensor>| -> Result<u64> {
+            let t = t.to_dtype(DType::F32)?.contiguous()?;
+            let p = launcher.ptr(&t)?;
+            keep.push(t);
+            Ok(p)
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let (n1, n2) = model.block_norms(i)?;
+            let mut mats = Vec::with_capacity(7);
+            let mut bias = [0u64; 3];
+            for (j, n) in LINEARS.iter().enumerate() {
+                let l = model
+                    .linear(&format!("model.layers.{i}.{n}"))
+                    .ok_or_else(|| Error::Unsupported(format!("no layer {i}.{n}")))?;
+                mats.push(mat(l.weight(), launcher, dev, &mut keep)?);
+                if let (Some(b), Some(slot)) = (l.bias(), bias.get_mut(j)) {
+                    *slot = vector(b, &mut keep)?;
+                }
+            }
+            let mats: [Mat; 7] = mats
+                .try_into()
+                .map_err(|_| Error::Unsupported("seven linear layers per block".into()))?;
+            blocks.push(BlockWeights {
+                n1: vector(n1, &mut keep)?,
+                n2: vector(n2, &mut keep)?,
+                mats,
+                bias,
+            });
+        }
+        let embed = mat(model.embed_weight(), launcher, dev, &mut keep)?;
+        let head = mat(model.lm_head().weight(), launcher, dev, &mut keep)?;
+        let final_norm = vector(model.final_norm_weight(), &mut keep)?;
+        let inv = Tensor::new(model.rope_inv_freq(), dev)?;
+        let inv_freq = launcher.ptr(&inv)?;
+        keep.push(inv);
+        Ok(Self {
+            blocks,
+            embed,
+            final_norm,
+            head,
+            inv_freq,
+            _keep: keep,
+        })
+    }
+}
+
+/// The model's [`FusedWeights`], built on first use and kept in the model (a clone of the
+/// model starts without them).
+fn weights_of(model: &Llama, launcher: &Launcher) -> Result<Arc<FusedWeights>> {
+    let mut slot = model.fused_slot().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(w) = slot.as_ref() {
+        return Ok(w.clone());
+    }
+    let w = Arc::new(FusedWeights::new(model, launcher)?);
+    *slot = Some(w.clone());
+    Ok(w)
+}
+
+/// Where a model keeps its [`FusedWeights`]: empty until the first fused step, and empty
+/// again in a clone (whose weights may then be replaced).
+#[derive(Default)]
+pub(crate) struct FusedSlot(Mutex<Option<Arc<FusedWeights>>>);
+
+impl FusedSlot {
+    pub(crate) fn lock(
+        &self,
+    ) -> std::sync::LockResult<std::sync::MutexGuard<'_, Option<Arc<FusedWeights>>>> {
+        self.0.lock()
+    }
+}
+
+impl Clone for FusedSlot {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for FusedSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FusedSlot")
+    }
 }
 
 /// The decoding step of one model over one slab (batch, capacity); rebuilt when either
@@ -144,11 +256,9 @@ pub(crate) struct FusedDecoder {
     cap: usize,
     /// The KV cache's dtype in the kernels' names.
     kv_sfx: &'static str,
-    blocks: Vec<BlockPtrs>,
-    embed: Mat,
-    final_norm: u64,
-    head: Mat,
-    inv_freq: u64,
+    weights: Arc<FusedWeights>,
+    /// Per layer, the slab's keys and values.
+    kv: Vec<(u64, u64)>,
     // Buffers.
     ids: Tensor,
     pos: Tensor,
@@ -161,8 +271,6 @@ pub(crate) struct FusedDecoder {
     scores: Tensor,
     m: Tensor,
     logits: Tensor,
-    /// Everything whose address a launch takes.
-    _keep: Vec<Tensor>,
     graph: Option<Graph>,
     /// Steps run so far (the first runs eagerly, loading the kernels; the second is captured).
     steps: usize,
@@ -188,70 +296,33 @@ impl FusedDecoder {
         batch: usize,
         cap: usize,
     ) -> Result<Self> {
-        if let Some(why) = unsupported(model) {
-            return Err(Error::Unsupported(format!("fused decoding: {why}")));
-        }
         let launcher = Launcher::for_device(model.device())
             .ok_or_else(|| Error::Unsupported("fused decoding needs a CUDA device".into()))?;
+        let weights = weights_of(model, &launcher)?;
         let cfg = model.config();
         let dev = model.device();
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (hq, hk, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let mut keep: Vec<Tensor> = Vec::new();
-        // Norm weights and biases as f32 vectors of their own.
-        let vector = |t: &Tensor, keep: &mut Vec<Tensor>| -> Result<u64> {
-            let t = t.to_dtype(DType::F32)?.copy()?;
-            let p = launcher.ptr(&t)?;
-            keep.push(t);
-            Ok(p)
-        };
-        let mut blocks = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let (n1, n2) = model.block_norms(i)?;
-            let mut mats = Vec::with_capacity(7);
-            let mut bias = [0u64; 3];
-            for (j, n) in LINEARS.iter().enumerate() {
-                let l = model
-                    .linear(&format!("model.layers.{i}.{n}"))
-                    .ok_or_else(|| Error::Unsupported(format!("no layer {i}.{n}")))?;
-                mats.push(mat(l.weight(), &launcher, dev, &mut keep)?);
-                if let (Some(b), Some(slot)) = (l.bias(), bias.get_mut(j)) {
-                    *slot = vector(b, &mut keep)?;
-                }
-            }
-            let mats: [Mat; 7] = mats
-                .try_into()
-                .map_err(|_| Error::Unsupported("seven linear layers per block".into()))?;
-            let (kc, vc) = kv
-                .get(i)
-                .ok_or_else(|| Error::Kv(format!("the slab has no layer {i}")))?;
-            blocks.push(BlockPtrs {
-                n1: vector(n1, &mut keep)?,
-                n2: vector(n2, &mut keep)?,
-                mats,
-                bias,
-                kc: launcher.ptr(kc)?,
-                vc: launcher.ptr(vc)?,
-            });
+        if kv.len() != cfg.num_layers {
+            return Err(Error::Kv(format!(
+                "a slab of {} layers for a model of {}",
+                kv.len(),
+                cfg.num_layers
+            )));
         }
+        let kv_ptrs = kv
+            .iter()
+            .map(|(k, v)| Ok((launcher.ptr(k)?, launcher.ptr(v)?)))
+            .collect::<Result<Vec<_>>>()?;
         let kv_dtype = kv.first().map(|(k, _)| k.dtype()).unwrap_or(model.dtype());
-        let embed = mat(model.embed_weight(), &launcher, dev, &mut keep)?;
-        let head = mat(model.lm_head().weight(), &launcher, dev, &mut keep)?;
-        let final_norm = vector(model.final_norm_weight(), &mut keep)?;
-        let inv = Tensor::new(model.rope_inv_freq(), dev)?;
-        let inv_freq = launcher.ptr(&inv)?;
-        keep.push(inv);
         let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, dev);
         let b = batch;
         Ok(Self {
             batch,
             cap,
             kv_sfx: kernel_suffix(kv_dtype)?,
-            blocks,
-            embed,
-            final_norm,
-            head,
-            inv_freq,
+            weights,
+            kv: kv_ptrs,
             ids: zeros(b, DType::U32)?,
             pos: zeros(b, DType::U32)?,
             slot: zeros(b, DType::U32)?,
@@ -263,7 +334,6 @@ impl FusedDecoder {
             scores: zeros(b * hq * cap, DType::F32)?,
             m: zeros(b * f, DType::F32)?,
             logits: zeros(b * v, DType::F32)?,
-            _keep: keep,
             graph: None,
             steps: 0,
             eager: false,
@@ -381,7 +451,8 @@ impl FusedDecoder {
             a.extend([Arg::Ptr(ids), Arg::Ptr(x), Arg::int(c, "width")?]);
             Ok::<_, Error>(a)
         };
-        match self.embed {
+        let w = &*self.weights;
+        match w.embed {
             Mat::Dense { w, sfx } => l.launch(
                 &format!("dec_embed_{sfx}"),
                 (bu, 1),
@@ -407,7 +478,7 @@ impl FusedDecoder {
         let rope_threads = (d / 2).div_ceil(32).clamp(1, 8) as u32 * 32;
         let heads_grid = u32::try_from(hq + hk).map_err(|_| Error::Kv("too many heads".into()))?;
         let scale = 1.0 / (d as f32).sqrt();
-        for blk in &self.blocks {
+        for (blk, &(kc, vc)) in w.blocks.iter().zip(&self.kv) {
             let [mq, mk, mv, mo, mg, mu, md] = blk.mats;
             norm(blk.n1)?;
             self.gemv(
@@ -424,11 +495,11 @@ impl FusedDecoder {
                 &[
                     Arg::Ptr(qkv),
                     Arg::Ptr(q),
-                    Arg::Ptr(blk.kc),
-                    Arg::Ptr(blk.vc),
+                    Arg::Ptr(kc),
+                    Arg::Ptr(vc),
                     Arg::Ptr(pos),
                     Arg::Ptr(slot),
-                    Arg::Ptr(self.inv_freq),
+                    Arg::Ptr(w.inv_freq),
                     int(hq, "heads")?,
                     int(hk, "kv heads")?,
                     int(d, "head dim")?,
@@ -442,8 +513,8 @@ impl FusedDecoder {
                 128,
                 &[
                     Arg::Ptr(q),
-                    Arg::Ptr(blk.kc),
-                    Arg::Ptr(blk.vc),
+                    Arg::Ptr(kc),
+                    Arg::Ptr(vc),
                     Arg::Ptr(slot),
                     Arg::Ptr(scores),
                     Arg::Ptr(att),
@@ -465,9 +536,9 @@ impl FusedDecoder {
             self.gateup(mg, mu, xn, m, f, c)?;
             self.gemv([(md, c), (md, 0), (md, 0)], [0; 3], (m, f), Some(x), x)?;
         }
-        norm(self.final_norm)?;
+        norm(w.final_norm)?;
         self.gemv(
-            [(self.head, vocab), (self.head, 0), (self.head, 0)],
+            [(w.head, vocab), (w.head, 0), (w.head, 0)],
             [0; 3],
             (xn, c),
             None,

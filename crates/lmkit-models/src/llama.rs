@@ -59,6 +59,8 @@ pub struct Llama {
     dtype: DType,
     /// Set when every weight has an lmkit CPU kernel: the native path is available.
     native: Option<Consts>,
+    /// Fused decoding's view of the weights, built by its first step.
+    fused: fused_decode::FusedSlot,
 }
 
 /// The linear layers of a block grouped by the input they read, in forward order: capture site
@@ -178,6 +180,7 @@ impl Llama {
             device: device.clone(),
             dtype: opts.dtype.unwrap_or(DType::F32),
             native: None,
+            fused: Default::default(),
         };
         model.native = model.native_consts()?;
         Ok(model)
@@ -270,6 +273,7 @@ impl Llama {
             self.lm_head = new;
         }
         self.native = self.native_consts()?;
+        self.fused = Default::default();
         Ok(())
     }
 
@@ -497,12 +501,18 @@ impl Llama {
     pub fn set_dtype(&mut self, dtype: DType) -> Result<()> {
         self.dtype = dtype;
         self.native = self.native_consts()?;
+        self.fused = Default::default();
         Ok(())
     }
 
     /// The output projection (hidden → vocabulary logits).
     pub fn lm_head(&self) -> &Linear {
         &self.lm_head
+    }
+
+    /// Where fused decoding keeps its view of the weights (`fused_decode`).
+    pub(crate) fn fused_slot(&self) -> &fused_decode::FusedSlot {
+        &self.fused
     }
 
     /// The token embedding's table `(vocab, c)`.

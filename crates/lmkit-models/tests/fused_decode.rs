@@ -265,3 +265,24 @@ fn the_emulator_rejects_bad_launches() {
         "{got:?}"
     );
 }
+
+#[test]
+fn replaced_layers_are_seen() {
+    // The fused view of the weights is kept in the model; replacing a layer drops it.
+    let mut m = model(&LlamaConfig::tiny(), DType::F32, false);
+    let (d, _) = compare(&m, 1, 2, 2, 0);
+    assert!(d < 1e-4, "before: {d}");
+    m.update_linears(|name, l| {
+        if !name.ends_with("mlp.up_proj") {
+            return Ok(None);
+        }
+        let lmkit_core::linear::Weight::Dense(w) = l.weight() else {
+            return Ok(None);
+        };
+        Ok(Some(lmkit_core::Linear::dense((w * 3.0)?, None)?))
+    })
+    .unwrap();
+    let (d, same) = compare(&m, 1, 2, 2, 0);
+    assert!(d < 1e-4, "after: {d}");
+    assert_eq!(same, 1.0);
+}
