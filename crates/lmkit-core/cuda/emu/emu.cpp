@@ -44,6 +44,7 @@ std::vector<Fiber> fibers;
 // nothing).
 std::vector<std::unique_ptr<char[]>> stacks;
 std::vector<float> shfl;
+std::vector<int> parity;
 int cur = 0;
 const Kernel* kernel = nullptr;
 const uint64_t* kargs = nullptr;
@@ -69,6 +70,7 @@ bool run_block(int threads) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
     f.state = RUN;
+    parity[i] = 0;
   }
   for (;;) {
     for (int i = 0; i < threads; i++) {
@@ -110,13 +112,17 @@ bool run_block(int threads) {
 
 void __syncthreads() { wait(WAIT_BLOCK); }
 
+// Two exchange buffers used in turn: a lane that has read this shuffle's value may write the
+// next one before the others have read, and cannot write this buffer again before all of them
+// have reached the next shuffle (so have read it). One barrier per shuffle.
 float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const int me = cur;
-  shfl[me] = v;
+  const int n = (int)blockDim.x;
+  const int buf = parity[me] * n;
+  parity[me] ^= 1;
+  shfl[buf + me] = v;
   wait(WAIT_WARP);
-  const float r = shfl[(me & ~31) | ((me & 31) ^ lane_mask)];
-  wait(WAIT_WARP);
-  return r;
+  return shfl[buf + ((me & ~31) | ((me & 31) ^ lane_mask))];
 }
 
 namespace lmkit_emu {
@@ -152,7 +158,8 @@ extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsi
   kargs = args;
   fibers.assign(threads, Fiber{});
   while (stacks.size() < threads) stacks.emplace_back(new char[STACK]);
-  shfl.assign(threads, 0.f);
+  shfl.assign(2 * threads, 0.f);
+  parity.assign(threads, 0);
   blockDim = dim3{threads, 1, 1};
   gridDim = dim3{gx, gy, 1};
   for (unsigned y = 0; y < gy; y++) {
