@@ -165,6 +165,16 @@ impl Launcher {
         }
     }
 
+    /// Loads the kernels (on a GPU the driver compiles their PTX, which can take a second on
+    /// first use), so that the first launch does not pay for it.
+    pub fn preload(&self) -> Result<()> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Launcher::Cuda(dev) => cuda::preload(dev),
+            _ => Ok(()),
+        }
+    }
+
     /// Starts recording this device's launches into a graph (GPU only; the emulator records
     /// nothing and returns false).
     pub fn begin_capture(&self) -> Result<bool> {
@@ -239,6 +249,11 @@ mod cuda {
         // SAFETY: the callers pass the argument list of `name`'s signature in decode.cu, with
         // addresses of live tensors large enough for the grid.
         unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    pub(super) fn preload(dev: &CudaDevice) -> Result<()> {
+        dev.get_or_load_custom_func("dec_rms_norm", "lmkit_decode", PTX)?;
         Ok(())
     }
 

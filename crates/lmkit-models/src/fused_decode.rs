@@ -211,6 +211,15 @@ impl FusedWeights {
     }
 }
 
+/// Builds the model's [`FusedWeights`] and loads the kernels ahead of the first step (which
+/// a benchmark times).
+pub(crate) fn prepare(model: &Llama) -> Result<()> {
+    let launcher = Launcher::for_device(model.device())
+        .ok_or_else(|| Error::Unsupported("fused decoding needs a CUDA device".into()))?;
+    launcher.preload()?;
+    weights_of(model, &launcher).map(|_| ())
+}
+
 /// The model's [`FusedWeights`], built on first use and kept in the model (a clone of the
 /// model starts without them).
 fn weights_of(model: &Llama, launcher: &Launcher) -> Result<Arc<FusedWeights>> {

@@ -563,6 +563,7 @@ impl Llama {
         if let Some(why) = fused_decode::unsupported(self) {
             return Err(Error::Unsupported(format!("fused decoding: {why}")));
         }
+        fused_decode::prepare(self)?;
         let cfg = &self.cfg;
         Ok(KvCache::new_slab(
             cfg.num_layers,
