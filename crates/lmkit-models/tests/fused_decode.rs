@@ -286,3 +286,44 @@ fn replaced_layers_are_seen() {
     assert!(d < 1e-4, "after: {d}");
     assert_eq!(same, 1.0);
 }
+
+#[test]
+fn a_prompt_after_fused_steps_reads_their_cache() {
+    // A chat's next turn: decoded tokens (written by the fused kernels) and then a prompt of
+    // several tokens (the reference path over the same slab), then decoding again.
+    let m = model(&LlamaConfig::tiny(), DType::F32, false);
+    let mut reference = m.new_reference_cache();
+    let mut fused = m.new_fused_cache().unwrap();
+    let step = |ids: &[u32], cache: &mut KvCache| -> Vec<f32> {
+        let x = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+        m.forward_last(&x, cache)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let turns: [&[u32]; 6] = [&[3, 9, 27], &[5], &[8], &[40, 41, 42, 43], &[7], &[11]];
+    for ids in turns {
+        let (a, b) = (step(ids, &mut reference), step(ids, &mut fused));
+        let scale = a.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let d = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+        assert!(d / scale < 1e-4, "after {} tokens: {d}", fused.len());
+    }
+    assert_eq!(fused.len(), 11);
+    // Rewinding (regeneration) keeps the slab and overwrites the dropped positions.
+    reference.truncate(8).unwrap();
+    fused.truncate(8).unwrap();
+    let (a, b) = (step(&[13], &mut reference), step(&[13], &mut fused));
+    let d = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+    assert!(
+        d < 1e-4 * a.iter().fold(0f32, |s, v| s.max(v.abs())),
+        "after truncate: {d}"
+    );
+}
