@@ -39,7 +39,7 @@ __device__ __forceinline__ void put(float* p, float v) { *p = v; }
 __device__ __forceinline__ void put(bf16* p, float v) { *p = __float2bfloat16(v); }
 __device__ __forceinline__ void put(f16* p, float v) { *p = __float2half(v); }
 
-// 16 bytes from `p` (16-byte aligned on the GPU; the emulator reads any address).
+// 16 bytes from `p` (16-byte aligned; see aligned16).
 template <typename T>
 __device__ __forceinline__ T load16(const void* p) {
 #ifdef LMKIT_EMU
@@ -51,10 +51,11 @@ __device__ __forceinline__ T load16(const void* p) {
 #endif
 }
 
+// Whether 16-byte loads may start at `p` (the emulator can also answer no everywhere, to test
+// the kernels' one-value-at-a-time loops).
 __device__ __forceinline__ bool aligned16(const void* p) {
 #ifdef LMKIT_EMU
-  (void)p;
-  return true;
+  return lmkit_emu_aligned16(p);
 #else
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 #endif
@@ -235,6 +236,25 @@ __device__ __forceinline__ void qrow_dots(const uint8_t* __restrict__ q, const f
 #pragma unroll
   for (int j = 0; j < NB; j++) acc[j] = 0.f;
   constexpr int PER = F == Q8_0 ? 16 : 32;  // values per 16 bytes of quants
+  if (!aligned16(q) || !aligned16(x)) {
+    // Buffers off a 16-byte boundary (never from lmkit's own allocations): one value at a time.
+    for (int c = lane; c < k; c += 32) {
+      const int blk = c / 32, e = c % 32;
+      float w;
+      if (F == Q8_0) {
+        w = s[blk] * (float)(int8_t)q[c];
+      } else {
+        const uint8_t byte = q[blk * 16 + (e & 15)];
+        w = s[blk] * (float)(e < 16 ? (byte & 15) : (byte >> 4)) + m[blk];
+      }
+#pragma unroll
+      for (int j = 0; j < NB; j++)
+        if (j < b) acc[j] += w * x[(size_t)j * k + c];
+    }
+#pragma unroll
+    for (int j = 0; j < NB; j++) acc[j] = warp_sum(acc[j]);
+    return;
+  }
   const int chunks = k / PER;
   for (int ch = lane; ch < chunks; ch += 32) {
     const uint4 raw = load16<uint4>(q + (size_t)ch * 16);

@@ -165,6 +165,13 @@ impl Launcher {
         }
     }
 
+    /// On the emulator, makes every buffer count as off a 16-byte boundary, so the kernels take
+    /// their one-value-at-a-time loops (a test of those loops; results must not change).
+    #[cfg(feature = "cuda-emu")]
+    pub fn emu_force_scalar(on: bool) {
+        emu::force_scalar(on)
+    }
+
     /// Loads the kernels (on a GPU the driver compiles their PTX, which can take a second on
     /// first use), so that the first launch does not pay for it.
     pub fn preload(&self) -> Result<()> {
@@ -290,6 +297,12 @@ mod emu {
             err: *mut c_char,
             errlen: c_int,
         ) -> c_int;
+        fn lmkit_emu_force_scalar(on: c_int);
+    }
+
+    pub(super) fn force_scalar(on: bool) {
+        // SAFETY: sets an atomic flag.
+        unsafe { lmkit_emu_force_scalar(c_int::from(on)) }
     }
 
     /// The emulator is one set of globals: one launch at a time in the process.

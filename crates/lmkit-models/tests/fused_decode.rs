@@ -175,6 +175,46 @@ fn quantized_weights_match_their_dequantized_model() {
 }
 
 #[test]
+fn scalar_loops_match_too() {
+    // Every buffer treated as unaligned: the GEMVs' one-value-at-a-time loops, dense and
+    // quantized. (Other tests running meanwhile may take these loops too: same results.)
+    let cfg = LlamaConfig::tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("q41.gguf");
+    write_tiny_gguf(&p, &cfg, 6, GgmlDType::Q4_1).unwrap();
+    let q = load(&p, LoadOptions::default()).unwrap().model;
+    let opts = LoadOptions {
+        dequantize: true,
+        ..Default::default()
+    };
+    let f = load(&p, opts).unwrap().model;
+    let q8 = dir.path().join("q8.gguf");
+    write_tiny_gguf(&q8, &cfg, 6, GgmlDType::Q8_0).unwrap();
+    let q8 = load(&q8, LoadOptions::default()).unwrap().model;
+    let f8 = load(
+        &dir.path().join("q8.gguf"),
+        LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .model;
+    lmkit_core::launch::Launcher::emu_force_scalar(true);
+    let results = [
+        compare_models(&f, &q, 2, 1, 3, 0),
+        compare_models(&f8, &q8, 2, 1, 3, 0),
+        compare(&model(&cfg, DType::BF16, false), 2, 1, 3, 0),
+        compare(&f, 2, 2, 3, 0),
+    ];
+    lmkit_core::launch::Launcher::emu_force_scalar(false);
+    for (i, (d, _)) in results.iter().enumerate() {
+        let bar = if i == 2 { 0.05 } else { 1e-4 };
+        assert!(*d < bar, "case {i}: relative logit difference {d}");
+    }
+}
+
+#[test]
 fn the_slab_grows_during_decoding() {
     // 64 positions at first; the 65th step reallocates, copies the cache and rebuilds the step.
     let m = model(&LlamaConfig::tiny(), DType::F32, false);

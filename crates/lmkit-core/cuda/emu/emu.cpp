@@ -7,6 +7,7 @@
 
 #include <ucontext.h>
 
+#include <atomic>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -111,6 +112,16 @@ bool run_block(int threads) {
 }  // namespace
 
 void __syncthreads() { wait(WAIT_BLOCK); }
+
+// Set by lmkit_emu_force_scalar: every buffer counts as unaligned.
+static std::atomic<bool> force_scalar{false};
+
+bool lmkit_emu_aligned16(const void* p) {
+  return !force_scalar.load() && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// Makes aligned16 answer no (tests of the scalar loops); the results must not change.
+extern "C" void lmkit_emu_force_scalar(int on) { force_scalar.store(on != 0); }
 
 // Two exchange buffers used in turn: a lane that has read this shuffle's value may write the
 // next one before the others have read, and cannot write this buffer again before all of them

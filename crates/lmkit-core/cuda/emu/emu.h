@@ -20,6 +20,7 @@ struct dim3 {
 extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 void __syncthreads();
+bool lmkit_emu_aligned16(const void* p);
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 
 struct uint4 {
