@@ -16,8 +16,8 @@
 // dec_rope_append  q_j ← rot(pos_j)·q_j; k_j ← rot(pos_j)·k_j, then k_j, v_j written at
 //                cache slot slot_j; rot rotates the pairs (i, i + d/2) by pos·θᵢ (HF's
 //                rotate-half layout).                                   block per (sequence, head)
-// dec_attn       y = softmax(s·q Kᵀ) V over the slot_j + 1 cached entries of q's kv head.
-//                                                                        block per (sequence, head)
+// dec_attn_part, dec_attn_merge   y = softmax(s·q Kᵀ) V over the slot_j + 1 cached entries of
+//                q's kv head: blocks of 64 entries, then their merge (flash-decoding).
 
 #ifdef LMKIT_EMU
 #include "emu/emu.h"
@@ -480,63 +480,106 @@ __device__ void rope_append(const float* qkv, float* q, KV* kc, KV* vc, const in
   }
 }
 
-// Launched with 128 threads (4 warps); d ≤ 256. scores: (b·hq, cap) scratch.
+// Attention in two kernels (split over the cache, as flash-decoding does), so that a short
+// batch still fills the GPU: dec_attn_part takes ATT_CH cached positions of one (sequence,
+// head) per block, dec_attn_merge combines the chunks. Partials: (b·hq, splits, d + 2) f32,
+// per chunk the unnormalized output Σ e^(s−m) v, then m (the chunk's largest score) and
+// l = Σ e^(s−m). A chunk past the sequence's length writes m = −∞, l = 0.
+#define ATT_CH 64  // positions per block, one per thread (two warps)
+
 template <typename KV>
-__device__ void attn(const float* q, const KV* kc, const KV* vc, const int* slot, float* scores,
-                     float* y, int hq, int hk, int d, int cap, float scale) {
+__device__ void attn_part(const float* q, const KV* kc, const KV* vc, const int* slot,
+                          float* part, int hq, int hk, int d, int cap, int splits, float scale) {
   __shared__ float qs[256];
-  __shared__ float part[4][256];
-  const int bh = blockIdx.x, j = bh / hq, h = bh % hq, kh = h / (hq / hk);
-  const int tid = threadIdx.x, bd = blockDim.x;
-  const int len = slot[j] + 1;
+  __shared__ float wsum[ATT_CH / 32][256];
+  const int bh = blockIdx.x, sp = blockIdx.y, j = bh / hq, h = bh % hq, kh = h / (hq / hk);
+  const int tid = threadIdx.x;
+  const int len = slot[j] + 1, t0 = sp * ATT_CH;
+  float* out = part + ((size_t)bh * splits + sp) * (d + 2);
+  if (t0 >= len) {  // uniform over the block
+    for (int i = tid; i < d; i += blockDim.x) out[i] = 0.f;
+    if (tid == 0) {
+      out[d] = -INFINITY;
+      out[d + 1] = 0.f;
+    }
+    return;
+  }
   const size_t base = ((size_t)j * hk + kh) * cap * d;
   const KV* K = kc + base;
   const KV* V = vc + base;
-  float* s = scores + (size_t)bh * cap;
-  for (int i = tid; i < d; i += bd) qs[i] = q[(size_t)bh * d + i] * scale;
+  for (int i = tid; i < d; i += blockDim.x) qs[i] = q[(size_t)bh * d + i] * scale;
   __syncthreads();
-  float mx = -INFINITY;
-  for (int t = tid; t < len; t += bd) {
+  const int t = t0 + tid;
+  float sc = -INFINITY;
+  if (t < len) {
     const KV* kr = K + (size_t)t * d;
-    float a = 0.f;
-    for (int i = 0; i < d; i++) a += qs[i] * to_f(kr[i]);
-    s[t] = a;
-    mx = fmaxf(mx, a);
+    sc = 0.f;
+    for (int i = 0; i < d; i++) sc += qs[i] * to_f(kr[i]);
   }
-  mx = block_max(mx);
-  float sum = 0.f;
-  for (int t = tid; t < len; t += bd) {
-    const float e = expf(s[t] - mx);
-    s[t] = e;
-    sum += e;
-  }
-  sum = block_sum(sum);  // its barriers also publish s[]
-  const int lane = tid & 31, w = tid >> 5, nw = bd >> 5;
+  const float mx = block_max(sc);
+  const float e = t < len ? expf(sc - mx) : 0.f;
+  const float l = block_sum(e);
+  // Each warp sums its 32 positions' e·v, lanes over the head's dimensions.
+  const int lane = tid & 31, w = tid >> 5;
   float acc[8];
 #pragma unroll
-  for (int e = 0; e < 8; e++) acc[e] = 0.f;
-  for (int t = w; t < len; t += nw) {
-    const float pt = s[t];
-    const KV* vr = V + (size_t)t * d;
+  for (int u = 0; u < 8; u++) acc[u] = 0.f;
+  for (int r = 0; r < 32; r++) {
+    const float er = __shfl_xor_sync(0xffffffffu, e, lane ^ r);  // lane r's weight
+    const int tr = t0 + w * 32 + r;
+    if (tr >= len) break;  // uniform over the warp
+    const KV* vr = V + (size_t)tr * d;
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-      const int i = lane + 32 * e;
-      if (i < d) acc[e] += pt * to_f(vr[i]);
+    for (int u = 0; u < 8; u++) {
+      const int i = lane + 32 * u;
+      if (i < d) acc[u] += er * to_f(vr[i]);
     }
   }
 #pragma unroll
-  for (int e = 0; e < 8; e++) {
-    const int i = lane + 32 * e;
-    if (i < d) part[w][i] = acc[e];
+  for (int u = 0; u < 8; u++) {
+    const int i = lane + 32 * u;
+    if (i < d) wsum[w][i] = acc[u];
   }
   __syncthreads();
-  const float inv = 1.f / sum;
-  for (int i = tid; i < d; i += bd) {
+  for (int i = tid; i < d; i += blockDim.x) {
     float v = 0.f;
-    for (int u = 0; u < nw; u++) v += part[u][i];
+    for (int u = 0; u < ATT_CH / 32; u++) v += wsum[u][i];
+    out[i] = v;
+  }
+  if (tid == 0) {
+    out[d] = mx;
+    out[d + 1] = l;
+  }
+}
+
+// y (b, hq·d): y = Σ_c e^(m_c − M) acc_c / Σ_c e^(m_c − M) l_c, M = max_c m_c.   Block per
+// (sequence, head).
+__device__ void attn_merge(const float* part, float* y, int hq, int d, int splits) {
+  const int bh = blockIdx.x, j = bh / hq, h = bh % hq;
+  const float* p = part + (size_t)bh * splits * (d + 2);
+  float M = -INFINITY;
+  for (int c = 0; c < splits; c++) M = fmaxf(M, p[(size_t)c * (d + 2) + d]);
+  float L = 0.f;
+  for (int c = 0; c < splits; c++) {
+    const float* pc = p + (size_t)c * (d + 2);
+    if (pc[d + 1] > 0.f) L += expf(pc[d] - M) * pc[d + 1];
+  }
+  const float inv = 1.f / L;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    float v = 0.f;
+    for (int c = 0; c < splits; c++) {
+      const float* pc = p + (size_t)c * (d + 2);
+      if (pc[d + 1] > 0.f) v += expf(pc[d] - M) * pc[i];
+    }
     y[(size_t)j * hq * d + (size_t)h * d + i] = v * inv;
   }
 }
+
+extern "C" __global__ void dec_attn_merge(const float* part, float* y, int hq, int d,
+                                          int splits) {
+  attn_merge(part, y, hq, d, splits);
+}
+LMKIT_REG(dec_attn_merge)
 
 #define PER_KV(KV)                                                                              \
   extern "C" __global__ void dec_rope_append_##KV(                                              \
@@ -545,12 +588,12 @@ __device__ void attn(const float* q, const KV* kc, const KV* vc, const int* slot
     rope_append<KV>(qkv, q, kc, vc, pos, slot, inv_freq, hq, hk, d, cap);                       \
   }                                                                                             \
   LMKIT_REG(dec_rope_append_##KV)                                                               \
-  extern "C" __global__ void dec_attn_##KV(const float* q, const KV* kc, const KV* vc,          \
-                                           const int* slot, float* scores, float* y, int hq,    \
-                                           int hk, int d, int cap, float scale) {               \
-    attn<KV>(q, kc, vc, slot, scores, y, hq, hk, d, cap, scale);                                \
+  extern "C" __global__ void dec_attn_part_##KV(                                                \
+      const float* q, const KV* kc, const KV* vc, const int* slot, float* part, int hq, int hk, \
+      int d, int cap, int splits, float scale) {                                                \
+    attn_part<KV>(q, kc, vc, slot, part, hq, hk, d, cap, splits, scale);                        \
   }                                                                                             \
-  LMKIT_REG(dec_attn_##KV)
+  LMKIT_REG(dec_attn_part_##KV)
 PER_KV(f32)
 PER_KV(bf16)
 PER_KV(f16)

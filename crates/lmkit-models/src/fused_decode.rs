@@ -3,13 +3,14 @@
 //!
 //! candle's eager ops spend about 35 kernels per block on one new token (norms, casts, copies,
 //! cuBLAS GEMVs, the cache's concatenation), each with host-side work; at batch 1 that was
-//! 0.23× llama.cpp's CUDA decoding. Here a block is eight launches on preallocated buffers:
+//! 0.23× llama.cpp's CUDA decoding. Here a block is nine launches on preallocated buffers:
 //!
 //! ```text
 //! a  = RMSNorm(x) ⊙ w₁                              dec_rms_norm
 //! qkv = [W_q; W_k; W_v] a (+ biases)                dec_gemv (one warp per output row)
 //! q, k ← RoPE(pos); K[slot], V[slot] ← k, v         dec_rope_append
-//! y  = softmax(q Kᵀ/√d) V over slots 0..=slot      dec_attn (one block per head)
+//! y  = softmax(q Kᵀ/√d) V over slots 0..=slot      dec_attn_part (blocks of 64 slots),
+//!                                                   dec_attn_merge
 //! x += W_o y                                        dec_gemv with the residual added in place
 //! a  = RMSNorm(x) ⊙ w₂                              dec_rms_norm
 //! m  = silu(W_g a) ⊙ (W_u a)                        dec_gateup
@@ -49,6 +50,8 @@ use crate::{Error, Llama, Result};
 const GEMV_THREADS: u32 = 128;
 /// Rows of x a GEMV launch takes at once (the kernels' largest batch template).
 const MAX_NB: usize = 16;
+/// Cached positions per attention block (`ATT_CH` in decode.cu).
+const ATT_CH: usize = 64;
 
 /// The linear layers of a block, by HF module name (relative to the block), in launch order.
 const LINEARS: [&str; 7] = [
@@ -277,7 +280,8 @@ pub(crate) struct FusedDecoder {
     qkv: Tensor,
     q: Tensor,
     att: Tensor,
-    scores: Tensor,
+    /// Attention's partial results: `(b·hq, cap / ATT_CH, d + 2)`.
+    part: Tensor,
     m: Tensor,
     logits: Tensor,
     graph: Option<Graph>,
@@ -340,7 +344,7 @@ impl FusedDecoder {
             qkv: zeros(b * (hq + 2 * hk) * d, DType::F32)?,
             q: zeros(b * hq * d, DType::F32)?,
             att: zeros(b * hq * d, DType::F32)?,
-            scores: zeros(b * hq * cap, DType::F32)?,
+            part: zeros(b * hq * cap.div_ceil(ATT_CH) * (d + 2), DType::F32)?,
             m: zeros(b * f, DType::F32)?,
             logits: zeros(b * v, DType::F32)?,
             graph: None,
@@ -443,13 +447,13 @@ impl FusedDecoder {
         let eps = cfg.rms_norm_eps as f32;
         let p = |t: &Tensor| l.ptr(t);
         let (ids, pos, slot) = (p(&self.ids)?, p(&self.pos)?, p(&self.slot)?);
-        let (x, xn, qkv, q, att, scores, m, logits) = (
+        let (x, xn, qkv, q, att, part, m, logits) = (
             p(&self.x)?,
             p(&self.xn)?,
             p(&self.qkv)?,
             p(&self.q)?,
             p(&self.att)?,
-            p(&self.scores)?,
+            p(&self.part)?,
             p(&self.m)?,
             p(&self.logits)?,
         );
@@ -516,22 +520,36 @@ impl FusedDecoder {
                 ],
             )?;
             let bh = u32::try_from(b * hq).map_err(|_| Error::Kv("too many heads".into()))?;
+            let splits = self.cap.div_ceil(ATT_CH);
+            let sy = u32::try_from(splits).map_err(|_| Error::Kv("too long a cache".into()))?;
             l.launch(
-                &format!("dec_attn_{}", self.kv_sfx),
-                (bh, 1),
-                128,
+                &format!("dec_attn_part_{}", self.kv_sfx),
+                (bh, sy),
+                ATT_CH as u32,
                 &[
                     Arg::Ptr(q),
                     Arg::Ptr(kc),
                     Arg::Ptr(vc),
                     Arg::Ptr(slot),
-                    Arg::Ptr(scores),
-                    Arg::Ptr(att),
+                    Arg::Ptr(part),
                     int(hq, "heads")?,
                     int(hk, "kv heads")?,
                     int(d, "head dim")?,
                     int(self.cap, "capacity")?,
+                    int(splits, "splits")?,
                     Arg::F32(scale),
+                ],
+            )?;
+            l.launch(
+                "dec_attn_merge",
+                (bh, 1),
+                64,
+                &[
+                    Arg::Ptr(part),
+                    Arg::Ptr(att),
+                    int(hq, "heads")?,
+                    int(d, "head dim")?,
+                    int(splits, "splits")?,
                 ],
             )?;
             self.gemv(
