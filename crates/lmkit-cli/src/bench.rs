@@ -328,12 +328,21 @@ pub fn main(a: Args) -> Result<()> {
         None
     };
     let types = types_of(&m);
+    // Which path decodes: lmkit's CPU kernels, fused decoding on a GPU, or candle's ops.
+    let decode = if m.model.is_native() {
+        "native"
+    } else if cache_for(&m.model, batch).is_slab() {
+        "fused"
+    } else {
+        "candle"
+    };
     if a.json {
         let v = serde_json::json!({
             "model": m.path.display().to_string(),
             "tensor_types": types,
             "dequantized": a.model.dequantize,
             "native": m.model.is_native(),
+            "decode": decode,
             "device": device,
             "dtype": dtype,
             "batch": batch,
@@ -347,7 +356,9 @@ pub fn main(a: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("model: {} ({})", m.path.display(), types.join("/"));
-        println!("device: {device} ({dtype}), threads: {threads}, batch: {batch}");
+        println!(
+            "device: {device} ({dtype}), threads: {threads}, batch: {batch}, decoding: {decode}"
+        );
         println!("{:<12} {:>18}", "test", "tokens/s");
         for r in &rows {
             let kv = r
