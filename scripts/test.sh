@@ -5,6 +5,12 @@
 # type-checked for aarch64, where the kernels fall back to their scalar references.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# lmkit-models' tests build a CPU emulator of the CUDA kernels: C++ (Debian's g++ if missing).
+if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
+  echo "installing g++ for the CUDA emulator of the tests"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -q && $sudo apt-get install -y -q g++
+fi
 cargo test --release --workspace "$@"
 if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
   # Without default features: Parquet's zstd codec is C code, which needs a cross compiler.
