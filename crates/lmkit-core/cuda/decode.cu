@@ -513,8 +513,19 @@ __device__ void attn_part(const float* q, const KV* kc, const KV* vc, const int*
   float sc = -INFINITY;
   if (t < len) {
     const KV* kr = K + (size_t)t * d;
+    constexpr int V = 16 / sizeof(KV);  // keys per 16-byte load
     sc = 0.f;
-    for (int i = 0; i < d; i++) sc += qs[i] * to_f(kr[i]);
+    if (d % V == 0 && aligned16(kr)) {
+      for (int i = 0; i < d; i += V) {
+        const uint4 raw = load16<uint4>(kr + i);
+        KV kv[V];
+        memcpy(kv, &raw, 16);
+#pragma unroll
+        for (int e = 0; e < V; e++) sc += qs[i + e] * to_f(kv[e]);
+      }
+    } else {
+      for (int i = 0; i < d; i++) sc += qs[i] * to_f(kr[i]);
+    }
   }
   const float mx = block_max(sc);
   const float e = t < len ? expf(sc - mx) : 0.f;
