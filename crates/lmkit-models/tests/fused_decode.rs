@@ -367,3 +367,23 @@ fn a_prompt_after_fused_steps_reads_their_cache() {
         "after truncate: {d}"
     );
 }
+
+#[test]
+fn long_caches_and_wide_heads() {
+    // Heads of 128 and 256 (four and eight values per lane in the attention's output) over
+    // 130+ cached positions: three blocks of 64 merged, the last one partly filled.
+    for (d, heads, kv) in [(128, 2, 1), (256, 2, 2)] {
+        let cfg = LlamaConfig {
+            hidden_size: 128,
+            intermediate_size: 96,
+            num_layers: 1,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: d,
+            ..LlamaConfig::tiny()
+        };
+        let (diff, same) = compare(&model(&cfg, DType::F32, false), 1, 130, 3, 0);
+        assert!(diff < 1e-4, "head {d}: relative logit difference {diff}");
+        assert_eq!(same, 1.0);
+    }
+}
