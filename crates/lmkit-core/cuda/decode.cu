@@ -32,12 +32,7 @@ typedef float f32;
 typedef __nv_bfloat16 bf16;
 typedef __half f16;
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(f16 x) { return __half2float(x); }
-__device__ __forceinline__ void put(float* p, float v) { *p = v; }
-__device__ __forceinline__ void put(bf16* p, float v) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void put(f16* p, float v) { *p = __float2half(v); }
+#include "common.cuh"
 
 // 16 bytes from `p` (16-byte aligned; see aligned16).
 template <typename T>
@@ -59,49 +54,6 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 #else
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 #endif
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Block-wide reductions (blockDim.x a multiple of 32); every thread gets the result.
-__device__ float block_sum(float v) {
-  __shared__ float sh[32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) sh[w] = v;
-  __syncthreads();
-  if (w == 0) {
-    float u = lane < nw ? sh[lane] : 0.f;
-    u = warp_sum(u);
-    if (lane == 0) sh[0] = u;
-  }
-  __syncthreads();
-  return sh[0];
-}
-
-__device__ float block_max(float v) {
-  __shared__ float sh[32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) sh[w] = v;
-  __syncthreads();
-  if (w == 0) {
-    float u = lane < nw ? sh[lane] : -INFINITY;
-    u = warp_max(u);
-    if (lane == 0) sh[0] = u;
-  }
-  __syncthreads();
-  return sh[0];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -150,6 +102,37 @@ __device__ __forceinline__ void row_dots(const W* __restrict__ w, const float* _
   for (int j = 0; j < NB; j++) acc[j] = warp_sum(acc[j]);
 }
 
+// Which of three stacked matrices (n0, n1, n2 rows) holds output row `row`, and at which row.
+__device__ __forceinline__ int pick(int row, int n0, int n1, int* r) {
+  if (row >= n0 + n1) {
+    *r = row - n0 - n1;
+    return 2;
+  }
+  if (row >= n0) {
+    *r = row - n0;
+    return 1;
+  }
+  *r = row;
+  return 0;
+}
+
+// Lane 0 writes y_j[row] = acc_j (+ bias[r]) (+ res_j[row]) for the b sequences (rows of n).
+template <int NB>
+__device__ __forceinline__ void store_rows(const float* acc, const float* bias, int r,
+                                           const float* res, float* y, int n, int row, int b) {
+  if ((threadIdx.x & 31) != 0) return;
+#pragma unroll
+  for (int j = 0; j < NB; j++) {
+    if (j < b) {
+      const size_t o = (size_t)j * n + row;
+      float v = acc[j];
+      if (bias) v += bias[r];
+      if (res) v += res[o];
+      y[o] = v;
+    }
+  }
+}
+
 template <typename W, int NB>
 __device__ void gemv(const W* w0, const W* w1, const W* w2, int n0, int n1, int n2,
                      const float* b0, const float* b1, const float* b2, const float* x,
@@ -157,32 +140,13 @@ __device__ void gemv(const W* w0, const W* w1, const W* w2, int n0, int n1, int 
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int n = n0 + n1 + n2;
   if (row >= n) return;
-  const W* w = w0;
-  const float* bias = b0;
-  int r = row;
-  if (row >= n0 + n1) {
-    w = w2;
-    bias = b2;
-    r = row - n0 - n1;
-  } else if (row >= n0) {
-    w = w1;
-    bias = b1;
-    r = row - n0;
-  }
+  int r;
+  const int i = pick(row, n0, n1, &r);
+  const W* w = i == 0 ? w0 : i == 1 ? w1 : w2;
+  const float* bias = i == 0 ? b0 : i == 1 ? b1 : b2;
   float acc[NB];
   row_dots<W, NB>(w + (size_t)r * k, x, k, b, acc);
-  if ((threadIdx.x & 31) == 0) {
-#pragma unroll
-    for (int j = 0; j < NB; j++) {
-      if (j < b) {
-        const size_t o = (size_t)j * n + row;
-        float v = acc[j];
-        if (bias) v += bias[r];
-        if (res) v += res[o];
-        y[o] = v;
-      }
-    }
-  }
+  store_rows<NB>(acc, bias, r, res, y, n, row, b);
 }
 
 template <typename W, int NB>
@@ -323,30 +287,17 @@ __device__ void qgemv(const uint8_t* q0, const uint8_t* q1, const uint8_t* q2, c
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int n = n0 + n1 + n2;
   if (row >= n) return;
-  const uint8_t* q = q0;
-  const float *s = s0, *m = m0, *bias = b0;
-  int r = row;
-  if (row >= n0 + n1) {
-    q = q2, s = s2, m = m2, bias = b2, r = row - n0 - n1;
-  } else if (row >= n0) {
-    q = q1, s = s1, m = m1, bias = b1, r = row - n0;
-  }
+  int r;
+  const int i = pick(row, n0, n1, &r);
+  const uint8_t* q = i == 0 ? q0 : i == 1 ? q1 : q2;
+  const float* s = i == 0 ? s0 : i == 1 ? s1 : s2;
+  const float* m = i == 0 ? m0 : i == 1 ? m1 : m2;
+  const float* bias = i == 0 ? b0 : i == 1 ? b1 : b2;
   const size_t blocks = (size_t)k / 32;
   float acc[NB];
   qrow_dots<F, NB>(q + (size_t)r * qrow_bytes<F>(k), s + r * blocks, m ? m + r * blocks : m, x, k,
                    b, acc);
-  if ((threadIdx.x & 31) == 0) {
-#pragma unroll
-    for (int j = 0; j < NB; j++) {
-      if (j < b) {
-        const size_t o = (size_t)j * n + row;
-        float v = acc[j];
-        if (bias) v += bias[r];
-        if (res) v += res[o];
-        y[o] = v;
-      }
-    }
-  }
+  store_rows<NB>(acc, bias, r, res, y, n, row, b);
 }
 
 template <int F, int NB>

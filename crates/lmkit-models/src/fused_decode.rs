@@ -44,6 +44,7 @@ use lmkit_kernels::matmul::QFormat;
 
 use weights::{mat, unsupported_weight, Mat};
 
+use crate::llama::BLOCK_LINEARS as LINEARS;
 use crate::{Error, Llama, Result};
 
 /// Threads of the GEMV blocks (four warps, one output row each).
@@ -52,17 +53,6 @@ const GEMV_THREADS: u32 = 128;
 const MAX_NB: usize = 16;
 /// Cached positions per attention block (`ATT_CH` in decode.cu).
 const ATT_CH: usize = 64;
-
-/// The linear layers of a block, by HF module name (relative to the block), in launch order.
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 /// The kind of a weight the kernels read (`bf16`, `q8_0`, ...), or why they cannot.
 fn kind_of(w: &Weight) -> std::result::Result<String, String> {

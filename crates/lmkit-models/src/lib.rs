@@ -30,7 +30,7 @@ pub use cache::KvCache;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use kv_policy::KvPolicy;
-pub use llama::{Llama, CAPTURE_SITES};
+pub use llama::{Llama, BLOCK_LINEARS, CAPTURE_SITES};
 pub use weights::{open_source, LoadOptions, WeightSource};
 
 /// A model ready to run: weights, tokenizer and chat template.

@@ -63,6 +63,18 @@ pub struct Llama {
     fused: fused_decode::FusedSlot,
 }
 
+/// A block's linear layers by HF module name (relative to `model.layers.{i}.`), in forward
+/// order: q, k, v, o, gate, up, down.
+pub const BLOCK_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// The linear layers of a block grouped by the input they read, in forward order: capture site
 /// name and the HF module names (relative to `model.layers.{i}.`) that read it.
 pub const CAPTURE_SITES: [(&str, &[&str]); 4] = [

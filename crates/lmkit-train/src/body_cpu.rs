@@ -47,7 +47,7 @@ use lmkit_core::cpu::{read_f32, F32Values};
 use lmkit_core::fused::rms_norm_backward;
 use lmkit_core::linear::{Linear, Weight};
 use lmkit_core::{DType, Device, Tensor};
-use lmkit_models::{Llama, LlamaConfig};
+use lmkit_models::{Llama, LlamaConfig, BLOCK_LINEARS as LINEARS};
 use rayon::prelude::*;
 
 use attention::{attention_backward, attention_forward};
@@ -138,17 +138,6 @@ struct Stash {
     /// The LoRA stashes of q, k, v, o, gate, up, down.
     lin: [LinStash; 7],
 }
-
-/// The linear layers of a block, by HF module name (relative to the block).
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 /// Whether the trainer should use this path (see the module doc).
 fn wanted(model: &Llama, trainable: &[Var]) -> bool {
