@@ -464,15 +464,15 @@ __device__ void attn_part(const float* q, const KV* kc, const KV* vc, const int*
   float sc = -INFINITY;
   if (t < len) {
     const KV* kr = K + (size_t)t * d;
-    constexpr int V = 16 / sizeof(KV);  // keys per 16-byte load
+    constexpr int KPL = 16 / sizeof(KV);  // keys per 16-byte load
     sc = 0.f;
-    if (d % V == 0 && aligned16(kr)) {
-      for (int i = 0; i < d; i += V) {
+    if (d % KPL == 0 && aligned16(kr)) {
+      for (int i = 0; i < d; i += KPL) {
         const uint4 raw = load16<uint4>(kr + i);
-        KV kv[V];
+        KV kv[KPL];
         memcpy(kv, &raw, 16);
 #pragma unroll
-        for (int e = 0; e < V; e++) sc += qs[i + e] * to_f(kv[e]);
+        for (int e = 0; e < KPL; e++) sc += qs[i + e] * to_f(kv[e]);
       }
     } else {
       for (int i = 0; i < d; i++) sc += qs[i] * to_f(kr[i]);

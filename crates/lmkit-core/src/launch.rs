@@ -122,6 +122,11 @@ impl Launcher {
                         "a GPU tensor given to the CPU emulator".into(),
                     ));
                 };
+                if c.device.id() != dev.id() {
+                    return Err(Error::Unsupported(
+                        "a tensor on another GPU than the kernels'".into(),
+                    ));
+                }
                 let stream = dev.cuda_stream();
                 macro_rules! addr {
                     ($t:ty) => {{

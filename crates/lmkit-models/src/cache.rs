@@ -191,7 +191,7 @@ impl KvCache {
         };
         s.ensure(b, len, len + 1)?;
         let decoder = match s.decoder.take() {
-            Some(d) if d.fits(b, s.cap) => d,
+            Some(d) if d.fits(model, b, s.cap) => d,
             _ => Box::new(FusedDecoder::new(model, &s.kv, b, s.cap)?),
         };
         let decoder = s.decoder.insert(decoder);

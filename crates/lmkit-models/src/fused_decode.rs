@@ -210,7 +210,11 @@ pub(crate) fn prepare(model: &Llama) -> Result<()> {
     let launcher = Launcher::for_device(model.device())
         .ok_or_else(|| Error::Unsupported("fused decoding needs a CUDA device".into()))?;
     launcher.preload()?;
-    weights_of(model, &launcher).map(|_| ())
+    weights_of(model, &launcher)?;
+    // The weights were uploaded on this thread's stream; another thread (a server's engine)
+    // may run the steps on its own.
+    lmkit_core::device::synchronize(model.device())?;
+    Ok(())
 }
 
 /// The model's [`FusedWeights`], built on first use and kept in the model (a clone of the
@@ -344,9 +348,15 @@ impl FusedDecoder {
         })
     }
 
-    /// Whether this step was built for `batch` sequences over a slab of `cap` positions.
-    pub(crate) fn fits(&self, batch: usize, cap: usize) -> bool {
-        self.batch == batch && self.cap == cap
+    /// Whether this step was built for `batch` sequences over a slab of `cap` positions, and
+    /// for the model's current weights (a replaced layer or dtype makes new ones).
+    pub(crate) fn fits(&self, model: &Llama, batch: usize, cap: usize) -> bool {
+        let current = model
+            .fused_slot()
+            .lock()
+            .map(|w| w.as_ref().is_some_and(|w| Arc::ptr_eq(w, &self.weights)))
+            .unwrap_or(false);
+        current && self.batch == batch && self.cap == cap
     }
 
     /// One step: token `ids[j]` (u32 on the model's device) of sequence j at RoPE position
@@ -511,7 +521,13 @@ impl FusedDecoder {
             )?;
             let bh = u32::try_from(b * hq).map_err(|_| Error::Kv("too many heads".into()))?;
             let splits = self.cap.div_ceil(ATT_CH);
-            let sy = u32::try_from(splits).map_err(|_| Error::Kv("too long a cache".into()))?;
+            // A grid's y extent is at most 65,535 blocks.
+            let sy = u32::try_from(splits)
+                .ok()
+                .filter(|&y| y <= 65_535)
+                .ok_or_else(|| {
+                    Error::Kv(format!("a cache of {} positions is too long", self.cap))
+                })?;
             l.launch(
                 &format!("dec_attn_part_{}", self.kv_sfx),
                 (bh, sy),

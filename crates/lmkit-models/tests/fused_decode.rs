@@ -387,3 +387,42 @@ fn long_caches_and_wide_heads() {
         assert_eq!(same, 1.0);
     }
 }
+
+#[test]
+fn a_cache_in_use_sees_replaced_layers() {
+    // The same caches before and after a layer changes: the fused step is rebuilt on the new
+    // weights, as the reference path reads them.
+    let mut m = model(&LlamaConfig::tiny(), DType::F32, false);
+    let mut reference = m.new_reference_cache();
+    let mut fused = m.new_fused_cache().unwrap();
+    let run = |m: &Llama, id: u32, c: &mut KvCache| -> Vec<f32> {
+        let x = Tensor::new(&[[id]], &Device::Cpu).unwrap();
+        m.forward_last(&x, c)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for id in [1, 2, 3] {
+        run(&m, id, &mut reference);
+        run(&m, id, &mut fused);
+    }
+    m.update_linears(|name, l| {
+        let lmkit_core::linear::Weight::Dense(w) = l.weight() else {
+            return Ok(None);
+        };
+        match name.ends_with("mlp.down_proj") {
+            true => Ok(Some(lmkit_core::Linear::dense((w * -2.0)?, None)?)),
+            false => Ok(None),
+        }
+    })
+    .unwrap();
+    let (a, b) = (run(&m, 4, &mut reference), run(&m, 4, &mut fused));
+    let scale = a.iter().fold(0f32, |s, v| s.max(v.abs()));
+    let d = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+    assert!(d / scale < 1e-4, "after the update: {d}");
+}
