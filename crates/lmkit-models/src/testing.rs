@@ -143,3 +143,22 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDTy
     write_gguf(path, &meta, &tensors)?;
     Ok(())
 }
+
+/// Deterministic q/k/v biases (the Qwen2 layout), `(name, values)` for every layer of `cfg`.
+pub fn qkv_biases(cfg: &LlamaConfig) -> Vec<(String, Vec<f32>)> {
+    let d = cfg.head_dim;
+    let mut out = Vec::new();
+    for i in 0..cfg.num_layers {
+        for (name, n) in [
+            ("q_proj", cfg.num_heads * d),
+            ("k_proj", cfg.num_kv_heads * d),
+            ("v_proj", cfg.num_kv_heads * d),
+        ] {
+            let b = (0..n)
+                .map(|j| ((j * 7 + i) % 11) as f32 / 10.0 - 0.5)
+                .collect();
+            out.push((format!("model.layers.{i}.self_attn.{name}.bias"), b));
+        }
+    }
+    out
+}

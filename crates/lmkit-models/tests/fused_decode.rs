@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use lmkit_core::{DType, Device, GgmlDType, Tensor};
-use lmkit_models::testing::{random_weights, write_tiny_gguf};
+use lmkit_models::testing::{qkv_biases, random_weights, write_tiny_gguf};
 use lmkit_models::{load, KvCache, Llama, LlamaConfig, LoadOptions, WeightSource};
 
 fn model(cfg: &LlamaConfig, dtype: DType, bias: bool) -> Llama {
@@ -13,21 +13,9 @@ fn model(cfg: &LlamaConfig, dtype: DType, bias: bool) -> Llama {
         .map(|(n, s, v)| (n, Tensor::from_vec(v, s, &Device::Cpu).unwrap()))
         .collect();
     if bias {
-        let d = cfg.head_dim;
-        for i in 0..cfg.num_layers {
-            for (name, n) in [
-                ("q_proj", cfg.num_heads * d),
-                ("k_proj", cfg.num_kv_heads * d),
-                ("v_proj", cfg.num_kv_heads * d),
-            ] {
-                let b: Vec<f32> = (0..n)
-                    .map(|j| ((j * 7 + i) % 11) as f32 / 10.0 - 0.5)
-                    .collect();
-                tensors.insert(
-                    format!("model.layers.{i}.self_attn.{name}.bias"),
-                    Tensor::from_vec(b, n, &Device::Cpu).unwrap(),
-                );
-            }
+        for (name, b) in qkv_biases(cfg) {
+            let n = b.len();
+            tensors.insert(name, Tensor::from_vec(b, n, &Device::Cpu).unwrap());
         }
     }
     let opts = LoadOptions {

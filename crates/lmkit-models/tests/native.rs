@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use lmkit_core::testing::max_abs_diff;
 use lmkit_core::{Device, GgmlDType, Tensor};
-use lmkit_models::testing::{random_weights, write_tiny_gguf};
+use lmkit_models::testing::{qkv_biases, random_weights, write_tiny_gguf};
 use lmkit_models::{load, Llama, LlamaConfig, LoadOptions};
 
 /// Native vs reference logits, f32/f16 weights: the same math in another summation order.
@@ -241,21 +241,9 @@ fn native_applies_qkv_bias() {
         .into_iter()
         .map(|(n, s, v)| (n, Tensor::from_vec(v, s, &Device::Cpu).unwrap()))
         .collect();
-    let d = cfg.head_dim;
-    for i in 0..cfg.num_layers {
-        for (name, n) in [
-            ("q_proj", cfg.num_heads * d),
-            ("k_proj", cfg.num_kv_heads * d),
-            ("v_proj", cfg.num_kv_heads * d),
-        ] {
-            let b: Vec<f32> = (0..n)
-                .map(|j| ((j * 7 + i) % 11) as f32 / 10.0 - 0.5)
-                .collect();
-            tensors.insert(
-                format!("model.layers.{i}.self_attn.{name}.bias"),
-                Tensor::from_vec(b, n, &Device::Cpu).unwrap(),
-            );
-        }
+    for (name, b) in qkv_biases(&cfg) {
+        let n = b.len();
+        tensors.insert(name, Tensor::from_vec(b, n, &Device::Cpu).unwrap());
     }
     let hf = dir.path().join("hf");
     std::fs::create_dir(&hf).unwrap();
