@@ -37,10 +37,18 @@ def parity(work):
 def speed(work):
     n, layers, hidden, seq = 113265408, 12, 768, 1024
     flops, peak = 6 * n + 12 * layers * hidden * seq, 989.4e12
-    logs = [json.loads(line) for line in open(f"{work}/big/metrics.jsonl")]
-    lm = statistics.median(rec["tokens_per_sec"] for rec in logs[4:])
+    def median_tps(run):
+        logs = [json.loads(line) for line in open(f"{work}/{run}/metrics.jsonl")]
+        return statistics.median(rec["tokens_per_sec"] for rec in logs[4:])
+
+    lm = median_tps("big")
     pt = json.load(open(f"{work}/torch.json"))["tokens_per_sec"]
-    for name, tps in [("lmkit", lm), ("pytorch (sdpa)", pt)]:
+    rows = [("lmkit", lm), ("pytorch (sdpa)", pt)]
+    try:
+        rows.append(("lmkit autograd", median_tps("big-ag")))
+    except (OSError, ValueError, statistics.StatisticsError):
+        pass
+    for name, tps in rows:
         print(f"  {name:<16} {tps:>9.0f} tok/s  MFU {100 * tps * flops / peak:5.1f}%")
     print(f"  ratio lmkit/pytorch {lm / pt:.3f}")
 

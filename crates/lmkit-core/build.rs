@@ -1,8 +1,8 @@
-//! With the `cuda` feature, compiles `cuda/fused.cu` and `cuda/decode.cu` to PTX with nvcc (from
-//! `CUDA_ROOT`'s `bin`, else the `PATH`), for `CUDA_COMPUTE_CAP` (default 80; the driver
-//! JIT-compiles PTX for newer GPUs). With `cuda-emu`, compiles `cuda/decode.cu` as C++ together
-//! with the CPU emulator of `cuda/emu/` (the tests run the kernels there). Without either
-//! feature it does nothing.
+//! With the `cuda` feature, compiles `cuda/fused.cu`, `cuda/decode.cu` and `cuda/train.cu` to
+//! PTX with nvcc (from `CUDA_ROOT`'s `bin`, else the `PATH`), for `CUDA_COMPUTE_CAP` (default
+//! 80; the driver JIT-compiles PTX for newer GPUs). With `cuda-emu`, compiles `cuda/decode.cu`
+//! and `cuda/train.cu` as C++ together with the CPU emulator of `cuda/emu/` (the tests run the
+//! kernels there). Without either feature it does nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,8 +18,10 @@ fn main() {
             .std("c++17")
             .opt_level(2)
             .flag_if_supported("-Wno-unknown-pragmas")
+            .flag_if_supported("-Wno-unused-function")
             .file("cuda/emu/emu.cpp")
             .file("cuda/emu/decode_emu.cpp")
+            .file("cuda/emu/train_emu.cpp")
             .compile("lmkit_cuda_emu");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -32,7 +34,7 @@ fn main() {
         Some(root) => PathBuf::from(root).join("bin").join("nvcc"),
         None => PathBuf::from("nvcc"),
     };
-    for name in ["fused", "decode"] {
+    for name in ["fused", "decode", "train"] {
         let mut cmd = Command::new(&nvcc);
         if let Some(root) = std::env::var_os("CUDA_ROOT") {
             cmd.arg("-I").arg(PathBuf::from(root).join("include"));

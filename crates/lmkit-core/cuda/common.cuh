@@ -20,7 +20,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ float block_max(float v) {
+static __device__ float block_max(float v) {
   __shared__ float sh[32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   v = warp_max(v);
@@ -36,7 +36,7 @@ __device__ float block_max(float v) {
   return sh[0];
 }
 
-__device__ float block_sum(float v) {
+static __device__ float block_sum(float v) {
   __shared__ float sh[32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   v = warp_sum(v);

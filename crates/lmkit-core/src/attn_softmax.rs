@@ -50,6 +50,38 @@ pub fn causal_softmax(x: &Tensor, t: usize, offset: usize, scale: f64) -> Result
     x.apply_op1(op).op("causal_softmax")
 }
 
+/// The backward pass of [`causal_softmax`] on its result `y` and the upstream gradient `g` (same
+/// shape): `scale · y ⊙ (g − Σⱼ gⱼyⱼ)` per row, in `y`'s dtype (a training step that writes
+/// its own backward).
+pub fn causal_softmax_backward(
+    y: &Tensor,
+    g: &Tensor,
+    t: usize,
+    offset: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    if y.shape() != g.shape() {
+        return Err(crate::Error::Shape {
+            op: "causal_softmax_backward".into(),
+            expected: format!("{:?}", y.dims()),
+            got: format!("{:?}", g.dims()),
+        });
+    }
+    let op = CausalSoftmax {
+        t: t.max(1),
+        offset,
+        scale: scale as f32,
+    };
+    let g = g.to_dtype(y.dtype()).op("causal_softmax_backward")?;
+    let (y, g) = (y.contiguous(), g.contiguous());
+    let (y, g) = (
+        y.op("causal_softmax_backward")?,
+        g.op("causal_softmax_backward")?,
+    );
+    y.apply_op2_no_bwd(&g, &CausalSoftmaxBwd(op))
+        .op("causal_softmax_backward")
+}
+
 #[derive(Clone, Copy)]
 struct CausalSoftmax {
     t: usize,

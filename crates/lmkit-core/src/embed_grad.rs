@@ -33,6 +33,16 @@ pub fn embedding_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// The gradient `(vocab, c)` f32 of a `(vocab, c)` table from the upstream gradient `g (n, c)`
+/// of its rows `ids (n,)` (a training step that writes its own backward).
+pub fn embedding_grad(g: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
+    let g = g.to_dtype(DType::F32).op("embedding grad")?;
+    let g = g.contiguous().op("embedding grad")?;
+    let ids = ids.to_dtype(DType::U32).op("embedding ids")?;
+    g.apply_op2_no_bwd(&ids, &EmbeddingGrad { vocab })
+        .op("embedding grad")
+}
+
 struct EmbeddingGrad {
     vocab: usize,
 }

@@ -1,4 +1,5 @@
-//! Launching lmkit's decoding kernels (`cuda/decode.cu`) by name on raw buffer addresses, on a
+//! Launching lmkit's decoding and training kernels (`cuda/decode.cu`, `cuda/train.cu`: names
+//! that start with `tr_`) by name on raw buffer addresses, on a
 //! GPU (feature `cuda`) or on the CPU emulator that runs the same kernel source (feature
 //! `cuda-emu`, `cuda/emu/`), so the tests exercise every kernel and every launch without a GPU.
 //!
@@ -153,7 +154,8 @@ impl Launcher {
         }
     }
 
-    /// Runs kernel `name` of `decode.cu` over a `(gx, gy)` grid of `threads`-thread blocks.
+    /// Runs kernel `name` of `decode.cu` (or of `train.cu` when it starts with `tr_`) over a
+    /// `(gx, gy)` grid of `threads`-thread blocks.
     pub fn launch(&self, name: &str, grid: (u32, u32), threads: u32, args: &[Arg]) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 {
             return Ok(());
@@ -232,6 +234,15 @@ mod cuda {
     use crate::{Error, Result};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+    const TRAIN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
+
+    /// The module that holds kernel `name`, and its PTX.
+    fn module(name: &str) -> (&'static str, &'static str) {
+        match name.starts_with("tr_") {
+            true => ("lmkit_train", TRAIN_PTX),
+            false => ("lmkit_decode", PTX),
+        }
+    }
 
     fn driver(what: &str, e: impl std::fmt::Display) -> Error {
         Error::Unsupported(format!("{what}: {e}"))
@@ -244,7 +255,8 @@ mod cuda {
         threads: u32,
         args: &[Arg],
     ) -> Result<()> {
-        let f = dev.get_or_load_custom_func(name, "lmkit_decode", PTX)?;
+        let (module, ptx) = module(name);
+        let f = dev.get_or_load_custom_func(name, module, ptx)?;
         let mut b = f.builder();
         for a in args {
             match a {
@@ -258,7 +270,7 @@ mod cuda {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the callers pass the argument list of `name`'s signature in decode.cu, with
+        // SAFETY: the callers pass the argument list of `name`'s signature in its .cu file, with
         // addresses of live tensors large enough for the grid.
         unsafe { b.launch(cfg) }.w()?;
         Ok(())

@@ -478,7 +478,7 @@ pub fn loss_and_grads(
 }
 
 /// RoPE's `cos`/`sin` tables `(t, d/2)`, as the model computes them.
-fn rope_tables(m: &Llama, cfg: &LlamaConfig, t: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rope_tables(m: &Llama, cfg: &LlamaConfig, t: usize) -> (Vec<f32>, Vec<f32>) {
     let inv = m.rope_inv_freq();
     let half = cfg.head_dim / 2;
     let mut cos = Vec::with_capacity(t * half);

@@ -9,6 +9,7 @@
 //! - [`dro`]: DoReMi's proxy training: Group-DRO token weights from excess losses;
 //! - [`tokens`]: token streams in memory or in memory-mapped token files (corpora larger than RAM);
 //! - [`body_cpu`]: the CPU f32 forward and backward of a dense model's blocks on plain buffers;
+//! - [`body_gpu`]: the same on a GPU, in the compute dtype, with lmkit's fused kernels;
 //! - [`trainer`]: the loop (schedule, micro-batches with accumulation, clip, step, eval, log);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
 //! - [`export`]: the trained model as an HF folder;
@@ -18,6 +19,7 @@
 
 pub mod adamw;
 pub mod body_cpu;
+pub mod body_gpu;
 pub mod checkpoint;
 pub mod data;
 pub mod dpo;

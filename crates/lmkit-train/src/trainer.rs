@@ -251,8 +251,13 @@ impl Trainer {
                 }
                 let (ids, mask) = data.next_batch(cfg.batch)?; // (b, t + 1), (b, t)
                 tokens += ids.dims()[0] * (ids.dims()[1] - 1);
-                // A dense f32 model on the CPU runs lmkit's own backward (`body_cpu`).
-                let (l, g) = match crate::body_cpu::loss_and_grads(&self.t, &ids, mask.as_ref())? {
+                // A dense model runs lmkit's own backward: `body_cpu` (f32 on the CPU) or
+                // `body_gpu` (a GPU); anything else candle's autograd.
+                let own = match crate::body_gpu::loss_and_grads(&self.t, &ids, mask.as_ref())? {
+                    Some(lg) => Some(lg),
+                    None => crate::body_cpu::loss_and_grads(&self.t, &ids, mask.as_ref())?,
+                };
+                let (l, g) = match own {
                     Some(lg) => lg,
                     None => {
                         let l = loss_masked(&self.t.model, &ids, mask.as_ref())?;

@@ -146,10 +146,12 @@ void add_kernel(const char* name, int nargs, void (*call)(void*, const uint64_t*
 // are 64-bit slots (pointers, ints sign-extended, floats in the low 32 bits). Returns 0, or
 // writes why not into `err` and returns 1.
 extern "C" void lmkit_emu_decode_anchor();
+extern "C" void lmkit_emu_train_anchor();
 
 extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads,
                                 const uint64_t* args, int nargs, char* err, int errlen) {
   lmkit_emu_decode_anchor();
+  lmkit_emu_train_anchor();
   auto it = registry().find(name);
   if (it == registry().end()) {
     snprintf(err, errlen, "no emulated kernel `%s`", name);

@@ -1,0 +1,793 @@
+//! The GPU training path of a dense Llama: the forward and backward passes of every block
+//! written out on device tensors, each gradient written once, in the compute dtype (bf16 under
+//! mixed precision) with f32 master weights and an f32 residual stream.
+//!
+//! candle's autograd runs a block's backward as dozens of tensor ops and sums every gradient
+//! into a zero-filled buffer (on an H100 its `badd` was the largest kernel of a step); here the
+//! step is cuBLAS products (candle's `matmul`) with lmkit's fused kernels between them
+//! (`cuda/train.cu`: norms, RoPE with the head layout, SiLU, residual adds; and the causal
+//! softmax of `lmkit_core::attn_softmax`). The math is [`crate::body_cpu`]'s:
+//!
+//! ```text
+//! RMSNorm  a = x̂ ⊙ w, x̂ = x·r, r = (mean(x²) + ε)^(−½)
+//!          dx = r·(da⊙w − x̂·mean(x̂ ⊙ da ⊙ w)),     dw = Σ_rows da ⊙ x̂
+//! q|k|v    one product with the three weights stacked: [q | k | v] = a [W_q; W_k; W_v]ᵀ (+ b),
+//!          then RoPE into heads (b, h, t, d);  d[W_q; W_k; W_v] = d[q | k | v]ᵀ a
+//! RoPE     y = rot(θ)·x per pair (i, i + d/2):   dx = rot(−θ)·dy
+//! attention, per kv head with its g = h/kh query heads as g·t rows:
+//!          S = q kᵀ, P = softmax(s·S + causal mask), y = P v
+//!          dP = dy vᵀ, dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), dq = dS k, dk = dSᵀ q, dv = Pᵀ dy
+//! MLP      [g | u] = a [W_g; W_u]ᵀ, m = silu(g) ⊙ u, out = m W_dᵀ
+//!          dg = dm ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))),   du = dm ⊙ silu(g)
+//! linear   dW = dyᵀ x, dx = dy W
+//! embedding  x₀ = E[ids]:   dE[idsᵢ] += dx₀ᵢ
+//! ```
+//!
+//! [`forward`] runs the blocks and the final norm and hands back the hidden states as a
+//! variable; the caller's loss (the chunked output layer of [`crate::head_loss`]) runs through
+//! candle's autograd from there, and [`Pass::backward`] takes the hidden states' gradient the
+//! rest of the way. The path applies to full (not LoRA) training of a model whose weights are
+//! dense f32 variables on a CUDA device; any run with `LMKIT_TRAIN_AUTOGRAD` set takes
+//! candle's autograd. The tests run it on the CPU emulator of the kernels against
+//! [`crate::body_cpu`].
+//!
+//! Deviations from the autograd path: none in the math. Products run in the compute dtype as
+//! under autocast (the weights are cast once per step, and each weight gradient is a product in
+//! that dtype, then widened to f32); the residual stream, the norms and every sum stay f32.
+
+use std::collections::HashSet;
+
+use lmkit_core::attn_softmax::{causal_softmax, causal_softmax_backward};
+use lmkit_core::candle::backprop::GradStore;
+use lmkit_core::candle::{Shape, TensorId, Var};
+use lmkit_core::embed_grad::embedding_grad;
+use lmkit_core::launch::{kernel_suffix, Arg, Launcher};
+use lmkit_core::linear::Weight;
+use lmkit_core::{DType, Device, Tensor};
+use lmkit_models::{Llama, BLOCK_LINEARS as LINEARS};
+
+use crate::params::Trainable;
+use crate::{Error, Result};
+
+/// Columns per thread of `tr_rms_bwd` (`RMS_COLS` in train.cu).
+const RMS_COLS: usize = 16;
+/// Most blocks of a grid-stride launch.
+const MAX_BLOCKS: usize = 4096;
+
+/// Sizes of one pass: `n = b·t` rows of width `c`; `h` query and `kh` kv heads of `d`; MLP
+/// width `f`.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    n: usize,
+    c: usize,
+    h: usize,
+    kh: usize,
+    d: usize,
+    f: usize,
+    eps: f32,
+}
+
+impl Dims {
+    fn group(&self) -> usize {
+        self.h / self.kh
+    }
+    /// Width of the stacked q|k|v product.
+    fn qkv(&self) -> usize {
+        (self.h + 2 * self.kh) * self.d
+    }
+    fn scale(&self) -> f64 {
+        1.0 / (self.d as f64).sqrt()
+    }
+}
+
+/// A master weight (an f32 variable) and whether it trains.
+#[derive(Clone)]
+struct Param {
+    t: Tensor,
+    train: bool,
+}
+
+/// One block: its master weights, and this step's copies in the compute dtype.
+struct Block {
+    n1: Param,
+    n2: Param,
+    /// q, k, v, o, gate, up, down.
+    lin: [Param; 7],
+    /// The q, k, v biases.
+    bias: Option<[Param; 3]>,
+    /// `[W_q; W_k; W_v]` `(qkv, c)`.
+    w_qkv: Tensor,
+    /// `[b_q; b_k; b_v]` f32.
+    b_qkv: Option<Tensor>,
+    w_o: Tensor,
+    /// `[W_g; W_u]` `(2f, c)`.
+    w_gu: Tensor,
+    w_d: Tensor,
+}
+
+impl Block {
+    fn trains(&self) -> bool {
+        self.n1.train
+            || self.n2.train
+            || self.lin.iter().any(|p| p.train)
+            || self.bias.iter().flatten().any(|p| p.train)
+    }
+}
+
+/// What one block's backward needs from its forward.
+struct Stash {
+    /// Block input `(n, c)` f32.
+    x: Tensor,
+    a1: Tensor,
+    /// `(b·kh, g·t, d)`: heads of a kv group as consecutive rows.
+    q: Tensor,
+    /// `(b·kh, t, d)`.
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities `(b·kh, g·t, t)`.
+    p: Tensor,
+    /// Attention output `(n, h·d)`.
+    y: Tensor,
+    /// After the attention's residual add `(n, c)` f32.
+    xm: Tensor,
+    a2: Tensor,
+    /// `[g | u]` `(n, 2f)`.
+    gu: Tensor,
+    /// `silu(g) ⊙ u` `(n, f)`.
+    m: Tensor,
+}
+
+/// Launches of `train.cu`'s kernels for one compute dtype.
+struct Kernels {
+    launcher: Launcher,
+    suffix: &'static str,
+    dtype: DType,
+    device: Device,
+}
+
+impl Kernels {
+    fn ptr(&self, t: &Tensor) -> Result<Arg> {
+        Ok(Arg::Ptr(self.launcher.ptr(t)?))
+    }
+
+    fn int(v: usize, what: &str) -> Result<Arg> {
+        Ok(Arg::int(v, what)?)
+    }
+
+    fn run(&self, name: &str, blocks: usize, threads: u32, args: &[Arg]) -> Result<()> {
+        let grid = u32::try_from(blocks.max(1))
+            .map_err(|_| Error::Data(format!("{name}: {blocks} blocks exceed a kernel grid")))?;
+        let name = format!("tr_{name}_{}", self.suffix);
+        Ok(self.launcher.launch(&name, (grid, 1), threads, args)?)
+    }
+
+    /// An uninitialized tensor that a kernel fills.
+    fn empty(&self, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        // SAFETY: every caller passes the tensor to a kernel that writes each of its elements
+        // before anything reads it.
+        Ok(unsafe { Tensor::empty(shape, dtype, &self.device) }?)
+    }
+
+    /// `a = rms(x) ⊙ w` in the compute dtype.
+    fn rms(&self, x: &Tensor, w: &Tensor, dm: &Dims) -> Result<Tensor> {
+        let rows = x.elem_count() / dm.c;
+        let a = self.empty((rows, dm.c), self.dtype)?;
+        let args = [
+            self.ptr(x)?,
+            self.ptr(w)?,
+            self.ptr(&a)?,
+            Self::int(rows, "rows")?,
+            Self::int(dm.c, "hidden size")?,
+            Arg::F32(dm.eps),
+        ];
+        self.run("rms_fwd", rows.div_ceil(8), 256, &args)?;
+        Ok(a)
+    }
+
+    /// RMSNorm's backward: `dx` gets ∂x (added to it with `accumulate`); returns ∂x in the
+    /// compute dtype and ∂w.
+    fn rms_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        dx: &Tensor,
+        accumulate: bool,
+        dm: &Dims,
+    ) -> Result<(Tensor, Tensor)> {
+        let rows = x.elem_count() / dm.c;
+        let threads = (dm.c.div_ceil(RMS_COLS).div_ceil(32) * 32).clamp(128, 1024);
+        if dm.c > threads * RMS_COLS {
+            return Err(Error::Data(format!(
+                "a hidden size of {} exceeds the training kernels' {}",
+                dm.c,
+                1024 * RMS_COLS
+            )));
+        }
+        let blocks = rows.clamp(1, 528);
+        let dx_lp = self.empty((rows, dm.c), self.dtype)?;
+        let part = self.empty((blocks, dm.c), DType::F32)?;
+        let args = [
+            self.ptr(x)?,
+            self.ptr(w)?,
+            self.ptr(g)?,
+            self.ptr(dx)?,
+            self.ptr(&dx_lp)?,
+            self.ptr(&part)?,
+            Self::int(rows, "rows")?,
+            Self::int(dm.c, "hidden size")?,
+            Arg::F32(dm.eps),
+            Arg::I32(i32::from(accumulate)),
+        ];
+        self.run("rms_bwd", blocks, threads as u32, &args)?;
+        Ok((dx_lp, part.sum(0)?))
+    }
+
+    /// `x + y` (f32 `x`, compute-dtype `y`) in f32.
+    fn add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let n = x.elem_count();
+        let out = self.empty(x.shape().clone(), DType::F32)?;
+        let args = [
+            self.ptr(x)?,
+            self.ptr(y)?,
+            self.ptr(&out)?,
+            Self::int(n, "elements")?,
+        ];
+        self.run("add", grid(n), 256, &args)?;
+        Ok(out)
+    }
+
+    /// The arguments that place q, k, v heads.
+    fn head_args(&self, dm: &Dims) -> Result<[Arg; 5]> {
+        Ok([
+            Self::int(dm.b, "batch")?,
+            Self::int(dm.t, "sequence length")?,
+            Self::int(dm.h, "heads")?,
+            Self::int(dm.kh, "kv heads")?,
+            Self::int(dm.d, "head size")?,
+        ])
+    }
+
+    fn pairs(dm: &Dims) -> usize {
+        dm.n * (dm.h + 2 * dm.kh) * dm.d / 2
+    }
+}
+
+/// Blocks of 256 threads for a grid-stride loop over `n` items.
+fn grid(n: usize) -> usize {
+    n.div_ceil(256).clamp(1, MAX_BLOCKS)
+}
+
+/// Whether the trainer should use this path (see the module doc).
+pub fn wanted(model: &Llama, trainable: &[Var]) -> bool {
+    std::env::var_os("LMKIT_TRAIN_AUTOGRAD").is_none()
+        && model.device().is_cuda()
+        && applies(model, trainable)
+}
+
+/// Whether every weight of `model` is a dense f32 tensor, without adapters, computing in f32,
+/// bf16 or f16, and every variable of `trainable` is one of its weights: then this path
+/// computes every gradient the autograd path would (on any device with a kernel launcher).
+pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
+    let cfg = m.config();
+    let shapes_ok = cfg.num_kv_heads > 0
+        && cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
+        && cfg.head_dim.is_multiple_of(2)
+        && cfg.hidden_size <= 1024 * RMS_COLS;
+    if trainable.is_empty() || !shapes_ok || kernel_suffix(m.dtype()).is_err() {
+        return false;
+    }
+    let f32_dense = |t: &Tensor| t.dtype() == DType::F32;
+    let mut known: HashSet<TensorId> = HashSet::new();
+    for (_, w) in m.named_weights() {
+        match w {
+            Weight::Dense(w) if f32_dense(w) => known.insert(w.id()),
+            _ => return false,
+        };
+    }
+    for (_, v) in m.named_vectors() {
+        if !f32_dense(v) {
+            return false;
+        }
+        known.insert(v.id());
+    }
+    for i in 0..cfg.num_layers {
+        for (j, name) in LINEARS.iter().enumerate() {
+            let Some(l) = m.linear(&format!("model.layers.{i}.{name}")) else {
+                return false;
+            };
+            if l.lora().is_some() || l.bias().is_some() != (cfg.attention_bias && j < 3) {
+                return false;
+            }
+        }
+    }
+    if crate::head_loss::dense_head(m).is_none() {
+        return false;
+    }
+    trainable
+        .iter()
+        .all(|v| known.contains(&v.as_tensor().id()))
+}
+
+/// The forward pass of the blocks, kept for their backward; the hidden states `(b, t, c)` (in
+/// the compute dtype) are a variable for the caller's loss.
+pub struct Pass {
+    dm: Dims,
+    k: Kernels,
+    blocks: Vec<Block>,
+    stashes: Vec<Stash>,
+    embed: Param,
+    final_norm: Param,
+    /// The input of the final norm `(n, c)` f32.
+    x: Tensor,
+    /// `(n,)` u32 on the device.
+    ids: Tensor,
+    /// RoPE's `(t, d/2)` f32 tables on the device.
+    cos: Tensor,
+    sin: Tensor,
+    hidden: Var,
+}
+
+/// Runs the blocks of `model` on `inputs (b, t)` with kernels from `launcher`; `trainable` are
+/// the variables that get gradients. None when this path does not apply.
+pub fn forward(
+    model: &Llama,
+    trainable: &[Var],
+    inputs: &Tensor,
+    launcher: Launcher,
+) -> Result<Option<Pass>> {
+    if !applies(model, trainable) {
+        return Ok(None);
+    }
+    let m = model;
+    let cfg = m.config();
+    let (b, t) = inputs.dims2()?;
+    if t == 0 {
+        return Err(Error::Data("an empty training sequence".into()));
+    }
+    if t > cfg.max_position_embeddings {
+        return Err(Error::Data(format!(
+            "sequences of {t} tokens exceed the model's context of {}",
+            cfg.max_position_embeddings
+        )));
+    }
+    let dev = m.device().clone();
+    // Ids made on the host are checked there (no wait for the device).
+    if inputs.device().is_cpu() {
+        let ids: Vec<u32> = inputs.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            return Err(Error::Data(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+    }
+    let ids = inputs
+        .flatten_all()?
+        .to_dtype(DType::U32)?
+        .to_device(&dev)?;
+    let dm = Dims {
+        b,
+        t,
+        n: b * t,
+        c: cfg.hidden_size,
+        h: cfg.num_heads,
+        kh: cfg.num_kv_heads,
+        d: cfg.head_dim,
+        f: cfg.intermediate_size,
+        eps: cfg.rms_norm_eps as f32,
+    };
+    let k = Kernels {
+        launcher,
+        suffix: kernel_suffix(m.dtype())?,
+        dtype: m.dtype(),
+        device: dev.clone(),
+    };
+    let train: HashSet<TensorId> = trainable.iter().map(|v| v.as_tensor().id()).collect();
+    let param = |t: &Tensor| Param {
+        t: t.clone(),
+        train: train.contains(&t.id()),
+    };
+    let weights = m.named_weights();
+    let dense = |name: &str| -> Result<Param> {
+        match weights.iter().find(|(n, _)| n == name).map(|(_, w)| *w) {
+            Some(Weight::Dense(w)) => Ok(param(w)),
+            _ => Err(Error::Data(format!("no dense tensor {name}"))),
+        }
+    };
+    let vectors = m.named_vectors();
+    let vector = |name: &str| -> Result<Param> {
+        let v = vectors
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| Error::Data(format!("no tensor {name}")))?;
+        Ok(param(v.1))
+    };
+    let cd = m.dtype();
+    let blocks: Vec<Block> = (0..cfg.num_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let lin: Vec<Param> = LINEARS
+                .iter()
+                .map(|name| dense(&format!("{p}.{name}.weight")))
+                .collect::<Result<_>>()?;
+            let lin: [Param; 7] = lin
+                .try_into()
+                .map_err(|_| Error::Data("a block has seven linear layers".into()))?;
+            let bias = match cfg.attention_bias {
+                true => Some([0, 1, 2].map(|j| format!("{p}.{}.bias", LINEARS[j]))),
+                false => None,
+            };
+            let bias = match bias {
+                Some([q, k, v]) => Some([vector(&q)?, vector(&k)?, vector(&v)?]),
+                None => None,
+            };
+            let stack = |ps: &[&Param]| -> Result<Tensor> {
+                let ts: Vec<&Tensor> = ps.iter().map(|p| &p.t).collect();
+                Ok(Tensor::cat(&ts, 0)?.to_dtype(cd)?.contiguous()?)
+            };
+            Ok(Block {
+                n1: vector(&format!("{p}.input_layernorm.weight"))?,
+                n2: vector(&format!("{p}.post_attention_layernorm.weight"))?,
+                w_qkv: stack(&[&lin[0], &lin[1], &lin[2]])?,
+                b_qkv: match &bias {
+                    Some(bs) => Some(Tensor::cat(&[&bs[0].t, &bs[1].t, &bs[2].t], 0)?),
+                    None => None,
+                },
+                w_o: lin[3].t.to_dtype(cd)?.contiguous()?,
+                w_gu: stack(&[&lin[4], &lin[5]])?,
+                w_d: lin[6].t.to_dtype(cd)?.contiguous()?,
+                lin,
+                bias,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let embed = dense("model.embed_tokens.weight")?;
+    let final_norm = vector("model.norm.weight")?;
+    let (cos, sin) = crate::body_cpu::rope_tables(m, cfg, t);
+    let half = dm.d / 2;
+    let cos = Tensor::from_vec(cos, (t, half), &dev)?;
+    let sin = Tensor::from_vec(sin, (t, half), &dev)?;
+
+    let mut x = embed.t.index_select(&ids, 0)?; // (n, c) f32
+    let mut stashes = Vec::with_capacity(blocks.len());
+    for w in &blocks {
+        let (s, out) = layer_forward(&dm, &k, w, x, &cos, &sin)?;
+        stashes.push(s);
+        x = out;
+    }
+    let hidden = k.rms(&x, &final_norm.t, &dm)?.reshape((b, t, dm.c))?;
+    let hidden = Var::from_tensor(&hidden)?;
+    Ok(Some(Pass {
+        dm,
+        k,
+        blocks,
+        stashes,
+        embed,
+        final_norm,
+        x,
+        ids,
+        cos,
+        sin,
+        hidden,
+    }))
+}
+
+fn layer_forward(
+    dm: &Dims,
+    k: &Kernels,
+    w: &Block,
+    x: Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Stash, Tensor)> {
+    let (b, t, n, h, kh, d, g) = (dm.b, dm.t, dm.n, dm.h, dm.kh, dm.d, dm.group());
+    let a1 = k.rms(&x, &w.n1.t, dm)?; // (n, c)
+    let qkv = a1.matmul(&w.w_qkv.t()?)?; // (n, qkv)
+    let q = k.empty((b * kh, g * t, d), k.dtype)?;
+    let kk = k.empty((b * kh, t, d), k.dtype)?;
+    let v = k.empty((b * kh, t, d), k.dtype)?;
+    let bias = match &w.b_qkv {
+        Some(bq) => k.ptr(bq)?,
+        None => Arg::Ptr(0),
+    };
+    let mut args = vec![
+        k.ptr(&qkv)?,
+        k.ptr(&q)?,
+        k.ptr(&kk)?,
+        k.ptr(&v)?,
+        bias,
+        k.ptr(cos)?,
+        k.ptr(sin)?,
+    ];
+    args.extend(k.head_args(dm)?);
+    k.run("rope_split", grid(Kernels::pairs(dm)), 256, &args)?;
+    drop(qkv);
+    let s = q.matmul(&kk.t()?)?; // (b·kh, g·t, t)
+    let p = causal_softmax(&s, t, 0, dm.scale())?;
+    drop(s);
+    let y = p.matmul(&v)?; // (b·kh, g·t, d) = (b, h, t, d)
+    let y = y
+        .reshape((b, h, t, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, h * d))?;
+    let o = y.matmul(&w.w_o.t()?)?; // (n, c)
+    let xm = k.add(&x, &o)?;
+    drop(o);
+    let a2 = k.rms(&xm, &w.n2.t, dm)?;
+    let gu = a2.matmul(&w.w_gu.t()?)?; // (n, 2f)
+    let m = k.empty((n, dm.f), k.dtype)?;
+    let args = [
+        k.ptr(&gu)?,
+        k.ptr(&m)?,
+        Kernels::int(n, "rows")?,
+        Kernels::int(dm.f, "MLP width")?,
+    ];
+    k.run("silu_mul", grid(n * dm.f), 256, &args)?;
+    let down = m.matmul(&w.w_d.t()?)?; // (n, c)
+    let out = k.add(&xm, &down)?;
+    let stash = Stash {
+        x,
+        a1,
+        q,
+        k: kk,
+        v,
+        p,
+        y,
+        xm,
+        a2,
+        gu,
+        m,
+    };
+    Ok((stash, out))
+}
+
+/// Gradients found so far: each trained parameter with its gradient (any float dtype).
+type Grads = Vec<(Tensor, Tensor)>;
+
+/// Pushes the row ranges of a stacked weight's gradient `dw` to the parameters that train.
+fn push_rows(out: &mut Grads, params: &[&Param], dw: &Tensor) -> Result<()> {
+    let mut at = 0;
+    for p in params {
+        let rows = p.t.dim(0)?;
+        if p.train {
+            out.push((p.t.clone(), dw.narrow(0, at, rows)?));
+        }
+        at += rows;
+    }
+    Ok(())
+}
+
+impl Pass {
+    /// The final hidden states `(b, t, c)` (after the last norm), a variable.
+    pub fn hidden(&self) -> &Tensor {
+        self.hidden.as_tensor()
+    }
+
+    /// Takes `dh`, the gradient of [`Pass::hidden`], back through the blocks and adds the
+    /// gradient of every trained variable (f32) into `grads`.
+    pub fn backward(self, dh: &Tensor, grads: &mut GradStore) -> Result<()> {
+        let Pass {
+            dm,
+            k,
+            blocks,
+            stashes,
+            embed,
+            final_norm,
+            x,
+            ids,
+            cos,
+            sin,
+            ..
+        } = self;
+        if dh.elem_count() != dm.n * dm.c {
+            return Err(Error::Data(format!(
+                "the hidden states' gradient has {} values, expected {}",
+                dh.elem_count(),
+                dm.n * dm.c
+            )));
+        }
+        let dh = dh.reshape((dm.n, dm.c))?.to_dtype(k.dtype)?.contiguous()?;
+        let mut out: Grads = Vec::new();
+        let stop = match embed.train {
+            true => 0,
+            false => blocks
+                .iter()
+                .position(Block::trains)
+                .unwrap_or(blocks.len()),
+        };
+        let dx = k.empty((dm.n, dm.c), DType::F32)?;
+        let (mut dx_lp, d_norm) = k.rms_bwd(&x, &final_norm.t, &dh, &dx, false, &dm)?;
+        let mut dx = dx;
+        if final_norm.train {
+            out.push((final_norm.t.clone(), d_norm));
+        }
+        drop((x, dh));
+        for (i, (w, s)) in blocks.iter().zip(stashes).enumerate().rev() {
+            if i < stop {
+                break;
+            }
+            (dx, dx_lp) = layer_backward(&dm, &k, w, s, dx, &dx_lp, &cos, &sin, &mut out)?;
+        }
+        if embed.train {
+            let de = embedding_grad(&dx, &ids, embed.t.dim(0)?)?;
+            out.push((embed.t.clone(), de));
+        }
+        for (t, g) in out {
+            let mut g = g.to_dtype(DType::F32)?.contiguous()?;
+            // The tied embedding also has the output layer's gradient.
+            if let Some(prev) = grads.remove(&t) {
+                g = (g + prev)?;
+            }
+            grads.insert(&t, g);
+        }
+        Ok(())
+    }
+}
+
+/// One block's backward: `dout` is the gradient of its output (f32, updated in place into that
+/// of its input) and `dout_lp` the same in the compute dtype; returns both for its input and
+/// pushes the gradients of what trains into `out`.
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(
+    dm: &Dims,
+    k: &Kernels,
+    w: &Block,
+    s: Stash,
+    dout: Tensor,
+    dout_lp: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    out: &mut Grads,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t, n, h, kh, d, g, f) = (dm.b, dm.t, dm.n, dm.h, dm.kh, dm.d, dm.group(), dm.f);
+    let [lq, lk, lv, lo, lg, lu, ld] = &w.lin;
+    // MLP: out = xm + m W_dᵀ.
+    let dmid = dout_lp.matmul(&w.w_d)?; // (n, f)
+    if ld.train {
+        out.push((ld.t.clone(), dout_lp.t()?.matmul(&s.m)?)); // (c, f)
+    }
+    drop(s.m);
+    let dgu = k.empty((n, 2 * f), k.dtype)?;
+    let args = [
+        k.ptr(&s.gu)?,
+        k.ptr(&dmid)?,
+        k.ptr(&dgu)?,
+        Kernels::int(n, "rows")?,
+        Kernels::int(f, "MLP width")?,
+    ];
+    k.run("silu_mul_bwd", grid(n * f), 256, &args)?;
+    drop((s.gu, dmid));
+    let da2 = dgu.matmul(&w.w_gu)?; // (n, c)
+    if lg.train || lu.train {
+        push_rows(out, &[lg, lu], &dgu.t()?.matmul(&s.a2)?)?; // (2f, c)
+    }
+    drop((dgu, s.a2));
+    // dxm = dout + the norm's backward, in place.
+    let (dxm_lp, d_n2) = k.rms_bwd(&s.xm, &w.n2.t, &da2, &dout, true, dm)?;
+    if w.n2.train {
+        out.push((w.n2.t.clone(), d_n2));
+    }
+    drop((da2, s.xm));
+
+    // Attention: xm = x + y W_oᵀ.
+    let dy = dxm_lp.matmul(&w.w_o)?; // (n, h·d)
+    if lo.train {
+        out.push((lo.t.clone(), dxm_lp.t()?.matmul(&s.y)?)); // (c, h·d)
+    }
+    drop((dxm_lp, s.y));
+    let dy = dy
+        .reshape((b, t, h, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * kh, g * t, d))?;
+    let dp = dy.matmul(&s.v.t()?)?; // (b·kh, g·t, t)
+    let dv = s.p.t()?.matmul(&dy)?; // (b·kh, t, d)
+    drop(dy);
+    let ds = causal_softmax_backward(&s.p, &dp, t, 0, dm.scale())?;
+    drop((dp, s.p));
+    let dq = ds.matmul(&s.k)?; // (b·kh, g·t, d)
+    let dk = ds.t()?.matmul(&s.q)?; // (b·kh, t, d)
+    drop(ds);
+    let dqkv = k.empty((n, dm.qkv()), k.dtype)?;
+    let mut args = vec![
+        k.ptr(&dqkv)?,
+        k.ptr(&dq)?,
+        k.ptr(&dk)?,
+        k.ptr(&dv)?,
+        k.ptr(cos)?,
+        k.ptr(sin)?,
+    ];
+    args.extend(k.head_args(dm)?);
+    k.run("rope_merge", grid(Kernels::pairs(dm)), 256, &args)?;
+    drop((dq, dk, dv));
+    if let Some(bias) = &w.bias {
+        if bias.iter().any(|p| p.train) {
+            let db = dqkv.to_dtype(DType::F32)?.sum(0)?;
+            push_rows(out, &[&bias[0], &bias[1], &bias[2]], &db)?;
+        }
+    }
+    let da1 = dqkv.matmul(&w.w_qkv)?; // (n, c)
+    if lq.train || lk.train || lv.train {
+        push_rows(out, &[lq, lk, lv], &dqkv.t()?.matmul(&s.a1)?)?; // (qkv, c)
+    }
+    drop((dqkv, s.a1));
+    let dx = dout;
+    let (dx_lp, d_n1) = k.rms_bwd(&s.x, &w.n1.t, &da1, &dx, true, dm)?;
+    if w.n1.train {
+        out.push((w.n1.t.clone(), d_n1));
+    }
+    Ok((dx, dx_lp))
+}
+
+/// The mean loss of `ids (b, t + 1)` (targets weighted by `mask (b, t)` as
+/// [`crate::trainer::loss_masked`] does) and the gradient of every parameter of `t`, with
+/// kernels from `launcher`; None when this path does not apply to `t`.
+pub fn loss_and_grads_with(
+    t: &Trainable,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    launcher: Launcher,
+) -> Result<Option<(Tensor, GradStore)>> {
+    let (b, t1) = ids.dims2()?;
+    if t1 < 2 {
+        return Err(Error::Data(format!(
+            "a training sequence needs at least 2 tokens, got {t1}"
+        )));
+    }
+    let tl = t1 - 1;
+    // Targets made on the host are checked there too (on the device an outside target would
+    // give a NaN loss, not an error).
+    if ids.device().is_cpu() {
+        let vocab = t.model.config().vocab_size;
+        let all: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+        if let Some(bad) = all.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::Data(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+    }
+    let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
+    let Some(pass) = forward(&t.model, &vars, &ids.narrow(1, 0, tl)?, launcher)? else {
+        return Ok(None);
+    };
+    let head = crate::head_loss::dense_head(&t.model)
+        .ok_or_else(|| Error::Data("the output layer is not a plain dense layer".into()))?;
+    // A frozen output layer gets no gradient (and its product is skipped).
+    let head = match vars.iter().any(|v| v.as_tensor().id() == head.id()) {
+        true => head.clone(),
+        false => head.detach(),
+    };
+    let targets = ids.narrow(1, 1, tl)?.flatten_all()?;
+    let weights = match mask {
+        Some(mk) => Some(mk.flatten_all()?),
+        None => None,
+    };
+    let h = pass.hidden().reshape((b * tl, pass.dm.c))?;
+    let loss = crate::head_loss::output_cross_entropy(&h, &head, &targets, weights.as_ref())?;
+    let mut grads = loss.backward()?;
+    let dh = grads
+        .remove(pass.hidden())
+        .ok_or_else(|| Error::Data("the output layer gave no gradient".into()))?;
+    pass.backward(&dh, &mut grads)?;
+    Ok(Some((loss, grads)))
+}
+
+/// [`loss_and_grads_with`] on the model's GPU, when [`wanted`].
+pub fn loss_and_grads(
+    t: &Trainable,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Option<(Tensor, GradStore)>> {
+    let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
+    if !wanted(&t.model, &vars) {
+        return Ok(None);
+    }
+    match Launcher::for_device(t.model.device()) {
+        Some(l) => loss_and_grads_with(t, ids, mask, l),
+        None => Ok(None),
+    }
+}

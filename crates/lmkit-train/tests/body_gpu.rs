@@ -1,0 +1,197 @@
+//! The GPU training path (`body_gpu`) run on the CPU emulator of its kernels (`cuda-emu`),
+//! against lmkit's CPU backward (`body_cpu`, itself checked against PyTorch's gradients): f32
+//! to the last bits that reordered sums allow, bf16 within its rounding, and only the
+//! gradients of what trains.
+
+use std::collections::HashMap;
+
+use lmkit_core::candle::backprop::GradStore;
+use lmkit_core::candle::Var;
+use lmkit_core::launch::Launcher;
+use lmkit_core::{DType, Device, Tensor};
+use lmkit_models::LlamaConfig;
+use lmkit_train::{body_cpu, body_gpu, Trainable};
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+type Out = Result<(Tensor, GradStore), Box<dyn std::error::Error>>;
+
+/// Random weights (std 0.1), with the norms and biases moved off their init values so that
+/// their gradients are tested.
+fn random(cfg: LlamaConfig, seed: u64) -> Result<Trainable, Box<dyn std::error::Error>> {
+    let t = Trainable::init(cfg.clone(), 0.1, seed)?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (i, (n, v)) in t.params.iter().enumerate() {
+        let x = v.as_tensor();
+        let x = if n.ends_with("norm.weight") || n.ends_with(".bias") {
+            let k = x.dims()[0];
+            let bump: Vec<f32> = (0..k).map(|j| ((i * 31 + j) as f32 * 0.7).sin()).collect();
+            (x + Tensor::from_vec(bump, k, &Device::Cpu)? * 0.3)?
+        } else {
+            x.clone()
+        };
+        tensors.insert(n.clone(), x);
+    }
+    Ok(Trainable::from_tensors(cfg, tensors)?)
+}
+
+fn ids(cfg: &LlamaConfig, b: usize, t1: usize) -> Result<Tensor, Box<dyn std::error::Error>> {
+    let v: Vec<u32> = (0..b * t1)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
+        .collect();
+    Ok(Tensor::from_vec(v, (b, t1), &Device::Cpu)?)
+}
+
+fn emulated(t: &Trainable, ids: &Tensor, mask: Option<&Tensor>) -> Out {
+    Ok(body_gpu::loss_and_grads_with(t, ids, mask, Launcher::Emu)?.expect("the GPU path applies"))
+}
+
+fn reference(t: &Trainable, ids: &Tensor, mask: Option<&Tensor>) -> Out {
+    Ok(body_cpu::loss_and_grads(t, ids, mask)?.expect("the CPU path applies"))
+}
+
+/// ‖a − b‖ / ‖b‖ and max |a − b| / max |b|.
+fn errors(a: &Tensor, b: &Tensor) -> Result<(f32, f32), Box<dyn std::error::Error>> {
+    let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(a.len(), b.len());
+    let (mut dd, mut bb, mut dm, mut bm) = (0f64, 0f64, 0f32, 0f32);
+    for (x, y) in a.iter().zip(&b) {
+        dd += ((x - y) as f64).powi(2);
+        bb += (*y as f64).powi(2);
+        dm = dm.max((x - y).abs());
+        bm = bm.max(y.abs());
+    }
+    assert!(bm > 0.0, "a zero reference gradient");
+    Ok(((dd / bb).sqrt() as f32, dm / bm))
+}
+
+/// Every parameter of `t` has a gradient in both stores, within `tol` (largest difference
+/// over the largest entry, and relative norm).
+fn same_grads(t: &Trainable, got: &GradStore, want: &GradStore, tol: f32, what: &str) -> Res {
+    for (name, var) in &t.params {
+        let g = got
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: {name} received no gradient"));
+        let w = want.get(var.as_tensor()).expect("a reference gradient");
+        assert_eq!(g.dtype(), DType::F32, "{what}: {name}");
+        let (norm, max) = errors(g, w)?;
+        assert!(
+            norm <= tol && max <= 4.0 * tol,
+            "{what}: {name}: relative error {norm} (max {max})"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn f32_matches_the_cpu_path() -> Res {
+    // GQA with groups of 4 and of 2, q/k/v biases, tied and untied heads, and a loss mask.
+    let mut gqa = LlamaConfig::tiny();
+    gqa.tie_word_embeddings = false;
+    gqa.attention_bias = true;
+    gqa.num_kv_heads = 1;
+    for (cfg, b, t1) in [(LlamaConfig::tiny(), 2, 17), (gqa, 3, 40)] {
+        let t = random(cfg.clone(), 3)?;
+        let ids = ids(&cfg, b, t1)?;
+        let mask: Vec<f32> = (0..b * (t1 - 1))
+            .map(|i| ((i % 5) != 1) as u8 as f32)
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, t1 - 1), &Device::Cpu)?;
+        for mask in [None, Some(&mask)] {
+            let what = format!("b {b}, t {t1}, mask {}", mask.is_some());
+            let (l, got) = emulated(&t, &ids, mask)?;
+            let (lw, want) = reference(&t, &ids, mask)?;
+            let (l, lw) = (l.to_scalar::<f32>()?, lw.to_scalar::<f32>()?);
+            assert!((l - lw).abs() < 1e-5, "{what}: loss {l} vs {lw}");
+            same_grads(&t, &got, &want, 2e-5, &what)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bf16_is_within_its_rounding_of_f32() -> Res {
+    let cfg = LlamaConfig::tiny();
+    let t = random(cfg.clone(), 7)?;
+    let ids = ids(&cfg, 2, 33)?;
+    let (lw, want) = reference(&t, &ids, None)?;
+    let low = t.to_device(&Device::Cpu, DType::BF16)?;
+    let (l, got) = emulated(&low, &ids, None)?;
+    let (l, lw) = (l.to_scalar::<f32>()?, lw.to_scalar::<f32>()?);
+    assert!((l - lw).abs() < 1e-2 * lw.abs(), "loss {l} vs f32 {lw}");
+    // The variables of `low` are other tensors than those of `t`: match them by name.
+    let by_name: HashMap<&str, &Var> = low.params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    for (name, var) in &t.params {
+        let g = got
+            .get(by_name[name.as_str()].as_tensor())
+            .expect("a gradient");
+        let w = want.get(var.as_tensor()).expect("a reference gradient");
+        let (norm, _) = errors(g, w)?;
+        assert!(norm < 0.03, "{name}: relative error {norm} in bf16");
+    }
+    Ok(())
+}
+
+#[test]
+fn only_what_trains_gets_a_gradient() -> Res {
+    let cfg = LlamaConfig::tiny();
+    let t = random(cfg.clone(), 11)?;
+    let ids = ids(&cfg, 2, 12)?;
+    let (_, want) = reference(&t, &ids, None)?;
+    // Block 1 only (and the final norm): no gradient below it, and the backward stops there.
+    let part = Trainable {
+        model: t.model.clone(),
+        params: t
+            .params
+            .iter()
+            .filter(|(n, _)| n.starts_with("model.layers.1.") || n == "model.norm.weight")
+            .cloned()
+            .collect(),
+    };
+    let (_, got) = emulated(&part, &ids, None)?;
+    same_grads(&part, &got, &want, 2e-5, "block 1")?;
+    for (name, var) in &t.params {
+        let trained = part.params.iter().any(|(n, _)| n == name);
+        assert_eq!(
+            got.get(var.as_tensor()).is_some(),
+            trained,
+            "{name}: a gradient iff it trains"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_are_refused_and_other_models_are_not_taken() -> Res {
+    let cfg = LlamaConfig::tiny();
+    let t = random(cfg.clone(), 5)?;
+    for bad in [[1u32, 128, 2], [1, 2, 128]] {
+        let bad = Tensor::from_vec(bad.to_vec(), (1, 3), &Device::Cpu)?;
+        let Err(e) = body_gpu::loss_and_grads_with(&t, &bad, None, Launcher::Emu) else {
+            panic!("an error")
+        };
+        let e = e.to_string();
+        assert!(e.contains("128"), "{e}");
+    }
+    let long = ids(&cfg, 1, cfg.max_position_embeddings + 2)?;
+    let Err(e) = body_gpu::loss_and_grads_with(&t, &long, None, Launcher::Emu) else {
+        panic!("an error")
+    };
+    assert!(e.to_string().contains("context"), "{e}");
+    // On the CPU the trainer never takes this path (only on a GPU).
+    assert!(body_gpu::loss_and_grads(&t, &ids(&cfg, 1, 4)?, None)?.is_none());
+    // A model with adapters is not this path's.
+    let mut lora = random(cfg.clone(), 5)?;
+    let lc = lmkit_train::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec!["q_proj".into()],
+    };
+    let vars: Vec<Var> = lmkit_train::lora::attach(&mut lora.model, &lc, 1)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert!(!body_gpu::applies(&lora.model, &vars));
+    Ok(())
+}
