@@ -26,9 +26,10 @@
 //! [`forward`] runs the blocks and the final norm and hands back the hidden states as a
 //! variable; the caller's loss (the chunked output layer of [`crate::head_loss`]) runs through
 //! candle's autograd from there, and [`Pass::backward`] takes the hidden states' gradient the
-//! rest of the way. The path applies to full (not LoRA) training of a model whose weights are
-//! dense f32 variables on a CUDA device; any run with `LMKIT_TRAIN_AUTOGRAD` set takes
-//! candle's autograd. The tests run it on the CPU emulator of the kernels against
+//! rest of the way. The path applies to full (not LoRA) training and DPO of a model whose
+//! weights are dense f32 variables on a CUDA device; any run with `LMKIT_TRAIN_AUTOGRAD` set
+//! takes candle's autograd, and so does the rest of a process in which this path failed
+//! (with a warning). The tests run it on the CPU emulator of the kernels against
 //! [`crate::body_cpu`].
 //!
 //! Deviations from the autograd path: none in the math. Products run in the compute dtype as
@@ -36,6 +37,7 @@
 //! that dtype, then widened to f32); the residual stream, the norms and every sum stay f32.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lmkit_core::attn_softmax::{causal_softmax, causal_softmax_backward};
 use lmkit_core::candle::backprop::GradStore;
@@ -260,11 +262,45 @@ fn grid(n: usize) -> usize {
     n.div_ceil(256).clamp(1, MAX_BLOCKS)
 }
 
+/// Set when this path failed in this process (see [`or_fall_back`]).
+static OFF: AtomicBool = AtomicBool::new(false);
+
 /// Whether the trainer should use this path (see the module doc).
 pub fn wanted(model: &Llama, trainable: &[Var]) -> bool {
     std::env::var_os("LMKIT_TRAIN_AUTOGRAD").is_none()
+        && !OFF.load(Ordering::Relaxed)
         && model.device().is_cuda()
         && applies(model, trainable)
+}
+
+/// `r` from this path, where a failure other than bad data (a kernel or a product the device
+/// refused) turns the path off for the rest of the process with a warning and gives None, so
+/// that the caller falls back to candle's autograd.
+fn or_fall_back<T>(r: Result<Option<T>>) -> Result<Option<T>> {
+    match r {
+        Err(e) if !matches!(e, Error::Data(_)) => {
+            tracing::warn!("lmkit's GPU backward failed ({e}); candle's autograd takes over");
+            OFF.store(true, Ordering::Relaxed);
+            Ok(None)
+        }
+        r => r,
+    }
+}
+
+/// [`forward`] on the model's GPU, when [`wanted`] (None otherwise, or after a failure: see
+/// [`or_fall_back`]).
+pub fn forward_on_device(
+    model: &Llama,
+    trainable: &[Var],
+    inputs: &Tensor,
+) -> Result<Option<Pass>> {
+    if !wanted(model, trainable) {
+        return Ok(None);
+    }
+    match Launcher::for_device(model.device()) {
+        Some(l) => or_fall_back(forward(model, trainable, inputs, l)),
+        None => Ok(None),
+    }
 }
 
 /// Whether every weight of `model` is a dense f32 tensor, without adapters, computing in f32,
@@ -776,7 +812,8 @@ pub fn loss_and_grads_with(
     Ok(Some((loss, grads)))
 }
 
-/// [`loss_and_grads_with`] on the model's GPU, when [`wanted`].
+/// [`loss_and_grads_with`] on the model's GPU, when [`wanted`] (None otherwise, or after a
+/// failure: see [`or_fall_back`]).
 pub fn loss_and_grads(
     t: &Trainable,
     ids: &Tensor,
@@ -787,7 +824,7 @@ pub fn loss_and_grads(
         return Ok(None);
     }
     match Launcher::for_device(t.model.device()) {
-        Some(l) => loss_and_grads_with(t, ids, mask, l),
+        Some(l) => or_fall_back(loss_and_grads_with(t, ids, mask, l)),
         None => Ok(None),
     }
 }

@@ -238,8 +238,31 @@ impl PrefData {
     }
 }
 
-/// The DPO loss of the pairs `idx` and its gradient for `vars`: through lmkit's own CPU
-/// backward of the blocks where it applies ([`crate::body_cpu`]), else candle's autograd.
+/// The forward pass of lmkit's own backward of the blocks, on the CPU or a GPU.
+enum OwnPass<'a> {
+    Cpu(crate::body_cpu::Pass<'a>),
+    Gpu(crate::body_gpu::Pass),
+}
+
+impl OwnPass<'_> {
+    fn hidden(&self) -> &Tensor {
+        match self {
+            OwnPass::Cpu(p) => p.hidden(),
+            OwnPass::Gpu(p) => p.hidden(),
+        }
+    }
+
+    fn backward(self, dh: &Tensor, grads: &mut GradStore) -> Result<()> {
+        match self {
+            OwnPass::Cpu(p) => p.backward(dh, grads),
+            OwnPass::Gpu(p) => p.backward(dh, grads),
+        }
+    }
+}
+
+/// The DPO loss of the pairs `idx` and its gradient for `vars`: through lmkit's own backward
+/// of the blocks where it applies ([`crate::body_cpu`], [`crate::body_gpu`]), else candle's
+/// autograd.
 fn policy_loss_and_grads(
     policy: &Llama,
     vars: &[Var],
@@ -253,7 +276,13 @@ fn policy_loss_and_grads(
     let t = ids.dims2()?.1;
     let head = crate::head_loss::dense_head(policy);
     let pass = match (head, t > 1) {
-        (Some(_), true) => crate::body_cpu::forward(policy, vars, &ids.narrow(1, 0, t - 1)?)?,
+        (Some(_), true) => {
+            let inputs = ids.narrow(1, 0, t - 1)?;
+            match crate::body_gpu::forward_on_device(policy, vars, &inputs)? {
+                Some(p) => Some(OwnPass::Gpu(p)),
+                None => crate::body_cpu::forward(policy, vars, &inputs)?.map(OwnPass::Cpu),
+            }
+        }
         _ => None,
     };
     let (Some(pass), Some(w)) = (pass, head) else {
