@@ -3,7 +3,8 @@
 
     gpu_profile_report.py parity WORK   training losses: f32 GPU vs f32 CPU (bar 1e-3), bf16 GPU
                                         vs f32 CPU (for information)
-    gpu_profile_report.py speed WORK    lmkit vs PyTorch training tokens/s and MFU (113M config)
+    gpu_profile_report.py speed WORK    lmkit (flash, materialized, autograd) vs PyTorch training
+                                        tokens/s and MFU (113M config), and the first losses
     gpu_profile_report.py kernels OUT   Nsight Compute per-kernel summaries (ncu-*.csv in OUT),
                                         aggregated by kernel name, the costliest first
 """
@@ -32,6 +33,17 @@ def parity(work):
         verdict = "" if bar is None else (" PASS" if d <= bar else " FAIL") + f" at {bar:g}"
         print(f"  training parity {name} vs small-cpu-f32: {len(got)} steps, max |d loss| "
               f"{d:.2e}{verdict}; first {got[0]:.4f}, last {got[-1]:.4f} (cpu {ref[-1]:.4f})")
+    # Heads of 64: bf16 with flash attention and with the probabilities materialized, against
+    # f32 on the CPU (for information: bf16 rounding moves the losses by ~1e-2).
+    ref = losses("flash-cpu-f32-1")
+    for name in ["flash-cuda-bf16-1", "flash-cuda-bf16-0"]:
+        got = losses(name)
+        if not ref or len(got) != len(ref):
+            print(f"  {name}: {len(got)} losses vs {len(ref)} on the CPU")
+            continue
+        d = max(abs(a - b) for a, b in zip(ref, got))
+        print(f"  {name} vs flash-cpu-f32-1: {len(got)} steps, max |d loss| {d:.2e}; "
+              f"last {got[-1]:.4f} (cpu {ref[-1]:.4f})")
 
 
 def speed(work):
@@ -44,12 +56,19 @@ def speed(work):
     lm = median_tps("big")
     pt = json.load(open(f"{work}/torch.json"))["tokens_per_sec"]
     rows = [("lmkit", lm), ("pytorch (sdpa)", pt)]
-    try:
-        rows.append(("lmkit autograd", median_tps("big-ag")))
-    except (OSError, ValueError, statistics.StatisticsError):
-        pass
+    for name, run in [("lmkit materialized", "big-mat"), ("lmkit autograd", "big-ag")]:
+        try:
+            rows.append((name, median_tps(run)))
+        except (OSError, ValueError, statistics.StatisticsError):
+            pass
+    for run in ["big", "big-mat", "big-ag"]:
+        try:
+            ls = [json.loads(line)["loss"] for line in open(f"{work}/{run}/metrics.jsonl")]
+            print(f"  {run} losses: " + " ".join(f"{x:.4f}" for x in ls[:6]))
+        except OSError:
+            pass
     for name, tps in rows:
-        print(f"  {name:<16} {tps:>9.0f} tok/s  MFU {100 * tps * flops / peak:5.1f}%")
+        print(f"  {name:<20} {tps:>9.0f} tok/s  MFU {100 * tps * flops / peak:5.1f}%")
     print(f"  ratio lmkit/pytorch {lm / pt:.3f}")
 
 

@@ -39,7 +39,6 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use lmkit_core::attn_softmax::{causal_softmax, causal_softmax_backward};
 use lmkit_core::candle::backprop::GradStore;
 use lmkit_core::candle::{Shape, TensorId, Var};
 use lmkit_core::embed_grad::embedding_grad;
@@ -50,6 +49,10 @@ use lmkit_models::{Llama, BLOCK_LINEARS as LINEARS};
 
 use crate::params::Trainable;
 use crate::{Error, Result};
+
+mod attention;
+
+pub use attention::{flash_applies, Attention};
 
 /// Columns per thread of `tr_rms_bwd` (`RMS_COLS` in train.cu).
 const RMS_COLS: usize = 16;
@@ -128,8 +131,8 @@ struct Stash {
     /// `(b·kh, t, d)`.
     k: Tensor,
     v: Tensor,
-    /// Attention probabilities `(b·kh, g·t, t)`.
-    p: Tensor,
+    /// What attention's backward needs.
+    attn: attention::Saved,
     /// Attention output `(n, h·d)`.
     y: Tensor,
     /// After the attention's residual add `(n, c)` f32.
@@ -159,10 +162,22 @@ impl Kernels {
     }
 
     fn run(&self, name: &str, blocks: usize, threads: u32, args: &[Arg]) -> Result<()> {
-        let grid = u32::try_from(blocks.max(1))
-            .map_err(|_| Error::Data(format!("{name}: {blocks} blocks exceed a kernel grid")))?;
+        self.run2(name, (blocks, 1), threads, args)
+    }
+
+    /// Kernel `tr_{name}_{dtype}` over a 2-D grid.
+    fn run2(&self, name: &str, grid: (usize, usize), threads: u32, args: &[Arg]) -> Result<()> {
+        let dim = |v: usize, max: u32| {
+            u32::try_from(v.max(1))
+                .ok()
+                .filter(|&v| v <= max)
+                .ok_or_else(|| {
+                    Error::Data(format!("{name}: a grid of {grid:?} blocks is too large"))
+                })
+        };
+        let (gx, gy) = (dim(grid.0, i32::MAX as u32)?, dim(grid.1, 65_535)?);
         let name = format!("tr_{name}_{}", self.suffix);
-        Ok(self.launcher.launch(&name, (grid, 1), threads, args)?)
+        Ok(self.launcher.launch(&name, (gx, gy), threads, args)?)
     }
 
     /// An uninitialized tensor that a kernel fills.
@@ -298,7 +313,7 @@ pub fn forward_on_device(
         return Ok(None);
     }
     match Launcher::for_device(model.device()) {
-        Some(l) => or_fall_back(forward(model, trainable, inputs, l)),
+        Some(l) => or_fall_back(forward(model, trainable, inputs, l, Attention::Auto)),
         None => Ok(None),
     }
 }
@@ -366,13 +381,15 @@ pub struct Pass {
     hidden: Var,
 }
 
-/// Runs the blocks of `model` on `inputs (b, t)` with kernels from `launcher`; `trainable` are
-/// the variables that get gradients. None when this path does not apply.
+/// Runs the blocks of `model` on `inputs (b, t)` with kernels from `launcher` and attention as
+/// `attn` says; `trainable` are the variables that get gradients. None when this path does not
+/// apply.
 pub fn forward(
     model: &Llama,
     trainable: &[Var],
     inputs: &Tensor,
     launcher: Launcher,
+    attn: Attention,
 ) -> Result<Option<Pass>> {
     if !applies(model, trainable) {
         return Ok(None);
@@ -415,6 +432,7 @@ pub fn forward(
         f: cfg.intermediate_size,
         eps: cfg.rms_norm_eps as f32,
     };
+    let flash = attention::use_flash(attn, m.dtype(), dm.d)?;
     let k = Kernels {
         launcher,
         suffix: kernel_suffix(m.dtype())?,
@@ -490,7 +508,7 @@ pub fn forward(
     let mut x = embed.t.index_select(&ids, 0)?; // (n, c) f32
     let mut stashes = Vec::with_capacity(blocks.len());
     for w in &blocks {
-        let (s, out) = layer_forward(&dm, &k, w, x, &cos, &sin)?;
+        let (s, out) = layer_forward(&dm, &k, w, x, &cos, &sin, flash)?;
         stashes.push(s);
         x = out;
     }
@@ -518,8 +536,9 @@ fn layer_forward(
     x: Tensor,
     cos: &Tensor,
     sin: &Tensor,
+    flash: bool,
 ) -> Result<(Stash, Tensor)> {
-    let (b, t, n, h, kh, d, g) = (dm.b, dm.t, dm.n, dm.h, dm.kh, dm.d, dm.group());
+    let (b, t, n, kh, d, g) = (dm.b, dm.t, dm.n, dm.kh, dm.d, dm.group());
     let a1 = k.rms(&x, &w.n1.t, dm)?; // (n, c)
     let qkv = a1.matmul(&w.w_qkv.t()?)?; // (n, qkv)
     let q = k.empty((b * kh, g * t, d), k.dtype)?;
@@ -541,15 +560,7 @@ fn layer_forward(
     args.extend(k.head_args(dm)?);
     k.run("rope_split", grid(Kernels::pairs(dm)), 256, &args)?;
     drop(qkv);
-    let s = q.matmul(&kk.t()?)?; // (b·kh, g·t, t)
-    let p = causal_softmax(&s, t, 0, dm.scale())?;
-    drop(s);
-    let y = p.matmul(&v)?; // (b·kh, g·t, d) = (b, h, t, d)
-    let y = y
-        .reshape((b, h, t, d))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((n, h * d))?;
+    let (attn, y) = attention::forward(dm, k, &q, &kk, &v, flash)?; // y (n, h·d)
     let o = y.matmul(&w.w_o.t()?)?; // (n, c)
     let xm = k.add(&x, &o)?;
     drop(o);
@@ -571,7 +582,7 @@ fn layer_forward(
         q,
         k: kk,
         v,
-        p,
+        attn,
         y,
         xm,
         a2,
@@ -679,7 +690,7 @@ fn layer_backward(
     sin: &Tensor,
     out: &mut Grads,
 ) -> Result<(Tensor, Tensor)> {
-    let (b, t, n, h, kh, d, g, f) = (dm.b, dm.t, dm.n, dm.h, dm.kh, dm.d, dm.group(), dm.f);
+    let (n, f) = (dm.n, dm.f);
     let [lq, lk, lv, lo, lg, lu, ld] = &w.lin;
     // MLP: out = xm + m W_dᵀ.
     let dmid = dout_lp.matmul(&w.w_d)?; // (n, f)
@@ -714,20 +725,9 @@ fn layer_backward(
     if lo.train {
         out.push((lo.t.clone(), dxm_lp.t()?.matmul(&s.y)?)); // (c, h·d)
     }
-    drop((dxm_lp, s.y));
-    let dy = dy
-        .reshape((b, t, h, d))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * kh, g * t, d))?;
-    let dp = dy.matmul(&s.v.t()?)?; // (b·kh, g·t, t)
-    let dv = s.p.t()?.matmul(&dy)?; // (b·kh, t, d)
-    drop(dy);
-    let ds = causal_softmax_backward(&s.p, &dp, t, 0, dm.scale())?;
-    drop((dp, s.p));
-    let dq = ds.matmul(&s.k)?; // (b·kh, g·t, d)
-    let dk = ds.t()?.matmul(&s.q)?; // (b·kh, t, d)
-    drop(ds);
+    drop(dxm_lp);
+    let (dq, dk, dv) = attention::backward(dm, k, s.attn, &s.q, &s.k, &s.v, &s.y, &dy)?;
+    drop((dy, s.y));
     let dqkv = k.empty((n, dm.qkv()), k.dtype)?;
     let mut args = vec![
         k.ptr(&dqkv)?,
@@ -761,12 +761,14 @@ fn layer_backward(
 
 /// The mean loss of `ids (b, t + 1)` (targets weighted by `mask (b, t)` as
 /// [`crate::trainer::loss_masked`] does) and the gradient of every parameter of `t`, with
-/// kernels from `launcher`; None when this path does not apply to `t`.
+/// kernels from `launcher` and attention as `attn` says; None when this path does not apply
+/// to `t`.
 pub fn loss_and_grads_with(
     t: &Trainable,
     ids: &Tensor,
     mask: Option<&Tensor>,
     launcher: Launcher,
+    attn: Attention,
 ) -> Result<Option<(Tensor, GradStore)>> {
     let (b, t1) = ids.dims2()?;
     if t1 < 2 {
@@ -787,7 +789,7 @@ pub fn loss_and_grads_with(
         }
     }
     let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
-    let Some(pass) = forward(&t.model, &vars, &ids.narrow(1, 0, tl)?, launcher)? else {
+    let Some(pass) = forward(&t.model, &vars, &ids.narrow(1, 0, tl)?, launcher, attn)? else {
         return Ok(None);
     };
     let head = crate::head_loss::dense_head(&t.model)
@@ -824,7 +826,7 @@ pub fn loss_and_grads(
         return Ok(None);
     }
     match Launcher::for_device(t.model.device()) {
-        Some(l) => or_fall_back(loss_and_grads_with(t, ids, mask, l)),
+        Some(l) => or_fall_back(loss_and_grads_with(t, ids, mask, l, Attention::Auto)),
         None => Ok(None),
     }
 }

@@ -10,6 +10,7 @@ use lmkit_core::candle::Var;
 use lmkit_core::launch::Launcher;
 use lmkit_core::{DType, Device, Tensor};
 use lmkit_models::LlamaConfig;
+use lmkit_train::body_gpu::Attention;
 use lmkit_train::{body_cpu, body_gpu, Trainable};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
@@ -42,7 +43,12 @@ fn ids(cfg: &LlamaConfig, b: usize, t1: usize) -> Result<Tensor, Box<dyn std::er
 }
 
 fn emulated(t: &Trainable, ids: &Tensor, mask: Option<&Tensor>) -> Out {
-    Ok(body_gpu::loss_and_grads_with(t, ids, mask, Launcher::Emu)?.expect("the GPU path applies"))
+    emulated_with(t, ids, mask, Attention::Auto)
+}
+
+fn emulated_with(t: &Trainable, ids: &Tensor, mask: Option<&Tensor>, attn: Attention) -> Out {
+    let out = body_gpu::loss_and_grads_with(t, ids, mask, Launcher::Emu, attn)?;
+    Ok(out.expect("the GPU path applies"))
 }
 
 fn reference(t: &Trainable, ids: &Tensor, mask: Option<&Tensor>) -> Out {
@@ -167,14 +173,16 @@ fn bad_inputs_are_refused_and_other_models_are_not_taken() -> Res {
     let t = random(cfg.clone(), 5)?;
     for bad in [[1u32, 128, 2], [1, 2, 128]] {
         let bad = Tensor::from_vec(bad.to_vec(), (1, 3), &Device::Cpu)?;
-        let Err(e) = body_gpu::loss_and_grads_with(&t, &bad, None, Launcher::Emu) else {
+        let Err(e) = body_gpu::loss_and_grads_with(&t, &bad, None, Launcher::Emu, Attention::Auto)
+        else {
             panic!("an error")
         };
         let e = e.to_string();
         assert!(e.contains("128"), "{e}");
     }
     let long = ids(&cfg, 1, cfg.max_position_embeddings + 2)?;
-    let Err(e) = body_gpu::loss_and_grads_with(&t, &long, None, Launcher::Emu) else {
+    let Err(e) = body_gpu::loss_and_grads_with(&t, &long, None, Launcher::Emu, Attention::Auto)
+    else {
         panic!("an error")
     };
     assert!(e.to_string().contains("context"), "{e}");
@@ -193,5 +201,79 @@ fn bad_inputs_are_refused_and_other_models_are_not_taken() -> Res {
         .map(|(_, v)| v)
         .collect();
     assert!(!body_gpu::applies(&lora.model, &vars));
+    Ok(())
+}
+
+/// A model with heads of `d` (64 or 128: the flash kernels' sizes), `kv` kv heads of 2.
+fn flash_config(d: usize, kv: usize) -> LlamaConfig {
+    let mut cfg = LlamaConfig::tiny();
+    cfg.num_heads = 2;
+    cfg.num_kv_heads = kv;
+    cfg.head_dim = d;
+    cfg.hidden_size = 2 * d;
+    cfg.num_layers = 1;
+    cfg
+}
+
+#[test]
+fn flash_attention_matches_the_materialized_path() -> Res {
+    // Heads of 64 with GQA (one kv head for two), sequences that end mid-tile (40) and that
+    // span several query and key tiles (70); heads of 128 (two warps per block).
+    for (d, kv, b, t1) in [(64, 1, 2, 41), (64, 1, 1, 71), (128, 2, 1, 46)] {
+        let cfg = flash_config(d, kv);
+        let t = random(cfg.clone(), 13)?;
+        let ids = ids(&cfg, b, t1)?;
+        let (lw, want) = reference(&t, &ids, None)?;
+        let low = t.to_device(&Device::Cpu, DType::BF16)?;
+        let (lf, flash) = emulated_with(&low, &ids, None, Attention::Flash)?;
+        let (lm, mat) = emulated_with(&low, &ids, None, Attention::Materialized)?;
+        let (lw, lf, lm) = (
+            lw.to_scalar::<f32>()?,
+            lf.to_scalar::<f32>()?,
+            lm.to_scalar::<f32>()?,
+        );
+        let what = format!("d {d}, kv {kv}, b {b}, t {}", t1 - 1);
+        assert!(
+            (lf - lm).abs() < 2e-3 * lm.abs(),
+            "{what}: loss {lf} flash, {lm} materialized"
+        );
+        assert!(
+            (lf - lw).abs() < 1e-2 * lw.abs(),
+            "{what}: loss {lf} flash, {lw} f32"
+        );
+        let by_name: HashMap<&str, &Var> =
+            low.params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        for (name, var) in &t.params {
+            let low_var = by_name[name.as_str()].as_tensor();
+            let f = flash.get(low_var).expect("a gradient");
+            let m = mat.get(low_var).expect("a gradient");
+            let w = want.get(var.as_tensor()).expect("a reference gradient");
+            let (to_mat, _) = errors(f, m)?;
+            let (to_f32, _) = errors(f, w)?;
+            let (mat_to_f32, _) = errors(m, w)?;
+            // As close to f32 as the materialized bf16 path is (within bf16's rounding).
+            assert!(
+                to_f32 <= 1.5 * mat_to_f32 + 0.005 && to_mat < 0.03,
+                "{what}: {name}: flash vs f32 {to_f32} (materialized {mat_to_f32}), \
+                 vs materialized {to_mat}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn flash_attention_refuses_what_it_does_not_take() -> Res {
+    let cfg = flash_config(64, 1);
+    let t = random(cfg.clone(), 1)?;
+    let ids = ids(&cfg, 1, 9)?;
+    // f32 compute, and heads of 16.
+    let Err(e) = emulated_with(&t, &ids, None, Attention::Flash) else {
+        panic!("an error")
+    };
+    assert!(e.to_string().contains("flash"), "{e}");
+    let small = random(LlamaConfig::tiny(), 1)?.to_device(&Device::Cpu, DType::BF16)?;
+    assert!(emulated_with(&small, &ids, None, Attention::Flash).is_err());
+    assert!(body_gpu::flash_applies(DType::BF16, 64) && !body_gpu::flash_applies(DType::F32, 64));
     Ok(())
 }

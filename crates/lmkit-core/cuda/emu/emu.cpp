@@ -113,6 +113,15 @@ bool run_block(int threads) {
 
 void __syncthreads() { wait(WAIT_BLOCK); }
 
+void __syncwarp(unsigned) { wait(WAIT_WARP); }
+
+// The first fault of the running launch (lmkit_emu_fault), or empty.
+static std::string fault;
+
+void lmkit_emu_fault(const char* what) {
+  if (fault.empty()) fault = what;
+}
+
 // Set by lmkit_emu_force_scalar: every buffer counts as unaligned.
 static std::atomic<bool> force_scalar{false};
 
@@ -175,11 +184,16 @@ extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsi
   parity.assign(threads, 0);
   blockDim = dim3{threads, 1, 1};
   gridDim = dim3{gx, gy, 1};
+  fault.clear();
   for (unsigned y = 0; y < gy; y++) {
     for (unsigned x = 0; x < gx; x++) {
       blockIdx = dim3{x, y, 0};
       if (!run_block((int)threads)) {
         snprintf(err, errlen, "kernel `%s`: block (%u, %u) deadlocked at a barrier", name, x, y);
+        return 1;
+      }
+      if (!fault.empty()) {
+        snprintf(err, errlen, "kernel `%s`: block (%u, %u): %s", name, x, y, fault.c_str());
         return 1;
       }
     }

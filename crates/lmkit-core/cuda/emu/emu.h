@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <algorithm>
 #include <utility>
 
 #define __global__
@@ -54,6 +55,101 @@ inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half(float f) { return {(_Float16)f}; }
 
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+#define __align__(n) __attribute__((aligned(n)))
+
+// A barrier for the 32 threads of a warp.
+void __syncwarp(unsigned mask = 0xffffffffu);
+
+// Records a fault of the running kernel (the launch then fails with `what`).
+void lmkit_emu_fault(const char* what);
+
+// nvcuda::wmma (tensor-core tiles of 16×16×16, 16-bit inputs, f32 accumulators) on the CPU.
+// Every thread of the warp holds the whole tile and computes it (the real API leaves the
+// mapping of elements to threads unspecified, so code that only loads, stores, fills and
+// multiplies fragments cannot tell). Each call is a warp barrier, as the real ones are
+// warp-synchronous, and checks what the hardware requires: 32-byte aligned pointers, and
+// leading dimensions of a multiple of 16 bytes.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+inline float emu_f(float x) { return x; }
+inline float emu_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+inline float emu_f(__half x) { return __half2float(x); }
+
+template <typename Use, int M, int N, int K, typename T, typename L = void>
+struct fragment {
+  // matrix_a: M×K, matrix_b: K×N, accumulator: M×N; row-major.
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  T x[num_elements];
+};
+
+inline void emu_check(const void* p, unsigned ldm, size_t elem) {
+  if ((reinterpret_cast<uintptr_t>(p) & 31) != 0) lmkit_emu_fault("wmma: pointer not 32-byte aligned");
+  if ((ldm * elem) % 16 != 0) lmkit_emu_fault("wmma: leading dimension not a multiple of 16 bytes");
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
+  __syncwarp();
+  emu_check(p, ldm, sizeof(T));
+  using F = fragment<Use, M, N, K, T, L>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      f.x[r * F::cols + c] = std::is_same_v<L, col_major> ? p[c * ldm + r] : p[r * ldm + c];
+}
+
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm,
+                      layout_t l) {
+  __syncwarp();
+  emu_check(p, ldm, sizeof(float));
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                       layout_t l) {
+  __syncwarp();
+  emu_check(p, ldm, sizeof(float));
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * N + c];
+  __syncwarp();
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, T v) {
+  for (auto& e : f.x) e = v;
+}
+
+// d = a·b + c in f32.
+template <int M, int N, int K, typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+              const fragment<matrix_b, M, N, K, T, LB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  __syncwarp();
+  float out[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) s += emu_f(a.x[i * K + k]) * emu_f(b.x[k * N + j]);
+      out[i * N + j] = s;
+    }
+  for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 namespace lmkit_emu {
 
