@@ -11,9 +11,11 @@
 //                dw = Σ_rows g ⊙ x̂ as one partial sum per block (the caller adds them up).
 //                                                         rows strided over the blocks
 // tr_rope_split  packed rows (b·t, (h + 2·kh)·d) = [q | k | v] (+ bias) → q (b, h, t, d),
-//                k, v (b, kh, t, d), q and k rotated by +θ (HF's rotate-half pairs (i, i+d/2),
-//                angle pos·θᵢ);  tr_rope_merge is its adjoint: rotation by −θ, heads back into
-//                packed rows (the gradients of q, k, v into that of the packed product).
+//                k, v (b, kh, cap, d) at positions off.., q and k rotated by +θ (HF's
+//                rotate-half pairs (i, i+d/2), angle pos·θᵢ, the tables' row i for token i);
+//                with cap = t, off = 0 for training, a KV cache's capacity and length for a
+//                prompt. tr_rope_merge is its adjoint (cap = t): rotation by −θ, heads back
+//                into packed rows (the gradients of q, k, v into that of the packed product).
 // tr_silu_mul    m = silu(g) ⊙ u over rows [g | u] of width 2f
 // tr_silu_mul_bwd  dg = dm ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))),  du = dm ⊙ silu(g)
 // tr_add         out = x + y  (x, out f32; y in T: a residual add)
@@ -24,6 +26,8 @@
 // reading kv head j / (h/kh); s the softmax scale. Position p sees keys 0..p.
 // tr_flash_fwd   y = softmax(s·q kᵀ) v per head, written as rows (b·t, h·D) (the layout of the
 //                output projection's input); lse = m + log Σ exp(s·q kᵀ − m) per row (b, h, t).
+//                k, v hold cap positions per head; query i is at position off + i (a prompt
+//                after off cached tokens) and sees keys 0..off + i.
 //                Per block 16·W query rows (W warps of 16), over key tiles of 32 kept in
 //                shared memory: S → online softmax (running max m and sum l per row, the
 //                output rescaled by exp(m_old − m_new)) → O += P v.
@@ -115,7 +119,8 @@ __device__ void rms_bwd(const float* x, const float* w, const T* g, float* dx, T
 // rotation +θ, bias added first; `back` 1: heads → packed, rotation −θ.
 template <typename T>
 __device__ void rope_move(T* packed, T* q, T* k, T* v, const float* bias, const float* cos,
-                          const float* sin, int b, int t, int h, int kh, int d, int back) {
+                          const float* sin, int b, int t, int h, int kh, int d, int cap, int off,
+                          int back) {
   const int half = d / 2, heads = h + 2 * kh, width = heads * d;
   const int64_t total = (int64_t)b * t * heads * half;
   FOR_EACH(i, total) {
@@ -129,9 +134,9 @@ __device__ void rope_move(T* packed, T* q, T* k, T* v, const float* bias, const 
     if (j < h) {
       base = q + (((int64_t)bi * h + j) * t + pos) * d;
     } else if (j < h + kh) {
-      base = k + (((int64_t)bi * kh + (j - h)) * t + pos) * d;
+      base = k + (((int64_t)bi * kh + (j - h)) * cap + off + pos) * d;
     } else {
-      base = v + (((int64_t)bi * kh + (j - h - kh)) * t + pos) * d;
+      base = v + (((int64_t)bi * kh + (j - h - kh)) * cap + off + pos) * d;
       rotate = 0;
     }
     T* pk = packed + row * width + (int64_t)j * d;
@@ -268,7 +273,7 @@ __device__ void store_rows(const Acc* acc, float* stage, T* dst, int64_t stride,
 
 template <typename T, int D, int W>
 __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, int t, int h,
-                          int kh, float scale) {
+                          int kh, float scale, int cap, int off) {
   constexpr int BQ = 16 * W;
   __shared__ __align__(32) T qs[BQ * D];
   __shared__ __align__(32) T ks[FA_T * D];
@@ -278,19 +283,21 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, 
   __shared__ __align__(32) float os[W][16 * D];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int head = blockIdx.y, bi = head / h, j = head % h, kv = j / (h / kh);
-  const int q0 = blockIdx.x * BQ, w0 = q0 + warp * 16;
-  const T* kh_ = k + ((int64_t)bi * kh + kv) * t * D;
-  const T* vh_ = v + ((int64_t)bi * kh + kv) * t * D;
+  // Query row i (of t) is at position off + i and sees keys 0..off + i; k and v hold cap
+  // positions per head.
+  const int q0 = blockIdx.x * BQ, w0 = off + q0 + warp * 16, nk = off + t;
+  const T* kh_ = k + ((int64_t)bi * kh + kv) * cap * D;
+  const T* vh_ = v + ((int64_t)bi * kh + kv) * cap * D;
   load_rows<T, D>(qs, q + (int64_t)head * t * D, D, q0, BQ, t);
   for (int i = lane; i < 16 * D; i += 32) os[warp][i] = 0.f;
   // Row `row` of the warp's 16 belongs to lanes 2·row and 2·row + 1, each with half the columns.
-  const int row = lane >> 1, half = lane & 1, qpos = w0 + row;
+  const int row = lane >> 1, half = lane & 1, qpos = w0 + row, qi = qpos - off;
   float m = -INFINITY, l = 0.f;
-  const int last = min(t - 1, q0 + BQ - 1);
+  const int last = off + min(t - 1, q0 + BQ - 1);
   for (int k0 = 0; k0 <= last; k0 += FA_T) {
     __syncthreads();
-    load_rows<T, D>(ks, kh_, D, k0, FA_T, t);
-    load_rows<T, D>(vs, vh_, D, k0, FA_T, t);
+    load_rows<T, D>(ks, kh_, D, k0, FA_T, nk);
+    load_rows<T, D>(vs, vh_, D, k0, FA_T, nk);
     __syncthreads();
     if (k0 > w0 + 15) continue;  // the whole tile is after this warp's rows
     rows_by_rows<T, D, FA_T / 16>(qs + warp * 16 * D, D, ks, D, ss[warp], FA_T);
@@ -327,12 +334,12 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, 
     }
     __syncwarp();
   }
-  if (qpos < t) {
+  if (qi < t) {
     const float inv = 1.f / l;
     const float* orow = os[warp] + row * D + half * (D / 2);
-    T* yr = y + ((int64_t)(bi * t + qpos) * h + j) * D + half * (D / 2);
+    T* yr = y + ((int64_t)(bi * t + qi) * h + j) * D + half * (D / 2);
     for (int c = 0; c < D / 2; ++c) put(yr + c, orow[c] * inv);
-    if (half == 0) lse[(int64_t)head * t + qpos] = m + logf(l);
+    if (half == 0) lse[(int64_t)head * t + qi] = m + logf(l);
   }
 }
 
@@ -471,8 +478,8 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
 #define FLASH_KERNELS(S, D, W)                                                                    \
   extern "C" __global__ void tr_flash_fwd_##D##_##S(const S* q, const S* k, const S* v, S* y,    \
                                                     float* lse, int t, int h, int kh,            \
-                                                    float scale) {                               \
-    flash_fwd<S, D, W>(q, k, v, y, lse, t, h, kh, scale);                                         \
+                                                    float scale, int cap, int off) {             \
+    flash_fwd<S, D, W>(q, k, v, y, lse, t, h, kh, scale, cap, off);                               \
   }                                                                                               \
   LMKIT_REG(tr_flash_fwd_##D##_##S)                                                               \
   extern "C" __global__ void tr_flash_bwd_kv_##D##_##S(                                           \
@@ -519,14 +526,14 @@ DOT_KERNEL(f16)
   LMKIT_REG(tr_rms_bwd_##S)                                                                       \
   extern "C" __global__ void tr_rope_split_##S(S* packed, S* q, S* k, S* v, const float* bias,   \
                                                const float* cos, const float* sin, int b, int t, \
-                                               int h, int kh, int d) {                           \
-    rope_move<S>(packed, q, k, v, bias, cos, sin, b, t, h, kh, d, 0);                             \
+                                               int h, int kh, int d, int cap, int off) {         \
+    rope_move<S>(packed, q, k, v, bias, cos, sin, b, t, h, kh, d, cap, off, 0);                   \
   }                                                                                               \
   LMKIT_REG(tr_rope_split_##S)                                                                    \
   extern "C" __global__ void tr_rope_merge_##S(S* packed, S* q, S* k, S* v, const float* cos,    \
                                                const float* sin, int b, int t, int h, int kh,    \
                                                int d) {                                          \
-    rope_move<S>(packed, q, k, v, nullptr, cos, sin, b, t, h, kh, d, 1);                          \
+    rope_move<S>(packed, q, k, v, nullptr, cos, sin, b, t, h, kh, d, t, 0, 1);                    \
   }                                                                                               \
   LMKIT_REG(tr_rope_merge_##S)                                                                    \
   extern "C" __global__ void tr_silu_mul_##S(const S* gu, S* m, int rows, int f) {           \

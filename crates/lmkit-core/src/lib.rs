@@ -8,6 +8,7 @@
 //! - [`testing`] (feature `testing`): tolerance helpers for tests.
 
 pub mod attn_softmax;
+pub mod block_ops;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda_ops;

@@ -39,12 +39,13 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use lmkit_core::block_ops::{BlockOps, Heads, MAX_HIDDEN};
 use lmkit_core::candle::backprop::GradStore;
-use lmkit_core::candle::{Shape, TensorId, Var};
+use lmkit_core::candle::{TensorId, Var};
 use lmkit_core::embed_grad::embedding_grad;
-use lmkit_core::launch::{kernel_suffix, Arg, Launcher};
+use lmkit_core::launch::{kernel_suffix, Launcher};
 use lmkit_core::linear::Weight;
-use lmkit_core::{DType, Device, Tensor};
+use lmkit_core::{DType, Tensor};
 use lmkit_models::{Llama, BLOCK_LINEARS as LINEARS};
 
 use crate::params::Trainable;
@@ -53,11 +54,6 @@ use crate::{Error, Result};
 mod attention;
 
 pub use attention::{flash_applies, Attention};
-
-/// Columns per thread of `tr_rms_bwd` (`RMS_COLS` in train.cu).
-const RMS_COLS: usize = 16;
-/// Most blocks of a grid-stride launch.
-const MAX_BLOCKS: usize = 4096;
 
 /// Sizes of one pass: `n = b·t` rows of width `c`; `h` query and `kh` kv heads of `d`; MLP
 /// width `f`.
@@ -79,11 +75,17 @@ impl Dims {
         self.h / self.kh
     }
     /// Width of the stacked q|k|v product.
-    fn qkv(&self) -> usize {
-        (self.h + 2 * self.kh) * self.d
-    }
-    fn scale(&self) -> f64 {
-        1.0 / (self.d as f64).sqrt()
+    /// The geometry of the heads (training: k and v hold the t positions).
+    fn heads(&self) -> Heads {
+        Heads {
+            b: self.b,
+            t: self.t,
+            h: self.h,
+            kh: self.kh,
+            d: self.d,
+            cap: self.t,
+            off: 0,
+        }
     }
 }
 
@@ -144,139 +146,6 @@ struct Stash {
     m: Tensor,
 }
 
-/// Launches of `train.cu`'s kernels for one compute dtype.
-struct Kernels {
-    launcher: Launcher,
-    suffix: &'static str,
-    dtype: DType,
-    device: Device,
-}
-
-impl Kernels {
-    fn ptr(&self, t: &Tensor) -> Result<Arg> {
-        Ok(Arg::Ptr(self.launcher.ptr(t)?))
-    }
-
-    fn int(v: usize, what: &str) -> Result<Arg> {
-        Ok(Arg::int(v, what)?)
-    }
-
-    fn run(&self, name: &str, blocks: usize, threads: u32, args: &[Arg]) -> Result<()> {
-        self.run2(name, (blocks, 1), threads, args)
-    }
-
-    /// Kernel `tr_{name}_{dtype}` over a 2-D grid.
-    fn run2(&self, name: &str, grid: (usize, usize), threads: u32, args: &[Arg]) -> Result<()> {
-        let dim = |v: usize, max: u32| {
-            u32::try_from(v.max(1))
-                .ok()
-                .filter(|&v| v <= max)
-                .ok_or_else(|| {
-                    Error::Data(format!("{name}: a grid of {grid:?} blocks is too large"))
-                })
-        };
-        let (gx, gy) = (dim(grid.0, i32::MAX as u32)?, dim(grid.1, 65_535)?);
-        let name = format!("tr_{name}_{}", self.suffix);
-        Ok(self.launcher.launch(&name, (gx, gy), threads, args)?)
-    }
-
-    /// An uninitialized tensor that a kernel fills.
-    fn empty(&self, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
-        // SAFETY: every caller passes the tensor to a kernel that writes each of its elements
-        // before anything reads it.
-        Ok(unsafe { Tensor::empty(shape, dtype, &self.device) }?)
-    }
-
-    /// `a = rms(x) ⊙ w` in the compute dtype.
-    fn rms(&self, x: &Tensor, w: &Tensor, dm: &Dims) -> Result<Tensor> {
-        let rows = x.elem_count() / dm.c;
-        let a = self.empty((rows, dm.c), self.dtype)?;
-        let args = [
-            self.ptr(x)?,
-            self.ptr(w)?,
-            self.ptr(&a)?,
-            Self::int(rows, "rows")?,
-            Self::int(dm.c, "hidden size")?,
-            Arg::F32(dm.eps),
-        ];
-        self.run("rms_fwd", rows.div_ceil(8), 256, &args)?;
-        Ok(a)
-    }
-
-    /// RMSNorm's backward: `dx` gets ∂x (added to it with `accumulate`); returns ∂x in the
-    /// compute dtype and ∂w.
-    fn rms_bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        g: &Tensor,
-        dx: &Tensor,
-        accumulate: bool,
-        dm: &Dims,
-    ) -> Result<(Tensor, Tensor)> {
-        let rows = x.elem_count() / dm.c;
-        let threads = (dm.c.div_ceil(RMS_COLS).div_ceil(32) * 32).clamp(128, 1024);
-        if dm.c > threads * RMS_COLS {
-            return Err(Error::Data(format!(
-                "a hidden size of {} exceeds the training kernels' {}",
-                dm.c,
-                1024 * RMS_COLS
-            )));
-        }
-        let blocks = rows.clamp(1, 528);
-        let dx_lp = self.empty((rows, dm.c), self.dtype)?;
-        let part = self.empty((blocks, dm.c), DType::F32)?;
-        let args = [
-            self.ptr(x)?,
-            self.ptr(w)?,
-            self.ptr(g)?,
-            self.ptr(dx)?,
-            self.ptr(&dx_lp)?,
-            self.ptr(&part)?,
-            Self::int(rows, "rows")?,
-            Self::int(dm.c, "hidden size")?,
-            Arg::F32(dm.eps),
-            Arg::I32(i32::from(accumulate)),
-        ];
-        self.run("rms_bwd", blocks, threads as u32, &args)?;
-        Ok((dx_lp, part.sum(0)?))
-    }
-
-    /// `x + y` (f32 `x`, compute-dtype `y`) in f32.
-    fn add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let n = x.elem_count();
-        let out = self.empty(x.shape().clone(), DType::F32)?;
-        let args = [
-            self.ptr(x)?,
-            self.ptr(y)?,
-            self.ptr(&out)?,
-            Self::int(n, "elements")?,
-        ];
-        self.run("add", grid(n), 256, &args)?;
-        Ok(out)
-    }
-
-    /// The arguments that place q, k, v heads.
-    fn head_args(&self, dm: &Dims) -> Result<[Arg; 5]> {
-        Ok([
-            Self::int(dm.b, "batch")?,
-            Self::int(dm.t, "sequence length")?,
-            Self::int(dm.h, "heads")?,
-            Self::int(dm.kh, "kv heads")?,
-            Self::int(dm.d, "head size")?,
-        ])
-    }
-
-    fn pairs(dm: &Dims) -> usize {
-        dm.n * (dm.h + 2 * dm.kh) * dm.d / 2
-    }
-}
-
-/// Blocks of 256 threads for a grid-stride loop over `n` items.
-fn grid(n: usize) -> usize {
-    n.div_ceil(256).clamp(1, MAX_BLOCKS)
-}
-
 /// Set when this path failed in this process (see [`or_fall_back`]).
 static OFF: AtomicBool = AtomicBool::new(false);
 
@@ -326,7 +195,7 @@ pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
     let shapes_ok = cfg.num_kv_heads > 0
         && cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
         && cfg.head_dim.is_multiple_of(2)
-        && cfg.hidden_size <= 1024 * RMS_COLS;
+        && cfg.hidden_size <= MAX_HIDDEN;
     if trainable.is_empty() || !shapes_ok || kernel_suffix(m.dtype()).is_err() {
         return false;
     }
@@ -366,7 +235,7 @@ pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
 /// the compute dtype) are a variable for the caller's loss.
 pub struct Pass {
     dm: Dims,
-    k: Kernels,
+    k: BlockOps,
     blocks: Vec<Block>,
     stashes: Vec<Stash>,
     embed: Param,
@@ -433,12 +302,7 @@ pub fn forward(
         eps: cfg.rms_norm_eps as f32,
     };
     let flash = attention::use_flash(attn, m.dtype(), dm.d)?;
-    let k = Kernels {
-        launcher,
-        suffix: kernel_suffix(m.dtype())?,
-        dtype: m.dtype(),
-        device: dev.clone(),
-    };
+    let k = BlockOps::new(launcher, m.dtype(), &dev)?;
     let train: HashSet<TensorId> = trainable.iter().map(|v| v.as_tensor().id()).collect();
     let param = |t: &Tensor| Param {
         t: t.clone(),
@@ -512,7 +376,7 @@ pub fn forward(
         stashes.push(s);
         x = out;
     }
-    let hidden = k.rms(&x, &final_norm.t, &dm)?.reshape((b, t, dm.c))?;
+    let hidden = k.rms(&x, &final_norm.t, dm.eps)?.reshape((b, t, dm.c))?;
     let hidden = Var::from_tensor(&hidden)?;
     Ok(Some(Pass {
         dm,
@@ -531,49 +395,29 @@ pub fn forward(
 
 fn layer_forward(
     dm: &Dims,
-    k: &Kernels,
+    k: &BlockOps,
     w: &Block,
     x: Tensor,
     cos: &Tensor,
     sin: &Tensor,
     flash: bool,
 ) -> Result<(Stash, Tensor)> {
-    let (b, t, n, kh, d, g) = (dm.b, dm.t, dm.n, dm.kh, dm.d, dm.group());
-    let a1 = k.rms(&x, &w.n1.t, dm)?; // (n, c)
+    let (b, t, kh, d, g) = (dm.b, dm.t, dm.kh, dm.d, dm.group());
+    let a1 = k.rms(&x, &w.n1.t, dm.eps)?; // (n, c)
     let qkv = a1.matmul(&w.w_qkv.t()?)?; // (n, qkv)
-    let q = k.empty((b * kh, g * t, d), k.dtype)?;
-    let kk = k.empty((b * kh, t, d), k.dtype)?;
-    let v = k.empty((b * kh, t, d), k.dtype)?;
-    let bias = match &w.b_qkv {
-        Some(bq) => k.ptr(bq)?,
-        None => Arg::Ptr(0),
-    };
-    let mut args = vec![
-        k.ptr(&qkv)?,
-        k.ptr(&q)?,
-        k.ptr(&kk)?,
-        k.ptr(&v)?,
-        bias,
-        k.ptr(cos)?,
-        k.ptr(sin)?,
-    ];
-    args.extend(k.head_args(dm)?);
-    k.run("rope_split", grid(Kernels::pairs(dm)), 256, &args)?;
+    let kk = k.empty((b * kh, t, d), k.dtype())?;
+    let v = k.empty((b * kh, t, d), k.dtype())?;
+    // (b, h, t, d) = (b·kh, g·t, d): a kv head's query heads as consecutive rows.
+    let q = k.rope_split(&qkv, w.b_qkv.as_ref(), cos, sin, &kk, &v, &dm.heads())?;
+    let q = q.reshape((b * kh, g * t, d))?;
     drop(qkv);
     let (attn, y) = attention::forward(dm, k, &q, &kk, &v, flash)?; // y (n, h·d)
     let o = y.matmul(&w.w_o.t()?)?; // (n, c)
     let xm = k.add(&x, &o)?;
     drop(o);
-    let a2 = k.rms(&xm, &w.n2.t, dm)?;
+    let a2 = k.rms(&xm, &w.n2.t, dm.eps)?;
     let gu = a2.matmul(&w.w_gu.t()?)?; // (n, 2f)
-    let m = k.empty((n, dm.f), k.dtype)?;
-    let args = [
-        k.ptr(&gu)?,
-        k.ptr(&m)?,
-        Kernels::int(n, "rows")?,
-        Kernels::int(dm.f, "MLP width")?,
-    ];
-    k.run("silu_mul", grid(n * dm.f), 256, &args)?;
+    let m = k.silu_mul(&gu, dm.f)?; // (n, f)
     let down = m.matmul(&w.w_d.t()?)?; // (n, c)
     let out = k.add(&xm, &down)?;
     let stash = Stash {
@@ -637,7 +481,10 @@ impl Pass {
                 dm.n * dm.c
             )));
         }
-        let dh = dh.reshape((dm.n, dm.c))?.to_dtype(k.dtype)?.contiguous()?;
+        let dh = dh
+            .reshape((dm.n, dm.c))?
+            .to_dtype(k.dtype())?
+            .contiguous()?;
         let mut out: Grads = Vec::new();
         let stop = match embed.train {
             true => 0,
@@ -647,7 +494,7 @@ impl Pass {
                 .unwrap_or(blocks.len()),
         };
         let dx = k.empty((dm.n, dm.c), DType::F32)?;
-        let (mut dx_lp, d_norm) = k.rms_bwd(&x, &final_norm.t, &dh, &dx, false, &dm)?;
+        let (mut dx_lp, d_norm) = k.rms_bwd(&x, &final_norm.t, &dh, &dx, false, dm.eps)?;
         let mut dx = dx;
         if final_norm.train {
             out.push((final_norm.t.clone(), d_norm));
@@ -681,7 +528,7 @@ impl Pass {
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     dm: &Dims,
-    k: &Kernels,
+    k: &BlockOps,
     w: &Block,
     s: Stash,
     dout: Tensor,
@@ -690,7 +537,7 @@ fn layer_backward(
     sin: &Tensor,
     out: &mut Grads,
 ) -> Result<(Tensor, Tensor)> {
-    let (n, f) = (dm.n, dm.f);
+    let f = dm.f;
     let [lq, lk, lv, lo, lg, lu, ld] = &w.lin;
     // MLP: out = xm + m W_dᵀ.
     let dmid = dout_lp.matmul(&w.w_d)?; // (n, f)
@@ -698,15 +545,7 @@ fn layer_backward(
         out.push((ld.t.clone(), dout_lp.t()?.matmul(&s.m)?)); // (c, f)
     }
     drop(s.m);
-    let dgu = k.empty((n, 2 * f), k.dtype)?;
-    let args = [
-        k.ptr(&s.gu)?,
-        k.ptr(&dmid)?,
-        k.ptr(&dgu)?,
-        Kernels::int(n, "rows")?,
-        Kernels::int(f, "MLP width")?,
-    ];
-    k.run("silu_mul_bwd", grid(n * f), 256, &args)?;
+    let dgu = k.silu_mul_bwd(&s.gu, &dmid, f)?; // (n, 2f)
     drop((s.gu, dmid));
     let da2 = dgu.matmul(&w.w_gu)?; // (n, c)
     if lg.train || lu.train {
@@ -714,7 +553,7 @@ fn layer_backward(
     }
     drop((dgu, s.a2));
     // dxm = dout + the norm's backward, in place.
-    let (dxm_lp, d_n2) = k.rms_bwd(&s.xm, &w.n2.t, &da2, &dout, true, dm)?;
+    let (dxm_lp, d_n2) = k.rms_bwd(&s.xm, &w.n2.t, &da2, &dout, true, dm.eps)?;
     if w.n2.train {
         out.push((w.n2.t.clone(), d_n2));
     }
@@ -728,17 +567,7 @@ fn layer_backward(
     drop(dxm_lp);
     let (dq, dk, dv) = attention::backward(dm, k, s.attn, &s.q, &s.k, &s.v, &s.y, &dy)?;
     drop((dy, s.y));
-    let dqkv = k.empty((n, dm.qkv()), k.dtype)?;
-    let mut args = vec![
-        k.ptr(&dqkv)?,
-        k.ptr(&dq)?,
-        k.ptr(&dk)?,
-        k.ptr(&dv)?,
-        k.ptr(cos)?,
-        k.ptr(sin)?,
-    ];
-    args.extend(k.head_args(dm)?);
-    k.run("rope_merge", grid(Kernels::pairs(dm)), 256, &args)?;
+    let dqkv = k.rope_merge(&dq, &dk, &dv, cos, sin, &dm.heads())?; // (n, qkv)
     drop((dq, dk, dv));
     if let Some(bias) = &w.bias {
         if bias.iter().any(|p| p.train) {
@@ -752,7 +581,7 @@ fn layer_backward(
     }
     drop((dqkv, s.a1));
     let dx = dout;
-    let (dx_lp, d_n1) = k.rms_bwd(&s.x, &w.n1.t, &da1, &dx, true, dm)?;
+    let (dx_lp, d_n1) = k.rms_bwd(&s.x, &w.n1.t, &da1, &dx, true, dm.eps)?;
     if w.n1.train {
         out.push((w.n1.t.clone(), d_n1));
     }

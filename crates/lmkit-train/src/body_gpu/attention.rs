@@ -4,10 +4,11 @@
 //! keep only one log-sum-exp per row and recompute the probabilities in the backward.
 
 use lmkit_core::attn_softmax::{causal_softmax, causal_softmax_backward};
-use lmkit_core::launch::Arg;
+pub use lmkit_core::block_ops::flash_applies;
+use lmkit_core::block_ops::BlockOps;
 use lmkit_core::{DType, Tensor};
 
-use super::{Dims, Kernels};
+use super::Dims;
 use crate::{Error, Result};
 
 /// How attention runs.
@@ -20,11 +21,6 @@ pub enum Attention {
     Materialized,
     /// The flash kernels (an error where they do not apply).
     Flash,
-}
-
-/// Whether the flash kernels take this compute dtype and head size.
-pub fn flash_applies(dtype: DType, head_dim: usize) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 64 | 128)
 }
 
 /// Whether `mode` runs the flash kernels here.
@@ -48,27 +44,19 @@ pub(super) enum Saved {
     Lse(Tensor),
 }
 
-/// Warps per block of the flash kernels (their `W`).
-fn warps(d: usize) -> usize {
-    match d {
-        64 => 4,
-        _ => 2,
-    }
-}
-
 /// Attention of `q (b·kh, g·t, d)`, `k`, `v (b·kh, t, d)`: the output as rows `(n, h·d)`.
 pub(super) fn forward(
     dm: &Dims,
-    k: &Kernels,
+    k: &BlockOps,
     q: &Tensor,
     kk: &Tensor,
     v: &Tensor,
     flash: bool,
 ) -> Result<(Saved, Tensor)> {
-    let (b, t, n, h, kh, d) = (dm.b, dm.t, dm.n, dm.h, dm.kh, dm.d);
+    let (b, t, n, h, d) = (dm.b, dm.t, dm.n, dm.h, dm.d);
     if !flash {
         let s = q.matmul(&kk.t()?)?; // (b·kh, g·t, t)
-        let p = causal_softmax(&s, t, 0, dm.scale())?;
+        let p = causal_softmax(&s, t, 0, f64::from(dm.heads().scale()))?;
         drop(s);
         let y = p.matmul(v)?; // (b·kh, g·t, d) = (b, h, t, d)
         let y = y
@@ -78,26 +66,8 @@ pub(super) fn forward(
             .reshape((n, h * d))?;
         return Ok((Saved::Probs(p), y));
     }
-    let y = k.empty((n, h * d), k.dtype)?;
-    let lse = k.empty(b * h * t, DType::F32)?;
-    let w = warps(d);
-    let args = [
-        k.ptr(q)?,
-        k.ptr(kk)?,
-        k.ptr(v)?,
-        k.ptr(&y)?,
-        k.ptr(&lse)?,
-        Kernels::int(t, "sequence length")?,
-        Kernels::int(h, "heads")?,
-        Kernels::int(kh, "kv heads")?,
-        Arg::F32(dm.scale() as f32),
-    ];
-    k.run2(
-        &format!("flash_fwd_{d}"),
-        (t.div_ceil(16 * w), b * h),
-        32 * w as u32,
-        &args,
-    )?;
+    let q = q.reshape((b, h, t, d))?;
+    let (y, lse) = k.flash_fwd(&q, kk, v, &dm.heads())?;
     Ok((Saved::Lse(lse), y))
 }
 
@@ -106,7 +76,7 @@ pub(super) fn forward(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     dm: &Dims,
-    k: &Kernels,
+    k: &BlockOps,
     saved: Saved,
     q: &Tensor,
     kk: &Tensor,
@@ -114,7 +84,7 @@ pub(super) fn backward(
     y: &Tensor,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, t, n, h, kh, d, g) = (dm.b, dm.t, dm.n, dm.h, dm.kh, dm.d, dm.group());
+    let (b, t, h, kh, d, g) = (dm.b, dm.t, dm.h, dm.kh, dm.d, dm.group());
     let lse = match saved {
         Saved::Probs(p) => {
             let dy = dy
@@ -125,7 +95,7 @@ pub(super) fn backward(
             let dp = dy.matmul(&v.t()?)?; // (b·kh, g·t, t)
             let dv = p.t()?.matmul(&dy)?; // (b·kh, t, d)
             drop(dy);
-            let ds = causal_softmax_backward(&p, &dp, t, 0, dm.scale())?;
+            let ds = causal_softmax_backward(&p, &dp, t, 0, f64::from(dm.heads().scale()))?;
             drop((dp, p));
             let dq = ds.matmul(kk)?; // (b·kh, g·t, d)
             let dk = ds.t()?.matmul(q)?; // (b·kh, t, d)
@@ -133,54 +103,7 @@ pub(super) fn backward(
         }
         Saved::Lse(lse) => lse,
     };
-    // δ = rowsum(dy ⊙ y) per (row, head).
-    let dd = k.empty(b * h * t, DType::F32)?;
-    let args = [
-        k.ptr(y)?,
-        k.ptr(dy)?,
-        k.ptr(&dd)?,
-        Kernels::int(b, "batch")?,
-        Kernels::int(t, "sequence length")?,
-        Kernels::int(h, "heads")?,
-        Kernels::int(d, "head size")?,
-    ];
-    k.run("attn_dot", (n * h).div_ceil(8), 256, &args)?;
-    let dq = k.empty((b * kh, g * t, d), k.dtype)?;
-    let dk = k.empty((b * kh, t, d), k.dtype)?;
-    let dv = k.empty((b * kh, t, d), k.dtype)?;
-    let w = warps(d);
-    let common = |out: &[&Tensor]| -> Result<Vec<Arg>> {
-        let mut a = vec![
-            k.ptr(q)?,
-            k.ptr(kk)?,
-            k.ptr(v)?,
-            k.ptr(dy)?,
-            k.ptr(&lse)?,
-            k.ptr(&dd)?,
-        ];
-        for o in out {
-            a.push(k.ptr(o)?);
-        }
-        a.extend([
-            Kernels::int(t, "sequence length")?,
-            Kernels::int(h, "heads")?,
-            Kernels::int(kh, "kv heads")?,
-            Arg::F32(dm.scale() as f32),
-        ]);
-        Ok(a)
-    };
-    let blocks = t.div_ceil(16 * w);
-    k.run2(
-        &format!("flash_bwd_kv_{d}"),
-        (blocks, b * kh),
-        32 * w as u32,
-        &common(&[&dk, &dv])?,
-    )?;
-    k.run2(
-        &format!("flash_bwd_q_{d}"),
-        (blocks, b * h),
-        32 * w as u32,
-        &common(&[&dq])?,
-    )?;
+    let (dq, dk, dv) = k.flash_bwd(q, kk, v, y, dy, &lse, &dm.heads())?;
+    let dq = dq.reshape((b * kh, g * t, d))?;
     Ok((dq, dk, dv))
 }

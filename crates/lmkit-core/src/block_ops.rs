@@ -1,0 +1,416 @@
+//! The fused kernels of a Llama block (`cuda/train.cu`) on candle tensors: what the GPU
+//! training path (`lmkit_train::body_gpu`) and the fused prompt pass (`lmkit_models`) run
+//! between their cuBLAS products. Each method allocates its outputs and launches one kernel
+//! through a [`Launcher`] (a GPU, or the CPU emulator in the tests).
+//!
+//! Tensors must be contiguous: f32 for the residual stream and the norms' weights, the compute
+//! dtype (`BlockOps::dtype`) for everything a product reads or writes.
+
+use candle_core::{DType, Device, Shape, Tensor};
+
+use crate::launch::{kernel_suffix, Arg, Launcher};
+use crate::{Error, Result};
+
+/// Columns per thread of `tr_rms_bwd` (`RMS_COLS` in train.cu).
+const RMS_COLS: usize = 16;
+/// Most blocks of a grid-stride launch.
+const MAX_BLOCKS: usize = 4096;
+/// The widest row `rms_bwd` takes.
+pub const MAX_HIDDEN: usize = 1024 * RMS_COLS;
+
+/// Where q, k and v heads sit: `b` sequences of `t` new tokens, `h` query heads and `kh` kv
+/// heads of `d`. q is `(b, h, t, d)`; k and v are `(b, kh, cap, d)` with the new tokens at
+/// positions `off..off + t` (`cap = t`, `off = 0` in training; a KV cache's slab for a prompt).
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub kh: usize,
+    pub d: usize,
+    pub cap: usize,
+    pub off: usize,
+}
+
+impl Heads {
+    /// Width of the stacked q|k|v product's rows.
+    pub fn qkv(&self) -> usize {
+        (self.h + 2 * self.kh) * self.d
+    }
+
+    /// Attention's softmax scale, `1/√d`.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+}
+
+/// Whether the flash-attention kernels take this compute dtype and head size.
+pub fn flash_applies(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 64 | 128)
+}
+
+/// Launches of `train.cu`'s kernels for one compute dtype.
+pub struct BlockOps {
+    launcher: Launcher,
+    suffix: &'static str,
+    dtype: DType,
+    device: Device,
+}
+
+/// Blocks of 256 threads for a grid-stride loop over `n` items.
+fn grid(n: usize) -> usize {
+    n.div_ceil(256).clamp(1, MAX_BLOCKS)
+}
+
+/// Warps per block of the flash kernels (their `W`).
+fn flash_warps(d: usize) -> usize {
+    match d {
+        64 => 4,
+        _ => 2,
+    }
+}
+
+fn int(v: usize, what: &str) -> Result<Arg> {
+    Arg::int(v, what)
+}
+
+impl BlockOps {
+    /// Kernels computing in `dtype` on `device`'s tensors.
+    pub fn new(launcher: Launcher, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            launcher,
+            suffix: kernel_suffix(dtype)?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn ptr(&self, t: &Tensor) -> Result<Arg> {
+        Ok(Arg::Ptr(self.launcher.ptr(t)?))
+    }
+
+    fn run(&self, name: &str, blocks: usize, threads: u32, args: &[Arg]) -> Result<()> {
+        self.run2(name, (blocks, 1), threads, args)
+    }
+
+    /// Kernel `tr_{name}_{dtype}` over a 2-D grid.
+    fn run2(&self, name: &str, grid: (usize, usize), threads: u32, args: &[Arg]) -> Result<()> {
+        let dim = |v: usize, max: u32| {
+            u32::try_from(v.max(1))
+                .ok()
+                .filter(|&v| v <= max)
+                .ok_or_else(|| {
+                    Error::Unsupported(format!("{name}: a grid of {grid:?} blocks is too large"))
+                })
+        };
+        let (gx, gy) = (dim(grid.0, i32::MAX as u32)?, dim(grid.1, 65_535)?);
+        let name = format!("tr_{name}_{}", self.suffix);
+        self.launcher.launch(&name, (gx, gy), threads, args)
+    }
+
+    /// An uninitialized tensor for a kernel to fill.
+    pub fn empty(&self, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        // SAFETY: every caller hands the tensor to a kernel that writes each of its elements
+        // before anything reads it.
+        let t = unsafe { Tensor::empty(shape, dtype, &self.device) };
+        t.map_err(|e| Error::Candle {
+            op: "allocate a kernel buffer".into(),
+            source: e,
+        })
+    }
+
+    /// `rms(x) ⊙ w` in the compute dtype, for f32 rows `x (…, c)` and `w (c,)`.
+    pub fn rms(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        let c = w.elem_count();
+        let rows = x.elem_count() / c.max(1);
+        let a = self.empty((rows, c), self.dtype)?;
+        let args = [
+            self.ptr(x)?,
+            self.ptr(w)?,
+            self.ptr(&a)?,
+            int(rows, "rows")?,
+            int(c, "hidden size")?,
+            Arg::F32(eps),
+        ];
+        self.run("rms_fwd", rows.div_ceil(8), 256, &args)?;
+        Ok(a)
+    }
+
+    /// RMSNorm's backward for the upstream gradient `g` (compute dtype): writes ∂x into `dx`
+    /// (f32, added to it with `accumulate`); returns ∂x in the compute dtype and ∂w.
+    pub fn rms_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        dx: &Tensor,
+        accumulate: bool,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let c = w.elem_count();
+        let rows = x.elem_count() / c.max(1);
+        let threads = (c.div_ceil(RMS_COLS).div_ceil(32) * 32).clamp(128, 1024);
+        if c > threads * RMS_COLS {
+            return Err(Error::Unsupported(format!(
+                "a hidden size of {c} exceeds the training kernels' {MAX_HIDDEN}"
+            )));
+        }
+        let blocks = rows.clamp(1, 528);
+        let dx_lp = self.empty((rows, c), self.dtype)?;
+        let part = self.empty((blocks, c), DType::F32)?;
+        let args = [
+            self.ptr(x)?,
+            self.ptr(w)?,
+            self.ptr(g)?,
+            self.ptr(dx)?,
+            self.ptr(&dx_lp)?,
+            self.ptr(&part)?,
+            int(rows, "rows")?,
+            int(c, "hidden size")?,
+            Arg::F32(eps),
+            Arg::I32(i32::from(accumulate)),
+        ];
+        self.run("rms_bwd", blocks, threads as u32, &args)?;
+        let dw = part.sum(0).map_err(|e| Error::Candle {
+            op: "rms_bwd partial sums".into(),
+            source: e,
+        })?;
+        Ok((dx_lp, dw))
+    }
+
+    /// `x + y` in f32 (f32 `x`, compute-dtype `y`).
+    pub fn add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let n = x.elem_count();
+        let out = self.empty(x.shape().clone(), DType::F32)?;
+        let args = [
+            self.ptr(x)?,
+            self.ptr(y)?,
+            self.ptr(&out)?,
+            int(n, "elements")?,
+        ];
+        self.run("add", grid(n), 256, &args)?;
+        Ok(out)
+    }
+
+    /// `silu(g) ⊙ u` `(rows, f)` from rows `[g | u]` of `gu (rows, 2f)`.
+    pub fn silu_mul(&self, gu: &Tensor, f: usize) -> Result<Tensor> {
+        let rows = gu.elem_count() / (2 * f).max(1);
+        let m = self.empty((rows, f), self.dtype)?;
+        let args = [
+            self.ptr(gu)?,
+            self.ptr(&m)?,
+            int(rows, "rows")?,
+            int(f, "MLP width")?,
+        ];
+        self.run("silu_mul", grid(rows * f), 256, &args)?;
+        Ok(m)
+    }
+
+    /// The gradient of `[g | u]` from that of [`BlockOps::silu_mul`]'s result `dm (rows, f)`.
+    pub fn silu_mul_bwd(&self, gu: &Tensor, dm: &Tensor, f: usize) -> Result<Tensor> {
+        let rows = gu.elem_count() / (2 * f).max(1);
+        let dgu = self.empty((rows, 2 * f), self.dtype)?;
+        let args = [
+            self.ptr(gu)?,
+            self.ptr(dm)?,
+            self.ptr(&dgu)?,
+            int(rows, "rows")?,
+            int(f, "MLP width")?,
+        ];
+        self.run("silu_mul_bwd", grid(rows * f), 256, &args)?;
+        Ok(dgu)
+    }
+
+    fn head_args(hd: &Heads) -> Result<[Arg; 5]> {
+        Ok([
+            int(hd.b, "batch")?,
+            int(hd.t, "sequence length")?,
+            int(hd.h, "heads")?,
+            int(hd.kh, "kv heads")?,
+            int(hd.d, "head size")?,
+        ])
+    }
+
+    fn pairs(hd: &Heads) -> usize {
+        hd.b * hd.t * (hd.h + 2 * hd.kh) * hd.d / 2
+    }
+
+    /// RoPE and the move into heads: the rows `(b·t, qkv)` of the stacked q|k|v product (plus
+    /// the f32 `bias`) into `q (b, h, t, d)`, returned, and into `k`, `v` `(b, kh, cap, d)` at
+    /// positions `off..` (written in place). `cos`, `sin` `(t, d/2)` f32 are the angles of
+    /// the new tokens' positions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_split(
+        &self,
+        qkv: &Tensor,
+        bias: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        hd: &Heads,
+    ) -> Result<Tensor> {
+        if hd.off + hd.t > hd.cap {
+            return Err(Error::Unsupported(format!(
+                "{} new positions after {} do not fit {} slots",
+                hd.t, hd.off, hd.cap
+            )));
+        }
+        let q = self.empty((hd.b, hd.h, hd.t, hd.d), self.dtype)?;
+        let bias = match bias {
+            Some(b) => self.ptr(b)?,
+            None => Arg::Ptr(0),
+        };
+        let mut args = vec![
+            self.ptr(qkv)?,
+            self.ptr(&q)?,
+            self.ptr(k)?,
+            self.ptr(v)?,
+            bias,
+            self.ptr(cos)?,
+            self.ptr(sin)?,
+        ];
+        args.extend(Self::head_args(hd)?);
+        args.extend([int(hd.cap, "cache capacity")?, int(hd.off, "cache length")?]);
+        self.run("rope_split", grid(Self::pairs(hd)), 256, &args)?;
+        Ok(q)
+    }
+
+    /// The adjoint of [`BlockOps::rope_split`] (training: `cap = t`, `off = 0`): the gradients
+    /// of q, k, v into that of the stacked product's rows `(b·t, qkv)`.
+    pub fn rope_merge(
+        &self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        hd: &Heads,
+    ) -> Result<Tensor> {
+        let out = self.empty((hd.b * hd.t, hd.qkv()), self.dtype)?;
+        let mut args = vec![
+            self.ptr(&out)?,
+            self.ptr(dq)?,
+            self.ptr(dk)?,
+            self.ptr(dv)?,
+            self.ptr(cos)?,
+            self.ptr(sin)?,
+        ];
+        args.extend(Self::head_args(hd)?);
+        self.run("rope_merge", grid(Self::pairs(hd)), 256, &args)?;
+        Ok(out)
+    }
+
+    /// Causal flash attention of `q (b, h, t, d)` over `k`, `v` `(b, kh, cap, d)` (keys
+    /// `0..off + t`): the output as rows `(b·t, h·d)` and each row's log-sum-exp `(b, h, t)`.
+    pub fn flash_fwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        hd: &Heads,
+    ) -> Result<(Tensor, Tensor)> {
+        if !flash_applies(self.dtype, hd.d) {
+            return Err(Error::Unsupported(format!(
+                "flash attention takes bf16/f16 and heads of 64 or 128, not {:?} with {}",
+                self.dtype, hd.d
+            )));
+        }
+        let y = self.empty((hd.b * hd.t, hd.h * hd.d), self.dtype)?;
+        let lse = self.empty(hd.b * hd.h * hd.t, DType::F32)?;
+        let w = flash_warps(hd.d);
+        let args = [
+            self.ptr(q)?,
+            self.ptr(k)?,
+            self.ptr(v)?,
+            self.ptr(&y)?,
+            self.ptr(&lse)?,
+            int(hd.t, "sequence length")?,
+            int(hd.h, "heads")?,
+            int(hd.kh, "kv heads")?,
+            Arg::F32(hd.scale()),
+            int(hd.cap, "cache capacity")?,
+            int(hd.off, "cache length")?,
+        ];
+        self.run2(
+            &format!("flash_fwd_{}", hd.d),
+            (hd.t.div_ceil(16 * w), hd.b * hd.h),
+            32 * w as u32,
+            &args,
+        )?;
+        Ok((y, lse))
+    }
+
+    /// The backward of [`BlockOps::flash_fwd`] in training (`cap = t`, `off = 0`): from the
+    /// output `y` and its gradient `dy` (rows `(b·t, h·d)`), the gradients of q `(b, h, t, d)`
+    /// and of k, v `(b, kh, t, d)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        lse: &Tensor,
+        hd: &Heads,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, h, kh, d) = (hd.b, hd.t, hd.h, hd.kh, hd.d);
+        // δ = rowsum(dy ⊙ y) per (row, head).
+        let dd = self.empty(b * h * t, DType::F32)?;
+        let args = [
+            self.ptr(y)?,
+            self.ptr(dy)?,
+            self.ptr(&dd)?,
+            int(b, "batch")?,
+            int(t, "sequence length")?,
+            int(h, "heads")?,
+            int(d, "head size")?,
+        ];
+        self.run("attn_dot", (b * t * h).div_ceil(8), 256, &args)?;
+        let dq = self.empty((b, h, t, d), self.dtype)?;
+        let dk = self.empty((b, kh, t, d), self.dtype)?;
+        let dv = self.empty((b, kh, t, d), self.dtype)?;
+        let w = flash_warps(d);
+        let common = |out: &[&Tensor]| -> Result<Vec<Arg>> {
+            let mut a = vec![
+                self.ptr(q)?,
+                self.ptr(k)?,
+                self.ptr(v)?,
+                self.ptr(dy)?,
+                self.ptr(lse)?,
+                self.ptr(&dd)?,
+            ];
+            for o in out {
+                a.push(self.ptr(o)?);
+            }
+            a.extend([
+                int(t, "sequence length")?,
+                int(h, "heads")?,
+                int(kh, "kv heads")?,
+                Arg::F32(hd.scale()),
+            ]);
+            Ok(a)
+        };
+        let blocks = t.div_ceil(16 * w);
+        let threads = 32 * w as u32;
+        self.run2(
+            &format!("flash_bwd_kv_{d}"),
+            (blocks, b * kh),
+            threads,
+            &common(&[&dk, &dv])?,
+        )?;
+        self.run2(
+            &format!("flash_bwd_q_{d}"),
+            (blocks, b * h),
+            threads,
+            &common(&[&dq])?,
+        )?;
+        Ok((dq, dk, dv))
+    }
+}
