@@ -336,6 +336,12 @@ pub fn main(a: Args) -> Result<()> {
     } else {
         "candle"
     };
+    // And prompts: the fused prompt pass over the same cache, or candle's ops.
+    let prompt = match decode {
+        "native" => "native",
+        "fused" if m.model.fused_prompt_applies() => "fused",
+        _ => "candle",
+    };
     if a.json {
         let v = serde_json::json!({
             "model": m.path.display().to_string(),
@@ -343,6 +349,7 @@ pub fn main(a: Args) -> Result<()> {
             "dequantized": a.model.dequantize,
             "native": m.model.is_native(),
             "decode": decode,
+            "prompt": prompt,
             "device": device,
             "dtype": dtype,
             "batch": batch,
@@ -357,7 +364,8 @@ pub fn main(a: Args) -> Result<()> {
     } else {
         println!("model: {} ({})", m.path.display(), types.join("/"));
         println!(
-            "device: {device} ({dtype}), threads: {threads}, batch: {batch}, decoding: {decode}"
+            "device: {device} ({dtype}), threads: {threads}, batch: {batch}, decoding: {decode}, \
+             prompts: {prompt}"
         );
         println!("{:<12} {:>18}", "test", "tokens/s");
         for r in &rows {

@@ -38,6 +38,16 @@ pub(crate) struct Slab {
     decoder: Option<Box<FusedDecoder>>,
 }
 
+/// A slab cache's buffers as [`KvCache::slab_for`] hands them out.
+pub(crate) struct SlabView {
+    /// Per layer: keys and values `(b, kv_heads, cap, d)`.
+    pub kv: Vec<(Tensor, Tensor)>,
+    /// Positions cached.
+    pub len: usize,
+    /// Positions the buffers hold.
+    pub cap: usize,
+}
+
 impl std::fmt::Debug for Slab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Slab")
@@ -175,6 +185,26 @@ impl KvCache {
     /// Whether this cache runs fused decoding (see [`crate::Llama::new_fused_cache`]).
     pub fn is_slab(&self) -> bool {
         matches!(self.inner, Inner::Slab(_))
+    }
+
+    /// Room for `t` new positions of `b` sequences in a slab cache, for the fused prompt pass
+    /// to write in place; [`KvCache::advance`] counts them once written.
+    pub(crate) fn slab_for(&mut self, b: usize, t: usize) -> Result<SlabView> {
+        let len = self.len;
+        let Inner::Slab(s) = &mut self.inner else {
+            return Err(Error::Kv("the fused prompt pass needs a slab cache".into()));
+        };
+        s.ensure(b, len, len + t)?;
+        Ok(SlabView {
+            kv: s.kv.clone(),
+            len,
+            cap: s.cap,
+        })
+    }
+
+    /// Counts `t` positions written into a slab cache by the fused prompt pass.
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
     }
 
     /// A single-token step of fused decoding for `b` sequences (`ids` `(b, 1)`): logits

@@ -22,8 +22,9 @@
 //! the token ids and positions are copied into their buffers before each replay.
 //!
 //! The cache is the preallocated slab of [`KvCache::new_slab`](crate::KvCache): keys and values
-//! `(b, kv_heads, cap, d)` in the compute dtype. Prompts (several tokens per call) run on the
-//! reference path, which writes the same slab in place; single-token calls of
+//! `(b, kv_heads, cap, d)` in the compute dtype. Prompts (several tokens per call) run the
+//! fused prompt pass of [`prompt`] where it applies (bf16/f16, heads of 64 or 128), else the
+//! reference path; both write the same slab in place. Single-token calls of
 //! [`Llama::forward_last`](crate::Llama::forward_last) come here.
 //!
 //! Without a GPU the tests run these kernels on lmkit's CUDA emulator (feature `cuda-emu`)
@@ -33,6 +34,7 @@
 //! reference path rounds them to the compute dtype), RoPE's angles are computed on the device
 //! in f32, and sums run in another order.
 
+mod prompt;
 mod weights;
 
 use std::sync::{Arc, Mutex};
@@ -45,7 +47,7 @@ use lmkit_kernels::matmul::QFormat;
 use weights::{mat, unsupported_weight, Mat};
 
 use crate::llama::BLOCK_LINEARS as LINEARS;
-use crate::{Error, Llama, Result};
+use crate::{Error, KvCache, Llama, Result};
 
 /// Threads of the GEMV blocks (four warps, one output row each).
 const GEMV_THREADS: u32 = 128;
@@ -136,6 +138,8 @@ pub(crate) struct FusedWeights {
     final_norm: u64,
     head: Mat,
     inv_freq: u64,
+    /// The weights of the fused prompt pass, where it applies (`prompt`).
+    prompt: Option<prompt::PromptWeights>,
     /// Everything whose address a launch takes.
     _keep: Vec<Tensor>,
 }
@@ -193,14 +197,54 @@ impl FusedWeights {
         let inv = Tensor::new(model.rope_inv_freq(), dev)?;
         let inv_freq = launcher.ptr(&inv)?;
         keep.push(inv);
+        let prompt = match prompt::unsupported(model) {
+            Some(why) => {
+                tracing::debug!("prompts take candle's ops: {why}");
+                None
+            }
+            None => match prompt::PromptWeights::new(model) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!("prompts take candle's ops: {e}");
+                    None
+                }
+            },
+        };
         Ok(Self {
             blocks,
             embed,
             final_norm,
             head,
             inv_freq,
+            prompt,
             _keep: keep,
         })
+    }
+}
+
+/// Whether [`prompt_pass`] runs for `model` (see [`prompt`]).
+pub(crate) fn prompt_applies(model: &Llama) -> bool {
+    unsupported(model).is_none() && prompt::unsupported(model).is_none()
+}
+
+/// A prompt `ids (b, t)` through the fused prompt pass ([`prompt`]) over the slab `cache`: the
+/// final hidden states `(b, t, c)` in the compute dtype, or None where the pass does not apply
+/// (then the caller runs candle's ops).
+pub(crate) fn prompt_pass(
+    model: &Llama,
+    cache: &mut KvCache,
+    ids: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !prompt_applies(model) {
+        return Ok(None);
+    }
+    let Some(launcher) = Launcher::for_device(model.device()) else {
+        return Ok(None);
+    };
+    let w = weights_of(model, &launcher)?;
+    match &w.prompt {
+        Some(pw) => Ok(Some(prompt::run(model, pw, launcher, cache, ids)?)),
+        None => Ok(None),
     }
 }
 

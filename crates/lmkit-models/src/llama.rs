@@ -586,6 +586,24 @@ impl Llama {
         ))
     }
 
+    /// Whether prompts on a fused-decoding cache ([`Llama::new_fused_cache`]) run the fused
+    /// prompt pass (bf16/f16, heads of 64 or 128, on a GPU or the kernels' emulator); else
+    /// they run candle's ops.
+    pub fn fused_prompt_applies(&self) -> bool {
+        fused_decode::prompt_applies(self)
+    }
+
+    /// A prompt on a slab cache through the fused prompt pass (`fused_decode::prompt`): the
+    /// final hidden states `(b, t, c)`, or None where it does not apply.
+    fn fused_prompt(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
+        if !cache.is_slab() || ids.dims2()?.1 < 2 {
+            return Ok(None);
+        }
+        self.check_ids(ids, cache.len())?;
+        let ids = self.on_device(ids)?;
+        fused_decode::prompt_pass(self, cache, &ids)
+    }
+
     /// One single-token step on the fused path: ids `(b, 1)` → logits `(b, v)` f32.
     fn fused_step(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         // Checks the ids when they come from the host (see `check_ids`).
@@ -795,6 +813,9 @@ impl Llama {
     /// # Shapes
     /// `ids`: `(b, t)` u32 → `(b, t, c)`.
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if let Some(x) = self.fused_prompt(ids, cache)? {
+            return Ok(x);
+        }
         if cache.is_native() {
             let t = ids.dims2()?.1;
             let h = self.native_forward(ids, cache, Want::Hidden, &[])?;
@@ -850,6 +871,11 @@ impl Llama {
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         if cache.is_slab() && ids.dims2()?.1 == 1 {
             return self.fused_step(ids, cache);
+        }
+        if let Some(x) = self.fused_prompt(ids, cache)? {
+            let t = x.dims()[1];
+            let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (b, c)
+            return Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?);
         }
         if cache.is_native() {
             let logits = self.native_forward(ids, cache, Want::LastLogits, &[])?;

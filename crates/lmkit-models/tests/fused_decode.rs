@@ -414,3 +414,85 @@ fn a_cache_in_use_sees_replaced_layers() {
         .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
     assert!(d / scale < 1e-4, "after the update: {d}");
 }
+
+/// Turns of `b` sequences (prompts of several tokens after cached ones, and single tokens)
+/// through the f32 model `truth` (reference path) and the bf16 model `m` on the reference path
+/// and on the fused one: the largest logit difference to f32, relative to the largest logit,
+/// of the reference bf16 path and of the fused one.
+fn against_f32(truth: &Llama, m: &Llama, b: usize, turns: &[&[u32]]) -> (f32, f32) {
+    let mut tc = truth.new_reference_cache();
+    let mut rc = m.new_reference_cache();
+    let mut fc = m.new_fused_cache().unwrap();
+    let logits = |model: &Llama, ids: &[u32], cache: &mut KvCache| -> Vec<Vec<f32>> {
+        let x = Tensor::from_vec(ids.repeat(b), (b, ids.len()), &Device::Cpu).unwrap();
+        let l = model.forward_last(&x, cache).unwrap();
+        l.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+    };
+    let (mut r_err, mut f_err) = (0f32, 0f32);
+    for ids in turns {
+        let t = logits(truth, ids, &mut tc);
+        let r = logits(m, ids, &mut rc);
+        let f = logits(m, ids, &mut fc);
+        for ((t, r), f) in t.iter().zip(&r).zip(&f) {
+            let scale = t.iter().fold(0f32, |s, v| s.max(v.abs()));
+            let d = |a: &[f32]| a.iter().zip(t).fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+            assert!(d(f).is_finite(), "non-finite logits");
+            r_err = r_err.max(d(r) / scale);
+            f_err = f_err.max(d(f) / scale);
+        }
+    }
+    assert_eq!(fc.len(), tc.len());
+    (r_err, f_err)
+}
+
+#[test]
+fn bf16_prompts_take_the_fused_pass() {
+    // Heads of 64 with GQA and q/k/v biases, and heads of 128: prompts run the fused prompt
+    // pass (flash attention over the slab). Both bf16 paths round, in different places; the
+    // fused one must be as close to the f32 model as candle's ops are.
+    let long: Vec<u32> = (0..50).map(|i| (i * 7 + 3) % 128).collect();
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 128).collect();
+    for (d, kv, bias) in [(64, 1, true), (128, 2, false)] {
+        let cfg = LlamaConfig {
+            hidden_size: 2 * d,
+            num_heads: 2,
+            num_kv_heads: kv,
+            head_dim: d,
+            attention_bias: bias,
+            ..LlamaConfig::tiny()
+        };
+        let (truth, m) = (
+            model(&cfg, DType::F32, bias),
+            model(&cfg, DType::BF16, bias),
+        );
+        assert!(m.fused_prompt_applies());
+        // A prompt of 40 (ending mid-tile) for two sequences, then decoding from its cache;
+        // then prompts after cached positions (the kernels' offset), across tiles and a slab
+        // that grows (64 positions at first).
+        let turns: [&[u32]; 8] = [
+            &prompt,
+            &[5],
+            &[8],
+            &long,
+            &[7],
+            &[40, 41, 42, 43, 44],
+            &[11],
+            &[2],
+        ];
+        let (r, f) = against_f32(&truth, &m, 2, &turns);
+        assert!(
+            f <= 1.5 * r + 0.005,
+            "head {d}: fused bf16 is {f} from f32, candle's bf16 {r}"
+        );
+    }
+    // f32, or heads of 16: candle's ops.
+    assert!(!model(&LlamaConfig::tiny(), DType::BF16, false).fused_prompt_applies());
+    let cfg = LlamaConfig {
+        hidden_size: 128,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 64,
+        ..LlamaConfig::tiny()
+    };
+    assert!(!model(&cfg, DType::F32, false).fused_prompt_applies());
+}

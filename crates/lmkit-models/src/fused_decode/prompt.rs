@@ -1,0 +1,190 @@
+//! Prompts (several new tokens per sequence) on a GPU as a fused pass over the slab cache of
+//! fused decoding: per block ~10 launches where candle's ops take ~35.
+//!
+//! ```text
+//! a   = RMSNorm(x) ⊙ w₁                                 tr_rms_fwd (f32 x in, compute dtype out)
+//! qkv = a [W_q; W_k; W_v]ᵀ (+ biases)                   one cuBLAS product
+//! q, K[len..], V[len..] ← RoPE(qkv)                     tr_rope_split, k and v straight into the slab
+//! y   = softmax(q Kᵀ/√d + causal) V over 0..len + t     tr_flash_fwd (no (t × T) scores)
+//! x  += y W_oᵀ                                          cuBLAS, tr_add
+//! a   = RMSNorm(x) ⊙ w₂                                 tr_rms_fwd
+//! m   = silu(a W_gᵀ) ⊙ (a W_uᵀ)                         one cuBLAS product on [W_g; W_u], tr_silu_mul
+//! x  += m W_dᵀ                                          cuBLAS, tr_add
+//! ```
+//!
+//! The kernels are the training path's (`lmkit_core::block_ops`). The products read a dense
+//! copy of the weights in the compute dtype (bf16/f16: the flash kernels' dtypes), with q/k/v
+//! and gate/up stacked; quantized files are dequantized into it once, as llama.cpp dequantizes
+//! to f16 for cuBLAS on large batches. It applies with heads of 64 or 128 and no adapters;
+//! `LMKIT_CUDA_PREFILL=0` turns it off (then prompts take candle's ops, which write the same
+//! slab).
+//!
+//! Deviations from the reference path: the residual stream stays f32 between blocks (as there),
+//! attention's probabilities are never rounded to the compute dtype, and sums run in another
+//! order.
+
+use lmkit_core::block_ops::{flash_applies, BlockOps, Heads, MAX_HIDDEN};
+use lmkit_core::launch::Launcher;
+use lmkit_core::linear::Weight;
+use lmkit_core::{DType, Tensor};
+
+use crate::llama::BLOCK_LINEARS as LINEARS;
+use crate::{Error, KvCache, Llama, Result};
+
+/// One block's weights as the prompt pass reads them.
+struct PromptBlock {
+    n1: Tensor,
+    n2: Tensor,
+    /// `[W_q; W_k; W_v]` `((h + 2·kh)·d, c)` in the compute dtype.
+    w_qkv: Tensor,
+    /// `[b_q; b_k; b_v]` f32.
+    b_qkv: Option<Tensor>,
+    w_o: Tensor,
+    /// `[W_g; W_u]` `(2f, c)`.
+    w_gu: Tensor,
+    w_d: Tensor,
+}
+
+/// A model's weights for the prompt pass, built with its fused-decoding weights.
+pub(crate) struct PromptWeights {
+    blocks: Vec<PromptBlock>,
+    final_norm: Tensor,
+}
+
+/// Why the prompt pass does not apply to `model` (which fused decoding takes), if it does not.
+pub(crate) fn unsupported(model: &Llama) -> Option<String> {
+    if std::env::var("LMKIT_CUDA_PREFILL").is_ok_and(|v| v == "0") {
+        return Some("LMKIT_CUDA_PREFILL=0".into());
+    }
+    let cfg = model.config();
+    if !flash_applies(model.dtype(), cfg.head_dim) {
+        return Some(format!(
+            "the fused prompt pass computes in bf16/f16 with heads of 64 or 128, not {:?} with {}",
+            model.dtype(),
+            cfg.head_dim
+        ));
+    }
+    if cfg.hidden_size > MAX_HIDDEN {
+        return Some(format!(
+            "a hidden size of {} (at most {MAX_HIDDEN})",
+            cfg.hidden_size
+        ));
+    }
+    None
+}
+
+impl PromptWeights {
+    pub(crate) fn new(model: &Llama) -> Result<Self> {
+        let cfg = model.config();
+        let cd = model.dtype();
+        let dense = |w: &Weight| -> Result<Tensor> {
+            let t = match w {
+                Weight::Dense(t) => t.clone(),
+                w => w.to_f32()?,
+            };
+            Ok(t.to_dtype(cd)?)
+        };
+        let f32v = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let mut lin = Vec::with_capacity(7);
+            let mut bias = Vec::with_capacity(3);
+            for n in LINEARS {
+                let l = model
+                    .linear(&format!("model.layers.{i}.{n}"))
+                    .ok_or_else(|| Error::Unsupported(format!("no layer {i}.{n}")))?;
+                lin.push(dense(l.weight())?);
+                bias.push(l.bias().cloned());
+            }
+            let stack = |ts: &[Tensor]| -> Result<Tensor> { Ok(Tensor::cat(ts, 0)?.contiguous()?) };
+            let b_qkv = match (&bias[0], &bias[1], &bias[2]) {
+                (Some(q), Some(k), Some(v)) => Some(stack(&[f32v(q)?, f32v(k)?, f32v(v)?])?),
+                (None, None, None) => None,
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "block {i} has biases on some of q/k/v only"
+                    )))
+                }
+            };
+            let (n1, n2) = model.block_norms(i)?;
+            blocks.push(PromptBlock {
+                n1: f32v(n1)?,
+                n2: f32v(n2)?,
+                w_qkv: stack(&lin[0..3])?,
+                b_qkv,
+                w_o: lin[3].contiguous()?,
+                w_gu: stack(&lin[4..6])?,
+                w_d: lin[6].contiguous()?,
+            });
+        }
+        Ok(Self {
+            blocks,
+            final_norm: f32v(model.final_norm_weight())?,
+        })
+    }
+}
+
+/// RoPE's `(t, d/2)` tables for positions `off..off + t`, as the model computes them.
+fn rope_tables(model: &Llama, off: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    let half = model.config().head_dim / 2;
+    let inv = model.rope_inv_freq();
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for p in off..off + t {
+        for &f in &inv[..half.min(inv.len())] {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let dev = model.device();
+    Ok((
+        Tensor::from_vec(cos, (t, half), dev)?,
+        Tensor::from_vec(sin, (t, half), dev)?,
+    ))
+}
+
+/// Runs `ids (b, t)` after the slab's cached positions, writing their keys and values into
+/// it: the final hidden states `(b, t, c)` in the compute dtype.
+pub(crate) fn run(
+    model: &Llama,
+    w: &PromptWeights,
+    launcher: Launcher,
+    cache: &mut KvCache,
+    ids: &Tensor,
+) -> Result<Tensor> {
+    let cfg = model.config();
+    let (b, t) = ids.dims2()?;
+    let c = cfg.hidden_size;
+    let eps = cfg.rms_norm_eps as f32;
+    let ops = BlockOps::new(launcher, model.dtype(), model.device())?;
+    let slab = cache.slab_for(b, t)?;
+    let (kv, len, cap) = (slab.kv, slab.len, slab.cap);
+    let heads = Heads {
+        b,
+        t,
+        h: cfg.num_heads,
+        kh: cfg.num_kv_heads,
+        d: cfg.head_dim,
+        cap,
+        off: len,
+    };
+    let (cos, sin) = rope_tables(model, len, t)?;
+    let mut x = model.embed_ids(ids)?.reshape((b * t, c))?.contiguous()?; // (n, c) f32
+    for (blk, (k, v)) in w.blocks.iter().zip(&kv) {
+        let a = ops.rms(&x, &blk.n1, eps)?;
+        let qkv = a.matmul(&blk.w_qkv.t()?)?; // (n, qkv)
+        let q = ops.rope_split(&qkv, blk.b_qkv.as_ref(), &cos, &sin, k, v, &heads)?;
+        drop(qkv);
+        let (y, _) = ops.flash_fwd(&q, k, v, &heads)?; // (n, h·d)
+        let o = y.matmul(&blk.w_o.t()?)?;
+        let xm = ops.add(&x, &o)?;
+        let a = ops.rms(&xm, &blk.n2, eps)?;
+        let gu = a.matmul(&blk.w_gu.t()?)?; // (n, 2f)
+        let m = ops.silu_mul(&gu, cfg.intermediate_size)?;
+        let down = m.matmul(&blk.w_d.t()?)?;
+        x = ops.add(&xm, &down)?;
+    }
+    cache.advance(t);
+    Ok(ops.rms(&x, &w.final_norm, eps)?.reshape((b, t, c))?)
+}
