@@ -338,11 +338,20 @@ __device__ void qgateup(const uint8_t* qg, const uint8_t* qu, const float* sg, c
 QGEMV_ALL(q8_0, Q8_0)
 QGEMV_ALL(q4_1, Q4_1)
 
+// A token id outside the vocabulary (ids made on the device are not checked on the host):
+// its row becomes NaN, so the logits show it, and nothing is read out of the table.
+__device__ __forceinline__ bool bad_id(uint32_t id, int vocab, float* out, int c) {
+  if (id < (uint32_t)vocab) return false;
+  for (int i = threadIdx.x; i < c; i += blockDim.x) out[i] = __int_as_float(0x7fc00000);
+  return true;
+}
+
 // Embedding rows of a repacked quantized table (layouts as above).
 template <int F>
 __device__ void qembed(const uint8_t* q, const float* s, const float* m, const uint32_t* ids,
-                       float* x, int c) {
+                       float* x, int c, int vocab) {
   const size_t id = ids[blockIdx.x];
+  if (bad_id((uint32_t)id, vocab, x + (size_t)blockIdx.x * c, c)) return;
   const uint8_t* row = q + id * qrow_bytes<F>(c);
   const float* sr = s + id * (c / 32);
   float* out = x + (size_t)blockIdx.x * c;
@@ -359,13 +368,13 @@ __device__ void qembed(const uint8_t* q, const float* s, const float* m, const u
 }
 
 extern "C" __global__ void dec_qembed_q8_0(const uint8_t* q, const float* s, const float* m,
-                                           const uint32_t* ids, float* x, int c) {
-  qembed<Q8_0>(q, s, m, ids, x, c);
+                                           const uint32_t* ids, float* x, int c, int vocab) {
+  qembed<Q8_0>(q, s, m, ids, x, c, vocab);
 }
 LMKIT_REG(dec_qembed_q8_0)
 extern "C" __global__ void dec_qembed_q4_1(const uint8_t* q, const float* s, const float* m,
-                                           const uint32_t* ids, float* x, int c) {
-  qembed<Q4_1>(q, s, m, ids, x, c);
+                                           const uint32_t* ids, float* x, int c, int vocab) {
+  qembed<Q4_1>(q, s, m, ids, x, c, vocab);
 }
 LMKIT_REG(dec_qembed_q4_1)
 
@@ -373,20 +382,28 @@ LMKIT_REG(dec_qembed_q4_1)
 // Per-sequence kernels.
 
 template <typename W>
-__device__ void embed(const W* e, const uint32_t* ids, float* x, int c) {
-  const W* row = e + (size_t)ids[blockIdx.x] * c;
+__device__ void embed(const W* e, const uint32_t* ids, float* x, int c, int vocab) {
   float* out = x + (size_t)blockIdx.x * c;
+  if (bad_id(ids[blockIdx.x], vocab, out, c)) return;
+  const W* row = e + (size_t)ids[blockIdx.x] * c;
   for (int i = threadIdx.x; i < c; i += blockDim.x) out[i] = to_f(row[i]);
 }
 
 #define EMBED(W)                                                                                \
-  extern "C" __global__ void dec_embed_##W(const W* e, const uint32_t* ids, float* x, int c) {  \
-    embed<W>(e, ids, x, c);                                                                     \
+  extern "C" __global__ void dec_embed_##W(const W* e, const uint32_t* ids, float* x, int c,    \
+                                            int vocab) {                                        \
+    embed<W>(e, ids, x, c, vocab);                                                              \
   }                                                                                             \
   LMKIT_REG(dec_embed_##W)
 EMBED(f32)
 EMBED(bf16)
 EMBED(f16)
+
+// The next step's positions and slots: every entry of meta (n) plus one.
+extern "C" __global__ void dec_advance(uint32_t* meta, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) meta[i] += 1;
+}
+LMKIT_REG(dec_advance)
 
 extern "C" __global__ void dec_rms_norm(const float* x, const float* w, float* out, int c,
                                         float eps) {

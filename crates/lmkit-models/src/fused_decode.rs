@@ -19,7 +19,8 @@
 //!
 //! then the final norm and the output layer. Every buffer is a tensor allocated once per
 //! (batch, cache capacity), so the whole step is captured once into a CUDA graph and replayed:
-//! the token ids and positions are copied into their buffers before each replay.
+//! the token ids are copied into their buffer before each replay, and the positions advance on
+//! the device (uploaded only when they jump: a prompt, a rewind).
 //!
 //! The cache is the preallocated slab of [`KvCache::new_slab`](crate::KvCache): keys and values
 //! `(b, kv_heads, cap, d)` in the compute dtype. Prompts (several tokens per call) run the
@@ -311,8 +312,13 @@ pub(crate) struct FusedDecoder {
     kv: Vec<(u64, u64)>,
     // Buffers.
     ids: Tensor,
+    /// `[pos; b]` then `[slot; b]` (u32): one upload when they change, else advanced on the
+    /// device by the step's last kernel.
+    meta: Tensor,
     pos: Tensor,
     slot: Tensor,
+    /// The (position, slot) that `meta` holds for the next step, when known.
+    next: Option<(u32, u32)>,
     x: Tensor,
     xn: Tensor,
     qkv: Tensor,
@@ -368,6 +374,7 @@ impl FusedDecoder {
         let kv_dtype = kv.first().map(|(k, _)| k.dtype()).unwrap_or(model.dtype());
         let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, dev);
         let b = batch;
+        let meta = zeros(2 * b, DType::U32)?;
         Ok(Self {
             batch,
             cap,
@@ -375,8 +382,10 @@ impl FusedDecoder {
             weights,
             kv: kv_ptrs,
             ids: zeros(b, DType::U32)?,
-            pos: zeros(b, DType::U32)?,
-            slot: zeros(b, DType::U32)?,
+            pos: meta.narrow(0, 0, b)?,
+            slot: meta.narrow(0, b, b)?,
+            meta,
+            next: None,
             x: zeros(b * c, DType::F32)?,
             xn: zeros(b * c, DType::F32)?,
             qkv: zeros(b * (hq + 2 * hk) * d, DType::F32)?,
@@ -433,10 +442,13 @@ impl FusedDecoder {
         let (pos, slot) = (as_u32(pos, "position")?, as_u32(slot, "slot")?);
         let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_device(dev)?;
         self.ids.slice_set(&ids, 0, 0)?;
-        self.pos
-            .slice_set(&Tensor::new(vec![pos; b].as_slice(), dev)?, 0, 0)?;
-        self.slot
-            .slice_set(&Tensor::new(vec![slot; b].as_slice(), dev)?, 0, 0)?;
+        // Consecutive steps find the position already advanced on the device.
+        if self.next.take() != Some((pos, slot)) {
+            let mut meta = vec![pos; b];
+            meta.resize(2 * b, slot);
+            self.meta
+                .slice_set(&Tensor::new(meta.as_slice(), dev)?, 0, 0)?;
+        }
         match (&self.graph, self.steps) {
             (Some(g), _) => g.launch()?,
             // The first step runs eagerly (it loads the kernels); the second is captured.
@@ -445,6 +457,7 @@ impl FusedDecoder {
             (None, _) => self.capture(model)?,
         }
         self.steps += 1;
+        self.next = Some((pos + 1, slot + 1));
         Ok(self
             .logits
             .copy()?
@@ -505,7 +518,12 @@ impl FusedDecoder {
         let int = |v: usize, what: &str| Ok::<_, Error>(Arg::int(v, what)?);
         let embed_args = |w: &[Arg]| {
             let mut a = w.to_vec();
-            a.extend([Arg::Ptr(ids), Arg::Ptr(x), Arg::int(c, "width")?]);
+            a.extend([
+                Arg::Ptr(ids),
+                Arg::Ptr(x),
+                Arg::int(c, "width")?,
+                Arg::int(model.config().vocab_size, "vocabulary")?,
+            ]);
             Ok::<_, Error>(a)
         };
         let w = &*self.weights;
@@ -620,7 +638,15 @@ impl FusedDecoder {
             (xn, c),
             None,
             logits,
-        )
+        )?;
+        // The next step's position and slot.
+        l.launch(
+            "dec_advance",
+            (1, 1),
+            64,
+            &[Arg::Ptr(p(&self.meta)?), int(2 * b, "positions")?],
+        )?;
+        Ok(())
     }
 
     /// `y = [W₀; W₁; W₂] x (+ bias) (+ res)` for every sequence, in launches of up to
@@ -746,4 +772,37 @@ fn template_nb(nb: usize) -> usize {
 /// Whether fused decoding is asked for: `LMKIT_CUDA_DECODE=fused`.
 pub(crate) fn wanted() -> bool {
     std::env::var("LMKIT_CUDA_DECODE").is_ok_and(|v| v == "fused")
+}
+
+#[cfg(all(test, feature = "cuda-emu"))]
+mod tests {
+    use lmkit_core::{DType, Device, Tensor};
+
+    use crate::testing::random_weights;
+    use crate::{Llama, LlamaConfig, LoadOptions, WeightSource};
+
+    /// Ids made on the device skip the host's check; an id outside the vocabulary must not
+    /// read past the embedding table, and its logits come out NaN.
+    #[test]
+    fn device_ids_outside_the_vocabulary_give_nan_logits() -> crate::Result<()> {
+        let cfg = LlamaConfig::tiny();
+        let mut tensors = std::collections::HashMap::new();
+        for (n, s, v) in random_weights(&cfg, 3) {
+            tensors.insert(n, Tensor::from_vec(v, s, &Device::Cpu)?);
+        }
+        let opts = LoadOptions {
+            dtype: Some(DType::F32),
+            ..Default::default()
+        };
+        let m = Llama::load(cfg.clone(), &WeightSource::Map(tensors), opts, &Device::Cpu)?;
+        let mut cache = m.new_fused_cache()?;
+        let step = |id: u32, cache: &mut crate::KvCache| -> crate::Result<Vec<f32>> {
+            let ids = Tensor::new(&[[id]], &Device::Cpu)?;
+            Ok(cache.fused_step(&m, 1, &ids)?.flatten_all()?.to_vec1()?)
+        };
+        assert!(step(5, &mut cache)?.iter().all(|v| v.is_finite()));
+        let bad = step(cfg.vocab_size as u32 + 7, &mut cache)?;
+        assert!(bad.iter().all(|v| v.is_nan()), "{:?}", &bad[..4]);
+        Ok(())
+    }
 }

@@ -55,6 +55,11 @@ inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half(float f) { return {(_Float16)f}; }
 
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __int_as_float(int i) {
+  float f;
+  memcpy(&f, &i, 4);
+  return f;
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
