@@ -10,13 +10,14 @@
 // tr_rms_bwd     dx (+)= r·(g⊙w − x̂·mean(x̂ ⊙ g⊙w)), also written in T when dx_lp is set;
 //                dw = Σ_rows g ⊙ x̂ as one partial sum per block (the caller adds them up).
 //                                                         rows strided over the blocks
-// tr_rope_split  packed rows (b·t, (h + 2·kh)·d) = [q | k | v] (+ bias) → q (b, h, t, d),
+// tr_rope_split  rows (b·t, ·) of q, k, v (one stacked product [q | k | v], or three) (+ bias)
+//                → q (b, h, t, d),
 //                k, v (b, kh, cap, d) at positions off.., q and k rotated by +θ (HF's
 //                rotate-half pairs (i, i+d/2), angle pos·θᵢ, the tables' row i for token i);
 //                with cap = t, off = 0 for training, a KV cache's capacity and length for a
 //                prompt. tr_rope_merge is its adjoint (cap = t): rotation by −θ, heads back
 //                into packed rows (the gradients of q, k, v into that of the packed product).
-// tr_silu_mul    m = silu(g) ⊙ u over rows [g | u] of width 2f
+// tr_silu_mul    m = silu(g) ⊙ u, rows of g and u of stride ld (the halves of [g | u], or two)
 // tr_silu_mul_bwd  dg = dm ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))),  du = dm ⊙ silu(g)
 // tr_add         out = x + y  (x, out f32; y in T: a residual add)
 //
@@ -115,13 +116,15 @@ __device__ void rms_bwd(const float* x, const float* w, const T* g, float* dx, T
   }
 }
 
-// One pair (i, i + d/2) of one head of one row per iteration. `back` 0: packed → heads,
-// rotation +θ, bias added first; `back` 1: heads → packed, rotation −θ.
+// One pair (i, i + d/2) of one head of one row per iteration. The rows side is three row-major
+// matrices rq (b·t, ldq), rk and rv (b·t, ldk) holding q, k, v's heads side by side: the
+// columns of one stacked product (rk = rq + h·d, ...), or three products. `back` 0: rows →
+// heads, rotation +θ, bias added first; `back` 1: heads → rows, rotation −θ.
 template <typename T>
-__device__ void rope_move(T* packed, T* q, T* k, T* v, const float* bias, const float* cos,
-                          const float* sin, int b, int t, int h, int kh, int d, int cap, int off,
-                          int back) {
-  const int half = d / 2, heads = h + 2 * kh, width = heads * d;
+__device__ void rope_move(T* rq, T* rk, T* rv, int ldq, int ldk, T* q, T* k, T* v,
+                          const float* bias, const float* cos, const float* sin, int b, int t,
+                          int h, int kh, int d, int cap, int off, int back) {
+  const int half = d / 2, heads = h + 2 * kh;
   const int64_t total = (int64_t)b * t * heads * half;
   FOR_EACH(i, total) {
     const int p = (int)(i % half);
@@ -129,17 +132,19 @@ __device__ void rope_move(T* packed, T* q, T* k, T* v, const float* bias, const 
     const int j = (int)(rest % heads);
     const int64_t row = rest / heads;  // b·t rows
     const int pos = (int)(row % t), bi = (int)(row / t);
-    T* base;
+    T *base, *pk;
     int rotate = 1;
     if (j < h) {
       base = q + (((int64_t)bi * h + j) * t + pos) * d;
+      pk = rq + row * ldq + (int64_t)j * d;
     } else if (j < h + kh) {
       base = k + (((int64_t)bi * kh + (j - h)) * cap + off + pos) * d;
+      pk = rk + row * ldk + (int64_t)(j - h) * d;
     } else {
       base = v + (((int64_t)bi * kh + (j - h - kh)) * cap + off + pos) * d;
+      pk = rv + row * ldk + (int64_t)(j - h - kh) * d;
       rotate = 0;
     }
-    T* pk = packed + row * width + (int64_t)j * d;
     const float cs = rotate ? cos[(int64_t)pos * half + p] : 1.f;
     const float sn = rotate ? sin[(int64_t)pos * half + p] : 0.f;
     if (!back) {
@@ -160,11 +165,12 @@ __device__ void rope_move(T* packed, T* q, T* k, T* v, const float* bias, const 
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
 
+// g and u rows of stride ld: the halves of one stacked product (u = g + f, ld = 2f), or two.
 template <typename T>
-__device__ void silu_mul(const T* gu, T* m, int rows, int f) {
+__device__ void silu_mul(const T* g_, const T* u_, int ld, T* m, int rows, int f) {
   FOR_EACH(i, (int64_t)rows * f) {
     const int64_t row = i / f, j = i - row * f;
-    const float g = to_f(gu[row * 2 * f + j]), u = to_f(gu[row * 2 * f + f + j]);
+    const float g = to_f(g_[row * ld + j]), u = to_f(u_[row * ld + j]);
     put(m + i, g * sigmoid(g) * u);
   }
 }
@@ -524,20 +530,24 @@ DOT_KERNEL(f16)
     rms_bwd<S>(x, w, g, dx, dx_lp, part, rows, c, eps, accumulate);                               \
   }                                                                                               \
   LMKIT_REG(tr_rms_bwd_##S)                                                                       \
-  extern "C" __global__ void tr_rope_split_##S(S* packed, S* q, S* k, S* v, const float* bias,   \
-                                               const float* cos, const float* sin, int b, int t, \
-                                               int h, int kh, int d, int cap, int off) {         \
-    rope_move<S>(packed, q, k, v, bias, cos, sin, b, t, h, kh, d, cap, off, 0);                   \
+  extern "C" __global__ void tr_rope_split_##S(S* rq, S* rk, S* rv, int ldq, int ldk, S* q,     \
+                                               S* k, S* v, const float* bias, const float* cos,  \
+                                               const float* sin, int b, int t, int h, int kh,    \
+                                               int d, int cap, int off) {                        \
+    rope_move<S>(rq, rk, rv, ldq, ldk, q, k, v, bias, cos, sin, b, t, h, kh, d, cap, off, 0);     \
   }                                                                                               \
   LMKIT_REG(tr_rope_split_##S)                                                                    \
   extern "C" __global__ void tr_rope_merge_##S(S* packed, S* q, S* k, S* v, const float* cos,    \
                                                const float* sin, int b, int t, int h, int kh,    \
                                                int d) {                                          \
-    rope_move<S>(packed, q, k, v, nullptr, cos, sin, b, t, h, kh, d, t, 0, 1);                    \
+    const int w = (h + 2 * kh) * d;                                                               \
+    rope_move<S>(packed, packed + h * d, packed + (h + kh) * d, w, w, q, k, v, nullptr, cos, sin, \
+                 b, t, h, kh, d, t, 0, 1);                                                        \
   }                                                                                               \
   LMKIT_REG(tr_rope_merge_##S)                                                                    \
-  extern "C" __global__ void tr_silu_mul_##S(const S* gu, S* m, int rows, int f) {           \
-    silu_mul<S>(gu, m, rows, f);                                                                  \
+  extern "C" __global__ void tr_silu_mul_##S(const S* g, const S* u, int ld, S* m, int rows,    \
+                                             int f) {                                            \
+    silu_mul<S>(g, u, ld, m, rows, f);                                                            \
   }                                                                                               \
   LMKIT_REG(tr_silu_mul_##S)                                                                      \
   extern "C" __global__ void tr_silu_mul_bwd_##S(const S* gu, const S* dm, S* dgu, int rows, \

@@ -44,6 +44,20 @@ impl Heads {
     }
 }
 
+/// The rows `(b·t, ·)` of q, k and v: one stacked product `[q | k | v]`, or three.
+#[derive(Clone, Copy)]
+pub enum QkvRows<'a> {
+    Stacked(&'a Tensor),
+    Split(&'a Tensor, &'a Tensor, &'a Tensor),
+}
+
+/// The rows of the MLP's gate and up products: one stacked `[g | u]`, or two.
+#[derive(Clone, Copy)]
+pub enum GateUp<'a> {
+    Stacked(&'a Tensor),
+    Split(&'a Tensor, &'a Tensor),
+}
+
 /// Whether the flash-attention kernels take this compute dtype and head size.
 pub fn flash_applies(dtype: DType, head_dim: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 64 | 128)
@@ -92,6 +106,12 @@ impl BlockOps {
 
     fn ptr(&self, t: &Tensor) -> Result<Arg> {
         Ok(Arg::Ptr(self.launcher.ptr(t)?))
+    }
+
+    /// The address of element `at` of the contiguous `t`.
+    fn ptr_at(&self, t: &Tensor, at: usize) -> Result<Arg> {
+        let bytes = (at * t.dtype().size_in_bytes()) as u64;
+        Ok(Arg::Ptr(self.launcher.ptr(t)? + bytes))
     }
 
     fn run(&self, name: &str, blocks: usize, threads: u32, args: &[Arg]) -> Result<()> {
@@ -197,12 +217,30 @@ impl BlockOps {
         Ok(out)
     }
 
-    /// `silu(g) ⊙ u` `(rows, f)` from rows `[g | u]` of `gu (rows, 2f)`.
-    pub fn silu_mul(&self, gu: &Tensor, f: usize) -> Result<Tensor> {
-        let rows = gu.elem_count() / (2 * f).max(1);
+    /// `silu(g) ⊙ u` `(rows, f)` from the gate and up products.
+    pub fn silu_mul(&self, gu: GateUp, f: usize) -> Result<Tensor> {
+        let (g, u, ld, rows) = match gu {
+            GateUp::Stacked(t) => {
+                let rows = t.elem_count() / (2 * f).max(1);
+                (self.ptr(t)?, self.ptr_at(t, f)?, 2 * f, rows)
+            }
+            GateUp::Split(g, u) => {
+                let rows = g.elem_count() / f.max(1);
+                if u.elem_count() != g.elem_count() {
+                    return Err(Error::Unsupported(format!(
+                        "silu_mul: gate {:?} and up {:?}",
+                        g.dims(),
+                        u.dims()
+                    )));
+                }
+                (self.ptr(g)?, self.ptr(u)?, f, rows)
+            }
+        };
         let m = self.empty((rows, f), self.dtype)?;
         let args = [
-            self.ptr(gu)?,
+            g,
+            u,
+            int(ld, "row stride")?,
             self.ptr(&m)?,
             int(rows, "rows")?,
             int(f, "MLP width")?,
@@ -240,14 +278,14 @@ impl BlockOps {
         hd.b * hd.t * (hd.h + 2 * hd.kh) * hd.d / 2
     }
 
-    /// RoPE and the move into heads: the rows `(b·t, qkv)` of the stacked q|k|v product (plus
-    /// the f32 `bias`) into `q (b, h, t, d)`, returned, and into `k`, `v` `(b, kh, cap, d)` at
-    /// positions `off..` (written in place). `cos`, `sin` `(t, d/2)` f32 are the angles of
-    /// the new tokens' positions.
+    /// RoPE and the move into heads: the rows of q, k, v (plus the f32 stacked `bias`) into
+    /// `q (b, h, t, d)`, returned, and into `k`, `v` `(b, kh, cap, d)` at positions `off..`
+    /// (written in place). `cos`, `sin` `(t, d/2)` f32 are the angles of the new tokens'
+    /// positions.
     #[allow(clippy::too_many_arguments)]
     pub fn rope_split(
         &self,
-        qkv: &Tensor,
+        rows: QkvRows,
         bias: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
@@ -261,20 +299,40 @@ impl BlockOps {
                 hd.t, hd.off, hd.cap
             )));
         }
+        let (qd, kd) = (hd.h * hd.d, hd.kh * hd.d);
+        let src = match rows {
+            QkvRows::Stacked(t) => {
+                let w = hd.qkv();
+                [
+                    self.ptr(t)?,
+                    self.ptr_at(t, qd)?,
+                    self.ptr_at(t, qd + kd)?,
+                    int(w, "width")?,
+                    int(w, "width")?,
+                ]
+            }
+            QkvRows::Split(q, k, v) => [
+                self.ptr(q)?,
+                self.ptr(k)?,
+                self.ptr(v)?,
+                int(qd, "width")?,
+                int(kd, "width")?,
+            ],
+        };
         let q = self.empty((hd.b, hd.h, hd.t, hd.d), self.dtype)?;
         let bias = match bias {
             Some(b) => self.ptr(b)?,
             None => Arg::Ptr(0),
         };
-        let mut args = vec![
-            self.ptr(qkv)?,
+        let mut args = src.to_vec();
+        args.extend([
             self.ptr(&q)?,
             self.ptr(k)?,
             self.ptr(v)?,
             bias,
             self.ptr(cos)?,
             self.ptr(sin)?,
-        ];
+        ]);
         args.extend(Self::head_args(hd)?);
         args.extend([int(hd.cap, "cache capacity")?, int(hd.off, "cache length")?]);
         self.run("rope_split", grid(Self::pairs(hd)), 256, &args)?;

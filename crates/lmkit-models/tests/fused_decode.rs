@@ -496,3 +496,46 @@ fn bf16_prompts_take_the_fused_pass() {
     };
     assert!(!model(&cfg, DType::F32, false).fused_prompt_applies());
 }
+
+#[test]
+fn quantized_files_take_the_fused_prompt_pass_through_a_stacked_copy() {
+    // A Q8_0 file computing in bf16: its prompts read one stacked bf16 copy of q/k/v and of
+    // gate/up (dequantized once); the same file dequantized to a dense bf16 model reads its
+    // own tensors, one product each. Same weights, same math: the logits agree to bf16's
+    // rounding of the products' outputs.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig {
+        hidden_size: 128,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 64,
+        ..LlamaConfig::tiny()
+    };
+    let p = dir.path().join("q8.gguf");
+    write_tiny_gguf(&p, &cfg, 5, GgmlDType::Q8_0).unwrap();
+    let bf16 = |dequantize: bool| {
+        let opts = LoadOptions {
+            dtype: Some(DType::BF16),
+            dequantize,
+        };
+        load(&p, opts).unwrap().model
+    };
+    let (q, dense) = (bf16(false), bf16(true));
+    assert!(q.fused_prompt_applies() && dense.fused_prompt_applies());
+    let ids: Vec<u32> = (0..2 * 37).map(|i| (i * 11 + 1) % 128).collect();
+    let x = Tensor::from_vec(ids, (2, 37), &Device::Cpu).unwrap();
+    let run = |m: &Llama| -> Vec<Vec<f32>> {
+        let mut cache = m.new_fused_cache().unwrap();
+        let l = m.forward_last(&x, &mut cache).unwrap();
+        l.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+    };
+    let (a, b) = (run(&q), run(&dense));
+    for (ra, rb) in a.iter().zip(&b) {
+        let scale = rb.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let d = ra
+            .iter()
+            .zip(rb)
+            .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+        assert!(d / scale < 0.02, "stacked vs own weights: {}", d / scale);
+    }
+}

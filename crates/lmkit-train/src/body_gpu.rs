@@ -39,7 +39,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use lmkit_core::block_ops::{BlockOps, Heads, MAX_HIDDEN};
+use lmkit_core::block_ops::{BlockOps, GateUp, Heads, QkvRows, MAX_HIDDEN};
 use lmkit_core::candle::backprop::GradStore;
 use lmkit_core::candle::{TensorId, Var};
 use lmkit_core::embed_grad::embedding_grad;
@@ -408,7 +408,15 @@ fn layer_forward(
     let kk = k.empty((b * kh, t, d), k.dtype())?;
     let v = k.empty((b * kh, t, d), k.dtype())?;
     // (b, h, t, d) = (b·kh, g·t, d): a kv head's query heads as consecutive rows.
-    let q = k.rope_split(&qkv, w.b_qkv.as_ref(), cos, sin, &kk, &v, &dm.heads())?;
+    let q = k.rope_split(
+        QkvRows::Stacked(&qkv),
+        w.b_qkv.as_ref(),
+        cos,
+        sin,
+        &kk,
+        &v,
+        &dm.heads(),
+    )?;
     let q = q.reshape((b * kh, g * t, d))?;
     drop(qkv);
     let (attn, y) = attention::forward(dm, k, &q, &kk, &v, flash)?; // y (n, h·d)
@@ -417,7 +425,7 @@ fn layer_forward(
     drop(o);
     let a2 = k.rms(&xm, &w.n2.t, dm.eps)?;
     let gu = a2.matmul(&w.w_gu.t()?)?; // (n, 2f)
-    let m = k.silu_mul(&gu, dm.f)?; // (n, f)
+    let m = k.silu_mul(GateUp::Stacked(&gu), dm.f)?; // (n, f)
     let down = m.matmul(&w.w_d.t()?)?; // (n, c)
     let out = k.add(&xm, &down)?;
     let stash = Stash {

@@ -3,19 +3,21 @@
 //!
 //! ```text
 //! a   = RMSNorm(x) ⊙ w₁                                 tr_rms_fwd (f32 x in, compute dtype out)
-//! qkv = a [W_q; W_k; W_v]ᵀ (+ biases)                   one cuBLAS product
+//! q, k, v = a W_qᵀ, a W_kᵀ, a W_vᵀ (+ biases)          cuBLAS (one product if stacked)
 //! q, K[len..], V[len..] ← RoPE(qkv)                     tr_rope_split, k and v straight into the slab
 //! y   = softmax(q Kᵀ/√d + causal) V over 0..len + t     tr_flash_fwd (no (t × T) scores)
 //! x  += y W_oᵀ                                          cuBLAS, tr_add
 //! a   = RMSNorm(x) ⊙ w₂                                 tr_rms_fwd
-//! m   = silu(a W_gᵀ) ⊙ (a W_uᵀ)                         one cuBLAS product on [W_g; W_u], tr_silu_mul
+//! m   = silu(a W_gᵀ) ⊙ (a W_uᵀ)                         cuBLAS (one if stacked), tr_silu_mul
 //! x  += m W_dᵀ                                          cuBLAS, tr_add
 //! ```
 //!
-//! The kernels are the training path's (`lmkit_core::block_ops`). The products read a dense
-//! copy of the weights in the compute dtype (bf16/f16: the flash kernels' dtypes), with q/k/v
-//! and gate/up stacked; quantized files are dequantized into it once, as llama.cpp dequantizes
-//! to f16 for cuBLAS on large batches. It applies with heads of 64 or 128 and no adapters;
+//! The kernels are the training path's (`lmkit_core::block_ops`). The products run in the
+//! compute dtype (bf16/f16: the flash kernels' dtypes). Dense weights already in it are read in
+//! place (no second copy; q/k/v and gate/up are then three and two products); others, such as
+//! a quantized file's, are dequantized once into a copy with q/k/v and gate/up stacked (one
+//! product each), as llama.cpp dequantizes to f16 for cuBLAS on large batches. It applies with
+//! heads of 64 or 128 and no adapters;
 //! `LMKIT_CUDA_PREFILL=0` turns it off (then prompts take candle's ops, which write the same
 //! slab).
 //!
@@ -23,7 +25,7 @@
 //! attention's probabilities are never rounded to the compute dtype, and sums run in another
 //! order.
 
-use lmkit_core::block_ops::{flash_applies, BlockOps, Heads, MAX_HIDDEN};
+use lmkit_core::block_ops::{flash_applies, BlockOps, GateUp, Heads, QkvRows, MAX_HIDDEN};
 use lmkit_core::launch::Launcher;
 use lmkit_core::linear::Weight;
 use lmkit_core::{DType, Tensor};
@@ -31,17 +33,47 @@ use lmkit_core::{DType, Tensor};
 use crate::llama::BLOCK_LINEARS as LINEARS;
 use crate::{Error, KvCache, Llama, Result};
 
+/// Weights in the compute dtype that read the same input: stacked into one matrix (one
+/// product) when they had to be copied anyway (dequantized or cast), else the model's own
+/// tensors (no second copy of a dense model; one product each).
+enum Group {
+    Stacked(Tensor),
+    Own(Vec<Tensor>),
+}
+
+impl Group {
+    /// `ws` in `cd`: the model's tensors when they are dense in `cd`, else a stacked copy.
+    fn new(ws: Vec<Tensor>, cd: DType) -> Result<Self> {
+        if ws.iter().all(|w| w.dtype() == cd && w.is_contiguous()) {
+            return Ok(Group::Own(ws));
+        }
+        let ws = ws
+            .iter()
+            .map(|w| w.to_dtype(cd))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Group::Stacked(Tensor::cat(&ws, 0)?.contiguous()?))
+    }
+
+    /// The products `a Wᵢᵀ`: one stacked, or one per weight.
+    fn products(&self, a: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Group::Stacked(w) => Ok(vec![a.matmul(&w.t()?)?]),
+            Group::Own(ws) => ws.iter().map(|w| Ok(a.matmul(&w.t()?)?)).collect(),
+        }
+    }
+}
+
 /// One block's weights as the prompt pass reads them.
 struct PromptBlock {
     n1: Tensor,
     n2: Tensor,
-    /// `[W_q; W_k; W_v]` `((h + 2·kh)·d, c)` in the compute dtype.
-    w_qkv: Tensor,
+    /// W_q, W_k, W_v.
+    qkv: Group,
     /// `[b_q; b_k; b_v]` f32.
     b_qkv: Option<Tensor>,
     w_o: Tensor,
-    /// `[W_g; W_u]` `(2f, c)`.
-    w_gu: Tensor,
+    /// W_g, W_u.
+    gu: Group,
     w_d: Tensor,
 }
 
@@ -77,13 +109,14 @@ impl PromptWeights {
     pub(crate) fn new(model: &Llama) -> Result<Self> {
         let cfg = model.config();
         let cd = model.dtype();
+        // Dense weights as they are (cast by `Group` or below if need be), others dequantized.
         let dense = |w: &Weight| -> Result<Tensor> {
-            let t = match w {
-                Weight::Dense(t) => t.clone(),
-                w => w.to_f32()?,
-            };
-            Ok(t.to_dtype(cd)?)
+            match w {
+                Weight::Dense(t) => Ok(t.clone()),
+                w => Ok(w.to_f32()?),
+            }
         };
+        let in_cd = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(cd)?.contiguous()?) };
         let f32v = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -110,11 +143,11 @@ impl PromptWeights {
             blocks.push(PromptBlock {
                 n1: f32v(n1)?,
                 n2: f32v(n2)?,
-                w_qkv: stack(&lin[0..3])?,
+                qkv: Group::new(lin[0..3].to_vec(), cd)?,
                 b_qkv,
-                w_o: lin[3].contiguous()?,
-                w_gu: stack(&lin[4..6])?,
-                w_d: lin[6].contiguous()?,
+                w_o: in_cd(&lin[3])?,
+                gu: Group::new(lin[4..6].to_vec(), cd)?,
+                w_d: in_cd(&lin[6])?,
             });
         }
         Ok(Self {
@@ -173,15 +206,33 @@ pub(crate) fn run(
     let mut x = model.embed_ids(ids)?.reshape((b * t, c))?.contiguous()?; // (n, c) f32
     for (blk, (k, v)) in w.blocks.iter().zip(&kv) {
         let a = ops.rms(&x, &blk.n1, eps)?;
-        let qkv = a.matmul(&blk.w_qkv.t()?)?; // (n, qkv)
-        let q = ops.rope_split(&qkv, blk.b_qkv.as_ref(), &cos, &sin, k, v, &heads)?;
+        let qkv = blk.qkv.products(&a)?; // (n, qkv), or (n, h·d), (n, kh·d) twice
+        let rows = match qkv.as_slice() {
+            [s] => QkvRows::Stacked(s),
+            [q, k, v] => QkvRows::Split(q, k, v),
+            _ => {
+                return Err(Error::Unsupported(
+                    "q/k/v come in one or three products".into(),
+                ))
+            }
+        };
+        let q = ops.rope_split(rows, blk.b_qkv.as_ref(), &cos, &sin, k, v, &heads)?;
         drop(qkv);
         let (y, _) = ops.flash_fwd(&q, k, v, &heads)?; // (n, h·d)
         let o = y.matmul(&blk.w_o.t()?)?;
         let xm = ops.add(&x, &o)?;
         let a = ops.rms(&xm, &blk.n2, eps)?;
-        let gu = a.matmul(&blk.w_gu.t()?)?; // (n, 2f)
-        let m = ops.silu_mul(&gu, cfg.intermediate_size)?;
+        let gu = blk.gu.products(&a)?; // (n, 2f), or (n, f) twice
+        let gu = match gu.as_slice() {
+            [s] => GateUp::Stacked(s),
+            [g, u] => GateUp::Split(g, u),
+            _ => {
+                return Err(Error::Unsupported(
+                    "gate/up come in one or two products".into(),
+                ))
+            }
+        };
+        let m = ops.silu_mul(gu, cfg.intermediate_size)?;
         let down = m.matmul(&blk.w_d.t()?)?;
         x = ops.add(&xm, &down)?;
     }
