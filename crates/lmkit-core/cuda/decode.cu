@@ -339,7 +339,9 @@ QGEMV_ALL(q8_0, Q8_0)
 QGEMV_ALL(q4_1, Q4_1)
 
 // A token id outside the vocabulary (ids made on the device are not checked on the host):
-// its row becomes NaN, so the logits show it, and nothing is read out of the table.
+// its row becomes NaN, so the logits show it, and nothing is read out of the table. The NaN
+// also reaches that position's keys and values, so the sequence stays NaN until it is rewound
+// past it.
 __device__ __forceinline__ bool bad_id(uint32_t id, int vocab, float* out, int c) {
   if (id < (uint32_t)vocab) return false;
   for (int i = threadIdx.x; i < c; i += blockDim.x) out[i] = __int_as_float(0x7fc00000);

@@ -221,9 +221,11 @@ using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
 // stride ldb): a warp's product of its rows with a tile's rows.
 template <typename T, int D, int NT>
 __device__ void rows_by_rows(const T* a, int lda, const T* b, int ldb, float* out, int ldo) {
+#pragma unroll
   for (int n = 0; n < NT; ++n) {
     Acc acc;
     wmma::fill_fragment(acc, 0.f);
+#pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       FragA<T> fa;
       FragBc<T> fb;
@@ -239,7 +241,9 @@ __device__ void rows_by_rows(const T* a, int lda, const T* b, int ldb, float* ou
 // warp's 16 × 16·N result.
 template <typename T, int K, int N>
 __device__ void acc_product(Acc* acc, const T* p, int ldp, const T* m, int ldm) {
+#pragma unroll
   for (int n = 0; n < N; ++n) {
+#pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
       FragA<T> fa;
       FragBr<T> fb;
@@ -266,6 +270,7 @@ template <typename T, int D>
 __device__ void store_rows(const Acc* acc, float* stage, T* dst, int64_t stride, int r0, int rows,
                            float k) {
   const int lane = threadIdx.x & 31;
+#pragma unroll
   for (int n = 0; n < D / 16; ++n) {
     wmma::store_matrix_sync(stage, acc[n], 16, wmma::mem_row_major);
     __syncwarp();
@@ -345,7 +350,7 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, 
     const float* orow = os[warp] + row * D + half * (D / 2);
     T* yr = y + ((int64_t)(bi * t + qi) * h + j) * D + half * (D / 2);
     for (int c = 0; c < D / 2; ++c) put(yr + c, orow[c] * inv);
-    if (half == 0) lse[(int64_t)head * t + qi] = m + logf(l);
+    if (lse && half == 0) lse[(int64_t)head * t + qi] = m + logf(l);
   }
 }
 
@@ -382,6 +387,7 @@ __device__ void flash_bwd_kv(const T* q, const T* k, const T* v, const T* dy, co
   load_rows<T, D>(ks, k + (int64_t)kvh * t * D, D, k0, BK, t);
   load_rows<T, D>(vs, v + (int64_t)kvh * t * D, D, k0, BK, t);
   Acc adk[D / 16], adv[D / 16];
+#pragma unroll
   for (int n = 0; n < D / 16; ++n) {
     wmma::fill_fragment(adk[n], 0.f);
     wmma::fill_fragment(adv[n], 0.f);
@@ -453,6 +459,7 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
   const float l_row = qpos < t ? lse[(int64_t)head * t + qpos] : INFINITY;
   const float d_row = qpos < t ? dd[(int64_t)head * t + qpos] : 0.f;
   Acc adq[D / 16];
+#pragma unroll
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(adq[n], 0.f);
   const int last = min(t - 1, q0 + BQ - 1);
   for (int k0 = 0; k0 <= last; k0 += FA_T) {
@@ -482,19 +489,20 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
 }
 
 #define FLASH_KERNELS(S, D, W)                                                                    \
-  extern "C" __global__ void tr_flash_fwd_##D##_##S(const S* q, const S* k, const S* v, S* y,    \
+  extern "C" __global__ void __launch_bounds__(32 * W) tr_flash_fwd_##D##_##S(const S* q, const S* k, const S* v, S* y,    \
                                                     float* lse, int t, int h, int kh,            \
                                                     float scale, int cap, int off) {             \
     flash_fwd<S, D, W>(q, k, v, y, lse, t, h, kh, scale, cap, off);                               \
   }                                                                                               \
   LMKIT_REG(tr_flash_fwd_##D##_##S)                                                               \
-  extern "C" __global__ void tr_flash_bwd_kv_##D##_##S(                                           \
+  extern "C" __global__ void __launch_bounds__(32 * W) tr_flash_bwd_kv_##D##_##S(                 \
       const S* q, const S* k, const S* v, const S* dy, const float* lse, const float* dd, S* dk, \
       S* dv, int t, int h, int kh, float scale) {                                                 \
     flash_bwd_kv<S, D, W>(q, k, v, dy, lse, dd, dk, dv, t, h, kh, scale);                         \
   }                                                                                               \
   LMKIT_REG(tr_flash_bwd_kv_##D##_##S)                                                            \
-  extern "C" __global__ void tr_flash_bwd_q_##D##_##S(const S* q, const S* k, const S* v,        \
+  extern "C" __global__ void __launch_bounds__(32 * W) tr_flash_bwd_q_##D##_##S(                  \
+      const S* q, const S* k, const S* v,                                                         \
                                                       const S* dy, const float* lse,             \
                                                       const float* dd, S* dq, int t, int h,      \
                                                       int kh, float scale) {                     \
@@ -502,11 +510,16 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
   }                                                                                               \
   LMKIT_REG(tr_flash_bwd_q_##D##_##S)
 
-// Warps per block: 4 for D = 64, 2 for D = 128 (static shared memory stays under 48 KB).
+// Warps per block: 4 for D = 64, 2 for D = 128. Static shared memory: 45 / 47 KB forward,
+// 41 KB backward, of the 48 KB a block may declare statically (no room for another array).
+// 16-bit wmma needs sm_80 or newer; older targets build without these kernels (training and
+// prompts then report the missing kernel and take candle's ops).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 FLASH_KERNELS(bf16, 64, 4)
 FLASH_KERNELS(bf16, 128, 2)
 FLASH_KERNELS(f16, 64, 4)
 FLASH_KERNELS(f16, 128, 2)
+#endif
 
 #define DOT_KERNEL(S)                                                                             \
   extern "C" __global__ void tr_attn_dot_##S(const S* y, const S* dy, float* dd, int b, int t,   \
@@ -524,7 +537,8 @@ DOT_KERNEL(f16)
     rms_fwd<S>(x, w, a, rows, c, eps);                                                            \
   }                                                                                               \
   LMKIT_REG(tr_rms_fwd_##S)                                                                       \
-  extern "C" __global__ void tr_rms_bwd_##S(const float* x, const float* w, const S* g,          \
+  extern "C" __global__ void __launch_bounds__(1024)                                              \
+      tr_rms_bwd_##S(const float* x, const float* w, const S* g,                                  \
                                             float* dx, S* dx_lp, float* part, int rows,      \
                                             int c, float eps, int accumulate) {                  \
     rms_bwd<S>(x, w, g, dx, dx_lp, part, rows, c, eps, accumulate);                               \

@@ -365,14 +365,16 @@ impl BlockOps {
     }
 
     /// Causal flash attention of `q (b, h, t, d)` over `k`, `v` `(b, kh, cap, d)` (keys
-    /// `0..off + t`): the output as rows `(b·t, h·d)` and each row's log-sum-exp `(b, h, t)`.
+    /// `0..off + t`): the output as rows `(b·t, h·d)` and, with `lse`, each row's
+    /// log-sum-exp `(b, h, t)` (what the backward needs).
     pub fn flash_fwd(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         hd: &Heads,
-    ) -> Result<(Tensor, Tensor)> {
+        lse: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         if !flash_applies(self.dtype, hd.d) {
             return Err(Error::Unsupported(format!(
                 "flash attention takes bf16/f16 and heads of 64 or 128, not {:?} with {}",
@@ -380,14 +382,20 @@ impl BlockOps {
             )));
         }
         let y = self.empty((hd.b * hd.t, hd.h * hd.d), self.dtype)?;
-        let lse = self.empty(hd.b * hd.h * hd.t, DType::F32)?;
+        let lse = match lse {
+            true => Some(self.empty(hd.b * hd.h * hd.t, DType::F32)?),
+            false => None,
+        };
         let w = flash_warps(hd.d);
         let args = [
             self.ptr(q)?,
             self.ptr(k)?,
             self.ptr(v)?,
             self.ptr(&y)?,
-            self.ptr(&lse)?,
+            match &lse {
+                Some(l) => self.ptr(l)?,
+                None => Arg::Ptr(0),
+            },
             int(hd.t, "sequence length")?,
             int(hd.h, "heads")?,
             int(hd.kh, "kv heads")?,

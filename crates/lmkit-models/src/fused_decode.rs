@@ -141,6 +141,8 @@ pub(crate) struct FusedWeights {
     inv_freq: u64,
     /// The weights of the fused prompt pass, where it applies (`prompt`).
     prompt: Option<prompt::PromptWeights>,
+    /// Set when the prompt pass failed on this device: prompts take candle's ops from then on.
+    prompt_failed: std::sync::atomic::AtomicBool,
     /// Everything whose address a launch takes.
     _keep: Vec<Tensor>,
 }
@@ -218,6 +220,7 @@ impl FusedWeights {
             head,
             inv_freq,
             prompt,
+            prompt_failed: Default::default(),
             _keep: keep,
         })
     }
@@ -243,9 +246,23 @@ pub(crate) fn prompt_pass(
         return Ok(None);
     };
     let w = weights_of(model, &launcher)?;
-    match &w.prompt {
-        Some(pw) => Ok(Some(prompt::run(model, pw, launcher, cache, ids)?)),
-        None => Ok(None),
+    use std::sync::atomic::Ordering;
+    let Some(pw) = w
+        .prompt
+        .as_ref()
+        .filter(|_| !w.prompt_failed.load(Ordering::Relaxed))
+    else {
+        return Ok(None);
+    };
+    match prompt::run(model, pw, launcher, cache, ids) {
+        Ok(h) => Ok(Some(h)),
+        // A kernel the device refuses (say, flash attention on a GPU older than sm_80): the
+        // cache's length did not move, and candle's ops take this and later prompts.
+        Err(e) => {
+            tracing::warn!("the fused prompt pass failed ({e}); prompts take candle's ops");
+            w.prompt_failed.store(true, Ordering::Relaxed);
+            Ok(None)
+        }
     }
 }
 
@@ -516,13 +533,18 @@ impl FusedDecoder {
         );
         let bu = u32::try_from(b).map_err(|_| Error::Kv(format!("a batch of {b}")))?;
         let int = |v: usize, what: &str| Ok::<_, Error>(Arg::int(v, what)?);
+        // Ids at or past the table's rows (or the vocabulary) give NaN rows on the device.
+        let vocab_rows = model
+            .embed_weight()
+            .dims2()
+            .map_or(cfg.vocab_size, |(rows, _)| rows.min(cfg.vocab_size));
         let embed_args = |w: &[Arg]| {
             let mut a = w.to_vec();
             a.extend([
                 Arg::Ptr(ids),
                 Arg::Ptr(x),
                 Arg::int(c, "width")?,
-                Arg::int(model.config().vocab_size, "vocabulary")?,
+                Arg::int(vocab_rows, "vocabulary")?,
             ]);
             Ok::<_, Error>(a)
         };

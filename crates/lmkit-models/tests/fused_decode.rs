@@ -452,7 +452,7 @@ fn bf16_prompts_take_the_fused_pass() {
     // fused one must be as close to the f32 model as candle's ops are.
     let long: Vec<u32> = (0..50).map(|i| (i * 7 + 3) % 128).collect();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 128).collect();
-    for (d, kv, bias) in [(64, 1, true), (128, 2, false)] {
+    for (d, kv, bias) in [(64, 1, true), (128, 2, false), (128, 1, false)] {
         let cfg = LlamaConfig {
             hidden_size: 2 * d,
             num_heads: 2,

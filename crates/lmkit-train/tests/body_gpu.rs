@@ -218,8 +218,14 @@ fn flash_config(d: usize, kv: usize) -> LlamaConfig {
 #[test]
 fn flash_attention_matches_the_materialized_path() -> Res {
     // Heads of 64 with GQA (one kv head for two), sequences that end mid-tile (40) and that
-    // span several query and key tiles (70); heads of 128 (two warps per block).
-    for (d, kv, b, t1) in [(64, 1, 2, 41), (64, 1, 1, 71), (128, 2, 1, 46)] {
+    // span several query and key tiles (70); heads of 128 (two warps per block), with and
+    // without GQA.
+    for (d, kv, b, t1) in [
+        (64, 1, 2, 41),
+        (64, 1, 1, 71),
+        (128, 2, 1, 46),
+        (128, 1, 1, 40),
+    ] {
         let cfg = flash_config(d, kv);
         let t = random(cfg.clone(), 13)?;
         let ids = ids(&cfg, b, t1)?;

@@ -21,9 +21,10 @@
 //! `LMKIT_CUDA_PREFILL=0` turns it off (then prompts take candle's ops, which write the same
 //! slab).
 //!
-//! Deviations from the reference path: the residual stream stays f32 between blocks (as there),
-//! attention's probabilities are never rounded to the compute dtype, and sums run in another
-//! order.
+//! Deviations from the reference path: attention's scores stay f32 (the reference path rounds
+//! them to the compute dtype), its probabilities are rounded to it only for the product with v
+//! while each row's normalizer sums them unrounded (as FlashAttention-2 does), and sums run in
+//! another order. The residual stream is f32 in both.
 
 use lmkit_core::block_ops::{flash_applies, BlockOps, GateUp, Heads, QkvRows, MAX_HIDDEN};
 use lmkit_core::launch::Launcher;
@@ -218,7 +219,7 @@ pub(crate) fn run(
         };
         let q = ops.rope_split(rows, blk.b_qkv.as_ref(), &cos, &sin, k, v, &heads)?;
         drop(qkv);
-        let (y, _) = ops.flash_fwd(&q, k, v, &heads)?; // (n, h·d)
+        let (y, _) = ops.flash_fwd(&q, k, v, &heads, false)?; // (n, h·d)
         let o = y.matmul(&blk.w_o.t()?)?;
         let xm = ops.add(&x, &o)?;
         let a = ops.rms(&xm, &blk.n2, eps)?;

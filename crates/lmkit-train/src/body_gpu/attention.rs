@@ -67,7 +67,8 @@ pub(super) fn forward(
         return Ok((Saved::Probs(p), y));
     }
     let q = q.reshape((b, h, t, d))?;
-    let (y, lse) = k.flash_fwd(&q, kk, v, &dm.heads())?;
+    let (y, lse) = k.flash_fwd(&q, kk, v, &dm.heads(), true)?;
+    let lse = lse.ok_or_else(|| Error::Data("flash attention kept no log-sum-exp".into()))?;
     Ok((Saved::Lse(lse), y))
 }
 
