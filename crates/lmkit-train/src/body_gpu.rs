@@ -146,6 +146,12 @@ struct Stash {
     m: Tensor,
 }
 
+/// Whether this path runs `model`'s attention with the flash kernels (by default: see
+/// [`Attention::Auto`]).
+pub fn uses_flash(model: &Llama) -> bool {
+    attention::use_flash(Attention::Auto, model.dtype(), model.config().head_dim).unwrap_or(false)
+}
+
 /// Set when this path failed in this process (see [`or_fall_back`]).
 static OFF: AtomicBool = AtomicBool::new(false);
 

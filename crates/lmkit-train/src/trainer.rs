@@ -215,6 +215,26 @@ impl Trainer {
         Ok(Self { t, opt, cfg })
     }
 
+    /// Which backward a step runs: lmkit's own on the CPU or the GPU (with flash or
+    /// materialized attention), or candle's autograd.
+    pub fn backward_path(&self) -> String {
+        let m = &self.t.model;
+        let vars: Vec<lmkit_core::candle::Var> =
+            self.t.params.iter().map(|(_, v)| v.clone()).collect();
+        if crate::body_gpu::wanted(m, &vars) {
+            let attn = match crate::body_gpu::uses_flash(m) {
+                true => "flash",
+                false => "materialized",
+            };
+            return format!("lmkit's GPU backward ({attn} attention)");
+        }
+        if std::env::var_os("LMKIT_TRAIN_AUTOGRAD").is_none() && crate::body_cpu::applies(m, &vars)
+        {
+            return "lmkit's CPU backward".into();
+        }
+        "candle's autograd".into()
+    }
+
     /// Optimizer steps taken so far.
     pub fn step(&self) -> usize {
         self.opt.steps()
@@ -232,6 +252,7 @@ impl Trainer {
     ) -> Result<Vec<StepLog>> {
         let cfg = self.cfg.clone();
         let mut logs = Vec::new();
+        tracing::info!("backward: {}", self.backward_path());
         while self.step() < cfg.steps.min(until) {
             let step = self.step();
             let t0 = Instant::now();
