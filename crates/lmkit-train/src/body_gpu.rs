@@ -348,9 +348,13 @@ pub fn forward(
                 Some([q, k, v]) => Some([vector(&q)?, vector(&k)?, vector(&v)?]),
                 None => None,
             };
+            // Cast, then stack (the copy moves compute-dtype bytes, not f32 ones).
             let stack = |ps: &[&Param]| -> Result<Tensor> {
-                let ts: Vec<&Tensor> = ps.iter().map(|p| &p.t).collect();
-                Ok(Tensor::cat(&ts, 0)?.to_dtype(cd)?.contiguous()?)
+                let ts = ps
+                    .iter()
+                    .map(|p| p.t.to_dtype(cd))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                Ok(Tensor::cat(&ts, 0)?.contiguous()?)
             };
             Ok(Block {
                 n1: vector(&format!("{p}.input_layernorm.weight"))?,
