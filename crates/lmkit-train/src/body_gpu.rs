@@ -26,8 +26,9 @@
 //! [`forward`] runs the blocks and the final norm and hands back the hidden states as a
 //! variable; the caller's loss (the chunked output layer of [`crate::head_loss`]) runs through
 //! candle's autograd from there, and [`Pass::backward`] takes the hidden states' gradient the
-//! rest of the way. The path applies to full (not LoRA) training and DPO of a model whose
-//! weights are dense f32 variables on a CUDA device; any run with `LMKIT_TRAIN_AUTOGRAD` set
+//! rest of the way. The path applies to full and LoRA training and DPO (adapters on any of the
+//! block's products, dropout included: `lora.rs`) of a model whose weights are dense f32 tensors
+//! on a CUDA device; any run with `LMKIT_TRAIN_AUTOGRAD` set
 //! takes candle's autograd, and so does the rest of a process in which this path failed
 //! (with a warning). The tests run it on the CPU emulator of the kernels against
 //! [`crate::body_cpu`].
@@ -52,6 +53,7 @@ use crate::params::Trainable;
 use crate::{Error, Result};
 
 mod attention;
+mod lora;
 
 pub use attention::{flash_applies, Attention};
 
@@ -75,6 +77,12 @@ impl Dims {
         self.h / self.kh
     }
     /// Width of the stacked q|k|v product.
+    /// Output widths of q, k, v, o, gate, up, down.
+    fn widths(&self) -> [usize; 7] {
+        let (qd, kd) = (self.h * self.d, self.kh * self.d);
+        [qd, kd, kd, self.c, self.f, self.f, self.c]
+    }
+
     /// The geometry of the heads (training: k and v hold the t positions).
     fn heads(&self) -> Heads {
         Heads {
@@ -112,6 +120,8 @@ struct Block {
     /// `[W_g; W_u]` `(2f, c)`.
     w_gu: Tensor,
     w_d: Tensor,
+    /// LoRA adapters of q, k, v, o, gate, up, down.
+    lora: [Option<lora::Adapter>; 7],
 }
 
 impl Block {
@@ -120,6 +130,7 @@ impl Block {
             || self.n2.train
             || self.lin.iter().any(|p| p.train)
             || self.bias.iter().flatten().any(|p| p.train)
+            || self.lora.iter().flatten().any(|a| a.a.train || a.b.train)
     }
 }
 
@@ -144,6 +155,8 @@ struct Stash {
     gu: Tensor,
     /// `silu(g) ⊙ u` `(n, f)`.
     m: Tensor,
+    /// The adapters' stashes (q, k, v, o, gate, up, down).
+    lora: [Option<lora::AdapterStash>; 7],
 }
 
 /// Whether this path runs `model`'s attention with the flash kernels (by default: see
@@ -224,8 +237,15 @@ pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
             let Some(l) = m.linear(&format!("model.layers.{i}.{name}")) else {
                 return false;
             };
-            if l.lora().is_some() || l.bias().is_some() != (cfg.attention_bias && j < 3) {
+            if l.bias().is_some() != (cfg.attention_bias && j < 3) {
                 return false;
+            }
+            if let Some(a) = l.lora() {
+                if a.a.dtype() != DType::F32 || a.b.dtype() != DType::F32 {
+                    return false;
+                }
+                known.insert(a.a.id());
+                known.insert(a.b.id());
             }
         }
     }
@@ -356,7 +376,22 @@ pub fn forward(
                     .collect::<std::result::Result<Vec<_>, _>>()?;
                 Ok(Tensor::cat(&ts, 0)?.contiguous()?)
             };
+            let mut lora: [Option<lora::Adapter>; 7] = Default::default();
+            for (j, slot) in lora.iter_mut().enumerate() {
+                let l = m
+                    .linear(&format!("{p}.{}", LINEARS[j]))
+                    .ok_or_else(|| Error::Data(format!("no layer {i}.{}", LINEARS[j])))?;
+                if let Some(a) = l.lora() {
+                    *slot = Some(lora::Adapter {
+                        a: param(&a.a),
+                        b: param(&a.b),
+                        scale: a.scale,
+                        mask: lora::mask(a, dm.n, l.in_features(), cd, &a.a)?,
+                    });
+                }
+            }
             Ok(Block {
+                lora,
                 n1: vector(&format!("{p}.input_layernorm.weight"))?,
                 n2: vector(&format!("{p}.post_attention_layernorm.weight"))?,
                 w_qkv: stack(&[&lin[0], &lin[1], &lin[2]])?,
@@ -413,8 +448,13 @@ fn layer_forward(
     flash: bool,
 ) -> Result<(Stash, Tensor)> {
     let (b, t, kh, d, g) = (dm.b, dm.t, dm.kh, dm.d, dm.group());
+    let mut ls: [Option<lora::AdapterStash>; 7] = Default::default();
+    let [lq, lk, lv, lo, lg, lu, ld] = &mut ls;
+    let [aq, ak, av, ao, ag, au, ad] = &w.lora;
+    let widths = dm.widths();
     let a1 = k.rms(&x, &w.n1.t, dm.eps)?; // (n, c)
     let qkv = a1.matmul(&w.w_qkv.t()?)?; // (n, qkv)
+    let qkv = with_adapters(qkv, &a1, &mut [(aq, lq), (ak, lk), (av, lv)], &widths[0..3])?;
     let kk = k.empty((b * kh, t, d), k.dtype())?;
     let v = k.empty((b * kh, t, d), k.dtype())?;
     // (b, h, t, d) = (b·kh, g·t, d): a kv head's query heads as consecutive rows.
@@ -431,12 +471,15 @@ fn layer_forward(
     drop(qkv);
     let (attn, y) = attention::forward(dm, k, &q, &kk, &v, flash)?; // y (n, h·d)
     let o = y.matmul(&w.w_o.t()?)?; // (n, c)
+    let o = with_adapters(o, &y, &mut [(ao, lo)], &widths[3..4])?;
     let xm = k.add(&x, &o)?;
     drop(o);
     let a2 = k.rms(&xm, &w.n2.t, dm.eps)?;
     let gu = a2.matmul(&w.w_gu.t()?)?; // (n, 2f)
+    let gu = with_adapters(gu, &a2, &mut [(ag, lg), (au, lu)], &widths[4..6])?;
     let m = k.silu_mul(GateUp::Stacked(&gu), dm.f)?; // (n, f)
     let down = m.matmul(&w.w_d.t()?)?; // (n, c)
+    let down = with_adapters(down, &m, &mut [(ad, ld)], &widths[6..7])?;
     let out = k.add(&xm, &down)?;
     let stash = Stash {
         x,
@@ -450,8 +493,75 @@ fn layer_forward(
         a2,
         gu,
         m,
+        lora: ls,
     };
     Ok((stash, out))
+}
+
+/// `base` (the product of `x` with weights stacked by columns of `widths`) plus the terms of
+/// those weights' adapters, whose stashes are kept.
+fn with_adapters(
+    base: Tensor,
+    x: &Tensor,
+    ads: &mut [(&Option<lora::Adapter>, &mut Option<lora::AdapterStash>)],
+    widths: &[usize],
+) -> Result<Tensor> {
+    if ads.iter().all(|(a, _)| a.is_none()) {
+        return Ok(base);
+    }
+    let n = x.dim(0)?;
+    let mut parts = Vec::with_capacity(ads.len());
+    for ((a, st), &w) in ads.iter_mut().zip(widths) {
+        match a {
+            Some(a) => {
+                let (delta, s) = a.forward(x)?;
+                **st = Some(s);
+                parts.push(delta);
+            }
+            None => parts.push(Tensor::zeros((n, w), x.dtype(), x.device())?),
+        }
+    }
+    let delta = match parts.len() {
+        1 => parts.remove(0),
+        _ => Tensor::cat(&parts, 1)?,
+    };
+    Ok((base + delta)?)
+}
+
+/// The adapters' share of the gradient of the input `x` of a product whose output gradient
+/// `dy` holds the stacked weights' columns (`widths`); pushes the adapters' gradients.
+fn adapters_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    ads: Vec<(&Option<lora::Adapter>, Option<lora::AdapterStash>)>,
+    widths: &[usize],
+    out: &mut Grads,
+) -> Result<Option<Tensor>> {
+    let (mut acc, mut at): (Option<Tensor>, usize) = (None, 0);
+    let single = ads.len() == 1;
+    for ((a, st), &w) in ads.into_iter().zip(widths) {
+        if let (Some(a), Some(s)) = (a, st) {
+            let dyj = match single {
+                true => dy.clone(),
+                false => dy.narrow(1, at, w)?.contiguous()?,
+            };
+            let dx = a.backward(&dyj, x, s, out)?;
+            acc = Some(match acc {
+                None => dx,
+                Some(p) => (p + dx)?,
+            });
+        }
+        at += w;
+    }
+    Ok(acc)
+}
+
+/// `base + extra` when there is an extra term.
+fn plus(base: Tensor, extra: Option<Tensor>) -> Result<Tensor> {
+    Ok(match extra {
+        Some(e) => (base + e)?,
+        None => base,
+    })
 }
 
 /// Gradients found so far: each trained parameter with its gradient (any float dtype).
@@ -557,8 +667,13 @@ fn layer_backward(
 ) -> Result<(Tensor, Tensor)> {
     let f = dm.f;
     let [lq, lk, lv, lo, lg, lu, ld] = &w.lin;
+    let [aq, ak, av, ao, ag, au, ad] = &w.lora;
+    let [sq, sk, sv, so, sg, su, sd] = s.lora;
+    let widths = dm.widths();
     // MLP: out = xm + m W_dᵀ.
     let dmid = dout_lp.matmul(&w.w_d)?; // (n, f)
+    let extra = adapters_backward(dout_lp, &s.m, vec![(ad, sd)], &widths[6..7], out)?;
+    let dmid = plus(dmid, extra)?;
     if ld.train {
         out.push((ld.t.clone(), dout_lp.t()?.matmul(&s.m)?)); // (c, f)
     }
@@ -566,6 +681,8 @@ fn layer_backward(
     let dgu = k.silu_mul_bwd(&s.gu, &dmid, f)?; // (n, 2f)
     drop((s.gu, dmid));
     let da2 = dgu.matmul(&w.w_gu)?; // (n, c)
+    let extra = adapters_backward(&dgu, &s.a2, vec![(ag, sg), (au, su)], &widths[4..6], out)?;
+    let da2 = plus(da2, extra)?;
     if lg.train || lu.train {
         push_rows(out, &[lg, lu], &dgu.t()?.matmul(&s.a2)?)?; // (2f, c)
     }
@@ -579,6 +696,8 @@ fn layer_backward(
 
     // Attention: xm = x + y W_oᵀ.
     let dy = dxm_lp.matmul(&w.w_o)?; // (n, h·d)
+    let extra = adapters_backward(&dxm_lp, &s.y, vec![(ao, so)], &widths[3..4], out)?;
+    let dy = plus(dy, extra)?;
     if lo.train {
         out.push((lo.t.clone(), dxm_lp.t()?.matmul(&s.y)?)); // (c, h·d)
     }
@@ -594,6 +713,11 @@ fn layer_backward(
         }
     }
     let da1 = dqkv.matmul(&w.w_qkv)?; // (n, c)
+    let ads = vec![(aq, sq), (ak, sk), (av, sv)];
+    let da1 = plus(
+        da1,
+        adapters_backward(&dqkv, &s.a1, ads, &widths[0..3], out)?,
+    )?;
     if lq.train || lk.train || lv.train {
         push_rows(out, &[lq, lk, lv], &dqkv.t()?.matmul(&s.a1)?)?; // (qkv, c)
     }

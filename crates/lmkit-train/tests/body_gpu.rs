@@ -188,19 +188,20 @@ fn bad_inputs_are_refused_and_other_models_are_not_taken() -> Res {
     assert!(e.to_string().contains("context"), "{e}");
     // On the CPU the trainer never takes this path (only on a GPU).
     assert!(body_gpu::loss_and_grads(&t, &ids(&cfg, 1, 4)?, None)?.is_none());
-    // A model with adapters is not this path's.
-    let mut lora = random(cfg.clone(), 5)?;
-    let lc = lmkit_train::lora::LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: vec!["q_proj".into()],
-    };
-    let vars: Vec<Var> = lmkit_train::lora::attach(&mut lora.model, &lc, 1)?
-        .into_iter()
-        .map(|(_, v)| v)
+    // Weights stored in bf16 (not f32 master weights) are not this path's.
+    let plain: HashMap<String, Tensor> = t
+        .params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
-    assert!(!body_gpu::applies(&lora.model, &vars));
+    let opts = lmkit_models::LoadOptions {
+        dtype: Some(DType::BF16),
+        ..Default::default()
+    };
+    let src = lmkit_models::WeightSource::Map(plain);
+    let stored = lmkit_models::Llama::load(cfg.clone(), &src, opts, &Device::Cpu)?;
+    let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
+    assert!(!body_gpu::applies(&stored, &vars));
     Ok(())
 }
 
@@ -281,5 +282,101 @@ fn flash_attention_refuses_what_it_does_not_take() -> Res {
     let small = random(LlamaConfig::tiny(), 1)?.to_device(&Device::Cpu, DType::BF16)?;
     assert!(emulated_with(&small, &ids, None, Attention::Flash).is_err());
     assert!(body_gpu::flash_applies(DType::BF16, 64) && !body_gpu::flash_applies(DType::F32, 64));
+    Ok(())
+}
+
+/// A model on plain tensors (nothing of the base trains) with `cfg`'s random weights, LoRA
+/// adapters on `targets` (random A and B, so every adapter gradient is nonzero) and dropout
+/// at micro-batch 3: the adapters' variables.
+fn lora_model(
+    cfg: &LlamaConfig,
+    targets: &[&str],
+    dropout: f64,
+    dtype: DType,
+) -> Result<Trainable, Box<dyn std::error::Error>> {
+    let base = random(cfg.clone(), 9)?;
+    let plain: HashMap<String, Tensor> = base
+        .params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    let mut model = lmkit_models::Llama::load(
+        cfg.clone(),
+        &lmkit_models::WeightSource::Map(plain),
+        lmkit_models::LoadOptions::default(),
+        &Device::Cpu,
+    )?;
+    // The weights stay f32 and the products run in `dtype` (as `Trainable::to_device` does).
+    model.set_dtype(dtype)?;
+    let lc = lmkit_train::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        targets: targets.iter().map(|s| s.to_string()).collect(),
+    };
+    let params = lmkit_train::lora::attach(&mut model, &lc, 4)?;
+    for (i, (_, v)) in params.iter().enumerate() {
+        let x = v.as_tensor();
+        let n = x.elem_count();
+        let vals: Vec<f32> = (0..n)
+            .map(|j| ((i * 131 + j) as f32 * 0.37).sin() * 0.2)
+            .collect();
+        v.set(&Tensor::from_vec(vals, x.shape(), &Device::Cpu)?)?;
+    }
+    if let Some(d) = model.lora_dropout() {
+        d.train(3);
+    }
+    Ok(Trainable { model, params })
+}
+
+#[test]
+fn lora_adapters_match_the_cpu_path() -> Res {
+    let mut cfg = LlamaConfig::tiny();
+    cfg.attention_bias = true;
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let ids = ids(&cfg, 2, 19)?;
+    // Every layer, with and without dropout; then only some (stacked products with zero
+    // columns for the others).
+    for (targets, dropout) in [
+        (&all[..], 0.0),
+        (&all[..], 0.1),
+        (&["k_proj", "up_proj"][..], 0.1),
+    ] {
+        let t = lora_model(&cfg, targets, dropout, DType::F32)?;
+        let what = format!("{targets:?}, dropout {dropout}");
+        let (l, got) = emulated(&t, &ids, None)?;
+        let (lw, want) = reference(&t, &ids, None)?;
+        let (l, lw) = (l.to_scalar::<f32>()?, lw.to_scalar::<f32>()?);
+        assert!((l - lw).abs() < 1e-5, "{what}: loss {l} vs {lw}");
+        same_grads(&t, &got, &want, 2e-5, &what)?;
+        // Nothing of the base model gets a gradient.
+        for (n, w) in t.model.named_weights() {
+            if let lmkit_core::linear::Weight::Dense(w) = w {
+                assert!(got.get(w).is_none(), "{what}: {n} got a gradient");
+            }
+        }
+    }
+    // bf16 compute (f32 adapters as master weights): within bf16's rounding of f32.
+    let f32_model = lora_model(&cfg, &all, 0.1, DType::F32)?;
+    let (_, want) = reference(&f32_model, &ids, None)?;
+    let low = lora_model(&cfg, &all, 0.1, DType::BF16)?;
+    let (_, got) = emulated(&low, &ids, None)?;
+    for ((name, lv), (_, fv)) in low.params.iter().zip(&f32_model.params) {
+        let g = got.get(lv.as_tensor()).expect("a gradient");
+        let w = want.get(fv.as_tensor());
+        let Some(w) = w else {
+            panic!("{name}: no reference gradient")
+        };
+        let (norm, _) = errors(g, w)?;
+        assert!(norm < 0.05, "{name}: bf16 relative error {norm}");
+    }
     Ok(())
 }
