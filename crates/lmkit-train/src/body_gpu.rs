@@ -741,6 +741,19 @@ pub fn loss_and_grads_with(
     launcher: Launcher,
     attn: Attention,
 ) -> Result<Option<(Tensor, GradStore)>> {
+    loss_and_grads_laps(t, ids, mask, launcher, attn, &mut |_| Ok(()))
+}
+
+/// [`loss_and_grads_with`], calling `lap("forward")` once the loss is computed (the trainer's
+/// per-phase step times).
+fn loss_and_grads_laps(
+    t: &Trainable,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    launcher: Launcher,
+    attn: Attention,
+    lap: &mut dyn FnMut(&'static str) -> Result<()>,
+) -> Result<Option<(Tensor, GradStore)>> {
     let (b, t1) = ids.dims2()?;
     if t1 < 2 {
         return Err(Error::Data(format!(
@@ -777,6 +790,7 @@ pub fn loss_and_grads_with(
     };
     let h = pass.hidden().reshape((b * tl, pass.dm.c))?;
     let loss = crate::head_loss::output_cross_entropy(&h, &head, &targets, weights.as_ref())?;
+    lap("forward")?;
     let mut grads = loss.backward()?;
     let dh = grads
         .remove(pass.hidden())
@@ -786,18 +800,19 @@ pub fn loss_and_grads_with(
 }
 
 /// [`loss_and_grads_with`] on the model's GPU, when [`wanted`] (None otherwise, or after a
-/// failure: see [`or_fall_back`]).
+/// failure: see [`or_fall_back`]); `lap("forward")` is called between the passes.
 pub fn loss_and_grads(
     t: &Trainable,
     ids: &Tensor,
     mask: Option<&Tensor>,
+    lap: &mut dyn FnMut(&'static str) -> Result<()>,
 ) -> Result<Option<(Tensor, GradStore)>> {
     let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
     if !wanted(&t.model, &vars) {
         return Ok(None);
     }
     match Launcher::for_device(t.model.device()) {
-        Some(l) => or_fall_back(loss_and_grads_with(t, ids, mask, l, Attention::Auto)),
+        Some(l) => or_fall_back(loss_and_grads_laps(t, ids, mask, l, Attention::Auto, lap)),
         None => Ok(None),
     }
 }

@@ -274,7 +274,13 @@ impl Trainer {
                 tokens += ids.dims()[0] * (ids.dims()[1] - 1);
                 // A dense model runs lmkit's own backward: `body_cpu` (f32 on the CPU) or
                 // `body_gpu` (a GPU); anything else candle's autograd.
-                let own = match crate::body_gpu::loss_and_grads(&self.t, &ids, mask.as_ref())? {
+                let mut lap = |p| phases.lap(p);
+                let own = match crate::body_gpu::loss_and_grads(
+                    &self.t,
+                    &ids,
+                    mask.as_ref(),
+                    &mut lap,
+                )? {
                     Some(lg) => Some(lg),
                     None => crate::body_cpu::loss_and_grads(&self.t, &ids, mask.as_ref())?,
                 };
