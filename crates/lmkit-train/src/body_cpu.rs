@@ -153,23 +153,37 @@ fn layer_linear<'a>(m: &'a Llama, i: usize, name: &str) -> Option<&'a Linear> {
 /// variable of `trainable` is one of them: then this path computes every gradient the autograd
 /// path would.
 pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
-    if !m.device().is_cpu() || m.dtype() != DType::F32 || trainable.is_empty() {
+    if !m.device().is_cpu() || m.dtype() != DType::F32 {
         return false;
     }
+    trains_only_known(m, trainable, &|t| read_f32(t).is_some())
+}
+
+/// Whether `m` has the layout lmkit's own backward writes out (GQA groups, biases on q/k/v
+/// only and on all three, a plain dense output layer), every weight, vector and LoRA adapter
+/// is a dense tensor that passes `ok`, and every variable of `trainable` (not empty) is one
+/// of them. Shared by this path and [`crate::body_gpu`].
+pub(crate) fn trains_only_known(
+    m: &Llama,
+    trainable: &[Var],
+    ok: &dyn Fn(&Tensor) -> bool,
+) -> bool {
     let cfg = m.config();
-    if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
+    if trainable.is_empty()
+        || cfg.num_kv_heads == 0
+        || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
+    {
         return false;
     }
-    let f32_cpu = |t: &Tensor| read_f32(t).is_some();
     let mut known: HashSet<TensorId> = HashSet::new();
     for (_, w) in m.named_weights() {
         match w {
-            Weight::Dense(w) if f32_cpu(w) => known.insert(w.id()),
+            Weight::Dense(w) if ok(w) => known.insert(w.id()),
             _ => return false,
         };
     }
     for (_, v) in m.named_vectors() {
-        if !f32_cpu(v) {
+        if !ok(v) {
             return false;
         }
         known.insert(v.id());
@@ -184,7 +198,7 @@ pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
                 return false;
             }
             if let Some(a) = l.lora() {
-                if !f32_cpu(&a.a) || !f32_cpu(&a.b) {
+                if !ok(&a.a) || !ok(&a.b) {
                     return false;
                 }
                 known.insert(a.a.id());
@@ -193,7 +207,7 @@ pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
         }
     }
     let head = m.lm_head();
-    let dense_head = matches!(head.weight(), Weight::Dense(w) if f32_cpu(w));
+    let dense_head = matches!(head.weight(), Weight::Dense(w) if ok(w));
     if !dense_head || head.lora().is_some() || head.bias().is_some() {
         return false;
     }

@@ -211,50 +211,10 @@ pub fn forward_on_device(
 /// computes every gradient the autograd path would (on any device with a kernel launcher).
 pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
     let cfg = m.config();
-    let shapes_ok = cfg.num_kv_heads > 0
-        && cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
-        && cfg.head_dim.is_multiple_of(2)
-        && cfg.hidden_size <= MAX_HIDDEN;
-    if trainable.is_empty() || !shapes_ok || kernel_suffix(m.dtype()).is_err() {
-        return false;
-    }
-    let f32_dense = |t: &Tensor| t.dtype() == DType::F32;
-    let mut known: HashSet<TensorId> = HashSet::new();
-    for (_, w) in m.named_weights() {
-        match w {
-            Weight::Dense(w) if f32_dense(w) => known.insert(w.id()),
-            _ => return false,
-        };
-    }
-    for (_, v) in m.named_vectors() {
-        if !f32_dense(v) {
-            return false;
-        }
-        known.insert(v.id());
-    }
-    for i in 0..cfg.num_layers {
-        for (j, name) in LINEARS.iter().enumerate() {
-            let Some(l) = m.linear(&format!("model.layers.{i}.{name}")) else {
-                return false;
-            };
-            if l.bias().is_some() != (cfg.attention_bias && j < 3) {
-                return false;
-            }
-            if let Some(a) = l.lora() {
-                if a.a.dtype() != DType::F32 || a.b.dtype() != DType::F32 {
-                    return false;
-                }
-                known.insert(a.a.id());
-                known.insert(a.b.id());
-            }
-        }
-    }
-    if crate::head_loss::dense_head(m).is_none() {
-        return false;
-    }
-    trainable
-        .iter()
-        .all(|v| known.contains(&v.as_tensor().id()))
+    let kernels_take = cfg.head_dim.is_multiple_of(2)
+        && cfg.hidden_size <= MAX_HIDDEN
+        && kernel_suffix(m.dtype()).is_ok();
+    kernels_take && crate::body_cpu::trains_only_known(m, trainable, &|t| t.dtype() == DType::F32)
 }
 
 /// The forward pass of the blocks, kept for their backward; the hidden states `(b, t, c)` (in
