@@ -2,7 +2,6 @@
 //! `scripts/fixtures/make_grad_fixture.py`) and against candle's autograd path on the shapes
 //! the fixture does not cover (untied head, q/k/v biases, a loss mask).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use lmkit_core::candle::safetensors;
@@ -11,6 +10,10 @@ use lmkit_models::{open_source, LlamaConfig, WeightSource};
 use lmkit_train::body_cpu::loss_and_grads;
 use lmkit_train::trainer::loss_masked;
 use lmkit_train::Trainable;
+
+mod common;
+
+use common::{ids, lora_model, random};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -69,33 +72,6 @@ fn matches_pytorch_gradients() -> Res {
         );
     }
     Ok(())
-}
-
-/// Random weights (std 0.1, so attention is not uniform) for `cfg`.
-fn random(cfg: LlamaConfig, seed: u64) -> Result<Trainable, Box<dyn std::error::Error>> {
-    let mut t = Trainable::init(cfg.clone(), 0.1, seed)?;
-    // Norm weights and biases away from their init values, so their gradients are tested.
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (i, (n, v)) in t.params.iter().enumerate() {
-        let x = v.as_tensor();
-        let x = if n.ends_with("norm.weight") || n.ends_with(".bias") {
-            let k = x.dims()[0];
-            let bump: Vec<f32> = (0..k).map(|j| ((i * 31 + j) as f32 * 0.7).sin()).collect();
-            (x + Tensor::from_vec(bump, k, &Device::Cpu)? * 0.3)?
-        } else {
-            x.clone()
-        };
-        tensors.insert(n.clone(), x);
-    }
-    t = Trainable::from_tensors(cfg, tensors)?;
-    Ok(t)
-}
-
-fn ids(cfg: &LlamaConfig, b: usize, t1: usize) -> Result<Tensor, Box<dyn std::error::Error>> {
-    let v: Vec<u32> = (0..b * t1)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
-        .collect();
-    Ok(Tensor::from_vec(v, (b, t1), &Device::Cpu)?)
 }
 
 /// The own path's loss and gradients of every variable of `t` against candle's autograd (the
@@ -170,47 +146,6 @@ fn other_models_take_the_autograd_path_and_bad_ids_are_refused() -> Res {
     Ok(())
 }
 
-/// A model on plain tensors (nothing trains) with `cfg`'s random weights, LoRA adapters on
-/// `targets` (random A and B, so every adapter gradient is nonzero) and dropout at micro-batch
-/// 3: the adapters' variables.
-fn lora_model(
-    cfg: &LlamaConfig,
-    targets: &[&str],
-    dropout: f64,
-) -> Result<Trainable, Box<dyn std::error::Error>> {
-    let base = random(cfg.clone(), 9)?;
-    let plain: HashMap<String, Tensor> = base
-        .params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect();
-    let mut model = lmkit_models::Llama::load(
-        cfg.clone(),
-        &WeightSource::Map(plain),
-        lmkit_models::LoadOptions::default(),
-        &Device::Cpu,
-    )?;
-    let lc = lmkit_train::lora::LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout,
-        targets: targets.iter().map(|s| s.to_string()).collect(),
-    };
-    let params = lmkit_train::lora::attach(&mut model, &lc, 4)?;
-    for (i, (_, v)) in params.iter().enumerate() {
-        let x = v.as_tensor();
-        let n = x.elem_count();
-        let vals: Vec<f32> = (0..n)
-            .map(|j| ((i * 131 + j) as f32 * 0.37).sin() * 0.2)
-            .collect();
-        v.set(&Tensor::from_vec(vals, x.shape(), &Device::Cpu)?)?;
-    }
-    if let Some(d) = model.lora_dropout() {
-        d.train(3);
-    }
-    Ok(Trainable { model, params })
-}
-
 #[test]
 fn lora_matches_the_autograd_path() -> Res {
     let mut cfg = LlamaConfig::tiny();
@@ -229,7 +164,7 @@ fn lora_matches_the_autograd_path() -> Res {
     // Every layer kind with dropout; and an adapter on the last block only (the backward
     // stops there).
     for (targets, dropout) in [(&all[..], 0.2), (&["1.self_attn.v_proj"][..], 0.0)] {
-        let t = lora_model(&cfg, targets, dropout)?;
+        let t = lora_model(&cfg, targets, dropout, DType::F32)?;
         let (b, t1) = (2, 40);
         let ids = ids(&cfg, b, t1)?;
         let mask: Vec<f32> = (0..b * (t1 - 1))

@@ -13,34 +13,12 @@ use lmkit_models::LlamaConfig;
 use lmkit_train::body_gpu::Attention;
 use lmkit_train::{body_cpu, body_gpu, Trainable};
 
+mod common;
+
+use common::{ids, lora_model, random};
+
 type Res = Result<(), Box<dyn std::error::Error>>;
 type Out = Result<(Tensor, GradStore), Box<dyn std::error::Error>>;
-
-/// Random weights (std 0.1), with the norms and biases moved off their init values so that
-/// their gradients are tested.
-fn random(cfg: LlamaConfig, seed: u64) -> Result<Trainable, Box<dyn std::error::Error>> {
-    let t = Trainable::init(cfg.clone(), 0.1, seed)?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (i, (n, v)) in t.params.iter().enumerate() {
-        let x = v.as_tensor();
-        let x = if n.ends_with("norm.weight") || n.ends_with(".bias") {
-            let k = x.dims()[0];
-            let bump: Vec<f32> = (0..k).map(|j| ((i * 31 + j) as f32 * 0.7).sin()).collect();
-            (x + Tensor::from_vec(bump, k, &Device::Cpu)? * 0.3)?
-        } else {
-            x.clone()
-        };
-        tensors.insert(n.clone(), x);
-    }
-    Ok(Trainable::from_tensors(cfg, tensors)?)
-}
-
-fn ids(cfg: &LlamaConfig, b: usize, t1: usize) -> Result<Tensor, Box<dyn std::error::Error>> {
-    let v: Vec<u32> = (0..b * t1)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
-        .collect();
-    Ok(Tensor::from_vec(v, (b, t1), &Device::Cpu)?)
-}
 
 fn emulated(t: &Trainable, ids: &Tensor, mask: Option<&Tensor>) -> Out {
     emulated_with(t, ids, mask, Attention::Auto)
@@ -284,50 +262,6 @@ fn flash_attention_refuses_what_it_does_not_take() -> Res {
     assert!(emulated_with(&small, &ids, None, Attention::Flash).is_err());
     assert!(body_gpu::flash_applies(DType::BF16, 64) && !body_gpu::flash_applies(DType::F32, 64));
     Ok(())
-}
-
-/// A model on plain tensors (nothing of the base trains) with `cfg`'s random weights, LoRA
-/// adapters on `targets` (random A and B, so every adapter gradient is nonzero) and dropout
-/// at micro-batch 3: the adapters' variables.
-fn lora_model(
-    cfg: &LlamaConfig,
-    targets: &[&str],
-    dropout: f64,
-    dtype: DType,
-) -> Result<Trainable, Box<dyn std::error::Error>> {
-    let base = random(cfg.clone(), 9)?;
-    let plain: HashMap<String, Tensor> = base
-        .params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect();
-    let mut model = lmkit_models::Llama::load(
-        cfg.clone(),
-        &lmkit_models::WeightSource::Map(plain),
-        lmkit_models::LoadOptions::default(),
-        &Device::Cpu,
-    )?;
-    // The weights stay f32 and the products run in `dtype` (as `Trainable::to_device` does).
-    model.set_dtype(dtype)?;
-    let lc = lmkit_train::lora::LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout,
-        targets: targets.iter().map(|s| s.to_string()).collect(),
-    };
-    let params = lmkit_train::lora::attach(&mut model, &lc, 4)?;
-    for (i, (_, v)) in params.iter().enumerate() {
-        let x = v.as_tensor();
-        let n = x.elem_count();
-        let vals: Vec<f32> = (0..n)
-            .map(|j| ((i * 131 + j) as f32 * 0.37).sin() * 0.2)
-            .collect();
-        v.set(&Tensor::from_vec(vals, x.shape(), &Device::Cpu)?)?;
-    }
-    if let Some(d) = model.lora_dropout() {
-        d.train(3);
-    }
-    Ok(Trainable { model, params })
 }
 
 #[test]
