@@ -58,28 +58,28 @@ use crate::params::Trainable;
 use crate::{Error, Result};
 
 /// Sizes of one pass: `n = b·t` rows of width `c`; `h` query and `kh` kv heads of `d`; MLP
-/// width `f`.
+/// width `f` (this path's and [`crate::body_gpu`]'s).
 #[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    n: usize,
-    c: usize,
-    h: usize,
-    kh: usize,
-    d: usize,
-    f: usize,
-    eps: f32,
+pub(crate) struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub kh: usize,
+    pub d: usize,
+    pub f: usize,
+    pub eps: f32,
 }
 
 impl Dims {
-    fn hd(&self) -> usize {
+    pub fn hd(&self) -> usize {
         self.h * self.d
     }
-    fn kd(&self) -> usize {
+    pub fn kd(&self) -> usize {
         self.kh * self.d
     }
-    fn group(&self) -> usize {
+    pub fn group(&self) -> usize {
         self.h / self.kh
     }
 }

@@ -57,29 +57,12 @@ mod lora;
 
 pub use attention::{flash_applies, Attention};
 
-/// Sizes of one pass: `n = b·t` rows of width `c`; `h` query and `kh` kv heads of `d`; MLP
-/// width `f`.
-#[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    n: usize,
-    c: usize,
-    h: usize,
-    kh: usize,
-    d: usize,
-    f: usize,
-    eps: f32,
-}
+use crate::body_cpu::Dims;
 
 impl Dims {
-    fn group(&self) -> usize {
-        self.h / self.kh
-    }
-    /// Width of the stacked q|k|v product.
     /// Output widths of q, k, v, o, gate, up, down.
     fn widths(&self) -> [usize; 7] {
-        let (qd, kd) = (self.h * self.d, self.kh * self.d);
+        let (qd, kd) = (self.hd(), self.kd());
         [qd, kd, kd, self.c, self.f, self.f, self.c]
     }
 
