@@ -683,8 +683,9 @@ impl Llama {
         mats + norms + biases
     }
 
-    /// cos and sin tables for positions `offset..offset+t`, each `(t, d/2)`.
-    fn rope_tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    /// RoPE's angles for positions `offset..offset + t`: cos and sin, row-major `(t, d/2)` f32
+    /// (for paths that apply RoPE themselves).
+    pub fn rope_angles(&self, offset: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -695,6 +696,13 @@ impl Llama {
                 sin.push(a.sin());
             }
         }
+        (cos, sin)
+    }
+
+    /// cos and sin tables for positions `offset..offset+t`, each `(t, d/2)`.
+    fn rope_tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let (cos, sin) = self.rope_angles(offset, t);
         Ok((
             Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?,
             Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?,

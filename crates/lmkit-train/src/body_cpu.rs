@@ -47,7 +47,7 @@ use lmkit_core::cpu::{read_f32, F32Values};
 use lmkit_core::fused::rms_norm_backward;
 use lmkit_core::linear::{Linear, Weight};
 use lmkit_core::{DType, Device, Tensor};
-use lmkit_models::{Llama, LlamaConfig, BLOCK_LINEARS as LINEARS};
+use lmkit_models::{Llama, BLOCK_LINEARS as LINEARS};
 use rayon::prelude::*;
 
 use attention::{attention_backward, attention_forward};
@@ -347,7 +347,7 @@ pub fn forward<'a>(
     };
     let embed = param(e)?;
     let final_norm = vector("model.norm.weight")?;
-    let (cos, sin) = rope_tables(m, cfg, t);
+    let (cos, sin) = m.rope_angles(0, t);
 
     let mut x = vec![0f32; dm.n * dm.c];
     x.par_chunks_mut(dm.c)
@@ -459,52 +459,69 @@ pub fn loss_and_grads(
     ids: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Option<(Tensor, GradStore)>> {
-    let (b, t1) = ids.dims2()?;
+    let tl = input_len(ids)?;
+    let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
+    let Some(pass) = forward(&t.model, &vars, &ids.narrow(1, 0, tl)?)? else {
+        return Ok(None);
+    };
+    let (loss, mut grads, dh) = head_loss(t, &vars, ids, mask, pass.hidden(), &mut |_| Ok(()))?;
+    pass.backward(&dh, &mut grads)?;
+    Ok(Some((loss, grads)))
+}
+
+/// The length of the inputs of training sequences `ids (b, t + 1)`: `t`, at least 1.
+pub(crate) fn input_len(ids: &Tensor) -> Result<usize> {
+    let (_, t1) = ids.dims2()?;
     if t1 < 2 {
         return Err(Error::Data(format!(
             "a training sequence needs at least 2 tokens, got {t1}"
         )));
     }
-    let tl = t1 - 1;
-    let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
-    let Some(pass) = forward(&t.model, &vars, &ids.narrow(1, 0, tl)?)? else {
-        return Ok(None);
-    };
-    let head = crate::head_loss::dense_head(&t.model)
-        .ok_or_else(|| Error::Data("the output layer is not a plain dense layer".into()))?;
-    let c = pass.dm.c;
-    let targets = ids
-        .narrow(1, 1, tl)?
-        .flatten_all()?
-        .to_device(&Device::Cpu)?;
-    let weights = match mask {
-        Some(mk) => Some(mk.to_device(&Device::Cpu)?.flatten_all()?),
-        None => None,
-    };
-    let h = pass.hidden().reshape((b * tl, c))?;
-    let loss = crate::head_loss::output_cross_entropy(&h, head, &targets, weights.as_ref())?;
-    let mut grads = loss.backward()?;
-    let dh = grads
-        .remove(pass.hidden())
-        .ok_or_else(|| Error::Data("the output layer gave no gradient".into()))?;
-    pass.backward(&dh, &mut grads)?;
-    Ok(Some((loss, grads)))
+    Ok(t1 - 1)
 }
 
-/// RoPE's `cos`/`sin` tables `(t, d/2)`, as the model computes them.
-pub(crate) fn rope_tables(m: &Llama, cfg: &LlamaConfig, t: usize) -> (Vec<f32>, Vec<f32>) {
-    let inv = m.rope_inv_freq();
-    let half = cfg.head_dim / 2;
-    let mut cos = Vec::with_capacity(t * half);
-    let mut sin = Vec::with_capacity(t * half);
-    for p in 0..t {
-        for &f in &inv[..half.min(inv.len())] {
-            let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
+/// The output layer and loss of lmkit's own backward (this path's and [`crate::body_gpu`]'s):
+/// the mean cross-entropy of the targets `ids[:, 1:]` (weighted by `mask` as
+/// [`crate::trainer::loss_masked`] does) from the blocks' final hidden states `hidden (b, t,
+/// c)`, through candle's autograd (the output layer gets a gradient when it is one of `vars`);
+/// returns the loss, the gradient store and the hidden states' gradient taken out of it.
+/// `lap("forward")` is called between the two passes.
+pub(crate) fn head_loss(
+    t: &Trainable,
+    vars: &[Var],
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    hidden: &Tensor,
+    lap: &mut dyn FnMut(&'static str) -> Result<()>,
+) -> Result<(Tensor, GradStore, Tensor)> {
+    let (b, tl, c) = hidden.dims3()?;
+    let head = crate::head_loss::dense_head(&t.model)
+        .ok_or_else(|| Error::Data("the output layer is not a plain dense layer".into()))?;
+    // A frozen output layer gets no gradient (and its weight-gradient product is skipped).
+    let head = match vars.iter().any(|v| v.as_tensor().id() == head.id()) {
+        true => head.clone(),
+        false => head.detach(),
+    };
+    // Targets and weights go where the loss reads them: the CPU head reads host buffers.
+    let here = |x: Tensor| -> Result<Tensor> {
+        match hidden.device().is_cpu() {
+            true => Ok(x.to_device(&Device::Cpu)?),
+            false => Ok(x),
         }
-    }
-    (cos, sin)
+    };
+    let targets = here(ids.narrow(1, 1, tl)?.flatten_all()?)?;
+    let weights = match mask {
+        Some(mk) => Some(here(mk.flatten_all()?)?),
+        None => None,
+    };
+    let h = hidden.reshape((b * tl, c))?;
+    let loss = crate::head_loss::output_cross_entropy(&h, &head, &targets, weights.as_ref())?;
+    lap("forward")?;
+    let mut grads = loss.backward()?;
+    let dh = grads
+        .remove(hidden)
+        .ok_or_else(|| Error::Data("the output layer gave no gradient".into()))?;
+    Ok((loss, grads, dh))
 }
 
 fn layer_forward(

@@ -352,7 +352,7 @@ pub fn forward(
         .collect::<Result<_>>()?;
     let embed = dense("model.embed_tokens.weight")?;
     let final_norm = vector("model.norm.weight")?;
-    let (cos, sin) = crate::body_cpu::rope_tables(m, cfg, t);
+    let (cos, sin) = m.rope_angles(0, t);
     let half = dm.d / 2;
     let cos = Tensor::from_vec(cos, (t, half), &dev)?;
     let sin = Tensor::from_vec(sin, (t, half), &dev)?;
@@ -697,13 +697,7 @@ fn loss_and_grads_laps(
     attn: Attention,
     lap: &mut dyn FnMut(&'static str) -> Result<()>,
 ) -> Result<Option<(Tensor, GradStore)>> {
-    let (b, t1) = ids.dims2()?;
-    if t1 < 2 {
-        return Err(Error::Data(format!(
-            "a training sequence needs at least 2 tokens, got {t1}"
-        )));
-    }
-    let tl = t1 - 1;
+    let tl = crate::body_cpu::input_len(ids)?;
     // Targets made on the host are checked there too (on the device an outside target would
     // give a NaN loss, not an error).
     if ids.device().is_cpu() {
@@ -719,25 +713,8 @@ fn loss_and_grads_laps(
     let Some(pass) = forward(&t.model, &vars, &ids.narrow(1, 0, tl)?, launcher, attn)? else {
         return Ok(None);
     };
-    let head = crate::head_loss::dense_head(&t.model)
-        .ok_or_else(|| Error::Data("the output layer is not a plain dense layer".into()))?;
-    // A frozen output layer gets no gradient (and its product is skipped).
-    let head = match vars.iter().any(|v| v.as_tensor().id() == head.id()) {
-        true => head.clone(),
-        false => head.detach(),
-    };
-    let targets = ids.narrow(1, 1, tl)?.flatten_all()?;
-    let weights = match mask {
-        Some(mk) => Some(mk.flatten_all()?),
-        None => None,
-    };
-    let h = pass.hidden().reshape((b * tl, pass.dm.c))?;
-    let loss = crate::head_loss::output_cross_entropy(&h, &head, &targets, weights.as_ref())?;
-    lap("forward")?;
-    let mut grads = loss.backward()?;
-    let dh = grads
-        .remove(pass.hidden())
-        .ok_or_else(|| Error::Data("the output layer gave no gradient".into()))?;
+    let (loss, mut grads, dh) =
+        crate::body_cpu::head_loss(t, &vars, ids, mask, pass.hidden(), lap)?;
     pass.backward(&dh, &mut grads)?;
     Ok(Some((loss, grads)))
 }

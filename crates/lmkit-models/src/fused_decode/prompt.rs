@@ -158,19 +158,10 @@ impl PromptWeights {
     }
 }
 
-/// RoPE's `(t, d/2)` tables for positions `off..off + t`, as the model computes them.
+/// RoPE's `(t, d/2)` f32 tables for positions `off..off + t`, on the model's device.
 fn rope_tables(model: &Llama, off: usize, t: usize) -> Result<(Tensor, Tensor)> {
     let half = model.config().head_dim / 2;
-    let inv = model.rope_inv_freq();
-    let mut cos = Vec::with_capacity(t * half);
-    let mut sin = Vec::with_capacity(t * half);
-    for p in off..off + t {
-        for &f in &inv[..half.min(inv.len())] {
-            let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
+    let (cos, sin) = model.rope_angles(off, t);
     let dev = model.device();
     Ok((
         Tensor::from_vec(cos, (t, half), dev)?,
