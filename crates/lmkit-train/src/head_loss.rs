@@ -15,9 +15,13 @@
 //! training and SFT, the summed completion log-probs of DPO. Rows whose weight is zero (prompt
 //! tokens, padding) are dropped before the head: they cost nothing.
 //!
-//! On the CPU in f32 the gradients are computed during the forward pass, in one pass over the
-//! logits (`crate::head_cpu`). Elsewhere (CUDA, bf16) the forward keeps no graph and the
-//! backward recomputes each chunk's logits. Either way memory goes from O(n·v) to O(chunk·v).
+//! The mean cross-entropy of training and SFT knows each row's gradient factor `gᵢ = mᵢ / Σm`
+//! before the loss, so its gradients are computed in the forward pass and each chunk's logits
+//! once: on the CPU in f32 in one pass over plain buffers (`crate::head_cpu`), elsewhere (CUDA,
+//! bf16) as three products per chunk around lmkit's cross-entropy kernels ([`one_pass`]). The
+//! per-row losses of DPO and DRO get their factors only later: their forward keeps no graph
+//! and the backward recomputes each chunk's logits. Either way memory goes from O(n·v) to
+//! O(chunk·v).
 
 use std::sync::Arc;
 
@@ -36,7 +40,11 @@ pub fn output_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !w.track_op() && head_cpu::applies(h, w) {
         let p = cpu_pass(h, w, targets, &vec![1.0; n], h.track_op(), false)?;
         let nll = Tensor::from_vec(p.nll, n, h.device())?;
-        return attach(h, w, nll, (p.dh, p.dw), true);
+        let dh = match p.dh {
+            Some(d) => Some(Tensor::from_vec(d, h.dims2()?, h.device())?),
+            None => None,
+        };
+        return attach(h, w, nll, (dh, None), true);
     }
     let dev = h.device();
     let targets = targets.to_dtype(DType::U32)?.to_device(dev)?;
@@ -49,11 +57,7 @@ pub fn output_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let z = hd.narrow(0, start, len)?.matmul(&wl.t()?)?; // (len, v)
         parts.push(xent::row_nll(&z, &targets.narrow(0, start, len)?)?);
     }
-    let nll = match parts.len() {
-        0 => Tensor::zeros(0, DType::F32, dev)?,
-        1 => parts.swap_remove(0),
-        _ => Tensor::cat(&parts, 0)?,
-    };
+    let nll = cat_rows(parts, dev)?;
     if !h.track_op() && !w.track_op() {
         return Ok(nll);
     }
@@ -62,23 +66,19 @@ pub fn output_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// Mean cross-entropy of `h (n, c) · Wᵀ` against `targets (n,)`, each row weighted by
 /// `weights (n,)` (or 1): `Σᵢ mᵢ nllᵢ / max(Σᵢ mᵢ, 1)`. Rows of weight zero are skipped when
-/// the weights are on the host.
+/// the weights are on the host. With a graph to differentiate, the gradients are computed in
+/// the forward pass (each row's factor `mᵢ / Σm` is known before the loss), so the logits of a
+/// chunk are computed once: on the CPU in f32 by [`head_cpu`], elsewhere by [`one_pass`].
 pub fn output_cross_entropy(
     h: &Tensor,
     w: &Tensor,
     targets: &Tensor,
     weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let ones;
     let m = match weights {
-        Some(m) => m,
-        None if head_cpu::applies(h, w) => {
-            ones = Tensor::ones(h.dims2()?.0, DType::F32, h.device())?;
-            &ones
-        }
-        None => return Ok(output_nll(h, w, targets)?.mean_all()?),
+        Some(m) => m.to_dtype(DType::F32)?,
+        None => Tensor::ones(h.dims2()?.0, DType::F32, h.device())?,
     };
-    let m = m.to_dtype(DType::F32)?;
     if m.device().is_cpu() && head_cpu::applies(h, w) {
         // Rows of weight zero are skipped; each kept row's gradient factor is mᵢ / Σm.
         let mv = m.to_vec1::<f32>()?;
@@ -102,7 +102,16 @@ pub fn output_cross_entropy(
         let p = cpu_pass(&h, w, &targets, &coef, h.track_op(), w.track_op())?;
         let loss: f64 = p.nll.iter().zip(&coef).map(|(l, k)| (*l * *k) as f64).sum();
         let loss = Tensor::new(loss as f32, h.device())?;
-        return attach(&h, w, loss, (p.dh, p.dw), false);
+        let dev = h.device();
+        let dh = match p.dh {
+            Some(d) => Some(Tensor::from_vec(d, h.dims2()?, dev)?),
+            None => None,
+        };
+        let dw = match p.dw {
+            Some(d) => Some(Tensor::from_vec(d, w.dims2()?, dev)?),
+            None => None,
+        };
+        return attach(&h, w, loss, (dh, dw), false);
     }
     let total = m.sum_all()?.maximum(1f32)?.to_device(h.device())?;
     let (h, targets, m) = match kept_rows(&m)? {
@@ -113,8 +122,91 @@ pub fn output_cross_entropy(
         ),
         None => (h.clone(), targets.clone(), m),
     };
-    let nll = output_nll(&h, w, &targets)?;
-    Ok(((nll * m.to_device(h.device())?)?.sum_all()? / total)?)
+    let coef = m.to_device(h.device())?.broadcast_div(&total)?;
+    if !h.track_op() && !w.track_op() {
+        return Ok((output_nll(&h, w, &targets)? * coef)?.sum_all()?);
+    }
+    let (loss, dh, dw) = one_pass(&h, w, &targets, &coef, h.track_op(), w.track_op())?;
+    attach(&h, w, loss, (dh, dw), false)
+}
+
+/// `Σᵢ coefᵢ nllᵢ` of `h (n, c) · Wᵀ` at `targets`, with its gradients to `h` (in h's dtype)
+/// and to `w` (f32, then w's dtype) when asked for, on any device, over row chunks: per chunk
+/// the logits `z = h Wᵀ` (one product in h's dtype), each row's nll and `∂z = coef (p −
+/// onehot)` from them (`lmkit_core::xent`, f32 inside), then `∂h = ∂z W` and `∂W += ∂zᵀ h`.
+/// Three products per chunk where the recomputing backward of [`output_nll`] takes four.
+pub fn one_pass(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    coef: &Tensor,
+    want_dh: bool,
+    want_dw: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let (n, c) = h.dims2()?;
+    let (v, wc) = w.dims2()?;
+    if wc != c || targets.dims() != [n] || coef.dims() != [n] {
+        return Err(crate::Error::Data(format!(
+            "output layer: hidden {:?}, weight {:?}, targets {:?}, row factors {:?}",
+            h.dims(),
+            w.dims(),
+            targets.dims(),
+            coef.dims()
+        )));
+    }
+    let dev = h.device();
+    let targets = targets.to_dtype(DType::U32)?.to_device(dev)?;
+    let coef = coef.to_dtype(DType::F32)?.to_device(dev)?;
+    let hd = h.detach();
+    let wl = w.detach().to_dtype(h.dtype())?;
+    // z and ∂z of a chunk are alive together: half the rows of the recomputing path.
+    let chunk = (chunk_rows(h, v) / 2).max(CHUNK);
+    let (mut nll, mut dh) = (Vec::new(), Vec::new());
+    let mut dw: Option<Tensor> = None;
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let hc = hd.narrow(0, start, len)?;
+        let y = targets.narrow(0, start, len)?;
+        let z = hc.matmul(&wl.t()?)?; // (len, v)
+        nll.push(xent::row_nll(&z, &y)?);
+        if !want_dh && !want_dw {
+            continue;
+        }
+        let dz = xent::row_nll_grad(&z, &y, &coef.narrow(0, start, len)?)?;
+        drop(z);
+        if want_dh {
+            dh.push(dz.matmul(&wl)?);
+        }
+        if want_dw {
+            let part = dz.t()?.matmul(&hc)?.to_dtype(DType::F32)?; // (v, c)
+            dw = Some(match dw {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+    }
+    let nll = cat_rows(nll, dev)?;
+    let loss = (nll * coef)?.sum_all()?;
+    let dh = match (want_dh, dh.len()) {
+        (false, _) => None,
+        (true, 0) => Some(Tensor::zeros((0, c), h.dtype(), dev)?),
+        (true, _) => Some(cat_rows(dh, dev)?),
+    };
+    let dw = match (want_dw, dw) {
+        (true, Some(d)) => Some(d.to_dtype(w.dtype())?),
+        (true, None) => Some(Tensor::zeros((v, c), w.dtype(), dev)?),
+        (false, _) => None,
+    };
+    Ok((loss, dh, dw))
+}
+
+/// Row chunks back into one tensor (an empty f32 vector when there are none).
+fn cat_rows(mut parts: Vec<Tensor>, dev: &lmkit_core::Device) -> Result<Tensor> {
+    Ok(match parts.len() {
+        0 => Tensor::zeros(0, DType::F32, dev)?,
+        1 => parts.swap_remove(0),
+        _ => Tensor::cat(&parts, 0)?,
+    })
 }
 
 /// [`head_cpu::pass`] over tensors: `h (n, c)`, `w (v, c)` f32 on the CPU.
@@ -156,30 +248,19 @@ fn cpu_pass(
     }
 }
 
-/// `value` (computed by a CPU pass) with the pass's gradients attached to `h` and `w`:
-/// scaled by each row's upstream gradient (`rowwise`, value `(n,)`) or by the scalar one.
+/// `value` with gradients computed in the forward pass attached to `h` and `w`: scaled by
+/// each row's upstream gradient (`rowwise`, value `(n,)`) or by the scalar one.
 fn attach(
     h: &Tensor,
     w: &Tensor,
     value: Tensor,
-    (dh, dw): (Option<Vec<f32>>, Option<Vec<f32>>),
+    (dh, dw): (Option<Tensor>, Option<Tensor>),
     rowwise: bool,
 ) -> Result<Tensor> {
     if !h.track_op() && !w.track_op() {
         return Ok(value);
     }
-    let dev = h.device();
-    let op = Precomputed {
-        dh: match dh {
-            Some(d) => Some(Tensor::from_vec(d, h.dims2()?, dev)?),
-            None => None,
-        },
-        dw: match dw {
-            Some(d) => Some(Tensor::from_vec(d, w.dims2()?, dev)?),
-            None => None,
-        },
-        rowwise,
-    };
+    let op = Precomputed { dh, dw, rowwise };
     Ok(h.apply_op3_arc(w, &value, Arc::new(Box::new(op)))?)
 }
 
@@ -205,14 +286,15 @@ impl CustomOp3 for Precomputed {
         _res: &Tensor,
         g: &Tensor,
     ) -> lmkit_core::candle::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.to_dtype(DType::F32)?;
+        // The gradients keep their dtypes (∂h in h's, ∂W in W's).
+        let like = |d: &Tensor| g.to_dtype(d.dtype());
         let dh = match &self.dh {
-            Some(d) if self.rowwise => Some(d.broadcast_mul(&g.unsqueeze(1)?)?),
-            Some(d) => Some(d.broadcast_mul(&g.reshape((1, 1))?)?),
+            Some(d) if self.rowwise => Some(d.broadcast_mul(&like(d)?.unsqueeze(1)?)?),
+            Some(d) => Some(d.broadcast_mul(&like(d)?.reshape((1, 1))?)?),
             None => None,
         };
         let dw = match &self.dw {
-            Some(d) if !self.rowwise => Some(d.broadcast_mul(&g.reshape((1, 1))?)?),
+            Some(d) if !self.rowwise => Some(d.broadcast_mul(&like(d)?.reshape((1, 1))?)?),
             // Per-row upstream gradients cannot scale a summed ∂W; that case never gets here.
             _ => None,
         };
@@ -369,6 +451,67 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The path for devices other than an f32 CPU: `one_pass` in f32 against candle's
+    /// cross-entropy on full logits (tight), and `output_cross_entropy` with bf16 hidden states
+    /// and an f32 weight (mixed precision) against the same in f32 (loose), over three chunks.
+    #[test]
+    fn one_pass_matches_the_unfused_loss_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, c, v) = (2 * CHUNK + 37, 16, 50);
+        let hv = vals(n * c, 1.0, 0.37);
+        let h = Var::from_tensor(&Tensor::from_vec(hv.clone(), (n, c), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::from_vec(vals(v * c, 0.5, 0.11), (v, c), &dev)?)?;
+        let y: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let y = Tensor::new(y.as_slice(), &dev)?;
+        let mask: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.5).collect();
+        let mask = Tensor::new(mask.as_slice(), &dev)?;
+        let total = mask.sum_all()?.to_scalar::<f32>()? as f64;
+        let z = h.as_tensor().matmul(&w.as_tensor().t()?)?;
+        let logp = lmkit_core::candle_nn::ops::log_softmax(&z, D::Minus1)?;
+        let nll = logp.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let plain = ((nll * &mask)?.sum_all()? / total)?;
+        let gp = plain.backward()?;
+        let (want_dh, want_dw) = match (gp.get(h.as_tensor()), gp.get(w.as_tensor())) {
+            (Some(a), Some(b)) => (a.clone(), b.clone()),
+            _ => panic!("a reference gradient is missing"),
+        };
+        let dist = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+            let d = (&a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            Ok(d / b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12))
+        };
+        let coef = (&mask / total)?;
+        let (loss, dh, dw) = one_pass(h.as_tensor(), w.as_tensor(), &y, &coef, true, true)?;
+        let (Some(dh), Some(dw)) = (dh, dw) else {
+            panic!("one_pass gave no gradient");
+        };
+        let (a, b) = (loss.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
+        assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
+        assert!(dist(&dh, &want_dh)? < 1e-5 && dist(&dw, &want_dw)? < 1e-5);
+        // bf16 hidden states, f32 weight, through the public op and candle's backward.
+        let hb = Var::from_tensor(&h.as_tensor().to_dtype(DType::BF16)?)?;
+        let lb = output_cross_entropy(hb.as_tensor(), w.as_tensor(), &y, Some(&mask))?;
+        let gb = lb.backward()?;
+        let (Some(dhb), Some(dwb)) = (gb.get(hb.as_tensor()), gb.get(w.as_tensor())) else {
+            panic!("the bf16 path gave no gradient");
+        };
+        assert_eq!((dhb.dtype(), dwb.dtype()), (DType::BF16, DType::F32));
+        let lb = lb.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        assert!((lb - b).abs() < 0.02 * b.abs(), "bf16 loss {lb} vs {b}");
+        let (eh, ew) = (dist(dhb, &want_dh)?, dist(dwb, &want_dw)?);
+        assert!(eh < 0.03 && ew < 0.03, "bf16 gradients off by {eh}, {ew}");
+        // Without a graph: the same loss, no gradient work.
+        let frozen = output_cross_entropy(
+            &hb.as_tensor().detach(),
+            &w.as_tensor().detach(),
+            &y,
+            Some(&mask),
+        )?;
+        let lf = frozen.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        assert!((lf - lb).abs() < 1e-4, "no-graph loss {lf} vs {lb}");
         Ok(())
     }
 
