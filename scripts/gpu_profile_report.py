@@ -53,23 +53,29 @@ def speed(work):
         logs = [json.loads(line) for line in open(f"{work}/{run}/metrics.jsonl")]
         return statistics.median(rec["tokens_per_sec"] for rec in logs[4:])
 
-    lm = median_tps("big")
-    pt = json.load(open(f"{work}/torch.json"))["tokens_per_sec"]
-    rows = [("lmkit", lm), ("pytorch (sdpa)", pt)]
-    for name, run in [("lmkit materialized", "big-mat"), ("lmkit autograd", "big-ag")]:
+    rows = []
+    for name, run in [("lmkit", "big"), ("lmkit materialized", "big-mat"),
+                      ("lmkit autograd", "big-ag")]:
         try:
             rows.append((name, median_tps(run)))
-        except (OSError, ValueError, statistics.StatisticsError):
-            pass
+        except (OSError, ValueError, KeyError, statistics.StatisticsError) as e:
+            print(f"  {name}: no speed ({e})")
+    try:
+        rows.append(("pytorch (sdpa)", json.load(open(f"{work}/torch.json"))["tokens_per_sec"]))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"  pytorch: no speed ({e})")
     for run in ["big", "big-mat", "big-ag"]:
         try:
             ls = [json.loads(line)["loss"] for line in open(f"{work}/{run}/metrics.jsonl")]
             print(f"  {run} losses: " + " ".join(f"{x:.4f}" for x in ls[:6]))
-        except OSError:
+        except (OSError, ValueError, KeyError):
             pass
     for name, tps in rows:
         print(f"  {name:<20} {tps:>9.0f} tok/s  MFU {100 * tps * flops / peak:5.1f}%")
-    print(f"  ratio lmkit/pytorch {lm / pt:.3f}")
+    tps = dict(rows)
+    for name in ["lmkit", "lmkit materialized", "lmkit autograd"]:
+        if name in tps and "pytorch (sdpa)" in tps:
+            print(f"  ratio {name}/pytorch {tps[name] / tps['pytorch (sdpa)']:.3f}")
 
 
 def kernels(out):
