@@ -512,8 +512,10 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
 
 // Warps per block: 4 for D = 64, 2 for D = 128. Static shared memory: 45 / 47 KB forward,
 // 41 KB backward, of the 48 KB a block may declare statically (no room for another array).
-// 16-bit wmma needs sm_80 or newer; older targets build without these kernels (training and
-// prompts then report the missing kernel and take candle's ops).
+
+// 16-bit wmma needs sm_80 or newer; older targets build without these kernels, which
+// `BlockOps::has_flash` sees: training then materializes attention's probabilities, and
+// prompts on the fused-decoding cache take candle's ops.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 FLASH_KERNELS(bf16, 64, 4)
 FLASH_KERNELS(bf16, 128, 2)

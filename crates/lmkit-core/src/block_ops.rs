@@ -104,6 +104,16 @@ impl BlockOps {
         self.dtype
     }
 
+    /// Whether flash attention runs here for heads of `head_dim`: it takes the dtype and the
+    /// size ([`flash_applies`]) and its kernels are compiled for this GPU (sm_80 or newer).
+    pub fn has_flash(&self, head_dim: usize) -> bool {
+        flash_applies(self.dtype, head_dim)
+            && ["fwd", "bwd_kv", "bwd_q"].iter().all(|k| {
+                let name = format!("tr_flash_{k}_{head_dim}_{}", self.suffix);
+                self.launcher.has_kernel(&name)
+            })
+    }
+
     fn ptr(&self, t: &Tensor) -> Result<Arg> {
         Ok(Arg::Ptr(self.launcher.ptr(t)?))
     }

@@ -172,6 +172,21 @@ impl Launcher {
         }
     }
 
+    /// Whether kernel `name` exists here (a GPU of an older architecture lacks the kernels
+    /// compiled only for newer ones, such as `train.cu`'s flash attention below sm_80).
+    pub fn has_kernel(&self, name: &str) -> bool {
+        match self {
+            #[cfg(feature = "cuda")]
+            Launcher::Cuda(dev) => cuda::has(dev, name),
+            #[cfg(feature = "cuda-emu")]
+            Launcher::Emu => emu::has(name),
+            Launcher::None => {
+                let _ = name;
+                false
+            }
+        }
+    }
+
     /// On the emulator, makes every buffer count as off a 16-byte boundary, so the kernels take
     /// their one-value-at-a-time loops (a test of those loops; results must not change).
     #[cfg(feature = "cuda-emu")]
@@ -276,6 +291,11 @@ mod cuda {
         Ok(())
     }
 
+    pub(super) fn has(dev: &CudaDevice, name: &str) -> bool {
+        let (module, ptx) = module(name);
+        dev.get_or_load_custom_func(name, module, ptx).is_ok()
+    }
+
     pub(super) fn preload(dev: &CudaDevice) -> Result<()> {
         dev.get_or_load_custom_func("dec_rms_norm", "lmkit_decode", PTX)?;
         Ok(())
@@ -315,6 +335,16 @@ mod emu {
             errlen: c_int,
         ) -> c_int;
         fn lmkit_emu_force_scalar(on: c_int);
+        fn lmkit_emu_has(name: *const c_char) -> c_int;
+    }
+
+    pub(super) fn has(name: &str) -> bool {
+        let Ok(cname) = CString::new(name) else {
+            return false;
+        };
+        let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: a NUL-terminated name; the emulator only looks it up.
+        unsafe { lmkit_emu_has(cname.as_ptr()) != 0 }
     }
 
     pub(super) fn force_scalar(on: bool) {

@@ -24,9 +24,9 @@
 //! ```
 //!
 //! [`forward`] runs the blocks and the final norm and hands back the hidden states as a
-//! variable; the caller's loss (the chunked output layer of [`crate::head_loss`]) runs through
-//! candle's autograd from there, and [`Pass::backward`] takes the hidden states' gradient the
-//! rest of the way. The path applies to full and LoRA training and DPO (adapters on any of the
+//! variable; the caller's loss (the chunked output layer of [`crate::head_loss`], which computes
+//! its gradients in the forward pass for the mean loss) hands back the hidden states' gradient
+//! through a one-op graph, and [`Pass::backward`] takes it the rest of the way. The path applies to full and LoRA training and DPO (adapters on any of the
 //! block's products, dropout included: `lora.rs`) of a model whose weights are dense f32 tensors
 //! on a CUDA device; any run with `LMKIT_TRAIN_AUTOGRAD` set
 //! takes candle's autograd, and so does the rest of a process in which this path failed
@@ -145,7 +145,13 @@ struct Stash {
 /// Whether this path runs `model`'s attention with the flash kernels (by default: see
 /// [`Attention::Auto`]).
 pub fn uses_flash(model: &Llama) -> bool {
-    attention::use_flash(Attention::Auto, model.dtype(), model.config().head_dim).unwrap_or(false)
+    let Some(launcher) = Launcher::for_device(model.device()) else {
+        return false;
+    };
+    let Ok(k) = BlockOps::new(launcher, model.dtype(), model.device()) else {
+        return false;
+    };
+    attention::use_flash(Attention::Auto, &k, model.config().head_dim).unwrap_or(false)
 }
 
 /// Set when this path failed in this process (see [`or_fall_back`]).
@@ -270,8 +276,8 @@ pub fn forward(
         f: cfg.intermediate_size,
         eps: cfg.rms_norm_eps as f32,
     };
-    let flash = attention::use_flash(attn, m.dtype(), dm.d)?;
     let k = BlockOps::new(launcher, m.dtype(), &dev)?;
+    let flash = attention::use_flash(attn, &k, dm.d)?;
     let train: HashSet<TensorId> = trainable.iter().map(|v| v.as_tensor().id()).collect();
     let param = |t: &Tensor| Param {
         t: t.clone(),

@@ -261,6 +261,13 @@ fn flash_attention_refuses_what_it_does_not_take() -> Res {
     let small = random(LlamaConfig::tiny(), 1)?.to_device(&Device::Cpu, DType::BF16)?;
     assert!(emulated_with(&small, &ids, None, Attention::Flash).is_err());
     assert!(body_gpu::flash_applies(DType::BF16, 64) && !body_gpu::flash_applies(DType::F32, 64));
+    // Auto takes flash where its kernels exist (the emulator has them all); a launcher without
+    // a kernel answers no (a GPU older than sm_80 lacks the flash kernels).
+    let low = t.to_device(&Device::Cpu, DType::BF16)?;
+    assert!(body_gpu::uses_flash(&low.model) && !body_gpu::uses_flash(&t.model));
+    let emu = Launcher::for_device(&Device::Cpu).expect("the emulator");
+    assert!(emu.has_kernel("tr_flash_bwd_q_128_f16") && emu.has_kernel("dec_rms_norm"));
+    assert!(!emu.has_kernel("tr_flash_fwd_32_bf16") && !emu.has_kernel(""));
     Ok(())
 }
 

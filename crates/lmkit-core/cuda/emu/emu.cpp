@@ -157,6 +157,13 @@ void add_kernel(const char* name, int nargs, void (*call)(void*, const uint64_t*
 extern "C" void lmkit_emu_decode_anchor();
 extern "C" void lmkit_emu_train_anchor();
 
+// Whether kernel `name` is compiled in (1) or not (0).
+extern "C" int lmkit_emu_has(const char* name) {
+  lmkit_emu_decode_anchor();
+  lmkit_emu_train_anchor();
+  return registry().count(name) ? 1 : 0;
+}
+
 extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads,
                                 const uint64_t* args, int nargs, char* err, int errlen) {
   lmkit_emu_decode_anchor();

@@ -103,6 +103,14 @@ pub(crate) fn unsupported(model: &Llama) -> Option<String> {
             cfg.hidden_size
         ));
     }
+    let has_flash = Launcher::for_device(model.device())
+        .and_then(|l| BlockOps::new(l, model.dtype(), model.device()).ok())
+        .is_some_and(|k| k.has_flash(cfg.head_dim));
+    if !has_flash {
+        return Some(
+            "flash attention's kernels are not built for this GPU (sm_80 or newer)".into(),
+        );
+    }
     None
 }
 

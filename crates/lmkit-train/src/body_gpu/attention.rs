@@ -6,7 +6,7 @@
 use lmkit_core::attn_softmax::{causal_softmax, causal_softmax_backward};
 pub use lmkit_core::block_ops::flash_applies;
 use lmkit_core::block_ops::BlockOps;
-use lmkit_core::{DType, Tensor};
+use lmkit_core::Tensor;
 
 use super::Dims;
 use crate::{Error, Result};
@@ -23,13 +23,22 @@ pub enum Attention {
     Flash,
 }
 
-/// Whether `mode` runs the flash kernels here.
-pub(super) fn use_flash(mode: Attention, dtype: DType, head_dim: usize) -> Result<bool> {
-    let ok = flash_applies(dtype, head_dim);
+/// Whether `mode` runs the flash kernels with `k`'s dtype and launcher for heads of
+/// `head_dim`. Auto falls back to the materialized path where the kernels are missing (a GPU
+/// older than sm_80), keeping lmkit's backward.
+pub(super) fn use_flash(mode: Attention, k: &BlockOps, head_dim: usize) -> Result<bool> {
+    let dtype = k.dtype();
+    let fits = flash_applies(dtype, head_dim);
     match mode {
         Attention::Materialized => Ok(false),
-        Attention::Auto => Ok(ok && std::env::var("LMKIT_TRAIN_FLASH").map_or(true, |v| v != "0")),
-        Attention::Flash if ok => Ok(true),
+        Attention::Auto => Ok(fits
+            && std::env::var("LMKIT_TRAIN_FLASH").map_or(true, |v| v != "0")
+            && k.has_flash(head_dim)),
+        Attention::Flash if fits && k.has_flash(head_dim) => Ok(true),
+        Attention::Flash if fits => Err(Error::Data(
+            "flash attention's kernels are not built for this GPU (they need sm_80 or newer)"
+                .into(),
+        )),
         Attention::Flash => Err(Error::Data(format!(
             "flash attention takes bf16/f16 and heads of 64 or 128, not {dtype:?} with {head_dim}"
         ))),
