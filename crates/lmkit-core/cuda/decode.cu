@@ -7,11 +7,13 @@
 // cache is `(b, kv_heads, cap, d)` in the compute dtype. All arithmetic is f32.
 //
 // dec_embed      x_j = E[id_j]                                          block per sequence
-// dec_rms_norm   out_j = x_j · (mean(x_j²) + ε)^(−½) ⊙ w                 block per sequence
-// dec_gemv       y_j = W x_j (+ bias) (+ res_j), W the rows of up to three matrices stacked
+// dec_gemv       y_j = W a_j (+ bias) (+ res_j), W the rows of up to three matrices stacked
 //                (q, k, v read the same input); res may be y (a residual added in place).
+//                a_j is x_j, or with a norm weight nw its RMSNorm x_j·r_j ⊙ nw, r_j =
+//                (mean(x_j²) + ε)^(−½), folded into the product: W a_j = r_j · W (x_j ⊙ nw),
+//                the sum of squares taken in the same pass over x_j as the dot products.
 //                                                                        warp per output row
-// dec_gateup     m_j = silu(W_g x_j) ⊙ (W_u x_j)                         warp per output row
+// dec_gateup     m_j = silu(W_g a_j) ⊙ (W_u a_j), a_j as above          warp per output row
 // dec_qgemv, dec_qgateup, dec_qembed: the same with Q8_0 / Q4_1 weights (repacked, see below).
 // dec_rope_append  q_j ← rot(pos_j)·q_j; k_j ← rot(pos_j)·k_j, then k_j, v_j written at
 //                cache slot slot_j; rot rotates the pairs (i, i + d/2) by pos·θᵢ (HF's
@@ -59,16 +61,21 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // ---------------------------------------------------------------------------------------------
 // Products with one row of W per warp.
 
-// acc[j] = W_row · x_j for the b ≤ NB rows x_j of `x` (row stride k), summed over the warp
-// (every lane gets the sums).
-template <typename W, int NB>
+// acc[j] = W_row · (x_j ⊙ nw) for the b ≤ NB rows x_j of `x` (row stride k), summed over the
+// warp (every lane gets the sums); nw null means ones. With SQ, sq[j] = Σ x_j² (the RMSNorm's
+// sum, from the same loads).
+template <typename W, int NB, bool SQ>
 __device__ __forceinline__ void row_dots(const W* __restrict__ w, const float* __restrict__ x,
-                                         int k, int b, float* acc) {
+                                         const float* __restrict__ nw, int k, int b, float* acc,
+                                         float* sq) {
   constexpr int V = 16 / sizeof(W);  // weights per 16-byte load
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int j = 0; j < NB; j++) acc[j] = 0.f;
-  if (k % V == 0 && aligned16(w) && aligned16(x)) {
+  for (int j = 0; j < NB; j++) {
+    acc[j] = 0.f;
+    if (SQ) sq[j] = 0.f;
+  }
+  if (k % V == 0 && aligned16(w) && aligned16(x) && (!nw || aligned16(nw))) {
     for (int c = lane * V; c < k; c += 32 * V) {
       const uint4 raw = load16<uint4>(w + c);
       W wv[V];
@@ -76,30 +83,57 @@ __device__ __forceinline__ void row_dots(const W* __restrict__ w, const float* _
       float wf[V];
 #pragma unroll
       for (int e = 0; e < V; e++) wf[e] = to_f(wv[e]);
+      if (nw) {
+#pragma unroll
+        for (int e = 0; e < V; e += 4) {
+          const float4 nv = load16<float4>(nw + c + e);
+          wf[e] *= nv.x;
+          wf[e + 1] *= nv.y;
+          wf[e + 2] *= nv.z;
+          wf[e + 3] *= nv.w;
+        }
+      }
 #pragma unroll
       for (int j = 0; j < NB; j++) {
         if (j < b) {
           const float* xr = x + (size_t)j * k + c;
-          float s = 0.f;
+          float s = 0.f, q = 0.f;
 #pragma unroll
           for (int e = 0; e < V; e += 4) {
             const float4 xv = load16<float4>(xr + e);
             s += wf[e] * xv.x + wf[e + 1] * xv.y + wf[e + 2] * xv.z + wf[e + 3] * xv.w;
+            q += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
           }
           acc[j] += s;
+          if (SQ) sq[j] += q;
         }
       }
     }
   } else {
     for (int c = lane; c < k; c += 32) {
-      const float wf = to_f(w[c]);
+      const float wf = to_f(w[c]) * (nw ? nw[c] : 1.f);
 #pragma unroll
-      for (int j = 0; j < NB; j++)
-        if (j < b) acc[j] += wf * x[(size_t)j * k + c];
+      for (int j = 0; j < NB; j++) {
+        if (j < b) {
+          const float xv = x[(size_t)j * k + c];
+          acc[j] += wf * xv;
+          if (SQ) sq[j] += xv * xv;
+        }
+      }
     }
   }
 #pragma unroll
-  for (int j = 0; j < NB; j++) acc[j] = warp_sum(acc[j]);
+  for (int j = 0; j < NB; j++) {
+    acc[j] = warp_sum(acc[j]);
+    if (SQ) sq[j] = warp_sum(sq[j]);
+  }
+}
+
+// The RMSNorm factors r_j = (sq_j / k + ε)^(−½) (1 when there is no norm).
+template <int NB>
+__device__ __forceinline__ void norm_factors(const float* nw, float* sq, int k, float eps) {
+#pragma unroll
+  for (int j = 0; j < NB; j++) sq[j] = nw ? rsqrtf(sq[j] / (float)k + eps) : 1.f;
 }
 
 // Which of three stacked matrices (n0, n1, n2 rows) holds output row `row`, and at which row.
@@ -133,10 +167,20 @@ __device__ __forceinline__ void store_rows(const float* acc, const float* bias, 
   }
 }
 
+// m_j = silu(g_j) ⊙ u_j, written by lane 0.
+template <int NB>
+__device__ __forceinline__ void store_silu(const float* g, const float* u, float* m, int n,
+                                           int row, int b) {
+  if ((threadIdx.x & 31) != 0) return;
+#pragma unroll
+  for (int j = 0; j < NB; j++)
+    if (j < b) m[(size_t)j * n + row] = g[j] / (1.f + expf(-g[j])) * u[j];
+}
+
 template <typename W, int NB>
 __device__ void gemv(const W* w0, const W* w1, const W* w2, int n0, int n1, int n2,
                      const float* b0, const float* b1, const float* b2, const float* x,
-                     const float* res, float* y, int k, int b) {
+                     const float* res, float* y, int k, int b, const float* nw, float eps) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int n = n0 + n1 + n2;
   if (row >= n) return;
@@ -144,40 +188,53 @@ __device__ void gemv(const W* w0, const W* w1, const W* w2, int n0, int n1, int 
   const int i = pick(row, n0, n1, &r);
   const W* w = i == 0 ? w0 : i == 1 ? w1 : w2;
   const float* bias = i == 0 ? b0 : i == 1 ? b1 : b2;
-  float acc[NB];
-  row_dots<W, NB>(w + (size_t)r * k, x, k, b, acc);
+  float acc[NB], sq[NB];
+  if (nw)
+    row_dots<W, NB, true>(w + (size_t)r * k, x, nw, k, b, acc, sq);
+  else
+    row_dots<W, NB, false>(w + (size_t)r * k, x, nw, k, b, acc, sq);
+  norm_factors<NB>(nw, sq, k, eps);
+#pragma unroll
+  for (int j = 0; j < NB; j++) acc[j] *= sq[j];
   store_rows<NB>(acc, bias, r, res, y, n, row, b);
 }
 
 template <typename W, int NB>
-__device__ void gateup(const W* wg, const W* wu, const float* x, float* m, int n, int k, int b) {
+__device__ void gateup(const W* wg, const W* wu, const float* x, float* m, int n, int k, int b,
+                       const float* nw, float eps) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= n) return;
-  float g[NB], u[NB];
-  row_dots<W, NB>(wg + (size_t)row * k, x, k, b, g);
-  row_dots<W, NB>(wu + (size_t)row * k, x, k, b, u);
-  if ((threadIdx.x & 31) == 0) {
+  float g[NB], u[NB], sq[NB];
+  row_dots<W, NB, true>(wg + (size_t)row * k, x, nw, k, b, g, sq);
+  row_dots<W, NB, false>(wu + (size_t)row * k, x, nw, k, b, u, sq);
+  norm_factors<NB>(nw, sq, k, eps);
 #pragma unroll
-    for (int j = 0; j < NB; j++)
-      if (j < b) m[(size_t)j * n + row] = g[j] / (1.f + expf(-g[j])) * u[j];
+  for (int j = 0; j < NB; j++) {
+    g[j] *= sq[j];
+    u[j] *= sq[j];
   }
+  store_silu<NB>(g, u, m, n, row, b);
 }
 
-#define GEMV(W, NB)                                                                             \
-  extern "C" __global__ void dec_gemv_##W##_##NB(                                               \
+// The products launch 128 threads per block (GEMV_THREADS in lmkit_models::fused_decode). For
+// batches of 9-16 the bounds keep registers at or under 128 (four blocks per SM), or 168
+// (three) for Q4_1, whose loops would spill at 128; smaller batches need fewer anyway.
+#define GEMV(W, NB, MINB)                                                                       \
+  extern "C" __global__ void __launch_bounds__(128, MINB) dec_gemv_##W##_##NB(                  \
       const W* w0, const W* w1, const W* w2, int n0, int n1, int n2, const float* b0,           \
       const float* b1, const float* b2, const float* x, const float* res, float* y, int k,       \
-      int b) {                                                                                  \
-    gemv<W, NB>(w0, w1, w2, n0, n1, n2, b0, b1, b2, x, res, y, k, b);                           \
+      int b, const float* nw, float eps) {                                                      \
+    gemv<W, NB>(w0, w1, w2, n0, n1, n2, b0, b1, b2, x, res, y, k, b, nw, eps);                  \
   }                                                                                             \
   LMKIT_REG(dec_gemv_##W##_##NB)                                                                \
-  extern "C" __global__ void dec_gateup_##W##_##NB(const W* wg, const W* wu, const float* x,    \
-                                                   float* m, int n, int k, int b) {             \
-    gateup<W, NB>(wg, wu, x, m, n, k, b);                                                       \
+  extern "C" __global__ void __launch_bounds__(128, MINB)                                       \
+      dec_gateup_##W##_##NB(const W* wg, const W* wu, const float* x, float* m, int n, int k,   \
+                            int b, const float* nw, float eps) {                                \
+    gateup<W, NB>(wg, wu, x, m, n, k, b, nw, eps);                                              \
   }                                                                                             \
   LMKIT_REG(dec_gateup_##W##_##NB)
 
-#define GEMV_ALL(W) GEMV(W, 1) GEMV(W, 2) GEMV(W, 4) GEMV(W, 8) GEMV(W, 16)
+#define GEMV_ALL(W) GEMV(W, 1, 1) GEMV(W, 2, 1) GEMV(W, 4, 1) GEMV(W, 8, 1) GEMV(W, 16, 4)
 GEMV_ALL(f32)
 GEMV_ALL(bf16)
 GEMV_ALL(f16)
@@ -192,15 +249,20 @@ GEMV_ALL(f16)
 
 enum QFmt { Q8_0 = 0, Q4_1 = 1 };
 
-template <int F, int NB>
+// acc[j] = W_row · (x_j ⊙ nw) and sq[j] = Σ x_j² as in row_dots, for a quantized row.
+template <int F, int NB, bool SQ>
 __device__ __forceinline__ void qrow_dots(const uint8_t* __restrict__ q, const float* __restrict__ s,
                                           const float* __restrict__ m, const float* __restrict__ x,
-                                          int k, int b, float* acc) {
+                                          const float* __restrict__ nw, int k, int b, float* acc,
+                                          float* sq) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int j = 0; j < NB; j++) acc[j] = 0.f;
+  for (int j = 0; j < NB; j++) {
+    acc[j] = 0.f;
+    if (SQ) sq[j] = 0.f;
+  }
   constexpr int PER = F == Q8_0 ? 16 : 32;  // values per 16 bytes of quants
-  if (!aligned16(q) || !aligned16(x)) {
+  if (!aligned16(q) || !aligned16(x) || (nw && !aligned16(nw))) {
     // Buffers off a 16-byte boundary (never from lmkit's own allocations): one value at a time.
     for (int c = lane; c < k; c += 32) {
       const int blk = c / 32, e = c % 32;
@@ -211,66 +273,90 @@ __device__ __forceinline__ void qrow_dots(const uint8_t* __restrict__ q, const f
         const uint8_t byte = q[blk * 16 + (e & 15)];
         w = s[blk] * (float)(e < 16 ? (byte & 15) : (byte >> 4)) + m[blk];
       }
-#pragma unroll
-      for (int j = 0; j < NB; j++)
-        if (j < b) acc[j] += w * x[(size_t)j * k + c];
-    }
-#pragma unroll
-    for (int j = 0; j < NB; j++) acc[j] = warp_sum(acc[j]);
-    return;
-  }
-  const int chunks = k / PER;
-  for (int ch = lane; ch < chunks; ch += 32) {
-    const uint4 raw = load16<uint4>(q + (size_t)ch * 16);
-    uint8_t qb[16];
-    memcpy(qb, &raw, 16);
-    const int c0 = ch * PER;
-    const float sc = s[c0 / 32];
-    if (F == Q8_0) {
-      float wf[16];
-#pragma unroll
-      for (int e = 0; e < 16; e++) wf[e] = (float)(int8_t)qb[e];
+      if (nw) w *= nw[c];
 #pragma unroll
       for (int j = 0; j < NB; j++) {
         if (j < b) {
-          const float* xr = x + (size_t)j * k + c0;
-          float t = 0.f;
-#pragma unroll
-          for (int e = 0; e < 16; e += 4) {
-            const float4 xv = load16<float4>(xr + e);
-            t += wf[e] * xv.x + wf[e + 1] * xv.y + wf[e + 2] * xv.z + wf[e + 3] * xv.w;
-          }
-          acc[j] += sc * t;
+          const float xv = x[(size_t)j * k + c];
+          acc[j] += w * xv;
+          if (SQ) sq[j] += xv * xv;
         }
       }
-    } else {
-      const float mn = m[c0 / 32];
-      float lo[16], hi[16];
+    }
+  } else {
+    const int chunks = k / PER;
+    for (int ch = lane; ch < chunks; ch += 32) {
+      const uint4 raw = load16<uint4>(q + (size_t)ch * 16);
+      uint8_t qb[16];
+      memcpy(qb, &raw, 16);
+      const int c0 = ch * PER;
+      const float sc = s[c0 / 32];
+      // The norm's weights over this chunk's PER values (ones without a norm).
+      float nv[PER];
 #pragma unroll
-      for (int e = 0; e < 16; e++) {
-        lo[e] = (float)(qb[e] & 15);
-        hi[e] = (float)(qb[e] >> 4);
+      for (int e = 0; e < PER; e += 4) {
+        const float4 t = nw ? load16<float4>(nw + c0 + e) : make_float4(1.f, 1.f, 1.f, 1.f);
+        nv[e] = t.x;
+        nv[e + 1] = t.y;
+        nv[e + 2] = t.z;
+        nv[e + 3] = t.w;
       }
+      if (F == Q8_0) {
+        float wf[16];
 #pragma unroll
-      for (int j = 0; j < NB; j++) {
-        if (j < b) {
-          const float* xr = x + (size_t)j * k + c0;
-          float t = 0.f, sx = 0.f;
+        for (int e = 0; e < 16; e++) wf[e] = (float)(int8_t)qb[e] * nv[e];
 #pragma unroll
-          for (int e = 0; e < 16; e += 4) {
-            const float4 a = load16<float4>(xr + e);
-            const float4 c = load16<float4>(xr + 16 + e);
-            t += lo[e] * a.x + lo[e + 1] * a.y + lo[e + 2] * a.z + lo[e + 3] * a.w;
-            t += hi[e] * c.x + hi[e + 1] * c.y + hi[e + 2] * c.z + hi[e + 3] * c.w;
-            sx += a.x + a.y + a.z + a.w + c.x + c.y + c.z + c.w;
+        for (int j = 0; j < NB; j++) {
+          if (j < b) {
+            const float* xr = x + (size_t)j * k + c0;
+            float t = 0.f, qq = 0.f;
+#pragma unroll
+            for (int e = 0; e < 16; e += 4) {
+              const float4 xv = load16<float4>(xr + e);
+              t += wf[e] * xv.x + wf[e + 1] * xv.y + wf[e + 2] * xv.z + wf[e + 3] * xv.w;
+              qq += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
+            }
+            acc[j] += sc * t;
+            if (SQ) sq[j] += qq;
           }
-          acc[j] += sc * t + mn * sx;
+        }
+      } else {
+        // Σ (s·q + m)·nw·x = s·Σ q·nw·x + m·Σ nw·x.
+        const float mn = m[c0 / 32];
+        float lo[16], hi[16];
+#pragma unroll
+        for (int e = 0; e < 16; e++) {
+          lo[e] = (float)(qb[e] & 15) * nv[e];
+          hi[e] = (float)(qb[e] >> 4) * nv[16 + e];
+        }
+#pragma unroll
+        for (int j = 0; j < NB; j++) {
+          if (j < b) {
+            const float* xr = x + (size_t)j * k + c0;
+            float t = 0.f, sx = 0.f, qq = 0.f;
+#pragma unroll
+            for (int e = 0; e < 16; e += 4) {
+              const float4 a = load16<float4>(xr + e);
+              const float4 c = load16<float4>(xr + 16 + e);
+              t += lo[e] * a.x + lo[e + 1] * a.y + lo[e + 2] * a.z + lo[e + 3] * a.w;
+              t += hi[e] * c.x + hi[e + 1] * c.y + hi[e + 2] * c.z + hi[e + 3] * c.w;
+              sx += nv[e] * a.x + nv[e + 1] * a.y + nv[e + 2] * a.z + nv[e + 3] * a.w;
+              sx += nv[16 + e] * c.x + nv[17 + e] * c.y + nv[18 + e] * c.z + nv[19 + e] * c.w;
+              qq += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+              qq += c.x * c.x + c.y * c.y + c.z * c.z + c.w * c.w;
+            }
+            acc[j] += sc * t + mn * sx;
+            if (SQ) sq[j] += qq;
+          }
         }
       }
     }
   }
 #pragma unroll
-  for (int j = 0; j < NB; j++) acc[j] = warp_sum(acc[j]);
+  for (int j = 0; j < NB; j++) {
+    acc[j] = warp_sum(acc[j]);
+    if (SQ) sq[j] = warp_sum(sq[j]);
+  }
 }
 
 // Bytes of quants per row.
@@ -283,7 +369,8 @@ template <int F, int NB>
 __device__ void qgemv(const uint8_t* q0, const uint8_t* q1, const uint8_t* q2, const float* s0,
                       const float* s1, const float* s2, const float* m0, const float* m1,
                       const float* m2, int n0, int n1, int n2, const float* b0, const float* b1,
-                      const float* b2, const float* x, const float* res, float* y, int k, int b) {
+                      const float* b2, const float* x, const float* res, float* y, int k, int b,
+                      const float* nw, float eps) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int n = n0 + n1 + n2;
   if (row >= n) return;
@@ -294,49 +381,63 @@ __device__ void qgemv(const uint8_t* q0, const uint8_t* q1, const uint8_t* q2, c
   const float* m = i == 0 ? m0 : i == 1 ? m1 : m2;
   const float* bias = i == 0 ? b0 : i == 1 ? b1 : b2;
   const size_t blocks = (size_t)k / 32;
-  float acc[NB];
-  qrow_dots<F, NB>(q + (size_t)r * qrow_bytes<F>(k), s + r * blocks, m ? m + r * blocks : m, x, k,
-                   b, acc);
+  float acc[NB], sq[NB];
+  const uint8_t* qr = q + (size_t)r * qrow_bytes<F>(k);
+  const float *sr = s + r * blocks, *mr = m ? m + r * blocks : m;
+  if (nw)
+    qrow_dots<F, NB, true>(qr, sr, mr, x, nw, k, b, acc, sq);
+  else
+    qrow_dots<F, NB, false>(qr, sr, mr, x, nw, k, b, acc, sq);
+  norm_factors<NB>(nw, sq, k, eps);
+#pragma unroll
+  for (int j = 0; j < NB; j++) acc[j] *= sq[j];
   store_rows<NB>(acc, bias, r, res, y, n, row, b);
 }
 
 template <int F, int NB>
 __device__ void qgateup(const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su,
                         const float* mg, const float* mu, const float* x, float* out, int n, int k,
-                        int b) {
+                        int b, const float* nw, float eps) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= n) return;
   const size_t blocks = (size_t)k / 32, rb = qrow_bytes<F>(k);
-  float g[NB], u[NB];
-  qrow_dots<F, NB>(qg + row * rb, sg + row * blocks, mg ? mg + row * blocks : mg, x, k, b, g);
-  qrow_dots<F, NB>(qu + row * rb, su + row * blocks, mu ? mu + row * blocks : mu, x, k, b, u);
-  if ((threadIdx.x & 31) == 0) {
+  float g[NB], u[NB], sq[NB];
+  qrow_dots<F, NB, true>(qg + row * rb, sg + row * blocks, mg ? mg + row * blocks : mg, x, nw, k,
+                         b, g, sq);
+  qrow_dots<F, NB, false>(qu + row * rb, su + row * blocks, mu ? mu + row * blocks : mu, x, nw,
+                          k, b, u, sq);
+  norm_factors<NB>(nw, sq, k, eps);
 #pragma unroll
-    for (int j = 0; j < NB; j++)
-      if (j < b) out[(size_t)j * n + row] = g[j] / (1.f + expf(-g[j])) * u[j];
+  for (int j = 0; j < NB; j++) {
+    g[j] *= sq[j];
+    u[j] *= sq[j];
   }
+  store_silu<NB>(g, u, out, n, row, b);
 }
 
-#define QGEMV(NAME, F, NB)                                                                      \
-  extern "C" __global__ void dec_qgemv_##NAME##_##NB(                                           \
+#define QGEMV(NAME, F, NB, MINB)                                                                \
+  extern "C" __global__ void __launch_bounds__(128, MINB) dec_qgemv_##NAME##_##NB(              \
       const uint8_t* q0, const uint8_t* q1, const uint8_t* q2, const float* s0, const float* s1, \
       const float* s2, const float* m0, const float* m1, const float* m2, int n0, int n1,       \
       int n2, const float* b0, const float* b1, const float* b2, const float* x,               \
-      const float* res, float* y, int k, int b) {                                               \
-    qgemv<F, NB>(q0, q1, q2, s0, s1, s2, m0, m1, m2, n0, n1, n2, b0, b1, b2, x, res, y, k, b);  \
+      const float* res, float* y, int k, int b, const float* nw, float eps) {                   \
+    qgemv<F, NB>(q0, q1, q2, s0, s1, s2, m0, m1, m2, n0, n1, n2, b0, b1, b2, x, res, y, k, b,   \
+                 nw, eps);                                                                      \
   }                                                                                             \
   LMKIT_REG(dec_qgemv_##NAME##_##NB)                                                            \
-  extern "C" __global__ void dec_qgateup_##NAME##_##NB(                                         \
+  extern "C" __global__ void __launch_bounds__(128, MINB) dec_qgateup_##NAME##_##NB(            \
       const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su, const float* mg,  \
-      const float* mu, const float* x, float* out, int n, int k, int b) {                       \
-    qgateup<F, NB>(qg, qu, sg, su, mg, mu, x, out, n, k, b);                                    \
+      const float* mu, const float* x, float* out, int n, int k, int b, const float* nw,        \
+      float eps) {                                                                              \
+    qgateup<F, NB>(qg, qu, sg, su, mg, mu, x, out, n, k, b, nw, eps);                           \
   }                                                                                             \
   LMKIT_REG(dec_qgateup_##NAME##_##NB)
 
-#define QGEMV_ALL(NAME, F) \
-  QGEMV(NAME, F, 1) QGEMV(NAME, F, 2) QGEMV(NAME, F, 4) QGEMV(NAME, F, 8) QGEMV(NAME, F, 16)
-QGEMV_ALL(q8_0, Q8_0)
-QGEMV_ALL(q4_1, Q4_1)
+#define QGEMV_ALL(NAME, F, MINB)                                                              \
+  QGEMV(NAME, F, 1, 1) QGEMV(NAME, F, 2, 1) QGEMV(NAME, F, 4, 1) QGEMV(NAME, F, 8, 1)         \
+  QGEMV(NAME, F, 16, MINB)
+QGEMV_ALL(q8_0, Q8_0, 4)
+QGEMV_ALL(q4_1, Q4_1, 3)
 
 // A token id outside the vocabulary (ids made on the device are not checked on the host):
 // its row becomes NaN, so the logits show it, and nothing is read out of the table. The NaN
@@ -406,18 +507,6 @@ extern "C" __global__ void dec_advance(uint32_t* meta, int n) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) meta[i] += 1;
 }
 LMKIT_REG(dec_advance)
-
-extern "C" __global__ void dec_rms_norm(const float* x, const float* w, float* out, int c,
-                                        float eps) {
-  const float* xr = x + (size_t)blockIdx.x * c;
-  float* o = out + (size_t)blockIdx.x * c;
-  float s = 0.f;
-  for (int i = threadIdx.x; i < c; i += blockDim.x) s += xr[i] * xr[i];
-  s = block_sum(s);
-  const float r = rsqrtf(s / (float)c + eps);
-  for (int i = threadIdx.x; i < c; i += blockDim.x) o[i] = xr[i] * r * w[i];
-}
-LMKIT_REG(dec_rms_norm)
 
 // qkv: (b, (hq + 2·hk)·d) rows [q heads | k heads | v heads]; q out: (b, hq, d).
 template <typename KV>

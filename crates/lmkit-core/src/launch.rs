@@ -297,7 +297,7 @@ mod cuda {
     }
 
     pub(super) fn preload(dev: &CudaDevice) -> Result<()> {
-        dev.get_or_load_custom_func("dec_rms_norm", "lmkit_decode", PTX)?;
+        dev.get_or_load_custom_func("dec_advance", "lmkit_decode", PTX)?;
         Ok(())
     }
 

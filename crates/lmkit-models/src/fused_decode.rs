@@ -3,21 +3,21 @@
 //!
 //! candle's eager ops spend about 35 kernels per block on one new token (norms, casts, copies,
 //! cuBLAS GEMVs, the cache's concatenation), each with host-side work; at batch 1 that was
-//! 0.23× llama.cpp's CUDA decoding. Here a block is nine launches on preallocated buffers:
+//! 0.23× llama.cpp's CUDA decoding. Here a block is seven launches on preallocated buffers:
 //!
 //! ```text
-//! a  = RMSNorm(x) ⊙ w₁                              dec_rms_norm
-//! qkv = [W_q; W_k; W_v] a (+ biases)                dec_gemv (one warp per output row)
+//! a  = RMSNorm(x) ⊙ w₁, qkv = [W_q; W_k; W_v] a (+ biases)
+//!                                                   dec_gemv (one warp per output row; the
+//!                                                   norm folded in: r·W(x ⊙ w₁))
 //! q, k ← RoPE(pos); K[slot], V[slot] ← k, v         dec_rope_append
 //! y  = softmax(q Kᵀ/√d) V over slots 0..=slot      dec_attn_part (blocks of 64 slots),
 //!                                                   dec_attn_merge
 //! x += W_o y                                        dec_gemv with the residual added in place
-//! a  = RMSNorm(x) ⊙ w₂                              dec_rms_norm
-//! m  = silu(W_g a) ⊙ (W_u a)                        dec_gateup
+//! a  = RMSNorm(x) ⊙ w₂, m = silu(W_g a) ⊙ (W_u a)   dec_gateup (the norm folded in)
 //! x += W_d m                                        dec_gemv
 //! ```
 //!
-//! then the final norm and the output layer. Every buffer is a tensor allocated once per
+//! then the output layer with the final norm folded in. Every buffer is a tensor allocated once per
 //! (batch, cache capacity), so the whole step is captured once into a CUDA graph and replayed:
 //! the token ids are copied into their buffer before each replay, and the positions advance on
 //! the device (uploaded only when they jump: a prompt, a rewind).
@@ -337,7 +337,6 @@ pub(crate) struct FusedDecoder {
     /// The (position, slot) that `meta` holds for the next step, when known.
     next: Option<(u32, u32)>,
     x: Tensor,
-    xn: Tensor,
     qkv: Tensor,
     q: Tensor,
     att: Tensor,
@@ -404,7 +403,6 @@ impl FusedDecoder {
             meta,
             next: None,
             x: zeros(b * c, DType::F32)?,
-            xn: zeros(b * c, DType::F32)?,
             qkv: zeros(b * (hq + 2 * hk) * d, DType::F32)?,
             q: zeros(b * hq * d, DType::F32)?,
             att: zeros(b * hq * d, DType::F32)?,
@@ -521,9 +519,8 @@ impl FusedDecoder {
         let eps = cfg.rms_norm_eps as f32;
         let p = |t: &Tensor| l.ptr(t);
         let (ids, pos, slot) = (p(&self.ids)?, p(&self.pos)?, p(&self.slot)?);
-        let (x, xn, qkv, q, att, part, m, logits) = (
+        let (x, qkv, q, att, part, m, logits) = (
             p(&self.x)?,
-            p(&self.xn)?,
             p(&self.qkv)?,
             p(&self.q)?,
             p(&self.att)?,
@@ -563,25 +560,17 @@ impl FusedDecoder {
                 &embed_args(&[Arg::Ptr(q), Arg::Ptr(s), Arg::Ptr(m)])?,
             )?,
         }
-        let width = int(c, "width")?;
-        let norm = |w: u64| {
-            l.launch(
-                "dec_rms_norm",
-                (bu, 1),
-                256,
-                &[Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(xn), width, Arg::F32(eps)],
-            )
-        };
         let rope_threads = (d / 2).div_ceil(32).clamp(1, 8) as u32 * 32;
         let heads_grid = u32::try_from(hq + hk).map_err(|_| Error::Kv("too many heads".into()))?;
         let scale = 1.0 / (d as f32).sqrt();
         for (blk, &(kc, vc)) in w.blocks.iter().zip(&self.kv) {
             let [mq, mk, mv, mo, mg, mu, md] = blk.mats;
-            norm(blk.n1)?;
+            // RMSNorm folded into the products that read it (see `dec_gemv`).
             self.gemv(
                 [(mq, hq * d), (mk, hk * d), (mv, hk * d)],
                 blk.bias,
-                (xn, c),
+                (x, c),
+                Some((blk.n1, eps)),
                 None,
                 qkv,
             )?;
@@ -646,18 +635,25 @@ impl FusedDecoder {
                 [(mo, c), (mo, 0), (mo, 0)],
                 [0; 3],
                 (att, hq * d),
+                None,
                 Some(x),
                 x,
             )?;
-            norm(blk.n2)?;
-            self.gateup(mg, mu, xn, m, f, c)?;
-            self.gemv([(md, c), (md, 0), (md, 0)], [0; 3], (m, f), Some(x), x)?;
+            self.gateup(mg, mu, (x, c), (blk.n2, eps), m, f)?;
+            self.gemv(
+                [(md, c), (md, 0), (md, 0)],
+                [0; 3],
+                (m, f),
+                None,
+                Some(x),
+                x,
+            )?;
         }
-        norm(w.final_norm)?;
         self.gemv(
             [(w.head, vocab), (w.head, 0), (w.head, 0)],
             [0; 3],
-            (xn, c),
+            (x, c),
+            Some((w.final_norm, eps)),
             None,
             logits,
         )?;
@@ -671,15 +667,16 @@ impl FusedDecoder {
         Ok(())
     }
 
-    /// `y = [W₀; W₁; W₂] x (+ bias) (+ res)` for every sequence, in launches of up to
+    /// `y = [W₀; W₁; W₂] a (+ bias) (+ res)` for every sequence, in launches of up to
     /// [`MAX_NB`] sequences; `w` = (matrix, rows; rows 0 for an unused slot, which repeats
-    /// the first matrix), `x = (address, k)`. The three matrices share their kind (checked at
-    /// load).
+    /// the first matrix), `x = (address, k)`, `a = x` or with `norm = (weight, ε)` the
+    /// RMSNorm of x. The three matrices share their kind (checked at load).
     fn gemv(
         &self,
         w: [(Mat, usize); 3],
         bias: [u64; 3],
         (x, k): (u64, usize),
+        norm: Option<(u64, f32)>,
         res: Option<u64>,
         y: u64,
     ) -> Result<()> {
@@ -721,14 +718,25 @@ impl FusedDecoder {
             args.push(Arg::Ptr(at(y, n)));
             args.push(Arg::int(k, "width")?);
             args.push(Arg::int(nb, "batch")?);
+            args.push(Arg::Ptr(norm.map_or(0, |(w, _)| w)));
+            args.push(Arg::F32(norm.map_or(0.0, |(_, eps)| eps)));
             self.launcher
                 .launch(&name, (grid, 1), GEMV_THREADS, &args)?;
         }
         Ok(())
     }
 
-    /// `m = silu(W_g x) ⊙ (W_u x)`, `x (b, k)`, `m (b, n)`.
-    fn gateup(&self, wg: Mat, wu: Mat, x: u64, m: u64, n: usize, k: usize) -> Result<()> {
+    /// `m = silu(W_g a) ⊙ (W_u a)`, `a` the RMSNorm of `x (b, k)` with `norm = (weight, ε)`,
+    /// `m (b, n)`.
+    fn gateup(
+        &self,
+        wg: Mat,
+        wu: Mat,
+        (x, k): (u64, usize),
+        (nw, eps): (u64, f32),
+        m: u64,
+        n: usize,
+    ) -> Result<()> {
         let grid = blocks_for(n)?;
         for (j0, nb) in chunks(self.batch) {
             let mut args = match (wg, wu) {
@@ -761,6 +769,8 @@ impl FusedDecoder {
                 Arg::int(n, "rows")?,
                 Arg::int(k, "width")?,
                 Arg::int(nb, "batch")?,
+                Arg::Ptr(nw),
+                Arg::F32(eps),
             ]);
             let name = match wg {
                 Mat::Dense { sfx, .. } => format!("dec_gateup_{sfx}_{}", template_nb(nb)),

@@ -265,33 +265,20 @@ fn the_emulator_rejects_bad_launches() {
         .to_string();
     assert!(e.contains("no emulated kernel `dec_nope`"), "{e}");
     let e = l
-        .launch("dec_rms_norm", (1, 1), 32, &[Arg::I32(1)])
+        .launch("dec_advance", (1, 1), 32, &[Arg::I32(1)])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("takes 5 arguments, got 1"), "{e}");
-    let x = Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap();
-    let w = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
-    let out = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
-    let args = [
-        Arg::Ptr(l.ptr(&x).unwrap()),
-        Arg::Ptr(l.ptr(&w).unwrap()),
-        Arg::Ptr(l.ptr(&out).unwrap()),
-        Arg::I32(2),
-        Arg::F32(0.0),
-    ];
+    assert!(e.contains("takes 2 arguments, got 1"), "{e}");
+    let meta = Tensor::new(&[3u32, 7, 9], &Device::Cpu).unwrap();
+    let args = [Arg::Ptr(l.ptr(&meta).unwrap()), Arg::I32(3)];
     let e = l
-        .launch("dec_rms_norm", (1, 1), 48, &args)
+        .launch("dec_advance", (1, 1), 48, &args)
         .unwrap_err()
         .to_string();
     assert!(e.contains("multiple of 32"), "{e}");
-    // RMSNorm of (3, 4): rms = √12.5.
-    l.launch("dec_rms_norm", (1, 1), 64, &args).unwrap();
-    let got: Vec<f32> = out.to_vec1().unwrap();
-    let r = 12.5f32.sqrt();
-    assert!(
-        (got[0] - 3.0 / r).abs() < 1e-6 && (got[1] - 8.0 / r).abs() < 1e-6,
-        "{got:?}"
-    );
+    // Every position and slot moves on by one.
+    l.launch("dec_advance", (1, 1), 64, &args).unwrap();
+    assert_eq!(meta.to_vec1::<u32>().unwrap(), [4, 8, 10]);
 }
 
 #[test]

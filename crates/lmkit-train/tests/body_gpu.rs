@@ -266,7 +266,7 @@ fn flash_attention_refuses_what_it_does_not_take() -> Res {
     let low = t.to_device(&Device::Cpu, DType::BF16)?;
     assert!(body_gpu::uses_flash(&low.model) && !body_gpu::uses_flash(&t.model));
     let emu = Launcher::for_device(&Device::Cpu).expect("the emulator");
-    assert!(emu.has_kernel("tr_flash_bwd_q_128_f16") && emu.has_kernel("dec_rms_norm"));
+    assert!(emu.has_kernel("tr_flash_bwd_q_128_f16") && emu.has_kernel("dec_advance"));
     assert!(!emu.has_kernel("tr_flash_fwd_32_bf16") && !emu.has_kernel(""));
     Ok(())
 }

@@ -122,11 +122,14 @@ void lmkit_emu_fault(const char* what) {
   if (fault.empty()) fault = what;
 }
 
-// Set by lmkit_emu_force_scalar: every buffer counts as unaligned.
+// Set by lmkit_emu_force_scalar: every buffer counts as unaligned. Each launch reads it once
+// (scalar_launch), so a test that sets it while another test's kernel runs cannot split one
+// warp between the vector and the scalar loop.
 static std::atomic<bool> force_scalar{false};
+static bool scalar_launch = false;
 
 bool lmkit_emu_aligned16(const void* p) {
-  return !force_scalar.load() && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+  return !scalar_launch && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
 // Makes aligned16 answer no (tests of the scalar loops); the results must not change.
@@ -185,6 +188,7 @@ extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsi
   }
   kernel = &it->second;
   kargs = args;
+  scalar_launch = force_scalar.load();
   fibers.assign(threads, Fiber{});
   while (stacks.size() < threads) stacks.emplace_back(new char[STACK]);
   shfl.assign(2 * threads, 0.f);

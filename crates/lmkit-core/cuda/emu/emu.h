@@ -11,7 +11,7 @@
 #include <utility>
 
 #define __global__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
@@ -31,6 +31,7 @@ struct uint4 {
 struct float4 {
   float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 struct __nv_bfloat16 {
   uint16_t bits;
