@@ -55,15 +55,16 @@ def speed(work):
 
     rows = []
     for name, run in [("lmkit", "big"), ("lmkit materialized", "big-mat"),
-                      ("lmkit autograd", "big-ag")]:
+                      ("lmkit autograd", "big-ag"), ("lmkit batch 32", "big32")]:
         try:
             rows.append((name, median_tps(run)))
         except (OSError, ValueError, KeyError, statistics.StatisticsError) as e:
             print(f"  {name}: no speed ({e})")
-    try:
-        rows.append(("pytorch (sdpa)", json.load(open(f"{work}/torch.json"))["tokens_per_sec"]))
-    except (OSError, ValueError, KeyError) as e:
-        print(f"  pytorch: no speed ({e})")
+    for name, file in [("pytorch (sdpa)", "torch"), ("pytorch batch 32", "torch32")]:
+        try:
+            rows.append((name, json.load(open(f"{work}/{file}.json"))["tokens_per_sec"]))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"  {name}: no speed ({e})")
     for run in ["big", "big-mat", "big-ag"]:
         try:
             ls = [json.loads(line)["loss"] for line in open(f"{work}/{run}/metrics.jsonl")]
@@ -73,9 +74,10 @@ def speed(work):
     for name, tps in rows:
         print(f"  {name:<20} {tps:>9.0f} tok/s  MFU {100 * tps * flops / peak:5.1f}%")
     tps = dict(rows)
-    for name in ["lmkit", "lmkit materialized", "lmkit autograd"]:
-        if name in tps and "pytorch (sdpa)" in tps:
-            print(f"  ratio {name}/pytorch {tps[name] / tps['pytorch (sdpa)']:.3f}")
+    for name, ref in [("lmkit", "pytorch (sdpa)"), ("lmkit materialized", "pytorch (sdpa)"),
+                      ("lmkit autograd", "pytorch (sdpa)"), ("lmkit batch 32", "pytorch batch 32")]:
+        if name in tps and ref in tps:
+            print(f"  ratio {name}/{ref} {tps[name] / tps[ref]:.3f}")
 
 
 def kernels(out):
