@@ -12,17 +12,24 @@ fn main() {
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
+    println!("cargo:rerun-if-env-changed=LMKIT_EMU_ASAN");
     if std::env::var_os("CARGO_FEATURE_CUDA_EMU").is_some() {
-        cc::Build::new()
-            .cpp(true)
+        let mut b = cc::Build::new();
+        b.cpp(true)
             .std("c++17")
             .opt_level(2)
             .flag_if_supported("-Wno-unknown-pragmas")
             .flag_if_supported("-Wno-unused-function")
             .file("cuda/emu/emu.cpp")
             .file("cuda/emu/decode_emu.cpp")
-            .file("cuda/emu/train_emu.cpp")
-            .compile("lmkit_cuda_emu");
+            .file("cuda/emu/train_emu.cpp");
+        // LMKIT_EMU_ASAN=1: the kernels under AddressSanitizer (scripts/emu-asan), so that an
+        // access past a tensor's buffer fails the test that made it.
+        if std::env::var_os("LMKIT_EMU_ASAN").is_some_and(|v| v == "1") {
+            b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
+            println!("cargo:rustc-link-lib=dylib=asan");
+        }
+        b.compile("lmkit_cuda_emu");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
