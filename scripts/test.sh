@@ -12,6 +12,12 @@ if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
   $sudo apt-get update -q && $sudo apt-get install -y -q g++
 fi
 cargo test --release --workspace "$@"
+# The tests that run lmkit's CUDA kernels on the emulator, once more under an adversarial
+# schedule (one warp racing ahead of the others, strict wmma memory operations): a missing
+# __syncthreads or __syncwarp changes their numbers there (docs/cuda.md, scripts/emu-check).
+if [ $# -eq 0 ]; then
+  LMKIT_EMU_ORDER=warps cargo test --release --workspace --test fused_decode --test body_gpu
+fi
 if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
   # Without default features: Parquet's zstd codec is C code, which needs a cross compiler.
   RUSTFLAGS="-D warnings" cargo check --release --workspace --no-default-features \

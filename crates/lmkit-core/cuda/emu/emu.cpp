@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
@@ -47,6 +48,19 @@ std::vector<std::unique_ptr<char[]>> stacks;
 std::vector<float> shfl;
 std::vector<int> parity;
 int cur = 0;
+// The schedule, from LMKIT_EMU_ORDER (a comma-separated list). By default the threads of a
+// block run in order, each to its next barrier, before any barrier is released. `reverse` runs
+// the blocks of a grid and the threads last first. `warps` runs one warp at a time as far as it
+// can go (through its warp barriers, up to a block barrier) before the next starts, as if it
+// raced ahead of the others. A kernel whose result depends on the schedule (shared memory read
+// and written by two threads with no barrier between them, blocks of one launch reading each
+// other's output) then gives other numbers, which the tests catch.
+bool reverse = false, warp_eager = false;
+}  // namespace
+
+bool lmkit_emu_strict() { return warp_eager; }
+
+namespace {
 const Kernel* kernel = nullptr;
 const uint64_t* kargs = nullptr;
 
@@ -73,12 +87,39 @@ bool run_block(int threads) {
     f.state = RUN;
     parity[i] = 0;
   }
+  const int warps = (threads + 31) / 32;
   for (;;) {
-    for (int i = 0; i < threads; i++) {
-      if (fibers[i].state != RUN) continue;
-      cur = i;
-      threadIdx.x = (unsigned)i;
-      swapcontext(&sched, &fibers[i].ctx);
+    if (warp_eager) {
+      for (int wn = 0; wn < warps; wn++) {
+        const int w0 = 32 * (reverse ? warps - 1 - wn : wn), w1 = std::min(w0 + 32, threads);
+        for (;;) {
+          for (int n = w0; n < w1; n++) {
+            const int i = reverse ? w1 - 1 - (n - w0) : n;
+            if (fibers[i].state != RUN) continue;
+            cur = i;
+            threadIdx.x = (unsigned)i;
+            swapcontext(&sched, &fibers[i].ctx);
+          }
+          // On through the warp's own barriers while all its live lanes wait at one.
+          bool live = false, all_warp = true;
+          for (int i = w0; i < w1; i++) {
+            if (fibers[i].state == DONE) continue;
+            live = true;
+            if (fibers[i].state != WAIT_WARP) all_warp = false;
+          }
+          if (!live || !all_warp) break;
+          for (int i = w0; i < w1; i++)
+            if (fibers[i].state == WAIT_WARP) fibers[i].state = RUN;
+        }
+      }
+    } else {
+      for (int n = 0; n < threads; n++) {
+        const int i = reverse ? threads - 1 - n : n;
+        if (fibers[i].state != RUN) continue;
+        cur = i;
+        threadIdx.x = (unsigned)i;
+        swapcontext(&sched, &fibers[i].ctx);
+      }
     }
     bool any = false, all_block = true;
     for (int i = 0; i < threads; i++) {
@@ -196,8 +237,13 @@ extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsi
   blockDim = dim3{threads, 1, 1};
   gridDim = dim3{gx, gy, 1};
   fault.clear();
-  for (unsigned y = 0; y < gy; y++) {
-    for (unsigned x = 0; x < gx; x++) {
+  const char* order = getenv("LMKIT_EMU_ORDER");
+  const std::string o = order ? order : "";
+  reverse = o.find("reverse") != std::string::npos;
+  warp_eager = o.find("warps") != std::string::npos;
+  for (unsigned yy = 0; yy < gy; yy++) {
+    for (unsigned xx = 0; xx < gx; xx++) {
+      const unsigned x = reverse ? gx - 1 - xx : xx, y = reverse ? gy - 1 - yy : yy;
       blockIdx = dim3{x, y, 0};
       if (!run_block((int)threads)) {
         snprintf(err, errlen, "kernel `%s`: block (%u, %u) deadlocked at a barrier", name, x, y);

@@ -23,6 +23,8 @@ extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 void __syncthreads();
 bool lmkit_emu_aligned16(const void* p);
+// Whether wmma's memory operations are strict (the `warps` schedule; see nvcuda::wmma below).
+bool lmkit_emu_strict();
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 
 struct uint4 {
@@ -78,7 +80,11 @@ void lmkit_emu_fault(const char* what);
 // mapping of elements to threads unspecified, so code that only loads, stores, fills and
 // multiplies fragments cannot tell). Each call is a warp barrier, as the real ones are
 // warp-synchronous, and checks what the hardware requires: 32-byte aligned pointers, and
-// leading dimensions of a multiple of 16 bytes.
+// leading dimensions of a multiple of 16 bytes. Under the `warps` schedule (see emu.cpp) the
+// memory side is strict: a lane loads a tile when it arrives (then waits for the others), and
+// stores its share of one (8 consecutive elements per lane, lane 16 the first 8, so that
+// a lane's share is never where that lane usually reads) when it arrives, without waiting; so memory that other lanes write or
+// read is safe to touch only after a __syncwarp, as on the GPU.
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -101,6 +107,8 @@ struct fragment {
   T x[num_elements];
 };
 
+inline int emu_lane() { return (int)(threadIdx.x & 31); }
+
 inline void emu_check(const void* p, unsigned ldm, size_t elem) {
   if ((reinterpret_cast<uintptr_t>(p) & 31) != 0) lmkit_emu_fault("wmma: pointer not 32-byte aligned");
   if ((ldm * elem) % 16 != 0) lmkit_emu_fault("wmma: leading dimension not a multiple of 16 bytes");
@@ -108,31 +116,38 @@ inline void emu_check(const void* p, unsigned ldm, size_t elem) {
 
 template <typename Use, int M, int N, int K, typename T, typename L>
 void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
-  __syncwarp();
+  const bool strict = lmkit_emu_strict();
+  if (!strict) __syncwarp();
   emu_check(p, ldm, sizeof(T));
   using F = fragment<Use, M, N, K, T, L>;
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.x[r * F::cols + c] = std::is_same_v<L, col_major> ? p[c * ldm + r] : p[r * ldm + c];
+  if (strict) __syncwarp();
 }
 
 template <int M, int N, int K>
 void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm,
                       layout_t l) {
-  __syncwarp();
+  const bool strict = lmkit_emu_strict();
+  if (!strict) __syncwarp();
   emu_check(p, ldm, sizeof(float));
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) f.x[r * N + c] = l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
+  if (strict) __syncwarp();
 }
 
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
                        layout_t l) {
-  __syncwarp();
+  const bool strict = lmkit_emu_strict();
+  if (!strict) __syncwarp();
   emu_check(p, ldm, sizeof(float));
   for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * N + c];
-  __syncwarp();
+    for (int c = 0; c < N; ++c)
+      if (!strict || ((r * N + c) / 8 + 16) % 32 == emu_lane())
+        (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * N + c];
+  if (!strict) __syncwarp();
 }
 
 template <typename Use, int M, int N, int K, typename T, typename L>
