@@ -174,16 +174,7 @@ pub fn one_pass(
         }
         let dz = xent::row_nll_grad(&z, &y, &coef.narrow(0, start, len)?)?;
         drop(z);
-        if want_dh {
-            dh.push(dz.matmul(&wl)?);
-        }
-        if want_dw {
-            let part = dz.t()?.matmul(&hc)?.to_dtype(DType::F32)?; // (v, c)
-            dw = Some(match dw {
-                Some(acc) => (acc + part)?,
-                None => part,
-            });
-        }
+        chunk_grads(&dz, &hc, &wl, (want_dh, &mut dh), (want_dw, &mut dw))?;
     }
     let nll = cat_rows(nll, dev)?;
     let loss = (nll * coef)?.sum_all()?;
@@ -198,6 +189,29 @@ pub fn one_pass(
         (false, _) => None,
     };
     Ok((loss, dh, dw))
+}
+
+/// The products of one chunk's logit gradient `dz (len, v)` with `h`'s rows `hc` and the
+/// weight `wl` in the compute dtype: `∂h = dz W` pushed to `dh`, and `∂W += dzᵀ h` summed in
+/// f32 into `dw`, each when asked for.
+fn chunk_grads(
+    dz: &Tensor,
+    hc: &Tensor,
+    wl: &Tensor,
+    (want_dh, dh): (bool, &mut Vec<Tensor>),
+    (want_dw, dw): (bool, &mut Option<Tensor>),
+) -> lmkit_core::candle::Result<()> {
+    if want_dh {
+        dh.push(dz.matmul(wl)?);
+    }
+    if want_dw {
+        let part = dz.t()?.matmul(hc)?.to_dtype(DType::F32)?; // (v, c)
+        *dw = Some(match dw.take() {
+            Some(acc) => (acc + part)?,
+            None => part,
+        });
+    }
+    Ok(())
 }
 
 /// Row chunks back into one tensor (an empty f32 vector when there are none).
@@ -365,14 +379,7 @@ impl CustomOp3 for HeadNll {
             let y = self.targets.narrow(0, start, len)?;
             let dz = xent::row_nll_grad(&z, &y, &g.narrow(0, start, len)?)
                 .map_err(|e| lmkit_core::candle::Error::msg(e.to_string()))?;
-            dh.push(dz.matmul(&wl)?);
-            if want_dw {
-                let part = dz.t()?.matmul(&hc)?.to_dtype(DType::F32)?; // (v, c)
-                dw = Some(match dw {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
-            }
+            chunk_grads(&dz, &hc, &wl, (true, &mut dh), (want_dw, &mut dw))?;
         }
         let dh = match dh.len() {
             1 => dh.swap_remove(0),
