@@ -50,7 +50,8 @@ use weights::{mat, unsupported_weight, Mat};
 use crate::llama::BLOCK_LINEARS as LINEARS;
 use crate::{Error, KvCache, Llama, Result};
 
-/// Threads of the GEMV blocks (four warps, one output row each).
+/// Threads of the GEMV blocks (four warps, one output row each). The kernels are compiled with
+/// `__launch_bounds__(128, …)`: a larger block would not launch.
 const GEMV_THREADS: u32 = 128;
 /// Rows of x a GEMV launch takes at once (the kernels' largest batch template).
 const MAX_NB: usize = 16;
