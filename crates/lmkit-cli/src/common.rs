@@ -23,8 +23,9 @@ pub struct ModelArgs {
     /// Where to run: cpu, cuda or cuda:N (CUDA needs a build with `scripts/build-cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Precision of dense weights and activations: f32, f16 or bf16 (default f32; quantized
-    /// weights stay quantized).
+    /// Precision of dense weights and activations: f32, f16, bf16, or auto (bf16 on a GPU with
+    /// bf16 tensor cores, f16 on older ones, f32 on the CPU). Default f32; quantized weights
+    /// stay quantized.
     #[arg(long)]
     pub dtype: Option<String>,
 }
@@ -51,7 +52,7 @@ impl ModelArgs {
     pub fn device(&self) -> Result<(lmkit::Device, Option<lmkit::core::DType>)> {
         let device = lmkit::core::device::parse_device(&self.device)?;
         let dtype = match &self.dtype {
-            Some(d) => Some(lmkit::core::device::parse_dtype(d)?),
+            Some(d) => Some(lmkit::core::device::dtype_for(d, &device)?),
             None => None,
         };
         Ok((device, dtype))

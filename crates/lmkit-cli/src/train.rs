@@ -42,7 +42,8 @@ pub struct Args {
     /// Where to train: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute precision: f32, bf16 or f16 (master weights and optimizer state stay f32).
+    /// Compute precision: f32, bf16, f16 or auto (master weights and optimizer state stay f32;
+    /// auto as for inference: bf16 on a GPU with bf16 tensor cores, else f16; f32 on the CPU).
     /// Default: f32 on the CPU, bf16 on a GPU.
     #[arg(long)]
     pub dtype: Option<String>,
@@ -428,7 +429,7 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
     lmkit::set_threads(threads)?;
     let device = lmkit::core::device::parse_device(&a.device)?;
     let dtype = match (&a.dtype, device.is_cpu()) {
-        (Some(d), _) => lmkit::core::device::parse_dtype(d)?,
+        (Some(d), _) => lmkit::core::device::dtype_for(d, &device)?,
         (None, true) => DType::F32,
         (None, false) => DType::BF16,
     };

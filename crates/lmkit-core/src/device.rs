@@ -62,7 +62,7 @@ fn open_cuda(_ordinal: usize) -> Result<Device> {
     ))
 }
 
-/// Parses a compute precision: `f32`, `f16` or `bf16`.
+/// Parses a compute precision: `f32`, `f16` or `bf16` (`auto` is [`dtype_for`]'s).
 pub fn parse_dtype(spec: &str) -> Result<DType> {
     match spec.trim().to_ascii_lowercase().as_str() {
         "f32" | "float32" => Ok(DType::F32),
@@ -70,8 +70,30 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
         "bf16" | "bfloat16" => Ok(DType::BF16),
         other => Err(Error::Invalid {
             what: format!("dtype `{other}`"),
-            why: "expected f32, f16 or bf16".into(),
+            why: "expected f32, f16, bf16 or auto".into(),
         }),
+    }
+}
+
+/// The dtype `spec` names for tensors on `device`: [`parse_dtype`]'s names, or `auto` for
+/// [`auto_dtype`].
+pub fn dtype_for(spec: &str, device: &Device) -> Result<DType> {
+    match spec.trim().eq_ignore_ascii_case("auto") {
+        true => Ok(auto_dtype(device)),
+        false => parse_dtype(spec),
+    }
+}
+
+/// The fast compute dtype of `device`, as HF transformers and mistral.rs choose it: f32 on the
+/// CPU; bf16 on a GPU with bf16 tensor cores (compute capability 8.0 or newer), else f16.
+pub fn auto_dtype(device: &Device) -> DType {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => match d.cuda_stream().context().compute_capability() {
+            Ok((major, _)) if major >= 8 => DType::BF16,
+            _ => DType::F16,
+        },
+        _ => DType::F32,
     }
 }
 
@@ -111,5 +133,13 @@ mod tests {
         assert_eq!(parse_dtype("BF16").ok(), Some(DType::BF16));
         assert_eq!(parse_dtype("f16").ok(), Some(DType::F16));
         assert!(parse_dtype("int8").is_err());
+        // auto: f32 on the CPU; the named dtypes as parse_dtype reads them.
+        assert_eq!(dtype_for(" Auto", &Device::Cpu).ok(), Some(DType::F32));
+        assert_eq!(dtype_for("bf16", &Device::Cpu).ok(), Some(DType::BF16));
+        let e = dtype_for("fp8", &Device::Cpu)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fp8") && e.contains("auto"), "{e}");
     }
 }
