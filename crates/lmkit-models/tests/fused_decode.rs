@@ -89,6 +89,17 @@ fn compare_models(
     (worst, same as f32 / total as f32)
 }
 
+/// The tiny config with two heads of 64 sharing one kv head (the flash kernels' size).
+fn heads_of_64() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 128,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 64,
+        ..LlamaConfig::tiny()
+    }
+}
+
 #[test]
 fn f32_steps_match_the_reference_path() {
     let cfg = LlamaConfig::tiny(); // GQA 4/2, head 16
@@ -107,12 +118,8 @@ fn bias_wide_heads_and_large_batches() {
     // q/k/v biases (Qwen2), head 64 (two lanes' worth per warp), 18 sequences (two GEMV
     // launches of 16 and 2).
     let cfg = LlamaConfig {
-        hidden_size: 128,
-        num_heads: 2,
-        num_kv_heads: 1,
-        head_dim: 64,
         attention_bias: true,
-        ..LlamaConfig::tiny()
+        ..heads_of_64()
     };
     let m = model(&cfg, DType::F32, true);
     let (d, same) = compare(&m, 18, 3, 2, 0);
@@ -474,13 +481,7 @@ fn bf16_prompts_take_the_fused_pass() {
     }
     // f32, or heads of 16: candle's ops.
     assert!(!model(&LlamaConfig::tiny(), DType::BF16, false).fused_prompt_applies());
-    let cfg = LlamaConfig {
-        hidden_size: 128,
-        num_heads: 2,
-        num_kv_heads: 1,
-        head_dim: 64,
-        ..LlamaConfig::tiny()
-    };
+    let cfg = heads_of_64();
     assert!(!model(&cfg, DType::F32, false).fused_prompt_applies());
 }
 
@@ -491,13 +492,7 @@ fn quantized_files_take_the_fused_prompt_pass_through_a_stacked_copy() {
     // own tensors, one product each. Same weights, same math: the logits agree to bf16's
     // rounding of the products' outputs.
     let dir = tempfile::tempdir().unwrap();
-    let cfg = LlamaConfig {
-        hidden_size: 128,
-        num_heads: 2,
-        num_kv_heads: 1,
-        head_dim: 64,
-        ..LlamaConfig::tiny()
-    };
+    let cfg = heads_of_64();
     let p = dir.path().join("q8.gguf");
     write_tiny_gguf(&p, &cfg, 5, GgmlDType::Q8_0).unwrap();
     let bf16 = |dequantize: bool| {

@@ -152,15 +152,7 @@ fn lora_matches_the_autograd_path() -> Res {
     cfg.attention_bias = true; // frozen biases
     cfg.num_heads = 4;
     cfg.num_kv_heads = 2;
-    let all = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let all = common::ALL_TARGETS;
     // Every layer kind with dropout; and an adapter on the last block only (the backward
     // stops there).
     for (targets, dropout) in [(&all[..], 0.2), (&["1.self_attn.v_proj"][..], 0.0)] {

@@ -275,15 +275,7 @@ fn flash_attention_refuses_what_it_does_not_take() -> Res {
 fn lora_adapters_match_the_cpu_path() -> Res {
     let mut cfg = LlamaConfig::tiny();
     cfg.attention_bias = true;
-    let all = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let all = common::ALL_TARGETS;
     let ids = ids(&cfg, 2, 19)?;
     // Every layer, with and without dropout; then only some (stacked products with zero
     // columns for the others).

@@ -34,6 +34,17 @@ pub fn ids(cfg: &LlamaConfig, b: usize, t1: usize) -> Res<Tensor> {
     Ok(Tensor::from_vec(v, (b, t1), &Device::Cpu)?)
 }
 
+/// Every linear layer of a block, as LoRA targets name them.
+pub const ALL_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// A model on plain tensors (nothing of the base trains) with `cfg`'s random weights, LoRA
 /// adapters on `targets` (random A and B, so every adapter gradient is nonzero) and dropout
 /// at micro-batch 3: the adapters' variables.
