@@ -13,7 +13,7 @@ if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
 fi
 cargo test --release --workspace "$@"
 # The tests that run lmkit's CUDA kernels on the emulator, once more under an adversarial
-# schedule (one warp racing ahead of the others, strict wmma memory operations): a missing
+# schedule (one warp racing ahead of the others): a missing
 # __syncthreads or __syncwarp changes their numbers there (docs/cuda.md, scripts/emu-check).
 if [ $# -eq 0 ]; then
   LMKIT_EMU_ORDER=warps cargo test --release --workspace --test fused_decode --test body_gpu

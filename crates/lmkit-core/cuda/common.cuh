@@ -1,5 +1,5 @@
-// Helpers shared by lmkit's CUDA kernels (fused.cu, decode.cu): conversions to and from f32,
-// and warp- and block-wide reductions. Included after the CUDA (or emulator) headers.
+// Helpers shared by lmkit's CUDA kernels (fused.cu, decode.cu, train.cu): conversions to and
+// from f32, loads and stores of 4 and 16 bytes, and warp- and block-wide reductions. Included after the CUDA (or emulator) headers.
 #pragma once
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -8,6 +8,64 @@ __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ void put(float* p, float v) { *p = v; }
 __device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 __device__ __forceinline__ void put(__half* p, float v) { *p = __float2half(v); }
+
+// 16 bytes from `p` (16-byte aligned; see aligned16).
+template <typename T>
+__device__ __forceinline__ T load16(const void* p) {
+#ifdef LMKIT_EMU
+  T v;
+  memcpy(&v, p, sizeof(T));
+  return v;
+#else
+  return *reinterpret_cast<const T*>(p);
+#endif
+}
+
+// Whether 16-byte loads may start at `p` (the emulator can also answer no everywhere, to test
+// the kernels' one-value-at-a-time loops).
+__device__ __forceinline__ bool aligned16(const void* p) {
+#ifdef LMKIT_EMU
+  return lmkit_emu_aligned16(p);
+#else
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+#endif
+}
+
+// 16 bytes to `p` (16-byte aligned).
+__device__ __forceinline__ void store16(void* p, uint4 v) {
+#ifdef LMKIT_EMU
+  memcpy(p, &v, sizeof(v));
+#else
+  *reinterpret_cast<uint4*>(p) = v;
+#endif
+}
+
+// 4 bytes from and to `p` (4-byte aligned): two 16-bit values, the first in the low half.
+__device__ __forceinline__ uint32_t ld32(const void* p) {
+#ifdef LMKIT_EMU
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
+#else
+  return *reinterpret_cast<const uint32_t*>(p);
+#endif
+}
+
+__device__ __forceinline__ void st32(void* p, uint32_t v) {
+#ifdef LMKIT_EMU
+  memcpy(p, &v, 4);
+#else
+  *reinterpret_cast<uint32_t*>(p) = v;
+#endif
+}
+
+__device__ __forceinline__ void st16(void* p, uint16_t v) {
+#ifdef LMKIT_EMU
+  memcpy(p, &v, 2);
+#else
+  *reinterpret_cast<uint16_t*>(p) = v;
+#endif
+}
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -36,28 +36,6 @@ typedef __half f16;
 
 #include "common.cuh"
 
-// 16 bytes from `p` (16-byte aligned; see aligned16).
-template <typename T>
-__device__ __forceinline__ T load16(const void* p) {
-#ifdef LMKIT_EMU
-  T v;
-  memcpy(&v, p, sizeof(T));
-  return v;
-#else
-  return *reinterpret_cast<const T*>(p);
-#endif
-}
-
-// Whether 16-byte loads may start at `p` (the emulator can also answer no everywhere, to test
-// the kernels' one-value-at-a-time loops).
-__device__ __forceinline__ bool aligned16(const void* p) {
-#ifdef LMKIT_EMU
-  return lmkit_emu_aligned16(p);
-#else
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------
 // Products with one row of W per warp.
 

@@ -22,30 +22,32 @@
 // tr_add         out = x + y  (x, out f32; y in T: a residual add)
 //
 // Causal attention without the (t × t) probabilities (FlashAttention-2's schedule: Dao, 2023,
-// arXiv:2307.08691), on tensor cores (wmma tiles of 16×16×16, 16-bit inputs, f32 sums), for
+// arXiv:2307.08691), on tensor cores (mma.sync.m16n8k16: 16-bit inputs, f32 sums), for
 // T = bf16/f16 and head sizes D = 64, 128. q (b, h, t, D); k, v (b, kh, t, D), query head j
 // reading kv head j / (h/kh); s the softmax scale. Position p sees keys 0..p.
 // tr_flash_fwd   y = softmax(s·q kᵀ) v per head, written as rows (b·t, h·D) (the layout of the
 //                output projection's input); lse = m + log Σ exp(s·q kᵀ − m) per row (b, h, t).
 //                k, v hold cap positions per head; query i is at position off + i (a prompt
 //                after off cached tokens) and sees keys 0..off + i.
-//                Per block 16·W query rows (W warps of 16), over key tiles of 32 kept in
+//                Per block 16·W query rows (W warps of 16), over key tiles of 64 kept in
 //                shared memory: S → online softmax (running max m and sum l per row, the
-//                output rescaled by exp(m_old − m_new)) → O += P v.
+//                output rescaled by exp(m_old − m_new)) → O += P v, with S, P and O in
+//                registers (P goes from S's accumulators to the next product's operand).
 // tr_attn_dot    δ = rowsum(dy ⊙ y) per (row, head)                                warp each
 // tr_flash_bwd_kv  per block 16·W keys of one kv head, over its query heads and the query
 //                tiles that see them: P = exp(s·q kᵀ − lse), dv += Pᵀ dy, dP = dy vᵀ,
 //                dS = s·P ⊙ (dP − δ), dk += dSᵀ q
 // tr_flash_bwd_q per block 16·W query rows, over the key tiles they see: dq += dS k
 // Recomputing S in both backward kernels (FlashAttention-2 does one kernel with atomic adds
-// into dq) keeps every sum in registers and the results deterministic.
+// into dq) keeps every sum in registers and the results deterministic. Tiles are loaded into
+// shared memory with 16-byte loads, and also transposed where a product takes them as its
+// n-major operand, with rows padded by 8 values so that the fragments' loads hit 32 banks.
 
 #ifdef LMKIT_EMU
 #include "emu/emu.h"
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <stdint.h>
 #define LMKIT_REG(name)
 #endif
@@ -192,15 +194,13 @@ __device__ void add(const float* x, const T* y, float* out, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Causal flash attention (16-bit T only).
+// Causal flash attention (16-bit T only), on tensor cores through mma.sync.m16n8k16 with
+// PTX's fragment layout, so that the sums stay in registers (no shared-memory round trip of the
+// output between key tiles). Lane l of a warp: g = l/4, c = l%4; see lmkit_emu_mma16816 in
+// emu/emu.h for which elements each register holds.
 
-#ifndef LMKIT_EMU
-using namespace nvcuda;
-#else
-namespace wmma = nvcuda::wmma;
-#endif
-
-#define FA_T 32  // key (forward, dq) or query (dk/dv) positions per tile
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
 
 template <typename T>
 __device__ __forceinline__ T from_f(float v) {
@@ -209,149 +209,251 @@ __device__ __forceinline__ T from_f(float v) {
   return x;
 }
 
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Acc;
+// Two values rounded to T, packed into one register (the first in the low half).
 template <typename T>
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+#ifdef LMKIT_EMU
 template <typename T>
-using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T a = from_f<T>(lo), b = from_f<T>(hi);
+  uint16_t ua, ub;
+  memcpy(&ua, &a, 2);
+  memcpy(&ub, &b, 2);
+  return (uint32_t)ua | ((uint32_t)ub << 16);
+}
+#else
+template <>
+__device__ __forceinline__ uint32_t pack2<bf16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+#endif
 
-// out (16 × 16·NT, f32, row stride ldo) = a (16 × D, row stride lda) · bᵀ, b (16·NT × D, row
-// stride ldb): a warp's product of its rows with a tile's rows.
-template <typename T, int D, int NT>
-__device__ void rows_by_rows(const T* a, int lda, const T* b, int ldb, float* out, int ldo) {
+// d (16×8 f32, 4 per lane) += a (16×16 A fragment) · b (16×8 B fragment).
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b);
+#ifdef LMKIT_EMU
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
+  lmkit_emu_mma16816(d, a, b, std::is_same_v<T, __half>);
+}
+#else
+template <>
+__device__ __forceinline__ void mma16816<bf16>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma16816<f16>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// The B fragment (16 k × 8 n) of a tile stored n-major: row n of `p` (stride ld) holds k.
+template <typename T>
+__device__ __forceinline__ void frag_b(uint32_t* b, const T* p, int ld) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  b[0] = ld32(p + g * ld + 2 * c);
+  b[1] = ld32(p + g * ld + 8 + 2 * c);
+}
+
+// A fragments (16 rows × D) of rows r0.. of a matrix whose row i starts at src + i·stride,
+// zeros from row `rows` on; a[kk] covers columns 16·kk...
+template <typename T, int D>
+__device__ __forceinline__ void frag_a_rows(uint32_t (*a)[4], const T* src, int64_t stride, int r0,
+                                            int rows) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    Acc acc;
-    wmma::fill_fragment(acc, 0.f);
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + g + 8 * r;
+    const T* p = src + (int64_t)row * stride + 2 * c;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      FragA<T> fa;
-      FragBc<T> fb;
-      wmma::load_matrix_sync(fa, a + kk * 16, lda);
-      wmma::load_matrix_sync(fb, b + n * 16 * ldb + kk * 16, ldb);
-      wmma::mma_sync(acc, fa, fb, acc);
+      a[kk][r] = row < rows ? ld32(p + 16 * kk) : 0u;
+      a[kk][r + 2] = row < rows ? ld32(p + 16 * kk + 8) : 0u;
     }
-    wmma::store_matrix_sync(out + n * 16, acc, ldo, wmma::mem_row_major);
   }
 }
 
-// acc[n] += p (16 × K, row stride ldp) · m (K × 16·N, row stride ldm), for the N accumulators of a
-// warp's 16 × 16·N result.
+// The A fragment of columns 16·kk.. of a 16-row product held as C fragments s[n] (8 columns
+// each): the register reuse that feeds P (or dS) to the next product without shared memory.
+template <typename T>
+__device__ __forceinline__ void frag_a_acc(uint32_t* a, float (*s)[4], int kk) {
+  a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// acc[n] (16 × 8·N) += a (16 × 16·K, fragments) · the tile whose row n (stride ld) holds the k
+// values of output column n.
 template <typename T, int K, int N>
-__device__ void acc_product(Acc* acc, const T* p, int ldp, const T* m, int ldm) {
+__device__ __forceinline__ void mma_tile(float (*acc)[4], uint32_t (*a)[4], const T* b, int ld) {
 #pragma unroll
   for (int n = 0; n < N; ++n) {
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-      FragA<T> fa;
-      FragBr<T> fb;
-      wmma::load_matrix_sync(fa, p + kk * 16, ldp);
-      wmma::load_matrix_sync(fb, m + kk * 16 * ldm + n * 16, ldm);
-      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    for (int kk = 0; kk < K; ++kk) {
+      uint32_t f[2];
+      frag_b(f, b + n * 8 * ld + kk * 16, ld);
+      mma16816<T>(acc[n], a[kk], f);
     }
   }
 }
 
-// Copies rows [r0, r0 + R) of a (rows, D) matrix whose row i starts at src + i·stride into
-// shared dst (R × D), zeros past `rows`.
-template <typename T, int D>
-__device__ void load_rows(T* dst, const T* src, int64_t stride, int r0, int R, int rows) {
-  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-    const int r = r0 + i / D, c = i % D;
-    dst[i] = r < rows ? src[(int64_t)r * stride + c] : from_f<T>(0.f);
+// Rows [r0, r0 + R) of a (rows, D) matrix (row i at src + i·stride) into shared dst (R × D,
+// row stride LD), zeros from row `rows` on. 16-byte loads where aligned.
+template <typename T, int D, int R, int LD>
+__device__ void tile_rows(T* dst, const T* src, int64_t stride, int r0, int rows) {
+  if (aligned16(src) && stride % 8 == 0) {
+    for (int i = threadIdx.x; i < R * D / 8; i += blockDim.x) {
+      const int r = i / (D / 8), col = (i % (D / 8)) * 8;
+      uint4 x = {0u, 0u, 0u, 0u};
+      if (r0 + r < rows) x = load16<uint4>(src + (int64_t)(r0 + r) * stride + col);
+      store16(dst + r * LD + col, x);
+    }
+  } else {
+    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+      const int r = i / D, col = i % D;
+      dst[r * LD + col] = r0 + r < rows ? src[(int64_t)(r0 + r) * stride + col] : from_f<T>(0.f);
+    }
   }
 }
 
-// Writes a warp's 16 × D result (accumulators acc[D/16]) scaled by k to rows [r0, r0 + 16) of
-// dst (row i at dst + i·stride), skipping rows ≥ rows; stage is 16 × 16 f32 of shared memory.
-template <typename T, int D>
-__device__ void store_rows(const Acc* acc, float* stage, T* dst, int64_t stride, int r0, int rows,
-                           float k) {
-  const int lane = threadIdx.x & 31;
+// The same rows transposed: dst (D × R, row stride LD), dst[col·LD + r]. Consecutive threads
+// take consecutive rows, so that their 16-bit stores fall in different banks.
+template <typename T, int D, int R, int LD>
+__device__ void tile_cols(T* dst, const T* src, int64_t stride, int r0, int rows) {
+  if (aligned16(src) && stride % 8 == 0) {
+    for (int i = threadIdx.x; i < R * D / 8; i += blockDim.x) {
+      const int r = i % R, col = (i / R) * 8;
+      uint4 x = {0u, 0u, 0u, 0u};
+      if (r0 + r < rows) x = load16<uint4>(src + (int64_t)(r0 + r) * stride + col);
+      const uint32_t w[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::store_matrix_sync(stage, acc[n], 16, wmma::mem_row_major);
-    __syncwarp();
-    for (int i = lane; i < 256; i += 32) {
-      const int r = r0 + i / 16;
-      if (r < rows) put(dst + (int64_t)r * stride + n * 16 + i % 16, stage[i] * k);
+      for (int u = 0; u < 8; ++u)
+        st16(dst + (col + u) * LD + r, (uint16_t)(w[u / 2] >> (16 * (u % 2))));
     }
-    __syncwarp();
+  } else {
+    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+      const int r = i % R, col = i / R;
+      dst[col * LD + r] = r0 + r < rows ? src[(int64_t)(r0 + r) * stride + col] : from_f<T>(0.f);
+    }
   }
 }
+
+// Writes rows r0 + g, r0 + g + 8 of a warp's 16 × D result acc[D/8] (times k) to dst (row i
+// at dst + i·stride), skipping rows ≥ rows.
+template <typename T, int D>
+__device__ __forceinline__ void store_acc(float (*acc)[4], T* dst, int64_t stride, int r0,
+                                          int rows, const float* k) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + g + 8 * r;
+    if (row >= rows) continue;
+    T* p = dst + (int64_t)row * stride + 2 * c;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      st32(p + 8 * n, pack2<T>(acc[n][2 * r] * k[r], acc[n][2 * r + 1] * k[r]));
+  }
+}
+
+// Key tile of the forward pass.
+#define FA_K 64
 
 template <typename T, int D, int W>
 __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, int t, int h,
                           int kh, float scale, int cap, int off) {
-  constexpr int BQ = 16 * W;
-  __shared__ __align__(32) T qs[BQ * D];
-  __shared__ __align__(32) T ks[FA_T * D];
-  __shared__ __align__(32) T vs[FA_T * D];
-  __shared__ __align__(32) float ss[W][16 * FA_T];
-  __shared__ __align__(32) T ps[W][16 * FA_T];
-  __shared__ __align__(32) float os[W][16 * D];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr int BK = FA_K, LK = D + 8, LV = BK + 8;
+  __shared__ __align__(16) T ks[BK * LK];  // keys, row-major (the B operand of q kᵀ)
+  __shared__ __align__(16) T vt[D * LV];   // values transposed (the B operand of P v)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int head = blockIdx.y, bi = head / h, j = head % h, kv = j / (h / kh);
   // Query row i (of t) is at position off + i and sees keys 0..off + i; k and v hold cap
-  // positions per head.
-  const int q0 = blockIdx.x * BQ, w0 = off + q0 + warp * 16, nk = off + t;
+  // positions per head. This lane's rows: w0 + g and w0 + g + 8.
+  const int q0 = blockIdx.x * 16 * W, w0 = q0 + warp * 16, nk = off + t;
   const T* kh_ = k + ((int64_t)bi * kh + kv) * cap * D;
   const T* vh_ = v + ((int64_t)bi * kh + kv) * cap * D;
-  load_rows<T, D>(qs, q + (int64_t)head * t * D, D, q0, BQ, t);
-  for (int i = lane; i < 16 * D; i += 32) os[warp][i] = 0.f;
-  // Row `row` of the warp's 16 belongs to lanes 2·row and 2·row + 1, each with half the columns.
-  const int row = lane >> 1, half = lane & 1, qpos = w0 + row, qi = qpos - off;
-  float m = -INFINITY, l = 0.f;
-  const int last = off + min(t - 1, q0 + BQ - 1);
-  for (int k0 = 0; k0 <= last; k0 += FA_T) {
+  uint32_t qa[D / 16][4];
+  frag_a_rows<T, D>(qa, q + (int64_t)head * t * D, D, w0, t);
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  // Running maximum (of scores in log2 units) and this lane's part of the sum, per row.
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const float sl = scale * LOG2E;
+  const int last = off + min(t - 1, q0 + 16 * W - 1), first_pos = off + w0;
+  for (int k0 = 0; k0 <= last; k0 += BK) {
     __syncthreads();
-    load_rows<T, D>(ks, kh_, D, k0, FA_T, nk);
-    load_rows<T, D>(vs, vh_, D, k0, FA_T, nk);
+    tile_rows<T, D, BK, LK>(ks, kh_, D, k0, nk);
+    tile_cols<T, D, BK, LV>(vt, vh_, D, k0, nk);
     __syncthreads();
-    if (k0 > w0 + 15) continue;  // the whole tile is after this warp's rows
-    rows_by_rows<T, D, FA_T / 16>(qs + warp * 16 * D, D, ks, D, ss[warp], FA_T);
-    __syncwarp();
-    float* sr = ss[warp] + row * FA_T + half * (FA_T / 2);
-    float mx = -INFINITY;
-    for (int c = 0; c < FA_T / 2; ++c) {
-      const int kpos = k0 + half * (FA_T / 2) + c;
-      const float sv = kpos <= qpos ? sr[c] * scale : -INFINITY;
-      sr[c] = sv;
-      mx = fmaxf(mx, sv);
+    if (k0 > first_pos + 15) continue;  // the whole tile is after this warp's rows
+    float s[BK / 8][4];
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    mma_tile<T, D / 16, BK / 8>(s, qa, ks, LK);
+    const bool diag = k0 + BK - 1 > first_pos;  // some key is after some row's position
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int kpos = k0 + 8 * n + 2 * c + (i & 1), qpos = first_pos + g + 8 * (i >> 1);
+        s[n][i] = diag && kpos > qpos ? -INFINITY : s[n][i] * sl;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m[r], mx), base = mn == -INFINITY ? 0.f : mn;
+      const float corr = exp2f(m[r] - base);
+      m[r] = mn;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n) {
+        s[n][2 * r] = exp2f(s[n][2 * r] - base);
+        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - base);
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+      }
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][2 * r] *= corr;
+        o[n][2 * r + 1] *= corr;
+      }
+      l[r] = l[r] * corr + sum;
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float mn = fmaxf(m, mx);
-    const float corr = m == -INFINITY ? 0.f : expf(m - mn);
-    float sum = 0.f;
-    T* pr = ps[warp] + row * FA_T + half * (FA_T / 2);
-    for (int c = 0; c < FA_T / 2; ++c) {
-      const float p = mn == -INFINITY ? 0.f : expf(sr[c] - mn);
-      sum += p;
-      put(pr + c, p);
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      uint32_t pa[1][4];
+      frag_a_acc<T>(pa[0], s, kk);
+      mma_tile<T, 1, D / 8>(o, pa, vt + kk * 16, LV);
     }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * corr + sum;
-    m = mn;
-    float* orow = os[warp] + row * D + half * (D / 2);
-    for (int c = 0; c < D / 2; ++c) orow[c] *= corr;
-    __syncwarp();
-    for (int n = 0; n < D / 16; ++n) {
-      Acc acc;
-      wmma::load_matrix_sync(acc, os[warp] + n * 16, D, wmma::mem_row_major);
-      acc_product<T, FA_T, 1>(&acc, ps[warp], FA_T, vs + n * 16, D);
-      wmma::store_matrix_sync(os[warp] + n * 16, acc, D, wmma::mem_row_major);
-    }
-    __syncwarp();
   }
-  if (qi < t) {
-    const float inv = 1.f / l;
-    const float* orow = os[warp] + row * D + half * (D / 2);
-    T* yr = y + ((int64_t)(bi * t + qi) * h + j) * D + half * (D / 2);
-    for (int c = 0; c < D / 2; ++c) put(yr + c, orow[c] * inv);
-    if (lse && half == 0) lse[(int64_t)head * t + qi] = m + logf(l);
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = 1.f / l[r];
+    const int row = w0 + g + 8 * r;
+    if (lse && c == 0 && row < t) lse[(int64_t)head * t + row] = (m[r] + log2f(l[r])) * LN2;
   }
+  store_acc<T, D>(o, y + ((int64_t)bi * t * h + j) * D, (int64_t)h * D, w0, t, inv);
 }
 
 template <typename T>
@@ -369,123 +471,162 @@ __device__ void attn_dot(const T* y, const T* dy, float* dd, int b, int t, int h
   if (lane == 0) dd[((row / t) * h + j) * t + row % t] = s;
 }
 
+// Query (dk/dv) or key (dq) positions per tile of the backward kernels: the tiles are kept in
+// shared memory both ways (row-major and transposed), which for heads of 128 fits 32.
+#define FA_B(D) ((D) <= 64 ? 64 : 32)
+
 template <typename T, int D, int W>
 __device__ void flash_bwd_kv(const T* q, const T* k, const T* v, const T* dy, const float* lse,
                              const float* dd, T* dk, T* dv, int t, int h, int kh, float scale) {
-  constexpr int BK = 16 * W;
-  __shared__ __align__(32) T ks[BK * D];
-  __shared__ __align__(32) T vs[BK * D];
-  __shared__ __align__(32) T qs[FA_T * D];
-  __shared__ __align__(32) T gs[FA_T * D];
-  __shared__ float ls[FA_T], ds[FA_T];
-  __shared__ __align__(32) float ss[W][16 * FA_T];
-  __shared__ __align__(32) T ps[W][16 * FA_T];
-  __shared__ __align__(32) T dss[W][16 * FA_T];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int kvh = blockIdx.y, bi = kvh / kh, kv = kvh % kh, g = h / kh;
-  const int k0 = blockIdx.x * BK, w0 = k0 + warp * 16;
-  load_rows<T, D>(ks, k + (int64_t)kvh * t * D, D, k0, BK, t);
-  load_rows<T, D>(vs, v + (int64_t)kvh * t * D, D, k0, BK, t);
-  Acc adk[D / 16], adv[D / 16];
-#pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::fill_fragment(adk[n], 0.f);
-    wmma::fill_fragment(adv[n], 0.f);
+  constexpr int BQ = FA_B(D), LQ = D + 8, LT = BQ + 8;
+  // Heads of 64 keep the warp's keys and values as A fragments in registers; heads of 128
+  // reload them per query tile (from cache), to leave registers for the sums.
+  constexpr bool HOLD = D <= 64;
+  __shared__ __align__(16) T qs[BQ * LQ];  // q rows (B operand of k qᵀ)
+  __shared__ __align__(16) T qt[D * LT];   // q transposed (B operand of dSᵀ q)
+  __shared__ __align__(16) T gs[BQ * LQ];  // dy rows (B operand of v dyᵀ)
+  __shared__ __align__(16) T gt[D * LT];   // dy transposed (B operand of Pᵀ dy)
+  __shared__ float ls[BQ], ds[BQ];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int kvh = blockIdx.y, bi = kvh / kh, kv = kvh % kh, grp = h / kh;
+  const int k0 = blockIdx.x * 16 * W, w0 = k0 + warp * 16;
+  const T* kr = k + (int64_t)kvh * t * D;
+  const T* vr = v + (int64_t)kvh * t * D;
+  uint32_t ka[D / 16][4], va[D / 16][4];
+  if (HOLD) {
+    frag_a_rows<T, D>(ka, kr, D, w0, t);
+    frag_a_rows<T, D>(va, vr, D, w0, t);
   }
-  // Key `row` of the warp's 16 belongs to lanes 2·row and 2·row + 1, each with half the queries.
-  const int row = lane >> 1, half = lane & 1, kpos = w0 + row;
-  for (int jj = 0; jj < g; ++jj) {
-    const int j = kv * g + jj, head = bi * h + j;
-    for (int q0 = (k0 / FA_T) * FA_T; q0 < t; q0 += FA_T) {
+  float adk[D / 8][4], adv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) adk[n][i] = adv[n][i] = 0.f;
+  const float sl = scale * LOG2E;
+  // This lane's keys: w0 + g and w0 + g + 8.
+  for (int jj = 0; jj < grp; ++jj) {
+    const int j = kv * grp + jj, head = bi * h + j;
+    const T* qh = q + (int64_t)head * t * D;
+    const T* gh = dy + ((int64_t)bi * t * h + j) * D;
+    for (int q0 = (k0 / BQ) * BQ; q0 < t; q0 += BQ) {
       __syncthreads();
-      load_rows<T, D>(qs, q + (int64_t)head * t * D, D, q0, FA_T, t);
-      load_rows<T, D>(gs, dy + ((int64_t)bi * t * h + j) * D, (int64_t)h * D, q0, FA_T, t);
-      for (int i = threadIdx.x; i < FA_T; i += blockDim.x) {
+      tile_rows<T, D, BQ, LQ>(qs, qh, D, q0, t);
+      tile_cols<T, D, BQ, LT>(qt, qh, D, q0, t);
+      tile_rows<T, D, BQ, LQ>(gs, gh, (int64_t)h * D, q0, t);
+      tile_cols<T, D, BQ, LT>(gt, gh, (int64_t)h * D, q0, t);
+      for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
         const int p = q0 + i;
-        ls[i] = p < t ? lse[(int64_t)head * t + p] : INFINITY;
+        ls[i] = p < t ? lse[(int64_t)head * t + p] * LOG2E : INFINITY;
         ds[i] = p < t ? dd[(int64_t)head * t + p] : 0.f;
       }
       __syncthreads();
-      if (w0 > q0 + FA_T - 1) continue;  // every query of the tile is before this warp's keys
-      // Sᵀ (16 keys × FA_T queries), then Pᵀ.
-      rows_by_rows<T, D, FA_T / 16>(ks + warp * 16 * D, D, qs, D, ss[warp], FA_T);
-      __syncwarp();
-      float* sr = ss[warp] + row * FA_T + half * (FA_T / 2);
-      T* pr = ps[warp] + row * FA_T + half * (FA_T / 2);
-      for (int c = 0; c < FA_T / 2; ++c) {
-        const int ci = half * (FA_T / 2) + c, qpos = q0 + ci;
-        put(pr + c, kpos <= qpos ? expf(sr[c] * scale - ls[ci]) : 0.f);
+      if (w0 > q0 + BQ - 1) continue;  // every query of the tile is before this warp's keys
+      if (!HOLD) {
+        frag_a_rows<T, D>(ka, kr, D, w0, t);
+        frag_a_rows<T, D>(va, vr, D, w0, t);
       }
-      __syncwarp();
-      acc_product<T, FA_T, D / 16>(adv, ps[warp], FA_T, gs, D);  // dv += Pᵀ dy
-      // dPᵀ = v dyᵀ, then dSᵀ = s·Pᵀ ⊙ (dPᵀ − δ).
-      rows_by_rows<T, D, FA_T / 16>(vs + warp * 16 * D, D, gs, D, ss[warp], FA_T);
-      __syncwarp();
-      T* dr = dss[warp] + row * FA_T + half * (FA_T / 2);
-      for (int c = 0; c < FA_T / 2; ++c) {
-        const int ci = half * (FA_T / 2) + c;
-        put(dr + c, scale * to_f(pr[c]) * (sr[c] - ds[ci]));
+      // Sᵀ (16 keys × BQ queries) → Pᵀ = exp(s·Sᵀ − lse), zero where the key is after the query.
+      float p[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+      for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p[n][i] = dp[n][i] = 0.f;
+      mma_tile<T, D / 16, BQ / 8>(p, ka, qs, LQ);
+#pragma unroll
+      for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int ci = 8 * n + 2 * c + (i & 1), kpos = w0 + g + 8 * (i >> 1);
+          p[n][i] = kpos <= q0 + ci ? exp2f(p[n][i] * sl - ls[ci]) : 0.f;
+        }
+      // dv += Pᵀ dy
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        uint32_t pa[1][4];
+        frag_a_acc<T>(pa[0], p, kk);
+        mma_tile<T, 1, D / 8>(adv, pa, gt + kk * 16, LT);
       }
-      __syncwarp();
-      acc_product<T, FA_T, D / 16>(adk, dss[warp], FA_T, qs, D);  // dk += dSᵀ q
+      // dPᵀ = v dyᵀ, then dSᵀ = s·Pᵀ ⊙ (dPᵀ − δ), and dk += dSᵀ q.
+      mma_tile<T, D / 16, BQ / 8>(dp, va, gs, LQ);
+#pragma unroll
+      for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int ci = 8 * n + 2 * c + (i & 1);
+          dp[n][i] = scale * p[n][i] * (dp[n][i] - ds[ci]);
+        }
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        uint32_t da[1][4];
+        frag_a_acc<T>(da[0], dp, kk);
+        mma_tile<T, 1, D / 8>(adk, da, qt + kk * 16, LT);
+      }
     }
   }
-  __syncwarp();
-  T* dkh = dk + (int64_t)kvh * t * D;
-  T* dvh = dv + (int64_t)kvh * t * D;
-  store_rows<T, D>(adk, ss[warp], dkh, D, w0, t, 1.f);
-  store_rows<T, D>(adv, ss[warp], dvh, D, w0, t, 1.f);
+  const float one[2] = {1.f, 1.f};
+  store_acc<T, D>(adk, dk + (int64_t)kvh * t * D, D, w0, t, one);
+  store_acc<T, D>(adv, dv + (int64_t)kvh * t * D, D, w0, t, one);
 }
 
 template <typename T, int D, int W>
 __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, const float* lse,
                             const float* dd, T* dq, int t, int h, int kh, float scale) {
-  constexpr int BQ = 16 * W;
-  __shared__ __align__(32) T qs[BQ * D];
-  __shared__ __align__(32) T gs[BQ * D];
-  __shared__ __align__(32) T ks[FA_T * D];
-  __shared__ __align__(32) T vs[FA_T * D];
-  __shared__ __align__(32) float ss[W][16 * FA_T];
-  __shared__ __align__(32) T ps[W][16 * FA_T];
-  __shared__ __align__(32) T dss[W][16 * FA_T];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr int BK = FA_B(D), LK = D + 8, LT = BK + 8;
+  __shared__ __align__(16) T ks[BK * LK];  // keys (B operand of q kᵀ)
+  __shared__ __align__(16) T kt[D * LT];   // keys transposed (B operand of dS k)
+  __shared__ __align__(16) T vs[BK * LK];  // values (B operand of dy vᵀ)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int head = blockIdx.y, bi = head / h, j = head % h, kv = j / (h / kh);
-  const int q0 = blockIdx.x * BQ, w0 = q0 + warp * 16;
+  const int q0 = blockIdx.x * 16 * W, w0 = q0 + warp * 16;
   const T* kh_ = k + ((int64_t)bi * kh + kv) * t * D;
   const T* vh_ = v + ((int64_t)bi * kh + kv) * t * D;
-  load_rows<T, D>(qs, q + (int64_t)head * t * D, D, q0, BQ, t);
-  load_rows<T, D>(gs, dy + ((int64_t)bi * t * h + j) * D, (int64_t)h * D, q0, BQ, t);
-  const int row = lane >> 1, half = lane & 1, qpos = w0 + row;
-  const float l_row = qpos < t ? lse[(int64_t)head * t + qpos] : INFINITY;
-  const float d_row = qpos < t ? dd[(int64_t)head * t + qpos] : 0.f;
-  Acc adq[D / 16];
+  uint32_t qa[D / 16][4], ga[D / 16][4];
+  frag_a_rows<T, D>(qa, q + (int64_t)head * t * D, D, w0, t);
+  frag_a_rows<T, D>(ga, dy + ((int64_t)bi * t * h + j) * D, (int64_t)h * D, w0, t);
+  // This lane's rows: w0 + g and w0 + g + 8.
+  float l_row[2], d_row[2];
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(adq[n], 0.f);
-  const int last = min(t - 1, q0 + BQ - 1);
-  for (int k0 = 0; k0 <= last; k0 += FA_T) {
+  for (int r = 0; r < 2; ++r) {
+    const int row = w0 + g + 8 * r;
+    l_row[r] = row < t ? lse[(int64_t)head * t + row] * LOG2E : INFINITY;
+    d_row[r] = row < t ? dd[(int64_t)head * t + row] : 0.f;
+  }
+  float adq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) adq[n][0] = adq[n][1] = adq[n][2] = adq[n][3] = 0.f;
+  const float sl = scale * LOG2E;
+  const int last = min(t - 1, q0 + 16 * W - 1);
+  for (int k0 = 0; k0 <= last; k0 += BK) {
     __syncthreads();
-    load_rows<T, D>(ks, kh_, D, k0, FA_T, t);
-    load_rows<T, D>(vs, vh_, D, k0, FA_T, t);
+    tile_rows<T, D, BK, LK>(ks, kh_, D, k0, t);
+    tile_cols<T, D, BK, LT>(kt, kh_, D, k0, t);
+    tile_rows<T, D, BK, LK>(vs, vh_, D, k0, t);
     __syncthreads();
     if (k0 > w0 + 15) continue;
-    rows_by_rows<T, D, FA_T / 16>(qs + warp * 16 * D, D, ks, D, ss[warp], FA_T);
-    __syncwarp();
-    float* sr = ss[warp] + row * FA_T + half * (FA_T / 2);
-    T* pr = ps[warp] + row * FA_T + half * (FA_T / 2);
-    for (int c = 0; c < FA_T / 2; ++c) {
-      const int kpos = k0 + half * (FA_T / 2) + c;
-      put(pr + c, kpos <= qpos ? expf(sr[c] * scale - l_row) : 0.f);
+    float p[BK / 8][4], dp[BK / 8][4];
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) p[n][i] = dp[n][i] = 0.f;
+    mma_tile<T, D / 16, BK / 8>(p, qa, ks, LK);  // S = q kᵀ
+    mma_tile<T, D / 16, BK / 8>(dp, ga, vs, LK);  // dP = dy vᵀ
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int kpos = k0 + 8 * n + 2 * c + (i & 1), r = i >> 1, qpos = w0 + g + 8 * r;
+        const float pv = kpos <= qpos ? exp2f(p[n][i] * sl - l_row[r]) : 0.f;
+        dp[n][i] = scale * pv * (dp[n][i] - d_row[r]);  // dS
+      }
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      uint32_t da[1][4];
+      frag_a_acc<T>(da[0], dp, kk);
+      mma_tile<T, 1, D / 8>(adq, da, kt + kk * 16, LT);  // dq += dS k
     }
-    __syncwarp();
-    rows_by_rows<T, D, FA_T / 16>(gs + warp * 16 * D, D, vs, D, ss[warp], FA_T);  // dP = dy vᵀ
-    __syncwarp();
-    T* dr = dss[warp] + row * FA_T + half * (FA_T / 2);
-    for (int c = 0; c < FA_T / 2; ++c) put(dr + c, scale * to_f(pr[c]) * (sr[c] - d_row));
-    __syncwarp();
-    acc_product<T, FA_T, D / 16>(adq, dss[warp], FA_T, ks, D);  // dq += dS k
   }
-  __syncwarp();
-  store_rows<T, D>(adq, ss[warp], dq + (int64_t)head * t * D, D, w0, t, 1.f);
+  const float one[2] = {1.f, 1.f};
+  store_acc<T, D>(adq, dq + (int64_t)head * t * D, D, w0, t, one);
 }
 
 #define FLASH_KERNELS(S, D, W)                                                                    \
@@ -510,17 +651,17 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
   }                                                                                               \
   LMKIT_REG(tr_flash_bwd_q_##D##_##S)
 
-// Warps per block: 4 for D = 64, 2 for D = 128. Static shared memory: 45 / 47 KB forward,
-// 41 KB backward, of the 48 KB a block may declare statically (no room for another array).
+// Four warps per block. Static shared memory (of the 48 KB a block may declare statically):
+// forward 18 / 36 KB for heads of 64 / 128, dk/dv 37 / 38 KB, dq 28 / 28 KB.
 
-// 16-bit wmma needs sm_80 or newer; older targets build without these kernels, which
+// bf16 mma.sync needs sm_80 or newer; older targets build without these kernels, which
 // `BlockOps::has_flash` sees: training then materializes attention's probabilities, and
 // prompts on the fused-decoding cache take candle's ops.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 FLASH_KERNELS(bf16, 64, 4)
-FLASH_KERNELS(bf16, 128, 2)
+FLASH_KERNELS(bf16, 128, 4)
 FLASH_KERNELS(f16, 64, 4)
-FLASH_KERNELS(f16, 128, 2)
+FLASH_KERNELS(f16, 128, 4)
 #endif
 
 #define DOT_KERNEL(S)                                                                             \

@@ -76,13 +76,8 @@ fn grid(n: usize) -> usize {
     n.div_ceil(256).clamp(1, MAX_BLOCKS)
 }
 
-/// Warps per block of the flash kernels (their `W`).
-fn flash_warps(d: usize) -> usize {
-    match d {
-        64 => 4,
-        _ => 2,
-    }
-}
+/// Warps per block of the flash kernels (their `W`), 16 query or key rows each.
+const FLASH_WARPS: usize = 4;
 
 fn int(v: usize, what: &str) -> Result<Arg> {
     Arg::int(v, what)
@@ -396,7 +391,7 @@ impl BlockOps {
             true => Some(self.empty(hd.b * hd.h * hd.t, DType::F32)?),
             false => None,
         };
-        let w = flash_warps(hd.d);
+        let w = FLASH_WARPS;
         let args = [
             self.ptr(q)?,
             self.ptr(k)?,
@@ -452,7 +447,7 @@ impl BlockOps {
         let dq = self.empty((b, h, t, d), self.dtype)?;
         let dk = self.empty((b, kh, t, d), self.dtype)?;
         let dv = self.empty((b, kh, t, d), self.dtype)?;
-        let w = flash_warps(d);
+        let w = FLASH_WARPS;
         let common = |out: &[&Tensor]| -> Result<Vec<Arg>> {
             let mut a = vec![
                 self.ptr(q)?,

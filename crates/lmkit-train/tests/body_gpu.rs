@@ -198,11 +198,12 @@ fn flash_config(d: usize, kv: usize) -> LlamaConfig {
 #[test]
 fn flash_attention_matches_the_materialized_path() -> Res {
     // Heads of 64 with GQA (one kv head for two), sequences that end mid-tile (40) and that
-    // span several query and key tiles (70); heads of 128 (two warps per block), with and
-    // without GQA.
+    // span several query and key tiles of 64 (70, 130); heads of 128 (backward tiles of 32),
+    // with and without GQA.
     for (d, kv, b, t1) in [
         (64, 1, 2, 41),
         (64, 1, 1, 71),
+        (64, 2, 1, 131),
         (128, 2, 1, 46),
         (128, 1, 1, 40),
     ] {
@@ -243,6 +244,30 @@ fn flash_attention_matches_the_materialized_path() -> Res {
                 "{what}: {name}: flash vs f32 {to_f32} (materialized {mat_to_f32}), \
                  vs materialized {to_mat}"
             );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn flash_tiles_load_the_same_without_16_byte_loads() -> Res {
+    // Every buffer treated as unaligned: the tiles go to shared memory one value at a time
+    // (also transposed), and the gradients must be the same bits. f16 with heads of 128 too.
+    for (d, dtype) in [(64, DType::BF16), (128, DType::F16)] {
+        let cfg = flash_config(d, 1);
+        let t = random(cfg.clone(), 5)?.to_device(&Device::Cpu, dtype)?;
+        let ids = ids(&cfg, 1, 75)?;
+        let (l1, vector) = emulated_with(&t, &ids, None, Attention::Flash)?;
+        Launcher::emu_force_scalar(true);
+        let scalar = emulated_with(&t, &ids, None, Attention::Flash);
+        Launcher::emu_force_scalar(false);
+        let (l2, scalar) = scalar?;
+        assert_eq!(l1.to_scalar::<f32>()?, l2.to_scalar::<f32>()?, "head {d}");
+        for (name, var) in &t.params {
+            let (a, b) = (vector.get(var.as_tensor()), scalar.get(var.as_tensor()));
+            let (a, b) = (a.expect("a gradient"), b.expect("a gradient"));
+            let (rel, _) = errors(a, b)?;
+            assert!(rel == 0.0, "head {d}: {name}: {rel}");
         }
     }
     Ok(())

@@ -47,6 +47,10 @@ std::vector<Fiber> fibers;
 std::vector<std::unique_ptr<char[]>> stacks;
 std::vector<float> shfl;
 std::vector<int> parity;
+// The registers of mma.sync (6 per thread, two buffers used in turn as shfl's) and each
+// thread's buffer.
+std::vector<uint32_t> mma_regs;
+std::vector<int> mma_parity;
 int cur = 0;
 // The schedule, from LMKIT_EMU_ORDER (a comma-separated list). By default the threads of a
 // block run in order, each to its next barrier, before any barrier is released. `reverse` runs
@@ -57,8 +61,6 @@ int cur = 0;
 // other's output) then gives other numbers, which the tests catch.
 bool reverse = false, warp_eager = false;
 }  // namespace
-
-bool lmkit_emu_strict() { return warp_eager; }
 
 namespace {
 const Kernel* kernel = nullptr;
@@ -86,6 +88,7 @@ bool run_block(int threads) {
     makecontext(&f.ctx, fiber_main, 0);
     f.state = RUN;
     parity[i] = 0;
+    mma_parity[i] = 0;
   }
   const int warps = (threads + 31) / 32;
   for (;;) {
@@ -189,6 +192,43 @@ float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   return shfl[buf + ((me & ~31) | ((me & 31) ^ lane_mask))];
 }
 
+static float half_bits(uint32_t reg, int hi, bool f16) {
+  const uint16_t bits = (uint16_t)(hi ? reg >> 16 : reg & 0xffffu);
+  if (f16) {
+    _Float16 h;
+    memcpy(&h, &bits, 2);
+    return (float)h;
+  }
+  return __bfloat162float(__nv_bfloat16{bits});
+}
+
+void lmkit_emu_mma16816(float* d, const uint32_t* a, const uint32_t* b, bool f16) {
+  const int me = cur;
+  const int n = (int)blockDim.x;
+  uint32_t* buf = &mma_regs[(size_t)mma_parity[me] * n * 6];
+  mma_parity[me] ^= 1;
+  for (int i = 0; i < 4; i++) buf[me * 6 + i] = a[i];
+  buf[me * 6 + 4] = b[0];
+  buf[me * 6 + 5] = b[1];
+  wait(WAIT_WARP);
+  const int w = me & ~31, lane = me & 31, g = lane >> 2, c = lane & 3;
+  // Element (r, k) of A and (k, col) of B, from the lane and register that hold it.
+  auto A = [&](int r, int k) {
+    const int from = w + (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return half_bits(buf[from * 6 + reg], k & 1, f16);
+  };
+  auto B = [&](int k, int col) {
+    const int from = w + col * 4 + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
+    return half_bits(buf[from * 6 + 4 + reg], k & 1, f16);
+  };
+  for (int i = 0; i < 4; i++) {
+    const int r = g + 8 * (i >> 1), col = 2 * c + (i & 1);
+    float s = d[i];
+    for (int k = 0; k < 16; k++) s += A(r, k) * B(k, col);
+    d[i] = s;
+  }
+}
+
 namespace lmkit_emu {
 void add_kernel(const char* name, int nargs, void (*call)(void*, const uint64_t*), void* fn) {
   registry()[name] = Kernel{nargs, call, fn};
@@ -234,6 +274,8 @@ extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsi
   while (stacks.size() < threads) stacks.emplace_back(new char[STACK]);
   shfl.assign(2 * threads, 0.f);
   parity.assign(threads, 0);
+  mma_regs.assign((size_t)2 * threads * 6, 0u);
+  mma_parity.assign(threads, 0);
   blockDim = dim3{threads, 1, 1};
   gridDim = dim3{gx, gy, 1};
   fault.clear();

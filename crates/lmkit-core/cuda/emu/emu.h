@@ -23,9 +23,16 @@ extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 void __syncthreads();
 bool lmkit_emu_aligned16(const void* p);
-// Whether wmma's memory operations are strict (the `warps` schedule; see nvcuda::wmma below).
-bool lmkit_emu_strict();
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: d (16×8, f32) += a (16×16)
+// · b (16×8), with PTX's fragment layout. Lane l (g = l/4, c = l%4) passes its own registers,
+// two 16-bit values in each, the lower index in the low half:
+//   a[0] = A[g][2c, 2c+1]   a[1] = A[g+8][2c, 2c+1]   a[2] = A[g][2c+8, 2c+9]   a[3] = A[g+8][2c+8, 2c+9]
+//   b[0] = B[2c, 2c+1][g]   b[1] = B[2c+8, 2c+9][g]
+//   d[0], d[1] = D[g][2c, 2c+1]   d[2], d[3] = D[g+8][2c, 2c+1]
+// The call is a warp barrier (all 32 lanes take part, as on the GPU); each lane gets its own
+// four outputs, computed from the whole warp's registers.
+void lmkit_emu_mma16816(float* d, const uint32_t* a, const uint32_t* b, bool f16);
 
 struct uint4 {
   unsigned x, y, z, w;
@@ -75,103 +82,6 @@ void __syncwarp(unsigned mask = 0xffffffffu);
 // Records a fault of the running kernel (the launch then fails with `what`).
 void lmkit_emu_fault(const char* what);
 
-// nvcuda::wmma (tensor-core tiles of 16×16×16, 16-bit inputs, f32 accumulators) on the CPU.
-// Every thread of the warp holds the whole tile and computes it (the real API leaves the
-// mapping of elements to threads unspecified, so code that only loads, stores, fills and
-// multiplies fragments cannot tell). Each call is a warp barrier, as the real ones are
-// warp-synchronous, and checks what the hardware requires: 32-byte aligned pointers, and
-// leading dimensions of a multiple of 16 bytes. Under the `warps` schedule (see emu.cpp) the
-// memory side is strict: a lane loads a tile when it arrives (then waits for the others), and
-// stores its share of one (8 consecutive elements per lane, lane 16 the first 8, so that
-// a lane's share is never where that lane usually reads) when it arrives, without waiting; so memory that other lanes write or
-// read is safe to touch only after a __syncwarp, as on the GPU.
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-inline float emu_f(float x) { return x; }
-inline float emu_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-inline float emu_f(__half x) { return __half2float(x); }
-
-template <typename Use, int M, int N, int K, typename T, typename L = void>
-struct fragment {
-  // matrix_a: M×K, matrix_b: K×N, accumulator: M×N; row-major.
-  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
-  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-  static constexpr int num_elements = rows * cols;
-  T x[num_elements];
-};
-
-inline int emu_lane() { return (int)(threadIdx.x & 31); }
-
-inline void emu_check(const void* p, unsigned ldm, size_t elem) {
-  if ((reinterpret_cast<uintptr_t>(p) & 31) != 0) lmkit_emu_fault("wmma: pointer not 32-byte aligned");
-  if ((ldm * elem) % 16 != 0) lmkit_emu_fault("wmma: leading dimension not a multiple of 16 bytes");
-}
-
-template <typename Use, int M, int N, int K, typename T, typename L>
-void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
-  const bool strict = lmkit_emu_strict();
-  if (!strict) __syncwarp();
-  emu_check(p, ldm, sizeof(T));
-  using F = fragment<Use, M, N, K, T, L>;
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c)
-      f.x[r * F::cols + c] = std::is_same_v<L, col_major> ? p[c * ldm + r] : p[r * ldm + c];
-  if (strict) __syncwarp();
-}
-
-template <int M, int N, int K>
-void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm,
-                      layout_t l) {
-  const bool strict = lmkit_emu_strict();
-  if (!strict) __syncwarp();
-  emu_check(p, ldm, sizeof(float));
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) f.x[r * N + c] = l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
-  if (strict) __syncwarp();
-}
-
-template <int M, int N, int K>
-void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
-                       layout_t l) {
-  const bool strict = lmkit_emu_strict();
-  if (!strict) __syncwarp();
-  emu_check(p, ldm, sizeof(float));
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c)
-      if (!strict || ((r * N + c) / 8 + 16) % 32 == emu_lane())
-        (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * N + c];
-  if (!strict) __syncwarp();
-}
-
-template <typename Use, int M, int N, int K, typename T, typename L>
-void fill_fragment(fragment<Use, M, N, K, T, L>& f, T v) {
-  for (auto& e : f.x) e = v;
-}
-
-// d = a·b + c in f32.
-template <int M, int N, int K, typename T, typename LA, typename LB>
-void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-              const fragment<matrix_b, M, N, K, T, LB>& b,
-              const fragment<accumulator, M, N, K, float>& c) {
-  __syncwarp();
-  float out[M * N];
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      float s = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) s += emu_f(a.x[i * K + k]) * emu_f(b.x[k * N + j]);
-      out[i * N + j] = s;
-    }
-  for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
-}
-}  // namespace wmma
-}  // namespace nvcuda
 
 namespace lmkit_emu {
 
