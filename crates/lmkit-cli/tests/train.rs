@@ -264,7 +264,16 @@ fn dpo_writes_a_peft_adapter_and_metrics() {
             let o = lmkit(&["info", "--model", f.to_str().unwrap(), "--json"]);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
-        assert_eq!(metrics(&out).len(), 4);
+        let logs = metrics(&out);
+        assert_eq!(logs.len(), 4);
+        for l in &logs {
+            let norm = l["grad_norm"].as_f64().expect("a gradient norm");
+            assert!(norm.is_finite() && norm > 0.0, "{l}");
+            assert!(
+                l["train"]["loss"].as_f64().is_some_and(f64::is_finite),
+                "{l}"
+            );
+        }
     }
     // LoRA options need --lora.
     let o = lmkit(&[

@@ -158,6 +158,34 @@ impl AdamW {
         self.update(grads, lr, &Scale::Device(grad_scale))
     }
 
+    /// One update from gradients summed over micro-batches: averaged (times `mean`), clipped
+    /// to a global norm of `clip` (as [`clip_scale`] computes it), then applied, all on the
+    /// device. Returns the averaged gradient's norm as a device scalar, for the caller to
+    /// read once the step is queued.
+    pub fn clipped_step(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        mean: f64,
+        clip: Option<f64>,
+    ) -> Result<Tensor> {
+        let dev = match self.slots.first() {
+            Some(s) => s.var.device().clone(),
+            None => lmkit_core::Device::Cpu,
+        };
+        let norm = match self.grad_norm_tensor(grads)? {
+            Some(n) => (n * mean)?.detach(),
+            None => Tensor::new(0f32, &dev)?,
+        };
+        let scale = match clip {
+            // min(1, c / (‖g‖ + 1e-6))
+            Some(c) => ((norm.clone() + 1e-6)?.recip()? * c)?.minimum(1f32)?,
+            None => Tensor::new(1f32, &dev)?,
+        };
+        self.step_scaled(grads, lr, &(scale * mean)?)?;
+        Ok(norm)
+    }
+
     fn update(&mut self, grads: &GradStore, lr: f64, scale: &Scale) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
@@ -365,6 +393,49 @@ mod tests {
         }
         assert_eq!(clip_scale(0.5, 1.0), 1.0);
         assert!((clip_scale(4.0, 1.0) - 0.25).abs() < 1e-6);
+    }
+
+    /// `clipped_step` (average, norm and clip factor on the device) updates as a host-side
+    /// step with `clip_scale` does, and returns the averaged gradient's norm.
+    #[test]
+    fn clipped_step_matches_the_host_clip() {
+        // A large eps, so that the update depends on the gradient's scale (Adam's first step
+        // is otherwise the same for any positive factor).
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1.0,
+            weight_decay: 0.0,
+        };
+        let g = [3.0f32, -4.0, 12.0]; // norm 13, summed over 2 micro-batches: mean norm 6.5
+        for clip in [None, Some(1.0), Some(100.0)] {
+            let vars: Vec<Var> = (0..2)
+                .map(|_| Var::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap())
+                .collect();
+            let store = |v: &Var| {
+                let gt = Tensor::new(&g, &Device::Cpu).unwrap();
+                (v.as_tensor() * gt)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let mut a = AdamW::new(vec![(vars[0].clone(), true)], cfg).unwrap();
+            let norm = a.clipped_step(&store(&vars[0]), 0.1, 0.5, clip).unwrap();
+            let norm = norm.to_scalar::<f32>().unwrap() as f64;
+            assert!((norm - 6.5).abs() < 1e-5, "{norm}");
+            let mut b = AdamW::new(vec![(vars[1].clone(), true)], cfg).unwrap();
+            let k = clip.map_or(1.0, |c| clip_scale(6.5, c));
+            b.step(&store(&vars[1]), 0.1, k * 0.5).unwrap();
+            let (x, y) = (
+                vars[0].to_vec1::<f32>().unwrap(),
+                vars[1].to_vec1::<f32>().unwrap(),
+            );
+            for (x, y) in x.iter().zip(&y) {
+                assert!((x - y).abs() < 1e-6, "clip {clip:?}: {x} vs {y}");
+            }
+        }
     }
 
     /// A device-side scale computed from the gradients (clipping) must not leave a graph in the

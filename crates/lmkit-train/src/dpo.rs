@@ -53,12 +53,6 @@ fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok(((e + 1.0)?.log()?.neg()? + tail)?)
 }
 
-fn mean(t: &Tensor) -> Result<f64> {
-    Ok(t.mean_all()?
-        .to_dtype(lmkit_core::DType::F64)?
-        .to_scalar::<f64>()?)
-}
-
 /// The DPO loss of a batch of pairs; every argument is `(pairs,)` summed log-probs.
 pub fn dpo_loss(
     policy_chosen: &Tensor,
@@ -67,21 +61,72 @@ pub fn dpo_loss(
     ref_rejected: &Tensor,
     beta: f64,
 ) -> Result<DpoOutput> {
+    let (loss, stats) = dpo_terms(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta,
+    )?;
+    Ok(DpoOutput {
+        loss,
+        metrics: DpoMetrics::read(&stats)?,
+    })
+}
+
+/// The DPO loss and its metrics as one detached `(7,)` tensor on the same device (in
+/// [`DpoMetrics`]' field order), so that a training step reads them back once, after the
+/// optimizer's update is queued, instead of waiting for the device before the backward.
+fn dpo_terms(
+    policy_chosen: &Tensor,
+    policy_rejected: &Tensor,
+    ref_chosen: &Tensor,
+    ref_rejected: &Tensor,
+    beta: f64,
+) -> Result<(Tensor, Tensor)> {
     let r_w = ((policy_chosen - ref_chosen)? * beta)?;
     let r_l = ((policy_rejected - ref_rejected)? * beta)?;
     let margin = (&r_w - &r_l)?;
     let loss = log_sigmoid(&margin)?.mean_all()?.neg()?;
     let (rw, rl) = (r_w.detach(), r_l.detach());
-    let metrics = DpoMetrics {
-        loss: loss.to_dtype(lmkit_core::DType::F64)?.to_scalar::<f64>()?,
-        rewards_chosen: mean(&rw)?,
-        rewards_rejected: mean(&rl)?,
-        rewards_accuracies: mean(&rw.gt(&rl)?.to_dtype(lmkit_core::DType::F32)?)?,
-        rewards_margins: mean(&margin.detach())?,
-        logps_chosen: mean(&policy_chosen.detach())?,
-        logps_rejected: mean(&policy_rejected.detach())?,
-    };
-    Ok(DpoOutput { loss, metrics })
+    let mean = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.mean_all()?) };
+    let stats = Tensor::stack(
+        &[
+            loss.detach().to_dtype(DType::F32)?,
+            mean(&rw)?,
+            mean(&rl)?,
+            mean(&rw.gt(&rl)?)?,
+            mean(&margin.detach())?,
+            mean(&policy_chosen.detach())?,
+            mean(&policy_rejected.detach())?,
+        ],
+        0,
+    )?;
+    Ok((loss, stats))
+}
+
+impl DpoMetrics {
+    /// From [`dpo_terms`]' `(7,)` tensor.
+    fn read(stats: &Tensor) -> Result<Self> {
+        let v = stats.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let [loss, rewards_chosen, rewards_rejected, rewards_accuracies, rewards_margins, logps_chosen, logps_rejected] =
+            v[..]
+        else {
+            return Err(crate::Error::Data(format!(
+                "{} DPO metrics, not 7",
+                v.len()
+            )));
+        };
+        Ok(Self {
+            loss,
+            rewards_chosen,
+            rewards_rejected,
+            rewards_accuracies,
+            rewards_margins,
+            logps_chosen,
+            logps_rejected,
+        })
+    }
 }
 
 /// Summed log-probs of the completion tokens: for `ids (b, t)` and `completion (b, t)` (1 where
@@ -196,6 +241,8 @@ pub struct DpoLog {
     pub step: usize,
     pub lr: f64,
     pub train: DpoMetrics,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
     pub eval: Option<DpoMetrics>,
     pub seconds: f64,
 }
@@ -270,7 +317,7 @@ fn policy_loss_and_grads(
     idx: &[usize],
     beta: f64,
     pad: u32,
-) -> Result<(DpoOutput, GradStore)> {
+) -> Result<(Tensor, GradStore)> {
     let (ids, mask, rc, rr) = data.batch(idx, pad, policy.device())?;
     let n = idx.len();
     let t = ids.dims2()?.1;
@@ -287,19 +334,19 @@ fn policy_loss_and_grads(
     };
     let (Some(pass), Some(w)) = (pass, head) else {
         let lp = sequence_logps(policy, &ids, &mask)?; // (2n,): chosen rows, then rejected
-        let out = dpo_loss(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
-        let grads = out.loss.backward()?;
-        return Ok((out, grads));
+        let (loss, stats) = dpo_terms(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
+        let grads = loss.backward()?;
+        return Ok((stats, grads));
     };
     let lp = logps_of_hidden(pass.hidden(), w, &ids, &mask)?;
-    let out = dpo_loss(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
-    let mut grads = out.loss.backward()?;
+    let (loss, stats) = dpo_terms(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
+    let mut grads = loss.backward()?;
     // No completion token in the batch: nothing flows back, and no variable gets a gradient
     // (as on the autograd path, so AdamW leaves them alone).
     if let Some(dh) = grads.remove(pass.hidden()) {
         pass.backward(&dh, &mut grads)?;
     }
-    Ok((out, grads))
+    Ok((stats, grads))
 }
 
 /// DPO metrics of `policy` on every pair of `data` (no gradients kept).
@@ -357,10 +404,11 @@ pub fn train(
         if let Some(d) = &dropout {
             d.eval();
         }
-        let (out, grads) = out?;
-        let norm = opt.grad_norm(&grads)?;
-        let scale = cfg.clip.map_or(1.0, |c| crate::adamw::clip_scale(norm, c));
-        opt.step(&grads, lr, scale)?;
+        let (stats, grads) = out?;
+        // Nothing is read back until the update is queued.
+        let norm = opt.clipped_step(&grads, lr, 1.0, cfg.clip)?;
+        let train = DpoMetrics::read(&stats)?;
+        let grad_norm = norm.to_scalar::<f32>()? as f64;
         let done = step + 1;
         let eval = match eval {
             Some(e)
@@ -374,7 +422,8 @@ pub fn train(
         let log = DpoLog {
             step: done,
             lr,
-            train: out.metrics,
+            train,
+            grad_norm,
             eval,
             seconds: t0.elapsed().as_secs_f64(),
         };

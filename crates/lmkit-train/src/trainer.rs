@@ -308,18 +308,9 @@ impl Trainer {
             }
             let grads = grads.ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
             // 3. Average over micro-batches, then clip the global norm (on the device).
-            let mean = 1.0 / cfg.accumulate as f64;
-            let norm = match self.opt.grad_norm_tensor(&grads)? {
-                Some(n) => (n * mean)?.detach(),
-                None => Tensor::new(0f32, self.t.model.device())?,
-            };
-            let scale = match cfg.clip {
-                // min(1, c / (‖g‖ + 1e-6)), as clip_scale computes it.
-                Some(c) => ((norm.clone() + 1e-6)?.recip()? * c)?.minimum(1f32)?,
-                None => Tensor::new(1f32, self.t.model.device())?,
-            };
             // 4. Optimizer step.
-            self.opt.step_scaled(&grads, lr, &(scale * mean)?)?;
+            let mean = 1.0 / cfg.accumulate as f64;
+            let norm = self.opt.clipped_step(&grads, lr, mean, cfg.clip)?;
             phases.lap("optimizer")?;
             phases.report(self.step());
             let grad_norm = norm.to_scalar::<f32>()? as f64;
