@@ -67,6 +67,19 @@ __device__ __forceinline__ void st16(void* p, uint16_t v) {
 #endif
 }
 
+// One element of AdamW (arXiv:1711.05101, as torch.optim.AdamW): gradient g (already scaled),
+// moments m, v, bias corrections bc1 = 1 − β₁ᵗ, bc2 = 1 − β₂ᵗ, decay = 1 − lr·λ (or 1).
+__device__ __forceinline__ void adam_elem(float* p, float* m, float* v, float g, float lr,
+                                          float b1, float b2, float bc1, float bc2, float eps,
+                                          float decay) {
+  const float mj = b1 * *m + (1.f - b1) * g;
+  const float vj = b2 * *v + (1.f - b2) * g * g;
+  const float upd = (mj / bc1) / (sqrtf(vj / bc2) + eps);
+  *p = *p * decay - lr * upd;
+  *m = mj;
+  *v = vj;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;

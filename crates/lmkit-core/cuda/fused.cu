@@ -121,15 +121,8 @@ KERNELS(f16, __half)
 __device__ void adamw(float* p, float* m, float* v, const float* g, float k, int64_t n, float lr,
                       float b1, float b2, float bc1, float bc2, float eps, float decay) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float gj = g[i] * k;
-    const float mj = b1 * m[i] + (1.f - b1) * gj;
-    const float vj = b2 * v[i] + (1.f - b2) * gj * gj;
-    const float upd = (mj / bc1) / (sqrtf(vj / bc2) + eps);
-    p[i] = p[i] * decay - lr * upd;
-    m[i] = mj;
-    v[i] = vj;
-  }
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    adam_elem(p + i, m + i, v + i, g[i] * k, lr, b1, b2, bc1, bc2, eps, decay);
 }
 
 extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* g, float k,

@@ -21,6 +21,14 @@
 // tr_silu_mul_bwd  dg = dm ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))),  du = dm ⊙ silu(g)
 // tr_add         out = x + y  (x, out f32; y in T: a residual add)
 //
+// The optimizer over many f32 tensors at once, up to MT = 8 per launch (PyTorch's foreach /
+// fused AdamW), so that a step of a model with ~100 weight tensors is ~30 launches, where one
+// tensor op per tensor and step of the norm and the update made ~600:
+// tr_sumsq_x8    part[block] = Σ g² over the launch's tensors, one partial per block
+// tr_clip_scale  norm = √(Σ part)·mean, out = [norm, min(1, c / (norm + 1e-6))·mean] (c ≤ 0: no
+//                clipping), summed in a fixed order (the same bits on every run)
+// tr_adamw_x8    AdamW in place (adam_elem, common.cuh) with the gradients scaled by out[1]
+//
 // Causal attention without the (t × t) probabilities (FlashAttention-2's schedule: Dao, 2023,
 // arXiv:2307.08691), on tensor cores (mma.sync.m16n8k16: 16-bit inputs, f32 sums), for
 // T = bf16/f16 and head sizes D = 64, 128. q (b, h, t, D); k, v (b, kh, t, D), query head j
@@ -194,6 +202,56 @@ __device__ void add(const float* x, const T* y, float* out, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// Multi-tensor optimizer kernels (see the top of the file).
+
+#define MT_G(i) const float *g##i, int n##i
+extern "C" __global__ void tr_sumsq_x8(float* part, MT_G(0), MT_G(1), MT_G(2), MT_G(3), MT_G(4),
+                                       MT_G(5), MT_G(6), MT_G(7)) {
+  const float* g[8] = {g0, g1, g2, g3, g4, g5, g6, g7};
+  const int n[8] = {n0, n1, n2, n3, n4, n5, n6, n7};
+  float s = 0.f;
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    FOR_EACH(i, n[t]) s += g[t][i] * g[t][i];
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+LMKIT_REG(tr_sumsq_x8)
+
+extern "C" __global__ void tr_clip_scale(const float* part, int np, float mean, float clip,
+                                         float* out) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < np; i += blockDim.x) s += part[i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) {
+    const float norm = sqrtf(s) * mean;
+    const float k = clip > 0.f ? fminf(1.f, clip / (norm + 1e-6f)) : 1.f;
+    out[0] = norm;
+    out[1] = k * mean;
+  }
+}
+LMKIT_REG(tr_clip_scale)
+
+#define MT_P(i) float *p##i, float *m##i, float *v##i, const float *g##i, int n##i, float d##i
+extern "C" __global__ void tr_adamw_x8(const float* k, float lr, float b1, float b2, float bc1,
+                                       float bc2, float eps, MT_P(0), MT_P(1), MT_P(2), MT_P(3),
+                                       MT_P(4), MT_P(5), MT_P(6), MT_P(7)) {
+  float* p[8] = {p0, p1, p2, p3, p4, p5, p6, p7};
+  float* m[8] = {m0, m1, m2, m3, m4, m5, m6, m7};
+  float* v[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
+  const float* g[8] = {g0, g1, g2, g3, g4, g5, g6, g7};
+  const int n[8] = {n0, n1, n2, n3, n4, n5, n6, n7};
+  const float d[8] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  const float kk = k[0];
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    FOR_EACH(i, n[t]) adam_elem(p[t] + i, m[t] + i, v[t] + i, g[t][i] * kk, lr, b1, b2, bc1, bc2, eps, d[t]);
+  }
+}
+LMKIT_REG(tr_adamw_x8)
+
 // Causal flash attention (16-bit T only), on tensor cores through mma.sync.m16n8k16 with
 // PTX's fragment layout, so that the sums stay in registers (no shared-memory round trip of the
 // output between key tiles). Lane l of a warp: g = l/4, c = l%4; see lmkit_emu_mma16816 in

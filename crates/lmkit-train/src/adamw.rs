@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Result;
 
+mod multi;
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
     pub beta1: f64,
@@ -173,6 +175,14 @@ impl AdamW {
             Some(s) => s.var.device().clone(),
             None => lmkit_core::Device::Cpu,
         };
+        // On a GPU, a few multi-tensor launches (adamw/multi.rs) unless LMKIT_ADAMW_MULTI=0.
+        if dev.is_cuda() && std::env::var("LMKIT_ADAMW_MULTI").map_or(true, |v| v != "0") {
+            if let Some(l) = lmkit_core::launch::Launcher::for_device(&dev) {
+                if let Some(norm) = self.clipped_step_multi(&l, grads, lr, mean, clip)? {
+                    return Ok(norm);
+                }
+            }
+        }
         let norm = match self.grad_norm_tensor(grads)? {
             Some(n) => (n * mean)?.detach(),
             None => Tensor::new(0f32, &dev)?,
