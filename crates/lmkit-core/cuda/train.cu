@@ -28,6 +28,10 @@
 // tr_clip_scale  norm = √(Σ part)·mean, out = [norm, min(1, c / (norm + 1e-6))·mean] (c ≤ 0: no
 //                clipping), summed in a fixed order (the same bits on every run)
 // tr_adamw_x8    AdamW in place (adam_elem, common.cuh) with the gradients scaled by out[1]
+// tr_cast_x8     d = s in T for eight f32 tensors (the master weights into the step's compute-
+//                dtype copies, each at its offset in a stacked buffer such as [q | k | v])
+// tr_widen_x8    d = s in f32 for eight T tensors (the weight gradients, for the f32 master
+//                weights and the optimizer)
 //
 // Causal attention without the (t × t) probabilities (FlashAttention-2's schedule: Dao, 2023,
 // arXiv:2307.08691), on tensor cores (mma.sync.m16n8k16: 16-bit inputs, f32 sums), for
@@ -778,3 +782,30 @@ DOT_KERNEL(f16)
 TRAIN_KERNELS(f32)
 TRAIN_KERNELS(bf16)
 TRAIN_KERNELS(f16)
+
+// Conversions of eight tensors per launch (tr_cast_x8, tr_widen_x8); unused slots have n = 0.
+template <typename A, typename B>
+__device__ void convert_x8(const A* const* s, B* const* d, const int* n) {
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    FOR_EACH(i, n[t]) put(d[t] + i, to_f(s[t][i]));
+  }
+}
+
+#define CONV_ARG(A, B, i) const A *s##i, B *d##i, int n##i
+#define CONV_KERNEL(name, A, B)                                                                   \
+  extern "C" __global__ void name(CONV_ARG(A, B, 0), CONV_ARG(A, B, 1), CONV_ARG(A, B, 2),        \
+                                  CONV_ARG(A, B, 3), CONV_ARG(A, B, 4), CONV_ARG(A, B, 5),        \
+                                  CONV_ARG(A, B, 6), CONV_ARG(A, B, 7)) {                         \
+    const A* s[8] = {s0, s1, s2, s3, s4, s5, s6, s7};                                             \
+    B* d[8] = {d0, d1, d2, d3, d4, d5, d6, d7};                                                   \
+    const int n[8] = {n0, n1, n2, n3, n4, n5, n6, n7};                                            \
+    convert_x8<A, B>(s, d, n);                                                                    \
+  }                                                                                               \
+  LMKIT_REG(name)
+
+CONV_KERNEL(tr_cast_x8_f32, f32, f32)
+CONV_KERNEL(tr_cast_x8_bf16, f32, bf16)
+CONV_KERNEL(tr_cast_x8_f16, f32, f16)
+CONV_KERNEL(tr_widen_x8_bf16, bf16, f32)
+CONV_KERNEL(tr_widen_x8_f16, f16, f32)

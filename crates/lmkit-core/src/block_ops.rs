@@ -138,6 +138,71 @@ impl BlockOps {
         self.launcher.launch(&name, (gx, gy), threads, args)
     }
 
+    /// Casts f32 tensors into the compute dtype, eight per launch: each `(src, dst, at)`
+    /// writes `src`'s values into the contiguous `dst` from element `at` on (a stacked
+    /// weight such as `[q | k | v]` is three of them). One launch per eight tensors, where
+    /// a cast and a concatenation take one each per tensor.
+    pub fn cast_into(&self, items: &[(&Tensor, &Tensor, usize)]) -> Result<()> {
+        let mut slots = Vec::with_capacity(items.len());
+        for &(src, dst, at) in items {
+            let n = src.elem_count();
+            if src.dtype() != DType::F32 || dst.dtype() != self.dtype || at + n > dst.elem_count() {
+                return Err(Error::Unsupported(format!(
+                    "cast {:?} {:?} into {:?} {:?} at {at}",
+                    src.dtype(),
+                    src.dims(),
+                    dst.dtype(),
+                    dst.dims()
+                )));
+            }
+            slots.push((self.ptr(src)?, self.ptr_at(dst, at)?, n));
+        }
+        self.convert_x8("cast_x8", &slots)
+    }
+
+    /// Each tensor widened to f32 (same shape), eight per launch; f32 ones are returned as
+    /// they are.
+    pub fn widen(&self, srcs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        if self.dtype == DType::F32 {
+            return Ok(srcs.iter().map(|&t| t.clone()).collect());
+        }
+        let mut out = Vec::with_capacity(srcs.len());
+        let mut slots = Vec::with_capacity(srcs.len());
+        for &src in srcs {
+            if src.dtype() != self.dtype {
+                return Err(Error::Unsupported(format!(
+                    "widen a {:?} tensor with {:?} kernels",
+                    src.dtype(),
+                    self.dtype
+                )));
+            }
+            let dst = self.empty(src.shape(), DType::F32)?;
+            slots.push((self.ptr(src)?, self.ptr(&dst)?, src.elem_count()));
+            out.push(dst);
+        }
+        self.convert_x8("widen_x8", &slots)?;
+        Ok(out)
+    }
+
+    /// `tr_{name}_{dtype}` over `(src, dst, n)` slots, eight per launch.
+    fn convert_x8(&self, name: &str, slots: &[(Arg, Arg, usize)]) -> Result<()> {
+        for chunk in slots.chunks(8) {
+            let mut args = Vec::with_capacity(24);
+            let mut most = 0;
+            for k in 0..8 {
+                match chunk.get(k) {
+                    Some(&(s, d, n)) => {
+                        most = most.max(n);
+                        args.extend([s, d, int(n, "tensor size")?]);
+                    }
+                    None => args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)]),
+                }
+            }
+            self.run(name, grid(most), 256, &args)?;
+        }
+        Ok(())
+    }
+
     /// An uninitialized tensor for a kernel to fill.
     pub fn empty(&self, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
         // SAFETY: every caller hands the tensor to a kernel that writes each of its elements

@@ -299,6 +299,27 @@ pub fn forward(
         Ok(param(v.1))
     };
     let cd = m.dtype();
+    // This step's copies of the weights in the compute dtype, q/k/v and gate/up each stacked
+    // into one: laid out here, filled after the blocks by a few multi-tensor launches
+    // (`BlockOps::cast_into`, eight weights each) instead of a cast and a copy per weight.
+    // Each entry: the f32 master weight, its copy, and where in the copy it starts.
+    let mut casts: Vec<(Tensor, Tensor, usize)> = Vec::new();
+    let mut copy = |ps: &[&Param]| -> Result<Tensor> {
+        if cd == DType::F32 && ps.len() == 1 {
+            return Ok(ps[0].t.contiguous()?); // the master weight itself
+        }
+        let mut rows = 0;
+        for p in ps {
+            rows += p.t.dim(0)?;
+        }
+        let dst = k.empty((rows, ps[0].t.dim(1)?), cd)?;
+        let mut at = 0;
+        for p in ps {
+            casts.push((p.t.contiguous()?, dst.clone(), at));
+            at += p.t.elem_count();
+        }
+        Ok(dst)
+    };
     let blocks: Vec<Block> = (0..cfg.num_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
@@ -316,14 +337,6 @@ pub fn forward(
             let bias = match bias {
                 Some([q, k, v]) => Some([vector(&q)?, vector(&k)?, vector(&v)?]),
                 None => None,
-            };
-            // Cast, then stack (the copy moves compute-dtype bytes, not f32 ones).
-            let stack = |ps: &[&Param]| -> Result<Tensor> {
-                let ts = ps
-                    .iter()
-                    .map(|p| p.t.to_dtype(cd))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                Ok(Tensor::cat(&ts, 0)?.contiguous()?)
             };
             let mut lora: [Option<lora::Adapter>; 7] = Default::default();
             for (j, slot) in lora.iter_mut().enumerate() {
@@ -343,19 +356,22 @@ pub fn forward(
                 lora,
                 n1: vector(&format!("{p}.input_layernorm.weight"))?,
                 n2: vector(&format!("{p}.post_attention_layernorm.weight"))?,
-                w_qkv: stack(&[&lin[0], &lin[1], &lin[2]])?,
+                w_qkv: copy(&[&lin[0], &lin[1], &lin[2]])?,
                 b_qkv: match &bias {
                     Some(bs) => Some(Tensor::cat(&[&bs[0].t, &bs[1].t, &bs[2].t], 0)?),
                     None => None,
                 },
-                w_o: lin[3].t.to_dtype(cd)?.contiguous()?,
-                w_gu: stack(&[&lin[4], &lin[5]])?,
-                w_d: lin[6].t.to_dtype(cd)?.contiguous()?,
+                w_o: copy(&[&lin[3]])?,
+                w_gu: copy(&[&lin[4], &lin[5]])?,
+                w_d: copy(&[&lin[6]])?,
                 lin,
                 bias,
             })
         })
         .collect::<Result<_>>()?;
+    let items: Vec<(&Tensor, &Tensor, usize)> = casts.iter().map(|(s, d, a)| (s, d, *a)).collect();
+    k.cast_into(&items)?;
+    drop(items);
     let embed = dense("model.embed_tokens.weight")?;
     let final_norm = vector("model.norm.weight")?;
     let (cos, sin) = m.rope_angles(0, t);
@@ -587,6 +603,20 @@ impl Pass {
             let de = embedding_grad(&dx, &ids, embed.t.dim(0)?)?;
             out.push((embed.t.clone(), de));
         }
+        // Gradients in the compute dtype (the weights' products) widen to f32 in a few
+        // multi-tensor launches; the others (f32 already: the norms') as they are.
+        let low: Vec<usize> = (0..out.len())
+            .filter(|&i| out[i].1.dtype() == k.dtype() && k.dtype() != DType::F32)
+            .collect();
+        let srcs: Vec<Tensor> = low
+            .iter()
+            .map(|&i| out[i].1.contiguous())
+            .collect::<std::result::Result<_, _>>()?;
+        let wide = k.widen(&srcs.iter().collect::<Vec<_>>())?;
+        for (&i, g) in low.iter().zip(wide) {
+            out[i].1 = g;
+        }
+        drop(srcs);
         for (t, g) in out {
             let mut g = g.to_dtype(DType::F32)?.contiguous()?;
             // The tied embedding also has the output layer's gradient.
