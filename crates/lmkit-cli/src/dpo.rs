@@ -85,6 +85,9 @@ pub fn main(a: Args) -> Result<()> {
     let mut margs = a.model.clone();
     margs.dequantize = true;
     let m = margs.load()?;
+    if let Some(w) = lmkit::core::device::train_dtype_warning(m.model.dtype()) {
+        tracing::warn!("{w}");
+    }
     let mut pairs = prefs::read_pairs(&a.data)?;
     if let Some(n) = a.limit {
         pairs.truncate(n);

@@ -428,11 +428,13 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
         .unwrap_or_else(lmkit::core::threads::default_threads);
     lmkit::set_threads(threads)?;
     let device = lmkit::core::device::parse_device(&a.device)?;
-    let dtype = match (&a.dtype, device.is_cpu()) {
-        (Some(d), _) => lmkit::core::device::dtype_for(d, &device)?,
-        (None, true) => DType::F32,
-        (None, false) => DType::BF16,
+    let dtype = match &a.dtype {
+        Some(d) => lmkit::core::device::train_dtype_for(d, &device)?,
+        None => lmkit::core::device::auto_train_dtype(&device),
     };
+    if let Some(w) = lmkit::core::device::train_dtype_warning(dtype) {
+        tracing::warn!("{w}");
+    }
     let rc = read_config(&a.config, &a.domains, a.weights_from.as_deref(), a.uniform)?;
     let base = a.config.parent().unwrap_or(Path::new(".")).to_path_buf();
     let rel = |p: &PathBuf| {

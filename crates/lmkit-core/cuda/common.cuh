@@ -13,6 +13,7 @@ __device__ __forceinline__ void put(__half* p, float v) { *p = __float2half(v); 
 template <typename T>
 __device__ __forceinline__ T load16(const void* p) {
 #ifdef LMKIT_EMU
+  if (reinterpret_cast<uintptr_t>(p) & 15) lmkit_emu_fault("a 16-byte load off a 16-byte boundary");
   T v;
   memcpy(&v, p, sizeof(T));
   return v;
@@ -34,15 +35,18 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // 16 bytes to `p` (16-byte aligned).
 __device__ __forceinline__ void store16(void* p, uint4 v) {
 #ifdef LMKIT_EMU
+  if (reinterpret_cast<uintptr_t>(p) & 15) lmkit_emu_fault("a 16-byte store off a 16-byte boundary");
   memcpy(p, &v, sizeof(v));
 #else
   *reinterpret_cast<uint4*>(p) = v;
 #endif
 }
 
-// 4 bytes from and to `p` (4-byte aligned): two 16-bit values, the first in the low half.
+// 4 bytes from and to `p` (4-byte aligned): two 16-bit values, the first in the low half. On
+// the emulator these helpers fail the launch where the GPU would fault on the address.
 __device__ __forceinline__ uint32_t ld32(const void* p) {
 #ifdef LMKIT_EMU
+  if (reinterpret_cast<uintptr_t>(p) & 3) lmkit_emu_fault("a 4-byte load off a 4-byte boundary");
   uint32_t v;
   memcpy(&v, p, 4);
   return v;
@@ -53,6 +57,7 @@ __device__ __forceinline__ uint32_t ld32(const void* p) {
 
 __device__ __forceinline__ void st32(void* p, uint32_t v) {
 #ifdef LMKIT_EMU
+  if (reinterpret_cast<uintptr_t>(p) & 3) lmkit_emu_fault("a 4-byte store off a 4-byte boundary");
   memcpy(p, &v, 4);
 #else
   *reinterpret_cast<uint32_t*>(p) = v;
@@ -61,6 +66,7 @@ __device__ __forceinline__ void st32(void* p, uint32_t v) {
 
 __device__ __forceinline__ void st16(void* p, uint16_t v) {
 #ifdef LMKIT_EMU
+  if (reinterpret_cast<uintptr_t>(p) & 1) lmkit_emu_fault("a 2-byte store off a 2-byte boundary");
   memcpy(p, &v, 2);
 #else
   *reinterpret_cast<uint16_t*>(p) = v;

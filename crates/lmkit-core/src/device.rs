@@ -97,6 +97,32 @@ pub fn auto_dtype(device: &Device) -> DType {
     }
 }
 
+/// The compute dtype for training on `device` when none is named (or `auto`): bf16 on a GPU
+/// with bf16 tensor cores, else f32. Not f16: its small gradients underflow without loss
+/// scaling, which lmkit's trainer does not do (PyTorch's f16 autocast needs a `GradScaler`).
+pub fn auto_train_dtype(device: &Device) -> DType {
+    match auto_dtype(device) {
+        DType::BF16 => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// [`dtype_for`] for training: `auto` is [`auto_train_dtype`].
+pub fn train_dtype_for(spec: &str, device: &Device) -> Result<DType> {
+    match spec.trim().eq_ignore_ascii_case("auto") {
+        true => Ok(auto_train_dtype(device)),
+        false => parse_dtype(spec),
+    }
+}
+
+/// The warning for training in `dtype`, if any (f16: no loss scaling).
+pub fn train_dtype_warning(dtype: DType) -> Option<&'static str> {
+    (dtype == DType::F16).then_some(
+        "training in f16 without loss scaling: gradients below ~6e-8 flush to zero; \
+         bf16 (GPUs of compute capability 8.0 or newer) or f32 avoid it",
+    )
+}
+
 /// A short name for a device (`cpu`, `cuda:0`).
 pub fn device_name(d: &Device) -> String {
     match d {
@@ -141,5 +167,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("fp8") && e.contains("auto"), "{e}");
+        // Training: auto is never f16 (no loss scaling); f16 named gets a warning.
+        assert_eq!(train_dtype_for("auto", &Device::Cpu).ok(), Some(DType::F32));
+        assert_eq!(auto_train_dtype(&Device::Cpu), DType::F32);
+        assert_eq!(train_dtype_for("f16", &Device::Cpu).ok(), Some(DType::F16));
+        assert!(train_dtype_warning(DType::F16).is_some_and(|w| w.contains("loss scaling")));
+        assert!(train_dtype_warning(DType::BF16).is_none());
     }
 }
