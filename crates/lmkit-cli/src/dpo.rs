@@ -135,7 +135,9 @@ pub fn main(a: Args) -> Result<()> {
     let vars = match &lcfg {
         Some(c) => lora::attach(&mut policy, c, a.seed)?,
         None => {
-            let t = Trainable::from_model(&m.model)?;
+            // f32 master weights, products in the loaded model's dtype (mixed precision).
+            let mut t = Trainable::from_model(&m.model)?;
+            t.model.set_dtype(m.model.dtype())?;
             policy = t.model;
             t.params
         }

@@ -195,15 +195,23 @@ pub fn forward_on_device(
     }
 }
 
-/// Whether every weight of `model` is a dense f32 tensor, without adapters, computing in f32,
-/// bf16 or f16, and every variable of `trainable` is one of its weights: then this path
-/// computes every gradient the autograd path would (on any device with a kernel launcher).
+/// Whether every weight of `model` is dense, computing in f32, bf16 or f16, and every variable
+/// of `trainable` is one of its weights or LoRA adapters: then this path computes every
+/// gradient the autograd path would (on any device with a kernel launcher). What trains is
+/// f32 (master weights), and so are the norms' and biases' vectors; a frozen matrix may also
+/// be stored in the compute dtype (a LoRA base loaded in bf16, as `lmkit train --lora` does
+/// on a GPU), and is then used as it is, with no cast.
 pub fn applies(m: &Llama, trainable: &[Var]) -> bool {
     let cfg = m.config();
+    let cd = m.dtype();
     let kernels_take = cfg.head_dim.is_multiple_of(2)
         && cfg.hidden_size <= MAX_HIDDEN
-        && kernel_suffix(m.dtype()).is_ok();
-    kernels_take && crate::body_cpu::trains_only_known(m, trainable, &|t| t.dtype() == DType::F32)
+        && kernel_suffix(cd).is_ok();
+    let train: HashSet<TensorId> = trainable.iter().map(|v| v.as_tensor().id()).collect();
+    let ok = |t: &Tensor| {
+        t.dtype() == DType::F32 || (t.rank() == 2 && t.dtype() == cd && !train.contains(&t.id()))
+    };
+    kernels_take && crate::body_cpu::trains_only_known(m, trainable, &ok)
 }
 
 /// The forward pass of the blocks, kept for their backward; the hidden states `(b, t, c)` (in
@@ -305,8 +313,8 @@ pub fn forward(
     // Each entry: the f32 master weight, its copy, and where in the copy it starts.
     let mut casts: Vec<(Tensor, Tensor, usize)> = Vec::new();
     let mut copy = |ps: &[&Param]| -> Result<Tensor> {
-        if cd == DType::F32 && ps.len() == 1 {
-            return Ok(ps[0].t.contiguous()?); // the master weight itself
+        if ps.len() == 1 && ps[0].t.dtype() == cd {
+            return Ok(ps[0].t.contiguous()?); // the weight itself
         }
         let mut rows = 0;
         for p in ps {
@@ -315,7 +323,11 @@ pub fn forward(
         let dst = k.empty((rows, ps[0].t.dim(1)?), cd)?;
         let mut at = 0;
         for p in ps {
-            casts.push((p.t.contiguous()?, dst.clone(), at));
+            match p.t.dtype() == cd {
+                // A frozen weight stored in the compute dtype: copied into its rows.
+                true => dst.slice_set(&p.t.contiguous()?, 0, at / p.t.dim(1)?)?,
+                false => casts.push((p.t.contiguous()?, dst.clone(), at)),
+            }
             at += p.t.elem_count();
         }
         Ok(dst)
@@ -379,7 +391,7 @@ pub fn forward(
     let cos = Tensor::from_vec(cos, (t, half), &dev)?;
     let sin = Tensor::from_vec(sin, (t, half), &dev)?;
 
-    let mut x = embed.t.index_select(&ids, 0)?; // (n, c) f32
+    let mut x = embed.t.index_select(&ids, 0)?.to_dtype(DType::F32)?; // (n, c) f32
     let mut stashes = Vec::with_capacity(blocks.len());
     for w in &blocks {
         let (s, out) = layer_forward(&dm, &k, w, x, &cos, &sin, flash)?;

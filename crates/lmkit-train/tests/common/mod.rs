@@ -54,6 +54,18 @@ pub fn lora_model(
     dropout: f64,
     dtype: DType,
 ) -> Res<Trainable> {
+    lora_model_stored(cfg, targets, dropout, dtype, DType::F32)
+}
+
+/// [`lora_model`] with the base's matrices stored in `stored` (the norms stay f32), as
+/// `lmkit train --lora` loads a base in the compute dtype.
+pub fn lora_model_stored(
+    cfg: &LlamaConfig,
+    targets: &[&str],
+    dropout: f64,
+    dtype: DType,
+    stored: DType,
+) -> Res<Trainable> {
     let base = random(cfg.clone(), 9)?;
     let plain: HashMap<String, Tensor> = base
         .params
@@ -63,10 +75,14 @@ pub fn lora_model(
     let mut model = lmkit_models::Llama::load(
         cfg.clone(),
         &lmkit_models::WeightSource::Map(plain),
-        lmkit_models::LoadOptions::default(),
+        lmkit_models::LoadOptions {
+            dtype: Some(stored),
+            ..Default::default()
+        },
         &Device::Cpu,
     )?;
-    // The weights stay f32 and the products run in `dtype` (as `Trainable::to_device` does).
+    // The weights stay in `stored` and the products run in `dtype` (as `Trainable::to_device`
+    // does).
     model.set_dtype(dtype)?;
     let lc = lmkit_train::lora::LoraConfig {
         r: 4,
