@@ -32,6 +32,7 @@
 //                dtype copies, each at its offset in a stacked buffer such as [q | k | v])
 // tr_widen_x8    d = s in f32 for eight T tensors (the weight gradients, for the f32 master
 //                weights and the optimizer)
+// tr_sum_x8      o = a + b for eight f32 tensors (gradient accumulation; o may be a)
 //
 // Causal attention without the (t × t) probabilities (FlashAttention-2's schedule: Dao, 2023,
 // arXiv:2307.08691), on tensor cores (mma.sync.m16n8k16: 16-bit inputs, f32 sums), for
@@ -803,6 +804,20 @@ __device__ void convert_x8(const A* const* s, B* const* d, const int* n) {
     convert_x8<A, B>(s, d, n);                                                                    \
   }                                                                                               \
   LMKIT_REG(name)
+
+#define SUM_ARG(i) float *o##i, const float *a##i, const float *b##i, int n##i
+extern "C" __global__ void tr_sum_x8(SUM_ARG(0), SUM_ARG(1), SUM_ARG(2), SUM_ARG(3), SUM_ARG(4),
+                                     SUM_ARG(5), SUM_ARG(6), SUM_ARG(7)) {
+  float* o[8] = {o0, o1, o2, o3, o4, o5, o6, o7};
+  const float* a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+  const float* b[8] = {b0, b1, b2, b3, b4, b5, b6, b7};
+  const int n[8] = {n0, n1, n2, n3, n4, n5, n6, n7};
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    FOR_EACH(i, n[t]) o[t][i] = a[t][i] + b[t][i];
+  }
+}
+LMKIT_REG(tr_sum_x8)
 
 CONV_KERNEL(tr_cast_x8_f32, f32, f32)
 CONV_KERNEL(tr_cast_x8_bf16, f32, bf16)

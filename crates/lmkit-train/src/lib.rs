@@ -17,6 +17,7 @@
 //! - [`lora`]: LoRA adapters in PEFT's layout: attach, save, load, merge;
 //! - [`prefs`]: preference pairs (prompt/chosen/rejected JSONL, HH-RLHF dialogues).
 
+pub mod accumulate;
 pub mod adamw;
 pub mod body_cpu;
 pub mod body_gpu;

@@ -2,7 +2,6 @@
 
 use std::time::Instant;
 
-use lmkit_core::candle::backprop::GradStore;
 use lmkit_core::candle_nn::loss::cross_entropy;
 use lmkit_core::Tensor;
 use lmkit_models::Llama;
@@ -132,20 +131,6 @@ pub fn evaluate(model: &Llama, data: &Sequences, n: usize, batch: usize) -> Resu
     Ok(sum / count.max(f64::MIN_POSITIVE))
 }
 
-/// Adds `more` into `acc` for every variable.
-fn accumulate(acc: &mut GradStore, more: GradStore, t: &Trainable) -> Result<()> {
-    for (_, var) in &t.params {
-        if let Some(g) = more.get(var.as_tensor()) {
-            let sum = match acc.get(var.as_tensor()) {
-                Some(a) => (a + g)?,
-                None => g.clone(),
-            };
-            acc.insert(var.as_tensor(), sum);
-        }
-    }
-    Ok(())
-}
-
 /// Per-phase wall time of a step (forward, backward, optimizer), when `LMKIT_STEP_TIMES` is
 /// set: each lap waits for the device, so this slows a GPU step down a little; off, it costs
 /// nothing. Logged at info level (`-v`).
@@ -260,7 +245,7 @@ impl Trainer {
             let lr = cfg.schedule.lr(step);
             // 2. Micro-batches: forward, backward, gradients summed.
             //    Nothing is read back from the device until the step is done.
-            let mut grads: Option<GradStore> = None;
+            let mut grads = crate::accumulate::GradSum::default();
             let (mut loss_sum, mut tokens): (Option<Tensor>, usize) = (None, 0);
             let mut phases = PhaseClock::new(self.t.model.device());
             let dropout = self.t.model.lora_dropout();
@@ -298,15 +283,14 @@ impl Trainer {
                     Some(s) => (s + l.detach())?,
                     None => l.detach(),
                 });
-                match &mut grads {
-                    None => grads = Some(g),
-                    Some(acc) => accumulate(acc, g, &self.t)?,
-                }
+                grads.add(g, &self.t.params)?;
             }
             if let Some(d) = &dropout {
                 d.eval();
             }
-            let grads = grads.ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
+            let grads = grads
+                .into_inner()
+                .ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
             // 3. Average over micro-batches, then clip the global norm (on the device).
             // 4. Optimizer step.
             let mean = 1.0 / cfg.accumulate as f64;
