@@ -42,9 +42,9 @@ pub struct Args {
     /// Where to train: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute precision: f32, bf16, f16 or auto (master weights and optimizer state stay f32;
-    /// auto as for inference: bf16 on a GPU with bf16 tensor cores, else f16; f32 on the CPU).
-    /// Default: f32 on the CPU, bf16 on a GPU.
+    /// Compute precision: f32, bf16, f16 or auto (master weights and optimizer state stay f32).
+    /// Default and auto: bf16 on a GPU with bf16 tensor cores, else f32 (never f16: there is no
+    /// loss scaling, and f16 gets a warning).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Fine-tune this model (a .gguf file, an HF folder, or `default` for the default model)

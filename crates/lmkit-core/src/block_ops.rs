@@ -186,20 +186,16 @@ impl BlockOps {
 
     /// `tr_{name}_{dtype}` over `(src, dst, n)` slots, eight per launch.
     fn convert_x8(&self, name: &str, slots: &[(Arg, Arg, usize)]) -> Result<()> {
-        for chunk in slots.chunks(8) {
-            let mut args = Vec::with_capacity(24);
-            let mut most = 0;
-            for k in 0..8 {
-                match chunk.get(k) {
-                    Some(&(s, d, n)) => {
-                        most = most.max(n);
-                        args.extend([s, d, int(n, "tensor size")?]);
-                    }
-                    None => args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)]),
-                }
-            }
-            self.run(name, grid(most), 256, &args)?;
-        }
+        let slots = slots
+            .iter()
+            .map(|&(s, d, n)| Ok((vec![s, d, int(n, "tensor size")?], n)))
+            .collect::<Result<Vec<_>>>()?;
+        let name = format!("tr_{name}_{}", self.suffix);
+        let empty = [Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)];
+        self.launcher
+            .launch_x8(&name, 256, &slots, &empty, &mut |_| Ok(Vec::new()), &|n| {
+                grid(n) as u32
+            })?;
         Ok(())
     }
 

@@ -172,6 +172,38 @@ impl Launcher {
         }
     }
 
+    /// Launches a multi-tensor kernel (`train.cu`'s `tr_*_x8`) over `slots`, eight per launch:
+    /// each launch's arguments are `prefix(launch)` then eight slots' arguments (`args`, with
+    /// `n` the slot's element count), missing ones `empty`. `blocks(most)` sizes the grid from
+    /// the launch's largest `n`. Returns the number of launches (at least one, so that a kernel
+    /// that writes a result, such as a sum, writes it for no slots too).
+    pub fn launch_x8(
+        &self,
+        name: &str,
+        threads: u32,
+        slots: &[(Vec<Arg>, usize)],
+        empty: &[Arg],
+        prefix: &mut dyn FnMut(usize) -> Result<Vec<Arg>>,
+        blocks: &dyn Fn(usize) -> u32,
+    ) -> Result<usize> {
+        let launches = slots.len().div_ceil(8).max(1);
+        for l in 0..launches {
+            let mut args = prefix(l)?;
+            let mut most = 0;
+            for k in 0..8 {
+                match slots.get(l * 8 + k) {
+                    Some((a, n)) => {
+                        most = most.max(*n);
+                        args.extend_from_slice(a);
+                    }
+                    None => args.extend_from_slice(empty),
+                }
+            }
+            self.launch(name, (blocks(most), 1), threads, &args)?;
+        }
+        Ok(launches)
+    }
+
     /// Whether kernel `name` exists here (a GPU of an older architecture lacks the kernels
     /// compiled only for newer ones, such as `train.cu`'s flash attention below sm_80).
     pub fn has_kernel(&self, name: &str) -> bool {

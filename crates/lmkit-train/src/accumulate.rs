@@ -106,25 +106,30 @@ pub fn add_multi(
             }
         });
     }
-    for (chunk, outs) in pairs.chunks(8).zip(outs.chunks(8)) {
-        let mut args = Vec::with_capacity(32);
-        let mut most = 0;
-        for k in 0..8 {
-            match (chunk.get(k), outs.get(k)) {
-                (Some((_, a, g)), Some(o)) => {
-                    most = most.max(a.elem_count());
-                    args.extend([
-                        Arg::Ptr(launcher.ptr(o)?),
-                        Arg::Ptr(launcher.ptr(a)?),
-                        Arg::Ptr(launcher.ptr(g)?),
-                        Arg::int(a.elem_count(), "gradient size")?,
-                    ]);
-                }
-                _ => args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)]),
-            }
-        }
-        let blocks = most.div_ceil(256).clamp(1, 2048) as u32;
-        launcher.launch("tr_sum_x8", (blocks, 1), 256, &args)?;
+    let slots = pairs
+        .iter()
+        .zip(&outs)
+        .map(|((_, a, g), o)| {
+            let n = a.elem_count();
+            let args = vec![
+                Arg::Ptr(launcher.ptr(o)?),
+                Arg::Ptr(launcher.ptr(a)?),
+                Arg::Ptr(launcher.ptr(g)?),
+                Arg::int(n, "gradient size")?,
+            ];
+            Ok((args, n))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !slots.is_empty() {
+        let empty = [Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)];
+        launcher.launch_x8(
+            "tr_sum_x8",
+            256,
+            &slots,
+            &empty,
+            &mut |_| Ok(Vec::new()),
+            &|n| n.div_ceil(256).clamp(1, 2048) as u32,
+        )?;
     }
     for ((v, _, _), o) in pairs.iter().zip(outs) {
         acc.insert(v, o);

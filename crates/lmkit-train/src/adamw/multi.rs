@@ -13,7 +13,7 @@ use lmkit_core::{DType, Tensor};
 use super::{decay_factor, AdamW};
 use crate::Result;
 
-/// Tensors per launch (the kernels' slots).
+/// Tensors per launch (the kernels' slots; `Launcher::launch_x8`).
 const MT: usize = 8;
 /// Blocks of each norm launch: each writes one partial sum.
 const NORM_BLOCKS: usize = 256;
@@ -68,19 +68,25 @@ impl AdamW {
         let part = Tensor::zeros(launches * NORM_BLOCKS, DType::F32, &dev)?;
         let out = Tensor::zeros(2, DType::F32, &dev)?;
         let (part_at, out_at) = (launcher.ptr(&part)?, launcher.ptr(&out)?);
-        for l in 0..launches {
-            let mut args = vec![Arg::Ptr(part_at + (l * NORM_BLOCKS * 4) as u64)];
-            for k in 0..MT {
-                match items.get(l * MT + k) {
-                    Some((_, g)) => args.extend([
-                        Arg::Ptr(launcher.ptr(g)?),
-                        Arg::int(g.elem_count(), "gradient size")?,
-                    ]),
-                    None => args.extend([Arg::Ptr(0), Arg::I32(0)]),
-                }
-            }
-            launcher.launch("tr_sumsq_x8", (NORM_BLOCKS as u32, 1), THREADS, &args)?;
-        }
+        let grid = |most: usize| most.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+        let sq = items
+            .iter()
+            .map(|(_, g)| {
+                let n = g.elem_count();
+                Ok((
+                    vec![Arg::Ptr(launcher.ptr(g)?), Arg::int(n, "gradient size")?],
+                    n,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        launcher.launch_x8(
+            "tr_sumsq_x8",
+            THREADS,
+            &sq,
+            &[Arg::Ptr(0), Arg::I32(0)],
+            &mut |l| Ok(vec![Arg::Ptr(part_at + (l * NORM_BLOCKS * 4) as u64)]),
+            &|_| NORM_BLOCKS as u32,
+        )?;
         // 2. The norm of the averaged gradient and the factor applied to the summed one.
         launcher.launch(
             "tr_clip_scale",
@@ -99,45 +105,45 @@ impl AdamW {
         let c = self.cfg;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        for chunk in items.chunks(MT) {
-            let mut args = vec![
-                Arg::Ptr(out_at + 4),
-                Arg::F32(lr as f32),
-                Arg::F32(c.beta1 as f32),
-                Arg::F32(c.beta2 as f32),
-                Arg::F32(bc1 as f32),
-                Arg::F32(bc2 as f32),
-                Arg::F32(c.eps as f32),
+        let mut upd = Vec::with_capacity(items.len());
+        for (i, g) in &items {
+            let s = &self.slots[*i];
+            let n = g.elem_count();
+            let args = vec![
+                Arg::Ptr(launcher.ptr(s.var.as_tensor())?),
+                Arg::Ptr(launcher.ptr(&s.m)?),
+                Arg::Ptr(launcher.ptr(&s.v)?),
+                Arg::Ptr(launcher.ptr(g)?),
+                Arg::int(n, "parameter size")?,
+                Arg::F32(decay_factor(s, &c, lr)),
             ];
-            let mut most = 0;
-            for k in 0..MT {
-                match chunk.get(k) {
-                    Some((i, g)) => {
-                        let s = &self.slots[*i];
-                        let n = g.elem_count();
-                        most = most.max(n);
-                        args.extend([
-                            Arg::Ptr(launcher.ptr(s.var.as_tensor())?),
-                            Arg::Ptr(launcher.ptr(&s.m)?),
-                            Arg::Ptr(launcher.ptr(&s.v)?),
-                            Arg::Ptr(launcher.ptr(g)?),
-                            Arg::int(n, "parameter size")?,
-                            Arg::F32(decay_factor(s, &c, lr)),
-                        ]);
-                    }
-                    None => args.extend([
-                        Arg::Ptr(0),
-                        Arg::Ptr(0),
-                        Arg::Ptr(0),
-                        Arg::Ptr(0),
-                        Arg::I32(0),
-                        Arg::F32(1.0),
-                    ]),
-                }
-            }
-            let blocks = most.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS);
-            launcher.launch("tr_adamw_x8", (blocks as u32, 1), THREADS, &args)?;
+            upd.push((args, n));
         }
+        let head = [
+            Arg::Ptr(out_at + 4),
+            Arg::F32(lr as f32),
+            Arg::F32(c.beta1 as f32),
+            Arg::F32(c.beta2 as f32),
+            Arg::F32(bc1 as f32),
+            Arg::F32(bc2 as f32),
+            Arg::F32(c.eps as f32),
+        ];
+        let empty = [
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::I32(0),
+            Arg::F32(1.0),
+        ];
+        launcher.launch_x8(
+            "tr_adamw_x8",
+            THREADS,
+            &upd,
+            &empty,
+            &mut |_| Ok(head.to_vec()),
+            &grid,
+        )?;
         Ok(Some(out.narrow(0, 0, 1)?.squeeze(0)?))
     }
 }
