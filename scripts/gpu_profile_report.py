@@ -24,7 +24,8 @@ def parity(work):
             print(f"  {name}: no losses ({e})")
             return []
     ref = losses("small-cpu-f32")
-    for name, bar in [("small-cuda-f32", 1e-3), ("small-cuda-bf16", None)]:
+    for name, bar in [("small-cuda-f32", 1e-3), ("small-cuda-bf16", None),
+                      ("small-cuda-f16", None)]:
         got = losses(name)
         if not ref or len(got) != len(ref):
             print(f"  {name}: {len(got)} losses vs {len(ref)} on the CPU")
@@ -33,6 +34,11 @@ def parity(work):
         verdict = "" if bar is None else (" PASS" if d <= bar else " FAIL") + f" at {bar:g}"
         print(f"  training parity {name} vs small-cpu-f32: {len(got)} steps, max |d loss| "
               f"{d:.2e}{verdict}; first {got[0]:.4f}, last {got[-1]:.4f} (cpu {ref[-1]:.4f})")
+        # Loss scaling (f16): steps skipped for gradients that were not finite, final scale.
+        logs = [json.loads(line) for line in open(f"{work}/{name}/metrics.jsonl")]
+        if any("loss_scale" in rec for rec in logs):
+            print(f"    loss scale: {sum(rec.get('skipped', 0) for rec in logs)} steps skipped, "
+                  f"last scale {logs[-1].get('loss_scale')}")
     # Heads of 64: bf16 with flash attention and with the probabilities materialized, against
     # f32 on the CPU (for information: bf16 rounding moves the losses by ~1e-2).
     ref = losses("flash-cpu-f32-1")

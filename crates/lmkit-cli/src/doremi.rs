@@ -85,6 +85,7 @@ fn train_args(
         threads: a.threads,
         device: a.device.clone(),
         dtype: None,
+        loss_scale: Default::default(),
         model: None,
         gguf: None,
         json: false,

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lmkit::train::dpo::{self, DpoConfig, PrefData};
 use lmkit::train::lora::{self, LoraConfig};
+use lmkit::train::loss_scale::{LossScale, LossScaler};
 use lmkit::train::prefs;
 use lmkit::train::{AdamWConfig, Decay, Schedule, Trainable};
 
@@ -67,6 +68,10 @@ pub struct Args {
     pub eval_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Loss scaling: auto (dynamic when the model computes in f16, off otherwise), dynamic,
+    /// off, or a fixed factor; a step with a gradient that is not finite is skipped.
+    #[arg(long, default_value = "auto", value_parser = crate::train::parse_loss_scale)]
+    pub loss_scale: LossScale,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Print the summary as JSON.
@@ -85,7 +90,9 @@ pub fn main(a: Args) -> Result<()> {
     let mut margs = a.model.clone();
     margs.dequantize = true;
     let m = margs.load()?;
-    if let Some(w) = lmkit::core::device::train_dtype_warning(m.model.dtype()) {
+    let f16 = m.model.dtype() == lmkit::core::DType::F16;
+    let scaled = LossScaler::new(a.loss_scale, f16).active();
+    if let Some(w) = lmkit::core::device::train_dtype_warning(m.model.dtype(), scaled) {
         tracing::warn!("{w}");
     }
     let mut pairs = prefs::read_pairs(&a.data)?;
@@ -161,6 +168,7 @@ pub fn main(a: Args) -> Result<()> {
         clip: Some(1.0),
         eval_every: a.eval_every,
         seed: a.seed,
+        loss_scale: a.loss_scale,
     };
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;

@@ -172,6 +172,7 @@ pub fn main(a: Args) -> Result<()> {
                 threads: a.threads,
                 device: "cpu".into(),
                 dtype: None,
+                loss_scale: Default::default(),
                 model: None,
                 gguf: None,
                 json: true,

@@ -12,6 +12,7 @@ use lmkit::core::DType;
 use lmkit::formats::tokenizer::LoadedTokenizer;
 use lmkit::train::data::{Batches, Sequences};
 use lmkit::train::dro::DroBatches;
+use lmkit::train::loss_scale::{LossScale, LossScaler};
 use lmkit::train::mixture::Mixture;
 use lmkit::train::tokens::Tokens;
 use lmkit::train::{
@@ -43,10 +44,15 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Compute precision: f32, bf16, f16 or auto (master weights and optimizer state stay f32).
-    /// Default and auto: bf16 on a GPU with bf16 tensor cores, else f32 (never f16: there is no
-    /// loss scaling, and f16 gets a warning).
+    /// Default and auto: bf16 on a GPU with bf16 tensor cores, else f32 (never f16; f16 trains
+    /// with dynamic loss scaling, see --loss-scale).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Loss scaling: auto (dynamic with f16, off otherwise), dynamic (from 65536, halved when a
+    /// gradient overflows, doubled after 2000 clean steps), off, or a fixed factor. A step whose
+    /// gradients are not all finite is skipped and retried with the next batch.
+    #[arg(long, default_value = "auto", value_parser = parse_loss_scale)]
+    pub loss_scale: LossScale,
     /// Fine-tune this model (a .gguf file, an HF folder, or `default` for the default model)
     /// instead of building one from the config's [model] section. Its tokenizer and chat
     /// template are used; quantized weights are dequantized to f32.
@@ -432,7 +438,8 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
         Some(d) => lmkit::core::device::train_dtype_for(d, &device)?,
         None => lmkit::core::device::auto_train_dtype(&device),
     };
-    if let Some(w) = lmkit::core::device::train_dtype_warning(dtype) {
+    let scaled = LossScaler::new(a.loss_scale, dtype == DType::F16).active();
+    if let Some(w) = lmkit::core::device::train_dtype_warning(dtype, scaled) {
         tracing::warn!("{w}");
     }
     let rc = read_config(&a.config, &a.domains, a.weights_from.as_deref(), a.uniform)?;
@@ -630,6 +637,7 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
         clip: t.clip,
         eval_every: t.eval_every,
         eval_sequences: t.eval_sequences,
+        loss_scale: a.loss_scale,
     };
     let params = model.num_parameters();
     // DoReMi: the proxy is this run's model; batches carry Group-DRO token weights.
@@ -786,4 +794,9 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
         "model": final_dir.display().to_string(),
         "metrics": metrics_path.display().to_string(),
     }))
+}
+
+/// `--loss-scale`: auto, off, dynamic or a factor > 0.
+pub(crate) fn parse_loss_scale(s: &str) -> std::result::Result<LossScale, String> {
+    s.parse::<LossScale>().map_err(|e| e.to_string())
 }

@@ -209,6 +209,51 @@ fn bad_configs_are_clear_errors() {
     assert!(run(&dir.path().join("run.toml")).contains("run.toml"));
 }
 
+/// `--dtype f16` scales the loss (dynamic, logged per step) and warns only when told not to;
+/// a bad `--loss-scale` is a clear error.
+#[test]
+fn f16_training_scales_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 4, 0, "");
+    let out = dir.path().join("out");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            "f16",
+            "-t",
+            "2",
+        ];
+        args.extend(extra);
+        let _ = std::fs::remove_dir_all(&out);
+        lmkit(&args)
+    };
+    let o = train(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("without loss scaling"), "{err}");
+    let m = metrics(&out);
+    assert_eq!(m.len(), 4);
+    for l in &m {
+        let s = l["loss_scale"].as_f64().expect("a loss scale in metrics.jsonl");
+        assert!(s > 0.0 && s <= 65536.0, "{l}");
+        assert!(l["skipped"].as_u64().is_some() && l["loss"].as_f64().unwrap().is_finite());
+    }
+    let o = train(&["--loss-scale", "off"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("without loss scaling"), "{err}");
+    assert!(metrics(&out).iter().all(|l| l.get("loss_scale").is_none()));
+    let o = train(&["--loss-scale", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("loss-scale") && err.contains("number > 0"), "{err}");
+}
+
 #[test]
 fn dpo_writes_a_peft_adapter_and_metrics() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,8 +26,10 @@
 // tensor op per tensor and step of the norm and the update made ~600:
 // tr_sumsq_x8    part[block] = Σ g² over the launch's tensors, one partial per block
 // tr_clip_scale  norm = √(Σ part)·mean, out = [norm, min(1, c / (norm + 1e-6))·mean] (c ≤ 0: no
-//                clipping), summed in a fixed order (the same bits on every run)
-// tr_adamw_x8    AdamW in place (adam_elem, common.cuh) with the gradients scaled by out[1]
+//                clipping), summed in a fixed order (the same bits on every run); out[1] is NaN
+//                when the norm is not finite
+// tr_adamw_x8    AdamW in place (adam_elem, common.cuh) with the gradients scaled by out[1];
+//                nothing at all when out[1] is not finite (a skipped step)
 // tr_cast_x8     d = s in T for eight f32 tensors (the master weights into the step's compute-
 //                dtype copies, each at its offset in a stacked buffer such as [q | k | v])
 // tr_widen_x8    d = s in f32 for eight T tensors (the weight gradients, for the f32 master
@@ -234,7 +236,8 @@ extern "C" __global__ void tr_clip_scale(const float* part, int np, float mean, 
     const float norm = sqrtf(s) * mean;
     const float k = clip > 0.f ? fminf(1.f, clip / (norm + 1e-6f)) : 1.f;
     out[0] = norm;
-    out[1] = k * mean;
+    // Gradients that are not all finite: no update at all (tr_adamw_x8 returns).
+    out[1] = isfinite(norm) ? k * mean : nanf("");
   }
 }
 LMKIT_REG(tr_clip_scale)
@@ -250,6 +253,7 @@ extern "C" __global__ void tr_adamw_x8(const float* k, float lr, float b1, float
   const int n[8] = {n0, n1, n2, n3, n4, n5, n6, n7};
   const float d[8] = {d0, d1, d2, d3, d4, d5, d6, d7};
   const float kk = k[0];
+  if (!isfinite(kk)) return;  // a skipped step (tr_clip_scale)
 #pragma unroll
   for (int t = 0; t < 8; ++t) {
     FOR_EACH(i, n[t]) adam_elem(p[t] + i, m[t] + i, v[t] + i, g[t][i] * kk, lr, b1, b2, bc1, bc2, eps, d[t]);

@@ -325,7 +325,10 @@ pub(crate) fn rms_norm_bwd(
         candle_core::bail!("rms_norm_bwd: {c} columns, at most {RMS_MAX_COLS}")
     }
     let dev = x.0.device().clone();
-    let f = dev.get_or_load_custom_func("rms_norm_bwd_f32", "lmkit_fused", PTX)?;
+    // The training path's kernel (train.cu), with no low-precision copy and no accumulation.
+    let name = "tr_rms_bwd_f32";
+    let (module, ptx) = crate::launch::cuda::module(name);
+    let f = dev.get_or_load_custom_func(name, module, ptx)?;
     let blocks = rows.clamp(1, 132 * 4);
     let (xv, wv, gv) = (
         view::<f32>(x.0, x.1)?,
@@ -337,18 +340,22 @@ pub(crate) fn rms_norm_bwd(
     {
         let dx = out.slice(0..rows * c);
         let part = out.slice(rows * c..);
-        let (rows_i, c_i) = (rows as i64, int(c, "columns")?);
+        let (rows_i, c_i) = (int(rows, "rows")?, int(c, "columns")?);
+        let (no_copy, add) = (0u64, 0i32);
         let mut b = f.builder();
         b.arg(&xv);
         b.arg(&wv);
         b.arg(&gv);
         b.arg(&dx);
+        b.arg(&no_copy);
         b.arg(&part);
         b.arg(&rows_i);
         b.arg(&c_i);
         b.arg(&eps);
+        b.arg(&add);
         let cfg = launch_cfg(blocks, RMS_THREADS as u32)?;
-        // SAFETY: the argument list matches rms_norm_bwd_f32 in fused.cu.
+        // SAFETY: the argument list matches tr_rms_bwd_f32 in train.cu (dx_lp null: none
+        // written; accumulate 0: dx is written, not read).
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), blocks))

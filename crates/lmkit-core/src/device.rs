@@ -98,8 +98,8 @@ pub fn auto_dtype(device: &Device) -> DType {
 }
 
 /// The compute dtype for training on `device` when none is named (or `auto`): bf16 on a GPU
-/// with bf16 tensor cores, else f32. Not f16: its small gradients underflow without loss
-/// scaling, which lmkit's trainer does not do (PyTorch's f16 autocast needs a `GradScaler`).
+/// with bf16 tensor cores, else f32. Not f16: bf16 has f32's range, where f16's small
+/// gradients need loss scaling (which the trainer does for f16, as PyTorch's `GradScaler`).
 pub fn auto_train_dtype(device: &Device) -> DType {
     match auto_dtype(device) {
         DType::BF16 => DType::BF16,
@@ -115,9 +115,10 @@ pub fn train_dtype_for(spec: &str, device: &Device) -> Result<DType> {
     }
 }
 
-/// The warning for training in `dtype`, if any (f16: no loss scaling).
-pub fn train_dtype_warning(dtype: DType) -> Option<&'static str> {
-    (dtype == DType::F16).then_some(
+/// The warning for training in `dtype` with the loss `scaled` or not, if any (f16 without
+/// loss scaling).
+pub fn train_dtype_warning(dtype: DType, scaled: bool) -> Option<&'static str> {
+    (dtype == DType::F16 && !scaled).then_some(
         "training in f16 without loss scaling: gradients below ~6e-8 flush to zero; \
          bf16 (GPUs of compute capability 8.0 or newer) or f32 avoid it",
     )
@@ -171,7 +172,9 @@ mod tests {
         assert_eq!(train_dtype_for("auto", &Device::Cpu).ok(), Some(DType::F32));
         assert_eq!(auto_train_dtype(&Device::Cpu), DType::F32);
         assert_eq!(train_dtype_for("f16", &Device::Cpu).ok(), Some(DType::F16));
-        assert!(train_dtype_warning(DType::F16).is_some_and(|w| w.contains("loss scaling")));
-        assert!(train_dtype_warning(DType::BF16).is_none());
+        let w = train_dtype_warning(DType::F16, false);
+        assert!(w.is_some_and(|w| w.contains("loss scaling")));
+        assert!(train_dtype_warning(DType::F16, true).is_none());
+        assert!(train_dtype_warning(DType::BF16, false).is_none());
     }
 }

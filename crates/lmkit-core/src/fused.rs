@@ -12,8 +12,8 @@
 //! RoPE     y = rot(θ)·x (a rotation per pair): dx = rot(−θ)·g
 //! ```
 //!
-//! RMSNorm's backward runs as one pass (lmkit's `rms_norm_bwd` CUDA kernel, or its CPU twin
-//! here), not as the tensor ops the formula reads as.
+//! RMSNorm's backward runs as one pass (on a GPU the training path's `tr_rms_bwd_f32` kernel of
+//! `cuda/train.cu`, on the CPU its twin here), not as the tensor ops the formula reads as.
 //!
 //! Deviations: none in the math. The forward costs one extra copy of the result, because a
 //! custom op must return storage it owns.

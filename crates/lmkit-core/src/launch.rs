@@ -271,7 +271,7 @@ impl Graph {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
@@ -284,7 +284,7 @@ mod cuda {
     const TRAIN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
 
     /// The module that holds kernel `name`, and its PTX.
-    fn module(name: &str) -> (&'static str, &'static str) {
+    pub(crate) fn module(name: &str) -> (&'static str, &'static str) {
         match name.starts_with("tr_") {
             true => ("lmkit_train", TRAIN_PTX),
             false => ("lmkit_decode", PTX),

@@ -163,7 +163,10 @@ impl AdamW {
     /// One update from gradients summed over micro-batches: averaged (times `mean`), clipped
     /// to a global norm of `clip` (as [`clip_scale`] computes it), then applied, all on the
     /// device. Returns the averaged gradient's norm as a device scalar, for the caller to
-    /// read once the step is queued.
+    /// read once the step is queued. A norm that is not finite (a NaN or infinite gradient)
+    /// means the update was skipped, weights and moments untouched (on a GPU the kernels see
+    /// it on the device); the step still counts until the caller reads the norm and calls
+    /// [`AdamW::discount_step`].
     pub fn clipped_step(
         &mut self,
         grads: &GradStore,
@@ -187,6 +190,11 @@ impl AdamW {
             Some(n) => (n * mean)?.detach(),
             None => Tensor::new(0f32, &dev)?,
         };
+        // Off the multi-tensor kernels the skip is decided here (a wait on a GPU).
+        if !norm.to_scalar::<f32>()?.is_finite() {
+            self.step += 1;
+            return Ok(norm);
+        }
         let scale = match clip {
             // min(1, c / (‖g‖ + 1e-6))
             Some(c) => ((norm.clone() + 1e-6)?.recip()? * c)?.minimum(1f32)?,
@@ -194,6 +202,12 @@ impl AdamW {
         };
         self.step_scaled(grads, lr, &(scale * mean)?)?;
         Ok(norm)
+    }
+
+    /// Takes back the count of the last step, whose update was skipped (its gradient norm,
+    /// from [`AdamW::clipped_step`], was not finite): the next step uses its bias corrections.
+    pub fn discount_step(&mut self) {
+        self.step = self.step.saturating_sub(1);
     }
 
     fn update(&mut self, grads: &GradStore, lr: f64, scale: &Scale) -> Result<()> {

@@ -459,12 +459,23 @@ pub fn loss_and_grads(
     ids: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Option<(Tensor, GradStore)>> {
+    loss_and_grads_scaled(t, ids, mask, 1.0)
+}
+
+/// [`loss_and_grads`] with the loss and its gradients times `scale` (loss scaling).
+pub fn loss_and_grads_scaled(
+    t: &Trainable,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<(Tensor, GradStore)>> {
     let tl = input_len(ids)?;
     let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
     let Some(pass) = forward(&t.model, &vars, &ids.narrow(1, 0, tl)?)? else {
         return Ok(None);
     };
-    let (loss, mut grads, dh) = head_loss(t, &vars, ids, mask, pass.hidden(), &mut |_| Ok(()))?;
+    let (loss, mut grads, dh) =
+        head_loss(t, &vars, ids, mask, pass.hidden(), scale, &mut |_| Ok(()))?;
     pass.backward(&dh, &mut grads)?;
     Ok(Some((loss, grads)))
 }
@@ -484,14 +495,15 @@ pub(crate) fn input_len(ids: &Tensor) -> Result<usize> {
 /// the mean cross-entropy of the targets `ids[:, 1:]` (weighted by `mask` as
 /// [`crate::trainer::loss_masked`] does) from the blocks' final hidden states `hidden (b, t,
 /// c)`, through candle's autograd (the output layer gets a gradient when it is one of `vars`);
-/// returns the loss, the gradient store and the hidden states' gradient taken out of it.
-/// `lap("forward")` is called between the two passes.
+/// returns the loss, the gradient store and the hidden states' gradient taken out of it, all
+/// times `scale` (loss scaling). `lap("forward")` is called between the two passes.
 pub(crate) fn head_loss(
     t: &Trainable,
     vars: &[Var],
     ids: &Tensor,
     mask: Option<&Tensor>,
     hidden: &Tensor,
+    scale: f64,
     lap: &mut dyn FnMut(&'static str) -> Result<()>,
 ) -> Result<(Tensor, GradStore, Tensor)> {
     let (b, tl, c) = hidden.dims3()?;
@@ -515,7 +527,8 @@ pub(crate) fn head_loss(
         None => None,
     };
     let h = hidden.reshape((b * tl, c))?;
-    let loss = crate::head_loss::output_cross_entropy(&h, &head, &targets, weights.as_ref())?;
+    let loss =
+        crate::head_loss::output_cross_entropy(&h, &head, &targets, weights.as_ref(), scale)?;
     lap("forward")?;
     let mut grads = loss.backward()?;
     let dh = grads

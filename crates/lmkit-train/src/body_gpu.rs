@@ -732,7 +732,19 @@ pub fn loss_and_grads_with(
     launcher: Launcher,
     attn: Attention,
 ) -> Result<Option<(Tensor, GradStore)>> {
-    loss_and_grads_laps(t, ids, mask, launcher, attn, &mut |_| Ok(()))
+    loss_and_grads_laps(t, ids, mask, (launcher, attn), 1.0, &mut |_| Ok(()))
+}
+
+/// [`loss_and_grads_with`] with the loss and its gradients times `scale`, computed at that
+/// scale (loss scaling: [`crate::loss_scale`]).
+pub fn loss_and_grads_scaled(
+    t: &Trainable,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    (launcher, attn): (Launcher, Attention),
+    scale: f64,
+) -> Result<Option<(Tensor, GradStore)>> {
+    loss_and_grads_laps(t, ids, mask, (launcher, attn), scale, &mut |_| Ok(()))
 }
 
 /// [`loss_and_grads_with`], calling `lap("forward")` once the loss is computed (the trainer's
@@ -741,8 +753,8 @@ fn loss_and_grads_laps(
     t: &Trainable,
     ids: &Tensor,
     mask: Option<&Tensor>,
-    launcher: Launcher,
-    attn: Attention,
+    (launcher, attn): (Launcher, Attention),
+    scale: f64,
     lap: &mut dyn FnMut(&'static str) -> Result<()>,
 ) -> Result<Option<(Tensor, GradStore)>> {
     let tl = crate::body_cpu::input_len(ids)?;
@@ -762,17 +774,18 @@ fn loss_and_grads_laps(
         return Ok(None);
     };
     let (loss, mut grads, dh) =
-        crate::body_cpu::head_loss(t, &vars, ids, mask, pass.hidden(), lap)?;
+        crate::body_cpu::head_loss(t, &vars, ids, mask, pass.hidden(), scale, lap)?;
     pass.backward(&dh, &mut grads)?;
     Ok(Some((loss, grads)))
 }
 
-/// [`loss_and_grads_with`] on the model's GPU, when [`wanted`] (None otherwise, or after a
+/// [`loss_and_grads_scaled`] on the model's GPU, when [`wanted`] (None otherwise, or after a
 /// failure: see [`or_fall_back`]); `lap("forward")` is called between the passes.
 pub fn loss_and_grads(
     t: &Trainable,
     ids: &Tensor,
     mask: Option<&Tensor>,
+    scale: f64,
     lap: &mut dyn FnMut(&'static str) -> Result<()>,
 ) -> Result<Option<(Tensor, GradStore)>> {
     let vars: Vec<Var> = t.params.iter().map(|(_, v)| v.clone()).collect();
@@ -780,7 +793,14 @@ pub fn loss_and_grads(
         return Ok(None);
     }
     match Launcher::for_device(t.model.device()) {
-        Some(l) => or_fall_back(loss_and_grads_laps(t, ids, mask, l, Attention::Auto, lap)),
+        Some(l) => or_fall_back(loss_and_grads_laps(
+            t,
+            ids,
+            mask,
+            (l, Attention::Auto),
+            scale,
+            lap,
+        )),
         None => Ok(None),
     }
 }

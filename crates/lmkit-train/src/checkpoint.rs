@@ -14,6 +14,7 @@ use lmkit_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Batches, DataPosition};
+use crate::loss_scale::ScalerState;
 use crate::trainer::{TrainConfig, Trainer};
 use crate::{Error, Result};
 
@@ -26,6 +27,9 @@ struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mixture: Option<DataPosition>,
     config: TrainConfig,
+    /// The loss scale's state (f16 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scaler: Option<ScalerState>,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -100,6 +104,7 @@ pub fn save(dir: &Path, tr: &Trainer, data: &dyn Batches, keep: usize) -> Result
         next,
         mixture,
         config: tr.cfg.clone(),
+        scaler: tr.scaler.active().then(|| tr.scaler.state()),
     };
     let write = || -> Result<()> {
         safetensors::save(&model, tmp.join("model.safetensors"))?;
@@ -166,6 +171,9 @@ pub fn load(ckpt: &Path, tr: &mut Trainer, data: &mut dyn Batches) -> Result<()>
         ));
     }
     tr.opt.restore(state.step, moments)?;
+    if let Some(s) = state.scaler {
+        tr.scaler.restore(s);
+    }
     match &state.mixture {
         Some(m) => data.seek_to(m)?,
         None => data.seek_to(&DataPosition::Single {

@@ -233,6 +233,9 @@ pub struct DpoConfig {
     /// Evaluate on the held-out pairs every this many steps (and at the end); 0 never.
     pub eval_every: usize,
     pub seed: u64,
+    /// Loss scaling ([`crate::loss_scale`]): by default dynamic when the policy computes in
+    /// f16, off otherwise.
+    pub loss_scale: crate::loss_scale::LossScale,
 }
 
 /// One DPO step's log.
@@ -245,6 +248,11 @@ pub struct DpoLog {
     pub grad_norm: f64,
     pub eval: Option<DpoMetrics>,
     pub seconds: f64,
+    /// The loss scale of the step, when the loss is scaled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Steps skipped (gradients not finite) since the last applied one, retried by this one.
+    pub skipped: usize,
 }
 
 /// Pairs with their reference log-probs `(chosen, rejected)`.
@@ -315,10 +323,17 @@ fn policy_loss_and_grads(
     vars: &[Var],
     data: &PrefData,
     idx: &[usize],
-    beta: f64,
-    pad: u32,
+    (beta, pad): (f64, u32),
+    scale: f64,
 ) -> Result<(Tensor, GradStore)> {
     let (ids, mask, rc, rr) = data.batch(idx, pad, policy.device())?;
+    // The loss times `scale` (loss scaling), so that every gradient is computed at that scale.
+    let scaled = |l: Tensor| -> Result<Tensor> {
+        Ok(match scale == 1.0 {
+            true => l,
+            false => (l * scale)?,
+        })
+    };
     let n = idx.len();
     let t = ids.dims2()?.1;
     let head = crate::head_loss::dense_head(policy);
@@ -335,12 +350,12 @@ fn policy_loss_and_grads(
     let (Some(pass), Some(w)) = (pass, head) else {
         let lp = sequence_logps(policy, &ids, &mask)?; // (2n,): chosen rows, then rejected
         let (loss, stats) = dpo_terms(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
-        let grads = loss.backward()?;
+        let grads = scaled(loss)?.backward()?;
         return Ok((stats, grads));
     };
     let lp = logps_of_hidden(pass.hidden(), w, &ids, &mask)?;
     let (loss, stats) = dpo_terms(&lp.narrow(0, 0, n)?, &lp.narrow(0, n, n)?, &rc, &rr, beta)?;
-    let mut grads = loss.backward()?;
+    let mut grads = scaled(loss)?.backward()?;
     // No completion token in the batch: nothing flows back, and no variable gets a gradient
     // (as on the autograd path, so AdamW leaves them alone).
     if let Some(dh) = grads.remove(pass.hidden()) {
@@ -380,7 +395,11 @@ pub fn train(
     let mut order: Vec<usize> = Vec::new();
     let mut rng = cfg.seed | 1;
     let mut logs = Vec::with_capacity(cfg.steps);
-    for step in 0..cfg.steps {
+    let f16 = policy.dtype() == lmkit_core::DType::F16;
+    let mut scaler = crate::loss_scale::LossScaler::new(cfg.loss_scale, f16);
+    let mut skipped = 0;
+    while opt.steps() < cfg.steps {
+        let step = opt.steps();
         let t0 = std::time::Instant::now();
         let mut idx = Vec::with_capacity(cfg.batch);
         while idx.len() < cfg.batch {
@@ -400,15 +419,30 @@ pub fn train(
         if let Some(d) = &dropout {
             d.train(step as u64);
         }
-        let out = policy_loss_and_grads(policy, &vars, data, &idx, cfg.beta, pad);
+        let scale = scaler.scale();
+        let out = policy_loss_and_grads(policy, &vars, data, &idx, (cfg.beta, pad), scale);
         if let Some(d) = &dropout {
             d.eval();
         }
         let (stats, grads) = out?;
         // Nothing is read back until the update is queued.
-        let norm = opt.clipped_step(&grads, lr, 1.0, cfg.clip)?;
+        let norm = opt.clipped_step(&grads, lr, 1.0 / scale, cfg.clip)?;
         let train = DpoMetrics::read(&stats)?;
         let grad_norm = norm.to_scalar::<f32>()? as f64;
+        // A gradient that is not finite: the update was skipped; the next pairs retry the step.
+        let outcome = scaler.update(grad_norm.is_finite());
+        if !grad_norm.is_finite() {
+            opt.discount_step();
+        }
+        if outcome? == crate::loss_scale::Outcome::Skipped {
+            skipped += 1;
+            tracing::info!(
+                "DPO step {}: gradients not finite; skipped, loss scale now {}",
+                step + 1,
+                scaler.scale()
+            );
+            continue;
+        }
         let done = step + 1;
         let eval = match eval {
             Some(e)
@@ -426,6 +460,8 @@ pub fn train(
             grad_norm,
             eval,
             seconds: t0.elapsed().as_secs_f64(),
+            loss_scale: scaler.active().then_some(scale),
+            skipped: std::mem::take(&mut skipped),
         };
         on_step(&log);
         logs.push(log);

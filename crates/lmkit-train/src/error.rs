@@ -12,6 +12,8 @@ pub enum Error {
     Option { option: String, why: String },
     #[error("training data: {0}")]
     Data(String),
+    #[error("training diverged: {0}")]
+    Diverged(String),
 }
 
 impl From<lmkit_core::candle::Error> for Error {

@@ -69,11 +69,16 @@ pub fn output_nll(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// the weights are on the host. With a graph to differentiate, the gradients are computed in
 /// the forward pass (each row's factor `mᵢ / Σm` is known before the loss), so the logits of a
 /// chunk are computed once: on the CPU in f32 by [`head_cpu`], elsewhere by [`one_pass`].
+///
+/// The result is the loss times `scale` (loss scaling: [`crate::loss_scale`]), and so are its
+/// gradients, which are computed at that scale: with `S = 2¹⁶`, `∂z = S·mᵢ/Σm·(p − onehot)`
+/// stays in f16's range where `mᵢ/Σm·(p − onehot)` would flush to zero.
 pub fn output_cross_entropy(
     h: &Tensor,
     w: &Tensor,
     targets: &Tensor,
     weights: Option<&Tensor>,
+    scale: f64,
 ) -> Result<Tensor> {
     let m = match weights {
         Some(m) => m.to_dtype(DType::F32)?,
@@ -83,22 +88,22 @@ pub fn output_cross_entropy(
         // Rows of weight zero are skipped; each kept row's gradient factor is mᵢ / Σm.
         let mv = m.to_vec1::<f32>()?;
         let total = mv.iter().sum::<f32>().max(1.0);
-        let (h, targets, coef) = match kept_rows(&m)? {
+        let k = scale as f32;
+        let (h, targets, coef): (Tensor, Tensor, Vec<f32>) = match kept_rows(&m)? {
             Some(idx) => (
                 h.index_select(&idx, 0)?,
                 targets.index_select(&idx, 0)?,
                 idx.to_vec1::<u32>()?
                     .iter()
-                    .map(|&i| mv[i as usize] / total)
+                    .map(|&i| mv[i as usize] / total * k)
                     .collect(),
             ),
             None => (
                 h.clone(),
                 targets.clone(),
-                mv.iter().map(|x| x / total).collect(),
+                mv.iter().map(|x| x / total * k).collect(),
             ),
         };
-        let coef: Vec<f32> = coef;
         let p = cpu_pass(&h, w, &targets, &coef, h.track_op(), w.track_op())?;
         let loss: f64 = p.nll.iter().zip(&coef).map(|(l, k)| (*l * *k) as f64).sum();
         let loss = Tensor::new(loss as f32, h.device())?;
@@ -122,7 +127,7 @@ pub fn output_cross_entropy(
         ),
         None => (h.clone(), targets.clone(), m),
     };
-    let coef = m.to_device(h.device())?.broadcast_div(&total)?;
+    let coef = (m.to_device(h.device())?.broadcast_div(&total)? * scale)?;
     if !h.track_op() && !w.track_op() {
         return Ok((output_nll(&h, w, &targets)? * coef)?.sum_all()?);
     }
@@ -427,8 +432,22 @@ mod tests {
         let mask: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { 1.0 }).collect();
         let mask = Tensor::new(mask.as_slice(), &dev)?;
         for weights in [None, Some(&mask)] {
-            let fused = output_cross_entropy(h.as_tensor(), w.as_tensor(), &y, weights)?;
+            let fused = output_cross_entropy(h.as_tensor(), w.as_tensor(), &y, weights, 1.0)?;
             let gf = fused.backward()?;
+            // Scaled by a power of two: the same bits, times the scale.
+            let scaled = output_cross_entropy(h.as_tensor(), w.as_tensor(), &y, weights, 1024.0)?;
+            let gs = scaled.backward()?;
+            assert_eq!(
+                scaled.to_scalar::<f32>()?,
+                1024.0 * fused.to_scalar::<f32>()?
+            );
+            for var in [&h, &w] {
+                let (Some(a), Some(b)) = (gs.get(var.as_tensor()), gf.get(var.as_tensor())) else {
+                    panic!("a gradient is missing");
+                };
+                let a = (a / 1024.0)?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(a, b.flatten_all()?.to_vec1::<f32>()?);
+            }
             let z = h.as_tensor().matmul(&w.as_tensor().t()?)?;
             let plain = match weights {
                 None => cross_entropy(&z, &y)?,
@@ -500,11 +519,27 @@ mod tests {
         assert!(dist(&dh, &want_dh)? < 1e-5 && dist(&dw, &want_dw)? < 1e-5);
         // bf16 hidden states, f32 weight, through the public op and candle's backward.
         let hb = Var::from_tensor(&h.as_tensor().to_dtype(DType::BF16)?)?;
-        let lb = output_cross_entropy(hb.as_tensor(), w.as_tensor(), &y, Some(&mask))?;
+        let lb = output_cross_entropy(hb.as_tensor(), w.as_tensor(), &y, Some(&mask), 1.0)?;
         let gb = lb.backward()?;
         let (Some(dhb), Some(dwb)) = (gb.get(hb.as_tensor()), gb.get(w.as_tensor())) else {
             panic!("the bf16 path gave no gradient");
         };
+        // Loss scaling by a power of two: the same bits, times the scale.
+        let ls = output_cross_entropy(hb.as_tensor(), w.as_tensor(), &y, Some(&mask), 65536.0)?;
+        let gs = ls.backward()?;
+        let f = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        assert_eq!(
+            f(&(ls.to_dtype(DType::F32)? / 65536.0)?)?,
+            f(&lb.to_dtype(DType::F32)?)?
+        );
+        for (t, want) in [(hb.as_tensor(), dhb), (w.as_tensor(), dwb)] {
+            let Some(got) = gs.get(t) else {
+                panic!("the scaled bf16 path gave no gradient");
+            };
+            assert_eq!(f(&(got.to_dtype(DType::F32)? / 65536.0)?)?, f(want)?);
+        }
         assert_eq!((dhb.dtype(), dwb.dtype()), (DType::BF16, DType::F32));
         let lb = lb.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         assert!((lb - b).abs() < 0.02 * b.abs(), "bf16 loss {lb} vs {b}");
@@ -516,6 +551,7 @@ mod tests {
             &w.as_tensor().detach(),
             &y,
             Some(&mask),
+            1.0,
         )?;
         let lf = frozen.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         assert!((lf - lb).abs() < 1e-4, "no-graph loss {lf} vs {lb}");

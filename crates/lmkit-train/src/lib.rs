@@ -14,6 +14,7 @@
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, data position) and exact resume;
 //! - [`export`]: the trained model as an HF folder;
 //! - [`dpo`]: the DPO loss and its metrics, and completion log-probs;
+//! - [`loss_scale`]: loss scaling for f16 training (skipped steps, the dynamic scale);
 //! - [`lora`]: LoRA adapters in PEFT's layout: attach, save, load, merge;
 //! - [`prefs`]: preference pairs (prompt/chosen/rejected JSONL, HH-RLHF dialogues).
 
@@ -30,6 +31,7 @@ pub mod export;
 mod head_cpu;
 pub mod head_loss;
 pub mod lora;
+pub mod loss_scale;
 pub mod mixture;
 pub mod params;
 pub mod prefs;

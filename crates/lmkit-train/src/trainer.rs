@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::data::{Batches, Sequences};
+use crate::loss_scale::{LossScale, LossScaler, Outcome};
 use crate::params::Trainable;
 use crate::schedule::Schedule;
 use crate::{Error, Result};
@@ -29,6 +30,10 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Sequences of the evaluation set used per evaluation.
     pub eval_sequences: usize,
+    /// Loss scaling ([`crate::loss_scale`]): by default dynamic when the model computes in
+    /// f16, off otherwise.
+    #[serde(default)]
+    pub loss_scale: LossScale,
 }
 
 /// What one optimizer step did.
@@ -42,30 +47,53 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens_per_sec: f64,
     pub eval_loss: Option<f64>,
+    /// The loss scale of the step, when the loss is scaled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Steps skipped (gradients not finite) since the last applied one, retried by this one.
+    pub skipped: usize,
 }
 
 /// Mean next-token cross-entropy over the targets where `mask (b, t)` is 1 (chat/SFT data:
 /// the assistant's tokens), or over all of them without a mask.
 pub fn loss_masked(model: &Llama, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    loss_masked_with(model, ids, mask, true)
+    loss_masked_with(model, ids, mask, Some(1.0))
 }
 
-/// [`loss_masked`]; without `grad`, the output layer skips the gradients it would otherwise
-/// prepare in its forward pass (evaluation).
+/// [`loss_masked`] times `scale`, its gradients computed at that scale (loss scaling:
+/// [`crate::loss_scale`]).
+pub fn loss_masked_scaled(
+    model: &Llama,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    loss_masked_with(model, ids, mask, Some(scale))
+}
+
+/// [`loss_masked`] times the scale in `grad`; without one, the output layer skips the
+/// gradients it would otherwise prepare in its forward pass (evaluation).
 fn loss_masked_with(
     model: &Llama,
     ids: &Tensor,
     mask: Option<&Tensor>,
-    grad: bool,
+    grad: Option<f64>,
 ) -> Result<Tensor> {
+    let scale = grad.unwrap_or(1.0);
+    let scaled = |l: Tensor| -> Result<Tensor> {
+        Ok(match scale == 1.0 {
+            true => l,
+            false => (l * scale)?,
+        })
+    };
     // A dense output layer without an adapter or bias: the fused, chunked head + loss.
     if let Some(w) = crate::head_loss::dense_head(model) {
         let (b, t1) = ids.dims2()?;
         let t = t1 - 1;
         let h = model.forward_train_hidden(&ids.narrow(1, 0, t)?)?; // (b, t, c)
         let (h, w) = match grad {
-            true => (h, w.clone()),
-            false => (h.detach(), w.detach()),
+            Some(_) => (h, w.clone()),
+            None => (h.detach(), w.detach()),
         };
         let w = &w;
         let c = h.dims()[2];
@@ -79,10 +107,11 @@ fn loss_masked_with(
             w,
             &targets,
             weights.as_ref(),
+            scale,
         );
     }
     let Some(mask) = mask else {
-        return loss(model, ids);
+        return scaled(loss(model, ids)?);
     };
     let t = ids.dims2()?.1 - 1;
     let dev = model.device();
@@ -92,7 +121,7 @@ fn loss_masked_with(
     let nll = logp.gather(&targets.contiguous()?, 2)?.squeeze(2)?.neg()?; // (b, t)
     let mask = mask.to_device(dev)?;
     let count = mask.sum_all()?.maximum(1f32)?;
-    Ok((nll * &mask)?.sum_all()?.broadcast_div(&count)?)
+    scaled((nll * &mask)?.sum_all()?.broadcast_div(&count)?)
 }
 
 /// Mean next-token cross-entropy of `ids (b, t + 1)`: inputs `[.., :t]`, targets `[.., 1:]`.
@@ -124,7 +153,7 @@ pub fn evaluate(model: &Llama, data: &Sequences, n: usize, batch: usize) -> Resu
             Some(m) => m.sum_all()?.to_scalar::<f32>()? as f64,
             None => b as f64,
         };
-        let l = loss_masked_with(model, &ids.narrow(0, start, b)?, m.as_ref(), false)?;
+        let l = loss_masked_with(model, &ids.narrow(0, start, b)?, m.as_ref(), None)?;
         sum += l.to_scalar::<f32>()? as f64 * w;
         count += w;
     }
@@ -186,6 +215,7 @@ pub struct Trainer {
     pub t: Trainable,
     pub opt: AdamW,
     pub cfg: TrainConfig,
+    pub scaler: LossScaler,
 }
 
 impl Trainer {
@@ -197,7 +227,14 @@ impl Trainer {
             });
         }
         let opt = AdamW::new(t.decay_groups(), cfg.adamw)?;
-        Ok(Self { t, opt, cfg })
+        let f16 = t.model.dtype() == lmkit_core::DType::F16;
+        let scaler = LossScaler::new(cfg.loss_scale, f16);
+        Ok(Self {
+            t,
+            opt,
+            cfg,
+            scaler,
+        })
     }
 
     /// Which backward a step runs: lmkit's own on the CPU or the GPU (with flash or
@@ -238,6 +275,10 @@ impl Trainer {
         let cfg = self.cfg.clone();
         let mut logs = Vec::new();
         tracing::info!("backward: {}", self.backward_path());
+        if self.scaler.active() {
+            tracing::info!("loss scale: {}", self.scaler.scale());
+        }
+        let mut skipped = 0;
         while self.step() < cfg.steps.min(until) {
             let step = self.step();
             let t0 = Instant::now();
@@ -248,6 +289,7 @@ impl Trainer {
             let mut grads = crate::accumulate::GradSum::default();
             let (mut loss_sum, mut tokens): (Option<Tensor>, usize) = (None, 0);
             let mut phases = PhaseClock::new(self.t.model.device());
+            let scale = self.scaler.scale();
             let dropout = self.t.model.lora_dropout();
             // Dropout is on for this step's micro-batches only, whatever way they end.
             let _off = dropout.as_ref().map(|d| DropoutOff(d.clone()));
@@ -260,19 +302,23 @@ impl Trainer {
                 // A dense model runs lmkit's own backward: `body_cpu` (f32 on the CPU) or
                 // `body_gpu` (a GPU); anything else candle's autograd.
                 let mut lap = |p| phases.lap(p);
+                // Each gives the loss times `scale`, with its gradients at that scale.
                 let own = match crate::body_gpu::loss_and_grads(
                     &self.t,
                     &ids,
                     mask.as_ref(),
+                    scale,
                     &mut lap,
                 )? {
                     Some(lg) => Some(lg),
-                    None => crate::body_cpu::loss_and_grads(&self.t, &ids, mask.as_ref())?,
+                    None => {
+                        crate::body_cpu::loss_and_grads_scaled(&self.t, &ids, mask.as_ref(), scale)?
+                    }
                 };
                 let (l, g) = match own {
                     Some(lg) => lg,
                     None => {
-                        let l = loss_masked(&self.t.model, &ids, mask.as_ref())?;
+                        let l = loss_masked_scaled(&self.t.model, &ids, mask.as_ref(), scale)?;
                         phases.lap("forward")?;
                         let g = l.backward()?;
                         (l, g)
@@ -291,17 +337,32 @@ impl Trainer {
             let grads = grads
                 .into_inner()
                 .ok_or_else(|| Error::Data("no micro-batch ran".into()))?;
-            // 3. Average over micro-batches, then clip the global norm (on the device).
-            // 4. Optimizer step.
+            // 3. Average over micro-batches and undo the loss scale, then clip the global norm
+            //    (on the device).
+            // 4. Optimizer step; skipped (on the device) when a gradient is not finite.
             let mean = 1.0 / cfg.accumulate as f64;
-            let norm = self.opt.clipped_step(&grads, lr, mean, cfg.clip)?;
+            let norm = self.opt.clipped_step(&grads, lr, mean / scale, cfg.clip)?;
             phases.lap("optimizer")?;
             phases.report(self.step());
             let grad_norm = norm.to_scalar::<f32>()? as f64;
             let loss_sum = match loss_sum {
-                Some(s) => s.to_scalar::<f32>()? as f64,
+                Some(s) => s.to_scalar::<f32>()? as f64 / scale,
                 None => 0.0,
             };
+            let outcome = self.scaler.update(grad_norm.is_finite());
+            if !grad_norm.is_finite() {
+                // Not applied (on the device): not counted, even when the run stops here.
+                self.opt.discount_step();
+            }
+            if outcome? == Outcome::Skipped {
+                skipped += 1;
+                tracing::info!(
+                    "step {}: gradients not finite (loss {loss_sum:.4}); skipped, loss scale now {}",
+                    self.step() + 1,
+                    self.scaler.scale()
+                );
+                continue;
+            }
             // 5. Evaluate now and then.
             let done = self.step();
             let last = done == cfg.steps;
@@ -319,6 +380,8 @@ impl Trainer {
                 grad_norm,
                 tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
                 eval_loss,
+                loss_scale: self.scaler.active().then_some(scale),
+                skipped: std::mem::take(&mut skipped),
             };
             let go_on = on_step(self, data, &log);
             logs.push(log);

@@ -22,6 +22,7 @@ fn setup(seed: u64) -> (Trainer, Sequences) {
         clip: Some(1.0),
         eval_every: 0,
         eval_sequences: 0,
+        loss_scale: Default::default(),
     };
     let t = Trainable::init(LlamaConfig::tiny(), 0.02, seed).unwrap();
     // 400 tokens make 16 sequences of 24: 12 steps × 4 cross three epoch boundaries.

@@ -24,6 +24,7 @@ fn config(steps: usize) -> TrainConfig {
         clip: Some(1.0),
         eval_every: 0,
         eval_sequences: 0,
+        loss_scale: Default::default(),
     }
 }
 

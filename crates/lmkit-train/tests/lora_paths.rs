@@ -67,6 +67,7 @@ fn train_lora() -> (Vec<f64>, Vec<Vec<f32>>) {
         clip: Some(1.0),
         eval_every: 0,
         eval_sequences: 0,
+        loss_scale: Default::default(),
     };
     let tokens: Vec<u32> = (0..600u32).map(|i| (i * i + 7 * i) % 113).collect();
     let mut data = Sequences::new(tokens, 30, 2).unwrap();
@@ -119,6 +120,7 @@ fn dpo_lora() -> (Vec<f64>, Vec<Vec<f32>>) {
         clip: Some(1.0),
         eval_every: 0,
         seed: 1,
+        loss_scale: Default::default(),
     };
     let logs = dpo::train(&policy, vars.clone(), &train, None, &dc, 0, &mut |_| {}).unwrap();
     (logs.iter().map(|l| l.train.loss).collect(), values(&vars))

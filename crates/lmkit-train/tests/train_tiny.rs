@@ -31,6 +31,7 @@ fn config(steps: usize) -> TrainConfig {
         clip: Some(1.0),
         eval_every: 10,
         eval_sequences: 8,
+        loss_scale: Default::default(),
     }
 }
 

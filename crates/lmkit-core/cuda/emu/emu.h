@@ -66,6 +66,8 @@ inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half(float f) { return {(_Float16)f}; }
 
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+using std::isfinite;
+using std::nanf;
 inline float __int_as_float(int i) {
   float f;
   memcpy(&f, &i, 4);

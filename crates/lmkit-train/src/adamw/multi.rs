@@ -249,6 +249,55 @@ mod tests {
         }
     }
 
+    /// A NaN or infinite gradient anywhere: the update is skipped by both paths (weights and
+    /// moments as they were, after a first real step), the norm says so, and the step counts
+    /// until it is discounted.
+    #[test]
+    fn a_gradient_that_is_not_finite_skips_the_step() {
+        let cfg = AdamWConfig::default();
+        for bad in [f32::NAN, f32::INFINITY] {
+            for multi in [false, true] {
+                let v = vars();
+                let p = v.iter().map(|x| (x.clone(), true));
+                let mut o = AdamW::new(p.collect(), cfg).unwrap();
+                let step = |o: &mut AdamW, g: &GradStore| match multi {
+                    true => o
+                        .clipped_step_multi(&Launcher::Emu, g, 0.01, 0.5, Some(1.0))
+                        .unwrap()
+                        .expect("the multi-tensor step applies"),
+                    false => o.clipped_step(g, 0.01, 0.5, Some(1.0)).unwrap(),
+                };
+                step(&mut o, &grads(&v, 0));
+                let before: Vec<Vec<f32>> = v
+                    .iter()
+                    .map(|x| x.to_vec1::<f32>().unwrap())
+                    .chain(o.moments().iter().flat_map(|(m, s)| {
+                        [m.to_vec1::<f32>().unwrap(), s.to_vec1::<f32>().unwrap()]
+                    }))
+                    .collect();
+                // One entry of the last (largest) gradient made bad.
+                let mut g = grads(&v, 1);
+                let last = v[SIZES.len() - 1].as_tensor();
+                let mut w = g.get(last).unwrap().to_vec1::<f32>().unwrap();
+                w[4321] = bad;
+                g.insert(last, Tensor::new(w, &Device::Cpu).unwrap());
+                let norm = step(&mut o, &g).to_scalar::<f32>().unwrap();
+                assert!(!norm.is_finite(), "{bad} multi {multi}: norm {norm}");
+                assert_eq!(o.steps(), 2);
+                o.discount_step();
+                assert_eq!(o.steps(), 1);
+                let after: Vec<Vec<f32>> = v
+                    .iter()
+                    .map(|x| x.to_vec1::<f32>().unwrap())
+                    .chain(o.moments().iter().flat_map(|(m, s)| {
+                        [m.to_vec1::<f32>().unwrap(), s.to_vec1::<f32>().unwrap()]
+                    }))
+                    .collect();
+                assert_eq!(before, after, "{bad} multi {multi}");
+            }
+        }
+    }
+
     /// What the kernels do not take is left to the other paths: nothing done, no step counted.
     #[test]
     fn refuses_other_dtypes() {
