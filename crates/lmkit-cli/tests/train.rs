@@ -239,7 +239,9 @@ fn f16_training_scales_the_loss() {
     let m = metrics(&out);
     assert_eq!(m.len(), 4);
     for l in &m {
-        let s = l["loss_scale"].as_f64().expect("a loss scale in metrics.jsonl");
+        let s = l["loss_scale"]
+            .as_f64()
+            .expect("a loss scale in metrics.jsonl");
         assert!(s > 0.0 && s <= 65536.0, "{l}");
         assert!(l["skipped"].as_u64().is_some() && l["loss"].as_f64().unwrap().is_finite());
     }
@@ -251,7 +253,10 @@ fn f16_training_scales_the_loss() {
     let o = train(&["--loss-scale", "0"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("loss-scale") && err.contains("number > 0"), "{err}");
+    assert!(
+        err.contains("loss-scale") && err.contains("number > 0"),
+        "{err}"
+    );
 }
 
 #[test]

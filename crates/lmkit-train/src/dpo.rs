@@ -235,6 +235,7 @@ pub struct DpoConfig {
     pub seed: u64,
     /// Loss scaling ([`crate::loss_scale`]): by default dynamic when the policy computes in
     /// f16, off otherwise.
+    #[serde(default)]
     pub loss_scale: crate::loss_scale::LossScale,
 }
 

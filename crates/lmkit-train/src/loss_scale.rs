@@ -42,6 +42,8 @@ const GROWTH: f64 = 2.0;
 const BACKOFF: f64 = 0.5;
 /// Skipped steps in a row after which training stops.
 pub const MAX_SKIPS: u32 = 24;
+/// The largest scale, fixed or grown (the scale and its inverse stay normal f32 numbers).
+pub const MAX_SCALE: f64 = 1e30;
 
 /// How the loss is scaled before the backward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -58,18 +60,20 @@ pub enum LossScale {
 impl std::str::FromStr for LossScale {
     type Err = Error;
 
-    /// `auto`, `off`, `dynamic`, or a fixed scale (a finite number > 0).
+    /// `auto`, `off`, `dynamic`, or a fixed scale (a number > 0, at most [`MAX_SCALE`]).
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "auto" => LossScale::Auto,
             "off" | "none" => LossScale::Off,
             "dynamic" => LossScale::Dynamic,
             _ => match s.parse::<f64>() {
-                Ok(x) if x.is_finite() && x > 0.0 => LossScale::Fixed(x),
+                Ok(x) if x > 0.0 && x <= MAX_SCALE => LossScale::Fixed(x),
                 _ => {
                     return Err(Error::Option {
                         option: "loss-scale".into(),
-                        why: format!("`{s}`: expected auto, off, dynamic or a number > 0"),
+                        why: format!(
+                            "`{s}`: expected auto, off, dynamic or a number > 0 and ≤ {MAX_SCALE:e}"
+                        ),
                     })
                 }
             },
@@ -133,7 +137,7 @@ impl LossScaler {
 
     /// Restores a saved state (a fixed or no scale keeps its own).
     pub fn restore(&mut self, s: ScalerState) {
-        if self.dynamic && s.scale.is_finite() && s.scale > 0.0 {
+        if self.dynamic && s.scale > 0.0 && s.scale <= MAX_SCALE {
             self.state = s;
         }
     }
@@ -148,7 +152,7 @@ impl LossScaler {
                 s.good += 1;
                 if s.good >= INTERVAL {
                     let grown = s.scale * GROWTH;
-                    if grown.is_finite() {
+                    if grown <= MAX_SCALE {
                         s.scale = grown;
                     }
                     s.good = 0;
@@ -261,7 +265,7 @@ mod tests {
         ] {
             assert_eq!(s.parse::<LossScale>().unwrap(), want);
         }
-        for bad in ["0", "-2", "inf", "nan", "big"] {
+        for bad in ["0", "-2", "inf", "nan", "big", "1e31"] {
             assert!(bad.parse::<LossScale>().is_err(), "{bad}");
         }
     }

@@ -97,6 +97,30 @@ fn a_damaged_checkpoint_is_a_clear_error() {
     assert!(e.contains("state.json"), "{e}");
 }
 
+/// A checkpoint written before loss scaling (no `loss_scale` in its config, no `scaler`)
+/// still loads, and the run goes on with the default scale.
+#[test]
+fn a_checkpoint_from_before_loss_scaling_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut data) = setup(1);
+    a.run(&mut data, None, 2, &mut |_, _, _| true).unwrap();
+    let ck = checkpoint::save(dir.path(), &a, &data, 3).unwrap();
+    let path = ck.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let config = state["config"].as_object_mut().unwrap();
+    assert!(config.remove("loss_scale").is_some(), "{config:?}");
+    state.as_object_mut().unwrap().remove("scaler");
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let (mut b, mut data_b) = setup(1);
+    checkpoint::load(&ck, &mut b, &mut data_b).unwrap();
+    assert_eq!((b.step(), b.scaler.scale()), (2, 1.0));
+    let logs = b.run(&mut data_b, None, 4, &mut |_, _, _| true).unwrap();
+    assert!(logs
+        .iter()
+        .all(|l| l.loss.is_finite() && l.loss_scale.is_none()));
+}
+
 /// A run on a mixture of two domains resumes exactly too, and a single-stream run refuses
 /// its checkpoint.
 #[test]
