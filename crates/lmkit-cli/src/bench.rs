@@ -247,6 +247,9 @@ pub fn main(a: Args) -> Result<()> {
     let dtype = format!("{:?}", m.model.dtype()).to_lowercase();
     let cfg = m.model.config();
     let ctx = cfg.max_position_embeddings;
+    if a.n_prompt == 0 && a.n_gen == 0 && !a.kernel_report {
+        anyhow::bail!("nothing to measure: -p and -n are both 0");
+    }
     if a.n_prompt > ctx || a.n_gen > ctx {
         anyhow::bail!(
             "test sizes (-p {}, -n {}) exceed the model's context {ctx}",

@@ -64,7 +64,10 @@ pub fn main(a: Args) -> Result<()> {
             let text = m.chat.render(&history, true)?;
             let ids = m.tokenizer.encode_with_bos(&text)?;
             let first = history.iter().position(|m| m.role != "system");
-            if ids.len() + opts.max_tokens <= ctx || first.is_none() || history.len() <= 1 {
+            if ids.len().saturating_add(opts.max_tokens) <= ctx
+                || first.is_none()
+                || history.len() <= 1
+            {
                 break ids;
             }
             if let Some(i) = first {

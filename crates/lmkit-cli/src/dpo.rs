@@ -217,6 +217,13 @@ pub fn main(a: Args) -> Result<()> {
     if let Some(e) = write_err {
         bail!("{}: {e}", metrics_path.display());
     }
+    if let Some(name) = lmkit::train::params::first_non_finite(&vars)? {
+        bail!(
+            "DPO diverged: `{name}` holds NaN or infinite values after {} steps; nothing was \
+             saved (lower --lr)",
+            logs.len()
+        );
+    }
     let saved = match &lcfg {
         Some(c) => {
             let dir = a.out.join("adapter");

@@ -30,11 +30,12 @@ pub struct Args {
     /// Compare with logits saved by another run (same text and tokenizer).
     #[arg(long)]
     pub compare: Option<PathBuf>,
-    /// With --compare: fail if the largest absolute difference exceeds this.
-    #[arg(long)]
+    /// With --compare: fail if the largest absolute difference exceeds this (a number ≥ 0).
+    #[arg(long, value_parser = non_negative)]
     pub max_diff: Option<f64>,
-    /// With --compare: fail if fewer positions than this fraction have the same argmax.
-    #[arg(long)]
+    /// With --compare: fail if fewer positions than this fraction have the same argmax (in
+    /// [0, 1]).
+    #[arg(long, value_parser = fraction)]
     pub min_agree: Option<f64>,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -51,6 +52,20 @@ struct Comparison {
     /// Max |Δ| over the largest |logit| of the reference.
     max_rel_diff: f64,
     argmax_agreement: f64,
+}
+
+fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}`: expected a number ≥ 0")),
+    }
+}
+
+fn fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}`: expected a fraction in [0, 1]")),
+    }
 }
 
 pub fn main(a: Args) -> Result<()> {

@@ -23,8 +23,8 @@ pub struct Args {
     /// First scored position of each window (default: ctx/2, as llama.cpp).
     #[arg(long)]
     pub score_from: Option<usize>,
-    /// Score at most this many windows.
-    #[arg(long)]
+    /// Score at most this many windows (at least 1).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_windows: Option<usize>,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 1)]

@@ -25,7 +25,7 @@ use serde::Deserialize;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text, .jsonl or .parquet files (.gz/.zst too) or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [data.domains]  name = [\"files or folders\"], ... instead of train: a mixture, each batch row\n           from domain d with probability weights[d]; [data.weights] name = w (default uniform),\n           or weights_from = \"DIR/domain_weights.json\" of a --doremi-reference run. Evaluation then\n           uses data.eval only.\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0, eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
+    after_help = "Examples:\n  lmkit train --config runs/tiny.toml --out runs/tiny\n  lmkit train --config runs/tiny.toml --out runs/tiny --resume\n  lmkit train --config sft.toml --model default --out runs/sft --gguf q8_0   # fine-tune\n\nConfig (TOML or JSON; paths relative to the config file):\n  [model]  hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,\n           max_position_embeddings = 1024, rope_theta = 10000, rms_norm_eps = 1e-5,\n           tie_word_embeddings = true, init_std = 0.02\n  [data]   train = [\"text, .jsonl or .parquet files (.gz/.zst too) or folders\"], eval = [...] (or eval_fraction = 0.01),\n           seq_len, field = \"text\", prompt_field = \"prompt\", completion_field = \"completion\",\n           tokenizer = \"model.gguf or tokenizer.json\" (default: the\n           default model's)\n  [data.domains]  name = [\"files or folders\"], ... instead of train: a mixture, each batch row\n           from domain d with probability weights[d]; [data.weights] name = w (default uniform),\n           or weights_from = \"DIR/domain_weights.json\" of a --doremi-reference run. Evaluation then\n           uses data.eval only.\n  [train]  steps, batch, accumulate = 1, lr, min_lr = lr/10, warmup = 0,\n           decay = \"cosine\"|\"linear\"|\"constant\", weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95,\n           clip = 1.0 (0: none), eval_every = 0, eval_sequences = 32, checkpoint_every = 0, keep = 3, seed = 0\n  [lora]   r, alpha, dropout = 0, targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"] (with --model)\n\nWith --model, leave out [model]. JSONL lines with `messages` ([{role, content}]) are chat:\nrendered with the model's template, loss on the assistant's tokens only."
 )]
 pub struct Args {
     /// Run configuration, TOML or JSON.
@@ -294,6 +294,43 @@ fn read_config(
     }
     if !(t.lr > 0.0 && t.lr.is_finite()) {
         bail!("{}: `train.lr` must be a positive number", path.display());
+    }
+    // The optimizer's settings, in the ranges where AdamW is defined (as PyTorch checks them),
+    // min_lr within [0, lr].
+    let check = |name: &str, v: f64, ok: bool, range: &str| -> Result<()> {
+        if !(v.is_finite() && ok) {
+            bail!("{}: `{name}` is {v}; it must be {range}", path.display());
+        }
+        Ok(())
+    };
+    check(
+        "train.beta1",
+        t.beta1,
+        (0.0..1.0).contains(&t.beta1),
+        "in [0, 1)",
+    )?;
+    check(
+        "train.beta2",
+        t.beta2,
+        (0.0..1.0).contains(&t.beta2),
+        "in [0, 1)",
+    )?;
+    let wd = t.weight_decay;
+    check("train.weight_decay", wd, wd >= 0.0, "a number ≥ 0")?;
+    if let Some(m) = t.min_lr {
+        let range = format!("in [0, train.lr = {}]", t.lr);
+        check("train.min_lr", m, (0.0..=t.lr).contains(&m), &range)?;
+    }
+    if let Some(c) = t.clip {
+        check("train.clip", c, c >= 0.0, "a number ≥ 0 (0: no clipping)")?;
+    }
+    if let Some(m) = &cfg.model {
+        check(
+            "model.init_std",
+            m.init_std,
+            m.init_std > 0.0,
+            "a number > 0",
+        )?;
     }
     if let Some(m) = &cfg.model {
         if cfg.data.seq_len > m.max_position_embeddings {
@@ -590,6 +627,7 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
     let model = match (&rc.model, base) {
         (Some(m), _) => {
             let cfg = scratch_config(m, &tok, &a.config)?;
+            check_memory(&cfg, t.batch, rc.data.seq_len, &device, &a.config)?;
             let mut model = Trainable::init(cfg, m.init_std, t.seed)?;
             if !device.is_cpu() || dtype != DType::F32 {
                 model = model.to_device(&device, dtype)?;
@@ -598,6 +636,8 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
         }
         (None, Some((_, m))) => match &rc.lora {
             None => {
+                let cfg = m.model.config();
+                check_memory(cfg, t.batch, rc.data.seq_len, &device, &a.config)?;
                 let mut model = Trainable::from_model(&m.model)?;
                 model.model.set_dtype(dtype)?;
                 model
@@ -634,7 +674,7 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
             eps: 1e-8,
             weight_decay: t.weight_decay,
         },
-        clip: t.clip,
+        clip: t.clip.filter(|c| *c > 0.0),
         eval_every: t.eval_every,
         eval_sequences: t.eval_sequences,
         loss_scale: a.loss_scale,
@@ -762,8 +802,17 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
     }
 
     // The trained model as an HF folder (LoRA: the PEFT adapter, and the merged model), and
-    // as GGUF if asked.
+    // as GGUF if asked; never weights that are not finite.
     let final_dir = a.out.join("final");
+    if let Some(name) = tr.t.first_non_finite()? {
+        bail!(
+            "training diverged: `{name}` holds NaN or infinite values after {} steps; nothing \
+             was written to {} (lower train.lr; the checkpoints under {} hold earlier weights)",
+            tr.step(),
+            final_dir.display(),
+            a.out.join("checkpoints").display()
+        );
+    }
     let final_model = match &lora_cfg {
         None => tr.t.model.clone(),
         Some(cfg) => {
@@ -799,4 +848,38 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
 /// `--loss-scale`: auto, off, dynamic or a factor > 0.
 pub(crate) fn parse_loss_scale(s: &str) -> std::result::Result<LossScale, String> {
     s.parse::<LossScale>().map_err(|e| e.to_string())
+}
+
+/// Refuses, on the CPU, a run that cannot fit in the memory left: a lower bound of its needs
+/// (the f32 weights, their gradients and AdamW's two moments: 16 bytes per parameter; one f32
+/// value per token of a batch, layer and hidden unit) against `MemAvailable`, so that sizes
+/// far too large are a clear error instead of an abort when an allocation fails.
+fn check_memory(
+    cfg: &LlamaConfig,
+    batch: usize,
+    seq_len: usize,
+    device: &lmkit::Device,
+    config: &Path,
+) -> Result<()> {
+    if !device.is_cpu() {
+        return Ok(());
+    }
+    let Some(free) = lmkit::core::device::host_memory_available() else {
+        return Ok(());
+    };
+    let tokens = batch as f64 * seq_len as f64;
+    let acts = tokens * cfg.hidden_size as f64 * cfg.num_layers as f64 * 4.0;
+    let need = cfg.num_parameters() * 16.0 + acts;
+    if need > free as f64 {
+        bail!(
+            "{}: the run needs at least {:.1} GB ({:.3e} parameters with their gradients and \
+             AdamW's moments in f32, and activations for batch {batch} × seq_len {seq_len}), \
+             but {:.1} GB of memory are available",
+            config.display(),
+            need / 1e9,
+            cfg.num_parameters(),
+            free as f64 / 1e9
+        );
+    }
+    Ok(())
 }

@@ -146,6 +146,12 @@ fn bad_inputs_give_clear_errors() {
     // The tiny model's context is 256 tokens.
     let long = "a b ".repeat(300);
     fails_with(&lmkit(&["run", "--model", ms, &long, "-n", "4"]), "context");
+    // A count that would wrap when added to the prompt's length.
+    let most = usize::MAX.to_string();
+    fails_with(
+        &lmkit(&["run", "--model", ms, "hi", "-n", &most]),
+        "context",
+    );
     let o = lmkit(&[
         "run",
         "--model",

@@ -198,6 +198,26 @@ fn bad_configs_are_clear_errors() {
     };
     let cfg = setup(dir.path(), 10, 0, "learning_rate = 1.0\n");
     assert!(run(&cfg).contains("learning_rate"));
+    // The optimizer's settings out of range name the key.
+    for (extra, key) in [
+        ("beta1 = 1.5\n", "train.beta1"),
+        ("beta2 = 1.0\n", "train.beta2"),
+        ("clip = -1.0\n", "train.clip"),
+        ("min_lr = 1.0\n", "train.min_lr"),
+        ("weight_decay = -0.1\n", "train.weight_decay"),
+    ] {
+        let e = run(&setup(dir.path(), 10, 0, extra));
+        assert!(e.contains(key), "{extra}: {e}");
+    }
+    // A batch that cannot fit in memory is refused before anything is allocated.
+    let huge = write_config(dir.path(), 10, 0, "")
+        .to_string_lossy()
+        .into_owned();
+    let text = std::fs::read_to_string(&huge)
+        .unwrap()
+        .replace("batch = 4", "batch = 100000000000");
+    std::fs::write(&huge, text).unwrap();
+    assert!(run(Path::new(&huge)).contains("memory"));
     let cfg = setup(dir.path(), 0, 0, "");
     assert!(run(&cfg).contains("train.steps"));
     let cfg = setup(dir.path(), 5, 0, "");
@@ -207,6 +227,33 @@ fn bad_configs_are_clear_errors() {
     assert!(run(&cfg).contains("empty"));
     std::fs::write(dir.path().join("run.toml"), "[model\n").unwrap();
     assert!(run(&dir.path().join("run.toml")).contains("run.toml"));
+}
+
+/// A learning rate that makes the weights infinite: the run stops with an error naming a
+/// tensor, and no final model is written.
+#[test]
+fn a_diverged_run_writes_no_final_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 1, 0, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("lr = 3e-3", "lr = 1e300");
+    std::fs::write(&cfg, text).unwrap();
+    let out = dir.path().join("out");
+    let o = lmkit(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("diverged") && e.contains("NaN or infinite"),
+        "{e}"
+    );
+    assert!(!out.join("final").exists());
 }
 
 /// `--dtype f16` scales the loss (dynamic, logged per step) and warns only when told not to;

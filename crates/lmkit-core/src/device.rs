@@ -136,6 +136,15 @@ pub fn device_name(d: &Device) -> String {
     }
 }
 
+/// The memory this machine can still give a process (Linux's `MemAvailable`, in bytes), when
+/// known.
+pub fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Waits for the device's queued work (timing and benchmarks; a no-op on the CPU).
 pub fn synchronize(d: &Device) -> Result<()> {
     d.synchronize().map_err(|source| Error::Candle {
@@ -172,6 +181,9 @@ mod tests {
         assert_eq!(train_dtype_for("auto", &Device::Cpu).ok(), Some(DType::F32));
         assert_eq!(auto_train_dtype(&Device::Cpu), DType::F32);
         assert_eq!(train_dtype_for("f16", &Device::Cpu).ok(), Some(DType::F16));
+        if cfg!(target_os = "linux") {
+            assert!(host_memory_available().is_some_and(|b| b > 0));
+        }
         let w = train_dtype_warning(DType::F16, false);
         assert!(w.is_some_and(|w| w.contains("loss scaling")));
         assert!(train_dtype_warning(DType::F16, true).is_none());

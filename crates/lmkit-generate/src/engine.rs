@@ -304,7 +304,7 @@ impl Seq {
                     vocab,
                 }));
             }
-            if prompt.len() + opts.max_tokens > ctx {
+            if prompt.len().saturating_add(opts.max_tokens) > ctx {
                 return Err(Error::PromptTooLong {
                     prompt: prompt.len(),
                     new: opts.max_tokens,

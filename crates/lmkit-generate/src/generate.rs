@@ -138,7 +138,7 @@ pub fn generate(
     }
     let ctx = model.config().max_position_embeddings;
     let mut prompt = prompt;
-    if prompt.len() + opts.max_tokens > ctx {
+    if prompt.len().saturating_add(opts.max_tokens) > ctx {
         if !opts.truncate_prompt || opts.max_tokens >= ctx {
             return Err(Error::PromptTooLong {
                 prompt: prompt.len(),

@@ -66,6 +66,34 @@ impl LlamaConfig {
                 return Err(bad(format!("{name} is 0")));
             }
         }
+        // Sizes no model has: a corrupt or mistyped file (these would otherwise be allocations
+        // that abort the process, before a missing tensor is noticed).
+        for (name, v, most) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 22),
+            ("num_layers", self.num_layers, 1 << 12),
+            ("num_heads", self.num_heads, 1 << 14),
+            ("num_kv_heads", self.num_kv_heads, 1 << 14),
+            ("head_dim", self.head_dim, 1 << 14),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 26,
+            ),
+        ] {
+            if v > most {
+                return Err(bad(format!(
+                    "{name} is {v}, more than any model has ({most})"
+                )));
+            }
+        }
+        if self.num_parameters() > 1e13 {
+            return Err(bad(format!(
+                "the sizes describe {:.3e} parameters",
+                self.num_parameters()
+            )));
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(format!(
                 "{} heads are not a multiple of {} kv heads",
@@ -196,7 +224,30 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// A tiny random-model config for tests: 2 layers, hidden 64, vocab 128.
+    /// The number of parameters the sizes describe (as f64: no overflow for any input).
+    pub fn num_parameters(&self) -> f64 {
+        let [v, c, f, l, h, k, d] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_layers,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        ]
+        .map(|x| x as f64);
+        let heads = match self.tie_word_embeddings {
+            true => 1.0,
+            false => 2.0,
+        };
+        let bias = match self.attention_bias {
+            true => (h + 2.0 * k) * d,
+            false => 0.0,
+        };
+        let block = c * (h + 2.0 * k) * d + h * d * c + bias + 3.0 * c * f + 2.0 * c;
+        heads * v * c + l * block + c
+    }
+
     /// Every parameter's HF name and shape, in load order (norm weights are `(c,)`; the output
     /// layer is listed only when it is not tied to the embedding).
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
@@ -243,6 +294,7 @@ impl LlamaConfig {
         out
     }
 
+    /// A tiny random-model config for tests: 2 layers, hidden 64, vocab 128.
     pub fn tiny() -> Self {
         Self {
             arch: "llama".into(),
@@ -260,5 +312,51 @@ impl LlamaConfig {
             tie_word_embeddings: true,
             attention_bias: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Zero, inconsistent and absurd sizes are refused with the field named; the parameter
+    /// count matches the shapes' product.
+    #[test]
+    fn validate_names_the_bad_field() {
+        let p = Path::new("m.gguf");
+        let ok = LlamaConfig::tiny();
+        assert!(ok.validate(p).is_ok());
+        let n: usize = ok
+            .parameter_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(ok.num_parameters(), n as f64);
+        type Mutate = fn(&mut LlamaConfig);
+        let cases: [(&str, Mutate); 5] = [
+            ("num_layers is 0", |c| c.num_layers = 0),
+            ("num_layers is 4294967295", |c| {
+                c.num_layers = u32::MAX as usize
+            }),
+            ("hidden_size is 1000000000", |c| {
+                c.hidden_size = 1_000_000_000
+            }),
+            ("max_position_embeddings", |c| {
+                c.max_position_embeddings = 1 << 40
+            }),
+            ("not a multiple", |c| c.num_kv_heads = 3),
+        ];
+        for (want, f) in cases {
+            let mut c = LlamaConfig::tiny();
+            f(&mut c);
+            let e = c.validate(p).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("m.gguf"), "{want}: {e}");
+        }
+        // Each size within its bound, together too many parameters.
+        let mut big = LlamaConfig::tiny();
+        (big.vocab_size, big.hidden_size, big.num_layers) = (1 << 24, 1 << 20, 1 << 12);
+        (big.num_heads, big.num_kv_heads, big.head_dim) = (1 << 10, 1 << 10, 1 << 10);
+        let e = big.validate(p).unwrap_err().to_string();
+        assert!(e.contains("parameters"), "{e}");
     }
 }

@@ -82,7 +82,7 @@ pub(crate) fn plan(
                 format!(
                     "This model's maximum context length is {ctx} tokens. However, you requested \
                      {} tokens ({} in the prompt, {m} for the completion).",
-                    prompt.len() as u64 + m,
+                    (prompt.len() as u64).saturating_add(m),
                     prompt.len()
                 ),
             )

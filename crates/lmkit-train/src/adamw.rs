@@ -196,9 +196,9 @@ impl AdamW {
             return Ok(norm);
         }
         let scale = match clip {
-            // min(1, c / (‖g‖ + 1e-6))
-            Some(c) => ((norm.clone() + 1e-6)?.recip()? * c)?.minimum(1f32)?,
-            None => Tensor::new(1f32, &dev)?,
+            // min(1, c / (‖g‖ + 1e-6)); a clip of 0 or less is none (as tr_clip_scale takes it)
+            Some(c) if c > 0.0 => ((norm.clone() + 1e-6)?.recip()? * c)?.minimum(1f32)?,
+            _ => Tensor::new(1f32, &dev)?,
         };
         self.step_scaled(grads, lr, &(scale * mean)?)?;
         Ok(norm)

@@ -33,7 +33,15 @@ struct State {
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Data(format!("{}: {e}", path.display()))
+    Error::Checkpoint(format!("{}: {e}", path.display()))
+}
+
+/// `e` as an error of the checkpoint file `path` (a data error's message without its prefix).
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Data(m) => io(path, m),
+        e => io(path, e),
+    }
 }
 
 fn step_of(p: &Path) -> Option<usize> {
@@ -162,6 +170,16 @@ pub fn load(ckpt: &Path, tr: &mut Trainer, data: &mut dyn Batches) -> Result<()>
                     ),
                 ));
             }
+            if t.dtype() != var.dtype() {
+                return Err(io(
+                    &ckpt.join(file),
+                    format!(
+                        "`{key}` is stored as {:?}, the model's is {:?}",
+                        t.dtype(),
+                        var.dtype()
+                    ),
+                ));
+            }
             Ok(t.clone())
         };
         var.set(&get(&model, name, "model.safetensors")?.to_device(var.device())?)?;
@@ -170,16 +188,18 @@ pub fn load(ckpt: &Path, tr: &mut Trainer, data: &mut dyn Batches) -> Result<()>
             get(&opt, &format!("v.{name}"), "optimizer.safetensors")?,
         ));
     }
-    tr.opt.restore(state.step, moments)?;
+    tr.opt
+        .restore(state.step, moments)
+        .map_err(|e| in_file(&ckpt.join("optimizer.safetensors"), e))?;
     if let Some(s) = state.scaler {
         tr.scaler.restore(s);
     }
-    match &state.mixture {
-        Some(m) => data.seek_to(m)?,
+    let seek = match &state.mixture {
+        Some(m) => data.seek_to(m),
         None => data.seek_to(&DataPosition::Single {
             epoch: state.epoch,
             next: state.next,
-        })?,
-    }
-    Ok(())
+        }),
+    };
+    seek.map_err(|e| in_file(&sp, e))
 }

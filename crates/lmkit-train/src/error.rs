@@ -12,6 +12,8 @@ pub enum Error {
     Option { option: String, why: String },
     #[error("training data: {0}")]
     Data(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     #[error("training diverged: {0}")]
     Diverged(String),
 }

@@ -170,9 +170,12 @@ impl LossScaler {
                 true => format!(" down to a loss scale of {}", s.scale / BACKOFF),
                 false => String::new(),
             };
+            let hint = match self.active() {
+                true => "lower the learning rate, or train in bf16 or f32",
+                false => "lower the learning rate, and check the optimizer's settings and the data",
+            };
             return Err(Error::Diverged(format!(
-                "the gradients were not finite in {MAX_SKIPS} steps in a row{at}; \
-                 lower the learning rate, or train in bf16 or f32"
+                "the gradients were not finite in {MAX_SKIPS} steps in a row{at}; {hint}"
             )));
         }
         Ok(Outcome::Skipped)

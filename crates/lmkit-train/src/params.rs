@@ -119,6 +119,11 @@ impl Trainable {
             .collect()
     }
 
+    /// The name of a variable that holds a NaN or an infinity, if any ([`first_non_finite`]).
+    pub fn first_non_finite(&self) -> Result<Option<String>> {
+        first_non_finite(&self.params)
+    }
+
     /// Scalar parameters (tied weights once).
     pub fn num_parameters(&self) -> usize {
         self.params
@@ -126,4 +131,17 @@ impl Trainable {
             .map(|(_, v)| v.as_tensor().elem_count())
             .sum()
     }
+}
+
+/// The name of the first of `vars` that holds a NaN or an infinity, if any: a trained model is
+/// checked before it is saved. `0·x` is 0 for every finite value and NaN otherwise, so one
+/// sum per variable tells.
+pub fn first_non_finite(vars: &[(String, Var)]) -> Result<Option<String>> {
+    for (name, v) in vars {
+        let x = v.as_tensor().to_dtype(DType::F32)?;
+        if (&x * 0.0)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
 }

@@ -95,6 +95,21 @@ fn a_damaged_checkpoint_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("state.json"), "{e}");
+    // A tensor of another dtype is named with its file.
+    std::fs::remove_file(ck.join("state.json")).unwrap();
+    let ck = checkpoint::save(dir.path(), &a, &data, 3).unwrap();
+    let mut map = lmkit_core::candle::safetensors::load(&model, &lmkit_core::Device::Cpu).unwrap();
+    let name = a.t.params[0].0.clone();
+    let t = map[&name].to_dtype(lmkit_core::DType::U32).unwrap();
+    map.insert(name.clone(), t);
+    lmkit_core::candle::safetensors::save(&map, &model).unwrap();
+    let e = checkpoint::load(&ck, &mut b, &mut data_b)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("checkpoint:") && e.contains("model.safetensors") && e.contains("U32"),
+        "{e}"
+    );
 }
 
 /// A checkpoint written before loss scaling (no `loss_scale` in its config, no `scaler`)
