@@ -127,7 +127,22 @@ fn json_document(line: &str, fields: &Fields, at: &str) -> Result<Doc> {
     }
     if v.get("messages").is_some() {
         return match sft::parse_messages(&v) {
-            Some(m) => Ok(Doc::Chat(m)),
+            Some(m) => {
+                // The roles chat templates know; another is a typo that would train on nothing.
+                const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+                if let Some((i, bad)) = m
+                    .iter()
+                    .enumerate()
+                    .find(|(_, x)| !ROLES.contains(&x.role.as_str()))
+                {
+                    bail!(
+                        "{at}: message {i} has role `{}`; expected one of {}",
+                        bad.role,
+                        ROLES.join(", ")
+                    );
+                }
+                Ok(Doc::Chat(m))
+            }
             None => bail!("{at}: `messages` must be a list of {{\"role\", \"content\"}} strings"),
         };
     }

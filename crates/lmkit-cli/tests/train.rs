@@ -487,6 +487,24 @@ fn fine_tunes_an_existing_model_on_chat_data() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("either a [model] section"));
+    // A role no chat template knows is named with its file and line.
+    std::fs::write(
+        dir.path().join("chat.jsonl"),
+        "{\"messages\": [{\"role\": \"usr\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let o = lmkit(&[
+        "train",
+        "--config",
+        dir.path().join("full.toml").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        dir.path().join("y").to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("chat.jsonl") && e.contains("`usr`"), "{e}");
 }
 
 /// `lmkit tokenizer train`, then pretraining with that tokenizer and a GGUF export of it.

@@ -1,15 +1,13 @@
-//! Errors of the format readers and writers; every variant names the file.
+//! Errors of the format readers and writers; every variant names the file. The underlying
+//! error's text is part of each message (`err`), and not also chained as a `source`, so that a
+//! report of the whole chain says it once.
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// The file is not what it claims to be (bad magic, truncated, out-of-range field).
     #[error("{path}: {why}")]
     Corrupt { path: PathBuf, why: String },
@@ -25,22 +23,20 @@ pub enum Error {
     },
     #[error("{path}: unsupported: {why}")]
     Unsupported { path: PathBuf, why: String },
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {err}")]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("{path}: tensor `{tensor}`: {source}")]
+    #[error("{path}: tensor `{tensor}`: {err}")]
     Tensor {
         path: PathBuf,
         tensor: String,
-        #[source]
-        source: Box<candle_core::Error>,
+        err: Box<candle_core::Error>,
     },
 }
 
@@ -48,7 +44,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub fn corrupt(path: impl Into<PathBuf>, why: impl Into<String>) -> Self {

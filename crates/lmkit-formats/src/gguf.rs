@@ -396,6 +396,12 @@ impl GgufFile {
         if meta.is_dir() {
             return Err(Error::corrupt(&path, "is a directory, not a GGUF file"));
         }
+        if !meta.is_file() {
+            return Err(Error::corrupt(
+                &path,
+                "is not a regular file (a device or a pipe?)",
+            ));
+        }
         // SAFETY: the map is read-only; lmkit never writes a file it has mapped (writers use a
         // temp file and rename), so the bytes stay valid for the life of the map.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
@@ -633,7 +639,7 @@ impl GgufFile {
             Error::Tensor {
                 path: self.path.clone(),
                 tensor: name.into(),
-                source: Box::new(source),
+                err: Box::new(source),
             }
         })
     }
@@ -644,7 +650,7 @@ impl GgufFile {
         q.dequantize(device).map_err(|source| Error::Tensor {
             path: self.path.clone(),
             tensor: name.into(),
-            source: Box::new(source),
+            err: Box::new(source),
         })
     }
 

@@ -60,7 +60,7 @@ impl HfConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.into(),
-            source,
+            err: source,
         })
     }
 }
@@ -128,7 +128,7 @@ impl HfCheckpoint {
         let map = |source| Error::Tensor {
             path: self.dir.clone(),
             tensor: name.into(),
-            source: Box::new(source),
+            err: Box::new(source),
         };
         self.tensors
             .load(name, device)

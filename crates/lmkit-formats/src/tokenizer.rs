@@ -100,7 +100,7 @@ impl LoadedTokenizer {
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|source| Error::Json {
                     path: cfg.clone(),
-                    source,
+                    err: source,
                 })?;
             let tok = |k: &str| -> Option<u32> {
                 let s = match &v[k] {

@@ -132,7 +132,7 @@ impl WeightSource {
                 lmkit_formats::Error::Tensor {
                     path: g.path().into(),
                     tensor: name.clone(),
-                    source: Box::new(source),
+                    err: Box::new(source),
                 }
             })?;
         g.release(info);

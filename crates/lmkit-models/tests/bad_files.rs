@@ -103,3 +103,28 @@ fn missing_file_and_missing_config() {
         "{e}"
     );
 }
+
+/// A path that is not a regular file (a device) is named as such; a corrupt HF config says
+/// its JSON error once.
+#[test]
+fn not_a_regular_file_and_bad_json() {
+    if std::path::Path::new("/dev/null").exists() {
+        let e = load(std::path::Path::new("/dev/null"), LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/dev/null") && e.contains("not a regular file"),
+            "{e}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{").unwrap();
+    let e = load(dir.path(), LoadOptions::default()).unwrap_err();
+    let chain: Vec<String> =
+        std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .map(|e| e.to_string())
+            .collect();
+    let all = chain.join(": ");
+    assert!(all.contains("config.json") && all.contains("EOF"), "{all}");
+    assert_eq!(all.matches("EOF").count(), 1, "{all}");
+}
