@@ -286,6 +286,7 @@ fn read_config(
         ("train.steps", t.steps),
         ("train.batch", t.batch),
         ("train.accumulate", t.accumulate),
+        ("train.eval_sequences", t.eval_sequences),
         ("data.seq_len", cfg.data.seq_len),
     ] {
         if v == 0 {
@@ -619,7 +620,14 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
             (Err(seqs), eval_tokens)
         }
     };
-    let eval = eval_tokens.and_then(|e| Sequences::from_tokens(e, rc.data.seq_len, 0).ok());
+    // Evaluation data too short for one sequence: said, and the run goes on without it.
+    let eval = eval_tokens.and_then(|e| match Sequences::from_tokens(e, rc.data.seq_len, 0) {
+        Ok(s) => Some(s),
+        Err(err) => {
+            tracing::warn!("no evaluation: the evaluation data is too short ({err})");
+            None
+        }
+    });
 
     // Model and trainer: from scratch, full fine-tuning, or LoRA adapters.
     let mut lora_cfg = None;
