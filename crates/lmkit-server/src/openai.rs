@@ -98,7 +98,10 @@ pub struct CompletionRequest {
 
 /// `/v1/completions` `prompt`: a string (a list of exactly one string is accepted too).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "`prompt` to be a string or a list of one string (token-id prompts are not supported)"
+)]
 pub enum Prompt {
     Text(String),
     Batch(Vec<String>),

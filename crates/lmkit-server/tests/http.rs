@@ -343,6 +343,14 @@ fn bad_requests_get_openai_errors() {
     error_of(st, &b, 400, "expected full, window or h2o");
     let (st, b) = post(br#"{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}"#);
     error_of(st, &b, 400, "unknown role");
+    // Token-id prompts (OpenAI accepts them) are refused by name, as is a count that would
+    // wrap past the context check.
+    let comp = |body: &[u8]| http(p, "POST", "/v1/completions", body, &[]);
+    let (st, b) = comp(br#"{"model": "tiny", "prompt": [1, 2, 3]}"#);
+    error_of(st, &b, 400, "token-id prompts are not supported");
+    let (st, b) = comp(br#"{"model": "tiny", "prompt": "a", "max_tokens": 18446744073709551615}"#);
+    error_of(st, &b, 400, "maximum context length");
+    assert!(!b.contains("requested 0 tokens"), "{b}");
     let big = vec![b'x'; 2 << 20];
     let (st, b) = post(&big);
     error_of(st, &b, 413, "too large");

@@ -34,7 +34,7 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
         String::from_utf8(bytes).map_err(|e| err(e.to_string()))?
     };
     let mut out = Vec::new();
-    let mut skipped = 0;
+    let (mut skipped, mut same) = (0, 0);
     for (i, line) in text
         .lines()
         .enumerate()
@@ -75,7 +75,18 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
                 )))
             }
         };
+        // The same response twice states no preference (its DPO gradient is zero).
+        if pair.chosen == pair.rejected {
+            same += 1;
+            continue;
+        }
         out.push(pair);
+    }
+    if same > 0 {
+        tracing::warn!(
+            "{}: skipped {same} pairs whose chosen and rejected responses are the same",
+            path.display()
+        );
     }
     if skipped > 0 {
         tracing::warn!(
@@ -85,7 +96,11 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
         );
     }
     if out.is_empty() {
-        return Err(err("no preference pairs".into()));
+        let why = match same {
+            0 => "no preference pairs".to_string(),
+            n => format!("no preference pairs ({n} with the same chosen and rejected response)"),
+        };
+        return Err(err(why));
     }
     Ok(out)
 }
@@ -167,6 +182,17 @@ mod tests {
         assert_eq!(v[1].prompt, "Q");
         std::fs::write(&p, "{\"chosen\": 1}\n").unwrap();
         assert!(read_pairs(&p).unwrap_err().to_string().contains("line 1"));
+        // Identical responses are no pair; only such lines: an error that says so.
+        let same = "{\"prompt\": \"Q\", \"chosen\": \"\", \"rejected\": \"\"}\n";
+        std::fs::write(
+            &p,
+            format!("{same}{{\"prompt\": \"Q\", \"chosen\": \" a\", \"rejected\": \" b\"}}\n"),
+        )
+        .unwrap();
+        assert_eq!(read_pairs(&p).unwrap().len(), 1);
+        std::fs::write(&p, same).unwrap();
+        let e = read_pairs(&p).unwrap_err().to_string();
+        assert!(e.contains("same chosen and rejected"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
