@@ -17,6 +17,19 @@ fn lmkit(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `lmkit train --config CFG --out OUT` and `extra` arguments.
+fn train(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    lmkit(&args)
+}
+
 /// A config and its data in `dir`; `steps` optimizer steps, a checkpoint every `every`.
 fn setup(dir: &Path, steps: usize, every: usize, extra: &str) -> PathBuf {
     let tok = dir.join("tok.gguf");
@@ -55,16 +68,7 @@ fn trains_checkpoints_and_exports_a_loadable_model() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), 10, 5, "");
     let out = dir.path().join("out");
-    let o = lmkit(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-        "-t",
-        "2",
-    ]);
+    let o = train(&cfg, &out, &["--json", "-t", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["steps"], 10);
@@ -158,17 +162,7 @@ fn kill_then_resume_finishes_the_run() {
     let written = std::fs::metadata(&tokens).unwrap().modified().unwrap();
     // Resume with fewer total steps so the test stays short.
     let cfg2 = write_config(dir.path(), killed_at + 6, 3, "");
-    let o = lmkit(&[
-        "train",
-        "--config",
-        cfg2.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--resume",
-        "--json",
-        "-t",
-        "1",
-    ]);
+    let o = train(&cfg2, &out, &["--resume", "--json", "-t", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("resumed from"), "{e}");
@@ -184,13 +178,7 @@ fn bad_configs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let run = |cfg: &Path| {
-        let o = lmkit(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = train(cfg, &out, &[]);
         assert_eq!(o.status.code(), Some(1));
         let e = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(!e.contains("panicked"), "{e}");
@@ -240,13 +228,7 @@ fn a_diverged_run_writes_no_final_model() {
         .replace("lr = 3e-3", "lr = 1e300");
     std::fs::write(&cfg, text).unwrap();
     let out = dir.path().join("out");
-    let o = lmkit(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = train(&cfg, &out, &[]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(
@@ -263,23 +245,15 @@ fn f16_training_scales_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), 4, 0, "");
     let out = dir.path().join("out");
-    let train = |extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--dtype",
-            "f16",
-            "-t",
-            "2",
-        ];
-        args.extend(extra);
+    let f16 = |extra: &[&str]| {
         let _ = std::fs::remove_dir_all(&out);
-        lmkit(&args)
+        train(
+            &cfg,
+            &out,
+            &[&["--dtype", "f16", "-t", "2"], extra].concat(),
+        )
     };
-    let o = train(&[]);
+    let o = f16(&[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("without loss scaling"), "{err}");
@@ -292,12 +266,12 @@ fn f16_training_scales_the_loss() {
         assert!(s > 0.0 && s <= 65536.0, "{l}");
         assert!(l["skipped"].as_u64().is_some() && l["loss"].as_f64().unwrap().is_finite());
     }
-    let o = train(&["--loss-scale", "off"]);
+    let o = f16(&["--loss-scale", "off"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("without loss scaling"), "{err}");
     assert!(metrics(&out).iter().all(|l| l.get("loss_scale").is_none()));
-    let o = train(&["--loss-scale", "0"]);
+    let o = f16(&["--loss-scale", "0"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -429,19 +403,12 @@ fn fine_tunes_an_existing_model_on_chat_data() {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, format!("{body}{extra}")).unwrap();
         let out = dir.path().join(name);
-        let o = lmkit(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--gguf",
-            "f16",
-            "-t",
-            "1",
-        ]);
+        let model_arg = ["--model", model.to_str().unwrap()];
+        let o = train(
+            &cfg,
+            &out,
+            &[&model_arg[..], &["--gguf", "f16", "-t", "1"]].concat(),
+        );
         assert!(
             o.status.success(),
             "{name}: {}",
@@ -476,15 +443,8 @@ fn fine_tunes_an_existing_model_on_chat_data() {
     }
     // Both a [model] section and --model is ambiguous.
     let cfg = setup(dir.path(), 2, 0, "");
-    let o = lmkit(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        dir.path().join("x").to_str().unwrap(),
-    ]);
+    let model_arg = ["--model", model.to_str().unwrap()];
+    let o = train(&cfg, &dir.path().join("x"), &model_arg);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("either a [model] section"));
     // A role no chat template knows is named with its file and line.
@@ -493,15 +453,8 @@ fn fine_tunes_an_existing_model_on_chat_data() {
         "{\"messages\": [{\"role\": \"usr\", \"content\": \"hi\"}]}\n",
     )
     .unwrap();
-    let o = lmkit(&[
-        "train",
-        "--config",
-        dir.path().join("full.toml").to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        dir.path().join("y").to_str().unwrap(),
-    ]);
+    let full = dir.path().join("full.toml");
+    let o = train(&full, &dir.path().join("y"), &model_arg);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("chat.jsonl") && e.contains("`usr`"), "{e}");
@@ -532,15 +485,7 @@ fn trains_a_tokenizer_then_a_model_with_it() {
                tokenizer = \"tok\"\n\n[train]\nsteps = 2\nbatch = 2\nlr = 1e-3\n";
     std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
     let out = dir.path().join("out");
-    let o = lmkit(&[
-        "train",
-        "--config",
-        dir.path().join("c.toml").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--gguf",
-        "q8_0",
-    ]);
+    let o = train(&dir.path().join("c.toml"), &out, &["--gguf", "q8_0"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("final/config.json")).unwrap())
@@ -578,24 +523,18 @@ fn trains_on_weighted_domains() {
         p
     };
     let out = d.join("mix-out");
-    let train = |p: &Path, extra: &[&str]| {
-        let mut args = vec!["train", "--config", p.to_str().unwrap(), "--out"];
-        args.push(out.to_str().unwrap());
-        args.extend_from_slice(extra);
-        lmkit(&args)
-    };
     let good = cfg(
         "[data.domains]\nprose = [\"train.txt\"]\ncode = [\"code.txt\"]\n\
          [data.weights]\nprose = 3.0\ncode = 1.0",
     );
-    let o = train(&good, &[]);
+    let o = train(&good, &out, &[]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{e}");
     assert!(e.contains("domains: code 0.250, prose 0.750"), "{e}");
     assert_eq!(metrics(&out).len(), 6);
     assert!(out.join("data/domain-code.tokens").is_file());
     // A resumed run starts from its last checkpoint (step 6: nothing left to do).
-    let o = train(&good, &["--resume"]);
+    let o = train(&good, &out, &["--resume"]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("resumed"));
     // DoReMi: a proxy run against the trained model as the reference learns weights, and a
@@ -603,15 +542,11 @@ fn trains_on_weighted_domains() {
     let uniform = cfg("[data.domains]\nprose = [\"train.txt\"]\ncode = [\"code.txt\"]");
     let dro_out = d.join("dro-out");
     let reference = out.join("final");
-    let o = lmkit(&[
-        "train",
-        "--config",
-        uniform.to_str().unwrap(),
-        "--out",
-        dro_out.to_str().unwrap(),
-        "--doremi-reference",
-        reference.to_str().unwrap(),
-    ]);
+    let o = train(
+        &uniform,
+        &dro_out,
+        &["--doremi-reference", reference.to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dro_out.join("domain_weights.json")).unwrap())
@@ -624,12 +559,12 @@ fn trains_on_weighted_domains() {
     let from = cfg("weights_from = \"dro-out/domain_weights.json\"\n\
                     [data.domains]\nprose = [\"train.txt\"]\ncode = [\"code.txt\"]");
     let _ = std::fs::remove_dir_all(&out);
-    let o = train(&from, &[]);
+    let o = train(&from, &out, &[]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && e.contains("domains: code"), "{e}");
     let bad = |data: &str, want: &str| {
         let _ = std::fs::remove_dir_all(&out);
-        let o = train(&cfg(data), &[]);
+        let o = train(&cfg(data), &out, &[]);
         let e = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(1), "{e}");
         assert!(e.contains(want), "want `{want}` in: {e}");
@@ -891,23 +826,17 @@ fn trains_on_parquet_and_compressed_text() {
     let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::default());
     std::io::Write::write_all(&mut e, "the dog sat on the mat. ".repeat(200).as_bytes()).unwrap();
     e.finish().unwrap();
-    let run = |train: &str| {
+    let run = |files: &str| {
         let cfg = format!(
             "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_layers = 2\nnum_heads = 4\n\
-             max_position_embeddings = 64\n\n[data]\ntrain = [{train}]\nseq_len = 16\n\
+             max_position_embeddings = 64\n\n[data]\ntrain = [{files}]\nseq_len = 16\n\
              tokenizer = \"tok.gguf\"\n\n[train]\nsteps = 2\nbatch = 2\nlr = 1e-3\n"
         );
         let p = d.join("pq.toml");
         std::fs::write(&p, cfg).unwrap();
         let out = d.join("pq-out");
         let _ = std::fs::remove_dir_all(&out);
-        lmkit(&[
-            "train",
-            "--config",
-            p.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
+        train(&p, &out, &[])
     };
     let o = run("\"sel.parquet\", \"more.txt.gz\"");
     let e = String::from_utf8_lossy(&o.stderr);

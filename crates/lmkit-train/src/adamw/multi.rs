@@ -173,6 +173,16 @@ mod tests {
             .collect()
     }
 
+    /// Every variable's values, then every moment's (m, v), in order.
+    fn state(o: &AdamW, vars: &[Var]) -> Vec<Vec<f32>> {
+        let mut out: Vec<Vec<f32>> = vars.iter().map(|x| x.to_vec1::<f32>().unwrap()).collect();
+        for (m, s) in o.moments() {
+            out.push(m.to_vec1::<f32>().unwrap());
+            out.push(s.to_vec1::<f32>().unwrap());
+        }
+        out
+    }
+
     /// Gradients of `Σᵢ wᵢ · xᵢ` with weights that change with the step; none for `IDLE`.
     fn grads(vars: &[Var], step: usize) -> GradStore {
         let mut loss: Option<Tensor> = None;
@@ -223,16 +233,7 @@ mod tests {
                     (na - nb).abs() <= 1e-5 * na,
                     "{clip:?} step {step}: {na} vs {nb}"
                 );
-                let all = |o: &AdamW, v: &[Var]| -> Vec<Vec<f32>> {
-                    let mut out: Vec<Vec<f32>> =
-                        v.iter().map(|x| x.to_vec1::<f32>().unwrap()).collect();
-                    for (m, s) in o.moments() {
-                        out.push(m.to_vec1::<f32>().unwrap());
-                        out.push(s.to_vec1::<f32>().unwrap());
-                    }
-                    out
-                };
-                for (k, (x, y)) in all(&oa, &a).iter().zip(&all(&ob, &b)).enumerate() {
+                for (k, (x, y)) in state(&oa, &a).iter().zip(&state(&ob, &b)).enumerate() {
                     for (x, y) in x.iter().zip(y) {
                         assert!(
                             (x - y).abs() <= 1e-6 + 1e-5 * x.abs(),
@@ -268,13 +269,7 @@ mod tests {
                     false => o.clipped_step(g, 0.01, 0.5, Some(1.0)).unwrap(),
                 };
                 step(&mut o, &grads(&v, 0));
-                let before: Vec<Vec<f32>> = v
-                    .iter()
-                    .map(|x| x.to_vec1::<f32>().unwrap())
-                    .chain(o.moments().iter().flat_map(|(m, s)| {
-                        [m.to_vec1::<f32>().unwrap(), s.to_vec1::<f32>().unwrap()]
-                    }))
-                    .collect();
+                let before = state(&o, &v);
                 // One entry of the last (largest) gradient made bad.
                 let mut g = grads(&v, 1);
                 let last = v[SIZES.len() - 1].as_tensor();
@@ -286,13 +281,7 @@ mod tests {
                 assert_eq!(o.steps(), 2);
                 o.discount_step();
                 assert_eq!(o.steps(), 1);
-                let after: Vec<Vec<f32>> = v
-                    .iter()
-                    .map(|x| x.to_vec1::<f32>().unwrap())
-                    .chain(o.moments().iter().flat_map(|(m, s)| {
-                        [m.to_vec1::<f32>().unwrap(), s.to_vec1::<f32>().unwrap()]
-                    }))
-                    .collect();
+                let after = state(&o, &v);
                 assert_eq!(before, after, "{bad} multi {multi}");
             }
         }
