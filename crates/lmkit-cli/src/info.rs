@@ -1,12 +1,13 @@
 //! `lmkit info`: what a model is and what it holds.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use lmkit::models::check::{non_finite_weights, BadTensor};
 
 use crate::common::ModelArgs;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  lmkit info\n  lmkit info --model model.gguf --json\n  lmkit info --model ./hf-folder"
+    after_help = "Examples:\n  lmkit info\n  lmkit info --model model.gguf --json\n  lmkit info --model ./hf-folder\n  lmkit info --model model.gguf --check"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -14,9 +15,42 @@ pub struct Args {
     /// List every weight with its type and shape.
     #[arg(long)]
     pub tensors: bool,
+    /// Read every weight (dequantized) and fail if any holds NaN or infinite values, naming
+    /// them (as llama.cpp's --check-tensors).
+    #[arg(long)]
+    pub check: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The scan of `--check`, with a progress bar on stderr.
+fn check(m: &lmkit::LoadedModel) -> Result<Vec<BadTensor>> {
+    let pb = crate::common::bar(0, "checking weights");
+    let bad = non_finite_weights(&m.model, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    Ok(bad)
+}
+
+/// The error `--check` ends with when some weight is not finite.
+fn fail(path: &std::path::Path, bad: &[BadTensor]) -> Result<()> {
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = bad
+        .iter()
+        .map(|b| format!("`{}` ({} of {} values)", b.name, b.non_finite, b.values))
+        .collect();
+    bail!(
+        "{}: {} weight{} hold NaN or infinite values: {}",
+        path.display(),
+        bad.len(),
+        if bad.len() == 1 { "" } else { "s" },
+        list.join(", ")
+    )
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -25,6 +59,7 @@ pub fn main(a: Args) -> Result<()> {
     let weights = m.model.named_weights();
     let mem: usize = weights.iter().map(|(_, w)| w.size_in_bytes()).sum();
     let params = m.model.num_parameters();
+    let bad = if a.check { Some(check(&m)?) } else { None };
     if a.json {
         let tensors: Vec<_> = weights
             .iter()
@@ -49,9 +84,10 @@ pub fn main(a: Args) -> Result<()> {
             "add_bos": m.tokenizer.special.add_bos,
             "chat_template": m.tokenizer.chat_template.is_some(),
             "tensors": if a.tensors { serde_json::json!(tensors) } else { serde_json::Value::Null },
+            "non_finite_weights": bad,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return fail(&m.path, bad.as_deref().unwrap_or_default());
     }
     println!("path:          {}", m.path.display());
     if let Some(n) = &m.file.name {
@@ -105,6 +141,12 @@ pub fn main(a: Args) -> Result<()> {
         for (n, w) in &weights {
             println!("  {n:<48} {:<5} {:?}", w.type_name(), w.dims2().ok());
         }
+    }
+    if let Some(bad) = &bad {
+        if bad.is_empty() {
+            println!("check:         every weight is finite");
+        }
+        fail(&m.path, bad)?;
     }
     Ok(())
 }

@@ -255,6 +255,29 @@ fn d_keep() -> usize {
     3
 }
 
+/// A run config from JSON (`.json`) or TOML; errors name the field (`train.lr`) as well as
+/// the line.
+fn parse_config(path: &Path, text: &str) -> Result<RunConfig> {
+    fn named<E: std::fmt::Display>(path: &Path, e: serde_path_to_error::Error<E>) -> anyhow::Error {
+        match e.path().to_string().as_str() {
+            "." => anyhow::anyhow!("{}: bad config: {}", path.display(), e.inner()),
+            at => anyhow::anyhow!("{}: bad config: `{at}`: {}", path.display(), e.inner()),
+        }
+    }
+    if path.extension().is_some_and(|e| e == "json") {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let cfg: RunConfig =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| named(path, e))?;
+        de.end()
+            .with_context(|| format!("{}: bad config", path.display()))?;
+        Ok(cfg)
+    } else {
+        let de = toml::Deserializer::parse(text)
+            .with_context(|| format!("{}: bad config", path.display()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| named(path, e))
+    }
+}
+
 fn read_config(
     path: &Path,
     domains: &[(String, PathBuf)],
@@ -263,11 +286,7 @@ fn read_config(
 ) -> Result<RunConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut cfg: RunConfig = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).with_context(|| format!("{}: bad config", path.display()))?
-    } else {
-        toml::from_str(&text).with_context(|| format!("{}: bad config", path.display()))?
-    };
+    let mut cfg = parse_config(path, &text)?;
     if !domains.is_empty() {
         // Given on the command line: relative to the working folder, not to the config.
         let cwd = std::env::current_dir().context("cannot read the working folder")?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use lmkit_core::GgmlDType;
-use lmkit_models::testing::write_tiny_gguf;
+use lmkit_models::testing::{write_tiny_gguf, write_tiny_gguf_with};
 use lmkit_models::LlamaConfig;
 
 fn lmkit(args: &[&str]) -> Output {
@@ -194,6 +194,52 @@ fn bad_inputs_give_clear_errors() {
         "context length",
     );
     fails_with(&lmkit(&["bench", "--model", ms, "-p", "100000"]), "context");
+}
+
+/// A model with NaN weights: `info --check` names the tensor, and generation, perplexity and
+/// the multiple-choice harness stop with an error that points at it, where they used to give
+/// "0 generated" or a NaN perplexity.
+#[test]
+fn nan_weights_are_found_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = tiny(dir.path());
+    let good = good.to_str().unwrap();
+    let bad = dir.path().join("nan.gguf");
+    write_tiny_gguf_with(&bad, &LlamaConfig::tiny(), 11, GgmlDType::F32, |name, v| {
+        if name == "model.layers.1.mlp.down_proj.weight" {
+            v[5] = f32::NAN;
+            v[9] = f32::INFINITY;
+        }
+    })
+    .unwrap();
+    let bad = bad.to_str().unwrap();
+    let o = lmkit(&["info", "--model", good, "--check"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("every weight is finite"));
+    let o = lmkit(&["info", "--model", good, "--check", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["non_finite_weights"], serde_json::json!([]));
+    let o = lmkit(&["info", "--model", bad, "--check"]);
+    fails_with(&o, "`model.layers.1.mlp.down_proj.weight` (2 of ");
+    assert!(stderr(&o).contains("1 weight hold"), "{}", stderr(&o));
+    let o = lmkit(&["info", "--model", bad, "--check", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["non_finite_weights"][0]["non_finite"], 2);
+    // Without --check, info does not read the weights' values.
+    assert!(lmkit(&["info", "--model", bad]).status.success());
+
+    fails_with(
+        &lmkit(&["run", "--model", bad, "the cat", "-n", "4"]),
+        "lmkit info --check",
+    );
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "the cat sat on the mat. ".repeat(40)).unwrap();
+    let t = text.to_str().unwrap();
+    let o = lmkit(&["ppl", t, "--model", bad, "--ctx", "64"]);
+    fails_with(&o, "window 1, position");
+    assert!(stderr(&o).contains("NaN or infinite"), "{}", stderr(&o));
+    let o = lmkit(&["ppl", t, "--model", bad, "--ctx", "64", "--kv", "h2o"]);
+    fails_with(&o, "NaN or infinite");
 }
 
 /// `--device`/`--dtype` on a CPU build, batched bench, and `lmkit logits` comparing runs.

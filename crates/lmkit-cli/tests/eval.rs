@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use lmkit_core::GgmlDType;
-use lmkit_models::testing::write_tiny_gguf;
+use lmkit_models::testing::{write_tiny_gguf, write_tiny_gguf_with};
 use lmkit_models::LlamaConfig;
 
 /// Items per task compared here (the fixture has 200; docs/results.md compares them all).
@@ -160,18 +160,20 @@ fn task_files_and_bad_input() {
         "name = \"mine\"\ndataset = \"items.jsonl\"\nkind = \"multiple_choice\"\n\
          text = \"Q: {{ q }}\"\nchoices = \"opts\"\ntarget = \"gold\"\nmetrics = [\"acc\", \"acc_norm\"]\n",
     );
-    let run = |task: &Path, data: &Path| {
-        lmkit(&[
+    let eval = |model: &Path, task: &Path, data: &Path, extra: &[&str]| {
+        let mut args = vec![
             "eval",
             "--tasks",
             task.to_str().unwrap(),
             "--data",
             data.to_str().unwrap(),
             "--model",
-            m.to_str().unwrap(),
-            "--json",
-        ])
+            model.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        lmkit(&args)
     };
+    let run = |task: &Path, data: &Path| eval(&m, task, data, &["--json"]);
     let o = run(&good, &items);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -190,17 +192,7 @@ fn task_files_and_bad_input() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["results"][0]["items"], 2);
-    let o = lmkit(&[
-        "eval",
-        "--tasks",
-        good.to_str().unwrap(),
-        "--data",
-        items.to_str().unwrap(),
-        "--model",
-        m.to_str().unwrap(),
-        "--limit",
-        "0",
-    ]);
+    let o = eval(&m, &good, &items, &["--limit", "0"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && e.contains("no items") && e.contains("--limit 0"),
@@ -208,6 +200,20 @@ fn task_files_and_bad_input() {
     );
     let acc = r["results"][0]["metrics"]["acc"]["value"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
+    // A model with a NaN weight: an error naming the request, not an accuracy of NaN scores.
+    let nan = d.join("nan.gguf");
+    write_tiny_gguf_with(&nan, &LlamaConfig::tiny(), 11, GgmlDType::F32, |name, v| {
+        if name == "model.layers.0.self_attn.v_proj.weight" {
+            v[0] = f32::NAN;
+        }
+    })
+    .unwrap();
+    let o = eval(&nan, &good, &items, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("request 1") && e.contains("lmkit info --check"),
+        "{e}"
+    );
     let fails = |o: Output, want: &str| {
         let e = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(1), "{e}");

@@ -215,6 +215,32 @@ fn bad_configs_are_clear_errors() {
     assert!(run(&cfg).contains("empty"));
     std::fs::write(dir.path().join("run.toml"), "[model\n").unwrap();
     assert!(run(&dir.path().join("run.toml")).contains("run.toml"));
+    // A value of the wrong type names its field, in TOML and in JSON.
+    let cfg = setup(dir.path(), 5, 0, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("batch = 4", "batch = \"four\"");
+    std::fs::write(&cfg, text).unwrap();
+    let e = run(&cfg);
+    assert!(e.contains("`train.batch`") && e.contains("line 17"), "{e}");
+    let json = dir.path().join("run.json");
+    let body = r#"{"data": {"train": ["train.txt"], "seq_len": 32, "tokenizer": "tok.gguf"},
+        "train": {"steps": 5, "batch": 4, "lr": 3e-3, "warmup": [1]}}"#;
+    std::fs::write(&json, body).unwrap();
+    let e = run(&json);
+    assert!(
+        e.contains("run.json") && e.contains("`train.warmup`"),
+        "{e}"
+    );
+    std::fs::write(&json, body.replace("\"steps\"", "\"stesp\"")).unwrap();
+    let e = run(&json);
+    assert!(e.contains("`train.stesp`: unknown field"), "{e}");
+    std::fs::write(&json, format!("{} x", body.replace("[1]", "1"))).unwrap();
+    let e = run(&json);
+    assert!(
+        e.contains("run.json") && e.contains("trailing characters"),
+        "{e}"
+    );
 }
 
 /// A learning rate that makes the weights infinite: the run stops with an error naming a

@@ -13,6 +13,8 @@ pub enum Error {
     Data(String),
     #[error("task `{task}`: {why}")]
     Task { task: String, why: String },
+    #[error("{at}: the model's log-likelihood is NaN or infinite: its weights may hold such values (`lmkit info --check` scans them) or its activations overflowed (try --dtype f32)")]
+    NonFinite { at: String },
     #[error("the text has {tokens} tokens, fewer than one window of {ctx}; use a longer text or a smaller --ctx")]
     TooShort { tokens: usize, ctx: usize },
 }

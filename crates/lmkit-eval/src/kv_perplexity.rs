@@ -133,7 +133,13 @@ pub fn kv_perplexity(
                 if row.len() != v {
                     return Err(Error::Data(format!("{} logits for {v} tokens", row.len())));
                 }
-                nll.push(row_nll(&mut buf, &row, ids[i + 1] as usize));
+                let x = row_nll(&mut buf, &row, ids[i + 1] as usize);
+                if !x.is_finite() {
+                    return Err(Error::NonFinite {
+                        at: format!("window {}, position {i}", w + 1),
+                    });
+                }
+                nll.push(x);
                 top.push(argmax(&row));
             }
             progress(w * (ctx - 1) + i + 1, windows * (ctx - 1));

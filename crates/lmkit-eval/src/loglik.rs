@@ -230,9 +230,24 @@ impl<'m> LoglikScorer<'m> {
             prepared.push(request_input(e, max_length)?);
         }
         let cut = prepared.iter().any(|p| p.1);
+        let (out, cut) = self.score_prepared(requests, &prepared, cut)?;
+        match out.iter().position(|s| !s.logprob.is_finite()) {
+            Some(r) => Err(Error::NonFinite {
+                at: format!("request {}", r + 1),
+            }),
+            None => Ok((out, cut)),
+        }
+    }
+
+    fn score_prepared(
+        &mut self,
+        requests: &[Encoded],
+        prepared: &[(Vec<u32>, bool, usize)],
+        cut: bool,
+    ) -> Result<(Vec<Score>, bool)> {
         if let Some(policy) = &self.policy {
             let mut out = Vec::with_capacity(requests.len());
-            for (e, (input, _, first)) in requests.iter().zip(&prepared) {
+            for (e, (input, _, first)) in requests.iter().zip(prepared) {
                 out.push(self.streamed(policy, input, *first, &e.continuation)?);
             }
             return Ok((out, cut));

@@ -174,7 +174,13 @@ pub fn perplexity(
         let targets: Vec<usize> = (0..b * s)
             .map(|k| ids[(k / s) * ctx + first + k % s + 1] as usize)
             .collect();
-        for nll in nlls(&logits, v, &targets) {
+        let nll = nlls(&logits, v, &targets);
+        if let Some(k) = nll.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                at: format!("window {}, position {}", done + k / s + 1, first + k % s),
+            });
+        }
+        for nll in nll {
             sum += nll;
             sum2 += nll * nll;
             n += 1;

@@ -19,6 +19,7 @@ use std::time::Instant;
 use lmkit_formats::tokenizer::LoadedTokenizer;
 use lmkit_models::{KvCache, KvPolicy, Llama};
 
+use crate::error::NonFinite;
 use crate::generate::{FinishReason, GenerateOptions};
 use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopState};
@@ -593,7 +594,8 @@ fn step(
             return;
         }
     };
-    let mut done: Vec<(usize, Option<FinishReason>)> = Vec::new();
+    // Finished (`Ok(Some)`), gone (`Ok(None)`: the client left) or failed.
+    let mut done: Vec<(usize, std::result::Result<Option<FinishReason>, String>)> = Vec::new();
     for ((i, run), l) in plan.iter().zip(logits) {
         let s = &mut active[*i];
         if s.pending.take().is_none() {
@@ -606,10 +608,14 @@ fn step(
                 prefixes.insert(&s.prompt, &s.cache, cfg.prefix_cache);
             }
         }
+        if let Err(e) = NonFinite::check(&l, s.prompt.len() + s.out.len() - 1) {
+            done.push((*i, Err(e.to_string())));
+            continue;
+        }
         match s.advance(tok, l) {
             Ok(None) => {}
-            Ok(Some(f)) => done.push((*i, Some(f))),
-            Err(()) => done.push((*i, None)),
+            Ok(Some(f)) => done.push((*i, Ok(Some(f)))),
+            Err(()) => done.push((*i, Ok(None))),
         }
     }
     // Sinks that went away since their last event (a client that disconnected while its
@@ -622,7 +628,7 @@ fn step(
                 tokens: vec![],
             })
         {
-            done.push((i, None));
+            done.push((i, Ok(None)));
         }
     }
     done.sort_by_key(|d| std::cmp::Reverse(d.0));
@@ -634,7 +640,11 @@ fn step(
             .generated_tokens
             .fetch_add(s.out.len() as u64, Ordering::Relaxed);
         match finish {
-            Some(f) => {
+            Err(msg) => {
+                (s.sink)(Event::Failed(msg));
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Some(f)) => {
                 (s.sink)(Event::Done {
                     finish: f,
                     prompt_tokens: s.prompt.len(),
@@ -642,7 +652,7 @@ fn step(
                 });
                 stats.finished.fetch_add(1, Ordering::Relaxed);
             }
-            None => {
+            Ok(None) => {
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -790,6 +800,56 @@ mod tests {
             "{ends:?}"
         );
         assert_eq!(ends[2].as_deref(), Some("done"));
+        drop(h);
+        thread.join().unwrap();
+    }
+
+    /// A model whose logits are NaN: each request fails with the reason (it used to finish
+    /// with nothing generated), counted as failed, and the engine goes on.
+    #[test]
+    fn nan_logits_fail_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("nan.gguf");
+        let cfg = LlamaConfig::tiny();
+        lmkit_models::testing::write_tiny_gguf_with(&p, &cfg, 1, GgmlDType::F32, |name, v| {
+            if name == "model.norm.weight" {
+                v[2] = f32::NAN;
+            }
+        })
+        .unwrap();
+        let m = load(&p, LoadOptions::default()).unwrap();
+        let (h, thread) = start(
+            Arc::new(m.model),
+            Arc::new(m.tokenizer),
+            EngineConfig::default(),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for k in 0..2 {
+            let tx = tx.clone();
+            h.submit(Job {
+                prompt: vec![5, 6, 7],
+                opts: GenerateOptions {
+                    max_tokens: 4,
+                    ..Default::default()
+                },
+                logprobs: None,
+                kv: None,
+                sink: Box::new(move |e| tx.send((k, e)).is_ok()),
+            })
+            .unwrap();
+        }
+        let mut failed = 0;
+        while failed < 2 {
+            match rx.recv().unwrap() {
+                (_, Event::Failed(msg)) => {
+                    assert!(msg.contains("position 2") && msg.contains("NaN"), "{msg}");
+                    failed += 1;
+                }
+                (k, e) => panic!("request {k}: {e:?}"),
+            }
+        }
+        assert_eq!(h.stats().failed.load(Ordering::Relaxed), 2);
         drop(h);
         thread.join().unwrap();
     }

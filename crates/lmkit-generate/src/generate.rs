@@ -10,6 +10,7 @@ use lmkit_core::Tensor;
 use lmkit_formats::tokenizer::LoadedTokenizer;
 use lmkit_models::{KvCache, KvPolicy, Llama};
 
+use crate::error::NonFinite;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::{StopMatcher, StopState};
 use crate::{Error, Result};
@@ -116,10 +117,12 @@ impl Session {
             logits = Some(model.forward_last(&x, &mut self.cache)?);
             self.tokens.extend_from_slice(chunk);
         }
-        match logits {
-            Some(l) => Ok((l.squeeze(0)?.to_vec1::<f32>()?, keep)),
-            None => Err(Error::EmptyPrompt),
-        }
+        let logits = logits
+            .ok_or(Error::EmptyPrompt)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        NonFinite::check(&logits, ids.len() - 1).map_err(Error::NonFinite)?;
+        Ok((logits, keep))
     }
 }
 

@@ -8,7 +8,7 @@ pub mod kv;
 pub mod sampler;
 pub mod stop;
 
-pub use error::{Error, Result};
+pub use error::{Error, NonFinite, Result};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv::{Budget, KvPolicy};
 pub use sampler::{Sampler, SamplingParams};

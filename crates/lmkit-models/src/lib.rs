@@ -8,6 +8,7 @@
 //! ```
 
 pub mod cache;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod export;

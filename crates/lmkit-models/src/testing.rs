@@ -93,6 +93,18 @@ pub use crate::weights::permute_for_gguf;
 
 /// Writes a tiny random Llama as GGUF; matrices stored as `wtype` (F32, Q8_0, Q4_1, ...).
 pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDType) -> Result<()> {
+    write_tiny_gguf_with(path, cfg, seed, wtype, |_, _| {})
+}
+
+/// [`write_tiny_gguf`] with `edit(hf_name, values)` applied to each tensor's values (HF
+/// layout) before it is stored: a way to make a broken model (a NaN weight, say).
+pub fn write_tiny_gguf_with(
+    path: &Path,
+    cfg: &LlamaConfig,
+    seed: u64,
+    wtype: GgmlDType,
+    mut edit: impl FnMut(&str, &mut [f32]),
+) -> Result<()> {
     let dev = lmkit_core::Device::Cpu;
     let (tokens, merges, types) = tiny_vocab();
     let s = |v: &str| Value::String(v.into());
@@ -120,6 +132,7 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, seed: u64, wtype: GgmlDTy
     ]);
     let mut tensors = Vec::new();
     for (name, shape, mut data) in random_weights(cfg, seed) {
+        edit(&name, &mut data);
         let gname = hf_to_gguf(&name).unwrap_or(name.clone());
         if name.ends_with("q_proj.weight") {
             data = permute_for_gguf(&data, shape[0], shape[1], cfg.num_heads);
