@@ -54,9 +54,11 @@
 //                dS = s·P ⊙ (dP − δ), dk += dSᵀ q
 // tr_flash_bwd_q per block 16·W query rows, over the key tiles they see: dq += dS k
 // Recomputing S in both backward kernels (FlashAttention-2 does one kernel with atomic adds
-// into dq) keeps every sum in registers and the results deterministic. Tiles are loaded into
-// shared memory with 16-byte loads, and also transposed where a product takes them as its
-// n-major operand, with rows padded by 8 values so that the fragments' loads hit 32 banks.
+// into dq) keeps every sum in registers and the results deterministic. Tiles go to shared
+// memory row-major by cp.async (16 bytes per copy; the next tile's copies in flight while
+// this one is used, except in the forward pass for heads of 128), and the products read their
+// B operands with ldmatrix (.trans where a product takes the tile k-major), rows padded by 8
+// values so that the eight rows of each 8 × 8 matrix fall in different banks.
 
 #ifdef LMKIT_EMU
 #include "emu/emu.h"
@@ -328,13 +330,33 @@ __device__ __forceinline__ void mma16816<f16>(float* d, const uint32_t* a, const
 }
 #endif
 
-// The B fragment (16 k × 8 n) of a tile stored n-major: row n of `p` (stride ld) holds k.
-template <typename T>
-__device__ __forceinline__ void frag_b(uint32_t* b, const T* p, int ld) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  b[0] = ld32(p + g * ld + 2 * c);
-  b[1] = ld32(p + g * ld + 8 + 2 * c);
+// Four 8 × 8 matrices of 16-bit values from shared memory (ldmatrix.x4): this lane gives the
+// address of row lane%8 of matrix lane/8 (16-byte aligned) and gets, in r[m], matrix m's
+// elements (lane/4, 2·(lane%4) + {0, 1}), or with TRANS (2·(lane%4) + {0, 1}, lane/4): in
+// either case the B fragment layout of mma.m16n8k16 for a tile stored n-major, or k-major.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p);
+#ifdef LMKIT_EMU
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  lmkit_emu_ldmatrix_x4(r, p, TRANS);
 }
+#else
+template <>
+__device__ __forceinline__ void ldsm_x4<false>(uint32_t* r, const void* p) {
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+template <>
+__device__ __forceinline__ void ldsm_x4<true>(uint32_t* r, const void* p) {
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+#endif
 
 // A fragments (16 rows × D) of rows r0.. of a matrix whose row i starts at src + i·stride,
 // zeros from row `rows` on; a[kk] covers columns 16·kk...
@@ -364,58 +386,71 @@ __device__ __forceinline__ void frag_a_acc(uint32_t* a, float (*s)[4], int kk) {
   a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
-// acc[n] (16 × 8·N) += a (16 × 16·K, fragments) · the tile whose row n (stride ld) holds the k
-// values of output column n.
-template <typename T, int K, int N>
+// acc[n] (16 × 8·N) += a (16 × 16·K, fragments) · B (16·K × 8·N), a tile in shared memory
+// (rows 16-byte aligned): element (k, n) of B at b[n·ld + k] (row n holds the k values of
+// output column n), or with TRANS at b[k·ld + n] (row k holds the n values). N even. One
+// ldmatrix.x4 gives the B fragments of two products: matrix m of the load covers columns
+// 8·(m / 2).. and rows 8·(m % 2).. of each 16 × 16 step.
+template <typename T, int K, int N, bool TRANS = false>
 __device__ __forceinline__ void mma_tile(float (*acc)[4], uint32_t (*a)[4], const T* b, int ld) {
+  static_assert(N % 2 == 0, "mma_tile takes column tiles in pairs");
+  const int lane = threadIdx.x & 31, m = lane >> 3, i = lane & 7;
+  const T* p = TRANS ? b + (8 * (m & 1) + i) * ld + 8 * (m >> 1)
+                     : b + (8 * (m >> 1) + i) * ld + 8 * (m & 1);
 #pragma unroll
-  for (int n = 0; n < N; ++n) {
+  for (int n = 0; n < N; n += 2) {
 #pragma unroll
     for (int kk = 0; kk < K; ++kk) {
-      uint32_t f[2];
-      frag_b(f, b + n * 8 * ld + kk * 16, ld);
+      uint32_t f[4];
+      ldsm_x4<TRANS>(f, TRANS ? p + kk * 16 * ld + n * 8 : p + n * 8 * ld + kk * 16);
       mma16816<T>(acc[n], a[kk], f);
+      mma16816<T>(acc[n + 1], a[kk], f + 2);
     }
   }
 }
 
+// Copies of 16 bytes from global to shared memory that bypass the registers (cp.async.cg,
+// sm_80+; zeros where !valid). A thread's copies are grouped by cp_commit; cp_wait<n> returns
+// once all but its n most recent groups have landed, and a barrier after it shows them to
+// the block.
+#ifdef LMKIT_EMU
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  lmkit_emu_cp_async16(dst, src, valid);
+}
+__device__ __forceinline__ void cp_commit() { lmkit_emu_cp_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  lmkit_emu_cp_wait(N);
+}
+#else
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif
+
 // Rows [r0, r0 + R) of a (rows, D) matrix (row i at src + i·stride) into shared dst (R × D,
-// row stride LD), zeros from row `rows` on. 16-byte loads where aligned.
+// row stride LD), zeros from row `rows` on: 16-byte cp.async copies where aligned (landed
+// after cp_wait), else plain stores.
 template <typename T, int D, int R, int LD>
 __device__ void tile_rows(T* dst, const T* src, int64_t stride, int r0, int rows) {
   if (aligned16(src) && stride % 8 == 0) {
     for (int i = threadIdx.x; i < R * D / 8; i += blockDim.x) {
       const int r = i / (D / 8), col = (i % (D / 8)) * 8;
-      uint4 x = {0u, 0u, 0u, 0u};
-      if (r0 + r < rows) x = load16<uint4>(src + (int64_t)(r0 + r) * stride + col);
-      store16(dst + r * LD + col, x);
+      const bool in = r0 + r < rows;
+      // A row past the end copies nothing (zeros); its address stays inside the matrix.
+      cp_async16(dst + r * LD + col, src + (in ? (int64_t)(r0 + r) * stride + col : 0), in);
     }
   } else {
     for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
       const int r = i / D, col = i % D;
       dst[r * LD + col] = r0 + r < rows ? src[(int64_t)(r0 + r) * stride + col] : from_f<T>(0.f);
-    }
-  }
-}
-
-// The same rows transposed: dst (D × R, row stride LD), dst[col·LD + r]. Consecutive threads
-// take consecutive rows, so that their 16-bit stores fall in different banks.
-template <typename T, int D, int R, int LD>
-__device__ void tile_cols(T* dst, const T* src, int64_t stride, int r0, int rows) {
-  if (aligned16(src) && stride % 8 == 0) {
-    for (int i = threadIdx.x; i < R * D / 8; i += blockDim.x) {
-      const int r = i % R, col = (i / R) * 8;
-      uint4 x = {0u, 0u, 0u, 0u};
-      if (r0 + r < rows) x = load16<uint4>(src + (int64_t)(r0 + r) * stride + col);
-      const uint32_t w[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        st16(dst + (col + u) * LD + r, (uint16_t)(w[u / 2] >> (16 * (u % 2))));
-    }
-  } else {
-    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-      const int r = i % R, col = i / R;
-      dst[col * LD + r] = r0 + r < rows ? src[(int64_t)(r0 + r) * stride + col] : from_f<T>(0.f);
     }
   }
 }
@@ -443,9 +478,11 @@ __device__ __forceinline__ void store_acc(float (*acc)[4], T* dst, int64_t strid
 template <typename T, int D, int W>
 __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, int t, int h,
                           int kh, float scale, int cap, int off) {
-  constexpr int BK = FA_K, LK = D + 8, LV = BK + 8;
-  __shared__ __align__(16) T ks[BK * LK];  // keys, row-major (the B operand of q kᵀ)
-  __shared__ __align__(16) T vt[D * LV];   // values transposed (the B operand of P v)
+  // S tiles in shared memory: the next one's copies in flight while this one is used, for
+  // heads of 64 (37 KB); one for heads of 128 (35 KB), within the 48 KB of static memory.
+  constexpr int BK = FA_K, LK = D + 8, S = D <= 64 ? 2 : 1;
+  __shared__ __align__(16) T ks[S][BK * LK];  // keys (the B operand of q kᵀ)
+  __shared__ __align__(16) T vs[S][BK * LK];  // values (of P v, read transposed)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int head = blockIdx.y, bi = head / h, j = head % h, kv = j / (h / kh);
   // Query row i (of t) is at position off + i and sees keys 0..off + i; k and v hold cap
@@ -462,16 +499,29 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float sl = scale * LOG2E;
   const int last = off + min(t - 1, q0 + 16 * W - 1), first_pos = off + w0;
-  for (int k0 = 0; k0 <= last; k0 += BK) {
-    __syncthreads();
-    tile_rows<T, D, BK, LK>(ks, kh_, D, k0, nk);
-    tile_cols<T, D, BK, LV>(vt, vh_, D, k0, nk);
+  const int tiles = last / BK + 1;
+  auto load = [&](int it) {
+    tile_rows<T, D, BK, LK>(ks[it % S], kh_, D, it * BK, nk);
+    tile_rows<T, D, BK, LK>(vs[it % S], vh_, D, it * BK, nk);
+  };
+  if (S == 2) {
+    load(0);
+    cp_commit();
+  }
+  for (int it = 0; it < tiles; ++it) {
+    const int k0 = it * BK;
+    __syncthreads();  // the buffer loaded next is no longer read
+    if (S == 1 || it + 1 < tiles) load(S == 1 ? it : it + 1);
+    cp_commit();
+    cp_wait<S - 1>();  // this tile's copies have landed
     __syncthreads();
     if (k0 > first_pos + 15) continue;  // the whole tile is after this warp's rows
+    const T* kt = ks[it % S];
+    const T* vt = vs[it % S];
     float s[BK / 8][4];
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-    mma_tile<T, D / 16, BK / 8>(s, qa, ks, LK);
+    mma_tile<T, D / 16, BK / 8>(s, qa, kt, LK);
     const bool diag = k0 + BK - 1 > first_pos;  // some key is after some row's position
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n)
@@ -508,7 +558,7 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, 
     for (int kk = 0; kk < BK / 16; ++kk) {
       uint32_t pa[1][4];
       frag_a_acc<T>(pa[0], s, kk);
-      mma_tile<T, 1, D / 8>(o, pa, vt + kk * 16, LV);
+      mma_tile<T, 1, D / 8, true>(o, pa, vt + kk * 16 * LK, LK);
     }
   }
   float inv[2];
@@ -538,22 +588,21 @@ __device__ void attn_dot(const T* y, const T* dy, float* dd, int b, int t, int h
   if (lane == 0) dd[((row / t) * h + j) * t + row % t] = s;
 }
 
-// Query (dk/dv) or key (dq) positions per tile of the backward kernels: the tiles are kept in
-// shared memory both ways (row-major and transposed), which for heads of 128 fits 32.
+// Query (dk/dv) or key (dq) positions per tile of the backward kernels: 32 for heads of 128,
+// to leave registers for the sums.
 #define FA_B(D) ((D) <= 64 ? 64 : 32)
 
 template <typename T, int D, int W>
 __device__ void flash_bwd_kv(const T* q, const T* k, const T* v, const T* dy, const float* lse,
                              const float* dd, T* dk, T* dv, int t, int h, int kh, float scale) {
-  constexpr int BQ = FA_B(D), LQ = D + 8, LT = BQ + 8;
+  constexpr int BQ = FA_B(D), LQ = D + 8;
   // Heads of 64 keep the warp's keys and values as A fragments in registers; heads of 128
   // reload them per query tile (from cache), to leave registers for the sums.
   constexpr bool HOLD = D <= 64;
-  __shared__ __align__(16) T qs[BQ * LQ];  // q rows (B operand of k qᵀ)
-  __shared__ __align__(16) T qt[D * LT];   // q transposed (B operand of dSᵀ q)
-  __shared__ __align__(16) T gs[BQ * LQ];  // dy rows (B operand of v dyᵀ)
-  __shared__ __align__(16) T gt[D * LT];   // dy transposed (B operand of Pᵀ dy)
-  __shared__ float ls[BQ], ds[BQ];
+  // Two tiles in shared memory (38 / 35 KB): the next one's copies in flight.
+  __shared__ __align__(16) T qs[2][BQ * LQ];  // q rows (B operand of k qᵀ; of dSᵀ q, transposed)
+  __shared__ __align__(16) T gs[2][BQ * LQ];  // dy rows (of v dyᵀ; of Pᵀ dy, transposed)
+  __shared__ float ls[2][BQ], ds[2][BQ];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int kvh = blockIdx.y, bi = kvh / kh, kv = kvh % kh, grp = h / kh;
   const int k0 = blockIdx.x * 16 * W, w0 = k0 + warp * 16;
@@ -570,64 +619,72 @@ __device__ void flash_bwd_kv(const T* q, const T* k, const T* v, const T* dy, co
 #pragma unroll
     for (int i = 0; i < 4; ++i) adk[n][i] = adv[n][i] = 0.f;
   const float sl = scale * LOG2E;
-  // This lane's keys: w0 + g and w0 + g + 8.
-  for (int jj = 0; jj < grp; ++jj) {
-    const int j = kv * grp + jj, head = bi * h + j;
-    const T* qh = q + (int64_t)head * t * D;
-    const T* gh = dy + ((int64_t)bi * t * h + j) * D;
-    for (int q0 = (k0 / BQ) * BQ; q0 < t; q0 += BQ) {
-      __syncthreads();
-      tile_rows<T, D, BQ, LQ>(qs, qh, D, q0, t);
-      tile_cols<T, D, BQ, LT>(qt, qh, D, q0, t);
-      tile_rows<T, D, BQ, LQ>(gs, gh, (int64_t)h * D, q0, t);
-      tile_cols<T, D, BQ, LT>(gt, gh, (int64_t)h * D, q0, t);
-      for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
-        const int p = q0 + i;
-        ls[i] = p < t ? lse[(int64_t)head * t + p] * LOG2E : INFINITY;
-        ds[i] = p < t ? dd[(int64_t)head * t + p] : 0.f;
+  // This lane's keys: w0 + g and w0 + g + 8. Tile `it` holds queries qa + (it % nq)·BQ.. of
+  // query head kv·grp + it / nq (the heads that read this kv head, in turn).
+  const int qa = (k0 / BQ) * BQ, nq = (t - qa + BQ - 1) / BQ, tiles = grp * nq;
+  auto load = [&](int it) {
+    const int j = kv * grp + it / nq, head = bi * h + j, q0 = qa + (it % nq) * BQ, b = it & 1;
+    tile_rows<T, D, BQ, LQ>(qs[b], q + (int64_t)head * t * D, D, q0, t);
+    tile_rows<T, D, BQ, LQ>(gs[b], dy + ((int64_t)bi * t * h + j) * D, (int64_t)h * D, q0, t);
+    for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+      const int p = q0 + i;
+      ls[b][i] = p < t ? lse[(int64_t)head * t + p] * LOG2E : INFINITY;
+      ds[b][i] = p < t ? dd[(int64_t)head * t + p] : 0.f;
+    }
+  };
+  load(0);
+  cp_commit();
+  for (int it = 0; it < tiles; ++it) {
+    const int q0 = qa + (it % nq) * BQ, b = it & 1;
+    __syncthreads();  // the buffers loaded next are no longer read
+    if (it + 1 < tiles) load(it + 1);
+    cp_commit();
+    cp_wait<1>();  // this tile's copies have landed
+    __syncthreads();
+    if (w0 > q0 + BQ - 1) continue;  // every query of the tile is before this warp's keys
+    const T* qt = qs[b];
+    const T* gt = gs[b];
+    const float* lt = ls[b];
+    const float* dt = ds[b];
+    if (!HOLD) {
+      frag_a_rows<T, D>(ka, kr, D, w0, t);
+      frag_a_rows<T, D>(va, vr, D, w0, t);
+    }
+    // Sᵀ (16 keys × BQ queries) → Pᵀ = exp(s·Sᵀ − lse), zero where the key is after the query.
+    float p[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+    for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) p[n][i] = dp[n][i] = 0.f;
+    mma_tile<T, D / 16, BQ / 8>(p, ka, qt, LQ);
+#pragma unroll
+    for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int ci = 8 * n + 2 * c + (i & 1), kpos = w0 + g + 8 * (i >> 1);
+        p[n][i] = kpos <= q0 + ci ? exp2f(p[n][i] * sl - lt[ci]) : 0.f;
       }
-      __syncthreads();
-      if (w0 > q0 + BQ - 1) continue;  // every query of the tile is before this warp's keys
-      if (!HOLD) {
-        frag_a_rows<T, D>(ka, kr, D, w0, t);
-        frag_a_rows<T, D>(va, vr, D, w0, t);
+    // dv += Pᵀ dy
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t pa[1][4];
+      frag_a_acc<T>(pa[0], p, kk);
+      mma_tile<T, 1, D / 8, true>(adv, pa, gt + kk * 16 * LQ, LQ);
+    }
+    // dPᵀ = v dyᵀ, then dSᵀ = s·Pᵀ ⊙ (dPᵀ − δ), and dk += dSᵀ q.
+    mma_tile<T, D / 16, BQ / 8>(dp, va, gt, LQ);
+#pragma unroll
+    for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int ci = 8 * n + 2 * c + (i & 1);
+        dp[n][i] = scale * p[n][i] * (dp[n][i] - dt[ci]);
       }
-      // Sᵀ (16 keys × BQ queries) → Pᵀ = exp(s·Sᵀ − lse), zero where the key is after the query.
-      float p[BQ / 8][4], dp[BQ / 8][4];
 #pragma unroll
-      for (int n = 0; n < BQ / 8; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) p[n][i] = dp[n][i] = 0.f;
-      mma_tile<T, D / 16, BQ / 8>(p, ka, qs, LQ);
-#pragma unroll
-      for (int n = 0; n < BQ / 8; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int ci = 8 * n + 2 * c + (i & 1), kpos = w0 + g + 8 * (i >> 1);
-          p[n][i] = kpos <= q0 + ci ? exp2f(p[n][i] * sl - ls[ci]) : 0.f;
-        }
-      // dv += Pᵀ dy
-#pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk) {
-        uint32_t pa[1][4];
-        frag_a_acc<T>(pa[0], p, kk);
-        mma_tile<T, 1, D / 8>(adv, pa, gt + kk * 16, LT);
-      }
-      // dPᵀ = v dyᵀ, then dSᵀ = s·Pᵀ ⊙ (dPᵀ − δ), and dk += dSᵀ q.
-      mma_tile<T, D / 16, BQ / 8>(dp, va, gs, LQ);
-#pragma unroll
-      for (int n = 0; n < BQ / 8; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int ci = 8 * n + 2 * c + (i & 1);
-          dp[n][i] = scale * p[n][i] * (dp[n][i] - ds[ci]);
-        }
-#pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk) {
-        uint32_t da[1][4];
-        frag_a_acc<T>(da[0], dp, kk);
-        mma_tile<T, 1, D / 8>(adk, da, qt + kk * 16, LT);
-      }
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t da[1][4];
+      frag_a_acc<T>(da[0], dp, kk);
+      mma_tile<T, 1, D / 8, true>(adk, da, qt + kk * 16 * LQ, LQ);
     }
   }
   const float one[2] = {1.f, 1.f};
@@ -638,10 +695,10 @@ __device__ void flash_bwd_kv(const T* q, const T* k, const T* v, const T* dy, co
 template <typename T, int D, int W>
 __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, const float* lse,
                             const float* dd, T* dq, int t, int h, int kh, float scale) {
-  constexpr int BK = FA_B(D), LK = D + 8, LT = BK + 8;
-  __shared__ __align__(16) T ks[BK * LK];  // keys (B operand of q kᵀ)
-  __shared__ __align__(16) T kt[D * LT];   // keys transposed (B operand of dS k)
-  __shared__ __align__(16) T vs[BK * LK];  // values (B operand of dy vᵀ)
+  // Two tiles in shared memory (37 / 35 KB): the next one's copies in flight.
+  constexpr int BK = FA_B(D), LK = D + 8;
+  __shared__ __align__(16) T ks[2][BK * LK];  // keys (B operand of q kᵀ; of dS k, transposed)
+  __shared__ __align__(16) T vs[2][BK * LK];  // values (B operand of dy vᵀ)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int head = blockIdx.y, bi = head / h, j = head % h, kv = j / (h / kh);
   const int q0 = blockIdx.x * 16 * W, w0 = q0 + warp * 16;
@@ -662,21 +719,30 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) adq[n][0] = adq[n][1] = adq[n][2] = adq[n][3] = 0.f;
   const float sl = scale * LOG2E;
-  const int last = min(t - 1, q0 + 16 * W - 1);
-  for (int k0 = 0; k0 <= last; k0 += BK) {
-    __syncthreads();
-    tile_rows<T, D, BK, LK>(ks, kh_, D, k0, t);
-    tile_cols<T, D, BK, LT>(kt, kh_, D, k0, t);
-    tile_rows<T, D, BK, LK>(vs, vh_, D, k0, t);
+  const int tiles = min(t - 1, q0 + 16 * W - 1) / BK + 1;
+  auto load = [&](int it) {
+    tile_rows<T, D, BK, LK>(ks[it & 1], kh_, D, it * BK, t);
+    tile_rows<T, D, BK, LK>(vs[it & 1], vh_, D, it * BK, t);
+  };
+  load(0);
+  cp_commit();
+  for (int it = 0; it < tiles; ++it) {
+    const int k0 = it * BK;
+    __syncthreads();  // the buffers loaded next are no longer read
+    if (it + 1 < tiles) load(it + 1);
+    cp_commit();
+    cp_wait<1>();  // this tile's copies have landed
     __syncthreads();
     if (k0 > w0 + 15) continue;
+    const T* kt = ks[it & 1];
+    const T* vt = vs[it & 1];
     float p[BK / 8][4], dp[BK / 8][4];
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) p[n][i] = dp[n][i] = 0.f;
-    mma_tile<T, D / 16, BK / 8>(p, qa, ks, LK);  // S = q kᵀ
-    mma_tile<T, D / 16, BK / 8>(dp, ga, vs, LK);  // dP = dy vᵀ
+    mma_tile<T, D / 16, BK / 8>(p, qa, kt, LK);  // S = q kᵀ
+    mma_tile<T, D / 16, BK / 8>(dp, ga, vt, LK);  // dP = dy vᵀ
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
@@ -689,7 +755,7 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
     for (int kk = 0; kk < BK / 16; ++kk) {
       uint32_t da[1][4];
       frag_a_acc<T>(da[0], dp, kk);
-      mma_tile<T, 1, D / 8>(adq, da, kt + kk * 16, LT);  // dq += dS k
+      mma_tile<T, 1, D / 8, true>(adq, da, kt + kk * 16 * LK, LK);  // dq += dS k
     }
   }
   const float one[2] = {1.f, 1.f};
@@ -719,7 +785,7 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
   LMKIT_REG(tr_flash_bwd_q_##D##_##S)
 
 // Four warps per block. Static shared memory (of the 48 KB a block may declare statically):
-// forward 18 / 36 KB for heads of 64 / 128, dk/dv 37 / 38 KB, dq 28 / 28 KB.
+// forward 18 / 35 KB for heads of 64 / 128, dk/dv 19 / 18 KB, dq 18 / 17 KB.
 
 // bf16 mma.sync needs sm_80 or newer; older targets build without these kernels, which
 // `BlockOps::has_flash` sees: training then materializes attention's probabilities, and

@@ -51,6 +51,16 @@ std::vector<int> parity;
 // thread's buffer.
 std::vector<uint32_t> mma_regs;
 std::vector<int> mma_parity;
+// The row addresses of ldmatrix (one per thread, two buffers used in turn).
+std::vector<const void*> ldm_rows;
+std::vector<int> ldm_parity;
+// Each thread's cp.async copies not yet landed: committed groups, oldest first, and the open
+// group last.
+struct Copy {
+  void* dst;
+  const void* src;  // null: zeros
+};
+std::vector<std::vector<std::vector<Copy>>> cp_groups;
 int cur = 0;
 // The schedule, from LMKIT_EMU_ORDER (a comma-separated list). By default the threads of a
 // block run in order, each to its next barrier, before any barrier is released. `reverse` runs
@@ -89,6 +99,8 @@ bool run_block(int threads) {
     f.state = RUN;
     parity[i] = 0;
     mma_parity[i] = 0;
+    ldm_parity[i] = 0;
+    cp_groups[i].assign(1, {});
   }
   const int warps = (threads + 31) / 32;
   for (;;) {
@@ -229,6 +241,55 @@ void lmkit_emu_mma16816(float* d, const uint32_t* a, const uint32_t* b, bool f16
   }
 }
 
+void lmkit_emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
+  const int me = cur;
+  const int n = (int)blockDim.x;
+  const void** buf = &ldm_rows[(size_t)ldm_parity[me] * n];
+  ldm_parity[me] ^= 1;
+  if (reinterpret_cast<uintptr_t>(row) & 15) lmkit_emu_fault("ldmatrix: a row off a 16-byte boundary");
+  buf[me] = row;
+  wait(WAIT_WARP);
+  const int w = me & ~31, lane = me & 31, g = lane >> 2, c = lane & 3;
+  // Element (i, j) of matrix m: value j of the row whose address lane 8m + i gave.
+  auto at = [&](int m, int i, int j) {
+    uint16_t v;
+    memcpy(&v, static_cast<const char*>(buf[w + 8 * m + i]) + 2 * j, 2);
+    return (uint32_t)v;
+  };
+  for (int m = 0; m < 4; m++) {
+    r[m] = trans ? at(m, 2 * c, g) | at(m, 2 * c + 1, g) << 16
+                 : at(m, g, 2 * c) | at(m, g, 2 * c + 1) << 16;
+  }
+}
+
+static void land(const Copy& c) {
+  if (c.src)
+    memcpy(c.dst, c.src, 16);
+  else
+    memset(c.dst, 0, 16);
+}
+
+void lmkit_emu_cp_async16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) & 15 || (valid && reinterpret_cast<uintptr_t>(src) & 15))
+    lmkit_emu_fault("cp.async: 16 bytes off a 16-byte boundary");
+  const Copy c{dst, valid ? src : nullptr};
+  if (warp_eager)
+    land(c);
+  else
+    cp_groups[cur].back().push_back(c);
+}
+
+void lmkit_emu_cp_commit() { cp_groups[cur].emplace_back(); }
+
+void lmkit_emu_cp_wait(int n) {
+  auto& g = cp_groups[cur];
+  // Committed groups are all but the open last one; land the oldest until n are pending.
+  while ((int)g.size() - 1 > n) {
+    for (const Copy& c : g.front()) land(c);
+    g.erase(g.begin());
+  }
+}
+
 namespace lmkit_emu {
 void add_kernel(const char* name, int nargs, void (*call)(void*, const uint64_t*), void* fn) {
   registry()[name] = Kernel{nargs, call, fn};
@@ -276,6 +337,9 @@ extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsi
   parity.assign(threads, 0);
   mma_regs.assign((size_t)2 * threads * 6, 0u);
   mma_parity.assign(threads, 0);
+  ldm_rows.assign((size_t)2 * threads, nullptr);
+  ldm_parity.assign(threads, 0);
+  cp_groups.assign(threads, {});
   blockDim = dim3{threads, 1, 1};
   gridDim = dim3{gx, gy, 1};
   fault.clear();

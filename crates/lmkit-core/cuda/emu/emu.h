@@ -33,6 +33,19 @@ float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 // The call is a warp barrier (all 32 lanes take part, as on the GPU); each lane gets its own
 // four outputs, computed from the whole warp's registers.
 void lmkit_emu_mma16816(float* d, const uint32_t* a, const uint32_t* b, bool f16);
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l%8 of
+// matrix l/8 (eight 16-bit values, 16-byte aligned); r[i] gets matrix i's elements
+// (l/4, 2(l%4)) and (l/4, 2(l%4) + 1), or with `trans` (2(l%4), l/4) and (2(l%4) + 1, l/4),
+// the first in the low half. A warp barrier, as mma.sync.
+void lmkit_emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans);
+// cp.async.cg.shared.global with 16 bytes (zeros when !valid), commit_group and wait_group n.
+// The copies of a thread's group land when that thread waits for the group (the latest the
+// GPU may make them land: a read of the tile before the wait sees the old values); under
+// LMKIT_EMU_ORDER=warps they land at once instead (the earliest: a copy into a buffer that
+// another warp still reads, with no barrier between, changes what that warp reads).
+void lmkit_emu_cp_async16(void* dst, const void* src, bool valid);
+void lmkit_emu_cp_commit();
+void lmkit_emu_cp_wait(int n);
 
 struct uint4 {
   unsigned x, y, z, w;
