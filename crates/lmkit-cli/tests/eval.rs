@@ -211,7 +211,9 @@ fn task_files_and_bad_input() {
     let o = eval(&nan, &good, &items, &[]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && e.contains("request 1") && e.contains("lmkit info --check"),
+        !o.status.success()
+            && e.contains("mine: item 1, choice 1")
+            && e.contains("lmkit info --check"),
         "{e}"
     );
     let fails = |o: Output, want: &str| {

@@ -479,7 +479,7 @@ template <typename T, int D, int W>
 __device__ void flash_fwd(const T* q, const T* k, const T* v, T* y, float* lse, int t, int h,
                           int kh, float scale, int cap, int off) {
   // S tiles in shared memory: the next one's copies in flight while this one is used, for
-  // heads of 64 (37 KB); one for heads of 128 (35 KB), within the 48 KB of static memory.
+  // heads of 64 (36 KiB); one for heads of 128 (34 KiB), within 48 KiB of static memory.
   constexpr int BK = FA_K, LK = D + 8, S = D <= 64 ? 2 : 1;
   __shared__ __align__(16) T ks[S][BK * LK];  // keys (the B operand of q kᵀ)
   __shared__ __align__(16) T vs[S][BK * LK];  // values (of P v, read transposed)
@@ -599,7 +599,7 @@ __device__ void flash_bwd_kv(const T* q, const T* k, const T* v, const T* dy, co
   // Heads of 64 keep the warp's keys and values as A fragments in registers; heads of 128
   // reload them per query tile (from cache), to leave registers for the sums.
   constexpr bool HOLD = D <= 64;
-  // Two tiles in shared memory (38 / 35 KB): the next one's copies in flight.
+  // Two tiles in shared memory (37 / 34.5 KiB): the next one's copies in flight.
   __shared__ __align__(16) T qs[2][BQ * LQ];  // q rows (B operand of k qᵀ; of dSᵀ q, transposed)
   __shared__ __align__(16) T gs[2][BQ * LQ];  // dy rows (of v dyᵀ; of Pᵀ dy, transposed)
   __shared__ float ls[2][BQ], ds[2][BQ];
@@ -695,7 +695,7 @@ __device__ void flash_bwd_kv(const T* q, const T* k, const T* v, const T* dy, co
 template <typename T, int D, int W>
 __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, const float* lse,
                             const float* dd, T* dq, int t, int h, int kh, float scale) {
-  // Two tiles in shared memory (37 / 35 KB): the next one's copies in flight.
+  // Two tiles in shared memory (36 / 34 KiB): the next one's copies in flight.
   constexpr int BK = FA_B(D), LK = D + 8;
   __shared__ __align__(16) T ks[2][BK * LK];  // keys (B operand of q kᵀ; of dS k, transposed)
   __shared__ __align__(16) T vs[2][BK * LK];  // values (B operand of dy vᵀ)
@@ -784,8 +784,8 @@ __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dy, con
   }                                                                                               \
   LMKIT_REG(tr_flash_bwd_q_##D##_##S)
 
-// Four warps per block. Static shared memory (of the 48 KB a block may declare statically):
-// forward 18 / 35 KB for heads of 64 / 128, dk/dv 19 / 18 KB, dq 18 / 17 KB.
+// Four warps per block. Static shared memory (of the 48 KiB a block may declare statically),
+// for heads of 64 / 128: forward 36 / 34 KiB, dk/dv 37 / 34.5 KiB, dq 36 / 34 KiB.
 
 // bf16 mma.sync needs sm_80 or newer; older targets build without these kernels, which
 // `BlockOps::has_flash` sees: training then materializes attention's probabilities, and

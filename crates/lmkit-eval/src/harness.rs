@@ -228,7 +228,18 @@ pub fn evaluate_with(
             tokens,
             greedy,
             truncated: cut,
-        } = score_item(&mut scorer, tok, item, max_length)?;
+        } = score_item(&mut scorer, tok, item, max_length).map_err(|e| match e {
+            // Which item, with the choice (`request N`) that `score` names.
+            crate::Error::NonFinite { at } => crate::Error::NonFinite {
+                at: format!(
+                    "{}: item {}, {}",
+                    task.name,
+                    i + 1,
+                    at.replace("request", "choice")
+                ),
+            },
+            e => e,
+        })?;
         truncated += usize::from(cut);
         let pred = argmax(&logprobs);
         let normed: Vec<f64> = logprobs
