@@ -752,12 +752,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_bad_request_fails_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("t.gguf");
-        write_tiny_gguf(&p, &LlamaConfig::tiny(), 1, GgmlDType::Q8_0).unwrap();
-        let m = load(&p, LoadOptions::default()).unwrap();
+    /// An engine on the model file `p`, its thread, and the model's vocabulary size.
+    fn engine_on(p: &std::path::Path) -> (EngineHandle, std::thread::JoinHandle<()>, u32) {
+        let m = load(p, LoadOptions::default()).unwrap();
         let v = m.model.config().vocab_size as u32;
         let (h, thread) = start(
             Arc::new(m.model),
@@ -765,24 +762,46 @@ mod tests {
             EngineConfig::default(),
         )
         .unwrap();
+        (h, thread, v)
+    }
+
+    /// Submits one job per prompt; their events arrive tagged with the prompt's index.
+    fn submit(
+        h: &EngineHandle,
+        prompts: Vec<Vec<u32>>,
+        max_tokens: usize,
+        logprobs: Option<usize>,
+    ) -> std::sync::mpsc::Receiver<(usize, Event)> {
         let (tx, rx) = std::sync::mpsc::channel();
-        for (k, prompt) in [vec![5, 6, 7], vec![5, v + 3], vec![8, 9]]
-            .into_iter()
-            .enumerate()
-        {
+        for (k, prompt) in prompts.into_iter().enumerate() {
             let tx = tx.clone();
             h.submit(Job {
                 prompt,
                 opts: GenerateOptions {
-                    max_tokens: 6,
+                    max_tokens,
                     ..Default::default()
                 },
-                logprobs: Some(2),
+                logprobs,
                 kv: None,
                 sink: Box::new(move |e| tx.send((k, e)).is_ok()),
             })
             .unwrap();
         }
+        rx
+    }
+
+    #[test]
+    fn a_bad_request_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.gguf");
+        write_tiny_gguf(&p, &LlamaConfig::tiny(), 1, GgmlDType::Q8_0).unwrap();
+        let (h, thread, v) = engine_on(&p);
+        let rx = submit(
+            &h,
+            vec![vec![5, 6, 7], vec![5, v + 3], vec![8, 9]],
+            6,
+            Some(2),
+        );
         let mut ends = [None, None, None];
         while ends.iter().any(|e| e.is_none()) {
             let (k, e) = rx.recv().unwrap();
@@ -817,28 +836,8 @@ mod tests {
             }
         })
         .unwrap();
-        let m = load(&p, LoadOptions::default()).unwrap();
-        let (h, thread) = start(
-            Arc::new(m.model),
-            Arc::new(m.tokenizer),
-            EngineConfig::default(),
-        )
-        .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        for k in 0..2 {
-            let tx = tx.clone();
-            h.submit(Job {
-                prompt: vec![5, 6, 7],
-                opts: GenerateOptions {
-                    max_tokens: 4,
-                    ..Default::default()
-                },
-                logprobs: None,
-                kv: None,
-                sink: Box::new(move |e| tx.send((k, e)).is_ok()),
-            })
-            .unwrap();
-        }
+        let (h, thread, _) = engine_on(&p);
+        let rx = submit(&h, vec![vec![5, 6, 7]; 2], 4, None);
         let mut failed = 0;
         while failed < 2 {
             match rx.recv().unwrap() {
