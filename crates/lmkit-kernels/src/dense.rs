@@ -130,8 +130,23 @@ macro_rules! dense_kernels {
             ) -> [[f32; N]; R] {
                 let mut acc = [[$zero(); N]; R];
                 let xp = x.as_ptr().add(t0 * cols);
+                // Prefetch the next tile's rows, one cache line per 64 bytes read here: rows of
+                // a few hundred weights are too short for the hardware prefetcher to train on
+                // (F16 decoding streamed 7.5 GiB/s without this, 13 with it, on a 15 GB/s VM).
+                // Past the last row the addresses are never dereferenced (prefetch cannot fault).
+                let (base, esize) = match w {
+                    Dense::F32(w) => (w.as_ptr() as *const i8, 4),
+                    Dense::F16(w) => (w.as_ptr() as *const i8, 2),
+                };
+                let next = base.wrapping_add((r0 + R) * cols * esize);
                 let mut i = 0;
                 while i < cols {
+                    let ahead = next.wrapping_add(R * i * esize);
+                    let mut b = 0;
+                    while b < R * $lanes * esize {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(b));
+                        b += 64;
+                    }
                     let mut xv = [$zero(); N];
                     for (k, v) in xv.iter_mut().enumerate() {
                         *v = $loadu(xp.add(k * cols + i));

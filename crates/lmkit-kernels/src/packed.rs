@@ -219,6 +219,7 @@ pub fn packed_rows(
                     isa,
                     p,
                     g,
+                    t == 0,
                     [
                         act(t),
                         act(t + 1),
@@ -234,12 +235,18 @@ pub fn packed_rows(
                 t += 8;
             }
             while t + 4 <= n {
-                let v = avx2::group(isa, p, g, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                let v = avx2::group(
+                    isa,
+                    p,
+                    g,
+                    t == 0,
+                    [act(t), act(t + 1), act(t + 2), act(t + 3)],
+                );
                 put(t, &v);
                 t += 4;
             }
             while t < n {
-                let v = avx2::group(isa, p, g, [act(t)]);
+                let v = avx2::group(isa, p, g, t == 0, [act(t)]);
                 put(t, &v);
                 t += 1;
             }
@@ -311,7 +318,9 @@ pub(crate) mod avx2 {
 
     macro_rules! group_kernel {
         ($name:ident, $features:literal, |$acc:ident, $u:ident, $s:ident| $dp:expr) => {
-            /// One group of 8 rows against `N` activation rows: `[token][row]`.
+            /// One group of 8 rows against `N` activation rows: `[token][row]`. With
+            /// `prefetch`, the next group's bytes are requested as this one's are read (the
+            /// first pass over a group; later token tiles find the group in cache).
             ///
             /// # Safety
             /// The CPU supports the features; `g` is a valid group; each `acts[k]` holds
@@ -320,6 +329,7 @@ pub(crate) mod avx2 {
             unsafe fn $name<const F: u8, const N: usize>(
                 p: &Packed,
                 g: usize,
+                prefetch: bool,
                 acts: [&[A8Block]; N],
             ) -> [[f32; GROUP]; N] {
                 let nb = p.cols / BLOCK;
@@ -327,8 +337,17 @@ pub(crate) mod avx2 {
                 let base = p.data.as_ptr().add(g * nb * gb);
                 let mask = _mm256_set1_epi8(0x0F);
                 let mut facc = [_mm256_setzero_ps(); N];
+                // The next group, as far along as this one: its lines are in flight by the
+                // time they are read (the hardware prefetcher alone left decode ~25% below
+                // the copy bandwidth on AVX2 machines).
+                let next = base.wrapping_add(nb * gb);
                 for b in 0..nb {
                     let blk = base.add(b * gb);
+                    let mut off = 0;
+                    while prefetch && off < gb {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * gb + off) as *const i8);
+                        off += 64;
+                    }
                     let wd = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
                     let mut iacc = [_mm256_setzero_si256(); N];
                     if F == Q8_0 {
@@ -399,6 +418,7 @@ pub(crate) mod avx2 {
         isa: Isa,
         p: &Packed,
         g: usize,
+        prefetch: bool,
         acts: [&[A8Block]; N],
     ) -> [[f32; GROUP]; N] {
         macro_rules! by_format {
@@ -407,9 +427,9 @@ pub(crate) mod avx2 {
                 // (see `dot::isa`); `packed_rows` checked the group and activation lengths.
                 unsafe {
                     match p.format {
-                        QFormat::Q4_0 => $k::<Q4_0, N>(p, g, acts),
-                        QFormat::Q4_1 => $k::<Q4_1, N>(p, g, acts),
-                        QFormat::Q8_0 => $k::<Q8_0, N>(p, g, acts),
+                        QFormat::Q4_0 => $k::<Q4_0, N>(p, g, prefetch, acts),
+                        QFormat::Q4_1 => $k::<Q4_1, N>(p, g, prefetch, acts),
+                        QFormat::Q8_0 => $k::<Q8_0, N>(p, g, prefetch, acts),
                     }
                 }
             };
