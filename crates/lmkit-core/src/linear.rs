@@ -179,11 +179,24 @@ pub enum Native {
     Quant(QFormat),
     /// f16 weights widened in registers, f32 activations.
     F16,
+    /// bf16 weights widened in registers, f32 activations.
+    BF16,
 }
 
-/// Rows of `x` from which f16 weights run through a dequantized f32 GEMM instead of the f16
-/// kernel (which is a GEMV per row of `x`).
-const F16_GEMM_MIN_ROWS: usize = 16;
+impl Native {
+    /// `data` as the dense kernel's f16 or bf16 weights (`None` for block-quantized formats).
+    fn dense<'a>(&self, data: &'a [u8]) -> Option<Dense<'a>> {
+        match self {
+            Native::F16 => Some(Dense::F16(data)),
+            Native::BF16 => Some(Dense::BF16(data)),
+            Native::Quant(_) => None,
+        }
+    }
+}
+
+/// Rows of `x` from which f16/bf16 weights run through a dequantized f32 GEMM instead of the
+/// dense kernel (which is a GEMV per row of `x`).
+const HALF_GEMM_MIN_ROWS: usize = 16;
 
 /// lmkit's own kernel for a candle block type, when there is one (CPU only).
 fn native_format(t: GgmlDType, device: &candle_core::Device) -> Option<Native> {
@@ -195,6 +208,7 @@ fn native_format(t: GgmlDType, device: &candle_core::Device) -> Option<Native> {
         GgmlDType::Q4_1 => Some(Native::Quant(QFormat::Q4_1)),
         GgmlDType::Q8_0 => Some(Native::Quant(QFormat::Q8_0)),
         GgmlDType::F16 => Some(Native::F16),
+        GgmlDType::BF16 => Some(Native::BF16),
         _ => None,
     }
 }
@@ -244,7 +258,7 @@ fn native_matmul(
 ) -> Result<Tensor> {
     let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
     let n: usize = lead.iter().product();
-    if native == Native::F16 && n >= F16_GEMM_MIN_ROWS {
+    if native.dense(&[]).is_some() && n >= HALF_GEMM_MIN_ROWS {
         // Prompts: widen W once and use the f32 GEMM (the temporary is one matrix).
         let w = q.dequantize(&q.device()).op("f16 weights")?;
         return dense_matmul(x, &w, inp);
@@ -252,8 +266,8 @@ fn native_matmul(
     let xs = input_rows(x)?;
     let data = q.data().op("qmatmul weights")?;
     let mut y = vec![0f32; n * out];
-    let r = match native {
-        Native::Quant(format) => {
+    let r = match (native, native.dense(&data)) {
+        (Native::Quant(format), _) => {
             let w = QMatrix {
                 format,
                 rows: out,
@@ -262,7 +276,11 @@ fn native_matmul(
             };
             lmkit_kernels::matmul(&w, &xs, n, &mut y)
         }
-        Native::F16 => lmkit_kernels::f16::matmul_f16(&data, out, inp, &xs, n, &mut y),
+        (_, Some(w)) => lmkit_kernels::dense::matmul(w, out, inp, &xs, n, &mut y),
+        (_, None) => Err(lmkit_kernels::Error::Shape {
+            op: "native matmul",
+            why: format!("no kernel for {native:?}"),
+        }),
     };
     r.map_err(|e| Error::Shape {
         op: "qmatmul".into(),
@@ -650,14 +668,17 @@ impl KernelData<'_> {
                 data,
             }),
             KernelData::Bytes {
-                native: Native::F16,
+                native,
                 data,
                 rows,
                 cols,
-            } => WeightView::Dense {
-                w: Dense::F16(data),
-                rows: *rows,
-                cols: *cols,
+            } => match native.dense(data) {
+                Some(w) => WeightView::Dense {
+                    w,
+                    rows: *rows,
+                    cols: *cols,
+                },
+                None => return Err(Error::Unsupported(format!("kernel view of {native:?}"))),
             },
             KernelData::F32 {
                 storage,

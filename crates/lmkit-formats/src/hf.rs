@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -63,6 +64,15 @@ impl HfConfig {
             err: source,
         })
     }
+}
+
+/// A half-precision tensor of a checkpoint, see [`HfCheckpoint::half_tensor`].
+pub struct HalfTensor<'a> {
+    /// `F16` or `BF16`.
+    pub dtype: GgmlDType,
+    pub shape: Vec<usize>,
+    /// Little-endian values, row-major.
+    pub bytes: &'a [u8],
 }
 
 /// An HF model folder, its safetensors memory-mapped.
@@ -135,6 +145,37 @@ impl HfCheckpoint {
             .map_err(map)?
             .to_dtype(DType::F32)
             .map_err(map)
+    }
+
+    /// A tensor stored in f16 or bf16, as its raw bytes borrowed from the memory map (`None`
+    /// when it is stored in another dtype).
+    pub fn half_tensor(&self, name: &str) -> Result<Option<HalfTensor<'_>>> {
+        let view = self.tensors.get(name).map_err(|source| Error::Tensor {
+            path: self.dir.clone(),
+            tensor: name.into(),
+            err: Box::new(source),
+        })?;
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F16 => GgmlDType::F16,
+            safetensors::Dtype::BF16 => GgmlDType::BF16,
+            _ => return Ok(None),
+        };
+        let shape = view.shape().to_vec();
+        let want = shape.iter().product::<usize>() * 2;
+        if view.data().len() != want {
+            return Err(Error::corrupt(
+                &self.dir,
+                format!(
+                    "tensor `{name}`: {} bytes for shape {shape:?} in {dtype:?} (expected {want})",
+                    view.data().len()
+                ),
+            ));
+        }
+        Ok(Some(HalfTensor {
+            dtype,
+            shape,
+            bytes: view.data(),
+        }))
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {

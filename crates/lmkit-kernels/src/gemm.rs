@@ -25,8 +25,8 @@ thread_local! {
     static PANELS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
-/// Packs rows `rows` of `w` into `buf` as panels (f16 rows widened first, 8 at a time with
-/// F16C where the CPU has it).
+/// Packs rows `rows` of `w` into `buf` as panels (f16 and bf16 rows widened first, f16 8 at a
+/// time with F16C where the CPU has it).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn pack(
     isa: Isa,
@@ -46,6 +46,14 @@ fn pack(
             Dense::F32(v) => &v[r * cols..(r + 1) * cols],
             Dense::F16(b) => {
                 widen(isa, &b[2 * r * cols..2 * (r + 1) * cols], row);
+                row
+            }
+            Dense::BF16(b) => {
+                // bf16 is the upper half of an f32: the compiler vectorizes the shifts.
+                let src = &b[2 * r * cols..2 * (r + 1) * cols];
+                for (o, h) in row.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes([h[0], h[1]])) << 16);
+                }
                 row
             }
         };

@@ -12,7 +12,7 @@
 //! - `Q4_1 · A8 = d_w·d_a·Σ q_w q_a + m_w·d_a·Σ q_a`
 //! - `Q8_0 · A8 = d_w·d_a·Σ q_w q_a`
 //!
-//! Dense f32/f16 weights ([`dense`]), attention ([`attn`]), row ops ([`ops`]) and a spinning
+//! Dense f32/f16/bf16 weights ([`dense`]), attention ([`attn`]), row ops ([`ops`]) and a spinning
 //! thread team for whole forward passes ([`team`]) complete the CPU path.
 //!
 //! Every kernel has a scalar reference; SIMD versions (AVX2 on x86-64) are chosen at run time
@@ -23,7 +23,6 @@ pub mod attn;
 pub mod convert;
 pub mod dense;
 pub mod dot;
-pub mod f16;
 pub mod gemm;
 pub mod hadamard;
 pub mod lowbit;

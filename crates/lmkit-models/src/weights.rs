@@ -103,6 +103,22 @@ impl WeightSource {
     ) -> Result<Weight> {
         let g = match self {
             WeightSource::Gguf(g) => g,
+            // HF f16/bf16 weights stay half precision on the CPU, as GGUF's F16 and BF16 do.
+            WeightSource::Hf(h) if device.is_cpu() && !opts.dequantize => {
+                let Some(t) = h.half_tensor(hf)? else {
+                    let t = self.tensor_f32(hf, &[shape.0, shape.1], device)?;
+                    return dense(t, opts);
+                };
+                self.check_shape(hf, &t.shape, &[shape.0, shape.1])?;
+                let q = qtensor_from_ggml(t.dtype, t.bytes, t.shape, device).map_err(|source| {
+                    lmkit_formats::Error::Tensor {
+                        path: h.dir.clone(),
+                        tensor: hf.into(),
+                        err: Box::new(source),
+                    }
+                })?;
+                return Ok(Weight::quantized(q)?);
+            }
             _ => {
                 let t = self.tensor_f32(hf, &[shape.0, shape.1], device)?;
                 return dense(t, opts);
@@ -136,10 +152,11 @@ impl WeightSource {
                 }
             })?;
         g.release(info);
-        // On the CPU F16 stays f16 (lmkit has an f16 kernel); F32 and BF16 run as dense f32.
-        // On a GPU every float format is a dense tensor in the compute dtype.
-        let float = matches!(dtype, GgmlDType::F32 | GgmlDType::BF16)
-            || (dtype == GgmlDType::F16 && !device.is_cpu());
+        // On the CPU F16 and BF16 stay half precision (lmkit's dense kernel widens them in
+        // registers); F32 runs as dense f32. On a GPU every float format is a dense tensor in
+        // the compute dtype.
+        let float = dtype == GgmlDType::F32
+            || (matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) && !device.is_cpu());
         if opts.dequantize || float {
             dense(q.dequantize(device)?, opts)
         } else {

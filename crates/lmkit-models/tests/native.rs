@@ -59,6 +59,7 @@ fn native_matches_reference_for_every_kernel_type() {
     for dtype in [
         GgmlDType::F32,
         GgmlDType::F16,
+        GgmlDType::BF16,
         GgmlDType::Q8_0,
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
@@ -69,7 +70,7 @@ fn native_matches_reference_for_every_kernel_type() {
         let (n, r) = (logits(&m, &ids, true), logits(&m, &ids, false));
         let d = max_abs_diff(&n, &r).unwrap();
         let tol = match dtype {
-            GgmlDType::F32 | GgmlDType::F16 => FLOAT_TOL,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => FLOAT_TOL,
             _ => QUANT_REL_TOL * range(&r),
         };
         assert!(d < tol, "{dtype:?}: native vs reference {d} (tol {tol})");

@@ -161,41 +161,116 @@ fn quantized_weights_track_f32_and_dequantize_matches() {
     assert!(d2 < Q8_REL_TOL, "q8 kernel vs dequantized: {d2}");
 }
 
-/// F16 weights (kept f16, lmkit's f16 kernel for short inputs, f32 GEMM for long ones) vs the
-/// same weights in F32, relative to the logit range.
+/// F16 and BF16 weights (kept in half precision, lmkit's dense kernel for short inputs, the f32
+/// GEMM for long ones) vs the same weights in F32, relative to the logit range: f16 keeps 11
+/// significant bits, bf16 8.
 const F16_REL_TOL: f32 = 2e-3;
+const BF16_REL_TOL: f32 = 1.5e-2;
+
+/// `max |a − b|` relative to `max |a|`.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let range = a
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    max_abs_diff(a, b).unwrap() / range
+}
 
 #[test]
-fn f16_weights_stay_f16_and_track_f32() {
+fn half_precision_weights_stay_half_and_track_f32() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LlamaConfig::tiny();
-    let (pf, ph) = (dir.path().join("f32.gguf"), dir.path().join("f16.gguf"));
+    let pf = dir.path().join("f32.gguf");
     write_tiny_gguf(&pf, &cfg, 6, GgmlDType::F32).unwrap();
-    write_tiny_gguf(&ph, &cfg, 6, GgmlDType::F16).unwrap();
     let f = load(&pf, LoadOptions::default()).unwrap().model;
-    let h = load(&ph, LoadOptions::default()).unwrap().model;
-    assert!(h
-        .named_weights()
-        .iter()
-        .any(|(_, w)| w.type_name() == "F16"));
-    // 3 tokens take the f16 kernel, 24 the f32 GEMM path.
-    for t in [3, 24] {
-        let ids = ids(t);
-        let (lf, lh) = (logits(&f, &ids), logits(&h, &ids));
-        let range = lf
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
+    for (dtype, name, tol) in [
+        (GgmlDType::F16, "F16", F16_REL_TOL),
+        (GgmlDType::BF16, "BF16", BF16_REL_TOL),
+    ] {
+        let ph = dir.path().join(format!("{name}.gguf"));
+        write_tiny_gguf(&ph, &cfg, 6, dtype).unwrap();
+        let h = load(&ph, LoadOptions::default()).unwrap().model;
+        let types: Vec<String> = h
+            .named_weights()
+            .iter()
+            .map(|(_, w)| w.type_name())
+            .collect();
+        assert!(types.iter().all(|t| t == name), "{name}: {types:?}");
+        // 3 tokens take the dense kernel, 24 the f32 GEMM path.
+        for t in [3, 24] {
+            let ids = ids(t);
+            let err = rel_err(&logits(&f, &ids), &logits(&h, &ids));
+            assert!(err < tol, "{name}, {t} tokens: relative error {err} vs f32");
+        }
+    }
+}
+
+#[test]
+fn hf_half_precision_weights_stay_half() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::tiny();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, &cfg, 3, GgmlDType::F32).unwrap();
+    let from_gguf = load(&p, LoadOptions::default()).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 160,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1.52587890625e-05, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": true
+    });
+    for (dtype, name, tol) in [
+        (lmkit_core::DType::BF16, "BF16", BF16_REL_TOL),
+        (lmkit_core::DType::F16, "F16", F16_REL_TOL),
+    ] {
+        let hf = dir.path().join(name);
+        std::fs::create_dir(&hf).unwrap();
+        let tensors: HashMap<String, Tensor> = random_weights(&cfg, 3)
+            .into_iter()
+            .map(|(n, s, v)| {
+                let t = Tensor::from_vec(v, s, &Device::Cpu).unwrap();
+                (n, t.to_dtype(dtype).unwrap())
+            })
+            .collect();
+        lmkit_core::candle::safetensors::save(&tensors, hf.join("model.safetensors")).unwrap();
+        std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
+        from_gguf
+            .tokenizer
+            .tokenizer
+            .save(hf.join("tokenizer.json"), false)
             .unwrap();
-        let err = max_abs_diff(&lf, &lh).unwrap() / range;
-        assert!(
-            err < F16_REL_TOL,
-            "{t} tokens: f16 vs f32 relative error {err}"
-        );
+        let half = load(&hf, LoadOptions::default()).unwrap().model;
+        let types: Vec<String> = half
+            .named_weights()
+            .iter()
+            .map(|(_, w)| w.type_name())
+            .collect();
+        assert!(types.iter().all(|t| t == name), "{name}: {types:?}");
+        let wide = LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        };
+        let exact = load(&hf, wide).unwrap().model;
+        assert!(exact
+            .named_weights()
+            .iter()
+            .all(|(_, w)| w.type_name() == "F32"));
+        for t in [3, 24] {
+            let ids = ids(t);
+            let (lh, le) = (logits(&half, &ids), logits(&exact, &ids));
+            // The same stored values either way: only the order of f32 sums differs.
+            let same = rel_err(&le, &lh);
+            assert!(
+                same < 1e-5,
+                "{name}, {t} tokens: kernel vs widened weights {same}"
+            );
+            let err = rel_err(&logits(&from_gguf.model, &ids), &lh);
+            assert!(err < tol, "{name}, {t} tokens: relative error {err} vs f32");
+        }
     }
 }
 
