@@ -36,9 +36,10 @@ impl Weight {
     /// format they support, else kept as candle's `QTensor`.
     ///
     /// GGUF types without a kernel are converted on the CPU: `Q4_K` to `Q4_1` (exact up to the
-    /// f16 rounding of each block's scale and offset, see `lmkit_kernels::convert`), and
-    /// `Q5_0`, `Q5_1`, `Q2_K`, `Q3_K`, `Q5_K`, `Q6_K` requantized to `Q8_0` (8 bits per weight
-    /// over their 2.6–6.6: a small added rounding error; `--dequantize` keeps the exact values).
+    /// f16 rounding of each block's scale and offset, see `lmkit_kernels::convert`), `Q5_0` to
+    /// `Q8_0` (exact), and `Q5_1`, `Q2_K`, `Q3_K`, `Q5_K`, `Q6_K` requantized to `Q8_0` (8 bits
+    /// per weight over their 2.6–6.6: a small added rounding error; `--dequantize` keeps the
+    /// exact values).
     pub fn quantized(q: QTensor) -> Result<Self> {
         let device = q.device();
         if !device.is_cpu() {
@@ -59,8 +60,17 @@ impl Weight {
                         })?;
                     (QFormat::Q4_1, Cow::Owned(converted))
                 }
-                GgmlDType::Q5_0
-                | GgmlDType::Q5_1
+                GgmlDType::Q5_0 => {
+                    let b = q.data().op("weight bytes")?;
+                    let converted =
+                        lmkit_kernels::convert::q5_0_to_q8_0(&b).map_err(|e| Error::Shape {
+                            op: "Q5_0 weights".into(),
+                            expected: format!("{rows}x{cols}"),
+                            got: e.to_string(),
+                        })?;
+                    (QFormat::Q8_0, Cow::Owned(converted))
+                }
+                GgmlDType::Q5_1
                 | GgmlDType::Q2K
                 | GgmlDType::Q3K
                 | GgmlDType::Q5K

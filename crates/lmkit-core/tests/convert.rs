@@ -36,6 +36,15 @@ fn k_quants_and_q5_convert_and_track_the_exact_product() {
         );
         assert_eq!(lin.weight().type_name(), becomes);
         assert!(lin.kernel_data().unwrap().is_some());
+        if dtype == GgmlDType::Q5_0 {
+            // Same scale, the quants shifted: the converted weights are the stored ones.
+            let stored = exact.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let conv = lin.weight().to_f32().unwrap();
+            assert_eq!(
+                conv.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                stored
+            );
+        }
         let got = lin.forward(&x).unwrap();
         let (g, w) = (
             got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
