@@ -50,25 +50,18 @@ impl Weight {
         let (format, data): (QFormat, Cow<[u8]>) = match native_format(dtype, &device) {
             Some(Native::Quant(format)) => (format, q.data().op("weight bytes")?),
             _ => match dtype {
-                GgmlDType::Q4K => {
+                GgmlDType::Q4K | GgmlDType::Q5_0 => {
+                    let (to, convert): (QFormat, lmkit_kernels::convert::Conversion) = match dtype {
+                        GgmlDType::Q4K => (QFormat::Q4_1, lmkit_kernels::convert::q4k_to_q4_1),
+                        _ => (QFormat::Q8_0, lmkit_kernels::convert::q5_0_to_q8_0),
+                    };
                     let b = q.data().op("weight bytes")?;
-                    let converted =
-                        lmkit_kernels::convert::q4k_to_q4_1(&b).map_err(|e| Error::Shape {
-                            op: "Q4_K weights".into(),
-                            expected: format!("{rows}x{cols}"),
-                            got: e.to_string(),
-                        })?;
-                    (QFormat::Q4_1, Cow::Owned(converted))
-                }
-                GgmlDType::Q5_0 => {
-                    let b = q.data().op("weight bytes")?;
-                    let converted =
-                        lmkit_kernels::convert::q5_0_to_q8_0(&b).map_err(|e| Error::Shape {
-                            op: "Q5_0 weights".into(),
-                            expected: format!("{rows}x{cols}"),
-                            got: e.to_string(),
-                        })?;
-                    (QFormat::Q8_0, Cow::Owned(converted))
+                    let converted = convert(&b).map_err(|e| Error::Shape {
+                        op: format!("{} weights", ggml_type_name(dtype)),
+                        expected: format!("{rows}x{cols}"),
+                        got: e.to_string(),
+                    })?;
+                    (to, Cow::Owned(converted))
                 }
                 GgmlDType::Q5_1
                 | GgmlDType::Q2K

@@ -19,6 +19,9 @@ use half::f16;
 
 use crate::{Error, Result};
 
+/// A conversion of whole blocks of one format into another's bytes.
+pub type Conversion = fn(&[u8]) -> Result<Vec<u8>>;
+
 /// Weights per K-quant super-block.
 pub const QK_K: usize = 256;
 /// Bytes of one `block_q4_K`.

@@ -335,6 +335,19 @@ mod tests {
     /// f32 accumulation-order differences, relative to Σ|w·x|.
     const REL_TOL: f32 = 1e-5;
 
+    /// A `rows × cols` test matrix in f32, and its f16 and bf16 bytes; inputs `(n, cols)`.
+    fn case(rows: usize, cols: usize, n: usize) -> (Vec<f32>, Vec<u8>, Vec<u8>, Vec<f32>) {
+        let wf: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 2001) as f32 - 1000.0) / 997.0)
+            .collect();
+        let wh = wf.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes());
+        let wb = wf.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes());
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0)
+            .collect();
+        (wf.clone(), wh.collect(), wb.collect(), x)
+    }
+
     #[test]
     fn simd_equals_scalar_for_f32_f16_and_bf16() {
         for &(nrows, cols, n) in &[
@@ -344,20 +357,7 @@ mod tests {
             (5, 20, 2),
             (6, 40, 9),
         ] {
-            let wf: Vec<f32> = (0..nrows * cols)
-                .map(|i| ((i * 7919 % 2001) as f32 - 1000.0) / 997.0)
-                .collect();
-            let wh: Vec<u8> = wf
-                .iter()
-                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                .collect();
-            let wb: Vec<u8> = wf
-                .iter()
-                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                .collect();
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0)
-                .collect();
+            let (wf, wh, wb, x) = case(nrows, cols, n);
             for w in [Dense::F32(&wf), Dense::F16(&wh), Dense::BF16(&wb)] {
                 for isa in crate::dot::available() {
                     let mut y = vec![f32::NAN; n * nrows];
@@ -387,26 +387,13 @@ mod tests {
     #[test]
     fn matmul_is_exact_for_each_type_and_checks_shapes() {
         for &(rows, cols, n) in &[(37, 64, 1), (33, 576, 3), (40, 96, 6), (5, 20, 2)] {
-            let wf: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i * 7919 % 2001) as f32 - 1000.0) / 997.0)
-                .collect();
-            let wh: Vec<u8> = wf
-                .iter()
-                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                .collect();
-            let wb: Vec<u8> = wf
-                .iter()
-                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                .collect();
+            let (wf, wh, wb, x) = case(rows, cols, n);
             // The values each type stores, widened exactly.
             let stored: [Vec<f32>; 3] = [
                 wf.clone(),
                 wf.iter().map(|v| f16::from_f32(*v).to_f32()).collect(),
                 wf.iter().map(|v| bf16::from_f32(*v).to_f32()).collect(),
             ];
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0)
-                .collect();
             for (w, wq) in [Dense::F32(&wf), Dense::F16(&wh), Dense::BF16(&wb)]
                 .into_iter()
                 .zip(stored.iter())

@@ -118,6 +118,31 @@ fn hf_folder_and_gguf_give_the_same_logits() {
     assert!(d < FORMAT_TOL, "gguf vs hf: {d}");
 }
 
+/// The storage type of every weight matrix.
+fn weight_types(m: &lmkit_models::Llama) -> Vec<String> {
+    m.named_weights()
+        .iter()
+        .map(|(_, w)| w.type_name())
+        .collect()
+}
+
+/// `max |a|`.
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// `max |a − b|` relative to `max |a|`.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs_diff(a, b).unwrap() / max_abs(a)
+}
+
 #[test]
 fn quantized_weights_track_f32_and_dequantize_matches() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,18 +171,9 @@ fn quantized_weights_track_f32_and_dequantize_matches() {
         .all(|(_, w)| w.type_name() == "F32"));
     let ids = ids(16);
     let (lf, lq, ld) = (logits(&f, &ids), logits(&q, &ids), logits(&dq, &ids));
-    let range = lf
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let dq_err = max_abs_diff(&lf, &lq).unwrap() / range;
+    let dq_err = rel_err(&lf, &lq);
     assert!(dq_err < Q8_REL_TOL, "q8 vs f32 relative error {dq_err}");
-    let d2 = max_abs_diff(&lq, &ld).unwrap() / range;
+    let d2 = max_abs_diff(&lq, &ld).unwrap() / max_abs(&lf);
     assert!(d2 < Q8_REL_TOL, "q8 kernel vs dequantized: {d2}");
 }
 
@@ -166,20 +182,6 @@ fn quantized_weights_track_f32_and_dequantize_matches() {
 /// significant bits, bf16 8.
 const F16_REL_TOL: f32 = 2e-3;
 const BF16_REL_TOL: f32 = 1.5e-2;
-
-/// `max |a − b|` relative to `max |a|`.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let range = a
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    max_abs_diff(a, b).unwrap() / range
-}
 
 #[test]
 fn half_precision_weights_stay_half_and_track_f32() {
@@ -195,11 +197,7 @@ fn half_precision_weights_stay_half_and_track_f32() {
         let ph = dir.path().join(format!("{name}.gguf"));
         write_tiny_gguf(&ph, &cfg, 6, dtype).unwrap();
         let h = load(&ph, LoadOptions::default()).unwrap().model;
-        let types: Vec<String> = h
-            .named_weights()
-            .iter()
-            .map(|(_, w)| w.type_name())
-            .collect();
+        let types = weight_types(&h);
         assert!(types.iter().all(|t| t == name), "{name}: {types:?}");
         // 3 tokens take the dense kernel, 24 the f32 GEMM path.
         for t in [3, 24] {
@@ -244,21 +242,14 @@ fn hf_half_precision_weights_stay_half() {
             .save(hf.join("tokenizer.json"), false)
             .unwrap();
         let half = load(&hf, LoadOptions::default()).unwrap().model;
-        let types: Vec<String> = half
-            .named_weights()
-            .iter()
-            .map(|(_, w)| w.type_name())
-            .collect();
+        let types = weight_types(&half);
         assert!(types.iter().all(|t| t == name), "{name}: {types:?}");
         let wide = LoadOptions {
             dequantize: true,
             ..Default::default()
         };
         let exact = load(&hf, wide).unwrap().model;
-        assert!(exact
-            .named_weights()
-            .iter()
-            .all(|(_, w)| w.type_name() == "F32"));
+        assert!(weight_types(&exact).iter().all(|t| t == "F32"));
         for t in [3, 24] {
             let ids = ids(t);
             let (lh, le) = (logits(&half, &ids), logits(&exact, &ids));
