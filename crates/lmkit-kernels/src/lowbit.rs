@@ -355,18 +355,24 @@ pub fn lowbit_rows(
             let mut t = 0;
             while isa == Isa::Avx512 && t + 8 <= n {
                 let a = [0, 1, 2, 3, 4, 5, 6, 7].map(|k| act(t + k));
-                put(t, &group(isa, w, g, a));
+                put(t, &group(isa, w, g, t == 0, a));
                 t += 8;
             }
             while t + 4 <= n {
                 put(
                     t,
-                    &group(isa, w, g, [act(t), act(t + 1), act(t + 2), act(t + 3)]),
+                    &group(
+                        isa,
+                        w,
+                        g,
+                        t == 0,
+                        [act(t), act(t + 1), act(t + 2), act(t + 3)],
+                    ),
                 );
                 t += 4;
             }
             while t < n {
-                put(t, &group(isa, w, g, [act(t)]));
+                put(t, &group(isa, w, g, t == 0, [act(t)]));
                 t += 1;
             }
         }

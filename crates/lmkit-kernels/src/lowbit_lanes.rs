@@ -78,7 +78,9 @@ pub(crate) mod avx2 {
 
     macro_rules! group_kernel {
         ($name:ident, $features:literal, |$acc:ident, $u:ident, $s:ident| $dp:expr) => {
-            /// Row group `g` against `N` activation rows: `[token][row]`.
+            /// Row group `g` against `N` activation rows: `[token][row]`. With `prefetch`,
+            /// the next group's bytes are requested as this one's are read (as in
+            /// `packed`: the first token tile of a call).
             ///
             /// # Safety
             /// The CPU supports the features; `g` is a valid group; each `acts[k]` holds
@@ -87,6 +89,7 @@ pub(crate) mod avx2 {
             unsafe fn $name<const BITS: u8, const N: usize>(
                 w: &LowBit,
                 g: usize,
+                prefetch: bool,
                 acts: [&[A8Block]; N],
             ) -> [[f32; GROUP]; N] {
                 let nb = w.cols / BLOCK;
@@ -101,6 +104,12 @@ pub(crate) mod avx2 {
                     let mut xs = [0f32; N];
                     for b in gi * bpg..(gi + 1) * bpg {
                         let blk = base.add(b * gb);
+                        let mut off = 0;
+                        while prefetch && off < gb {
+                            let at = base.wrapping_add(nb * gb + b * gb + off);
+                            _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+                            off += 64;
+                        }
                         let lo = [
                             _mm256_loadu_si256(blk as *const __m256i),
                             _mm256_loadu_si256(blk.add(32) as *const __m256i),
@@ -180,6 +189,7 @@ pub(crate) mod avx2 {
         isa: Isa,
         w: &LowBit,
         g: usize,
+        prefetch: bool,
         acts: [&[A8Block]; N],
     ) -> [[f32; GROUP]; N] {
         macro_rules! by_bits {
@@ -188,9 +198,9 @@ pub(crate) mod avx2 {
                 // (see `dot::isa`); `lowbit_rows` checked the group and activation lengths.
                 unsafe {
                     match w.bits {
-                        2 => $k::<2, N>(w, g, acts),
-                        3 => $k::<3, N>(w, g, acts),
-                        _ => $k::<4, N>(w, g, acts),
+                        2 => $k::<2, N>(w, g, prefetch, acts),
+                        3 => $k::<3, N>(w, g, prefetch, acts),
+                        _ => $k::<4, N>(w, g, prefetch, acts),
                     }
                 }
             };
