@@ -263,7 +263,7 @@ fn native_matmul(
     let n: usize = lead.iter().product();
     if native.dense(&[]).is_some() && n >= HALF_GEMM_MIN_ROWS {
         // Prompts: widen W once and use the f32 GEMM (the temporary is one matrix).
-        let w = q.dequantize(&q.device()).op("f16 weights")?;
+        let w = q.dequantize(&q.device()).op("half-precision weights")?;
         return dense_matmul(x, &w, inp);
     }
     let xs = input_rows(x)?;

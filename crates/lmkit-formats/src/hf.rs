@@ -150,6 +150,12 @@ impl HfCheckpoint {
     /// A tensor stored in f16 or bf16, as its raw bytes borrowed from the memory map (`None`
     /// when it is stored in another dtype).
     pub fn half_tensor(&self, name: &str) -> Result<Option<HalfTensor<'_>>> {
+        if !self.contains(name) {
+            return Err(Error::Missing {
+                path: self.dir.clone(),
+                what: format!("tensor `{name}`"),
+            });
+        }
         let view = self.tensors.get(name).map_err(|source| Error::Tensor {
             path: self.dir.clone(),
             tensor: name.into(),

@@ -241,6 +241,13 @@ fn hf_half_precision_weights_stay_half() {
             .tokenizer
             .save(hf.join("tokenizer.json"), false)
             .unwrap();
+        // A missing matrix is named.
+        let mut partial = tensors.clone();
+        partial.remove("model.layers.1.mlp.up_proj.weight");
+        lmkit_core::candle::safetensors::save(&partial, hf.join("model.safetensors")).unwrap();
+        let e = load(&hf, LoadOptions::default()).err().unwrap().to_string();
+        assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+        lmkit_core::candle::safetensors::save(&tensors, hf.join("model.safetensors")).unwrap();
         let half = load(&hf, LoadOptions::default()).unwrap().model;
         let types = weight_types(&half);
         assert!(types.iter().all(|t| t == name), "{name}: {types:?}");
