@@ -261,7 +261,7 @@ fn native_matmul(
 ) -> Result<Tensor> {
     let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
     let n: usize = lead.iter().product();
-    if native.dense(&[]).is_some() && n >= HALF_GEMM_MIN_ROWS {
+    if matches!(native, Native::F16 | Native::BF16) && n >= HALF_GEMM_MIN_ROWS {
         // Prompts: widen W once and use the f32 GEMM (the temporary is one matrix).
         let w = q.dequantize(&q.device()).op("half-precision weights")?;
         return dense_matmul(x, &w, inp);
