@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Module, Storage, StorageRef, Tensor};
 
-use lmkit_kernels::{Dense, LowBitLinear, Packed, QFormat, QMatrix, WeightView};
+use lmkit_kernels::{Dense, LowBitLinear, Packed, QFormat, QMatrix, WeightView, Q6K};
 
 use crate::error::OpContext;
 use crate::lora::LoraAdapter;
@@ -27,6 +27,9 @@ pub enum Weight {
     /// Block-quantized with rows interleaved for lmkit's CPU kernels (Q4_0, Q4_1, Q8_0 on the
     /// CPU are stored this way; [`Packed::unpack`] gives back the GGUF bytes).
     Packed(Arc<Packed>),
+    /// GGUF `Q6_K` with rows interleaved for lmkit's CPU kernel (exact; [`Q6K::unpack`] gives
+    /// back the GGUF bytes).
+    Q6K(Arc<Q6K>),
     /// 2–4-bit codes between optional Hadamard rotations (lmkit-quant's RTN, GPTQ, QuIP).
     LowBit(Arc<LowBitLinear>),
 }
@@ -35,11 +38,11 @@ impl Weight {
     /// A block-quantized tensor: repacked for lmkit's kernels when it runs on the CPU in a
     /// format they support, else kept as candle's `QTensor`.
     ///
-    /// GGUF types without a kernel are converted on the CPU: `Q4_K` to `Q4_1` (exact up to the
-    /// f16 rounding of each block's scale and offset, see `lmkit_kernels::convert`), `Q5_0` to
-    /// `Q8_0` (exact), and `Q5_1`, `Q2_K`, `Q3_K`, `Q5_K`, `Q6_K` requantized to `Q8_0` (8 bits
-    /// per weight over their 2.6–6.6: a small added rounding error; `--dequantize` keeps the
-    /// exact values).
+    /// `Q6_K` keeps its own kernel ([`Weight::Q6K`]). Other GGUF types without a kernel are
+    /// converted on the CPU: `Q4_K` to `Q4_1` (exact up to the f16 rounding of each block's
+    /// scale and offset, see `lmkit_kernels::convert`), `Q5_0` to `Q8_0` (exact), and `Q5_1`,
+    /// `Q2_K`, `Q3_K`, `Q5_K` requantized to `Q8_0` (8 bits per weight over their 2.6–6: a
+    /// small added rounding error; `--dequantize` keeps the exact values).
     pub fn quantized(q: QTensor) -> Result<Self> {
         let device = q.device();
         if !device.is_cpu() {
@@ -47,6 +50,15 @@ impl Weight {
         }
         let (rows, cols) = q.shape().dims2().op("weight dims")?;
         let dtype = q.dtype();
+        if dtype == GgmlDType::Q6K {
+            let b = q.data().op("weight bytes")?;
+            let w = Q6K::pack(rows, cols, &b).map_err(|e| Error::Shape {
+                op: "pack Q6_K weights".into(),
+                expected: format!("{rows}x{cols} Q6_K"),
+                got: e.to_string(),
+            })?;
+            return Ok(Weight::Q6K(Arc::new(w)));
+        }
         let (format, data): (QFormat, Cow<[u8]>) = match native_format(dtype, &device) {
             Some(Native::Quant(format)) => (format, q.data().op("weight bytes")?),
             _ => match dtype {
@@ -63,11 +75,7 @@ impl Weight {
                     })?;
                     (to, Cow::Owned(converted))
                 }
-                GgmlDType::Q5_1
-                | GgmlDType::Q2K
-                | GgmlDType::Q3K
-                | GgmlDType::Q5K
-                | GgmlDType::Q6K
+                GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q5K
                     if cols.is_multiple_of(32) =>
                 {
                     let f = q.dequantize(&device).op("dequantize for Q8_0")?;
@@ -98,6 +106,7 @@ impl Weight {
             Weight::Dense(t) => t.dims2().op("weight dims"),
             Weight::Quantized(q) => q.shape().dims2().op("weight dims"),
             Weight::Packed(p) => Ok((p.rows, p.cols)),
+            Weight::Q6K(w) => Ok((w.rows, w.cols)),
             Weight::LowBit(l) => Ok((l.w.rows, l.w.cols)),
         }
     }
@@ -108,6 +117,7 @@ impl Weight {
             Weight::Dense(t) => format!("{:?}", t.dtype()).to_uppercase(),
             Weight::Quantized(q) => ggml_type_name(q.dtype()).to_string(),
             Weight::Packed(p) => format!("{:?}", p.format),
+            Weight::Q6K(_) => "Q6_K".into(),
             Weight::LowBit(l) => lowbit_type_name(l),
         }
     }
@@ -118,6 +128,7 @@ impl Weight {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Quantized(q) => q.storage_size_in_bytes(),
             Weight::Packed(p) => p.size_in_bytes(),
+            Weight::Q6K(w) => w.size_in_bytes(),
             Weight::LowBit(l) => l.size_in_bytes(),
         }
     }
@@ -127,12 +138,13 @@ impl Weight {
         match self {
             Weight::Dense(t) => t.to_dtype(DType::F32).op("to f32"),
             Weight::Quantized(q) => q.dequantize(&q.device()).op("dequantize"),
-            Weight::Packed(p) => {
-                let mut v = vec![0f32; p.rows * p.cols];
-                for (r, row) in v.chunks_exact_mut(p.cols).enumerate() {
-                    p.dequantize_row(r, row);
+            Weight::Packed(_) | Weight::Q6K(_) => {
+                let (rows, cols) = self.dims2()?;
+                let mut v = vec![0f32; rows * cols];
+                for (r, row) in v.chunks_exact_mut(cols).enumerate() {
+                    self.dequantize_row(r, row)?;
                 }
-                Tensor::from_vec(v, (p.rows, p.cols), &candle_core::Device::Cpu).op("dequantize")
+                Tensor::from_vec(v, (rows, cols), &candle_core::Device::Cpu).op("dequantize")
             }
             Weight::LowBit(l) => Tensor::from_vec(
                 l.dequantize(),
@@ -140,6 +152,33 @@ impl Weight {
                 &candle_core::Device::Cpu,
             )
             .op("dequantize"),
+        }
+    }
+}
+
+impl Weight {
+    /// Row `r` of an interleaved weight ([`Weight::Packed`], [`Weight::Q6K`]) dequantized
+    /// into `out`.
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Weight::Packed(p) => p.dequantize_row(r, out),
+            Weight::Q6K(w) => w.dequantize_row(r, out),
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "row dequantization of a {} weight",
+                    self.type_name()
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// The interleaved weights' kernel view (`None` for other kinds).
+    fn interleaved_view(&self) -> Option<WeightView<'_>> {
+        match self {
+            Weight::Packed(p) => Some(WeightView::Packed(p)),
+            Weight::Q6K(w) => Some(WeightView::Q6K(w)),
+            _ => None,
         }
     }
 }
@@ -356,12 +395,9 @@ impl Linear {
     /// A quantized layer; `weight` has logical shape `(out, in)`.
     pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = match Weight::quantized(weight)? {
-            Weight::Packed(p) => return Self::packed(p, bias),
             Weight::Quantized(q) => Arc::try_unwrap(q)
                 .map_err(|_| Error::Unsupported("shared quantized weight".into()))?,
-            Weight::Dense(_) | Weight::LowBit(_) => {
-                return Err(Error::Unsupported("dense or low-bit weight".into()))
-            }
+            w => return Self::new(w, bias),
         };
         let (out_features, in_features) = weight.shape().dims2().op("linear weight")?;
         check_bias(&bias, out_features)?;
@@ -384,11 +420,31 @@ impl Linear {
 
     /// A layer on a packed block-quantized weight (see [`Weight::Packed`]).
     pub fn packed(weight: Arc<Packed>, bias: Option<Tensor>) -> Result<Self> {
-        check_bias(&bias, weight.rows)?;
+        Self::interleaved(Weight::Packed(weight), bias)
+    }
+
+    /// A layer on any weight: `bias` is `(out,)`.
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Result<Self> {
+        match weight {
+            Weight::Dense(t) => Self::dense(t, bias),
+            Weight::LowBit(l) => Self::lowbit(l, bias),
+            Weight::Quantized(q) => Self::quantized(
+                Arc::try_unwrap(q)
+                    .map_err(|_| Error::Unsupported("shared quantized weight".into()))?,
+                bias,
+            ),
+            w @ (Weight::Packed(_) | Weight::Q6K(_)) => Self::interleaved(w, bias),
+        }
+    }
+
+    /// A layer on a weight with rows interleaved for lmkit's kernels.
+    fn interleaved(weight: Weight, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        check_bias(&bias, out_features)?;
         Ok(Self {
-            out_features: weight.rows,
-            in_features: weight.cols,
-            weight: Weight::Packed(weight),
+            out_features,
+            in_features,
+            weight,
             native: None,
             matmul: None,
             bias,
@@ -432,7 +488,7 @@ impl Linear {
         }
         let y = match (&self.weight, &self.matmul) {
             (Weight::LowBit(l), _) => lowbit_matmul(l, x)?,
-            (Weight::Packed(_), _) => {
+            (Weight::Packed(_) | Weight::Q6K(_), _) => {
                 let base = Self {
                     lora: None,
                     ..self.clone()
@@ -474,17 +530,14 @@ impl Linear {
     /// # Shapes
     /// `x`: `(.., in)` → one `(.., out_i)` per layer.
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let packed: Vec<&Packed> = layers
+        let views: Vec<WeightView> = layers
             .iter()
-            .filter_map(|l| match &l.weight {
-                Weight::Packed(p) => Some(p.as_ref()),
-                _ => None,
-            })
+            .filter_map(|l| l.weight.interleaved_view())
             .collect();
         let fused = !layers.is_empty()
             && layers.iter().all(|l| l.lora.is_none())
             && x.device().is_cpu()
-            && packed.len() == layers.len()
+            && views.len() == layers.len()
             && layers
                 .iter()
                 .all(|l| l.in_features == layers[0].in_features);
@@ -508,8 +561,8 @@ impl Linear {
             .map(|l| vec![0f32; n * l.out_features])
             .collect();
         {
-            let mut views: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-            lmkit_kernels::packed::matmul_many(&packed, &xs, n, &mut views).map_err(|e| {
+            let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+            lmkit_kernels::weight::matmul_many(&views, &xs, n, &mut outs).map_err(|e| {
                 Error::Shape {
                     op: "qmatmul".into(),
                     expected: format!("(.., {inp})"),
@@ -552,6 +605,7 @@ impl Linear {
         let (rows, cols) = (self.out_features, self.in_features);
         match (&self.weight, self.native) {
             (Weight::Packed(p), _) => Ok(Some(KernelData::Packed(p))),
+            (Weight::Q6K(w), _) => Ok(Some(KernelData::Q6K(w))),
             (Weight::LowBit(l), _) => Ok(Some(KernelData::LowBit(l))),
             (Weight::Quantized(q), Some(native)) => Ok(Some(KernelData::Bytes {
                 native,
@@ -621,6 +675,7 @@ impl Linear {
 /// borrows it as a [`WeightView`].
 pub enum KernelData<'a> {
     Packed(&'a Packed),
+    Q6K(&'a Q6K),
     /// Codes and the layer's rotations (the native path applies them around the product).
     LowBit(&'a LowBitLinear),
     Bytes {
@@ -658,6 +713,7 @@ impl KernelData<'_> {
     pub fn view(&self) -> Result<WeightView<'_>> {
         let v = match self {
             KernelData::Packed(p) => WeightView::Packed(p),
+            KernelData::Q6K(w) => WeightView::Q6K(w),
             KernelData::LowBit(l) => WeightView::LowBit(&l.w),
             KernelData::Bytes {
                 native: Native::Quant(format),
@@ -750,7 +806,7 @@ impl Embedding {
                 rows.reshape(shape).op("embedding reshape")
             }
             Weight::Quantized(q) => q.embedding(ids).op("quantized embedding"),
-            Weight::Packed(p) => {
+            Weight::Packed(_) | Weight::Q6K(_) => {
                 let flat = ids
                     .flatten_all()
                     .and_then(|t| t.to_dtype(DType::U32))
@@ -765,7 +821,7 @@ impl Embedding {
                             got: id.to_string(),
                         });
                     }
-                    p.dequantize_row(id as usize, row);
+                    self.table.dequantize_row(id as usize, row)?;
                 }
                 let mut shape = ids.dims().to_vec();
                 shape.push(self.hidden);
@@ -796,7 +852,7 @@ impl Embedding {
     pub fn as_linear(&self) -> Result<Linear> {
         match &self.table {
             Weight::Dense(t) => Linear::dense(t.clone(), None),
-            Weight::Packed(p) => Linear::packed(p.clone(), None),
+            w @ (Weight::Packed(_) | Weight::Q6K(_)) => Linear::interleaved(w.clone(), None),
             Weight::LowBit(l) => Linear::lowbit(l.clone(), None),
             Weight::Quantized(q) => {
                 let native = native_format(q.dtype(), &q.device());

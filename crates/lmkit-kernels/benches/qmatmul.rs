@@ -4,7 +4,9 @@
 //! second for decode and multiply-accumulates per second ("elements") for prompts.
 //!
 //! Each product runs as the models run it: one thread team, rows handed out in chunks
-//! (Q4_0/Q4_1/Q8_0 in the interleaved layout of `packed`, F16/F32 through `dense`).
+//! (Q4_0/Q4_1/Q8_0 in the interleaved layout of `packed`, Q6_K in that of `q6k`, F16/F32
+//! through `dense`). Q6_K runs only on the shapes whose rows are whole 256-weight
+//! super-blocks (576×1536).
 //!
 //! `cargo bench -p lmkit-kernels --bench qmatmul` (set RAYON_NUM_THREADS to fix the threads).
 
@@ -12,9 +14,25 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use lmkit_kernels::act::quantize_activations;
 use lmkit_kernels::dot::{available, Isa};
 use lmkit_kernels::team::{self, SharedMut};
-use lmkit_kernels::{Dense, Packed, QFormat, WeightView};
+use lmkit_kernels::{Dense, Packed, QFormat, WeightView, Q6K};
 
 const SHAPES: &[(usize, usize)] = &[(576, 576), (1536, 576), (576, 1536), (49152, 576)];
+
+/// Random `Q6_K` super-blocks with a small positive scale `d`.
+fn q6k_bytes(rows: usize, cols: usize) -> Vec<u8> {
+    let mut s = 0x9E37_79B9u32;
+    let mut v = Vec::with_capacity(rows * cols / 256 * 210);
+    for _ in 0..rows * cols / 256 {
+        for _ in 0..208 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            v.push(s as u8);
+        }
+        v.extend([0x00, 0x20]);
+    }
+    v
+}
 
 fn quant_bytes(format: QFormat, rows: usize, cols: usize) -> Vec<u8> {
     let bb = format.block_bytes();
@@ -55,12 +73,20 @@ fn product(isa: Isa, w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
 }
 
 fn bench(c: &mut Criterion) {
-    for name in ["Q4_0", "Q4_1", "Q8_0", "F16", "F32"] {
+    for name in ["Q4_0", "Q4_1", "Q8_0", "Q6_K", "F16", "F32"] {
         let mut g = c.benchmark_group(format!("matmul_{name}"));
         g.sample_size(20);
         for &(rows, cols) in SHAPES {
-            let (packed, f16s, f32s);
+            if name == "Q6_K" && !cols.is_multiple_of(256) {
+                continue;
+            }
+            let (packed, q6k, f16s, f32s);
             let (w, bytes) = match name {
+                "Q6_K" => {
+                    let data = q6k_bytes(rows, cols);
+                    q6k = Q6K::pack(rows, cols, &data).expect("valid super-blocks");
+                    (WeightView::Q6K(&q6k), data.len())
+                }
                 "F32" => {
                     f32s = (0..rows * cols)
                         .map(|i| ((i % 23) as f32 - 11.0) / 64.0)

@@ -12,6 +12,9 @@
 //! - `Q4_1 · A8 = d_w·d_a·Σ q_w q_a + m_w·d_a·Σ q_a`
 //! - `Q8_0 · A8 = d_w·d_a·Σ q_w q_a`
 //!
+//! GGUF `Q6_K` (256-weight super-blocks, a scale per 16 weights) has its own layout and kernel
+//! ([`q6k`]), with the same exact integer sums.
+//!
 //! Dense f32/f16/bf16 weights ([`dense`]), attention ([`attn`]), row ops ([`ops`]) and a spinning
 //! thread team for whole forward passes ([`team`]) complete the CPU path.
 //!
@@ -24,12 +27,14 @@ pub mod convert;
 pub mod dense;
 pub mod dot;
 pub mod gemm;
+pub mod groups;
 pub mod hadamard;
 pub mod lowbit;
 pub mod lowbit_lanes;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
+pub mod q6k;
 pub mod roofline;
 pub mod team;
 pub mod weight;
@@ -41,6 +46,7 @@ pub use hadamard::{Hadamard, Rotation};
 pub use lowbit::{LowBit, LowBitLinear};
 pub use matmul::{matmul, QFormat, QMatrix};
 pub use packed::Packed;
+pub use q6k::Q6K;
 pub use weight::WeightView;
 
 /// Weights per block in every format here.

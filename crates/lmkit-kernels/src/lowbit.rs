@@ -341,41 +341,8 @@ pub fn lowbit_rows(
     );
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar && rows.start.is_multiple_of(crate::lowbit_lanes::GROUP) {
-        use crate::lowbit_lanes::{avx2::group, GROUP};
-        let act = |t: usize| &acts[t * nb..(t + 1) * nb];
-        for g in rows.start / GROUP..end.div_ceil(GROUP) {
-            let valid = (end - g * GROUP).min(GROUP);
-            let mut put = |t0: usize, v: &[[f32; GROUP]]| {
-                for (k, row) in v.iter().enumerate() {
-                    for (lane, &y) in row.iter().enumerate().take(valid) {
-                        emit(t0 + k, g * GROUP + lane, y);
-                    }
-                }
-            };
-            let mut t = 0;
-            while isa == Isa::Avx512 && t + 8 <= n {
-                let a = [0, 1, 2, 3, 4, 5, 6, 7].map(|k| act(t + k));
-                put(t, &group(isa, w, g, t == 0, a));
-                t += 8;
-            }
-            while t + 4 <= n {
-                put(
-                    t,
-                    &group(
-                        isa,
-                        w,
-                        g,
-                        t == 0,
-                        [act(t), act(t + 1), act(t + 2), act(t + 3)],
-                    ),
-                );
-                t += 4;
-            }
-            while t < n {
-                put(t, &group(isa, w, g, t == 0, [act(t)]));
-                t += 1;
-            }
-        }
+        let kernel = crate::lowbit_lanes::Kernel(isa, w);
+        crate::groups::run_groups(isa, &kernel, acts, nb, n, rows.start..end, emit);
         return;
     }
     #[cfg(target_arch = "x86_64")]

@@ -19,7 +19,7 @@ use crate::lowbit::{block_bytes, unpack_block, LowBit};
 use crate::BLOCK;
 
 /// Rows interleaved per group.
-pub const GROUP: usize = 8;
+pub const GROUP: usize = crate::groups::GROUP;
 
 /// The interleaved codes of `w` (see the module doc).
 pub(crate) fn interleave(w: &LowBit) -> Vec<u8> {
@@ -63,6 +63,22 @@ pub(crate) fn lane_scales(w: &LowBit) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The SIMD group kernel for one matrix (non-scalar `Isa`s only).
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Kernel<'a>(pub crate::dot::Isa, pub &'a LowBit);
+
+#[cfg(target_arch = "x86_64")]
+impl crate::groups::GroupKernel for Kernel<'_> {
+    fn group<const N: usize>(
+        &self,
+        g: usize,
+        t0: usize,
+        acts: [&[crate::act::A8Block]; N],
+    ) -> [[f32; GROUP]; N] {
+        avx2::group(self.0, self.1, g, t0 == 0, acts)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

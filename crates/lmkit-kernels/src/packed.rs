@@ -30,7 +30,7 @@ use crate::matmul::QFormat;
 use crate::{Error, Result, BLOCK};
 
 /// Rows interleaved per group.
-pub const GROUP: usize = 8;
+pub const GROUP: usize = crate::groups::GROUP;
 
 /// A block-quantized `(rows, cols)` matrix in the interleaved layout.
 #[derive(Debug, Clone)]
@@ -195,107 +195,23 @@ pub fn packed_rows(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            acts.len() >= n * nb,
-            "packed_rows: {} blocks for n={n}",
-            acts.len()
-        );
-        let act = |t: usize| &acts[t * nb..(t + 1) * nb];
-        for g in rows.start / GROUP..end.div_ceil(GROUP) {
-            let valid = (end - g * GROUP).min(GROUP);
-            let mut put = |t0: usize, v: &[[f32; GROUP]]| {
-                for (k, row) in v.iter().enumerate() {
-                    for (lane, &y) in row.iter().enumerate().take(valid) {
-                        emit(t0 + k, g * GROUP + lane, y);
-                    }
-                }
-            };
-            let mut t = 0;
-            // AVX-512's 32 vector registers hold eight tokens' accumulators: each weight
-            // chunk is loaded and unpacked once per eight tokens.
-            while isa == Isa::Avx512 && t + 8 <= n {
-                let v = avx2::group(
-                    isa,
-                    p,
-                    g,
-                    t == 0,
-                    [
-                        act(t),
-                        act(t + 1),
-                        act(t + 2),
-                        act(t + 3),
-                        act(t + 4),
-                        act(t + 5),
-                        act(t + 6),
-                        act(t + 7),
-                    ],
-                );
-                put(t, &v);
-                t += 8;
-            }
-            while t + 4 <= n {
-                let v = avx2::group(
-                    isa,
-                    p,
-                    g,
-                    t == 0,
-                    [act(t), act(t + 1), act(t + 2), act(t + 3)],
-                );
-                put(t, &v);
-                t += 4;
-            }
-            while t < n {
-                let v = avx2::group(isa, p, g, t == 0, [act(t)]);
-                put(t, &v);
-                t += 1;
-            }
-        }
-    }
+    crate::groups::run_groups(isa, &Kernel(isa, p), acts, nb, n, rows.start..end, emit);
 }
 
-/// Several packed matrices applied to the same input `x (n, cols)` in one parallel pass on
-/// rayon's pool (activations quantized once); `ys[i]` is `(n, ws[i].rows)`.
-pub fn matmul_many(ws: &[&Packed], x: &[f32], n: usize, ys: &mut [&mut [f32]]) -> Result<()> {
-    let bad = |why: String| {
-        Err(Error::Shape {
-            op: "packed matmul",
-            why,
-        })
-    };
-    if ws.is_empty() || ws.len() != ys.len() {
-        return bad(format!("{} matrices, {} outputs", ws.len(), ys.len()));
+/// The SIMD group kernel for one matrix.
+#[cfg(target_arch = "x86_64")]
+struct Kernel<'a>(Isa, &'a Packed);
+
+#[cfg(target_arch = "x86_64")]
+impl crate::groups::GroupKernel for Kernel<'_> {
+    fn group<const N: usize>(
+        &self,
+        g: usize,
+        t0: usize,
+        acts: [&[A8Block]; N],
+    ) -> [[f32; GROUP]; N] {
+        avx2::group(self.0, self.1, g, t0 == 0, acts)
     }
-    let cols = ws[0].cols;
-    for (w, y) in ws.iter().zip(ys.iter()) {
-        if w.cols != cols || x.len() != n * cols || y.len() != n * w.rows {
-            return bad(format!(
-                "x has {} values, y {} for n={n}, W {}x{} (shared input of {cols})",
-                x.len(),
-                y.len(),
-                w.rows,
-                w.cols
-            ));
-        }
-    }
-    let isa = crate::dot::isa();
-    let mut acts = Vec::new();
-    crate::act::quantize_activations(x, &mut acts);
-    let per = |rows: usize| {
-        (rows.div_ceil(rayon::current_num_threads().max(1) * 8))
-            .next_multiple_of(GROUP)
-            .max(4 * GROUP)
-    };
-    let rows: Vec<usize> = ws.iter().map(|w| w.rows).collect();
-    crate::matmul::parallel_rows(&rows, per, n, ys, |i, r| {
-        let r0 = r.start;
-        let mut out = vec![0f32; r.len() * n];
-        packed_rows(isa, ws[i], &acts, n, r, |t, row, v| {
-            out[(row - r0) * n + t] = v
-        });
-        out
-    });
-    Ok(())
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -189,19 +189,7 @@ impl WeightSource {
         } else {
             None
         };
-        Ok(match w {
-            Weight::Dense(t) => Linear::dense(t, b)?,
-            Weight::Packed(p) => Linear::packed(p, b)?,
-            Weight::LowBit(l) => Linear::lowbit(l, b)?,
-            Weight::Quantized(q) => {
-                let q = std::sync::Arc::try_unwrap(q).map_err(|_| {
-                    Error::Core(lmkit_core::Error::Unsupported(
-                        "shared quantized weight".into(),
-                    ))
-                })?;
-                Linear::quantized(q, b)?
-            }
-        })
+        Ok(Linear::new(w, b)?)
     }
 
     pub fn embedding(
