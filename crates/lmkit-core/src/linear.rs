@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Module, Storage, StorageRef, Tensor};
 
-use lmkit_kernels::{Dense, LowBitLinear, Packed, QFormat, QMatrix, WeightView, Q6K};
+use lmkit_kernels::{Dense, KQuant, LowBitLinear, Packed, QFormat, QMatrix, WeightView, Q4K, Q6K};
 
 use crate::error::OpContext;
 use crate::lora::LoraAdapter;
@@ -27,9 +27,9 @@ pub enum Weight {
     /// Block-quantized with rows interleaved for lmkit's CPU kernels (Q4_0, Q4_1, Q8_0 on the
     /// CPU are stored this way; [`Packed::unpack`] gives back the GGUF bytes).
     Packed(Arc<Packed>),
-    /// GGUF `Q6_K` with rows interleaved for lmkit's CPU kernel (exact; [`Q6K::unpack`] gives
-    /// back the GGUF bytes).
-    Q6K(Arc<Q6K>),
+    /// GGUF `Q4_K` or `Q6_K` with rows interleaved for lmkit's CPU kernels (exact;
+    /// [`KQuant::unpack`] gives back the GGUF bytes).
+    KQuant(Arc<KQuant>),
     /// 2–4-bit codes between optional Hadamard rotations (lmkit-quant's RTN, GPTQ, QuIP).
     LowBit(Arc<LowBitLinear>),
 }
@@ -38,11 +38,10 @@ impl Weight {
     /// A block-quantized tensor: repacked for lmkit's kernels when it runs on the CPU in a
     /// format they support, else kept as candle's `QTensor`.
     ///
-    /// `Q6_K` keeps its own kernel ([`Weight::Q6K`]). Other GGUF types without a kernel are
-    /// converted on the CPU: `Q4_K` to `Q4_1` (exact up to the f16 rounding of each block's
-    /// scale and offset, see `lmkit_kernels::convert`), `Q5_0` to `Q8_0` (exact), and `Q5_1`,
-    /// `Q2_K`, `Q3_K`, `Q5_K` requantized to `Q8_0` (8 bits per weight over their 2.6–6: a
-    /// small added rounding error; `--dequantize` keeps the exact values).
+    /// `Q4_K` and `Q6_K` keep their own kernels ([`Weight::KQuant`]). Other GGUF types without
+    /// a kernel are converted on the CPU: `Q5_0` to `Q8_0` (exact), and `Q5_1`, `Q2_K`, `Q3_K`,
+    /// `Q5_K` requantized to `Q8_0` (8 bits per weight over their 2.6–6: a small added rounding
+    /// error; `--dequantize` keeps the exact values).
     pub fn quantized(q: QTensor) -> Result<Self> {
         let device = q.device();
         if !device.is_cpu() {
@@ -50,30 +49,31 @@ impl Weight {
         }
         let (rows, cols) = q.shape().dims2().op("weight dims")?;
         let dtype = q.dtype();
-        if dtype == GgmlDType::Q6K {
+        if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
             let b = q.data().op("weight bytes")?;
-            let w = Q6K::pack(rows, cols, &b).map_err(|e| Error::Shape {
-                op: "pack Q6_K weights".into(),
-                expected: format!("{rows}x{cols} Q6_K"),
+            let w = match dtype {
+                GgmlDType::Q4K => Q4K::pack(rows, cols, &b).map(KQuant::Q4K),
+                _ => Q6K::pack(rows, cols, &b).map(KQuant::Q6K),
+            };
+            let w = w.map_err(|e| Error::Shape {
+                op: format!("pack {} weights", ggml_type_name(dtype)),
+                expected: format!("{rows}x{cols}"),
                 got: e.to_string(),
             })?;
-            return Ok(Weight::Q6K(Arc::new(w)));
+            return Ok(Weight::KQuant(Arc::new(w)));
         }
         let (format, data): (QFormat, Cow<[u8]>) = match native_format(dtype, &device) {
             Some(Native::Quant(format)) => (format, q.data().op("weight bytes")?),
             _ => match dtype {
-                GgmlDType::Q4K | GgmlDType::Q5_0 => {
-                    let (to, convert): (QFormat, lmkit_kernels::convert::Conversion) = match dtype {
-                        GgmlDType::Q4K => (QFormat::Q4_1, lmkit_kernels::convert::q4k_to_q4_1),
-                        _ => (QFormat::Q8_0, lmkit_kernels::convert::q5_0_to_q8_0),
-                    };
+                GgmlDType::Q5_0 => {
                     let b = q.data().op("weight bytes")?;
-                    let converted = convert(&b).map_err(|e| Error::Shape {
-                        op: format!("{} weights", ggml_type_name(dtype)),
-                        expected: format!("{rows}x{cols}"),
-                        got: e.to_string(),
-                    })?;
-                    (to, Cow::Owned(converted))
+                    let converted =
+                        lmkit_kernels::convert::q5_0_to_q8_0(&b).map_err(|e| Error::Shape {
+                            op: format!("{} weights", ggml_type_name(dtype)),
+                            expected: format!("{rows}x{cols}"),
+                            got: e.to_string(),
+                        })?;
+                    (QFormat::Q8_0, Cow::Owned(converted))
                 }
                 GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q5K
                     if cols.is_multiple_of(32) =>
@@ -106,7 +106,7 @@ impl Weight {
             Weight::Dense(t) => t.dims2().op("weight dims"),
             Weight::Quantized(q) => q.shape().dims2().op("weight dims"),
             Weight::Packed(p) => Ok((p.rows, p.cols)),
-            Weight::Q6K(w) => Ok((w.rows, w.cols)),
+            Weight::KQuant(w) => Ok((w.rows(), w.cols())),
             Weight::LowBit(l) => Ok((l.w.rows, l.w.cols)),
         }
     }
@@ -117,7 +117,7 @@ impl Weight {
             Weight::Dense(t) => format!("{:?}", t.dtype()).to_uppercase(),
             Weight::Quantized(q) => ggml_type_name(q.dtype()).to_string(),
             Weight::Packed(p) => format!("{:?}", p.format),
-            Weight::Q6K(_) => "Q6_K".into(),
+            Weight::KQuant(w) => w.type_name().into(),
             Weight::LowBit(l) => lowbit_type_name(l),
         }
     }
@@ -128,7 +128,7 @@ impl Weight {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Quantized(q) => q.storage_size_in_bytes(),
             Weight::Packed(p) => p.size_in_bytes(),
-            Weight::Q6K(w) => w.size_in_bytes(),
+            Weight::KQuant(w) => w.size_in_bytes(),
             Weight::LowBit(l) => l.size_in_bytes(),
         }
     }
@@ -138,7 +138,7 @@ impl Weight {
         match self {
             Weight::Dense(t) => t.to_dtype(DType::F32).op("to f32"),
             Weight::Quantized(q) => q.dequantize(&q.device()).op("dequantize"),
-            Weight::Packed(_) | Weight::Q6K(_) => {
+            Weight::Packed(_) | Weight::KQuant(_) => {
                 let (rows, cols) = self.dims2()?;
                 let mut v = vec![0f32; rows * cols];
                 for (r, row) in v.chunks_exact_mut(cols).enumerate() {
@@ -157,12 +157,12 @@ impl Weight {
 }
 
 impl Weight {
-    /// Row `r` of an interleaved weight ([`Weight::Packed`], [`Weight::Q6K`]) dequantized
+    /// Row `r` of an interleaved weight ([`Weight::Packed`], [`Weight::KQuant`]) dequantized
     /// into `out`.
     fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
         match self {
             Weight::Packed(p) => p.dequantize_row(r, out),
-            Weight::Q6K(w) => w.dequantize_row(r, out),
+            Weight::KQuant(w) => w.dequantize_row(r, out),
             _ => {
                 return Err(Error::Unsupported(format!(
                     "row dequantization of a {} weight",
@@ -177,7 +177,7 @@ impl Weight {
     fn interleaved_view(&self) -> Option<WeightView<'_>> {
         match self {
             Weight::Packed(p) => Some(WeightView::Packed(p)),
-            Weight::Q6K(w) => Some(WeightView::Q6K(w)),
+            Weight::KQuant(w) => Some(WeightView::KQuant(w)),
             _ => None,
         }
     }
@@ -433,7 +433,7 @@ impl Linear {
                     .map_err(|_| Error::Unsupported("shared quantized weight".into()))?,
                 bias,
             ),
-            w @ (Weight::Packed(_) | Weight::Q6K(_)) => Self::interleaved(w, bias),
+            w @ (Weight::Packed(_) | Weight::KQuant(_)) => Self::interleaved(w, bias),
         }
     }
 
@@ -488,7 +488,7 @@ impl Linear {
         }
         let y = match (&self.weight, &self.matmul) {
             (Weight::LowBit(l), _) => lowbit_matmul(l, x)?,
-            (Weight::Packed(_) | Weight::Q6K(_), _) => {
+            (Weight::Packed(_) | Weight::KQuant(_), _) => {
                 let base = Self {
                     lora: None,
                     ..self.clone()
@@ -605,7 +605,7 @@ impl Linear {
         let (rows, cols) = (self.out_features, self.in_features);
         match (&self.weight, self.native) {
             (Weight::Packed(p), _) => Ok(Some(KernelData::Packed(p))),
-            (Weight::Q6K(w), _) => Ok(Some(KernelData::Q6K(w))),
+            (Weight::KQuant(w), _) => Ok(Some(KernelData::KQuant(w))),
             (Weight::LowBit(l), _) => Ok(Some(KernelData::LowBit(l))),
             (Weight::Quantized(q), Some(native)) => Ok(Some(KernelData::Bytes {
                 native,
@@ -675,7 +675,7 @@ impl Linear {
 /// borrows it as a [`WeightView`].
 pub enum KernelData<'a> {
     Packed(&'a Packed),
-    Q6K(&'a Q6K),
+    KQuant(&'a KQuant),
     /// Codes and the layer's rotations (the native path applies them around the product).
     LowBit(&'a LowBitLinear),
     Bytes {
@@ -713,7 +713,7 @@ impl KernelData<'_> {
     pub fn view(&self) -> Result<WeightView<'_>> {
         let v = match self {
             KernelData::Packed(p) => WeightView::Packed(p),
-            KernelData::Q6K(w) => WeightView::Q6K(w),
+            KernelData::KQuant(w) => WeightView::KQuant(w),
             KernelData::LowBit(l) => WeightView::LowBit(&l.w),
             KernelData::Bytes {
                 native: Native::Quant(format),
@@ -806,7 +806,7 @@ impl Embedding {
                 rows.reshape(shape).op("embedding reshape")
             }
             Weight::Quantized(q) => q.embedding(ids).op("quantized embedding"),
-            Weight::Packed(_) | Weight::Q6K(_) => {
+            Weight::Packed(_) | Weight::KQuant(_) => {
                 let flat = ids
                     .flatten_all()
                     .and_then(|t| t.to_dtype(DType::U32))
@@ -852,7 +852,7 @@ impl Embedding {
     pub fn as_linear(&self) -> Result<Linear> {
         match &self.table {
             Weight::Dense(t) => Linear::dense(t.clone(), None),
-            w @ (Weight::Packed(_) | Weight::Q6K(_)) => Linear::interleaved(w.clone(), None),
+            w @ (Weight::Packed(_) | Weight::KQuant(_)) => Linear::interleaved(w.clone(), None),
             Weight::LowBit(l) => Linear::lowbit(l.clone(), None),
             Weight::Quantized(q) => {
                 let native = native_format(q.dtype(), &q.device());

@@ -1,6 +1,6 @@
-//! GGUF block types without an lmkit kernel run through a converted copy, and `Q6_K` through its
-//! own kernel: the products stay close to the exact (dequantized) ones, and every layer has a
-//! kernel.
+//! GGUF block types without an lmkit kernel run through a converted copy, and `Q4_K` and `Q6_K`
+//! through their own kernels: the products stay close to the exact (dequantized) ones, and
+//! every layer has a kernel.
 
 use lmkit_core::candle::quantized::{GgmlDType, QTensor};
 use lmkit_core::linear::Weight;
@@ -21,7 +21,7 @@ fn k_quants_and_q5_run_native_and_track_the_exact_product() {
         .collect();
     let x = Tensor::from_vec(x, (3, cols), &Device::Cpu).unwrap();
     for (dtype, becomes) in [
-        (GgmlDType::Q4K, "Q4_1"),
+        (GgmlDType::Q4K, "Q4_K"),
         (GgmlDType::Q6K, "Q6_K"),
         (GgmlDType::Q5_0, "Q8_0"),
         (GgmlDType::Q3K, "Q8_0"),
@@ -32,17 +32,17 @@ fn k_quants_and_q5_run_native_and_track_the_exact_product() {
         let want = x.matmul(&exact.t().unwrap()).unwrap();
         let stored_bytes = q.data().unwrap().into_owned();
         let lin = Linear::quantized(q, None).unwrap();
-        if let Weight::Q6K(w) = lin.weight() {
-            assert_eq!(w.unpack(), stored_bytes, "Q6_K repacking is lossless");
+        if let Weight::KQuant(w) = lin.weight() {
+            assert_eq!(w.unpack(), stored_bytes, "{dtype:?} repacking is lossless");
         }
         assert!(
-            matches!(lin.weight(), Weight::Packed(_) | Weight::Q6K(_)),
+            matches!(lin.weight(), Weight::Packed(_) | Weight::KQuant(_)),
             "{dtype:?} has a kernel"
         );
         assert_eq!(lin.weight().type_name(), becomes);
         assert!(lin.kernel_data().unwrap().is_some());
-        if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q6K) {
-            // Q5_0: same scale, the quants shifted; Q6_K: repacked. Either way the weights
+        if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q6K) {
+            // Q5_0: same scale, the quants shifted; K-quants: repacked. Either way the weights
             // are the stored ones, value for value (candle dequantizes the file's blocks).
             let stored = exact.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let conv = lin.weight().to_f32().unwrap();

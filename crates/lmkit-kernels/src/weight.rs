@@ -6,10 +6,10 @@ use crate::act::A8Block;
 use crate::dense::{self, Dense};
 use crate::dot::Isa;
 use crate::groups::GROUP;
+use crate::kquant::KQuant;
 use crate::lowbit::{lowbit_rows, LowBit};
 use crate::matmul::{qrows, QMatrix};
 use crate::packed::{packed_rows, Packed};
-use crate::q6k::{q6k_rows, Q6K};
 use crate::{Error, Result, BLOCK};
 
 /// A borrowed `(rows, cols)` weight matrix.
@@ -19,8 +19,8 @@ pub enum WeightView<'a> {
     Quant(QMatrix<'a>),
     /// Block-quantized, rows interleaved (see [`crate::packed`]).
     Packed(&'a Packed),
-    /// GGUF `Q6_K`, rows interleaved (see [`crate::q6k`]).
-    Q6K(&'a Q6K),
+    /// GGUF `Q4_K`/`Q6_K`, rows interleaved (see [`crate::kquant`]).
+    KQuant(&'a KQuant),
     /// 2–4-bit codes with per-group affine scales ([`crate::lowbit`]); 8-bit activations.
     LowBit(&'a LowBit),
     /// f32 or f16; runs against f32 activations.
@@ -36,7 +36,7 @@ impl WeightView<'_> {
         match self {
             WeightView::Quant(q) => q.rows,
             WeightView::Packed(p) => p.rows,
-            WeightView::Q6K(w) => w.rows,
+            WeightView::KQuant(w) => w.rows(),
             WeightView::LowBit(w) => w.rows,
             WeightView::Dense { rows, .. } => *rows,
         }
@@ -46,7 +46,7 @@ impl WeightView<'_> {
         match self {
             WeightView::Quant(q) => q.cols,
             WeightView::Packed(p) => p.cols,
-            WeightView::Q6K(w) => w.cols,
+            WeightView::KQuant(w) => w.cols(),
             WeightView::LowBit(w) => w.cols,
             WeightView::Dense { cols, .. } => *cols,
         }
@@ -58,7 +58,7 @@ impl WeightView<'_> {
             self,
             WeightView::Quant(_)
                 | WeightView::Packed(_)
-                | WeightView::Q6K(_)
+                | WeightView::KQuant(_)
                 | WeightView::LowBit(_)
         )
     }
@@ -71,7 +71,7 @@ impl WeightView<'_> {
                 cols.is_multiple_of(BLOCK) && q.data.len() == rows * q.row_bytes()
             }
             WeightView::Packed(_) => true, // checked by `Packed::pack`
-            WeightView::Q6K(_) => true,    // checked by `Q6K::pack`
+            WeightView::KQuant(_) => true, // checked when packed
             WeightView::LowBit(_) => true, // checked by `LowBit::new`
             WeightView::Dense { w, .. } => w.len() == rows * cols,
         };
@@ -99,7 +99,7 @@ impl WeightView<'_> {
         match self {
             WeightView::Quant(q) => qrows(isa, q, acts, n, rows, emit),
             WeightView::Packed(p) => packed_rows(isa, p, acts, n, rows, emit),
-            WeightView::Q6K(w) => q6k_rows(isa, w, acts, n, rows, emit),
+            WeightView::KQuant(w) => w.rows_into(isa, acts, n, rows, emit),
             WeightView::LowBit(w) => lowbit_rows(isa, w, acts, n, rows, emit),
             WeightView::Dense { w, cols, .. } => dense::rows(isa, *w, *cols, x, n, rows, emit),
         }

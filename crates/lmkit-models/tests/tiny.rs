@@ -177,11 +177,12 @@ fn quantized_weights_track_f32_and_dequantize_matches() {
     assert!(d2 < Q8_REL_TOL, "q8 kernel vs dequantized: {d2}");
 }
 
-/// `Q6_K` weights run through lmkit's own kernel, exact (no conversion): against the same file
-/// dequantized to f32, only the 8-bit activations differ, for a prompt and for decoding one
-/// token at a time. `Q6_K` rows are whole 256-weight super-blocks, so the model is wider.
+/// `Q4_K` and `Q6_K` weights run through lmkit's own kernels, exact (no conversion): against
+/// the same file dequantized to f32, only the 8-bit activations differ, for a prompt and for
+/// decoding one token at a time. K-quant rows are whole 256-weight super-blocks, so the model
+/// is wider.
 #[test]
-fn q6k_weights_run_native_and_track_the_dequantized_model() {
+fn k_quant_weights_run_native_and_track_the_dequantized_model() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LlamaConfig {
         hidden_size: 256,
@@ -189,45 +190,47 @@ fn q6k_weights_run_native_and_track_the_dequantized_model() {
         head_dim: 64,
         ..LlamaConfig::tiny()
     };
-    let p = dir.path().join("q6k.gguf");
-    write_tiny_gguf(&p, &cfg, 8, GgmlDType::Q6K).unwrap();
-    let q = load(&p, LoadOptions::default()).unwrap().model;
-    let dq = load(
-        &p,
-        LoadOptions {
-            dequantize: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .model;
-    let types = weight_types(&q);
-    assert!(types.iter().all(|t| t == "Q6_K" || t == "F32"), "{types:?}");
-    assert!(
-        types.iter().filter(|t| *t == "Q6_K").count() >= 15,
-        "{types:?}"
-    );
-    let ids = ids(16);
-    let (lq, ld) = (logits(&q, &ids), logits(&dq, &ids));
-    let err = rel_err(&ld, &lq);
-    assert!(err < Q8_REL_TOL, "Q6_K kernel vs dequantized: {err}");
-    // Decoding the last four tokens one at a time gives the same rows.
-    let mut cache = q.new_cache();
-    let x = Tensor::new(&ids[..12], &Device::Cpu)
+    for (dtype, name) in [(GgmlDType::Q4K, "Q4_K"), (GgmlDType::Q6K, "Q6_K")] {
+        let p = dir.path().join(format!("{name}.gguf"));
+        write_tiny_gguf(&p, &cfg, 8, dtype).unwrap();
+        let q = load(&p, LoadOptions::default()).unwrap().model;
+        let dq = load(
+            &p,
+            LoadOptions {
+                dequantize: true,
+                ..Default::default()
+            },
+        )
         .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut rows = vec![q.forward(&x, &mut cache).unwrap().squeeze(0).unwrap()];
-    for &id in &ids[12..] {
-        let x = Tensor::new(&[id], &Device::Cpu)
+        .model;
+        let types = weight_types(&q);
+        assert!(types.iter().all(|t| t == name || t == "F32"), "{types:?}");
+        assert!(
+            types.iter().filter(|t| *t == name).count() >= 15,
+            "{types:?}"
+        );
+        let ids = ids(16);
+        let (lq, ld) = (logits(&q, &ids), logits(&dq, &ids));
+        let err = rel_err(&ld, &lq);
+        assert!(err < Q8_REL_TOL, "{name} kernel vs dequantized: {err}");
+        // Decoding the last four tokens one at a time gives the same rows.
+        let mut cache = q.new_cache();
+        let x = Tensor::new(&ids[..12], &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        rows.push(q.forward(&x, &mut cache).unwrap().squeeze(0).unwrap());
+        let mut rows = vec![q.forward(&x, &mut cache).unwrap().squeeze(0).unwrap()];
+        for &id in &ids[12..] {
+            let x = Tensor::new(&[id], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            rows.push(q.forward(&x, &mut cache).unwrap().squeeze(0).unwrap());
+        }
+        let inc = Tensor::cat(&rows, 0).unwrap();
+        let err = rel_err(&ld, &inc);
+        assert!(err < Q8_REL_TOL, "{name} decoding vs dequantized: {err}");
     }
-    let inc = Tensor::cat(&rows, 0).unwrap();
-    let err = rel_err(&ld, &inc);
-    assert!(err < Q8_REL_TOL, "Q6_K decoding vs dequantized: {err}");
 }
 
 /// F16 and BF16 weights (kept in half precision, lmkit's dense kernel for short inputs, the f32

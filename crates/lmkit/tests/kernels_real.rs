@@ -96,15 +96,15 @@ fn simd_matches_scalar_on_every_weight_of_the_default_model() {
     assert!(checked >= 15, "checked {checked} tensors");
 }
 
-/// The `Q6_K` kernel on the default model's MLP down projections (576 × 1536, quantized to
-/// `Q6_K` by candle): its products track the exact ones (the stored weights in f64) at least as
-/// closely as candle's own `Q6_K` kernel does (8-bit activations per 256 values there, per 32
-/// here), and every SIMD implementation equals the scalar one.
+/// The K-quant kernels on the default model's MLP down projections (576 × 1536, quantized to
+/// `Q4_K` and `Q6_K` by candle): their products track the exact ones (the stored weights in f64)
+/// at least as closely as candle's own K-quant kernels do (8-bit activations per 256 values
+/// there, per 32 here), and every SIMD implementation equals the scalar one.
 #[test]
-fn q6k_kernel_tracks_the_exact_product_on_real_weights() {
+fn k_quant_kernels_track_the_exact_product_on_real_weights() {
     use lmkit::core::candle::quantized::{GgmlDType, QMatMul, QTensor};
     use lmkit::core::candle::Module;
-    use lmkit_kernels::q6k::{q6k_rows, Q6K};
+    use lmkit_kernels::{KQuant, Q4K, Q6K};
 
     let g = GgufFile::open(common::default_model()).unwrap();
     let mut checked = 0;
@@ -122,10 +122,6 @@ fn q6k_kernel_tracks_the_exact_product_on_real_weights() {
             src.dequantize_row(r, row);
         }
         let wt = lmkit::Tensor::from_vec(w, (rows, cols), &lmkit::Device::Cpu).unwrap();
-        let q = QTensor::quantize(&wt, GgmlDType::Q6K).unwrap();
-        let exact_w = q.dequantize(&lmkit::Device::Cpu).unwrap();
-        let exact_w = exact_w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let q6 = Q6K::pack(rows, cols, &q.data().unwrap()).unwrap();
         let n = 5;
         let x: Vec<f32> = (0..n * cols)
             .map(|i| {
@@ -137,50 +133,61 @@ fn q6k_kernel_tracks_the_exact_product_on_real_weights() {
                 }
             })
             .collect();
-        let exact: Vec<f64> = (0..n)
-            .flat_map(|t| {
-                let (x, w) = (&x, &exact_w);
-                (0..rows).map(move |r| {
-                    (0..cols)
-                        .map(|i| w[r * cols + i] as f64 * x[t * cols + i] as f64)
-                        .sum::<f64>()
-                })
-            })
-            .collect();
         let xt = lmkit::Tensor::from_vec(x.clone(), (n, cols), &lmkit::Device::Cpu).unwrap();
-        let candle = QMatMul::from_qtensor(q).unwrap().forward(&xt).unwrap();
-        let candle = candle.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let rms = |y: &[f32]| {
-            let s: f64 = y
-                .iter()
-                .zip(&exact)
-                .map(|(a, e)| (*a as f64 - e).powi(2))
-                .sum();
-            (s / y.len() as f64).sqrt()
-        };
-        let spread = (exact.iter().map(|e| e * e).sum::<f64>() / exact.len() as f64).sqrt();
         let mut acts = Vec::new();
         quantize_activations(&x, &mut acts);
-        let mut scalar = vec![f32::NAN; n * rows];
-        q6k_rows(Isa::Scalar, &q6, &acts, n, 0..rows, |t, r, v| {
-            scalar[t * rows + r] = v
-        });
-        let (mine, theirs) = (rms(&scalar), rms(&candle));
-        assert!(
-            mine <= theirs && mine <= 0.02 * spread,
-            "{name}: lmkit's RMS error {mine} vs candle's {theirs} (outputs' RMS {spread})"
-        );
-        for which in available() {
-            let mut y = vec![f32::NAN; n * rows];
-            q6k_rows(which, &q6, &acts, n, 0..rows, |t, r, v| y[t * rows + r] = v);
-            for (i, (s, v)) in scalar.iter().zip(&y).enumerate() {
-                assert!(
-                    (s - v).abs() <= KERNEL_REL_TOL * s.abs().max(spread as f32),
-                    "{name} {which:?} out {i}: scalar {s} vs {v}"
-                );
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let exact_w = q.dequantize(&lmkit::Device::Cpu).unwrap();
+            let exact_w = exact_w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bytes = q.data().unwrap();
+            let kq = match dtype {
+                GgmlDType::Q4K => KQuant::Q4K(Q4K::pack(rows, cols, &bytes).unwrap()),
+                _ => KQuant::Q6K(Q6K::pack(rows, cols, &bytes).unwrap()),
+            };
+            let exact: Vec<f64> = (0..n)
+                .flat_map(|t| {
+                    let (x, w) = (&x, &exact_w);
+                    (0..rows).map(move |r| {
+                        (0..cols)
+                            .map(|i| w[r * cols + i] as f64 * x[t * cols + i] as f64)
+                            .sum::<f64>()
+                    })
+                })
+                .collect();
+            let candle = QMatMul::from_qtensor(q).unwrap().forward(&xt).unwrap();
+            let candle = candle.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rms = |y: &[f32]| {
+                let s: f64 = y
+                    .iter()
+                    .zip(&exact)
+                    .map(|(a, e)| (*a as f64 - e).powi(2))
+                    .sum();
+                (s / y.len() as f64).sqrt()
+            };
+            let spread = (exact.iter().map(|e| e * e).sum::<f64>() / exact.len() as f64).sqrt();
+            let mut scalar = vec![f32::NAN; n * rows];
+            kq.rows_into(Isa::Scalar, &acts, n, 0..rows, |t, r, v| {
+                scalar[t * rows + r] = v
+            });
+            let (mine, theirs) = (rms(&scalar), rms(&candle));
+            assert!(
+                mine <= theirs && mine <= 0.02 * spread,
+                "{name} {dtype:?}: lmkit's RMS error {mine} vs candle's {theirs} (outputs' RMS \
+                 {spread})"
+            );
+            for which in available() {
+                let mut y = vec![f32::NAN; n * rows];
+                kq.rows_into(which, &acts, n, 0..rows, |t, r, v| y[t * rows + r] = v);
+                for (i, (s, v)) in scalar.iter().zip(&y).enumerate() {
+                    assert!(
+                        (s - v).abs() <= KERNEL_REL_TOL * s.abs().max(spread as f32),
+                        "{name} {dtype:?} {which:?} out {i}: scalar {s} vs {v}"
+                    );
+                }
             }
+            checked += 1;
         }
-        checked += 1;
     }
-    assert_eq!(checked, 2);
+    assert_eq!(checked, 4);
 }
