@@ -11,7 +11,9 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Module, Storage, StorageRef, Tensor};
 
-use lmkit_kernels::{Dense, KQuant, LowBitLinear, Packed, QFormat, QMatrix, WeightView, Q4K, Q6K};
+use lmkit_kernels::{
+    Dense, KQuant, LowBitLinear, Packed, QFormat, QMatrix, WeightView, Q4K, Q5K, Q6K,
+};
 
 use crate::error::OpContext;
 use crate::lora::LoraAdapter;
@@ -27,7 +29,7 @@ pub enum Weight {
     /// Block-quantized with rows interleaved for lmkit's CPU kernels (Q4_0, Q4_1, Q8_0 on the
     /// CPU are stored this way; [`Packed::unpack`] gives back the GGUF bytes).
     Packed(Arc<Packed>),
-    /// GGUF `Q4_K` or `Q6_K` with rows interleaved for lmkit's CPU kernels (exact;
+    /// GGUF `Q4_K`, `Q5_K` or `Q6_K` with rows interleaved for lmkit's CPU kernels (exact;
     /// [`KQuant::unpack`] gives back the GGUF bytes).
     KQuant(Arc<KQuant>),
     /// 2–4-bit codes between optional Hadamard rotations (lmkit-quant's RTN, GPTQ, QuIP).
@@ -38,9 +40,9 @@ impl Weight {
     /// A block-quantized tensor: repacked for lmkit's kernels when it runs on the CPU in a
     /// format they support, else kept as candle's `QTensor`.
     ///
-    /// `Q4_K` and `Q6_K` keep their own kernels ([`Weight::KQuant`]). Other GGUF types without
-    /// a kernel are converted on the CPU: `Q5_0` to `Q8_0` (exact), and `Q5_1`, `Q2_K`, `Q3_K`,
-    /// `Q5_K` requantized to `Q8_0` (8 bits per weight over their 2.6–6: a small added rounding
+    /// `Q4_K`, `Q5_K` and `Q6_K` keep their own kernels ([`Weight::KQuant`]). Other GGUF types
+    /// without a kernel are converted on the CPU: `Q5_0` to `Q8_0` (exact), and `Q5_1`, `Q2_K`,
+    /// `Q3_K` requantized to `Q8_0` (8 bits per weight over their 2.6–6: a small added rounding
     /// error; `--dequantize` keeps the exact values).
     pub fn quantized(q: QTensor) -> Result<Self> {
         let device = q.device();
@@ -49,10 +51,11 @@ impl Weight {
         }
         let (rows, cols) = q.shape().dims2().op("weight dims")?;
         let dtype = q.dtype();
-        if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
+        if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
             let b = q.data().op("weight bytes")?;
             let w = match dtype {
                 GgmlDType::Q4K => Q4K::pack(rows, cols, &b).map(KQuant::Q4K),
+                GgmlDType::Q5K => Q5K::pack(rows, cols, &b).map(KQuant::Q5K),
                 _ => Q6K::pack(rows, cols, &b).map(KQuant::Q6K),
             };
             let w = w.map_err(|e| Error::Shape {
@@ -75,9 +78,7 @@ impl Weight {
                         })?;
                     (QFormat::Q8_0, Cow::Owned(converted))
                 }
-                GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q5K
-                    if cols.is_multiple_of(32) =>
-                {
+                GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K if cols.is_multiple_of(32) => {
                     let f = q.dequantize(&device).op("dequantize for Q8_0")?;
                     let q8 = QTensor::quantize(&f, GgmlDType::Q8_0).op("requantize to Q8_0")?;
                     let b = q8.data().op("weight bytes")?.into_owned();

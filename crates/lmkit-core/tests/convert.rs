@@ -1,5 +1,5 @@
-//! GGUF block types without an lmkit kernel run through a converted copy, and `Q4_K` and `Q6_K`
-//! through their own kernels: the products stay close to the exact (dequantized) ones, and
+//! GGUF block types without an lmkit kernel run through a converted copy, and `Q4_K`, `Q5_K`
+//! and `Q6_K` through their own kernels: the products stay close to the exact (dequantized) ones, and
 //! every layer has a kernel.
 
 use lmkit_core::candle::quantized::{GgmlDType, QTensor};
@@ -22,6 +22,7 @@ fn k_quants_and_q5_run_native_and_track_the_exact_product() {
     let x = Tensor::from_vec(x, (3, cols), &Device::Cpu).unwrap();
     for (dtype, becomes) in [
         (GgmlDType::Q4K, "Q4_K"),
+        (GgmlDType::Q5K, "Q5_K"),
         (GgmlDType::Q6K, "Q6_K"),
         (GgmlDType::Q5_0, "Q8_0"),
         (GgmlDType::Q3K, "Q8_0"),
@@ -41,7 +42,10 @@ fn k_quants_and_q5_run_native_and_track_the_exact_product() {
         );
         assert_eq!(lin.weight().type_name(), becomes);
         assert!(lin.kernel_data().unwrap().is_some());
-        if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q6K) {
+        if matches!(
+            dtype,
+            GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+        ) {
             // Q5_0: same scale, the quants shifted; K-quants: repacked. Either way the weights
             // are the stored ones, value for value (candle dequantizes the file's blocks).
             let stored = exact.flatten_all().unwrap().to_vec1::<f32>().unwrap();

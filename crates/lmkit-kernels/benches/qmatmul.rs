@@ -4,9 +4,9 @@
 //! second for decode and multiply-accumulates per second ("elements") for prompts.
 //!
 //! Each product runs as the models run it: one thread team, rows handed out in chunks
-//! (Q4_0/Q4_1/Q8_0 in the interleaved layout of `packed`, Q4_K/Q6_K in those of `q4k`/`q6k`,
-//! F16/F32 through `dense`). The K-quants run only on the shapes whose rows are whole
-//! 256-weight super-blocks (576×1536).
+//! (Q4_0/Q4_1/Q8_0 in the interleaved layout of `packed`, Q4_K/Q5_K/Q6_K in those of
+//! `q4k_q5k`/`q6k`, F16/F32 through `dense`). The K-quants run only on the shapes whose rows
+//! are whole 256-weight super-blocks (576×1536).
 //!
 //! `cargo bench -p lmkit-kernels --bench qmatmul` (set RAYON_NUM_THREADS to fix the threads).
 
@@ -14,14 +14,19 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use lmkit_kernels::act::quantize_activations;
 use lmkit_kernels::dot::{available, Isa};
 use lmkit_kernels::team::{self, SharedMut};
-use lmkit_kernels::{Dense, KQuant, Packed, QFormat, WeightView, Q4K, Q6K};
+use lmkit_kernels::{Dense, KQuant, Packed, QFormat, WeightView, Q4K, Q5K, Q6K};
 
 const SHAPES: &[(usize, usize)] = &[(576, 576), (1536, 576), (576, 1536), (49152, 576)];
 
-/// Random K-quant super-blocks (`bytes` each) with small positive f16 scales: `Q4_K`'s `d` and
-/// `dmin` lead its block, `Q6_K`'s `d` ends it.
-fn kquant_bytes(q4k: bool, rows: usize, cols: usize) -> Vec<u8> {
-    let bytes = if q4k { 144 } else { 210 };
+/// Random K-quant super-blocks with small positive f16 scales: `Q4_K`'s and `Q5_K`'s `d` and
+/// `dmin` lead their blocks (144 and 176 bytes), `Q6_K`'s `d` ends its 210.
+fn kquant_bytes(name: &str, rows: usize, cols: usize) -> Vec<u8> {
+    let q4k = name != "Q6_K";
+    let bytes = match name {
+        "Q4_K" => 144,
+        "Q5_K" => 176,
+        _ => 210,
+    };
     let mut s = 0x9E37_79B9u32;
     let mut v = Vec::with_capacity(rows * cols / 256 * bytes);
     for _ in 0..rows * cols / 256 {
@@ -80,7 +85,7 @@ fn product(isa: Isa, w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
 }
 
 fn bench(c: &mut Criterion) {
-    for name in ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "F16", "F32"] {
+    for name in ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "F32"] {
         let mut g = c.benchmark_group(format!("matmul_{name}"));
         g.sample_size(20);
         for &(rows, cols) in SHAPES {
@@ -89,10 +94,11 @@ fn bench(c: &mut Criterion) {
             }
             let (packed, kquant, f16s, f32s);
             let (w, bytes) = match name {
-                "Q4_K" | "Q6_K" => {
-                    let data = kquant_bytes(name == "Q4_K", rows, cols);
+                "Q4_K" | "Q5_K" | "Q6_K" => {
+                    let data = kquant_bytes(name, rows, cols);
                     kquant = match name {
                         "Q4_K" => KQuant::Q4K(Q4K::pack(rows, cols, &data).expect("Q4_K blocks")),
+                        "Q5_K" => KQuant::Q5K(Q5K::pack(rows, cols, &data).expect("Q5_K blocks")),
                         _ => KQuant::Q6K(Q6K::pack(rows, cols, &data).expect("Q6_K blocks")),
                     };
                     (WeightView::KQuant(&kquant), data.len())

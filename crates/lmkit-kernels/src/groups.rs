@@ -1,5 +1,5 @@
 //! The token tiling shared by the kernels that take rows in interleaved groups of eight
-//! ([`crate::packed`], [`crate::lowbit_lanes`], [`crate::q4k`], [`crate::q6k`]): each unpacked weight register
+//! ([`crate::packed`], [`crate::lowbit_lanes`], [`crate::q4k_q5k`], [`crate::q6k`]): each unpacked weight register
 //! serves a tile of tokens, eight at a time with AVX-512's 32 vector registers, else four, then
 //! one.
 

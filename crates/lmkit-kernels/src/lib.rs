@@ -12,9 +12,9 @@
 //! - `Q4_1 · A8 = d_w·d_a·Σ q_w q_a + m_w·d_a·Σ q_a`
 //! - `Q8_0 · A8 = d_w·d_a·Σ q_w q_a`
 //!
-//! GGUF `Q4_K` and `Q6_K` (256-weight super-blocks, a scale per 32 or 16 weights) have their
-//! own layouts and kernels ([`q4k`], [`q6k`], one type for both: [`KQuant`]), with the same
-//! exact integer sums.
+//! GGUF `Q4_K`, `Q5_K` and `Q6_K` (256-weight super-blocks, a scale per 32 or 16 weights) have
+//! their own layouts and kernels ([`q4k_q5k`], [`q6k`], one type for all: [`KQuant`]), with the
+//! same exact integer sums.
 //!
 //! Dense f32/f16/bf16 weights ([`dense`]), attention ([`attn`]), row ops ([`ops`]) and a spinning
 //! thread team for whole forward passes ([`team`]) complete the CPU path.
@@ -36,7 +36,7 @@ pub mod lowbit_lanes;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
-pub mod q4k;
+pub mod q4k_q5k;
 pub mod q6k;
 pub mod roofline;
 pub mod team;
@@ -50,7 +50,7 @@ pub use kquant::KQuant;
 pub use lowbit::{LowBit, LowBitLinear};
 pub use matmul::{matmul, QFormat, QMatrix};
 pub use packed::Packed;
-pub use q4k::Q4K;
+pub use q4k_q5k::{Q4K, Q5K};
 pub use q6k::Q6K;
 pub use weight::WeightView;
 

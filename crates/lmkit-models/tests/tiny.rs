@@ -177,7 +177,7 @@ fn quantized_weights_track_f32_and_dequantize_matches() {
     assert!(d2 < Q8_REL_TOL, "q8 kernel vs dequantized: {d2}");
 }
 
-/// `Q4_K` and `Q6_K` weights run through lmkit's own kernels, exact (no conversion): against
+/// `Q4_K`, `Q5_K` and `Q6_K` weights run through lmkit's own kernels, exact (no conversion): against
 /// the same file dequantized to f32, only the 8-bit activations differ, for a prompt and for
 /// decoding one token at a time. K-quant rows are whole 256-weight super-blocks, so the model
 /// is wider.
@@ -190,7 +190,11 @@ fn k_quant_weights_run_native_and_track_the_dequantized_model() {
         head_dim: 64,
         ..LlamaConfig::tiny()
     };
-    for (dtype, name) in [(GgmlDType::Q4K, "Q4_K"), (GgmlDType::Q6K, "Q6_K")] {
+    for (dtype, name) in [
+        (GgmlDType::Q4K, "Q4_K"),
+        (GgmlDType::Q5K, "Q5_K"),
+        (GgmlDType::Q6K, "Q6_K"),
+    ] {
         let p = dir.path().join(format!("{name}.gguf"));
         write_tiny_gguf(&p, &cfg, 8, dtype).unwrap();
         let q = load(&p, LoadOptions::default()).unwrap().model;

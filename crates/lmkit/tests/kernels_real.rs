@@ -97,14 +97,14 @@ fn simd_matches_scalar_on_every_weight_of_the_default_model() {
 }
 
 /// The K-quant kernels on the default model's MLP down projections (576 × 1536, quantized to
-/// `Q4_K` and `Q6_K` by candle): their products track the exact ones (the stored weights in f64)
+/// `Q4_K`, `Q5_K` and `Q6_K` by candle): their products track the exact ones (the stored weights in f64)
 /// at least as closely as candle's own K-quant kernels do (8-bit activations per 256 values
 /// there, per 32 here), and every SIMD implementation equals the scalar one.
 #[test]
 fn k_quant_kernels_track_the_exact_product_on_real_weights() {
     use lmkit::core::candle::quantized::{GgmlDType, QMatMul, QTensor};
     use lmkit::core::candle::Module;
-    use lmkit_kernels::{KQuant, Q4K, Q6K};
+    use lmkit_kernels::{KQuant, Q4K, Q5K, Q6K};
 
     let g = GgufFile::open(common::default_model()).unwrap();
     let mut checked = 0;
@@ -136,13 +136,14 @@ fn k_quant_kernels_track_the_exact_product_on_real_weights() {
         let xt = lmkit::Tensor::from_vec(x.clone(), (n, cols), &lmkit::Device::Cpu).unwrap();
         let mut acts = Vec::new();
         quantize_activations(&x, &mut acts);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let exact_w = q.dequantize(&lmkit::Device::Cpu).unwrap();
             let exact_w = exact_w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let bytes = q.data().unwrap();
             let kq = match dtype {
                 GgmlDType::Q4K => KQuant::Q4K(Q4K::pack(rows, cols, &bytes).unwrap()),
+                GgmlDType::Q5K => KQuant::Q5K(Q5K::pack(rows, cols, &bytes).unwrap()),
                 _ => KQuant::Q6K(Q6K::pack(rows, cols, &bytes).unwrap()),
             };
             let exact: Vec<f64> = (0..n)
@@ -189,5 +190,5 @@ fn k_quant_kernels_track_the_exact_product_on_real_weights() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 4);
+    assert_eq!(checked, 6);
 }

@@ -1,25 +1,29 @@
-//! GGUF `Q4_K` weights kept exact, with eight rows interleaved for the SIMD kernel (the layout
-//! of [`crate::packed`] for 256-weight super-blocks, as [`crate::q6k`]).
+//! GGUF `Q4_K` and `Q5_K` weights kept exact, with eight rows interleaved for the SIMD kernel
+//! (the layout of [`crate::packed`] for 256-weight super-blocks, as [`crate::q6k`]). Both are
+//! affine: a scale and a min per 32 weights.
 //!
 //! A GGUF `Q4_K` super-block holds 256 weights in 144 bytes: `d: f16`, `dmin: f16`,
 //! `scales: [u8; 12]` (a 6-bit scale `sc_j` and min `m_j` for each 32-weight sub-block `j`,
 //! packed as in ggml's `get_scale_min_k4`) and `qs: [u8; 128]` (bytes `32k..32k+32` hold
 //! sub-block `2k` in their low nibbles and `2k+1` in their high ones), and
-//! `w = (d·sc_j)·q − dmin·m_j`, `q ∈ 0..16`.
+//! `w = (d·sc_j)·q − dmin·m_j`, `q ∈ 0..16`. `Q5_K` (176 bytes) puts `qh: [u8; 32]` between
+//! `scales` and `qs`: bit `j` of `qh[l]` is the fifth bit of weight `l` of sub-block `j`, and
+//! `q ∈ 0..32`.
 //!
 //! Interleaved layout: rows in groups of [`GROUP`] = 8 (the last padded with zero rows); per
-//! group and super-block, `8 × 148` bytes (the scales unpacked to a byte each: 4.625 bits per
-//! weight against the file's 4.5):
+//! group and super-block, `32 + 8 × group block` bytes (the scales unpacked to a byte each:
+//! 4.625 and 5.625 bits per weight against the files' 4.5 and 5.5):
 //!
 //! | bytes | content |
 //! |---|---|
 //! | 0..16 | the 8 rows' `d`, f16 |
 //! | 16..32 | the 8 rows' `dmin`, f16 |
-//! | then 8 × 144 | one *group block* per 32 weights |
+//! | then 8 × 144 (`Q4_K`) or 8 × 176 (`Q5_K`) | one *group block* per 32 weights |
 //!
-//! A group block: bytes 0..8 the rows' `sc_j`, 8..16 their `m_j`, then four vectors of codes
+//! A group block: bytes 0..8 the rows' `sc_j`, 8..16 their `m_j`, then four vectors of low bits
 //! (vector `c`, byte `4·row + i`: weight `4c + i` in the low nibble, `16 + 4c + i` in the high
-//! one, as in `Q4_0`).
+//! one, as in `Q4_0`); `Q5_K` adds one vector of fifth bits (byte `4·row + i`, bit `4v + c`:
+//! weight `16v + 4c + i`).
 //!
 //! Per 32-weight block and token, with the activations quantized to 8 bits (`x ≈ d_a·a`,
 //! `s_a = d_a·Σ a`): `y[row] += d[row]·d_a·sc_j[row]·Σ q·a − dmin[row]·m_j[row]·s_a`, the
@@ -36,19 +40,41 @@ use crate::{Error, Result, BLOCK};
 
 /// Weights per super-block.
 pub const SUPER: usize = 256;
-/// GGUF bytes per super-block.
-pub const SUPER_BYTES: usize = 144;
-/// Bytes per group block (32 weights of 8 rows, without the `d`s and `dmin`s).
-const GROUP_BLOCK: usize = 144;
-/// Bytes per group super-block.
-const GROUP_SUPER: usize = 32 + 8 * GROUP_BLOCK;
 
-/// A `Q4_K` `(rows, cols)` matrix in the interleaved layout.
+/// A `Q4_K` (`BITS` = 4) or `Q5_K` (5) `(rows, cols)` matrix in the interleaved layout.
 #[derive(Debug, Clone)]
-pub struct Q4K {
+pub struct AffineK<const BITS: u8> {
     pub rows: usize,
     pub cols: usize,
     data: Vec<u8>,
+}
+
+/// GGUF `Q4_K`.
+pub type Q4K = AffineK<4>;
+/// GGUF `Q5_K`.
+pub type Q5K = AffineK<5>;
+
+/// GGUF bytes per super-block.
+pub const fn super_bytes(bits: u8) -> usize {
+    if bits == 5 {
+        176
+    } else {
+        144
+    }
+}
+
+/// Bytes per group block (32 weights of 8 rows, without the `d`s and `dmin`s).
+const fn group_block(bits: u8) -> usize {
+    if bits == 5 {
+        176
+    } else {
+        144
+    }
+}
+
+/// Bytes per group super-block.
+const fn group_super(bits: u8) -> usize {
+    32 + 8 * group_block(bits)
 }
 
 /// One row's super-block: `d`, `dmin` (f16 bits), the sub-blocks' scales and mins, the codes.
@@ -61,8 +87,8 @@ struct Super {
 }
 
 impl Super {
-    /// From GGUF bytes.
-    fn read(src: &[u8]) -> Self {
+    /// From GGUF bytes of `bits`-bit codes.
+    fn read(bits: u8, src: &[u8]) -> Self {
         let s = &src[4..16];
         let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
         for j in 0..8 {
@@ -75,10 +101,14 @@ impl Super {
                 )
             };
         }
+        let qs = if bits == 5 { 48 } else { 16 };
         let mut q = [0u8; SUPER];
         for (i, v) in q.iter_mut().enumerate() {
             let (j, l) = (i / 32, i % 32);
-            *v = (src[16 + 32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
+            *v = (src[qs + 32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
+            if bits == 5 {
+                *v |= ((src[16 + l] >> j) & 1) << 4;
+            }
         }
         Self {
             d: [src[0], src[1]],
@@ -90,7 +120,7 @@ impl Super {
     }
 
     /// As GGUF bytes (the inverse of [`Super::read`]: every bit of the scales is used).
-    fn write(&self, dst: &mut [u8]) {
+    fn write(&self, bits: u8, dst: &mut [u8]) {
         dst[..2].copy_from_slice(&self.d);
         dst[2..4].copy_from_slice(&self.dmin);
         let s = &mut dst[4..16];
@@ -100,49 +130,74 @@ impl Super {
             s[j + 8] = (self.sc[j + 4] & 0x0F) | (self.m[j + 4] & 0x0F) << 4;
         }
         dst[16..].fill(0);
+        let qs = if bits == 5 { 48 } else { 16 };
         for (i, &v) in self.q.iter().enumerate() {
             let (j, l) = (i / 32, i % 32);
-            dst[16 + 32 * (j / 2) + l] |= v << (4 * (j % 2));
+            dst[qs + 32 * (j / 2) + l] |= (v & 0x0F) << (4 * (j % 2));
+            if bits == 5 {
+                dst[16 + l] |= (v >> 4) << j;
+            }
         }
     }
 }
 
-/// Where weight `w < 32` of a group block sits for lane `lane`: (byte, shift).
-fn code_at(lane: usize, w: usize) -> (usize, u8) {
-    let (c, i) = (w % 16 / 4, w % 4);
-    (16 + 32 * c + 4 * lane + i, 4 * (w / 16) as u8)
+/// Where weight `w < 32` of a group block sits for lane `lane`: (low-bits byte, its shift,
+/// fifth-bit byte, its bit).
+fn code_at(lane: usize, w: usize) -> (usize, u8, usize, u8) {
+    let (v, c, i) = (w / 16, w % 16 / 4, w % 4);
+    let k = 4 * lane + i;
+    (16 + 32 * c + k, 4 * v as u8, 144 + k, (4 * v + c) as u8)
 }
 
-impl Q4K {
+impl<const BITS: u8> AffineK<BITS> {
+    const SUPER_BYTES: usize = super_bytes(BITS);
+    const GROUP_BLOCK: usize = group_block(BITS);
+    const GROUP_SUPER: usize = group_super(BITS);
+
+    /// The GGUF type name.
+    pub fn type_name(&self) -> &'static str {
+        if BITS == 5 {
+            "Q5_K"
+        } else {
+            "Q4_K"
+        }
+    }
+
     /// Repacks GGUF row-major super-blocks (`rows × cols/256` of them).
     pub fn pack(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
         let ns = cols / SUPER;
-        if !cols.is_multiple_of(SUPER) || bytes.len() != rows * ns * SUPER_BYTES {
+        let sb = Self::SUPER_BYTES;
+        if !cols.is_multiple_of(SUPER) || bytes.len() != rows * ns * sb {
             return Err(Error::Shape {
-                op: "pack Q4_K",
+                op: "pack K-quant",
                 why: format!(
-                    "{} bytes for a {rows}x{cols} Q4_K matrix (cols must be a multiple of \
-                     {SUPER}, {SUPER_BYTES} bytes per {SUPER} weights)",
+                    "{} bytes for a {rows}x{cols} Q{BITS}_K matrix (cols must be a multiple of \
+                     {SUPER}, {sb} bytes per {SUPER} weights)",
                     bytes.len()
                 ),
             });
         }
-        let mut data = vec![0u8; rows.div_ceil(GROUP) * ns * GROUP_SUPER];
+        let (gs, gb) = (Self::GROUP_SUPER, Self::GROUP_BLOCK);
+        let mut data = vec![0u8; rows.div_ceil(GROUP) * ns * gs];
         for r in 0..rows {
             let (g, lane) = (r / GROUP, r % GROUP);
             for s in 0..ns {
-                let at = (r * ns + s) * SUPER_BYTES;
-                let sup = Super::read(&bytes[at..at + SUPER_BYTES]);
-                let dst = &mut data[(g * ns + s) * GROUP_SUPER..(g * ns + s + 1) * GROUP_SUPER];
+                let at = (r * ns + s) * sb;
+                let sup = Super::read(BITS, &bytes[at..at + sb]);
+                let dst = &mut data[(g * ns + s) * gs..(g * ns + s + 1) * gs];
                 dst[2 * lane..2 * lane + 2].copy_from_slice(&sup.d);
                 dst[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&sup.dmin);
                 for j in 0..SUPER / BLOCK {
-                    let blk = &mut dst[32 + j * GROUP_BLOCK..32 + (j + 1) * GROUP_BLOCK];
+                    let blk = &mut dst[32 + j * gb..32 + (j + 1) * gb];
                     blk[lane] = sup.sc[j];
                     blk[8 + lane] = sup.m[j];
                     for w in 0..BLOCK {
-                        let (at, shift) = code_at(lane, w);
-                        blk[at] |= sup.q[BLOCK * j + w] << shift;
+                        let q = sup.q[BLOCK * j + w];
+                        let (lo, shift, hi, bit) = code_at(lane, w);
+                        blk[lo] |= (q & 0x0F) << shift;
+                        if BITS == 5 {
+                            blk[hi] |= (q >> 4) << bit;
+                        }
                     }
                 }
             }
@@ -159,7 +214,8 @@ impl Q4K {
     fn row_super(&self, r: usize, s: usize) -> Super {
         let ns = self.cols / SUPER;
         let (g, lane) = (r / GROUP, r % GROUP);
-        let src = &self.data[(g * ns + s) * GROUP_SUPER..(g * ns + s + 1) * GROUP_SUPER];
+        let (gs, gb) = (Self::GROUP_SUPER, Self::GROUP_BLOCK);
+        let src = &self.data[(g * ns + s) * gs..(g * ns + s + 1) * gs];
         let mut sup = Super {
             d: [src[2 * lane], src[2 * lane + 1]],
             dmin: [src[16 + 2 * lane], src[17 + 2 * lane]],
@@ -168,12 +224,16 @@ impl Q4K {
             q: [0; SUPER],
         };
         for j in 0..SUPER / BLOCK {
-            let blk = &src[32 + j * GROUP_BLOCK..32 + (j + 1) * GROUP_BLOCK];
+            let blk = &src[32 + j * gb..32 + (j + 1) * gb];
             sup.sc[j] = blk[lane];
             sup.m[j] = blk[8 + lane];
             for w in 0..BLOCK {
-                let (at, shift) = code_at(lane, w);
-                sup.q[BLOCK * j + w] = (blk[at] >> shift) & 0x0F;
+                let (lo, shift, hi, bit) = code_at(lane, w);
+                let mut q = (blk[lo] >> shift) & 0x0F;
+                if BITS == 5 {
+                    q |= ((blk[hi] >> bit) & 1) << 4;
+                }
+                sup.q[BLOCK * j + w] = q;
             }
         }
         sup
@@ -182,14 +242,14 @@ impl Q4K {
     /// Row `r`'s GGUF bytes, super-block after super-block.
     pub fn row_bytes(&self, r: usize) -> Vec<u8> {
         let ns = self.cols / SUPER;
-        let mut out = vec![0u8; ns * SUPER_BYTES];
-        for (s, dst) in out.chunks_exact_mut(SUPER_BYTES).enumerate() {
-            self.row_super(r, s).write(dst);
+        let mut out = vec![0u8; ns * Self::SUPER_BYTES];
+        for (s, dst) in out.chunks_exact_mut(Self::SUPER_BYTES).enumerate() {
+            self.row_super(r, s).write(BITS, dst);
         }
         out
     }
 
-    /// The GGUF row-major bytes (the inverse of [`Q4K::pack`]).
+    /// The GGUF row-major bytes (the inverse of [`AffineK::pack`]).
     pub fn unpack(&self) -> Vec<u8> {
         (0..self.rows).flat_map(|r| self.row_bytes(r)).collect()
     }
@@ -232,9 +292,9 @@ impl Q4K {
 /// `W[r] · x_t` for every row `r` in `rows` and every activation row `t < n`, handed to
 /// `emit(t, r, value)`; `acts` holds `n` rows of `cols / 32` blocks. Group-aligned ranges run
 /// the SIMD kernel.
-pub fn q4k_rows(
+pub fn affine_k_rows<const BITS: u8>(
     isa: Isa,
-    w: &Q4K,
+    w: &AffineK<BITS>,
     acts: &[A8Block],
     n: usize,
     rows: Range<usize>,
@@ -244,7 +304,7 @@ pub fn q4k_rows(
     let end = rows.end.min(w.rows);
     assert!(
         acts.len() >= n * nb,
-        "q4k_rows: {} blocks for n={n}",
+        "affine_k_rows: {} blocks for n={n}",
         acts.len()
     );
     if isa == Isa::Scalar || !rows.start.is_multiple_of(GROUP) {
@@ -267,16 +327,16 @@ mod avx2 {
     use crate::packed::avx2::bcast;
 
     /// The group kernel (every non-scalar `Isa` has AVX2, FMA and F16C).
-    pub(super) struct Kernel<'a>(pub &'a Q4K);
+    pub(super) struct Kernel<'a, const BITS: u8>(pub &'a AffineK<BITS>);
 
-    impl crate::groups::GroupKernel for Kernel<'_> {
+    impl<const BITS: u8> crate::groups::GroupKernel for Kernel<'_, BITS> {
         fn group<const N: usize>(
             &self,
             g: usize,
             t0: usize,
             acts: [&[A8Block]; N],
         ) -> [[f32; GROUP]; N] {
-            // SAFETY: `q4k_rows` only runs this for non-scalar `Isa`s, which `dot::isa` picks
+            // SAFETY: `affine_k_rows` only runs this for non-scalar `Isa`s, which `dot::isa` picks
             // when the CPU has AVX2, FMA and F16C; it checked the activation lengths, and
             // `run_groups` passes groups below `rows.div_ceil(8)`.
             unsafe { group(self.0, g, t0 == 0, acts) }
@@ -289,31 +349,32 @@ mod avx2 {
     /// The CPU has AVX2, FMA and F16C; `g` is a valid group; each `acts[k]` holds `cols / 32`
     /// blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group<const N: usize>(
-        w: &Q4K,
+    unsafe fn group<const BITS: u8, const N: usize>(
+        w: &AffineK<BITS>,
         g: usize,
         prefetch: bool,
         acts: [&[A8Block]; N],
     ) -> [[f32; GROUP]; N] {
         let ns = w.cols / SUPER;
-        let base = w.data.as_ptr().add(g * ns * GROUP_SUPER);
-        let next = base.wrapping_add(ns * GROUP_SUPER);
-        let m4 = _mm256_set1_epi8(0x0F);
+        let (gs, gb) = (group_super(BITS), group_block(BITS));
+        let base = w.data.as_ptr().add(g * ns * gs);
+        let next = base.wrapping_add(ns * gs);
+        let (m4, m10) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
         let mut facc = [_mm256_setzero_ps(); N];
         for s in 0..ns {
-            let sup = base.add(s * GROUP_SUPER);
+            let sup = base.add(s * gs);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(sup as *const __m128i));
             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(16) as *const __m128i));
             for j in 0..SUPER / BLOCK {
                 // One eighth of the next group's super-block per block (as in `packed`).
-                let part = GROUP_SUPER / 8;
+                let part = gs / 8;
                 let mut off = j * part;
                 while prefetch && off < (j + 1) * part {
-                    let at = next.wrapping_add(s * GROUP_SUPER + off);
+                    let at = next.wrapping_add(s * gs + off);
                     _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
                     off += 64;
                 }
-                let blk = sup.add(32 + j * GROUP_BLOCK);
+                let blk = sup.add(32 + j * gb);
                 let s8 = _mm_loadl_epi64(blk as *const __m128i);
                 // Each row's scale in both 16-bit lanes of its 32-bit lane.
                 let sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(s8, s8));
@@ -324,6 +385,19 @@ mod avx2 {
                     let v = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
                     q[c] = _mm256_and_si256(v, m4);
                     q[4 + c] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                }
+                if BITS == 5 {
+                    let h = _mm256_loadu_si256(blk.add(144) as *const __m256i);
+                    for (k, qk) in q.iter_mut().enumerate() {
+                        // Bit k of each byte to bit 4 (the 16-bit shifts' spill-over is
+                        // masked off).
+                        let at = if k < 4 {
+                            _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - k as i32))
+                        } else {
+                            _mm256_srl_epi16(h, _mm_cvtsi32_si128(k as i32 - 4))
+                        };
+                        *qk = _mm256_or_si256(*qk, _mm256_and_si256(at, m10));
+                    }
                 }
                 let ab = s * SUPER / BLOCK + j;
                 for k in 0..N {
@@ -353,12 +427,12 @@ mod tests {
     use crate::act::quantize_activations;
     use crate::matmul::tests::Rng;
 
-    /// Random GGUF `Q4_K` bytes for a `(rows, cols)` matrix: every code, scale and min, and
-    /// finite `d`s.
-    fn random_q4k(rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    /// Random GGUF `Q4_K`/`Q5_K` bytes for a `(rows, cols)` matrix: every code, scale and min,
+    /// and finite `d`s.
+    fn random_k(bits: u8, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
         let mut bytes = Vec::new();
         for _ in 0..rows * cols / SUPER {
-            let mut blk = [0u8; SUPER_BYTES];
+            let mut blk = vec![0u8; super_bytes(bits)];
             for b in blk[4..].iter_mut() {
                 *b = (rng.next() >> 24) as u8;
             }
@@ -371,20 +445,9 @@ mod tests {
         bytes
     }
 
-    #[test]
-    fn pack_round_trips_and_rejects_bad_sizes() {
-        let mut rng = Rng(4);
-        let bytes = random_q4k(13, 512, &mut rng);
-        let w = Q4K::pack(13, 512, &bytes).unwrap();
-        assert_eq!(w.unpack(), bytes);
-        assert_eq!(w.size_in_bytes(), 16 * 2 * 148);
-        assert!(Q4K::pack(13, 512, &bytes[1..]).is_err());
-        let e = Q4K::pack(13, 576, &bytes).unwrap_err().to_string();
-        assert!(e.contains("multiple of 256"), "{e}");
-    }
-
-    /// ggml's `dequantize_row_q4_K`, written from its definition (`get_scale_min_k4`).
-    fn dequantize_q4k(sb: &[u8]) -> Vec<f32> {
+    /// ggml's `dequantize_row_q4_K` and `dequantize_row_q5_K`, written from their definitions
+    /// (`get_scale_min_k4`; `Q5_K`'s fifth bits through the masks `u1`, `u2`).
+    fn dequantize_ref(bits: u8, sb: &[u8]) -> Vec<f32> {
         let scale_min = |j: usize, s: &[u8]| {
             if j < 4 {
                 (s[j] & 63, s[j + 4] & 63)
@@ -397,43 +460,68 @@ mod tests {
         };
         let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
         let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
+        let (qh, mut ql) = if bits == 5 {
+            (&sb[16..48], &sb[48..])
+        } else {
+            (&sb[..0], &sb[16..])
+        };
+        let (mut u1, mut u2) = (1u8, 2u8);
         let mut y = Vec::with_capacity(SUPER);
-        let mut q = &sb[16..];
         for is in (0..8).step_by(2) {
             let (sc, m) = scale_min(is, &sb[4..16]);
             let (d1, m1) = (d * sc as f32, dmin * m as f32);
             let (sc, m) = scale_min(is + 1, &sb[4..16]);
             let (d2, m2) = (d * sc as f32, dmin * m as f32);
-            y.extend(q[..32].iter().map(|&b| d1 * (b & 0x0F) as f32 - m1));
-            y.extend(q[..32].iter().map(|&b| d2 * (b >> 4) as f32 - m2));
-            q = &q[32..];
+            let high = |l: usize, u: u8| match qh.get(l) {
+                Some(&h) if h & u != 0 => 16.0,
+                _ => 0.0,
+            };
+            y.extend((0..32).map(|l| d1 * ((ql[l] & 0x0F) as f32 + high(l, u1)) - m1));
+            y.extend((0..32).map(|l| d2 * ((ql[l] >> 4) as f32 + high(l, u2)) - m2));
+            ql = &ql[32..];
+            u1 <<= 2;
+            u2 <<= 2;
         }
         y
     }
 
-    #[test]
-    fn dequantizes_as_ggml_defines_it() {
-        let mut rng = Rng(9);
-        let bytes = random_q4k(11, 512, &mut rng);
-        let w = Q4K::pack(11, 512, &bytes).unwrap();
+    fn round_trip<const BITS: u8>() {
+        let mut rng = Rng(4);
+        let bytes = random_k(BITS, 13, 512, &mut rng);
+        let w = AffineK::<BITS>::pack(13, 512, &bytes).unwrap();
+        assert_eq!(w.unpack(), bytes);
+        assert_eq!(w.size_in_bytes(), 16 * 2 * group_super(BITS) / 8);
+        assert!(AffineK::<BITS>::pack(13, 512, &bytes[1..]).is_err());
+        let e = AffineK::<BITS>::pack(13, 576, &bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("multiple of 256"), "{e}");
+        // Dequantized as ggml defines it, value for value.
         let mut row = vec![0f32; 512];
-        for r in 0..11 {
+        let sb = super_bytes(BITS);
+        for r in 0..13 {
             w.dequantize_row(r, &mut row);
-            let want: Vec<f32> = bytes[r * 2 * SUPER_BYTES..(r + 1) * 2 * SUPER_BYTES]
-                .chunks_exact(SUPER_BYTES)
-                .flat_map(dequantize_q4k)
+            let want: Vec<f32> = bytes[r * 2 * sb..(r + 1) * 2 * sb]
+                .chunks_exact(sb)
+                .flat_map(|b| dequantize_ref(BITS, b))
                 .collect();
-            assert_eq!(row, want, "row {r}");
+            assert_eq!(row, want, "Q{BITS}_K row {r}");
         }
+    }
+
+    #[test]
+    fn pack_round_trips_and_dequantizes_as_ggml() {
+        round_trip::<4>();
+        round_trip::<5>();
     }
 
     /// The scalar reference against the dequantized weights times the dequantized activations,
     /// and the SIMD kernels against the scalar reference.
-    #[test]
-    fn kernels_match_the_reference_on_every_isa() {
+    fn kernels<const BITS: u8>() {
         let mut rng = Rng(12);
         for &(rows, cols, n) in &[(19, 256, 1), (8, 512, 3), (37, 768, 9), (24, 256, 13)] {
-            let w = Q4K::pack(rows, cols, &random_q4k(rows, cols, &mut rng)).unwrap();
+            let bytes = random_k(BITS, rows, cols, &mut rng);
+            let w = AffineK::<BITS>::pack(rows, cols, &bytes).unwrap();
             let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
             let mut acts = Vec::new();
             quantize_activations(&x, &mut acts);
@@ -460,15 +548,21 @@ mod tests {
                 let mut got = vec![f32::NAN; n * rows];
                 let mid = (rows / 2) / GROUP * GROUP + 1; // an unaligned second part
                 for part in [0..mid, mid..rows] {
-                    q4k_rows(isa, &w, &acts, n, part, |t, r, v| got[t * rows + r] = v);
+                    affine_k_rows(isa, &w, &acts, n, part, |t, r, v| got[t * rows + r] = v);
                 }
                 for (g, e) in got.iter().zip(&want) {
                     assert!(
                         (g - e).abs() <= 1e-4 * scale,
-                        "{isa:?} ({rows},{cols},{n}): {g} vs {e}"
+                        "Q{BITS}_K {isa:?} ({rows},{cols},{n}): {g} vs {e}"
                     );
                 }
             }
         }
+    }
+
+    #[test]
+    fn kernels_match_the_reference_on_every_isa() {
+        kernels::<4>();
+        kernels::<5>();
     }
 }
