@@ -490,6 +490,15 @@ impl Linear {
         let y = match (&self.weight, &self.matmul) {
             (Weight::LowBit(l), _) => lowbit_matmul(l, x)?,
             (Weight::Packed(_) | Weight::KQuant(_), _) => {
+                // These weights live in host memory for lmkit's CPU kernels.
+                if !x.device().is_cpu() {
+                    return Err(Error::Unsupported(format!(
+                        "a {} weight (held for the CPU kernels) with an input on {:?}: load \
+                         the model on that device instead",
+                        self.weight.type_name(),
+                        x.device()
+                    )));
+                }
                 let base = Self {
                     lora: None,
                     ..self.clone()

@@ -20,17 +20,17 @@ pub enum KQuant {
 impl KQuant {
     pub fn rows(&self) -> usize {
         match self {
-            KQuant::Q4K(w) => w.rows,
-            KQuant::Q5K(w) => w.rows,
-            KQuant::Q6K(w) => w.rows,
+            KQuant::Q4K(w) => w.rows(),
+            KQuant::Q5K(w) => w.rows(),
+            KQuant::Q6K(w) => w.rows(),
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
-            KQuant::Q4K(w) => w.cols,
-            KQuant::Q5K(w) => w.cols,
-            KQuant::Q6K(w) => w.cols,
+            KQuant::Q4K(w) => w.cols(),
+            KQuant::Q5K(w) => w.cols(),
+            KQuant::Q6K(w) => w.cols(),
         }
     }
 

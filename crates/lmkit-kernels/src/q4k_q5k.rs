@@ -44,8 +44,8 @@ pub const SUPER: usize = 256;
 /// A `Q4_K` (`BITS` = 4) or `Q5_K` (5) `(rows, cols)` matrix in the interleaved layout.
 #[derive(Debug, Clone)]
 pub struct AffineK<const BITS: u8> {
-    pub rows: usize,
-    pub cols: usize,
+    rows: usize,
+    cols: usize,
     data: Vec<u8>,
 }
 
@@ -205,6 +205,16 @@ impl<const BITS: u8> AffineK<BITS> {
         Ok(Self { rows, cols, data })
     }
 
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Bytes held (including padding rows).
     pub fn size_in_bytes(&self) -> usize {
         self.data.len()
@@ -270,10 +280,9 @@ impl<const BITS: u8> AffineK<BITS> {
 
     /// Row `r` against one row of activation blocks, in scalar code (the reference for the
     /// SIMD kernel: the same integer sums, the same float operations per block).
-    fn dot_scalar(&self, r: usize, acts: &[A8Block]) -> f32 {
+    fn dot_scalar(sups: &[Super], acts: &[A8Block]) -> f32 {
         let mut y = 0f32;
-        for s in 0..self.cols / SUPER {
-            let sup = self.row_super(r, s);
+        for (s, sup) in sups.iter().enumerate() {
             let d = f16::from_le_bytes(sup.d).to_f32();
             let dmin = f16::from_le_bytes(sup.dmin).to_f32();
             for j in 0..SUPER / BLOCK {
@@ -309,8 +318,11 @@ pub fn affine_k_rows<const BITS: u8>(
     );
     if isa == Isa::Scalar || !rows.start.is_multiple_of(GROUP) {
         for r in rows.start..end {
+            // The row unpacked once for all tokens.
+            let sups: Vec<Super> = (0..w.cols / SUPER).map(|s| w.row_super(r, s)).collect();
             for t in 0..n {
-                emit(t, r, w.dot_scalar(r, &acts[t * nb..(t + 1) * nb]));
+                let y = AffineK::<BITS>::dot_scalar(&sups, &acts[t * nb..(t + 1) * nb]);
+                emit(t, r, y);
             }
         }
         return;
@@ -544,17 +556,20 @@ mod tests {
                 }
             }
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // The whole range (padding rows in the last group), then an unaligned split.
+            let mid = (rows / 2) / GROUP * GROUP + 1;
             for isa in crate::dot::available() {
-                let mut got = vec![f32::NAN; n * rows];
-                let mid = (rows / 2) / GROUP * GROUP + 1; // an unaligned second part
-                for part in [0..mid, mid..rows] {
-                    affine_k_rows(isa, &w, &acts, n, part, |t, r, v| got[t * rows + r] = v);
-                }
-                for (g, e) in got.iter().zip(&want) {
-                    assert!(
-                        (g - e).abs() <= 1e-4 * scale,
-                        "Q{BITS}_K {isa:?} ({rows},{cols},{n}): {g} vs {e}"
-                    );
+                for cut in [rows, mid] {
+                    let mut got = vec![f32::NAN; n * rows];
+                    for part in [0..cut, cut..rows] {
+                        affine_k_rows(isa, &w, &acts, n, part, |t, r, v| got[t * rows + r] = v);
+                    }
+                    for (g, e) in got.iter().zip(&want) {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * scale,
+                            "Q{BITS}_K {isa:?} ({rows},{cols},{n}): {g} vs {e}"
+                        );
+                    }
                 }
             }
         }

@@ -19,7 +19,7 @@ pub enum WeightView<'a> {
     Quant(QMatrix<'a>),
     /// Block-quantized, rows interleaved (see [`crate::packed`]).
     Packed(&'a Packed),
-    /// GGUF `Q4_K`/`Q6_K`, rows interleaved (see [`crate::kquant`]).
+    /// GGUF `Q4_K`/`Q5_K`/`Q6_K`, rows interleaved (see [`crate::kquant`]).
     KQuant(&'a KQuant),
     /// 2–4-bit codes with per-group affine scales ([`crate::lowbit`]); 8-bit activations.
     LowBit(&'a LowBit),
