@@ -30,6 +30,26 @@ fn logits(m: &lmkit_models::Llama, ids: &[u32]) -> Tensor {
         .unwrap()
 }
 
+/// The logits of `ids` from a `prefill`-token forward pass, then one token at a time through
+/// the KV cache (which must end up holding every position).
+fn incremental_logits(m: &lmkit_models::Llama, ids: &[u32], prefill: usize) -> Tensor {
+    let mut cache = m.new_cache();
+    let x = Tensor::new(&ids[..prefill], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut rows = vec![m.forward(&x, &mut cache).unwrap().squeeze(0).unwrap()];
+    for &id in &ids[prefill..] {
+        let x = Tensor::new(&[id], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        rows.push(m.forward(&x, &mut cache).unwrap().squeeze(0).unwrap());
+    }
+    assert_eq!(cache.len(), ids.len());
+    Tensor::cat(&rows, 0).unwrap()
+}
+
 #[test]
 fn gguf_round_trip_keeps_metadata_and_tensors() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,22 +75,8 @@ fn kv_cache_decoding_matches_full_forward() {
     let m = load(&p, LoadOptions::default()).unwrap().model;
     let ids = ids(20);
     let full = logits(&m, &ids);
-    let mut cache = m.new_cache();
     // A 12-token prefill, then one token at a time.
-    let x = Tensor::new(&ids[..12], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut rows = vec![m.forward(&x, &mut cache).unwrap().squeeze(0).unwrap()];
-    for &id in &ids[12..] {
-        let x = Tensor::new(&[id], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        rows.push(m.forward(&x, &mut cache).unwrap().squeeze(0).unwrap());
-    }
-    assert_eq!(cache.len(), 20);
-    let inc = Tensor::cat(&rows, 0).unwrap();
+    let inc = incremental_logits(&m, &ids, 12);
     let d = max_abs_diff(&full, &inc).unwrap();
     assert!(d < CACHE_TOL, "incremental vs full: {d}");
     // And the logits are not degenerate.
@@ -218,20 +224,7 @@ fn k_quant_weights_run_native_and_track_the_dequantized_model() {
         let err = rel_err(&ld, &lq);
         assert!(err < Q8_REL_TOL, "{name} kernel vs dequantized: {err}");
         // Decoding the last four tokens one at a time gives the same rows.
-        let mut cache = q.new_cache();
-        let x = Tensor::new(&ids[..12], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut rows = vec![q.forward(&x, &mut cache).unwrap().squeeze(0).unwrap()];
-        for &id in &ids[12..] {
-            let x = Tensor::new(&[id], &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            rows.push(q.forward(&x, &mut cache).unwrap().squeeze(0).unwrap());
-        }
-        let inc = Tensor::cat(&rows, 0).unwrap();
+        let inc = incremental_logits(&q, &ids, 12);
         let err = rel_err(&ld, &inc);
         assert!(err < Q8_REL_TOL, "{name} decoding vs dequantized: {err}");
     }

@@ -11,6 +11,20 @@ use lmkit_kernels::packed::{packed_rows, Packed};
 /// Relative to Σ|w·x| of the row: f32 accumulation-order differences only.
 const KERNEL_REL_TOL: f32 = 1e-5;
 
+/// `len` activations with LLM-like outliers (every 97th value 40× larger).
+fn activations(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let v = ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0;
+            if i % 97 == 0 {
+                v * 40.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
 #[test]
 fn simd_matches_scalar_on_every_weight_of_the_default_model() {
     let g = GgufFile::open(common::default_model()).unwrap();
@@ -37,17 +51,7 @@ fn simd_matches_scalar_on_every_weight_of_the_default_model() {
         };
         let packed = Packed::pack(format, rows, cols, w.data).unwrap();
         for n in [1usize, 3, 8, 13] {
-            // Activations with LLM-like outliers.
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| {
-                    let v = ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0;
-                    if i % 97 == 0 {
-                        v * 40.0
-                    } else {
-                        v
-                    }
-                })
-                .collect();
+            let x = activations(n * cols);
             let mut ys = vec![0f32; n * rows];
             matmul_with(Isa::Scalar, &w, &x, n, &mut ys).unwrap();
             let scale: f32 = ys.iter().map(|v| v.abs()).sum::<f32>() / ys.len() as f32;
@@ -123,16 +127,7 @@ fn k_quant_kernels_track_the_exact_product_on_real_weights() {
         }
         let wt = lmkit::Tensor::from_vec(w, (rows, cols), &lmkit::Device::Cpu).unwrap();
         let n = 5;
-        let x: Vec<f32> = (0..n * cols)
-            .map(|i| {
-                let v = ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0;
-                if i % 97 == 0 {
-                    v * 40.0
-                } else {
-                    v
-                }
-            })
-            .collect();
+        let x = activations(n * cols);
         let xt = lmkit::Tensor::from_vec(x.clone(), (n, cols), &lmkit::Device::Cpu).unwrap();
         let mut acts = Vec::new();
         quantize_activations(&x, &mut acts);
