@@ -124,6 +124,15 @@ fn hf_folder_and_gguf_give_the_same_logits() {
     assert!(d < FORMAT_TOL, "gguf vs hf: {d}");
 }
 
+/// The model at `path` with every weight dequantized to f32 at load (the reference path).
+fn load_dequantized(path: &std::path::Path) -> lmkit_models::Llama {
+    let opts = LoadOptions {
+        dequantize: true,
+        ..Default::default()
+    };
+    load(path, opts).unwrap().model
+}
+
 /// The storage type of every weight matrix.
 fn weight_types(m: &lmkit_models::Llama) -> Vec<String> {
     m.named_weights()
@@ -158,15 +167,7 @@ fn quantized_weights_track_f32_and_dequantize_matches() {
     write_tiny_gguf(&pq, &cfg, 4, GgmlDType::Q8_0).unwrap();
     let f = load(&pf, LoadOptions::default()).unwrap().model;
     let q = load(&pq, LoadOptions::default()).unwrap().model;
-    let dq = load(
-        &pq,
-        LoadOptions {
-            dequantize: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .model;
+    let dq = load_dequantized(&pq);
     assert!(q
         .named_weights()
         .iter()
@@ -204,15 +205,7 @@ fn k_quant_weights_run_native_and_track_the_dequantized_model() {
         let p = dir.path().join(format!("{name}.gguf"));
         write_tiny_gguf(&p, &cfg, 8, dtype).unwrap();
         let q = load(&p, LoadOptions::default()).unwrap().model;
-        let dq = load(
-            &p,
-            LoadOptions {
-                dequantize: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .model;
+        let dq = load_dequantized(&p);
         let types = weight_types(&q);
         assert!(types.iter().all(|t| t == name || t == "F32"), "{types:?}");
         assert!(
@@ -304,11 +297,7 @@ fn hf_half_precision_weights_stay_half() {
         let half = load(&hf, LoadOptions::default()).unwrap().model;
         let types = weight_types(&half);
         assert!(types.iter().all(|t| t == name), "{name}: {types:?}");
-        let wide = LoadOptions {
-            dequantize: true,
-            ..Default::default()
-        };
-        let exact = load(&hf, wide).unwrap().model;
+        let exact = load_dequantized(&hf);
         assert!(weight_types(&exact).iter().all(|t| t == "F32"));
         for t in [3, 24] {
             let ids = ids(t);
