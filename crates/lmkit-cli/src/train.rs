@@ -639,12 +639,20 @@ pub fn run(a: &Args) -> Result<serde_json::Value> {
             (Err(seqs), eval_tokens)
         }
     };
-    // Evaluation data too short for one sequence: said, and the run goes on without it.
-    let eval = eval_tokens.and_then(|e| match Sequences::from_tokens(e, rc.data.seq_len, 0) {
-        Ok(s) => Some(s),
-        Err(err) => {
-            tracing::warn!("no evaluation: the evaluation data is too short ({err})");
-            None
+    // No evaluation split (`eval_fraction = 0`): none asked for. One too short for a
+    // sequence: said, and the run goes on without it.
+    let eval = eval_tokens.filter(|e| !e.is_empty()).and_then(|e| {
+        let n = e.len();
+        match Sequences::from_tokens(e, rc.data.seq_len, 0) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                tracing::warn!(
+                    "no evaluation: the evaluation split has {n} tokens, fewer than one \
+                         sequence of {} (+1)",
+                    rc.data.seq_len
+                );
+                None
+            }
         }
     });
 
