@@ -141,8 +141,8 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// A cache for `batch` sequences in lockstep: the model's own (the native CPU path's, or with
-/// `LMKIT_CUDA_DECODE=fused` on a GPU fused decoding's, which takes batches), else the
+/// A cache for `batch` sequences in lockstep: the model's own (the native CPU path's, or on a
+/// GPU fused decoding's, which takes batches; `LMKIT_CUDA_DECODE=off` turns it off), else the
 /// reference path's.
 fn cache_for(model: &Llama, batch: usize) -> lmkit::models::KvCache {
     let cache = model.new_cache();

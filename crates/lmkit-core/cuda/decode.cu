@@ -567,26 +567,59 @@ __device__ void attn_part(const float* q, const KV* kc, const KV* vc, const int*
   const float mx = block_max(sc);
   const float e = t < len ? expf(sc - mx) : 0.f;
   const float l = block_sum(e);
-  // Each warp sums its 32 positions' e·v, lanes over the head's dimensions.
+  // Each warp sums its 32 positions' e·v into wsum[w]. Fast path: a row of V is `lpr` lanes
+  // of one 16-byte load each, so one load instruction covers 32 / lpr rows and every lane's
+  // loads are independent of each other (a loop of one row per step waited a full memory
+  // latency per row: 22 µs a call on an H200, the step's largest kernel). The lanes with the
+  // same dimensions then add their rows' sums by shuffles.
   const int lane = tid & 31, w = tid >> 5;
-  float acc[8];
+  constexpr int VPL = 16 / sizeof(KV);  // values per 16-byte load
+  const int lpr = d / VPL, r0 = t0 + w * 32;
+  const int rows = min(32, len - r0);  // this warp's positions (uniform over the warp)
+  if (d % VPL == 0 && lpr <= 32 && (32 % lpr) == 0 && aligned16(V)) {
+    const int rpi = 32 / lpr, sub = lane / lpr, col = (lane % lpr) * VPL;
+    float acc[VPL];
 #pragma unroll
-  for (int u = 0; u < 8; u++) acc[u] = 0.f;
-  for (int r = 0; r < 32; r++) {
-    const float er = __shfl_xor_sync(0xffffffffu, e, lane ^ r);  // lane r's weight
-    const int tr = t0 + w * 32 + r;
-    if (tr >= len) break;  // uniform over the warp
-    const KV* vr = V + (size_t)tr * d;
+    for (int e2 = 0; e2 < VPL; e2++) acc[e2] = 0.f;
+#pragma unroll 4
+    for (int k = 0; k < lpr; k++) {
+      const int r = k * rpi + sub;
+      const float er = __shfl_xor_sync(0xffffffffu, e, lane ^ r);  // lane r's weight
+      if (r < rows) {
+        const uint4 raw = load16<uint4>(V + (size_t)(r0 + r) * d + col);
+        KV kv[VPL];
+        memcpy(kv, &raw, 16);
+#pragma unroll
+        for (int e2 = 0; e2 < VPL; e2++) acc[e2] += er * to_f(kv[e2]);
+      }
+    }
+    for (int off = lpr; off < 32; off <<= 1) {
+#pragma unroll
+      for (int e2 = 0; e2 < VPL; e2++) acc[e2] += __shfl_xor_sync(0xffffffffu, acc[e2], off);
+    }
+    if (sub == 0) {
+#pragma unroll
+      for (int e2 = 0; e2 < VPL; e2++) wsum[w][col + e2] = acc[e2];
+    }
+  } else {
+    float acc[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) acc[u] = 0.f;
+    for (int r = 0; r < 32; r++) {
+      const float er = __shfl_xor_sync(0xffffffffu, e, lane ^ r);  // lane r's weight
+      if (r >= rows) break;  // uniform over the warp
+      const KV* vr = V + (size_t)(r0 + r) * d;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int i = lane + 32 * u;
+        if (i < d) acc[u] += er * to_f(vr[i]);
+      }
+    }
 #pragma unroll
     for (int u = 0; u < 8; u++) {
       const int i = lane + 32 * u;
-      if (i < d) acc[u] += er * to_f(vr[i]);
+      if (i < d) wsum[w][i] = acc[u];
     }
-  }
-#pragma unroll
-  for (int u = 0; u < 8; u++) {
-    const int i = lane + 32 * u;
-    if (i < d) wsum[w][i] = acc[u];
   }
   __syncthreads();
   for (int i = tid; i < d; i += blockDim.x) {

@@ -802,8 +802,16 @@ fn template_nb(nb: usize) -> usize {
     nb.next_power_of_two().clamp(1, MAX_NB)
 }
 
-/// Whether fused decoding is asked for: `LMKIT_CUDA_DECODE=fused`.
+/// Whether fused decoding is on: the default on a GPU since it was measured there (2026-11-29,
+/// H200: 7× candle's ops at batch 1, the same greedy tokens); `LMKIT_CUDA_DECODE=off` (or
+/// `candle`) runs candle's ops instead.
 pub(crate) fn wanted() -> bool {
+    !std::env::var("LMKIT_CUDA_DECODE").is_ok_and(|v| matches!(v.as_str(), "off" | "candle" | "0"))
+}
+
+/// Whether fused decoding was asked for by name (`LMKIT_CUDA_DECODE=fused`): a model it does
+/// not take is then worth a warning, not only a debug line.
+pub(crate) fn asked() -> bool {
     std::env::var("LMKIT_CUDA_DECODE").is_ok_and(|v| v == "fused")
 }
 

@@ -552,7 +552,8 @@ impl Llama {
         if !self.device.is_cpu() && fused_decode::wanted() {
             match self.new_fused_cache() {
                 Ok(c) => return c,
-                Err(e) => tracing::warn!("{e}; decoding on candle's ops"),
+                Err(e) if fused_decode::asked() => tracing::warn!("{e}; decoding on candle's ops"),
+                Err(e) => tracing::debug!("{e}; decoding on candle's ops"),
             }
         }
         if self.native.is_some() {
