@@ -13,6 +13,9 @@ use crate::{Error, Result};
 
 /// Columns per thread of `tr_rms_bwd` (`RMS_COLS` in train.cu).
 const RMS_COLS: usize = 16;
+/// Columns per lane and warps per block of `tr_rms_bwd_w` (`RMSW_COLS`, `RMSW_WARPS`).
+const RMSW_COLS: usize = 32;
+const RMSW_WARPS: usize = 8;
 /// Most blocks of a grid-stride launch.
 const MAX_BLOCKS: usize = 4096;
 /// The widest row `rms_bwd` takes.
@@ -246,7 +249,16 @@ impl BlockOps {
                 "a hidden size of {c} exceeds the training kernels' {MAX_HIDDEN}"
             )));
         }
-        let blocks = rows.clamp(1, 528);
+        // Rows of up to 32·RMSW_COLS: a warp per row (`tr_rms_bwd_w`), else a block per row.
+        let by_warp = c <= 32 * RMSW_COLS;
+        let (kernel, blocks, threads) = match by_warp {
+            true => (
+                "rms_bwd_w",
+                rows.div_ceil(RMSW_WARPS).clamp(1, 256),
+                32 * RMSW_WARPS,
+            ),
+            false => ("rms_bwd", rows.clamp(1, 528), threads),
+        };
         let dx_lp = self.empty((rows, c), self.dtype)?;
         let part = self.empty((blocks, c), DType::F32)?;
         let args = [
@@ -261,7 +273,7 @@ impl BlockOps {
             Arg::F32(eps),
             Arg::I32(i32::from(accumulate)),
         ];
-        self.run("rms_bwd", blocks, threads as u32, &args)?;
+        self.run(kernel, blocks, threads as u32, &args)?;
         let dw = part.sum(0).map_err(|e| Error::Candle {
             op: "rms_bwd partial sums".into(),
             source: e,

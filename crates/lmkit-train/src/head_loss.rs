@@ -25,7 +25,9 @@
 
 use std::sync::Arc;
 
+use lmkit_core::block_ops::BlockOps;
 use lmkit_core::candle::CustomOp3;
+use lmkit_core::launch::Launcher;
 use lmkit_core::{xent, DType, Tensor};
 
 use crate::head_cpu::{self, CHUNK};
@@ -164,6 +166,14 @@ pub fn one_pass(
     let coef = coef.to_dtype(DType::F32)?.to_device(dev)?;
     let hd = h.detach();
     let wl = w.detach().to_dtype(h.dtype())?;
+    // 16-bit products on a GPU: ∂W sums into f32 through lmkit's kernels (one pass per chunk,
+    // where candle's cast then add made three, 0.59 ms a chunk on an H200 for the 113M model).
+    let ops = match (want_dw, h.dtype()) {
+        (true, DType::BF16 | DType::F16) => {
+            Launcher::for_device(dev).and_then(|l| BlockOps::new(l, h.dtype(), dev).ok())
+        }
+        _ => None,
+    };
     // z and ∂z of a chunk are alive together: half the rows of the recomputing path.
     let chunk = (chunk_rows(h, v) / 2).max(CHUNK);
     let (mut nll, mut dh) = (Vec::new(), Vec::new());
@@ -179,7 +189,14 @@ pub fn one_pass(
         }
         let dz = xent::row_nll_grad(&z, &y, &coef.narrow(0, start, len)?)?;
         drop(z);
-        chunk_grads(&dz, &hc, &wl, (want_dh, &mut dh), (want_dw, &mut dw))?;
+        chunk_grads(
+            &dz,
+            &hc,
+            &wl,
+            (want_dh, &mut dh),
+            (want_dw, &mut dw),
+            ops.as_ref(),
+        )?;
     }
     let nll = cat_rows(nll, dev)?;
     let loss = (nll * coef)?.sum_all()?;
@@ -198,22 +215,28 @@ pub fn one_pass(
 
 /// The products of one chunk's logit gradient `dz (len, v)` with `h`'s rows `hc` and the
 /// weight `wl` in the compute dtype: `∂h = dz W` pushed to `dh`, and `∂W += dzᵀ h` summed in
-/// f32 into `dw`, each when asked for.
+/// f32 into `dw`, each when asked for (by `ops`' kernels when given: 16-bit products).
 fn chunk_grads(
     dz: &Tensor,
     hc: &Tensor,
     wl: &Tensor,
     (want_dh, dh): (bool, &mut Vec<Tensor>),
     (want_dw, dw): (bool, &mut Option<Tensor>),
-) -> lmkit_core::candle::Result<()> {
+    ops: Option<&BlockOps>,
+) -> Result<()> {
     if want_dh {
         dh.push(dz.matmul(wl)?);
     }
     if want_dw {
-        let part = dz.t()?.matmul(hc)?.to_dtype(DType::F32)?; // (v, c)
-        *dw = Some(match dw.take() {
-            Some(acc) => (acc + part)?,
-            None => part,
+        let part = dz.t()?.matmul(hc)?; // (v, c) in the compute dtype
+        *dw = Some(match (dw.take(), ops) {
+            (Some(acc), Some(k)) => k.add(&acc, &part)?,
+            (None, Some(k)) => match k.widen(&[&part])?.pop() {
+                Some(t) => t,
+                None => part.to_dtype(DType::F32)?,
+            },
+            (Some(acc), None) => (acc + part.to_dtype(DType::F32)?)?,
+            (None, None) => part.to_dtype(DType::F32)?,
         });
     }
     Ok(())
@@ -384,7 +407,8 @@ impl CustomOp3 for HeadNll {
             let y = self.targets.narrow(0, start, len)?;
             let dz = xent::row_nll_grad(&z, &y, &g.narrow(0, start, len)?)
                 .map_err(|e| lmkit_core::candle::Error::msg(e.to_string()))?;
-            chunk_grads(&dz, &hc, &wl, (true, &mut dh), (want_dw, &mut dw))?;
+            chunk_grads(&dz, &hc, &wl, (true, &mut dh), (want_dw, &mut dw), None)
+                .map_err(|e| lmkit_core::candle::Error::msg(e.to_string()))?;
         }
         let dh = match dh.len() {
             1 => dh.swap_remove(0),
