@@ -94,6 +94,20 @@ __device__ void rms_fwd(const float* x, const float* w, T* a, int rows, int c, f
   for (int j = lane; j < c; j += 32) put(ar + j, xr[j] * r * w[j]);
 }
 
+// Column j of one row of the RMSNorm backward: dx_j (+)= r·(g_j·w_j − x̂_j·dot) into dr[j] (and
+// its copy in T when dlp is set), and g_j·x̂_j added to the dw sum acc. dot = mean(x̂ ⊙ g ⊙ w).
+template <typename T>
+__device__ __forceinline__ void rms_bwd_col(float xj, float gj, float wj, float r, float dot,
+                                            float* dr, T* dlp, int j, int accumulate,
+                                            float* acc) {
+  const float xh = xj * r;
+  float v = r * (gj * wj - xh * dot);
+  if (accumulate) v += dr[j];
+  dr[j] = v;
+  if (dlp) put(dlp + j, v);
+  *acc += gj * xh;
+}
+
 // Columns per thread of tr_rms_bwd: c ≤ RMS_COLS · blockDim.x.
 #define RMS_COLS 16
 
@@ -119,14 +133,9 @@ __device__ void rms_bwd(const float* x, const float* w, const T* g, float* dx, T
 #pragma unroll
     for (int k = 0; k < RMS_COLS; ++k) {
       const int j = threadIdx.x + k * blockDim.x;
-      if (j < c) {
-        const float xh = xr[j] * r, gj = to_f(gr[j]);
-        float v = r * (gj * w[j] - xh * dot);
-        if (accumulate) v += dr[j];
-        dr[j] = v;
-        if (dx_lp) put(dx_lp + row * c + j, v);
-        acc[k] += gj * xh;
-      }
+      if (j < c)
+        rms_bwd_col<T>(xr[j], to_f(gr[j]), w[j], r, dot, dr, dx_lp ? dx_lp + row * c : nullptr, j,
+                       accumulate, &acc[k]);
     }
   }
 #pragma unroll
@@ -177,14 +186,9 @@ __device__ void rms_bwd_w(const float* x, const float* w, const T* g, float* dx,
 #pragma unroll
     for (int k = 0; k < RMSW_COLS; ++k) {
       const int j = lane + 32 * k;
-      if (j < c) {
-        const float xh = xv[k] * r;
-        float v = r * (gv[k] * w[j] - xh * dot);
-        if (accumulate) v += dr[j];
-        dr[j] = v;
-        if (dx_lp) put(dx_lp + row * c + j, v);
-        acc[k] += gv[k] * xh;
-      }
+      if (j < c)
+        rms_bwd_col<T>(xv[k], gv[k], w[j], r, dot, dr, dx_lp ? dx_lp + row * c : nullptr, j,
+                       accumulate, &acc[k]);
     }
   }
 #pragma unroll

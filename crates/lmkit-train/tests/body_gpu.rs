@@ -413,3 +413,67 @@ fn lora_adapters_match_the_cpu_path() -> Res {
     }
     Ok(())
 }
+
+/// Both RMSNorm backward kernels against the formula, f64 on the host: a warp per row for
+/// rows of up to 1,024 (`tr_rms_bwd_w`), a block per row beyond (`tr_rms_bwd`), each with the
+/// gradient added into `dx` and the compute-dtype copy.
+#[test]
+fn rms_backward_kernels_match_the_formula() -> Res {
+    let dev = Device::Cpu;
+    let eps = 1e-5f32;
+    for (rows, c) in [(37usize, 96usize), (5, 1000), (3, 1100)] {
+        let vals = |n: usize, k: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i as f32 * k).sin() + 0.1) * 1.3).collect()
+        };
+        let (xv, gv, wv, d0) = (
+            vals(rows * c, 0.37),
+            vals(rows * c, 0.11),
+            vals(c, 0.53),
+            vals(rows * c, 0.29),
+        );
+        let x = Tensor::from_vec(xv.clone(), (rows, c), &dev)?;
+        let g = Tensor::from_vec(gv.clone(), (rows, c), &dev)?;
+        let w = Tensor::from_vec(wv.clone(), c, &dev)?;
+        let dx = Tensor::from_vec(d0.clone(), (rows, c), &dev)?;
+        let ops = lmkit_core::block_ops::BlockOps::new(Launcher::Emu, DType::F32, &dev)?;
+        let (lp, dw) = ops.rms_bwd(&x, &w, &g, &dx, true, eps)?;
+        let (got_dx, got_lp) = (
+            dx.flatten_all()?.to_vec1::<f32>()?,
+            lp.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let got_dw = dw.to_vec1::<f32>()?;
+        let mut want_dw = vec![0f64; c];
+        for r in 0..rows {
+            let row = |v: &[f32], j: usize| v[r * c + j] as f64;
+            let ss: f64 = (0..c).map(|j| row(&xv, j).powi(2)).sum::<f64>() / c as f64;
+            let inv = 1.0 / (ss + eps as f64).sqrt();
+            let dot: f64 = (0..c)
+                .map(|j| row(&xv, j) * inv * row(&gv, j) * wv[j] as f64)
+                .sum::<f64>()
+                / c as f64;
+            for j in 0..c {
+                let xh = row(&xv, j) * inv;
+                let want = inv * (row(&gv, j) * wv[j] as f64 - xh * dot) + row(&d0, j);
+                let i = r * c + j;
+                assert!(
+                    (got_dx[i] as f64 - want).abs() < 1e-4,
+                    "dx {rows}x{c} [{i}]: {} vs {want}",
+                    got_dx[i]
+                );
+                assert_eq!(
+                    got_lp[i], got_dx[i],
+                    "the compute-dtype copy {rows}x{c} [{i}]"
+                );
+                want_dw[j] += row(&gv, j) * xh;
+            }
+        }
+        for j in 0..c {
+            let (a, b) = (got_dw[j] as f64, want_dw[j]);
+            assert!(
+                (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                "dw {rows}x{c} [{j}]: {a} vs {b}"
+            );
+        }
+    }
+    Ok(())
+}
