@@ -1,8 +1,9 @@
 //! With the `cuda` feature, compiles `cuda/fused.cu`, `cuda/decode.cu` and `cuda/train.cu` to
 //! PTX with nvcc (from `CUDA_ROOT`'s `bin`, else the `PATH`), for `CUDA_COMPUTE_CAP` (default
-//! 80; the driver JIT-compiles PTX for newer GPUs). With `cuda-emu`, compiles `cuda/decode.cu`
-//! and `cuda/train.cu` as C++ together with the CPU emulator of `cuda/emu/` (the tests run the
-//! kernels there). Without either feature it does nothing.
+//! 80; the driver JIT-compiles PTX for newer GPUs). With `cuda-emu`, compiles `cuda/decode.cu`,
+//! `cuda/train.cu` and `cuda/fused.cu` (but for its one atomic kernel) as C++ together with
+//! the CPU emulator of `cuda/emu/` (the tests run the kernels there). Without either feature
+//! it does nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,7 +23,8 @@ fn main() {
             .flag_if_supported("-Wno-unused-function")
             .file("cuda/emu/emu.cpp")
             .file("cuda/emu/decode_emu.cpp")
-            .file("cuda/emu/train_emu.cpp");
+            .file("cuda/emu/train_emu.cpp")
+            .file("cuda/emu/fused_emu.cpp");
         // LMKIT_EMU_ASAN=1: the kernels under AddressSanitizer (scripts/emu-asan), so that an
         // access past a tensor's buffer fails the test that made it.
         if std::env::var_os("LMKIT_EMU_ASAN").is_some_and(|v| v == "1") {

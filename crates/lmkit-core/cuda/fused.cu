@@ -1,5 +1,6 @@
 // lmkit's own CUDA kernels for training (compiled to PTX by build.rs with the `cuda` feature;
-// loaded through candle's custom-module cache, see src/cuda_ops.rs). Each has a CPU twin in
+// loaded through candle's custom-module cache, see src/cuda_ops.rs; with `cuda-emu` also as C++
+// for the CPU emulator of cuda/emu/, all but embedding_bwd_f32). Each has a CPU twin in
 // Rust (src/attn_softmax.rs, src/xent.rs) that the tests compare against plain tensor ops.
 //
 // causal_softmax   y = softmax(scale·x) over the causally visible columns of each row, 0 after
@@ -9,9 +10,14 @@
 // xent_bwd         dzᵢ = gᵢ · (softmax(zᵢ) − onehot(yᵢ)).               One block per row.
 // All arithmetic is f32 whatever the storage type.
 
+#ifdef LMKIT_EMU
+#include "emu/emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#define LMKIT_REG(name)
+#endif
 
 #include "common.cuh"
 
@@ -109,7 +115,11 @@ __device__ void xent_bwd(const T* z, const uint32_t* y, const float* g, T* dz, i
   extern "C" __global__ void xent_bwd_##SUFFIX(const T* z, const uint32_t* y, const float* g,    \
                                                T* dz, int64_t rows, int v) {                     \
     xent_bwd<T>(z, y, g, dz, rows, v);                                                            \
-  }
+  }                                                                                               \
+  LMKIT_REG(causal_softmax_##SUFFIX)                                                              \
+  LMKIT_REG(causal_softmax_bwd_##SUFFIX)                                                          \
+  LMKIT_REG(xent_fwd_##SUFFIX)                                                                    \
+  LMKIT_REG(xent_bwd_##SUFFIX)
 
 KERNELS(f32, float)
 KERNELS(bf16, __nv_bfloat16)
@@ -137,6 +147,12 @@ extern "C" __global__ void adamw_dev_f32(float* p, float* m, float* v, const flo
   adamw(p, m, v, g, k_dev[0], n, lr, b1, b2, bc1, bc2, eps, decay);
 }
 
+LMKIT_REG(adamw_f32)
+LMKIT_REG(adamw_dev_f32)
+
+// The emulator has no atomicAdd: this kernel is the GPU's only (its CPU twin is
+// lmkit_core::fused's embedding backward).
+#ifndef LMKIT_EMU
 // Embedding backward: dw[ids[r], j] += g[r, j] over all rows r (dw zeroed by the caller).
 // Atomic adds: parallel over every element, where an index_add over the ids is serial.
 extern "C" __global__ void embedding_bwd_f32(const float* g, const uint32_t* ids, float* dw,
@@ -148,3 +164,4 @@ extern "C" __global__ void embedding_bwd_f32(const float* g, const uint32_t* ids
     if ((int64_t)id < v) atomicAdd(dw + (int64_t)id * c + (i - r * c), g[i]);
   }
 }
+#endif

@@ -301,11 +301,13 @@ void add_kernel(const char* name, int nargs, void (*call)(void*, const uint64_t*
 // writes why not into `err` and returns 1.
 extern "C" void lmkit_emu_decode_anchor();
 extern "C" void lmkit_emu_train_anchor();
+extern "C" void lmkit_emu_fused_anchor();
 
 // Whether kernel `name` is compiled in (1) or not (0).
 extern "C" int lmkit_emu_has(const char* name) {
   lmkit_emu_decode_anchor();
   lmkit_emu_train_anchor();
+  lmkit_emu_fused_anchor();
   return registry().count(name) ? 1 : 0;
 }
 
@@ -313,6 +315,7 @@ extern "C" int lmkit_emu_launch(const char* name, unsigned gx, unsigned gy, unsi
                                 const uint64_t* args, int nargs, char* err, int errlen) {
   lmkit_emu_decode_anchor();
   lmkit_emu_train_anchor();
+  lmkit_emu_fused_anchor();
   auto it = registry().find(name);
   if (it == registry().end()) {
     snprintf(err, errlen, "no emulated kernel `%s`", name);
