@@ -7,7 +7,8 @@
 //                  them; row r is query position (r mod t) + offset.     One warp per row.
 // causal_softmax_bwd  dx = scale · y ⊙ (g − Σⱼ gⱼyⱼ).                  One warp per row.
 // xent_fwd         nllᵢ = logsumexp(zᵢ) − zᵢ,yᵢ   (NaN for a target outside the row).
-// xent_bwd         dzᵢ = gᵢ · (softmax(zᵢ) − onehot(yᵢ)).               One block per row.
+// xent_bwd         dzᵢ = gᵢ · (softmax(zᵢ) − onehot(yᵢ)).               One block per row,
+//                  the row read once for its statistics (online softmax, common.cuh).
 // All arithmetic is f32 whatever the storage type.
 
 #ifdef LMKIT_EMU
@@ -60,20 +61,17 @@ __device__ void causal_softmax_bwd(const T* y, const T* g, T* dx, int64_t rows, 
   }
 }
 
+// The row statistics and the gradient row are common.cuh's (shared with train.cu's tr_xent).
 template <typename T>
 __device__ void xent_fwd(const T* z, const uint32_t* y, float* nll, int64_t rows, int v) {
   const int64_t row = blockIdx.x;
   if (row >= rows) return;
   const T* zr = z + row * v;
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < v; c += blockDim.x) m = fmaxf(m, to_f(zr[c]));
-  m = block_max(m);
-  float s = 0.f;
-  for (int c = threadIdx.x; c < v; c += blockDim.x) s += expf(to_f(zr[c]) - m);
-  s = block_sum(s);
+  float m, s;
+  row_softmax_stats<T>(zr, v, &m, &s);
   if (threadIdx.x == 0) {
     const uint32_t k = y[row];
-    nll[row] = k < (uint32_t)v ? logf(s) + m - to_f(zr[k]) : __int_as_float(0x7fc00000);
+    nll[row] = xent_nll(m, s, k < (uint32_t)v ? to_f(zr[k]) : 0.f, k, v);
   }
 }
 
@@ -82,20 +80,9 @@ __device__ void xent_bwd(const T* z, const uint32_t* y, const float* g, T* dz, i
                          int v) {
   const int64_t row = blockIdx.x;
   if (row >= rows) return;
-  const T* zr = z + row * v;
-  T* dr = dz + row * v;
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < v; c += blockDim.x) m = fmaxf(m, to_f(zr[c]));
-  m = block_max(m);
-  float s = 0.f;
-  for (int c = threadIdx.x; c < v; c += blockDim.x) s += expf(to_f(zr[c]) - m);
-  s = block_sum(s);
-  const float inv = 1.f / s, gr = g[row];
-  const uint32_t k = y[row];
-  for (int c = threadIdx.x; c < v; c += blockDim.x) {
-    const float p = expf(to_f(zr[c]) - m) * inv - (c == (int)k ? 1.f : 0.f);
-    put(dr + c, gr * p);
-  }
+  float m, s;
+  row_softmax_stats<T>(z + row * v, v, &m, &s);
+  xent_grad_row<T>(z + row * v, dz + row * v, v, m, 1.f / s, y[row], g[row]);
 }
 
 #define KERNELS(SUFFIX, T)                                                                        \

@@ -16,6 +16,8 @@ const RMS_COLS: usize = 16;
 /// Columns per lane and warps per block of `tr_rms_bwd_w` (`RMSW_COLS`, `RMSW_WARPS`).
 const RMSW_COLS: usize = 32;
 const RMSW_WARPS: usize = 8;
+/// Threads per row of `tr_xent`.
+const XENT_THREADS: u32 = 512;
 /// Most blocks of a grid-stride launch.
 const MAX_BLOCKS: usize = 4096;
 /// The widest row `rms_bwd` takes.
@@ -274,11 +276,58 @@ impl BlockOps {
             Arg::I32(i32::from(accumulate)),
         ];
         self.run(kernel, blocks, threads as u32, &args)?;
-        let dw = part.sum(0).map_err(|e| Error::Candle {
-            op: "rms_bwd partial sums".into(),
+        let dw = self.empty(c, DType::F32)?;
+        let args = [
+            self.ptr(&part)?,
+            self.ptr(&dw)?,
+            int(blocks, "partial sums")?,
+            int(c, "hidden size")?,
+        ];
+        // c ≤ MAX_HIDDEN (checked above): the grid fits a u32.
+        let blocks_x = c.div_ceil(32) as u32;
+        self.launcher
+            .launch("tr_colsum", (blocks_x, 1), 256, &args)?;
+        Ok((dx_lp, dw))
+    }
+
+    /// The cross-entropy of each row of the logits `z (rows, v)` (compute dtype, contiguous)
+    /// at `targets (rows,)` u32, returned as `(rows,)` f32 (NaN for a target outside the row);
+    /// `z` is overwritten with the gradient of `Σᵢ coefᵢ · nllᵢ`, `coef (rows,)` f32:
+    /// `coefᵢ · (softmax(zᵢ) − onehot(yᵢ))`. One kernel, one pass over the logits each way.
+    pub fn xent_in_place(&self, z: &Tensor, targets: &Tensor, coef: &Tensor) -> Result<Tensor> {
+        let (rows, v) = z.dims2().map_err(|e| Error::Candle {
+            op: "cross-entropy logits".into(),
             source: e,
         })?;
-        Ok((dx_lp, dw))
+        if z.dtype() != self.dtype
+            || targets.dims() != [rows]
+            || targets.dtype() != DType::U32
+            || coef.dims() != [rows]
+            || coef.dtype() != DType::F32
+        {
+            return Err(Error::Unsupported(format!(
+                "cross-entropy of {:?} {:?} logits with {:?} kernels, targets {:?} {:?}, \
+                 factors {:?} {:?}",
+                z.dtype(),
+                z.dims(),
+                self.dtype,
+                targets.dtype(),
+                targets.dims(),
+                coef.dtype(),
+                coef.dims()
+            )));
+        }
+        let nll = self.empty(rows, DType::F32)?;
+        let args = [
+            self.ptr(z)?,
+            self.ptr(targets)?,
+            self.ptr(coef)?,
+            self.ptr(&nll)?,
+            int(rows, "rows")?,
+            int(v, "vocabulary")?,
+        ];
+        self.run("xent", rows, XENT_THREADS, &args)?;
+        Ok(nll)
     }
 
     /// `x + y` in f32 (f32 `x`, compute-dtype `y`).
@@ -323,7 +372,7 @@ impl BlockOps {
             int(rows, "rows")?,
             int(f, "MLP width")?,
         ];
-        self.run("silu_mul", grid(rows * f), 256, &args)?;
+        self.run("silu_mul", rows.clamp(1, MAX_BLOCKS), 256, &args)?; // rows over the blocks
         Ok(m)
     }
 
@@ -338,7 +387,7 @@ impl BlockOps {
             int(rows, "rows")?,
             int(f, "MLP width")?,
         ];
-        self.run("silu_mul_bwd", grid(rows * f), 256, &args)?;
+        self.run("silu_mul_bwd", rows.clamp(1, MAX_BLOCKS), 256, &args)?;
         Ok(dgu)
     }
 
@@ -352,8 +401,13 @@ impl BlockOps {
         ])
     }
 
-    fn pairs(hd: &Heads) -> usize {
-        hd.b * hd.t * (hd.h + 2 * hd.kh) * hd.d / 2
+    /// Blocks and threads of `tr_rope_*`: rows over the blocks, a row's groups of pairs (16
+    /// bytes of one head each) over a block's threads.
+    fn rope_launch(&self, hd: &Heads) -> (usize, u32) {
+        let per_load = 16 / self.dtype.size_in_bytes();
+        let groups = (hd.h + 2 * hd.kh) * (hd.d / 2).div_ceil(per_load);
+        let threads = (groups.div_ceil(32) * 32).clamp(32, 256);
+        ((hd.b * hd.t).clamp(1, MAX_BLOCKS), threads as u32)
     }
 
     /// RoPE and the move into heads: the rows of q, k, v (plus the f32 stacked `bias`) into
@@ -413,7 +467,8 @@ impl BlockOps {
         ]);
         args.extend(Self::head_args(hd)?);
         args.extend([int(hd.cap, "cache capacity")?, int(hd.off, "cache length")?]);
-        self.run("rope_split", grid(Self::pairs(hd)), 256, &args)?;
+        let (blocks, threads) = self.rope_launch(hd);
+        self.run("rope_split", blocks, threads, &args)?;
         Ok(q)
     }
 
@@ -438,7 +493,8 @@ impl BlockOps {
             self.ptr(sin)?,
         ];
         args.extend(Self::head_args(hd)?);
-        self.run("rope_merge", grid(Self::pairs(hd)), 256, &args)?;
+        let (blocks, threads) = self.rope_launch(hd);
+        self.run("rope_merge", blocks, threads, &args)?;
         Ok(out)
     }
 

@@ -140,7 +140,8 @@ pub fn output_cross_entropy(
 /// `Σᵢ coefᵢ nllᵢ` of `h (n, c) · Wᵀ` at `targets`, with its gradients to `h` (in h's dtype)
 /// and to `w` (f32, then w's dtype) when asked for, on any device, over row chunks: per chunk
 /// the logits `z = h Wᵀ` (one product in h's dtype), each row's nll and `∂z = coef (p −
-/// onehot)` from them (`lmkit_core::xent`, f32 inside), then `∂h = ∂z W` and `∂W += ∂zᵀ h`.
+/// onehot)` from them (f32 inside: on a GPU one kernel that writes `∂z` over the logits,
+/// `BlockOps::xent_in_place`, else `lmkit_core::xent`), then `∂h = ∂z W` and `∂W += ∂zᵀ h`.
 /// Three products per chunk where the recomputing backward of [`output_nll`] takes four.
 pub fn one_pass(
     h: &Tensor,
@@ -162,16 +163,17 @@ pub fn one_pass(
         )));
     }
     let dev = h.device();
-    let targets = targets.to_dtype(DType::U32)?.to_device(dev)?;
-    let coef = coef.to_dtype(DType::F32)?.to_device(dev)?;
+    let targets = targets.to_dtype(DType::U32)?.to_device(dev)?.contiguous()?;
+    let coef = coef.to_dtype(DType::F32)?.to_device(dev)?.contiguous()?;
     let hd = h.detach();
     let wl = w.detach().to_dtype(h.dtype())?;
-    // 16-bit products on a GPU: ∂W sums into f32 through lmkit's kernels (one pass per chunk,
-    // where candle's cast then add made three, 0.59 ms a chunk on an H200 for the 113M model).
-    let ops = match (want_dw, h.dtype()) {
-        (true, DType::BF16 | DType::F16) => {
-            Launcher::for_device(dev).and_then(|l| BlockOps::new(l, h.dtype(), dev).ok())
-        }
+    // On a GPU (or its emulator), lmkit's kernels: the loss and ∂z of a chunk in one kernel
+    // that writes ∂z over the logits (`tr_xent`), and for 16-bit products ∂W summed into f32
+    // in one pass per chunk, where candle's cast then add made three (0.59 ms a chunk on an
+    // H200 for the 113M model).
+    let ops = Launcher::for_device(dev).and_then(|l| BlockOps::new(l, h.dtype(), dev).ok());
+    let dw_ops = match h.dtype() {
+        DType::BF16 | DType::F16 => ops.as_ref(),
         _ => None,
     };
     // z and ∂z of a chunk are alive together: half the rows of the recomputing path.
@@ -183,19 +185,28 @@ pub fn one_pass(
         let hc = hd.narrow(0, start, len)?;
         let y = targets.narrow(0, start, len)?;
         let z = hc.matmul(&wl.t()?)?; // (len, v)
-        nll.push(xent::row_nll(&z, &y)?);
         if !want_dh && !want_dw {
+            nll.push(xent::row_nll(&z, &y)?);
             continue;
         }
-        let dz = xent::row_nll_grad(&z, &y, &coef.narrow(0, start, len)?)?;
-        drop(z);
+        let k = coef.narrow(0, start, len)?;
+        let dz = match &ops {
+            Some(ops) => {
+                nll.push(ops.xent_in_place(&z, &y, &k)?);
+                z // now ∂z
+            }
+            None => {
+                nll.push(xent::row_nll(&z, &y)?);
+                xent::row_nll_grad(&z, &y, &k)?
+            }
+        };
         chunk_grads(
             &dz,
             &hc,
             &wl,
             (want_dh, &mut dh),
             (want_dw, &mut dw),
-            ops.as_ref(),
+            dw_ops,
         )?;
     }
     let nll = cat_rows(nll, dev)?;

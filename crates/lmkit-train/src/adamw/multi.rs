@@ -68,7 +68,8 @@ impl AdamW {
         let part = Tensor::zeros(launches * NORM_BLOCKS, DType::F32, &dev)?;
         let out = Tensor::zeros(2, DType::F32, &dev)?;
         let (part_at, out_at) = (launcher.ptr(&part)?, launcher.ptr(&out)?);
-        let grid = |most: usize| most.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+        // A thread per four values (the kernels' groups).
+        let grid = |most: usize| most.div_ceil(4 * THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
         let sq = items
             .iter()
             .map(|(_, g)| {
@@ -155,8 +156,9 @@ mod tests {
     use lmkit_core::candle::Var;
     use lmkit_core::Device;
 
-    // The last one reaches the last block of its norm launch (256 blocks of 256 threads).
-    const SIZES: [usize; 11] = [1, 7, 300, 1000, 33, 2, 513, 64, 5, 129, 66_000];
+    // The last one reaches the last block of its norm launch (256 blocks of 256 threads, four
+    // values each); odd sizes end in a partial group of four.
+    const SIZES: [usize; 11] = [1, 7, 300, 1000, 33, 2, 513, 64, 5, 129, 263_001];
     /// The variable that gets no gradient.
     const IDLE: usize = 3;
 
