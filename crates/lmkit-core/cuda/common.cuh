@@ -108,6 +108,34 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 }
 #endif
 
+// d (16 × 8, f32) += a (16 × 16) · b (16 × 8) on tensor cores, T = bf16 or f16:
+// mma.sync.aligned.m16n8k16.row.col with PTX's fragment layout (emu/emu.h spells it out).
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b);
+#ifdef LMKIT_EMU
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
+  lmkit_emu_mma16816(d, a, b, std::is_same_v<T, __half>);
+}
+#else
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
 // VEC = 16 / sizeof(T) values at p into f32 x: one 16-byte load when `wide` (p 16-byte aligned,
 // VEC values there), else n ≤ VEC loads of one value, the rest of x set to `pad`.
 template <typename T>

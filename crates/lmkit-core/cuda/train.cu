@@ -470,31 +470,7 @@ LMKIT_REG(tr_adamw_x8)
 // from_f and pack2: common.cuh.
 
 // d (16×8 f32, 4 per lane) += a (16×16 A fragment) · b (16×8 B fragment).
-template <typename T>
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b);
-#ifdef LMKIT_EMU
-template <typename T>
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
-  lmkit_emu_mma16816(d, a, b, std::is_same_v<T, __half>);
-}
-#else
-template <>
-__device__ __forceinline__ void mma16816<bf16>(float* d, const uint32_t* a, const uint32_t* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma16816<f16>(float* d, const uint32_t* a, const uint32_t* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-#endif
+// mma16816: common.cuh.
 
 // Four 8 × 8 matrices of 16-bit values from shared memory (ldmatrix.x4): this lane gives the
 // address of row lane%8 of matrix lane/8 (16-byte aligned) and gets, in r[m], matrix m's

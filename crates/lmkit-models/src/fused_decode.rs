@@ -350,6 +350,9 @@ pub(crate) struct FusedDecoder {
     steps: usize,
     /// No graph: every step launches its kernels one by one.
     eager: bool,
+    /// Launches of 2-16 sequences with 16-bit weights take the tensor-core products
+    /// (`dec_tgemv`, `dec_tgateup`) where their shapes allow: `LMKIT_DECODE_TC=1`.
+    tensor_cores: bool,
 }
 
 impl std::fmt::Debug for FusedDecoder {
@@ -413,6 +416,7 @@ impl FusedDecoder {
             graph: None,
             steps: 0,
             eager: false,
+            tensor_cores: tensor_cores_asked(),
             launcher,
         })
     }
@@ -682,19 +686,28 @@ impl FusedDecoder {
         y: u64,
     ) -> Result<()> {
         let n: usize = w.iter().map(|(_, r)| r).sum();
-        let grid = blocks_for(n)?;
         for (j0, nb) in chunks(self.batch) {
             let at = |base: u64, width: usize| base + (j0 * width * 4) as u64;
             let mut args = Vec::with_capacity(20);
+            let mut grid = blocks_for(n)?;
             let name = match w[0].0 {
                 Mat::Dense { sfx, .. } => {
+                    let mut ptrs = vec![at(x, k), norm.map_or(0, |(p, _)| p)];
                     for (mat, _) in w {
-                        args.push(Arg::Ptr(match mat {
+                        let p = match mat {
                             Mat::Dense { w, .. } => w,
                             Mat::Quant { q, .. } => q,
-                        }));
+                        };
+                        ptrs.push(p);
+                        args.push(Arg::Ptr(p));
                     }
-                    format!("dec_gemv_{sfx}_{}", template_nb(nb))
+                    let rows = w.map(|(_, r)| r);
+                    if self.tensor_cores && tc_applies(sfx, nb, &rows, k, &ptrs) {
+                        grid = tc_blocks(n)?;
+                        format!("dec_tgemv_{sfx}")
+                    } else {
+                        format!("dec_gemv_{sfx}_{}", template_nb(nb))
+                    }
                 }
                 Mat::Quant { fmt, .. } => {
                     for part in 0..3 {
@@ -738,8 +751,8 @@ impl FusedDecoder {
         m: u64,
         n: usize,
     ) -> Result<()> {
-        let grid = blocks_for(n)?;
         for (j0, nb) in chunks(self.batch) {
+            let mut grid = blocks_for(n)?;
             let mut args = match (wg, wu) {
                 (Mat::Dense { w: g, .. }, Mat::Dense { w: u, .. }) => {
                     vec![Arg::Ptr(g), Arg::Ptr(u)]
@@ -773,15 +786,51 @@ impl FusedDecoder {
                 Arg::Ptr(nw),
                 Arg::F32(eps),
             ]);
-            let name = match wg {
-                Mat::Dense { sfx, .. } => format!("dec_gateup_{sfx}_{}", template_nb(nb)),
-                Mat::Quant { fmt, .. } => format!("dec_qgateup_{fmt}_{}", template_nb(nb)),
+            let name = match (wg, wu) {
+                (Mat::Dense { sfx, w: g }, Mat::Dense { w: u, .. })
+                    if self.tensor_cores
+                        && tc_applies(
+                            sfx,
+                            nb,
+                            &[n, 0, 0],
+                            k,
+                            &[x + (j0 * k * 4) as u64, nw, g, u],
+                        ) =>
+                {
+                    grid = tc_blocks(n)?;
+                    format!("dec_tgateup_{sfx}")
+                }
+                (Mat::Dense { sfx, .. }, _) => format!("dec_gateup_{sfx}_{}", template_nb(nb)),
+                (Mat::Quant { fmt, .. }, _) => format!("dec_qgateup_{fmt}_{}", template_nb(nb)),
             };
             self.launcher
                 .launch(&name, (grid, 1), GEMV_THREADS, &args)?;
         }
         Ok(())
     }
+}
+
+/// Whether a launch of `nb` sequences takes the tensor-core products (`dec_tgemv`,
+/// `dec_tgateup`): 16-bit weights, 2-16 sequences, matrices of whole tiles of eight rows,
+/// `k` in chunks of 32, and every buffer they read 16 bytes at a time on a 16-byte boundary
+/// (`ptrs`; 0 for an absent one).
+fn tc_applies(sfx: &str, nb: usize, rows: &[usize], k: usize, ptrs: &[u64]) -> bool {
+    matches!(sfx, "bf16" | "f16")
+        && (2..=MAX_NB).contains(&nb)
+        && rows.iter().all(|r| r.is_multiple_of(8))
+        && k.is_multiple_of(32)
+        && ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
+/// Blocks of the tensor-core products: one per eight output rows.
+fn tc_blocks(n: usize) -> Result<u32> {
+    u32::try_from(n / 8).map_err(|_| Error::Kv(format!("{n} output rows")))
+}
+
+/// `LMKIT_DECODE_TC=1` (or `on`): the tensor-core products for batches of 2-16 (not yet the
+/// default: their speed on a GPU is unmeasured).
+fn tensor_cores_asked() -> bool {
+    std::env::var("LMKIT_DECODE_TC").is_ok_and(|v| matches!(v.as_str(), "1" | "on"))
 }
 
 /// GEMV blocks for `n` output rows (one warp each).
