@@ -22,6 +22,18 @@ __device__ __forceinline__ T load16(const void* p) {
 #endif
 }
 
+// 8 bytes from `p` (8-byte aligned).
+__device__ __forceinline__ uint2 load8(const void* p) {
+#ifdef LMKIT_EMU
+  if (reinterpret_cast<uintptr_t>(p) & 7) lmkit_emu_fault("an 8-byte load off an 8-byte boundary");
+  uint2 v;
+  memcpy(&v, p, 8);
+  return v;
+#else
+  return *reinterpret_cast<const uint2*>(p);
+#endif
+}
+
 // Whether 16-byte loads may start at `p` (the emulator can also answer no everywhere, to test
 // the kernels' one-value-at-a-time loops).
 __device__ __forceinline__ bool aligned16(const void* p) {

@@ -14,7 +14,8 @@
 //                the sum of squares taken in the same pass over x_j as the dot products.
 //                                                                        warp per output row
 // dec_gateup     m_j = silu(W_g a_j) ⊙ (W_u a_j), a_j as above          warp per output row
-// dec_tgemv, dec_tgateup: the same for 2-16 sequences on tensor cores (bf16/f16 weights).
+// dec_tgemv, dec_tgateup, dec_tqgemv, dec_tqgateup: the same for 2-16 sequences on tensor cores
+//                (bf16/f16 weights, or Q8_0 / Q4_1 blocks dequantized into bf16 fragments).
 // dec_qgemv, dec_qgateup, dec_qembed: the same with Q8_0 / Q4_1 weights (repacked, see below).
 // dec_rope_append  q_j ← rot(pos_j)·q_j; k_j ← rot(pos_j)·k_j, then k_j, v_j written at
 //                cache slot slot_j; rot rotates the pairs (i, i + d/2) by pos·θᵢ (HF's
@@ -257,10 +258,22 @@ __device__ __forceinline__ void tc_row(const float* x, const float* nw8, int k, 
   for (int e = 0; e < 4; e++) p[e] = pack2<T>(v[2 * e], v[2 * e + 1]);
 }
 
+// W's rows for the tensor-core products: load(g, col, o) packs W[g][col .. col + 8) into
+// o[0..4) as pairs of T (col a multiple of 8). Dense rows are one 16-byte load.
+template <typename T>
+struct DenseRows {
+  const T* w;
+  int k;
+  __device__ __forceinline__ void load(int g, int col, uint32_t* o) const {
+    const uint4 u = load16<uint4>(w + (size_t)g * k + col);
+    o[0] = u.x, o[1] = u.y, o[2] = u.z, o[3] = u.w;
+  }
+};
+
 // This warp's share of the 16 × 8 tile: d += X[0..16) · W[rows of w, 8 of them]ᵀ over its
 // chunks of k (and of the second matrix into d2 when w2 is set: gate and up read the same x).
-template <typename T>
-__device__ __forceinline__ void tc_tile(const T* w, const T* w2, const float* x, const float* nw,
+template <typename T, typename L>
+__device__ __forceinline__ void tc_tile(const L& w, const L* w2, const float* x, const float* nw,
                                        int k, int b, float* d, float* d2, float* sq0,
                                        float* sq1) {
   const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
@@ -278,15 +291,15 @@ __device__ __forceinline__ void tc_tile(const T* w, const T* w2, const float* x,
     tc_row<T>(x, nw ? nw8 : nullptr, k, g, b, col, p0, sq0);
     tc_row<T>(x, nw ? nw8 : nullptr, k, g + 8, b, col, p1, sq1);
     const uint32_t a[2][4] = {{p0[0], p1[0], p0[1], p1[1]}, {p0[2], p1[2], p0[3], p1[3]}};
-    const uint4 u = load16<uint4>(w + (size_t)g * k + col);
-    const uint32_t bw[2][2] = {{u.x, u.y}, {u.z, u.w}};
-    mma16816<T>(d, a[0], bw[0]);
-    mma16816<T>(d, a[1], bw[1]);
+    uint32_t bw[4];
+    w.load(g, col, bw);
+    mma16816<T>(d, a[0], bw);
+    mma16816<T>(d, a[1], bw + 2);
     if (w2) {
-      const uint4 u2 = load16<uint4>(w2 + (size_t)g * k + col);
-      const uint32_t bu[2][2] = {{u2.x, u2.y}, {u2.z, u2.w}};
-      mma16816<T>(d2, a[0], bu[0]);
-      mma16816<T>(d2, a[1], bu[1]);
+      uint32_t bu[4];
+      w2->load(g, col, bu);
+      mma16816<T>(d2, a[0], bu);
+      mma16816<T>(d2, a[1], bu + 2);
     }
   }
 }
@@ -326,20 +339,14 @@ __device__ __forceinline__ float tc_sum(float (*red)[16][8], const float (*sqs)[
   return s;
 }
 
-template <typename T>
-__device__ void tgemv(const T* w0, const T* w1, const T* w2, int n0, int n1, int n2,
-                      const float* b0, const float* b1, const float* b2, const float* x,
-                      const float* res, float* y, int k, int b, const float* nw, float eps) {
+// One block's tile of eight rows (rows r0.. of the matrix that w reads; t0.. of the output).
+template <typename T, typename L>
+__device__ void tgemv_tile(const L& w, const float* bias, int r0, int t0, int n, const float* x,
+                           const float* res, float* y, int k, int b, const float* nw, float eps) {
   __shared__ float red[TC_WARPS][16][8];
   __shared__ float sqs[TC_WARPS][16];
-  const int n = n0 + n1 + n2, t0 = blockIdx.x * 8;
-  if (t0 >= n) return;  // the whole block
-  int r0;
-  const int i = pick(t0, n0, n1, &r0);  // tiles do not straddle matrices (rows % 8 == 0)
-  const T* w = (i == 0 ? w0 : i == 1 ? w1 : w2) + (size_t)r0 * k;
-  const float* bias = i == 0 ? b0 : i == 1 ? b1 : b2;
   float d[4] = {0.f, 0.f, 0.f, 0.f}, sq0 = 0.f, sq1 = 0.f;
-  tc_tile<T>(w, nullptr, x, nw, k, b, d, nullptr, &sq0, &sq1);
+  tc_tile<T, L>(w, nullptr, x, nw, k, b, d, nullptr, &sq0, &sq1);
   tc_gather(d, red, sq0, sq1, nw ? sqs : nullptr);
   __syncthreads();
   float r;
@@ -354,15 +361,13 @@ __device__ void tgemv(const T* w0, const T* w1, const T* w2, int n0, int n1, int
   }
 }
 
-template <typename T>
-__device__ void tgateup(const T* wg, const T* wu, const float* x, float* mo, int n, int k, int b,
-                        const float* nw, float eps) {
+template <typename T, typename L>
+__device__ void tgateup_tile(const L& wg, const L& wu, int t0, int n, const float* x, float* mo,
+                             int k, int b, const float* nw, float eps) {
   __shared__ float red[2][TC_WARPS][16][8];
   __shared__ float sqs[TC_WARPS][16];
-  const int t0 = blockIdx.x * 8;
-  if (t0 >= n) return;
   float dg[4] = {0.f, 0.f, 0.f, 0.f}, du[4] = {0.f, 0.f, 0.f, 0.f}, sq0 = 0.f, sq1 = 0.f;
-  tc_tile<T>(wg + (size_t)t0 * k, wu + (size_t)t0 * k, x, nw, k, b, dg, du, &sq0, &sq1);
+  tc_tile<T, L>(wg, &wu, x, nw, k, b, dg, du, &sq0, &sq1);
   tc_gather(dg, red[0], sq0, sq1, nw ? sqs : nullptr);
   tc_gather(du, red[1], 0.f, 0.f, nullptr);
   __syncthreads();
@@ -371,6 +376,27 @@ __device__ void tgateup(const T* wg, const T* wu, const float* x, float* mo, int
   const float u = tc_sum(red[1], nullptr, k, eps, &one) * r;
   const int m = threadIdx.x >> 3, col = threadIdx.x & 7;
   if (m < b) mo[(size_t)m * n + t0 + col] = g / (1.f + expf(-g)) * u;
+}
+
+template <typename T>
+__device__ void tgemv(const T* w0, const T* w1, const T* w2, int n0, int n1, int n2,
+                      const float* b0, const float* b1, const float* b2, const float* x,
+                      const float* res, float* y, int k, int b, const float* nw, float eps) {
+  const int n = n0 + n1 + n2, t0 = blockIdx.x * 8;
+  if (t0 >= n) return;  // the whole block
+  int r0;
+  const int i = pick(t0, n0, n1, &r0);  // tiles do not straddle matrices (rows % 8 == 0)
+  const DenseRows<T> w{(i == 0 ? w0 : i == 1 ? w1 : w2) + (size_t)r0 * k, k};
+  tgemv_tile<T>(w, i == 0 ? b0 : i == 1 ? b1 : b2, r0, t0, n, x, res, y, k, b, nw, eps);
+}
+
+template <typename T>
+__device__ void tgateup(const T* wg, const T* wu, const float* x, float* mo, int n, int k, int b,
+                        const float* nw, float eps) {
+  const int t0 = blockIdx.x * 8;
+  if (t0 >= n) return;
+  const DenseRows<T> g{wg + (size_t)t0 * k, k}, u{wu + (size_t)t0 * k, k};
+  tgateup_tile<T>(g, u, t0, n, x, mo, k, b, nw, eps);
 }
 
 // TC_WARPS · 32 = 128 threads per block, one block per eight output rows.
@@ -591,6 +617,88 @@ __device__ void qgateup(const uint8_t* qg, const uint8_t* qu, const float* sg, c
   QGEMV(NAME, F, 16, MINB)
 QGEMV_ALL(q8_0, Q8_0, 4)
 QGEMV_ALL(q4_1, Q4_1, 3)
+
+// The tensor-core products (dec_tgemv above) for Q8_0 / Q4_1 blocks, dequantized into bf16 as
+// B's fragments are packed: a lane's eight values of a row are one 8-byte load of quants (in
+// Q4_1, the low nibbles of a block's bytes 0..15 hold its values 0..15, the high ones 16..31).
+template <int F>
+struct QuantRows {
+  const uint8_t* q;
+  const float* s;
+  const float* m;
+  int k;
+  __device__ __forceinline__ void load(int g, int col, uint32_t* o) const {
+    const int blk = col >> 5, i = col & 31;
+    const size_t sb = (size_t)g * (k / 32) + blk;
+    const float sc = s[sb], mn = F == Q4_1 ? m[sb] : 0.f;
+    float v[8];
+    if (F == Q8_0) {
+      const uint2 raw = load8(q + (size_t)g * k + col);
+      int8_t qv[8];
+      memcpy(qv, &raw, 8);
+#pragma unroll
+      for (int e = 0; e < 8; e++) v[e] = sc * (float)qv[e];
+    } else {
+      const uint2 raw = load8(q + (size_t)g * (k / 2) + blk * 16 + (i & 15));
+      uint8_t qv[8];
+      memcpy(qv, &raw, 8);
+#pragma unroll
+      for (int e = 0; e < 8; e++) v[e] = sc * (float)(i < 16 ? (qv[e] & 15) : (qv[e] >> 4)) + mn;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++) o[e] = pack2<bf16>(v[2 * e], v[2 * e + 1]);
+  }
+};
+
+template <int F>
+__device__ void tqgemv(const uint8_t* q0, const uint8_t* q1, const uint8_t* q2, const float* s0,
+                       const float* s1, const float* s2, const float* m0, const float* m1,
+                       const float* m2, int n0, int n1, int n2, const float* b0, const float* b1,
+                       const float* b2, const float* x, const float* res, float* y, int k, int b,
+                       const float* nw, float eps) {
+  const int n = n0 + n1 + n2, t0 = blockIdx.x * 8;
+  if (t0 >= n) return;
+  int r0;
+  const int i = pick(t0, n0, n1, &r0);
+  const float* m = i == 0 ? m0 : i == 1 ? m1 : m2;
+  const size_t blocks = (size_t)k / 32;
+  const QuantRows<F> w{(i == 0 ? q0 : i == 1 ? q1 : q2) + r0 * qrow_bytes<F>(k),
+                       (i == 0 ? s0 : i == 1 ? s1 : s2) + r0 * blocks, m ? m + r0 * blocks : m, k};
+  tgemv_tile<bf16>(w, i == 0 ? b0 : i == 1 ? b1 : b2, r0, t0, n, x, res, y, k, b, nw, eps);
+}
+
+template <int F>
+__device__ void tqgateup(const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su,
+                         const float* mg, const float* mu, const float* x, float* out, int n,
+                         int k, int b, const float* nw, float eps) {
+  const int t0 = blockIdx.x * 8;
+  if (t0 >= n) return;
+  const size_t blocks = (size_t)k / 32, rb = qrow_bytes<F>(k);
+  const QuantRows<F> g{qg + t0 * rb, sg + t0 * blocks, mg ? mg + t0 * blocks : mg, k};
+  const QuantRows<F> u{qu + t0 * rb, su + t0 * blocks, mu ? mu + t0 * blocks : mu, k};
+  tgateup_tile<bf16>(g, u, t0, n, x, out, k, b, nw, eps);
+}
+
+#define TQGEMV(NAME, F)                                                                         \
+  extern "C" __global__ void __launch_bounds__(128) dec_tqgemv_##NAME(                          \
+      const uint8_t* q0, const uint8_t* q1, const uint8_t* q2, const float* s0, const float* s1, \
+      const float* s2, const float* m0, const float* m1, const float* m2, int n0, int n1,       \
+      int n2, const float* b0, const float* b1, const float* b2, const float* x,               \
+      const float* res, float* y, int k, int b, const float* nw, float eps) {                   \
+    tqgemv<F>(q0, q1, q2, s0, s1, s2, m0, m1, m2, n0, n1, n2, b0, b1, b2, x, res, y, k, b, nw,  \
+              eps);                                                                             \
+  }                                                                                             \
+  LMKIT_REG(dec_tqgemv_##NAME)                                                                  \
+  extern "C" __global__ void __launch_bounds__(128) dec_tqgateup_##NAME(                        \
+      const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su, const float* mg,  \
+      const float* mu, const float* x, float* out, int n, int k, int b, const float* nw,        \
+      float eps) {                                                                              \
+    tqgateup<F>(qg, qu, sg, su, mg, mu, x, out, n, k, b, nw, eps);                              \
+  }                                                                                             \
+  LMKIT_REG(dec_tqgateup_##NAME)
+
+TQGEMV(q8_0, Q8_0)
+TQGEMV(q4_1, Q4_1)
 
 // A token id outside the vocabulary (ids made on the device are not checked on the host):
 // its row becomes NaN, so the logits show it, and nothing is read out of the table. The NaN

@@ -350,8 +350,8 @@ pub(crate) struct FusedDecoder {
     steps: usize,
     /// No graph: every step launches its kernels one by one.
     eager: bool,
-    /// Launches of 2-16 sequences with 16-bit weights take the tensor-core products
-    /// (`dec_tgemv`, `dec_tgateup`) where their shapes allow: `LMKIT_DECODE_TC=1`.
+    /// Launches of 2-16 sequences take the tensor-core products (`dec_tgemv`, `dec_tgateup`;
+    /// `dec_tq*` for Q8_0/Q4_1 blocks) where their shapes allow: `LMKIT_DECODE_TC=1`.
     tensor_cores: bool,
 }
 
@@ -702,7 +702,8 @@ impl FusedDecoder {
                         args.push(Arg::Ptr(p));
                     }
                     let rows = w.map(|(_, r)| r);
-                    if self.tensor_cores && tc_applies(sfx, nb, &rows, k, &ptrs) {
+                    let sixteen = matches!(sfx, "bf16" | "f16");
+                    if self.tensor_cores && sixteen && tc_applies(nb, &rows, k, &ptrs) {
                         grid = tc_blocks(n)?;
                         format!("dec_tgemv_{sfx}")
                     } else {
@@ -710,17 +711,28 @@ impl FusedDecoder {
                     }
                 }
                 Mat::Quant { fmt, .. } => {
+                    let mut ptrs = vec![at(x, k), norm.map_or(0, |(p, _)| p)];
                     for part in 0..3 {
                         for (mat, _) in w {
-                            args.push(Arg::Ptr(match (mat, part) {
+                            let p = match (mat, part) {
                                 (Mat::Quant { q, .. }, 0) => q,
                                 (Mat::Quant { s, .. }, 1) => s,
                                 (Mat::Quant { m, .. }, _) => m,
                                 (Mat::Dense { w, .. }, _) => w,
-                            }));
+                            };
+                            if part == 0 {
+                                ptrs.push(p);
+                            }
+                            args.push(Arg::Ptr(p));
                         }
                     }
-                    format!("dec_qgemv_{fmt}_{}", template_nb(nb))
+                    let rows = w.map(|(_, r)| r);
+                    if self.tensor_cores && tc_applies(nb, &rows, k, &ptrs) {
+                        grid = tc_blocks(n)?;
+                        format!("dec_tqgemv_{fmt}")
+                    } else {
+                        format!("dec_qgemv_{fmt}_{}", template_nb(nb))
+                    }
                 }
             };
             for (_, rows) in w {
@@ -786,19 +798,21 @@ impl FusedDecoder {
                 Arg::Ptr(nw),
                 Arg::F32(eps),
             ]);
+            let xj = x + (j0 * k * 4) as u64;
             let name = match (wg, wu) {
                 (Mat::Dense { sfx, w: g }, Mat::Dense { w: u, .. })
                     if self.tensor_cores
-                        && tc_applies(
-                            sfx,
-                            nb,
-                            &[n, 0, 0],
-                            k,
-                            &[x + (j0 * k * 4) as u64, nw, g, u],
-                        ) =>
+                        && matches!(sfx, "bf16" | "f16")
+                        && tc_applies(nb, &[n], k, &[xj, nw, g, u]) =>
                 {
                     grid = tc_blocks(n)?;
                     format!("dec_tgateup_{sfx}")
+                }
+                (Mat::Quant { fmt, q: g, .. }, Mat::Quant { q: u, .. })
+                    if self.tensor_cores && tc_applies(nb, &[n], k, &[xj, nw, g, u]) =>
+                {
+                    grid = tc_blocks(n)?;
+                    format!("dec_tqgateup_{fmt}")
                 }
                 (Mat::Dense { sfx, .. }, _) => format!("dec_gateup_{sfx}_{}", template_nb(nb)),
                 (Mat::Quant { fmt, .. }, _) => format!("dec_qgateup_{fmt}_{}", template_nb(nb)),
@@ -811,12 +825,11 @@ impl FusedDecoder {
 }
 
 /// Whether a launch of `nb` sequences takes the tensor-core products (`dec_tgemv`,
-/// `dec_tgateup`): 16-bit weights, 2-16 sequences, matrices of whole tiles of eight rows,
-/// `k` in chunks of 32, and every buffer they read 16 bytes at a time on a 16-byte boundary
-/// (`ptrs`; 0 for an absent one).
-fn tc_applies(sfx: &str, nb: usize, rows: &[usize], k: usize, ptrs: &[u64]) -> bool {
-    matches!(sfx, "bf16" | "f16")
-        && (2..=MAX_NB).contains(&nb)
+/// `dec_tgateup`, and `dec_tq*` for Q8_0/Q4_1 blocks; the caller checks the weights' kind):
+/// 2-16 sequences, matrices of whole tiles of eight rows, `k` in chunks of 32, and every
+/// buffer they read in 8- or 16-byte loads on a 16-byte boundary (`ptrs`; 0 for an absent one).
+fn tc_applies(nb: usize, rows: &[usize], k: usize, ptrs: &[u64]) -> bool {
+    (2..=MAX_NB).contains(&nb)
         && rows.iter().all(|r| r.is_multiple_of(8))
         && k.is_multiple_of(32)
         && ptrs.iter().all(|p| p.is_multiple_of(16))

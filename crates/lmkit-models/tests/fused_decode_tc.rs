@@ -1,15 +1,17 @@
 //! The tensor-core products of batched decoding (`dec_tgemv`, `dec_tgateup` in decode.cu,
 //! `LMKIT_DECODE_TC=1`) on the CPU emulator, whose `mma.sync` has PTX's fragment layout: each
 //! kernel against the product written out on the host (x rounded to the weights' type as the
-//! kernels round it), then a model's fused decoding against the reference path. Every test of
-//! this binary runs with `LMKIT_DECODE_TC=1`.
+//! kernels round it), then models' fused decoding against the reference path: bf16 weights,
+//! and Q8_0/Q4_1/Q4_0 blocks (`dec_tqgemv`, `dec_tqgateup`). Every test of this binary runs
+//! with `LMKIT_DECODE_TC=1`.
 
 use lmkit_core::launch::{Arg, Launcher};
-use lmkit_core::{DType, Device, Tensor};
-use lmkit_models::LlamaConfig;
+use lmkit_core::{DType, Device, GgmlDType, Tensor};
+use lmkit_models::testing::write_tiny_gguf;
+use lmkit_models::{load, LlamaConfig, LoadOptions};
 
 mod fused_common;
-use fused_common::{compare, model};
+use fused_common::{compare, compare_models, model};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -229,5 +231,33 @@ fn batched_bf16_decoding_tracks_the_reference_path() {
         let (d, same) = compare(&m, batch, 4, 5, 128);
         assert!(d < 0.05, "batch {batch}: relative logit difference {d}");
         assert!(same >= 0.85, "batch {batch}: argmax agreement {same}");
+    }
+}
+
+/// Q8_0, Q4_1 and Q4_0 files decode on the tensor-core products (the blocks dequantized into
+/// bf16 fragments, x rounded to bf16) as their dequantized f32 model does on the reference
+/// path, to bf16 rounding. A one-token prompt keeps every step on the fused path.
+#[test]
+fn quantized_blocks_on_tensor_cores_track_their_dequantized_model() {
+    std::env::set_var("LMKIT_DECODE_TC", "1");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::tiny();
+    for t in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4_0] {
+        let p = dir.path().join(format!("{t:?}.gguf"));
+        write_tiny_gguf(&p, &cfg, 5, t).unwrap();
+        let q = load(&p, LoadOptions::default()).unwrap().model;
+        let opts = LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        };
+        let f = load(&p, opts).unwrap().model;
+        for batch in [3, 16] {
+            let (d, same) = compare_models(&f, &q, batch, 1, 5, 0);
+            assert!(
+                d < 0.05,
+                "{t:?} batch {batch}: relative logit difference {d}"
+            );
+            assert!(same >= 0.85, "{t:?} batch {batch}: argmax agreement {same}");
+        }
     }
 }

@@ -50,6 +50,9 @@ void lmkit_emu_cp_wait(int n);
 struct uint4 {
   unsigned x, y, z, w;
 };
+struct uint2 {
+  unsigned x, y;
+};
 struct float4 {
   float x, y, z, w;
 };
