@@ -51,8 +51,9 @@ __device__ __forceinline__ void store16(void* p, uint4 v) {
   memcpy(p, &v, sizeof(v));
 #else
   // One instruction, as written: the compiler split some plain uint4 stores in four.
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w)
+  // (The "memory" clobber keeps it ordered with the kernel's other memory accesses.)
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
 #endif
 }

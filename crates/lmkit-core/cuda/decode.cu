@@ -15,7 +15,7 @@
 //                                                                        warp per output row
 // dec_gateup     m_j = silu(W_g a_j) ⊙ (W_u a_j), a_j as above          warp per output row
 // dec_tgemv, dec_tgateup, dec_tqgemv, dec_tqgateup: the same for 2-16 sequences on tensor cores
-//                (bf16/f16 weights, or Q8_0 / Q4_1 blocks dequantized into bf16 fragments).
+//                (bf16 weights, or Q8_0 / Q4_1 blocks dequantized into bf16 fragments).
 // dec_qgemv, dec_qgateup, dec_qembed: the same with Q8_0 / Q4_1 weights (repacked, see below).
 // dec_rope_append  q_j ← rot(pos_j)·q_j; k_j ← rot(pos_j)·k_j, then k_j, v_j written at
 //                cache slot slot_j; rot rotates the pairs (i, i + d/2) by pos·θᵢ (HF's
@@ -220,7 +220,7 @@ GEMV_ALL(bf16)
 GEMV_ALL(f16)
 
 // ---------------------------------------------------------------------------------------------
-// The same products for 2-16 sequences on tensor cores, for bf16/f16 weights (LMKIT_DECODE_TC=1;
+// The same products for 2-16 sequences on tensor cores, for bf16 weights (LMKIT_DECODE_TC=1;
 // lmkit_models::fused_decode): mma.sync.m16n8k16 with the sequences as A's 16 rows (rows from b
 // on are zeros) and eight rows of W as B's eight columns. A block of TC_WARPS warps takes one
 // tile of eight output rows; its warps take turns over k, 32 values at a time, and add their
@@ -415,8 +415,10 @@ __device__ void tgateup(const T* wg, const T* wu, const float* x, float* mo, int
   }                                                                                             \
   LMKIT_REG(dec_tgateup_##W)
 
+// bf16 only: x·nw is rounded into A before the norm's factor applies, and an activation of
+// the residual stream times its norm weight may pass f16's 65,504 (f16 weights take the
+// warp-per-row kernels, in f32).
 TGEMV(bf16)
-TGEMV(f16)
 
 // ---------------------------------------------------------------------------------------------
 // Products with GGUF block-quantized weights, repacked at load into quants and f32 scales:

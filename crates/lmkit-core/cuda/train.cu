@@ -91,17 +91,32 @@ typedef __half f16;
   FOR_EACH(i, ((int64_t)(n) + (G) - 1) / (G))                                                   \
   for (int64_t j = (G) * i, k = (n) - j < (G) ? (n) - j : (G); k > 0; k = 0)
 
+// A lane takes groups of eight columns (two 16-byte loads of x and of w, one 16-byte store of a
+// 16-bit a), else the same groups one value at a time: the same sums either way.
 template <typename T>
 __device__ void rms_fwd(const float* x, const float* w, T* a, int rows, int c, float eps) {
   const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;  // a whole warp leaves together
+  const bool wide = c % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(a);
   const float* xr = x + row * c;
   float ss = 0.f;
-  for (int j = lane; j < c; j += 32) ss += xr[j] * xr[j];
+  for (int j = lane * 8; j < c; j += 256) {
+    float v[8];
+    ld_span<float, 8>(xr + j, v, c - j, wide, 0.f);
+#pragma unroll
+    for (int e = 0; e < 8; e++) ss += v[e] * v[e];
+  }
   const float r = rsqrtf(warp_sum(ss) / c + eps);
   T* ar = a + row * c;
-  for (int j = lane; j < c; j += 32) put(ar + j, xr[j] * r * w[j]);
+  for (int j = lane * 8; j < c; j += 256) {
+    float v[8], wv[8];
+    ld_span<float, 8>(xr + j, v, c - j, wide, 0.f);
+    ld_span<float, 8>(w + j, wv, c - j, wide, 0.f);
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = v[e] * r * wv[e];
+    st_span<T, 8>(ar + j, v, c - j, wide);
+  }
 }
 
 // Column j of one row of the RMSNorm backward: dx_j (+)= r·(g_j·w_j − x̂_j·dot) into dr[j] (and
@@ -441,19 +456,19 @@ extern "C" __global__ void tr_adamw_x8(const float* k, float lr, float b1, float
 #pragma unroll
   for (int t = 0; t < 8; ++t) {
     const bool wide = aligned16(p[t]) && aligned16(m[t]) && aligned16(v[t]) && aligned16(g[t]);
-    FOR_EACH_GROUP(i, j, k, n[t], 4) {
-      const bool w = wide && k == 4;
+    FOR_EACH_GROUP(i, j, len, n[t], 4) {
+      const bool w = wide && len == 4;
       float pp[4], mm[4], vv[4], gg[4];
-      ld_vec<float>(p[t] + j, pp, (int)k, w, 0.f);
-      ld_vec<float>(m[t] + j, mm, (int)k, w, 0.f);
-      ld_vec<float>(v[t] + j, vv, (int)k, w, 0.f);
-      ld_vec<float>(g[t] + j, gg, (int)k, w, 0.f);
+      ld_vec<float>(p[t] + j, pp, (int)len, w, 0.f);
+      ld_vec<float>(m[t] + j, mm, (int)len, w, 0.f);
+      ld_vec<float>(v[t] + j, vv, (int)len, w, 0.f);
+      ld_vec<float>(g[t] + j, gg, (int)len, w, 0.f);
 #pragma unroll
       for (int e = 0; e < 4; e++)
         adam_elem(pp + e, mm + e, vv + e, gg[e] * kk, lr, b1, b2, bc1, bc2, eps, d[t]);
-      st_vec<float>(p[t] + j, pp, (int)k, w);
-      st_vec<float>(m[t] + j, mm, (int)k, w);
-      st_vec<float>(v[t] + j, vv, (int)k, w);
+      st_vec<float>(p[t] + j, pp, (int)len, w);
+      st_vec<float>(m[t] + j, mm, (int)len, w);
+      st_vec<float>(v[t] + j, vv, (int)len, w);
     }
   }
 }

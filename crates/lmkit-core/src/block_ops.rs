@@ -16,6 +16,8 @@ const RMS_COLS: usize = 16;
 /// Columns per lane and warps per block of `tr_rms_bwd_w` (`RMSW_COLS`, `RMSW_WARPS`).
 const RMSW_COLS: usize = 32;
 const RMSW_WARPS: usize = 8;
+/// Threads of `tr_colsum`'s blocks: 32 columns × 8 row groups, as the kernel assumes.
+const COLSUM_THREADS: u32 = 256;
 /// Threads per row of `tr_xent`.
 const XENT_THREADS: u32 = 512;
 /// Most blocks of a grid-stride launch.
@@ -286,7 +288,7 @@ impl BlockOps {
         // c ≤ MAX_HIDDEN (checked above): the grid fits a u32.
         let blocks_x = c.div_ceil(32) as u32;
         self.launcher
-            .launch("tr_colsum", (blocks_x, 1), 256, &args)?;
+            .launch("tr_colsum", (blocks_x, 1), COLSUM_THREADS, &args)?;
         Ok((dx_lp, dw))
     }
 

@@ -53,6 +53,9 @@ use crate::{Error, KvCache, Llama, Result};
 /// Threads of the GEMV blocks (four warps, one output row each). The kernels are compiled with
 /// `__launch_bounds__(128, …)`: a larger block would not launch.
 const GEMV_THREADS: u32 = 128;
+/// Threads of the tensor-core products' blocks: `TC_WARPS · 32` in decode.cu, which maps each
+/// thread to one (sequence, row) of a 16 × 8 tile.
+const TC_THREADS: u32 = 128;
 /// Rows of x a GEMV launch takes at once (the kernels' largest batch template).
 const MAX_NB: usize = 16;
 /// Cached positions per attention block (`ATT_CH` in decode.cu).
@@ -689,7 +692,7 @@ impl FusedDecoder {
         for (j0, nb) in chunks(self.batch) {
             let at = |base: u64, width: usize| base + (j0 * width * 4) as u64;
             let mut args = Vec::with_capacity(20);
-            let mut grid = blocks_for(n)?;
+            let (mut grid, mut threads) = (blocks_for(n)?, GEMV_THREADS);
             let name = match w[0].0 {
                 Mat::Dense { sfx, .. } => {
                     let mut ptrs = vec![at(x, k), norm.map_or(0, |(p, _)| p)];
@@ -702,9 +705,9 @@ impl FusedDecoder {
                         args.push(Arg::Ptr(p));
                     }
                     let rows = w.map(|(_, r)| r);
-                    let sixteen = matches!(sfx, "bf16" | "f16");
-                    if self.tensor_cores && sixteen && tc_applies(nb, &rows, k, &ptrs) {
-                        grid = tc_blocks(n)?;
+                    let bf16 = sfx == "bf16"; // f16: see decode.cu (x·nw may pass f16's range)
+                    if self.tensor_cores && bf16 && tc_applies(nb, &rows, k, &ptrs) {
+                        (grid, threads) = (tc_blocks(n)?, TC_THREADS);
                         format!("dec_tgemv_{sfx}")
                     } else {
                         format!("dec_gemv_{sfx}_{}", template_nb(nb))
@@ -728,7 +731,7 @@ impl FusedDecoder {
                     }
                     let rows = w.map(|(_, r)| r);
                     if self.tensor_cores && tc_applies(nb, &rows, k, &ptrs) {
-                        grid = tc_blocks(n)?;
+                        (grid, threads) = (tc_blocks(n)?, TC_THREADS);
                         format!("dec_tqgemv_{fmt}")
                     } else {
                         format!("dec_qgemv_{fmt}_{}", template_nb(nb))
@@ -746,8 +749,7 @@ impl FusedDecoder {
             args.push(Arg::int(nb, "batch")?);
             args.push(Arg::Ptr(norm.map_or(0, |(w, _)| w)));
             args.push(Arg::F32(norm.map_or(0.0, |(_, eps)| eps)));
-            self.launcher
-                .launch(&name, (grid, 1), GEMV_THREADS, &args)?;
+            self.launcher.launch(&name, (grid, 1), threads, &args)?;
         }
         Ok(())
     }
@@ -764,7 +766,7 @@ impl FusedDecoder {
         n: usize,
     ) -> Result<()> {
         for (j0, nb) in chunks(self.batch) {
-            let mut grid = blocks_for(n)?;
+            let (mut grid, mut threads) = (blocks_for(n)?, GEMV_THREADS);
             let mut args = match (wg, wu) {
                 (Mat::Dense { w: g, .. }, Mat::Dense { w: u, .. }) => {
                     vec![Arg::Ptr(g), Arg::Ptr(u)]
@@ -802,23 +804,22 @@ impl FusedDecoder {
             let name = match (wg, wu) {
                 (Mat::Dense { sfx, w: g }, Mat::Dense { w: u, .. })
                     if self.tensor_cores
-                        && matches!(sfx, "bf16" | "f16")
+                        && sfx == "bf16"
                         && tc_applies(nb, &[n], k, &[xj, nw, g, u]) =>
                 {
-                    grid = tc_blocks(n)?;
+                    (grid, threads) = (tc_blocks(n)?, TC_THREADS);
                     format!("dec_tgateup_{sfx}")
                 }
                 (Mat::Quant { fmt, q: g, .. }, Mat::Quant { q: u, .. })
                     if self.tensor_cores && tc_applies(nb, &[n], k, &[xj, nw, g, u]) =>
                 {
-                    grid = tc_blocks(n)?;
+                    (grid, threads) = (tc_blocks(n)?, TC_THREADS);
                     format!("dec_tqgateup_{fmt}")
                 }
                 (Mat::Dense { sfx, .. }, _) => format!("dec_gateup_{sfx}_{}", template_nb(nb)),
                 (Mat::Quant { fmt, .. }, _) => format!("dec_qgateup_{fmt}_{}", template_nb(nb)),
             };
-            self.launcher
-                .launch(&name, (grid, 1), GEMV_THREADS, &args)?;
+            self.launcher.launch(&name, (grid, 1), threads, &args)?;
         }
         Ok(())
     }

@@ -84,7 +84,7 @@ fn stacked_products_match_the_host() -> Res {
     // Three stacked matrices of 24, 16 and 8 rows; k of 3 chunks (one warp idle) and of 9.
     let rows = [24usize, 16, 8];
     let n: usize = rows.iter().sum();
-    for (dt, sfx) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
+    for (dt, sfx) in [(DType::BF16, "bf16")] {
         for (b, k, norm, extras) in [
             (2usize, 96usize, true, true),
             (5, 288, false, true),
@@ -174,7 +174,7 @@ fn gate_and_up_match_the_host() -> Res {
     let l = Launcher::Emu;
     let dev = Device::Cpu;
     let (n, k) = (40usize, 160usize);
-    for (dt, sfx) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
+    for (dt, sfx) in [(DType::BF16, "bf16")] {
         for b in [3usize, 16] {
             let inp = Input::new(b, k);
             let wg = Tensor::from_vec(vals(n * k, 0.17, 0.4), (n, k), &dev)?.to_dtype(dt)?;
