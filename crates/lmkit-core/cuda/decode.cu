@@ -56,6 +56,11 @@ __device__ __forceinline__ void row_dots(const W* __restrict__ w, const float* _
     if (SQ) sq[j] = 0.f;
   }
   if (k % V == 0 && aligned16(w) && aligned16(x) && (!nw || aligned16(nw))) {
+    // Small batches: the loop unrolled four times, so that four iterations' weight loads can
+    // be in flight together where a row has that many per lane (the GPU issues loads in program
+    // order, and each iteration's FMAs wait for its own); larger batches spend their registers
+    // on the batch.
+#pragma unroll(NB <= 2 ? 4 : 1)
     for (int c = lane * V; c < k; c += 32 * V) {
       const uint4 raw = load16<uint4>(w + c);
       W wv[V];
@@ -466,6 +471,7 @@ __device__ __forceinline__ void qrow_dots(const uint8_t* __restrict__ q, const f
     }
   } else {
     const int chunks = k / PER;
+#pragma unroll(NB <= 2 ? 2 : 1)
     for (int ch = lane; ch < chunks; ch += 32) {
       const uint4 raw = load16<uint4>(q + (size_t)ch * 16);
       uint8_t qb[16];
