@@ -1,5 +1,6 @@
 // Helpers shared by lmkit's CUDA kernels (fused.cu, decode.cu, train.cu): conversions to and
-// from f32, loads and stores of 4 and 16 bytes, and warp- and block-wide reductions. Included after the CUDA (or emulator) headers.
+// from f32, loads and stores of 4, 8 and 16 bytes, and warp- and block-wide reductions. Included
+// after the CUDA (or emulator) headers.
 #pragma once
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -9,11 +10,15 @@ __device__ __forceinline__ void put(float* p, float v) { *p = v; }
 __device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 __device__ __forceinline__ void put(__half* p, float v) { *p = __float2half(v); }
 
-// 16 bytes from `p` (16-byte aligned; see aligned16).
+// sizeof(T) bytes (4, 8 or 16) from `p`, aligned to as many. On the emulator a load off that
+// boundary fails the launch, where the GPU would fault on the address.
 template <typename T>
-__device__ __forceinline__ T load16(const void* p) {
+__device__ __forceinline__ T load_n(const void* p) {
 #ifdef LMKIT_EMU
-  if (reinterpret_cast<uintptr_t>(p) & 15) lmkit_emu_fault("a 16-byte load off a 16-byte boundary");
+  if (reinterpret_cast<uintptr_t>(p) & (sizeof(T) - 1))
+    lmkit_emu_fault(sizeof(T) == 16  ? "a 16-byte load off a 16-byte boundary"
+                    : sizeof(T) == 8 ? "an 8-byte load off an 8-byte boundary"
+                                     : "a 4-byte load off a 4-byte boundary");
   T v;
   memcpy(&v, p, sizeof(T));
   return v;
@@ -22,17 +27,15 @@ __device__ __forceinline__ T load16(const void* p) {
 #endif
 }
 
-// 8 bytes from `p` (8-byte aligned).
-__device__ __forceinline__ uint2 load8(const void* p) {
-#ifdef LMKIT_EMU
-  if (reinterpret_cast<uintptr_t>(p) & 7) lmkit_emu_fault("an 8-byte load off an 8-byte boundary");
-  uint2 v;
-  memcpy(&v, p, 8);
-  return v;
-#else
-  return *reinterpret_cast<const uint2*>(p);
-#endif
+// 16 bytes from `p` (16-byte aligned; see aligned16).
+template <typename T>
+__device__ __forceinline__ T load16(const void* p) {
+  static_assert(sizeof(T) == 16, "load16 takes a 16-byte type");
+  return load_n<T>(p);
 }
+
+// 8 bytes from `p` (8-byte aligned).
+__device__ __forceinline__ uint2 load8(const void* p) { return load_n<uint2>(p); }
 
 // Whether 16-byte loads may start at `p` (the emulator can also answer no everywhere, to test
 // the kernels' one-value-at-a-time loops).
@@ -58,18 +61,8 @@ __device__ __forceinline__ void store16(void* p, uint4 v) {
 #endif
 }
 
-// 4 bytes from and to `p` (4-byte aligned): two 16-bit values, the first in the low half. On
-// the emulator these helpers fail the launch where the GPU would fault on the address.
-__device__ __forceinline__ uint32_t ld32(const void* p) {
-#ifdef LMKIT_EMU
-  if (reinterpret_cast<uintptr_t>(p) & 3) lmkit_emu_fault("a 4-byte load off a 4-byte boundary");
-  uint32_t v;
-  memcpy(&v, p, 4);
-  return v;
-#else
-  return *reinterpret_cast<const uint32_t*>(p);
-#endif
-}
+// 4 bytes from and to `p` (4-byte aligned): two 16-bit values, the first in the low half.
+__device__ __forceinline__ uint32_t ld32(const void* p) { return load_n<uint32_t>(p); }
 
 __device__ __forceinline__ void st32(void* p, uint32_t v) {
 #ifdef LMKIT_EMU

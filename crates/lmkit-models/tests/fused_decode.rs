@@ -6,7 +6,7 @@ use lmkit_models::testing::write_tiny_gguf;
 use lmkit_models::{load, KvCache, Llama, LlamaConfig, LoadOptions};
 
 mod fused_common;
-use fused_common::{compare, compare_models, model};
+use fused_common::{compare, compare_models, model, quantized_pair};
 
 /// The tiny config with two heads of 64 sharing one kv head (the flash kernels' size).
 fn heads_of_64() -> LlamaConfig {
@@ -70,14 +70,7 @@ fn quantized_weights_match_their_dequantized_model() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LlamaConfig::tiny();
     for t in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4_0] {
-        let p = dir.path().join(format!("{t:?}.gguf"));
-        write_tiny_gguf(&p, &cfg, 5, t).unwrap();
-        let q = load(&p, LoadOptions::default()).unwrap().model;
-        let opts = LoadOptions {
-            dequantize: true,
-            ..Default::default()
-        };
-        let f = load(&p, opts).unwrap().model;
+        let (f, q) = quantized_pair(dir.path(), &cfg, 5, t);
         assert!(q
             .named_weights()
             .iter()
@@ -94,26 +87,8 @@ fn scalar_loops_match_too() {
     // quantized. (Other tests running meanwhile may take these loops too: same results.)
     let cfg = LlamaConfig::tiny();
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("q41.gguf");
-    write_tiny_gguf(&p, &cfg, 6, GgmlDType::Q4_1).unwrap();
-    let q = load(&p, LoadOptions::default()).unwrap().model;
-    let opts = LoadOptions {
-        dequantize: true,
-        ..Default::default()
-    };
-    let f = load(&p, opts).unwrap().model;
-    let q8 = dir.path().join("q8.gguf");
-    write_tiny_gguf(&q8, &cfg, 6, GgmlDType::Q8_0).unwrap();
-    let q8 = load(&q8, LoadOptions::default()).unwrap().model;
-    let f8 = load(
-        &dir.path().join("q8.gguf"),
-        LoadOptions {
-            dequantize: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .model;
+    let (f, q) = quantized_pair(dir.path(), &cfg, 6, GgmlDType::Q4_1);
+    let (f8, q8) = quantized_pair(dir.path(), &cfg, 6, GgmlDType::Q8_0);
     lmkit_core::launch::Launcher::emu_force_scalar(true);
     let results = [
         compare_models(&f, &q, 2, 1, 3, 0),

@@ -7,11 +7,10 @@
 
 use lmkit_core::launch::{Arg, Launcher};
 use lmkit_core::{DType, Device, GgmlDType, Tensor};
-use lmkit_models::testing::write_tiny_gguf;
-use lmkit_models::{load, LlamaConfig, LoadOptions};
+use lmkit_models::LlamaConfig;
 
 mod fused_common;
-use fused_common::{compare, compare_models, model};
+use fused_common::{compare, compare_models, model, quantized_pair};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -67,6 +66,29 @@ const EPS: f32 = 1e-5;
 
 fn dot(w: &[f32], a: &[f32]) -> f64 {
     w.iter().zip(a).map(|(&p, &q)| p as f64 * q as f64).sum()
+}
+
+/// A kernel's `(16, n)` output against `want(sequence, row)` for the `b` sequences; the rows
+/// past the batch must keep their sentinel 7.
+fn check_tile(
+    got: &[f32],
+    n: usize,
+    b: usize,
+    what: &str,
+    want: impl Fn(usize, usize) -> Result<f64, Box<dyn std::error::Error>>,
+) -> Res {
+    for m in 0..16 {
+        for row in 0..n {
+            let at = format!("{what}[{m}][{row}]");
+            if m >= b {
+                assert_eq!(got[m * n + row], 7.0, "{at} past the batch");
+                continue;
+            }
+            let w = want(m, row)?;
+            close(got[m * n + row], w, 1.0 + w.abs(), &at);
+        }
+    }
+    Ok(())
 }
 
 fn close(got: f32, want: f64, scale: f64, what: &str) {
@@ -143,26 +165,20 @@ fn stacked_products_match_the_host() -> Res {
                 .map(|t| t.to_vec1::<f32>())
                 .collect::<Result<_, _>>()?;
             let rv = res.flatten_all()?.to_vec1::<f32>()?;
-            for m in 0..16 {
-                for row in 0..n {
-                    let what = format!("{sfx} b {b} k {k} norm {norm}: y[{m}][{row}]");
-                    if m >= b {
-                        assert_eq!(got[m * n + row], 7.0, "{what} past the batch");
-                        continue;
-                    }
-                    let (a, r) = inp.row(m, norm, dt)?;
-                    let (i, rr) = match row {
-                        r if r < rows[0] => (0, r),
-                        r if r < rows[0] + rows[1] => (1, r - rows[0]),
-                        r => (2, r - rows[0] - rows[1]),
-                    };
-                    let mut want = r * dot(&wv[i][rr * k..(rr + 1) * k], &a);
-                    if extras {
-                        want += bv[i][rr] as f64 + rv[m * n + row] as f64;
-                    }
-                    close(got[m * n + row], want, 1.0 + want.abs(), &what);
+            let what = format!("{sfx} b {b} k {k} norm {norm}: y");
+            check_tile(&got, n, b, &what, |m, row| {
+                let (a, r) = inp.row(m, norm, dt)?;
+                let (i, rr) = match row {
+                    r if r < rows[0] => (0, r),
+                    r if r < rows[0] + rows[1] => (1, r - rows[0]),
+                    r => (2, r - rows[0] - rows[1]),
+                };
+                let mut want = r * dot(&wv[i][rr * k..(rr + 1) * k], &a);
+                if extras {
+                    want += bv[i][rr] as f64 + rv[m * n + row] as f64;
                 }
-            }
+                Ok(want)
+            })?;
         }
     }
     Ok(())
@@ -202,20 +218,12 @@ fn gate_and_up_match_the_host() -> Res {
                 &args,
             )?;
             let got = out.flatten_all()?.to_vec1::<f32>()?;
-            for m in 0..16 {
-                for row in 0..n {
-                    let what = format!("{sfx} b {b}: m[{m}][{row}]");
-                    if m >= b {
-                        assert_eq!(got[m * n + row], 7.0, "{what} past the batch");
-                        continue;
-                    }
-                    let (a, r) = inp.row(m, true, dt)?;
-                    let g = r * dot(&gv[row * k..(row + 1) * k], &a);
-                    let u = r * dot(&uv[row * k..(row + 1) * k], &a);
-                    let want = g / (1.0 + (-g).exp()) * u;
-                    close(got[m * n + row], want, 1.0 + want.abs(), &what);
-                }
-            }
+            check_tile(&got, n, b, &format!("{sfx} b {b}: m"), |m, row| {
+                let (a, r) = inp.row(m, true, dt)?;
+                let g = r * dot(&gv[row * k..(row + 1) * k], &a);
+                let u = r * dot(&uv[row * k..(row + 1) * k], &a);
+                Ok(g / (1.0 + (-g).exp()) * u)
+            })?;
         }
     }
     Ok(())
@@ -243,14 +251,7 @@ fn quantized_blocks_on_tensor_cores_track_their_dequantized_model() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LlamaConfig::tiny();
     for t in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4_0] {
-        let p = dir.path().join(format!("{t:?}.gguf"));
-        write_tiny_gguf(&p, &cfg, 5, t).unwrap();
-        let q = load(&p, LoadOptions::default()).unwrap().model;
-        let opts = LoadOptions {
-            dequantize: true,
-            ..Default::default()
-        };
-        let f = load(&p, opts).unwrap().model;
+        let (f, q) = quantized_pair(dir.path(), &cfg, 5, t);
         for batch in [3, 16] {
             let (d, same) = compare_models(&f, &q, batch, 1, 5, 0);
             assert!(

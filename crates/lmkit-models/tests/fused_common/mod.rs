@@ -4,9 +4,24 @@
 
 use std::collections::HashMap;
 
-use lmkit_core::{DType, Device, Tensor};
-use lmkit_models::testing::{qkv_biases, random_weights};
-use lmkit_models::{KvCache, Llama, LlamaConfig, LoadOptions, WeightSource};
+use std::path::Path;
+
+use lmkit_core::{DType, Device, GgmlDType, Tensor};
+use lmkit_models::testing::{qkv_biases, random_weights, write_tiny_gguf};
+use lmkit_models::{load, KvCache, Llama, LlamaConfig, LoadOptions, WeightSource};
+
+/// A tiny GGUF of block type `t` written into `dir`, loaded as it is and dequantized to f32:
+/// `(dequantized, quantized)`.
+pub fn quantized_pair(dir: &Path, cfg: &LlamaConfig, seed: u64, t: GgmlDType) -> (Llama, Llama) {
+    let p = dir.join(format!("{t:?}-{seed}.gguf"));
+    write_tiny_gguf(&p, cfg, seed, t).unwrap();
+    let q = load(&p, LoadOptions::default()).unwrap().model;
+    let opts = LoadOptions {
+        dequantize: true,
+        ..Default::default()
+    };
+    (load(&p, opts).unwrap().model, q)
+}
 
 pub fn model(cfg: &LlamaConfig, dtype: DType, bias: bool) -> Llama {
     let mut tensors: HashMap<String, Tensor> = random_weights(cfg, 11)
