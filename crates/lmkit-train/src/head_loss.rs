@@ -176,8 +176,13 @@ pub fn one_pass(
         DType::BF16 | DType::F16 => ops.as_ref(),
         _ => None,
     };
-    // z and ∂z of a chunk are alive together: half the rows of the recomputing path.
-    let chunk = (chunk_rows(h, v) / 2).max(CHUNK);
+    // Without the in-place kernel z and ∂z of a chunk are alive together: half the rows of the
+    // recomputing path. With it ∂z takes z's place, so a chunk is as large (fewer, larger
+    // products).
+    let chunk = match ops {
+        Some(_) => chunk_rows(h, v),
+        None => (chunk_rows(h, v) / 2).max(CHUNK),
+    };
     let (mut nll, mut dh) = (Vec::new(), Vec::new());
     let mut dw: Option<Tensor> = None;
     for start in (0..n).step_by(chunk) {
