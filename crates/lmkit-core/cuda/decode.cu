@@ -232,7 +232,8 @@ GEMV_ALL(f16)
 // sums in shared memory in a fixed order. x goes into A rounded to W's type (times the norm
 // weight where there is one); the RMSNorm's sums of squares come from the same loads, in f32.
 // The warp-per-row kernels above read x once per output row: 16 sequences made that 32 times
-// the bytes of W, and the batch-16 products took ~21 µs a call on an H200 (0.4 µs of weights).
+// the bytes of W, and the batch-16 products took ~21 µs a call on an H200 (measured); reading
+// the weights at the card's bandwidth would take ~0.4 µs (computed, not measured).
 //
 // Each lane loads 16 contiguous bytes of its W row per 32 values of k: lane (g, c) holds
 // W[n0 + g][k0 + 8c .. k0 + 8c + 8), the first half for the chunk's first mma, the second for

@@ -404,8 +404,8 @@ __device__ void xent_in_place(T* z, const uint32_t* y, const float* coef, float*
 #define MT_G(i) const float *g##i, int n##i
 // The optimizer kernels take each tensor in groups of four values (FOR_EACH_GROUP; a short
 // group's missing values are 0, which add exactly 0): the same sums in the same order with or
-// without 16-byte loads. One value per load ran at ~0.65 TB/s on an H200 (the gradient norm
-// and AdamW: 1.8 ms of a 113M model's step).
+// without 16-byte loads. With one value per load, the gradient norm and AdamW took 1.8 ms of a
+// 113M model's step on an H200.
 extern "C" __global__ void tr_sumsq_x8(float* part, MT_G(0), MT_G(1), MT_G(2), MT_G(3), MT_G(4),
                                        MT_G(5), MT_G(6), MT_G(7)) {
   const float* g[8] = {g0, g1, g2, g3, g4, g5, g6, g7};
@@ -1052,7 +1052,8 @@ __device__ void convert_x8(const A* const* s, B* const* d, const int* n) {
 
 // out[j] = Σ_r part[r, j] (the per-block partial sums of tr_rms_bwd*): 32 columns per block of
 // 256 threads, eight interleaved partial sums per column added in a fixed order (the same bits
-// on every run). candle's sum over the first axis took ~40 µs a call.
+// on every run). candle's sums took 2.1 ms of a 113M model's step on an H200, 25 of their 54
+// calls adding up these partials.
 extern "C" __global__ void tr_colsum(const float* part, float* out, int rows, int c) {
   __shared__ float sh[8][33];
   const int lane = threadIdx.x & 31, grp = threadIdx.x >> 5;
