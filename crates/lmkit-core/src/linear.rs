@@ -599,6 +599,14 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+    /// The same layer without its bias (the weights shared, not copied): for a caller that
+    /// adds the bias itself, in another dtype.
+    pub fn without_bias(&self) -> Linear {
+        Self {
+            bias: None,
+            ..self.clone()
+        }
+    }
     pub fn in_features(&self) -> usize {
         self.in_features
     }

@@ -12,6 +12,7 @@ pub mod check;
 pub mod config;
 pub mod error;
 pub mod export;
+mod flash_cpu;
 mod fused_decode;
 pub mod kv_policy;
 pub mod llama;

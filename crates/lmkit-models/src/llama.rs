@@ -17,6 +17,7 @@ use lmkit_core::{DType, Device, Embedding, Linear, RmsNorm, Tensor};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
+use crate::flash_cpu;
 use crate::fused_decode;
 use crate::native::{self, Consts, Dims, NativeCache, Want};
 use crate::weights::{LoadOptions, WeightSource};
@@ -700,13 +701,15 @@ impl Llama {
         (cos, sin)
     }
 
-    /// cos and sin tables for positions `offset..offset+t`, each `(t, d/2)`.
-    fn rope_tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin tables for positions `offset..offset+t`, each `(t, d/2)` in `dtype`: f32 for
+    /// inference (RoPE computed in f32 and rounded once, as the GPU's fused kernels do), the
+    /// compute dtype for training.
+    fn rope_tables(&self, offset: usize, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let (cos, sin) = self.rope_angles(offset, t);
         Ok((
-            Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?,
-            Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(dtype)?,
         ))
     }
 
@@ -764,8 +767,8 @@ impl Llama {
             Error::Unsupported(format!("block {l} of a {}-block model", self.blocks.len()))
         })?;
         let (b, t, _) = x.dims3()?;
-        let (cos, sin) = self.rope_tables(0, t)?;
-        let mask = causal_mask(t, 0, &self.device, self.dtype)?;
+        let (cos, sin) = self.rope_tables(0, t, DType::F32)?;
+        let mask = causal_mask(t, 0, &self.device, DType::F32)?;
         let h = self.lowp(blk.attn_norm.forward(x)?)?;
         capture("qkv", &h)?;
         let h = self.attention(
@@ -781,7 +784,7 @@ impl Llama {
         let h = self.lowp(blk.mlp_norm.forward(&x)?)?;
         capture("gate_up", &h)?;
         let gu = Linear::forward_many(&[&blk.mlp.gate, &blk.mlp.up], &h)?;
-        let m = (gu[0].silu()? * &gu[1])?;
+        let m = silu_mul(&gu[0], &gu[1])?;
         capture("down", &m)?;
         Ok((&x + blk.mlp.down.forward(&m)?.to_dtype(DType::F32)?)?)
     }
@@ -839,8 +842,8 @@ impl Llama {
         let ids = &self.on_device(ids)?;
         // RoPE takes the true positions; the mask, the entries held (fewer under eviction: the
         // new tokens are the last ones and see every entry before them).
-        let (cos, sin) = self.rope_tables(offset, t)?;
-        let mask = causal_mask(t, cache.entries(), &self.device, self.dtype)?;
+        let (cos, sin) = self.rope_tables(offset, t, DType::F32)?;
+        let mask = causal_mask(t, cache.entries(), &self.device, DType::F32)?;
         // The residual stream stays f32; blocks compute in `self.dtype` (see `lowp`).
         let mut x = self.embed.forward(ids)?.to_dtype(DType::F32)?; // (b, t, c)
         for (i, blk) in self.blocks.iter().enumerate() {
@@ -919,7 +922,7 @@ impl Llama {
     pub fn forward_train_hidden(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = self.check_ids(ids, 0)?;
         let ids = &self.on_device(ids)?;
-        let (cos, sin) = self.rope_tables(0, t)?;
+        let (cos, sin) = self.rope_tables(0, t, self.dtype)?;
         let mut x = self.embed.forward(ids)?.to_dtype(DType::F32)?; // (b, t, c)
         for blk in &self.blocks {
             let h = self.lowp(blk.attn_norm.forward_diff(&x)?)?;
@@ -949,12 +952,32 @@ impl Llama {
         let (h, kh, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let g = h / kh;
         // One pass for q, k and v (the input is quantized once): (b, t, h·d), (b, t, k·d) ×2.
-        let qkv = Linear::forward_many(&[&a.q, &a.k, &a.v], x)?;
-        // Quantized products return f32: attention runs in the compute dtype, as RoPE's tables.
-        let qkv: Vec<Tensor> = qkv
-            .into_iter()
-            .map(|t| t.to_dtype(self.dtype))
-            .collect::<std::result::Result<_, _>>()?;
+        let layers = [&a.q, &a.k, &a.v];
+        let f32_bias = self.dtype != DType::F32
+            && matches!(rope, Rope::Fused(..))
+            && layers.iter().any(|l| l.bias().is_some());
+        let qkv = match f32_bias {
+            // Inference in bf16/f16 with biases: the products' outputs rounded, the biases
+            // added in f32 and the sums rounded once, after RoPE (as the GPU's kernels do).
+            true => {
+                let bare: Vec<Linear> = layers.iter().map(|l| l.without_bias()).collect();
+                let ys = Linear::forward_many(&bare.iter().collect::<Vec<_>>(), x)?;
+                let mut out = Vec::with_capacity(3);
+                for (y, l) in ys.into_iter().zip(layers) {
+                    let y = y.to_dtype(self.dtype)?.to_dtype(DType::F32)?;
+                    out.push(match l.bias() {
+                        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+                        None => y,
+                    });
+                }
+                out
+            }
+            // Quantized products return f32: rounded to the compute dtype, as a GPU's are.
+            false => Linear::forward_many(&layers, x)?
+                .into_iter()
+                .map(|t| t.to_dtype(self.dtype))
+                .collect::<std::result::Result<_, _>>()?,
+        };
         let q = qkv[0]
             .reshape((b, t, h, d))?
             .transpose(1, 2)?
@@ -966,8 +989,13 @@ impl Llama {
         let v = qkv[2]
             .reshape((b, t, kh, d))?
             .transpose(1, 2)?
-            .contiguous()?; // (b, k, t, d)
-        let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
+            .contiguous()?
+            .to_dtype(self.dtype)?; // (b, k, t, d)
+                                    // Attention runs in the compute dtype.
+        let (q, k) = (
+            rope.apply(&q)?.to_dtype(self.dtype)?,
+            rope.apply(&k)?.to_dtype(self.dtype)?,
+        );
         let (k, v, cache) = match cache {
             Some((layer, cache)) => {
                 let (k, v) = cache.append(layer, k, v)?; // (b, k, T, d)
@@ -979,9 +1007,22 @@ impl Llama {
         // Grouped-query attention without copying kv: q heads j·g..j·g+g share kv head j.
         let q = q.reshape((b, kh, g * t, d))?; // (b, k, g·t, d)
         let scale = 1.0 / (d as f64).sqrt();
-        let att = q.matmul(&k.t()?)?; // (b, k, g·t, T)
-        let att = match rope {
+        let wants_scores = cache.as_ref().is_some_and(|(_, c)| c.wants_scores());
+        let y = match rope {
+            // Inference in bf16/f16 on the CPU: rounded where the GPU's flash attention rounds.
+            Rope::Fused(..) if q.device().is_cpu() && q.dtype() != DType::F32 && !wants_scores => {
+                flash_cpu::attention(&q, &k, &v, t, scale)?
+            }
+            // Inference: the scores and the softmax in f32, the probabilities rounded to the
+            // compute dtype for their product with v (candle's bf16 ops would round the scores
+            // and, on the CPU, sum the softmax in bf16).
             Rope::Fused(..) => {
+                let att = match q.dtype() {
+                    DType::F32 => q.matmul(&k.t()?)?,
+                    _ => q
+                        .to_dtype(DType::F32)?
+                        .matmul(&k.to_dtype(DType::F32)?.t()?)?,
+                }; // (b, k, g·t, T)
                 let att = (att * scale)?;
                 let att = match mask {
                     Some(m) => att
@@ -997,13 +1038,16 @@ impl Llama {
                         c.add_scores(layer, &att)?;
                     }
                 }
-                att
+                att.to_dtype(v.dtype())?.matmul(&v.contiguous()?)?
             }
             // Training: scale, causal mask and softmax in one op with a backward, computed in
             // f32 whatever the storage dtype (as autocast does).
-            Rope::Diff(..) => attn_softmax::causal_softmax(&att, t, total - t, scale)?,
-        };
-        let y = att.matmul(&v.contiguous()?)?; // (b, k, g·t, d)
+            Rope::Diff(..) => {
+                let att = q.matmul(&k.t()?)?; // (b, k, g·t, T)
+                let att = attn_softmax::causal_softmax(&att, t, total - t, scale)?;
+                att.matmul(&v.contiguous()?)?
+            }
+        }; // (b, k, g·t, d)
         let y = y
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
@@ -1024,6 +1068,11 @@ impl Rope<'_> {
     /// Rotates `x (b, h, t, d)`: `x·cos + rotate_half(x)·sin`, `rotate_half(x) = (−x₂, x₁)`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match *self {
+            // Inference: in the tables' dtype (f32), rounded once to x's.
+            Rope::Fused(cos, sin) if x.dtype() != cos.dtype() => {
+                let y = rope(&x.to_dtype(cos.dtype())?.contiguous()?, cos, sin)?;
+                Ok(y.to_dtype(x.dtype())?)
+            }
             Rope::Fused(cos, sin) => Ok(rope(x, cos, sin)?),
             Rope::Diff(cos, sin) => Ok(fused::rope(x, cos, sin)?),
         }
@@ -1033,8 +1082,18 @@ impl Rope<'_> {
 fn mlp(m: &Mlp, x: &Tensor) -> Result<Tensor> {
     // One pass for gate and up: (b, t, f) ×2.
     let gu = Linear::forward_many(&[&m.gate, &m.up], x)?;
-    let gate = gu[0].silu()?;
-    Ok(m.down.forward(&(gate * &gu[1])?)?)
+    Ok(m.down.forward(&silu_mul(&gu[0], &gu[1])?)?)
+}
+
+/// `silu(g) ⊙ u`, computed in f32 and rounded once to the inputs' dtype (as the GPU's fused
+/// kernel does; candle's ops in bf16 round after the SiLU and again after the product).
+fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let dtype = g.dtype();
+    if dtype == DType::F32 {
+        return Ok((g.silu()? * u)?);
+    }
+    let m = (g.to_dtype(DType::F32)?.silu()? * u.to_dtype(DType::F32)?)?;
+    Ok(m.to_dtype(dtype)?)
 }
 
 /// Additive causal mask `(t, T)` for `t` new positions after `offset` cached ones; `None` for a

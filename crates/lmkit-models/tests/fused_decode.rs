@@ -9,6 +9,13 @@ mod fused_common;
 use fused_common::{compare, compare_models, model, quantized_pair};
 
 /// The tiny config with two heads of 64 sharing one kv head (the flash kernels' size).
+/// This binary tests the warp-per-row decoding kernels (`fused_decode_tc.rs` the tensor-core
+/// ones, the default for 2-16 sequences): every test turns the tensor cores off, the same value
+/// from every thread.
+fn warp_kernels() {
+    std::env::set_var("LMKIT_DECODE_TC", "0");
+}
+
 fn heads_of_64() -> LlamaConfig {
     LlamaConfig {
         hidden_size: 128,
@@ -21,6 +28,7 @@ fn heads_of_64() -> LlamaConfig {
 
 #[test]
 fn f32_steps_match_the_reference_path() {
+    warp_kernels();
     let cfg = LlamaConfig::tiny(); // GQA 4/2, head 16
     let m = model(&cfg, DType::F32, false);
     let (d, same) = compare(&m, 1, 5, 6, 0);
@@ -34,6 +42,7 @@ fn f32_steps_match_the_reference_path() {
 
 #[test]
 fn bias_wide_heads_and_large_batches() {
+    warp_kernels();
     // q/k/v biases (Qwen2), head 64 (two lanes' worth per warp), 18 sequences (two GEMV
     // launches of 16 and 2).
     let cfg = LlamaConfig {
@@ -48,6 +57,7 @@ fn bias_wide_heads_and_large_batches() {
 
 #[test]
 fn odd_widths_take_the_scalar_loop() {
+    warp_kernels();
     // Rows of 62 and 90 values are no multiple of a 16-byte load: the GEMVs' scalar loop.
     let cfg = LlamaConfig {
         hidden_size: 62,
@@ -63,6 +73,7 @@ fn odd_widths_take_the_scalar_loop() {
 
 #[test]
 fn quantized_weights_match_their_dequantized_model() {
+    warp_kernels();
     // Q8_0, Q4_1 and Q4_0 files (the embedding and tied output layer too): fused decoding reads
     // the blocks themselves, the reference path their dequantized f32 values. A one-token
     // prompt keeps every step on the fused path (a longer prompt would run the quantized
@@ -83,6 +94,7 @@ fn quantized_weights_match_their_dequantized_model() {
 
 #[test]
 fn scalar_loops_match_too() {
+    warp_kernels();
     // Every buffer treated as unaligned: the GEMVs' one-value-at-a-time loops, dense and
     // quantized. (Other tests running meanwhile may take these loops too: same results.)
     let cfg = LlamaConfig::tiny();
@@ -105,6 +117,7 @@ fn scalar_loops_match_too() {
 
 #[test]
 fn the_slab_grows_during_decoding() {
+    warp_kernels();
     // 64 positions at first; the 65th step reallocates, copies the cache and rebuilds the step.
     let m = model(&LlamaConfig::tiny(), DType::F32, false);
     let (d, same) = compare(&m, 2, 60, 8, 0);
@@ -114,6 +127,7 @@ fn the_slab_grows_during_decoding() {
 
 #[test]
 fn bf16_steps_track_the_reference_path() {
+    warp_kernels();
     // The reference path rounds activations to bf16 between products; the fused path keeps
     // them in f32, so the two differ by bf16 rounding only.
     let m = model(&LlamaConfig::tiny(), DType::BF16, false);
@@ -124,6 +138,7 @@ fn bf16_steps_track_the_reference_path() {
 
 #[test]
 fn eviction_and_bad_tokens() {
+    warp_kernels();
     let m = model(&LlamaConfig::tiny(), DType::F32, false);
     // Eviction runs on the tensor cache: an empty fused cache turns into one.
     let mut c = m.new_fused_cache().unwrap();
@@ -157,6 +172,7 @@ impl lmkit_models::KvPolicy for Window {
 
 #[test]
 fn the_emulator_rejects_bad_launches() {
+    warp_kernels();
     use lmkit_core::launch::{Arg, Launcher};
     let l = Launcher::for_device(&Device::Cpu).unwrap();
     assert!(l.is_emulated());
@@ -184,6 +200,7 @@ fn the_emulator_rejects_bad_launches() {
 
 #[test]
 fn replaced_layers_are_seen() {
+    warp_kernels();
     // The fused view of the weights is kept in the model; replacing a layer drops it.
     let mut m = model(&LlamaConfig::tiny(), DType::F32, false);
     let (d, _) = compare(&m, 1, 2, 2, 0);
@@ -205,6 +222,7 @@ fn replaced_layers_are_seen() {
 
 #[test]
 fn a_prompt_after_fused_steps_reads_their_cache() {
+    warp_kernels();
     // A chat's next turn: decoded tokens (written by the fused kernels) and then a prompt of
     // several tokens (the reference path over the same slab), then decoding again.
     let m = model(&LlamaConfig::tiny(), DType::F32, false);
@@ -246,6 +264,7 @@ fn a_prompt_after_fused_steps_reads_their_cache() {
 
 #[test]
 fn long_caches_and_wide_heads() {
+    warp_kernels();
     // Heads of 128 and 256 (four and eight values per lane in the attention's output) over
     // 130+ cached positions: three blocks of 64 merged, the last one partly filled.
     for (d, heads, kv) in [(128, 2, 1), (256, 2, 2)] {
@@ -266,6 +285,7 @@ fn long_caches_and_wide_heads() {
 
 #[test]
 fn a_cache_in_use_sees_replaced_layers() {
+    warp_kernels();
     // The same caches before and after a layer changes: the fused step is rebuilt on the new
     // weights, as the reference path reads them.
     let mut m = model(&LlamaConfig::tiny(), DType::F32, false);
@@ -306,8 +326,10 @@ fn a_cache_in_use_sees_replaced_layers() {
 /// Turns of `b` sequences (prompts of several tokens after cached ones, and single tokens)
 /// through the f32 model `truth` (reference path) and the bf16 model `m` on the reference path
 /// and on the fused one: the largest logit difference to f32, relative to the largest logit,
-/// of the reference bf16 path and of the fused one.
-fn against_f32(truth: &Llama, m: &Llama, b: usize, turns: &[&[u32]]) -> (f32, f32) {
+/// of the reference bf16 path and of the fused one, and between the two bf16 paths on the
+/// first turn (a prompt on an empty cache: fused decoding steps keep f32 activations between
+/// the products, so the caches differ after them).
+fn against_f32(truth: &Llama, m: &Llama, b: usize, turns: &[&[u32]]) -> (f32, f32, f32) {
     let mut tc = truth.new_reference_cache();
     let mut rc = m.new_reference_cache();
     let mut fc = m.new_fused_cache().unwrap();
@@ -316,8 +338,8 @@ fn against_f32(truth: &Llama, m: &Llama, b: usize, turns: &[&[u32]]) -> (f32, f3
         let l = model.forward_last(&x, cache).unwrap();
         l.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
     };
-    let (mut r_err, mut f_err) = (0f32, 0f32);
-    for ids in turns {
+    let (mut r_err, mut f_err, mut rf) = (0f32, 0f32, 0f32);
+    for (turn, ids) in turns.iter().enumerate() {
         let t = logits(truth, ids, &mut tc);
         let r = logits(m, ids, &mut rc);
         let f = logits(m, ids, &mut fc);
@@ -327,17 +349,24 @@ fn against_f32(truth: &Llama, m: &Llama, b: usize, turns: &[&[u32]]) -> (f32, f3
             assert!(d(f).is_finite(), "non-finite logits");
             r_err = r_err.max(d(r) / scale);
             f_err = f_err.max(d(f) / scale);
+            if turn == 0 {
+                let between = r.iter().zip(f).fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+                rf = rf.max(between / scale);
+            }
         }
     }
     assert_eq!(fc.len(), tc.len());
-    (r_err, f_err)
+    (r_err, f_err, rf)
 }
 
 #[test]
 fn bf16_prompts_take_the_fused_pass() {
+    warp_kernels();
     // Heads of 64 with GQA and q/k/v biases, and heads of 128: prompts run the fused prompt
-    // pass (flash attention over the slab). Both bf16 paths round, in different places; the
-    // fused one must be as close to the f32 model as candle's ops are.
+    // pass (flash attention over the slab). On a prompt both bf16 paths round in the same
+    // places (the products' inputs and outputs, the biased q/k/v after RoPE, SiLU·up, the
+    // unnormalized attention probabilities of 64-key tiles; scores, softmax sums, norms and
+    // the residual stream in f32): their logits agree to f32's rounding, not bf16's.
     let long: Vec<u32> = (0..50).map(|i| (i * 7 + 3) % 128).collect();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 128).collect();
     for (d, kv, bias) in [(64, 1, true), (128, 2, false), (128, 1, false)] {
@@ -367,10 +396,14 @@ fn bf16_prompts_take_the_fused_pass() {
             &[11],
             &[2],
         ];
-        let (r, f) = against_f32(&truth, &m, 2, &turns);
+        let (r, f, rf) = against_f32(&truth, &m, 2, &turns);
         assert!(
             f <= 1.5 * r + 0.005,
             "head {d}: fused bf16 is {f} from f32, candle's bf16 {r}"
+        );
+        assert!(
+            rf <= 0.02 * r.min(f),
+            "head {d}: the bf16 paths are {rf} apart on a prompt, {r} and {f} from f32"
         );
     }
     // f32, or heads of 16: candle's ops.
@@ -381,6 +414,7 @@ fn bf16_prompts_take_the_fused_pass() {
 
 #[test]
 fn quantized_files_take_the_fused_prompt_pass_through_a_stacked_copy() {
+    warp_kernels();
     // A Q8_0 file computing in bf16: its prompts read one stacked bf16 copy of q/k/v and of
     // gate/up (dequantized once); the same file dequantized to a dense bf16 model reads its
     // own tensors, one product each. Same weights, same math: the logits agree to bf16's
