@@ -353,9 +353,9 @@ pub(crate) struct FusedDecoder {
     steps: usize,
     /// No graph: every step launches its kernels one by one.
     eager: bool,
-    /// Launches of 2-16 sequences take the tensor-core products (`dec_tgemv`, `dec_tgateup`;
-    /// `dec_tq*` for Q8_0/Q4_1 blocks) where their shapes allow: `LMKIT_DECODE_TC=1`.
-    tensor_cores: bool,
+    /// Which launches of 2-16 sequences take the tensor-core products (`dec_tgemv`,
+    /// `dec_tgateup`; `dec_tq*` for Q8_0/Q4_1 blocks) where their shapes allow ([`Tc`]).
+    tc: Tc,
 }
 
 impl std::fmt::Debug for FusedDecoder {
@@ -419,7 +419,7 @@ impl FusedDecoder {
             graph: None,
             steps: 0,
             eager: false,
-            tensor_cores: tensor_cores_asked(),
+            tc: Tc::from_env(),
             launcher,
         })
     }
@@ -706,7 +706,7 @@ impl FusedDecoder {
                     }
                     let rows = w.map(|(_, r)| r);
                     let bf16 = sfx == "bf16"; // f16: see decode.cu (x·nw may pass f16's range)
-                    if self.tensor_cores && bf16 && tc_applies(nb, &rows, k, &ptrs) {
+                    if self.tc.applies(nb, false) && bf16 && tc_applies(nb, &rows, k, &ptrs) {
                         (grid, threads) = (tc_blocks(n)?, TC_THREADS);
                         format!("dec_tgemv_{sfx}")
                     } else {
@@ -730,7 +730,7 @@ impl FusedDecoder {
                         }
                     }
                     let rows = w.map(|(_, r)| r);
-                    if self.tensor_cores && tc_applies(nb, &rows, k, &ptrs) {
+                    if self.tc.applies(nb, true) && tc_applies(nb, &rows, k, &ptrs) {
                         (grid, threads) = (tc_blocks(n)?, TC_THREADS);
                         format!("dec_tqgemv_{fmt}")
                     } else {
@@ -803,7 +803,7 @@ impl FusedDecoder {
             let xj = x + (j0 * k * 4) as u64;
             let name = match (wg, wu) {
                 (Mat::Dense { sfx, w: g }, Mat::Dense { w: u, .. })
-                    if self.tensor_cores
+                    if self.tc.applies(nb, false)
                         && sfx == "bf16"
                         && tc_applies(nb, &[n], k, &[xj, nw, g, u]) =>
                 {
@@ -811,7 +811,7 @@ impl FusedDecoder {
                     format!("dec_tgateup_{sfx}")
                 }
                 (Mat::Quant { fmt, q: g, .. }, Mat::Quant { q: u, .. })
-                    if self.tensor_cores && tc_applies(nb, &[n], k, &[xj, nw, g, u]) =>
+                    if self.tc.applies(nb, true) && tc_applies(nb, &[n], k, &[xj, nw, g, u]) =>
                 {
                     (grid, threads) = (tc_blocks(n)?, TC_THREADS);
                     format!("dec_tqgateup_{fmt}")
@@ -841,10 +841,40 @@ fn tc_blocks(n: usize) -> Result<u32> {
     u32::try_from(n / 8).map_err(|_| Error::Kv(format!("{n} output rows")))
 }
 
-/// `LMKIT_DECODE_TC=1` (or `on`): the tensor-core products for batches of 2-16 (not yet the
-/// default: their speed on a GPU is unmeasured).
-fn tensor_cores_asked() -> bool {
-    std::env::var("LMKIT_DECODE_TC").is_ok_and(|v| matches!(v.as_str(), "1" | "on"))
+/// When batched decoding's products run on tensor cores (`dec_t*`) rather than a warp per
+/// output row: `LMKIT_DECODE_TC=0`/`off` never, `1`/`on` for any 2-16 sequences, and by default
+/// from the batch where they were measured faster on an H200 (default model's shape,
+/// docs/benchmarks.md): 8 sequences for bf16 weights (2 and 4 were 28% and 13% slower, 8 was
+/// 16% faster, 16 was 1.9×), 4 for Q8_0/Q4_1 blocks (2 even, 4 17% faster, 8 1.7×, 16 2.5×).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tc {
+    Off,
+    Auto,
+    On,
+}
+
+/// The default's smallest batch on tensor cores: dense weights, quantized blocks.
+const TC_FROM_DENSE: usize = 8;
+const TC_FROM_QUANT: usize = 4;
+
+impl Tc {
+    fn from_env() -> Self {
+        match std::env::var("LMKIT_DECODE_TC").as_deref() {
+            Ok("0" | "off") => Tc::Off,
+            Ok("1" | "on") => Tc::On,
+            _ => Tc::Auto,
+        }
+    }
+
+    /// Whether a launch of `nb` sequences over dense (`quant` false) or quantized weights
+    /// takes the tensor-core kernels (their shape conditions aside: [`tc_applies`]).
+    fn applies(self, nb: usize, quant: bool) -> bool {
+        match self {
+            Tc::Off => false,
+            Tc::On => true,
+            Tc::Auto => nb >= if quant { TC_FROM_QUANT } else { TC_FROM_DENSE },
+        }
+    }
 }
 
 /// GEMV blocks for `n` output rows (one warp each).
@@ -876,6 +906,30 @@ pub(crate) fn wanted() -> bool {
 /// not take is then worth a warning, not only a debug line.
 pub(crate) fn asked() -> bool {
     std::env::var("LMKIT_CUDA_DECODE").is_ok_and(|v| v == "fused")
+}
+
+#[cfg(test)]
+mod tc_tests {
+    use super::Tc;
+
+    /// The default takes tensor cores from 8 sequences on dense weights and from 4 on blocks;
+    /// `on` from 2, `off` never.
+    #[test]
+    fn tensor_cores_from_the_measured_batch() {
+        let auto: Vec<(usize, bool, bool)> = [2, 4, 7, 8, 16]
+            .iter()
+            .flat_map(|&nb| [(nb, false), (nb, true)])
+            .map(|(nb, q)| (nb, q, Tc::Auto.applies(nb, q)))
+            .collect();
+        for (nb, q, on) in auto {
+            assert_eq!(
+                on,
+                nb >= if q { 4 } else { 8 },
+                "{nb} sequences, quantized {q}"
+            );
+        }
+        assert!(Tc::On.applies(2, false) && !Tc::Off.applies(16, true));
+    }
 }
 
 #[cfg(all(test, feature = "cuda-emu"))]
