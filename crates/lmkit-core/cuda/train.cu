@@ -10,7 +10,7 @@
 // tr_rms_bwd     dx (+)= r·(g⊙w − x̂·mean(x̂ ⊙ g⊙w)), also written in T when dx_lp is set;
 //                dw = Σ_rows g ⊙ x̂ as one partial sum per block (the caller adds them up).
 //                                                         rows strided over the blocks
-// tr_rms_bwd_w   the same, one warp per row, for rows of at most 1024          warp per row
+// tr_rms_bwd_wG  the same, one warp per row, for rows of at most 256·G (G = 1..4) warp per row
 // tr_rope_split  rows (b·t, ·) of q, k, v (one stacked product [q | k | v], or three) (+ bias)
 //                → q (b, h, t, d),
 //                k, v (b, kh, cap, d) at positions off.., q and k rotated by +θ (HF's
@@ -21,6 +21,7 @@
 // tr_silu_mul    m = silu(g) ⊙ u, rows of g and u of stride ld (the halves of [g | u], or two)
 // tr_silu_mul_bwd  dg = dm ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))),  du = dm ⊙ silu(g)
 // tr_add         out = x + y  (x, out f32; y in T: a residual add)
+// tr_scale       out = x · s[0]  (s a device scalar, f32)
 // tr_xent        the output layer's cross-entropy per row, nll = logsumexp(z) − z_y, with its
 //                gradient coef·(softmax(z) − onehot(y)) written over the logits  block per row
 // tr_colsum      the column sums of tr_rms_bwd*'s per-block partials (f32 only)
@@ -170,56 +171,98 @@ __device__ void rms_bwd(const float* x, const float* w, const T* g, float* dx, T
   }
 }
 
-// tr_rms_bwd_w: the same for rows of at most 32·RMSW_COLS columns, one warp per row (rows
-// strided over all warps) with the row's x and g held in registers, so that a row costs two
-// warp sums and no block barrier. The block-per-row kernel above spent ~100 µs on 8192 rows of
-// 768 on an H200 (two block sums per row, each three barriers, ~15 rows in turn per block).
-// The warps' dw sums meet in shared memory once at the end: one partial per block, as above.
-#define RMSW_COLS 32
+// tr_rms_bwd_w<G>: the same for rows of at most 256·G columns (G = 1..4), one warp per row
+// (rows strided over all warps). A lane holds G groups of eight adjacent columns of its row,
+// columns 8·lane + 256·q: x, g, w and, when accumulating, dx, loaded in 16-byte pieces (else the
+// same groups one value at a time) and all issued before the row's two warp sums, so that a row
+// costs one trip to memory. Each warp adds its rows' g·x̂ into its own row of shared memory (a
+// lane's columns are its own); the warps' rows meet once at the end: one partial per block, as
+// above. The kernel it replaced held 32 columns a lane in registers (128 per thread), read
+// values of 2 or 4 bytes, loaded dx after the sums, and took 60 µs for 8192 rows of 768 on an
+// H200 (1.3 TB/s).
 #define RMSW_WARPS 8
 
-template <typename T>
+template <typename T, int G>
 __device__ void rms_bwd_w(const float* x, const float* w, const T* g, float* dx, T* dx_lp,
                           float* part, int rows, int c, float eps, int accumulate) {
-  __shared__ float red[RMSW_WARPS][32 * RMSW_COLS];
+  constexpr int C = 8 * G, GW = 2 * sizeof(T);  // 32-bit words of eight g values
+  __shared__ __align__(16) float red[RMSW_WARPS][32 * C];
   const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  float acc[RMSW_COLS];
+  float* mine = red[wp];
+  const bool wide = c % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(g) &&
+                    aligned16(dx) && (!dx_lp || aligned16(dx_lp));
 #pragma unroll
-  for (int k = 0; k < RMSW_COLS; ++k) acc[k] = 0.f;
+  for (int q = 0; q < G; ++q)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) mine[8 * lane + 256 * q + e] = 0.f;
   for (int64_t row = (int64_t)blockIdx.x * nw + wp; row < rows; row += (int64_t)gridDim.x * nw) {
     const float* xr = x + row * c;
     const T* gr = g + row * c;
-    float xv[RMSW_COLS], gv[RMSW_COLS];
+    float* dr = dx + row * c;
+    // Held across the warp sums: x and dx in f32, g as loaded (packed, 16-bit for bf16/f16).
+    float xv[G][8], dv[G][8];
+    uint32_t gp[G][GW];
     float ss = 0.f, dot = 0.f;
 #pragma unroll
-    for (int k = 0; k < RMSW_COLS; ++k) {
-      const int j = lane + 32 * k;
-      xv[k] = 0.f;
-      gv[k] = 0.f;
-      if (j < c) {
-        xv[k] = xr[j];
-        gv[k] = to_f(gr[j]);
-        ss += xv[k] * xv[k];
-        dot += xv[k] * gv[k] * w[j];
+    for (int q = 0; q < G; ++q) {
+      const int j = 8 * lane + 256 * q, n = c - j;
+      float wv[8], gv[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xv[q][e] = dv[q][e] = wv[e] = gv[e] = 0.f;
+      T gt[8];
+      if (n > 0) {
+        ld_span<float, 8>(xr + j, xv[q], n, wide, 0.f);
+        ld_span<float, 8>(w + j, wv, n, wide, 0.f);
+        if (accumulate) ld_span<float, 8>(dr + j, dv[q], n, wide, 0.f);
+        if (wide) {
+#pragma unroll
+          for (int u = 0; u < GW; u += 4) {
+            const uint4 raw = load16<uint4>(gr + j + 4 * u / (int)sizeof(T));
+            gp[q][u] = raw.x, gp[q][u + 1] = raw.y, gp[q][u + 2] = raw.z, gp[q][u + 3] = raw.w;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) gt[e] = e < n ? gr[j + e] : from_f<T>(0.f);
+          memcpy(gp[q], gt, sizeof(gt));
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < GW; ++u) gp[q][u] = 0u;
+      }
+      memcpy(gt, gp[q], sizeof(gt));
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        gv[e] = to_f(gt[e]);
+        ss += xv[q][e] * xv[q][e];
+        dot += xv[q][e] * gv[e] * wv[e];
       }
     }
     ss = warp_sum(ss);
     dot = warp_sum(dot);
     const float r = rsqrtf(ss / c + eps);
     dot *= r / c;  // mean(x̂ ⊙ g ⊙ w)
-    float* dr = dx + row * c;
+    // w again, from the cache: not eight more registers per group held across the sums.
+    const float* w2 = w;
+#ifndef LMKIT_EMU
+    asm volatile("" : "+l"(w2));
+#endif
 #pragma unroll
-    for (int k = 0; k < RMSW_COLS; ++k) {
-      const int j = lane + 32 * k;
-      if (j < c)
-        rms_bwd_col<T>(xv[k], gv[k], w[j], r, dot, dr, dx_lp ? dx_lp + row * c : nullptr, j,
-                       accumulate, &acc[k]);
+    for (int q = 0; q < G; ++q) {
+      const int j = 8 * lane + 256 * q, n = c - j;
+      if (n <= 0) continue;
+      float wv[8], v[8];
+      T gt[8];
+      ld_span<float, 8>(w2 + j, wv, n, wide, 0.f);
+      memcpy(gt, gp[q], sizeof(gt));
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float gj = to_f(gt[e]), xh = xv[q][e] * r;
+        v[e] = r * (gj * wv[e] - xh * dot) + dv[q][e];
+        mine[j + e] += gj * xh;
+      }
+      st_span<float, 8>(dr + j, v, n, wide);
+      if (dx_lp) st_span<T, 8>(dx_lp + row * c + j, v, n, wide);
     }
-  }
-#pragma unroll
-  for (int k = 0; k < RMSW_COLS; ++k) {
-    const int j = lane + 32 * k;
-    if (j < c) red[wp][j] = acc[k];
   }
   __syncthreads();
   for (int j = threadIdx.x; j < c; j += blockDim.x) {
@@ -375,6 +418,24 @@ __device__ void add(const float* x, const T* y, float* out, int n) {
 #pragma unroll
     for (int e = 0; e < G; e++) a[e] += b[e];
     st_span<float, G>(out + j, a, (int)k, w);
+  }
+}
+
+// out = x · s[0], s a device scalar (a loss's upstream gradient applied to gradients computed in
+// its forward pass): 16-byte groups, else the same groups one value at a time. candle's
+// broadcast multiply took 548 µs on the 151 MB of the output layer's ∂W (an H200).
+template <typename T>
+__device__ void scale(const T* x, T* out, int n, const float* s) {
+  constexpr int G = 16 / sizeof(T);
+  const float f = s[0];
+  const bool wide = aligned16(x) && aligned16(out);
+  FOR_EACH_GROUP(i, j, k, n, G) {
+    const bool w = wide && k == G;
+    float a[G];
+    ld_vec<T>(x + j, a, (int)k, w, 0.f);
+#pragma unroll
+    for (int e = 0; e < G; e++) a[e] *= f;
+    st_vec<T>(out + j, a, (int)k, w);
   }
 }
 
@@ -964,6 +1025,14 @@ FLASH_KERNELS(f16, 128, 4)
 DOT_KERNEL(bf16)
 DOT_KERNEL(f16)
 
+#define RMS_BWD_W(S, G)                                                                         \
+  extern "C" __global__ void __launch_bounds__(32 * RMSW_WARPS, 2)                                \
+      tr_rms_bwd_w##G##_##S(const float* x, const float* w, const S* g, float* dx, S* dx_lp,      \
+                            float* part, int rows, int c, float eps, int accumulate) {            \
+    rms_bwd_w<S, G>(x, w, g, dx, dx_lp, part, rows, c, eps, accumulate);                          \
+  }                                                                                               \
+  LMKIT_REG(tr_rms_bwd_w##G##_##S)
+
 #define TRAIN_KERNELS(S)                                                                          \
   extern "C" __global__ void tr_rms_fwd_##S(const float* x, const float* w, S* a, int rows, \
                                             int c, float eps) {                                  \
@@ -977,12 +1046,10 @@ DOT_KERNEL(f16)
     rms_bwd<S>(x, w, g, dx, dx_lp, part, rows, c, eps, accumulate);                               \
   }                                                                                               \
   LMKIT_REG(tr_rms_bwd_##S)                                                                       \
-  extern "C" __global__ void __launch_bounds__(32 * RMSW_WARPS)                                   \
-      tr_rms_bwd_w_##S(const float* x, const float* w, const S* g, float* dx, S* dx_lp,           \
-                       float* part, int rows, int c, float eps, int accumulate) {                 \
-    rms_bwd_w<S>(x, w, g, dx, dx_lp, part, rows, c, eps, accumulate);                             \
-  }                                                                                               \
-  LMKIT_REG(tr_rms_bwd_w_##S)                                                                     \
+  RMS_BWD_W(S, 1)                                                                                 \
+  RMS_BWD_W(S, 2)                                                                                 \
+  RMS_BWD_W(S, 3)                                                                                 \
+  RMS_BWD_W(S, 4)                                                                                 \
   extern "C" __global__ void tr_rope_split_##S(S* rq, S* rk, S* rv, int ldq, int ldk, S* q,     \
                                                S* k, S* v, const float* bias, const float* cos,  \
                                                const float* sin, int b, int t, int h, int kh,    \
@@ -1012,6 +1079,10 @@ DOT_KERNEL(f16)
     add<S>(x, y, out, n);                                                                         \
   }                                                                                               \
   LMKIT_REG(tr_add_##S) \
+  extern "C" __global__ void tr_scale_##S(const S* x, S* out, int n, const float* s) {        \
+    scale<S>(x, out, n, s);                                                                       \
+  }                                                                                               \
+  LMKIT_REG(tr_scale_##S) \
   extern "C" __global__ void tr_xent_##S(S* z, const uint32_t* y, const float* coef, float* nll, \
                                          int rows, int v) {                                      \
     xent_in_place<S>(z, y, coef, nll, rows, v);                                                   \
@@ -1060,6 +1131,7 @@ extern "C" __global__ void tr_colsum(const float* part, float* out, int rows, in
   const int j = blockIdx.x * 32 + lane;
   float s = 0.f;
   if (j < c)
+#pragma unroll 8
     for (int r = grp; r < rows; r += 8) s += part[(int64_t)r * c + j];
   sh[grp][lane] = s;
   __syncthreads();

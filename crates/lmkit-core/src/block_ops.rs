@@ -13,9 +13,11 @@ use crate::{Error, Result};
 
 /// Columns per thread of `tr_rms_bwd` (`RMS_COLS` in train.cu).
 const RMS_COLS: usize = 16;
-/// Columns per lane and warps per block of `tr_rms_bwd_w` (`RMSW_COLS`, `RMSW_WARPS`).
-const RMSW_COLS: usize = 32;
+/// Warps per block of `tr_rms_bwd_w*` (`RMSW_WARPS`), the most blocks of a launch, and the
+/// widest row they take (256 columns per variant, four variants).
 const RMSW_WARPS: usize = 8;
+const RMSW_BLOCKS: usize = 512;
+const RMSW_MAX: usize = 1024;
 /// Threads of `tr_colsum`'s blocks: 32 columns × 8 row groups, as the kernel assumes.
 const COLSUM_THREADS: u32 = 256;
 /// Threads per row of `tr_xent`.
@@ -253,15 +255,15 @@ impl BlockOps {
                 "a hidden size of {c} exceeds the training kernels' {MAX_HIDDEN}"
             )));
         }
-        // Rows of up to 32·RMSW_COLS: a warp per row (`tr_rms_bwd_w`), else a block per row.
-        let by_warp = c <= 32 * RMSW_COLS;
-        let (kernel, blocks, threads) = match by_warp {
+        // Rows of up to 1024: a warp per row (`tr_rms_bwd_w1..4`, for rows of 256, 512, 768 and
+        // 1024 at most), else a block per row.
+        let (kernel, blocks, threads) = match c <= RMSW_MAX {
             true => (
-                "rms_bwd_w",
-                rows.div_ceil(RMSW_WARPS).clamp(1, 256),
+                format!("rms_bwd_w{}", c.div_ceil(256).max(1)),
+                rows.div_ceil(RMSW_WARPS).clamp(1, RMSW_BLOCKS),
                 32 * RMSW_WARPS,
             ),
-            false => ("rms_bwd", rows.clamp(1, 528), threads),
+            false => ("rms_bwd".to_string(), rows.clamp(1, 528), threads),
         };
         let dx_lp = self.empty((rows, c), self.dtype)?;
         let part = self.empty((blocks, c), DType::F32)?;
@@ -277,7 +279,7 @@ impl BlockOps {
             Arg::F32(eps),
             Arg::I32(i32::from(accumulate)),
         ];
-        self.run(kernel, blocks, threads as u32, &args)?;
+        self.run(&kernel, blocks, threads as u32, &args)?;
         let dw = self.empty(c, DType::F32)?;
         let args = [
             self.ptr(&part)?,
@@ -330,6 +332,35 @@ impl BlockOps {
         ];
         self.run("xent", rows, XENT_THREADS, &args)?;
         Ok(nll)
+    }
+
+    /// `x · s` for `x` in the compute dtype (contiguous) and `s` a one-element f32 tensor on
+    /// the device, read there (no wait for the host): one pass of 16-byte loads.
+    pub fn scale(&self, x: &Tensor, s: &Tensor) -> Result<Tensor> {
+        if s.elem_count() != 1 || s.dtype() != DType::F32 {
+            return Err(Error::Unsupported(format!(
+                "scale: the factor must be one f32 value, not {:?} {:?}",
+                s.dtype(),
+                s.dims()
+            )));
+        }
+        if x.dtype() != self.dtype {
+            return Err(Error::Unsupported(format!(
+                "scale: {:?} values with {:?} kernels",
+                x.dtype(),
+                self.dtype
+            )));
+        }
+        let n = x.elem_count();
+        let out = self.empty(x.shape().clone(), self.dtype)?;
+        let args = [
+            self.ptr(x)?,
+            self.ptr(&out)?,
+            int(n, "elements")?,
+            self.ptr(s)?,
+        ];
+        self.run("scale", grid(n), 256, &args)?;
+        Ok(out)
     }
 
     /// `x + y` in f32 (f32 `x`, compute-dtype `y`).

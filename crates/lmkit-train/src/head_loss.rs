@@ -322,6 +322,22 @@ fn attach(
     Ok(h.apply_op3_arc(w, &value, Arc::new(Box::new(op)))?)
 }
 
+/// `d · g` for a one-element upstream gradient `g`, read on the device: lmkit's kernel where
+/// one runs (`BlockOps::scale`, 16-byte loads), else candle's broadcast multiply (on an H200 it
+/// took 548 µs a step over the 151 MB of a 113M model's output-layer ∂W).
+fn scaled(d: &Tensor, g: &Tensor) -> lmkit_core::candle::Result<Tensor> {
+    let dev = d.device();
+    let ops = Launcher::for_device(dev).and_then(|l| BlockOps::new(l, d.dtype(), dev).ok());
+    match ops {
+        Some(k) => {
+            let s = g.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+            k.scale(&d.contiguous()?, &s)
+                .map_err(|e| lmkit_core::candle::Error::msg(e.to_string()))
+        }
+        None => d.broadcast_mul(&g.to_dtype(d.dtype())?.reshape((1, 1))?),
+    }
+}
+
 /// Gradients computed in the forward pass, scaled by the upstream gradient.
 struct Precomputed {
     dh: Option<Tensor>,
@@ -348,11 +364,11 @@ impl CustomOp3 for Precomputed {
         let like = |d: &Tensor| g.to_dtype(d.dtype());
         let dh = match &self.dh {
             Some(d) if self.rowwise => Some(d.broadcast_mul(&like(d)?.unsqueeze(1)?)?),
-            Some(d) => Some(d.broadcast_mul(&like(d)?.reshape((1, 1))?)?),
+            Some(d) => Some(scaled(d, g)?),
             None => None,
         };
         let dw = match &self.dw {
-            Some(d) if !self.rowwise => Some(d.broadcast_mul(&like(d)?.reshape((1, 1))?)?),
+            Some(d) if !self.rowwise => Some(scaled(d, g)?),
             // Per-row upstream gradients cannot scale a summed ∂W; that case never gets here.
             _ => None,
         };

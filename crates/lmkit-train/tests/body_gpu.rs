@@ -415,14 +415,24 @@ fn lora_adapters_match_the_cpu_path() -> Res {
 }
 
 /// Both RMSNorm backward kernels against the formula, f64 on the host: a warp per row for
-/// rows of up to 1,024 (`tr_rms_bwd_w`), a block per row beyond (`tr_rms_bwd`), each with the
-/// gradient added into `dx` and the compute-dtype copy; 300 rows make 38 partial sums of
-/// `dw` per column, over two column blocks of `tr_colsum`.
+/// rows of up to 1,024 (`tr_rms_bwd_w1..4`: 16-byte loads where c is a multiple of 8, with a
+/// last group partly past the row at 1,000; one value at a time at 40), a block per row beyond
+/// (`tr_rms_bwd`), each with the gradient added into `dx` and the compute-dtype copy; 300 rows
+/// make 38 partial sums of `dw` per column, over two column blocks of `tr_colsum`, and 4,500
+/// rows take a second turn of some warps (512 blocks of eight).
 #[test]
 fn rms_backward_kernels_match_the_formula() -> Res {
     let dev = Device::Cpu;
     let eps = 1e-5f32;
-    for (rows, c) in [(37usize, 96usize), (300, 40), (5, 1000), (3, 1100)] {
+    for (rows, c) in [
+        (37usize, 96usize),
+        (300, 40),
+        (5, 1000),
+        (3, 1100),
+        (70, 768),
+        (4500, 16),
+        (9, 264),
+    ] {
         let vals = |n: usize, k: f32| -> Vec<f32> {
             (0..n).map(|i| ((i as f32 * k).sin() + 0.1) * 1.3).collect()
         };

@@ -196,3 +196,34 @@ fn a_target_outside_the_row_gives_nan() -> Res {
     assert!(ops.xent_in_place(&z16, &bad, &g).is_err());
     Ok(())
 }
+
+/// `tr_scale` (a loss's upstream gradient applied to the gradients its forward pass computed):
+/// `x · s` with `s` read on the device, in each dtype, over lengths that end mid-group (1,037:
+/// the last group one value at a time) and whole groups; a factor that is not one f32 value,
+/// or values in another dtype, are refused.
+#[test]
+fn the_scale_kernel_multiplies_by_a_device_scalar() -> Res {
+    let dev = Device::Cpu;
+    for (dt, name) in DTYPES {
+        let ops = BlockOps::new(Launcher::Emu, dt, &dev)?;
+        for n in [1037usize, 4096] {
+            let xs: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+            let x = Tensor::from_vec(xs, n, &dev)?.to_dtype(dt)?;
+            let s = Tensor::new(&[-1.5f32], &dev)?;
+            let got = ops.scale(&x, &s)?;
+            assert_eq!(got.dtype(), dt);
+            let want = (&x * -1.5)?;
+            close(&flat(&got)?, &flat(&want)?, 0.0, &format!("{name} {n}"));
+        }
+        let x = Tensor::zeros(8, dt, &dev)?;
+        assert!(ops.scale(&x, &Tensor::new(&[1f32, 2.0], &dev)?).is_err());
+        let other = if dt == DType::F32 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let s = Tensor::new(&[1f32], &dev)?;
+        assert!(ops.scale(&x.to_dtype(other)?, &s).is_err());
+    }
+    Ok(())
+}
