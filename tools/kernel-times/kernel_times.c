@@ -9,7 +9,9 @@
  *   total_ms  calls  mean_us  share  name
  *
  * and the sum of the kernels' GPU time next to the span from the first start to the last end
- * (the gaps between them are launch or host time the GPU spent idle).
+ * (the gaps between them are launch or host time the GPU spent idle). KERNEL_TIMES_SHAPES=1
+ * keys kernels by name and launch shape, `name <<<grid x,y,z, block x,y,z>>>`: which call of a
+ * library kernel such as candle's `fast_sum_f32` costs what.
  *
  * Build: scripts/gpu-prep (cc -shared against the CUPTI headers of NVIDIA's wheel).
  * Run:   CUDA_INJECTION64_PATH=$PWD/libkernel_times.so LD_LIBRARY_PATH=<dir with libcupti.so.13> prog
@@ -29,7 +31,7 @@ typedef struct {
 } Entry;
 
 static Entry entries[MAX_NAMES];
-static int n_entries;
+static int n_entries, shapes;
 static uint64_t first_start = UINT64_MAX, last_end, busy_ns, copies, copy_ns, copy_bytes;
 
 static void add(const char *name, uint64_t start, uint64_t end) {
@@ -63,7 +65,15 @@ static void CUPTIAPI completed(CUcontext ctx, uint32_t stream, uint8_t *buf, siz
   while (cuptiActivityGetNextRecord(buf, valid, &r) == CUPTI_SUCCESS) {
     if (r->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL || r->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
       CUpti_ActivityKernel10 *k = (CUpti_ActivityKernel10 *)r;
-      add(k->name ? k->name : "?", k->start, k->end);
+      const char *name = k->name ? k->name : "?";
+      if (shapes) {
+        char key[320];
+        snprintf(key, sizeof key, "%.200s <<<%d,%d,%d, %d,%d,%d>>>", name, k->gridX, k->gridY,
+                 k->gridZ, k->blockX, k->blockY, k->blockZ);
+        add(key, k->start, k->end);
+      } else {
+        add(name, k->start, k->end);
+      }
     } else if (r->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       CUpti_ActivityMemcpy6 *m = (CUpti_ActivityMemcpy6 *)r;
       char name[64];
@@ -98,7 +108,7 @@ static void report(void) {
           (unsigned long long)copy_bytes);
   fprintf(f, "%10s %8s %10s %6s  %s\n", "total_ms", "calls", "mean_us", "share", "name");
   for (int i = 0; i < n_entries; i++)
-    fprintf(f, "%10.3f %8llu %10.2f %5.1f%%  %.200s\n", entries[i].total_ns / 1e6,
+    fprintf(f, "%10.3f %8llu %10.2f %5.1f%%  %.300s\n", entries[i].total_ns / 1e6,
             (unsigned long long)entries[i].calls,
             entries[i].total_ns / 1e3 / (double)entries[i].calls,
             busy_ns ? 100.0 * entries[i].total_ns / busy_ns : 0.0, entries[i].name);
@@ -106,6 +116,8 @@ static void report(void) {
 }
 
 int InitializeInjection(void) {
+  const char *sh = getenv("KERNEL_TIMES_SHAPES");
+  shapes = sh && strcmp(sh, "1") == 0;
   if (cuptiActivityRegisterCallbacks(requested, completed) != CUPTI_SUCCESS) return 0;
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);

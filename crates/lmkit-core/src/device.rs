@@ -49,8 +49,30 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
     if let Device::Cuda(cuda) = &device {
         // SAFETY: every tensor of this device is used on its one stream (see above).
         unsafe { cuda.disable_event_tracking() };
+        if std::env::var("LMKIT_CUBLAS_EXACT").is_ok_and(|v| v == "1") {
+            exact_reductions(cuda)?;
+        }
     }
     Ok(device)
+}
+
+/// `LMKIT_CUBLAS_EXACT=1`: cuBLAS keeps its split-k partial sums of bf16/f16 products in f32
+/// (`CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION`) where its default may round them to
+/// the output type. An experiment for the bf16 logits check of docs/cuda.md, which compares
+/// CPU and GPU logits whose products should differ only in f32's rounding.
+#[cfg(feature = "cuda")]
+fn exact_reductions(cuda: &candle_core::CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::sys;
+    let blas = cuda.cublas_handle();
+    let mode = sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
+    // SAFETY: the handle is the device's live cuBLAS handle; the call only sets a mode on it.
+    let status = unsafe { sys::cublasSetMathMode(*blas.handle(), mode) };
+    match status {
+        sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        other => Err(Error::Unsupported(format!(
+            "LMKIT_CUBLAS_EXACT: cublasSetMathMode failed ({other:?})"
+        ))),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
