@@ -39,9 +39,14 @@ static void add(const char *name, uint64_t start, uint64_t end) {
   for (i = 0; i < n_entries; i++)
     if (strcmp(entries[i].name, name) == 0) break;
   if (i == n_entries) {
-    if (n_entries == MAX_NAMES) return;
-    entries[i].name = strdup(name);
-    n_entries++;
+    // Past MAX_NAMES - 1 names the rest share one "[other]" entry: still in the totals.
+    if (n_entries >= MAX_NAMES - 1) name = "[other]";
+    for (i = 0; i < n_entries; i++)
+      if (strcmp(entries[i].name, name) == 0) break;
+    if (i == n_entries) {
+      entries[i].name = strdup(name);
+      n_entries++;
+    }
   }
   entries[i].calls++;
   entries[i].total_ns += end - start;
