@@ -48,13 +48,17 @@ impl ModelArgs {
         }
     }
 
-    /// The `--device` and `--dtype` choices, checked.
-    pub fn device(&self) -> Result<(lmkit::Device, Option<lmkit::core::DType>)> {
+    /// The `--device` and `--dtype` choices, checked; without `--dtype`, inference on a GPU
+    /// (`for_inference`) takes its fast dtype (bf16 on compute capability 8.0+), as mistral.rs
+    /// does: a BF16 file stays bf16, and quantized files take the fused prompt pass (f32
+    /// activations run prompts on candle's ops, 0.77x llama.cpp's speed on an H200). Elsewhere
+    /// (the CPU; `dpo`, `export`, `info`) the weights load as stored, dense ones in f32.
+    pub fn device(
+        &self,
+        for_inference: bool,
+    ) -> Result<(lmkit::Device, Option<lmkit::core::DType>)> {
         let device = lmkit::core::device::parse_device(&self.device)?;
-        // On a GPU the default is its fast dtype (bf16 on compute capability 8.0+), as in
-        // mistral.rs: a BF16 file stays bf16, and quantized files take the fused prompt pass
-        // (f32 activations would run prompts on candle's ops, 0.77x llama.cpp's speed on an H200).
-        let dtype = match (&self.dtype, device.is_cuda()) {
+        let dtype = match (&self.dtype, for_inference && device.is_cuda()) {
             (Some(d), _) => Some(lmkit::core::device::dtype_for(d, &device)?),
             (None, true) => Some(lmkit::core::device::auto_dtype(&device)),
             (None, false) => None,
@@ -62,9 +66,20 @@ impl ModelArgs {
         Ok((device, dtype))
     }
 
+    /// The model for inference (`run`, `chat`, `serve`, `bench`, `ppl`, `eval`, `logits`).
     pub fn load(&self) -> Result<LoadedModel> {
+        self.load_with(true)
+    }
+
+    /// The model as stored, f32 for dense weights unless `--dtype` says otherwise (`dpo`,
+    /// `export`, `info`).
+    pub fn load_as_stored(&self) -> Result<LoadedModel> {
+        self.load_with(false)
+    }
+
+    fn load_with(&self, for_inference: bool) -> Result<LoadedModel> {
         self.setup_threads()?;
-        let (device, dtype) = self.device()?;
+        let (device, dtype) = self.device(for_inference)?;
         let path = self.path()?;
         let spinner = spinner(&format!("loading {}", path.display()));
         let m = lmkit::load_on(

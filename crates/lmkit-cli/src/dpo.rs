@@ -89,7 +89,7 @@ pub fn main(a: Args) -> Result<()> {
     }
     let mut margs = a.model.clone();
     margs.dequantize = true;
-    let m = margs.load()?;
+    let m = margs.load_as_stored()?;
     let f16 = m.model.dtype() == lmkit::core::DType::F16;
     let scaled = LossScaler::new(a.loss_scale, f16).active();
     if let Some(w) = lmkit::core::device::train_dtype_warning(m.model.dtype(), scaled) {

@@ -25,7 +25,7 @@ pub struct Args {
 
 pub fn main(a: Args) -> Result<()> {
     let wtype = export_type(&a.wtype)?;
-    let m = a.model.load()?;
+    let m = a.model.load_as_stored()?;
     let spinner = crate::common::spinner(&format!("writing {}", a.out.display()));
     let r = save_gguf(&a.out, &m.model, &m.tokenizer, wtype)
         .with_context(|| format!("cannot export to {}", a.out.display()));

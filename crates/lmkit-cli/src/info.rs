@@ -54,7 +54,7 @@ fn fail(path: &std::path::Path, bad: &[BadTensor]) -> Result<()> {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    let m = a.model.load()?;
+    let m = a.model.load_as_stored()?;
     let cfg = m.model.config();
     let weights = m.model.named_weights();
     let mem: usize = weights.iter().map(|(_, w)| w.size_in_bytes()).sum();

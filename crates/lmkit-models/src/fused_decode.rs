@@ -859,10 +859,18 @@ const TC_FROM_QUANT: usize = 4;
 
 impl Tc {
     fn from_env() -> Self {
-        match std::env::var("LMKIT_DECODE_TC").as_deref() {
-            Ok("0" | "off") => Tc::Off,
-            Ok("1" | "on") => Tc::On,
-            _ => Tc::Auto,
+        Self::parse(&std::env::var("LMKIT_DECODE_TC").unwrap_or_default())
+    }
+
+    fn parse(v: &str) -> Self {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Tc::Auto,
+            "0" | "off" | "false" | "no" => Tc::Off,
+            "1" | "on" | "true" | "yes" => Tc::On,
+            other => {
+                tracing::warn!("LMKIT_DECODE_TC={other}: expected 0/off, 1/on or auto; using auto");
+                Tc::Auto
+            }
         }
     }
 
@@ -929,6 +937,18 @@ mod tc_tests {
             );
         }
         assert!(Tc::On.applies(2, false) && !Tc::Off.applies(16, true));
+        for (v, want) in [
+            ("", Tc::Auto),
+            ("auto", Tc::Auto),
+            ("0", Tc::Off),
+            (" OFF", Tc::Off),
+            ("false", Tc::Off),
+            ("1", Tc::On),
+            ("Yes", Tc::On),
+            ("maybe", Tc::Auto),
+        ] {
+            assert_eq!(Tc::parse(v), want, "{v:?}");
+        }
     }
 }
 

@@ -932,7 +932,10 @@ impl Llama {
             let h = blk.attn.o.forward(&h)?;
             x = (x + h.to_dtype(DType::F32)?)?;
             let h = self.lowp(blk.mlp_norm.forward_diff(&x)?)?;
-            let h = mlp(&blk.mlp, &h)?;
+            // Training: candle's SiLU·up in the compute dtype (f32 copies would stay alive for
+            // the backward pass).
+            let gu = Linear::forward_many(&[&blk.mlp.gate, &blk.mlp.up], &h)?;
+            let h = blk.mlp.down.forward(&(gu[0].silu()? * &gu[1])?)?;
             x = (x + h.to_dtype(DType::F32)?)?;
         }
         self.lowp(self.norm.forward_diff(&x)?)

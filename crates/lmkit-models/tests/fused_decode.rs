@@ -8,14 +8,14 @@ use lmkit_models::{load, KvCache, Llama, LlamaConfig, LoadOptions};
 mod fused_common;
 use fused_common::{compare, compare_models, model, quantized_pair};
 
-/// The tiny config with two heads of 64 sharing one kv head (the flash kernels' size).
 /// This binary tests the warp-per-row decoding kernels (`fused_decode_tc.rs` the tensor-core
-/// ones, the default for 2-16 sequences): every test turns the tensor cores off, the same value
-/// from every thread.
+/// ones, the default from 8 sequences with dense weights and from 4 with blocks): every test
+/// turns the tensor cores off, the same value from every thread.
 fn warp_kernels() {
     std::env::set_var("LMKIT_DECODE_TC", "0");
 }
 
+/// The tiny config with two heads of 64 sharing one kv head (the flash kernels' size).
 fn heads_of_64() -> LlamaConfig {
     LlamaConfig {
         hidden_size: 128,

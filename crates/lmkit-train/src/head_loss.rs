@@ -334,7 +334,11 @@ fn scaled(d: &Tensor, g: &Tensor) -> lmkit_core::candle::Result<Tensor> {
             k.scale(&d.contiguous()?, &s)
                 .map_err(|e| lmkit_core::candle::Error::msg(e.to_string()))
         }
-        None => d.broadcast_mul(&g.to_dtype(d.dtype())?.reshape((1, 1))?),
+        // In f32 and rounded once, as the kernel does.
+        None => d
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&g.to_dtype(DType::F32)?.reshape((1, 1))?)?
+            .to_dtype(d.dtype()),
     }
 }
 
