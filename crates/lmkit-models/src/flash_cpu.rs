@@ -46,7 +46,7 @@ pub(crate) fn attention(
         }
     };
     let (b, kh, gt, d) = q.dims4()?;
-    let total = k.dims()[2];
+    let (_, _, total, _) = k.dims4()?;
     if t == 0 || gt % t != 0 || total < t || k.dims() != [b, kh, total, d] || v.dims() != k.dims() {
         return Err(Error::Unsupported(format!(
             "CPU flash attention: q {:?}, k {:?}, v {:?}, {t} rows per head",

@@ -853,7 +853,7 @@ impl Llama {
             let h = blk.attn.o.forward(&h)?;
             x = (x + h.to_dtype(DType::F32)?)?;
             let h = self.lowp(blk.mlp_norm.forward(&x)?)?;
-            let h = mlp(&blk.mlp, &h)?;
+            let h = mlp(&blk.mlp, &h, true)?;
             x = (x + h.to_dtype(DType::F32)?)?;
         }
         cache.evict()?;
@@ -934,8 +934,7 @@ impl Llama {
             let h = self.lowp(blk.mlp_norm.forward_diff(&x)?)?;
             // Training: candle's SiLU·up in the compute dtype (f32 copies would stay alive for
             // the backward pass).
-            let gu = Linear::forward_many(&[&blk.mlp.gate, &blk.mlp.up], &h)?;
-            let h = blk.mlp.down.forward(&(gu[0].silu()? * &gu[1])?)?;
+            let h = mlp(&blk.mlp, &h, false)?;
             x = (x + h.to_dtype(DType::F32)?)?;
         }
         self.lowp(self.norm.forward_diff(&x)?)
@@ -1082,10 +1081,16 @@ impl Rope<'_> {
     }
 }
 
-fn mlp(m: &Mlp, x: &Tensor) -> Result<Tensor> {
+/// The MLP; `inference` computes SiLU·up in f32 and rounds once ([`silu_mul`]), training in
+/// the compute dtype with candle's differentiable ops.
+fn mlp(m: &Mlp, x: &Tensor, inference: bool) -> Result<Tensor> {
     // One pass for gate and up: (b, t, f) ×2.
     let gu = Linear::forward_many(&[&m.gate, &m.up], x)?;
-    Ok(m.down.forward(&silu_mul(&gu[0], &gu[1])?)?)
+    let h = match inference {
+        true => silu_mul(&gu[0], &gu[1])?,
+        false => (gu[0].silu()? * &gu[1])?,
+    };
+    Ok(m.down.forward(&h)?)
 }
 
 /// `silu(g) ⊙ u`, computed in f32 and rounded once to the inputs' dtype (as the GPU's fused
